@@ -1,0 +1,583 @@
+//! The engine: one thread that owns the model and the KV cache and runs the step loop.
+//! Requests arrive through a channel; each gets its own event stream back. Nothing on
+//! this thread waits for a batch to fill: a step runs as soon as there is work.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::mpsc as tokio_mpsc;
+
+use crate::block_allocator::BlockAllocator;
+use crate::detokenizer::IncrementalDetokenizer;
+use crate::error::{Result, RuntimeError};
+use crate::kv_cache::KvCacheTensors;
+use crate::model::{ForwardBatch, SeqSlice, Transformer};
+use crate::request::{Completion, FinishReason, GenerationEvent, GenerationRequest, Timings};
+use crate::sampler::Sampler;
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
+use crate::stop::{StopMatcher, StopOutcome};
+use crate::tokenizer::TextTokenizer;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub block_size: usize,
+    /// KV cache size; on CUDA, None means a fraction of free device memory.
+    pub kv_cache_memory: Option<u64>,
+    pub gpu_memory_utilization: f32,
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    /// Requests accepted but not yet running; past it, `submit` fails with `QueueFull`.
+    pub max_waiting: usize,
+    pub max_model_len: Option<usize>,
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            kv_cache_memory: None,
+            gpu_memory_utilization: 0.9,
+            max_num_batched_tokens: 2048,
+            max_num_seqs: 256,
+            max_waiting: 1024,
+            max_model_len: None,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+/// A snapshot of the engine's state, refreshed every step, for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    pub num_running: usize,
+    pub num_waiting: usize,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_free: usize,
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    pub num_preemptions: u64,
+    pub prompt_tokens_total: u64,
+    pub generation_tokens_total: u64,
+    pub steps: u64,
+}
+
+enum Command {
+    Submit {
+        id: SeqId,
+        req: GenerationRequest,
+        events: tokio_mpsc::UnboundedSender<GenerationEvent>,
+        arrived: Instant,
+    },
+    Cancel(SeqId),
+}
+
+struct Shared {
+    stats: Mutex<EngineStats>,
+    /// Submitted but not yet admitted to a first step.
+    pending: AtomicUsize,
+    alive: AtomicBool,
+}
+
+/// The public face of a running engine: cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    next_id: Arc<AtomicU64>,
+    tokenizer: Arc<TextTokenizer>,
+    limits: EngineLimits,
+}
+
+/// What a request must fit in.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    pub max_model_len: usize,
+    pub kv_capacity_tokens: usize,
+    pub vocab_size: usize,
+    pub max_waiting: usize,
+}
+
+/// One request's events. Dropping it cancels the request.
+pub struct RequestStream {
+    pub id: SeqId,
+    rx: tokio_mpsc::UnboundedReceiver<GenerationEvent>,
+    tx: mpsc::Sender<Command>,
+    finished: bool,
+}
+
+impl RequestStream {
+    pub async fn next(&mut self) -> Option<GenerationEvent> {
+        let ev = self.rx.recv().await;
+        self.note(&ev);
+        ev
+    }
+
+    /// For callers outside an async runtime (the CLI).
+    pub fn blocking_next(&mut self) -> Option<GenerationEvent> {
+        let ev = self.rx.blocking_recv();
+        self.note(&ev);
+        ev
+    }
+
+    fn note(&mut self, ev: &Option<GenerationEvent>) {
+        if matches!(ev, Some(GenerationEvent::Finished(_)) | None) {
+            self.finished = true;
+        }
+    }
+
+    pub fn cancel(&self) {
+        let _ = self.tx.send(Command::Cancel(self.id));
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cancel();
+        }
+    }
+}
+
+impl EngineHandle {
+    pub fn tokenizer(&self) -> &Arc<TextTokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn limits(&self) -> EngineLimits {
+        self.limits
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.shared
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Relaxed)
+    }
+
+    /// Checks a request against the model and the cache before it is queued, so a
+    /// request that could never run is refused now rather than stuck later.
+    pub fn validate(&self, req: &GenerationRequest) -> Result<()> {
+        let l = &self.limits;
+        req.params.validate()?;
+        if req.prompt.is_empty() {
+            return Err(RuntimeError::invalid("prompt", "the prompt has no tokens"));
+        }
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= l.vocab_size) {
+            return Err(RuntimeError::invalid(
+                "prompt",
+                format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    l.vocab_size
+                ),
+            ));
+        }
+        let total = req.prompt.len() + req.params.max_tokens;
+        if req.prompt.len() >= l.max_model_len {
+            return Err(RuntimeError::invalid(
+                "prompt",
+                format!(
+                    "the prompt has {} tokens; the model's context is {} tokens",
+                    req.prompt.len(),
+                    l.max_model_len
+                ),
+            ));
+        }
+        if total > l.max_model_len {
+            return Err(RuntimeError::invalid(
+                "max_tokens",
+                format!(
+                    "prompt tokens ({}) + max_tokens ({}) = {total} exceeds the model's context of {} tokens",
+                    req.prompt.len(),
+                    req.params.max_tokens,
+                    l.max_model_len
+                ),
+            ));
+        }
+        if total > l.kv_capacity_tokens {
+            return Err(RuntimeError::invalid(
+                "max_tokens",
+                format!("prompt + max_tokens = {total} tokens can never fit in the KV cache of {} tokens", l.kv_capacity_tokens),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn submit(&self, req: GenerationRequest) -> Result<RequestStream> {
+        self.validate(&req)?;
+        if !self.is_alive() {
+            return Err(RuntimeError::EngineStopped);
+        }
+        let pending = self.shared.pending.fetch_add(1, Ordering::SeqCst);
+        if pending >= self.limits.max_waiting {
+            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(RuntimeError::QueueFull(self.limits.max_waiting));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events, rx) = tokio_mpsc::unbounded_channel();
+        self.tx
+            .send(Command::Submit {
+                id,
+                req,
+                events,
+                arrived: Instant::now(),
+            })
+            .map_err(|_| {
+                self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                RuntimeError::EngineStopped
+            })?;
+        Ok(RequestStream {
+            id,
+            rx,
+            tx: self.tx.clone(),
+            finished: false,
+        })
+    }
+}
+
+/// Per-request state that is not the scheduler's: sampling, text, timing.
+struct Active {
+    events: tokio_mpsc::UnboundedSender<GenerationEvent>,
+    sampler: Sampler,
+    detok: IncrementalDetokenizer,
+    stop: StopMatcher,
+    arrived: Instant,
+    started: Option<Instant>,
+    first_token: Option<Instant>,
+    prompt_len: usize,
+    output_tokens: usize,
+    cached_prompt_tokens: usize,
+    preemptions: u32,
+    admitted: bool,
+}
+
+pub struct Engine {
+    model: Transformer,
+    cache: KvCacheTensors,
+    scheduler: Scheduler,
+    tokenizer: Arc<TextTokenizer>,
+    eos_ids: Vec<u32>,
+    active: HashMap<SeqId, Active>,
+    rx: mpsc::Receiver<Command>,
+    shared: Arc<Shared>,
+    max_model_len: usize,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// Sizes the KV cache, starts the engine thread and returns its handle.
+    pub fn start(
+        model: Transformer,
+        tokenizer: Arc<TextTokenizer>,
+        eos_ids: Vec<u32>,
+        cfg: &EngineConfig,
+    ) -> Result<EngineHandle> {
+        let mcfg = model.config().clone();
+        let max_model_len = cfg
+            .max_model_len
+            .unwrap_or(mcfg.max_position_embeddings)
+            .min(mcfg.max_position_embeddings);
+        let per_token = crate::kv_cache::bytes_per_token(&mcfg, model.dtype());
+        let budget = match cfg.kv_cache_memory {
+            Some(b) => b,
+            None => crate::device::default_kv_budget(
+                model.device(),
+                cfg.gpu_memory_utilization,
+                per_token,
+                max_model_len,
+                cfg.max_num_seqs,
+            )?,
+        };
+        let bs = cfg.block_size.max(1);
+        let num_blocks = (budget as usize / (per_token * bs)).max(1);
+        if num_blocks * bs < 2 * bs {
+            return Err(RuntimeError::Device(format!(
+                "the KV cache budget of {budget} bytes holds fewer than two blocks ({} bytes each)",
+                per_token * bs
+            )));
+        }
+        let cache = KvCacheTensors::new(&mcfg, num_blocks, bs, model.dtype(), model.device())?;
+        tracing::info!(
+            num_blocks,
+            block_size = bs,
+            kv_tokens = num_blocks * bs,
+            kv_bytes = num_blocks * bs * per_token,
+            "KV cache allocated"
+        );
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_batched_tokens: cfg.max_num_batched_tokens.max(1),
+                max_num_seqs: cfg.max_num_seqs.max(1),
+                enable_prefix_caching: cfg.enable_prefix_caching,
+            },
+            BlockAllocator::new(num_blocks, bs),
+        );
+        let (tx, rx) = mpsc::channel();
+        let initial_stats = EngineStats {
+            kv_blocks_total: num_blocks,
+            kv_blocks_free: num_blocks,
+            ..Default::default()
+        };
+        let shared = Arc::new(Shared {
+            stats: Mutex::new(initial_stats.clone()),
+            pending: AtomicUsize::new(0),
+            alive: AtomicBool::new(true),
+        });
+        let limits = EngineLimits {
+            max_model_len,
+            kv_capacity_tokens: num_blocks * bs,
+            vocab_size: mcfg.vocab_size,
+            max_waiting: cfg.max_waiting,
+        };
+        let mut engine = Engine {
+            model,
+            cache,
+            scheduler,
+            tokenizer: tokenizer.clone(),
+            eos_ids,
+            active: HashMap::new(),
+            rx,
+            shared: shared.clone(),
+            max_model_len,
+            stats: initial_stats,
+        };
+        std::thread::Builder::new()
+            .name("hearth-engine".into())
+            .spawn(move || engine.run())
+            .map_err(|e| RuntimeError::Device(format!("cannot start the engine thread: {e}")))?;
+        Ok(EngineHandle {
+            tx,
+            shared,
+            next_id: Arc::new(AtomicU64::new(1)),
+            tokenizer,
+            limits,
+        })
+    }
+
+    fn run(&mut self) {
+        loop {
+            // Idle: sleep until a command comes; the loop ends when every handle is gone.
+            if !self.scheduler.has_work() {
+                match self.rx.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.handle(cmd);
+            }
+            self.reap_dropped();
+            if let Err(e) = self.step() {
+                tracing::error!(error = %e, "engine step failed; failing its requests");
+                let ids: Vec<SeqId> = self.active.keys().copied().collect();
+                for id in ids {
+                    self.finish(
+                        id,
+                        FinishReason::Error,
+                        Some(format!("engine step failed: {e}")),
+                    );
+                }
+            }
+            self.publish_stats();
+        }
+        self.shared.alive.store(false, Ordering::SeqCst);
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit {
+                id,
+                req,
+                events,
+                arrived,
+            } => {
+                let prompt_len = req.prompt.len();
+                let detok = IncrementalDetokenizer::new(&req.prompt, true);
+                let stop = StopMatcher::new(req.params.stop.clone());
+                let sampler = Sampler::new(req.params, &req.prompt);
+                self.scheduler.add(id, req.prompt);
+                self.active.insert(
+                    id,
+                    Active {
+                        events,
+                        sampler,
+                        detok,
+                        stop,
+                        arrived,
+                        started: None,
+                        first_token: None,
+                        prompt_len,
+                        output_tokens: 0,
+                        cached_prompt_tokens: 0,
+                        preemptions: 0,
+                        admitted: false,
+                    },
+                );
+            }
+            Command::Cancel(id) => {
+                if self.active.contains_key(&id) {
+                    self.finish(id, FinishReason::Canceled, None);
+                }
+            }
+        }
+    }
+
+    /// A caller that dropped its stream without cancelling still frees its blocks.
+    fn reap_dropped(&mut self) {
+        let gone: Vec<SeqId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.finish(id, FinishReason::Canceled, None);
+        }
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let mut plan = self.scheduler.schedule();
+        for id in &plan.preempted {
+            if let Some(a) = self.active.get_mut(id) {
+                a.preemptions += 1;
+            }
+        }
+        for id in &plan.admitted {
+            if let Some(a) = self.active.get_mut(id) {
+                if !a.admitted {
+                    a.admitted = true;
+                    self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                    a.started = Some(Instant::now());
+                    a.cached_prompt_tokens = self
+                        .scheduler
+                        .seq(*id)
+                        .map(|s| s.num_cached_prompt)
+                        .unwrap_or(0);
+                    self.stats.prompt_tokens_total += a.prompt_len as u64;
+                    let _ = a.events.send(GenerationEvent::Started {
+                        cached_prompt_tokens: a.cached_prompt_tokens,
+                    });
+                }
+            }
+        }
+        if plan.is_empty() {
+            return Ok(());
+        }
+        // Single-token chunks first: the model batches their attention together.
+        plan.seqs.sort_by_key(|s| s.len != 1);
+        let mut batch = ForwardBatch::default();
+        for s in &plan.seqs {
+            let Some(state) = self.scheduler.seq(s.id) else {
+                continue;
+            };
+            let tokens = &state.tokens[s.start..s.start + s.len];
+            let slots = self.scheduler.slots(s.id, s.start + s.len);
+            batch.push(
+                tokens,
+                s.start,
+                SeqSlice {
+                    context_slots: slots,
+                    query_len: s.len,
+                    wants_logits: s.wants_logits,
+                },
+            );
+        }
+        let logits = self.model.forward(&batch, &self.cache)?;
+        let mut rows = logits.to_vec2::<f32>()?.into_iter();
+        self.scheduler.commit(&plan);
+        self.stats.steps += 1;
+        for s in &plan.seqs {
+            if !s.wants_logits {
+                continue;
+            }
+            let Some(mut row) = rows.next() else { break };
+            self.on_logits(s.id, &mut row);
+        }
+        Ok(())
+    }
+
+    fn on_logits(&mut self, id: SeqId, row: &mut [f32]) {
+        let Some(a) = self.active.get_mut(&id) else {
+            return;
+        };
+        let token = a.sampler.sample(row, &self.eos_ids);
+        a.output_tokens += 1;
+        self.stats.generation_tokens_total += 1;
+        if a.first_token.is_none() {
+            a.first_token = Some(Instant::now());
+        }
+        self.scheduler.append_token(id, token);
+        let params = a.sampler.params();
+        let is_eos = !params.ignore_eos && self.eos_ids.contains(&token);
+        let piece = if is_eos {
+            String::new()
+        } else {
+            a.detok.push(self.tokenizer.inner(), token)
+        };
+        let (text, stopped) = match a.stop.push(&piece) {
+            StopOutcome::Continue(t) => (t, false),
+            StopOutcome::Stopped(t) => (t, true),
+        };
+        let _ = a.events.send(GenerationEvent::Token { id: token, text });
+        let total = self.scheduler.seq(id).map(|s| s.tokens.len()).unwrap_or(0);
+        let reason = if stopped || is_eos {
+            Some(FinishReason::Stop)
+        } else if a.output_tokens >= params.max_tokens || total >= self.max_model_len {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if let Some(r) = reason {
+            self.finish(id, r, None);
+        }
+    }
+
+    fn finish(&mut self, id: SeqId, reason: FinishReason, error: Option<String>) {
+        self.scheduler.remove(id);
+        let Some(mut a) = self.active.remove(&id) else {
+            return;
+        };
+        if !a.admitted {
+            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+        // Text held back for a stop sequence that never came is real output.
+        let trailing_text = a.stop.flush();
+        let now = Instant::now();
+        let completion = Completion {
+            reason,
+            prompt_tokens: a.prompt_len,
+            output_tokens: a.output_tokens,
+            cached_prompt_tokens: a.cached_prompt_tokens,
+            preemptions: a.preemptions,
+            timings: Timings {
+                queued: a.started.unwrap_or(now) - a.arrived,
+                time_to_first_token: a.first_token.map(|t| t - a.arrived),
+                total: now - a.arrived,
+            },
+            error,
+            trailing_text,
+        };
+        let _ = a.events.send(GenerationEvent::Finished(completion));
+    }
+
+    fn publish_stats(&mut self) {
+        let alloc = self.scheduler.allocator();
+        self.stats.num_running = self.scheduler.num_running();
+        self.stats.num_waiting = self.scheduler.num_waiting();
+        self.stats.kv_blocks_free = alloc.num_free();
+        self.stats.prefix_cache_queries = alloc.prefix_queries;
+        self.stats.prefix_cache_hits = alloc.prefix_hits;
+        self.stats.num_preemptions = self.scheduler.num_preemptions;
+        if let Ok(mut s) = self.shared.stats.lock() {
+            *s = self.stats.clone();
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! hearth's runtime: loads Hugging Face-format Llama-family models and serves many
+//! generation requests at once through a continuous-batching engine over a paged KV
+//! cache. It knows nothing of HTTP; see README.md for the picture.
+
+pub mod baseline;
+pub mod block_allocator;
+pub mod config;
+pub mod demo;
+pub mod detokenizer;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod hub;
+pub mod kv_cache;
+pub mod loader;
+pub mod model;
+pub mod presets;
+pub mod request;
+pub mod rope;
+pub mod sampler;
+pub mod scheduler;
+pub mod stop;
+pub mod tokenizer;
+pub mod weights;
+
+pub use engine::{EngineConfig, EngineHandle, EngineLimits, EngineStats, RequestStream};
+pub use error::{Result, RuntimeError};
+pub use loader::{load, LoadFormat, LoadedModel, ModelSpec};
+pub use request::{Completion, FinishReason, GenerationEvent, GenerationRequest, Timings};
+pub use sampler::SamplingParams;
+pub use tokenizer::{PromptSpec, TextTokenizer};

@@ -1,0 +1,280 @@
+//! From a `--model` string to a running engine: a local Hugging Face folder, a Hub id,
+//! `demo`, or `dummy:SHAPE`; weights from safetensors or seeded random.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::ModelConfig;
+use crate::engine::{Engine, EngineConfig, EngineHandle};
+use crate::error::{Result, RuntimeError};
+use crate::model::Transformer;
+use crate::tokenizer::TextTokenizer;
+use crate::weights::{var_builder, WeightSource};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadFormat {
+    #[default]
+    Auto,
+    /// The config's shape with seeded random weights; no weight files are read.
+    Dummy,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub model: String,
+    pub load_format: LoadFormat,
+    pub dtype: String,
+    pub device: String,
+    pub revision: Option<String>,
+    pub seed: u64,
+    pub cache_dir: PathBuf,
+}
+
+impl ModelSpec {
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            load_format: LoadFormat::Auto,
+            dtype: "auto".into(),
+            device: "auto".into(),
+            revision: None,
+            seed: 0,
+            cache_dir: crate::demo::default_cache_dir(),
+        }
+    }
+}
+
+/// Everything read from a model folder, before any tensor is touched.
+pub struct ModelFiles {
+    /// What the user called it: `demo`, a Hub id, a folder name, `dummy:NAME`.
+    pub name: String,
+    pub dir: Option<PathBuf>,
+    pub config: ModelConfig,
+    pub tokenizer_json: PathBuf,
+    pub tokenizer_config: Option<serde_json::Value>,
+    pub generation_config: Option<serde_json::Value>,
+    pub weights: WeightSource,
+}
+
+impl ModelFiles {
+    /// EOS ids: generation_config.json first (Llama 3 lists several there), then
+    /// config.json, then the tokenizer's eos_token.
+    pub fn eos_token_ids(&self, tokenizer: &TextTokenizer) -> Vec<u32> {
+        let from_gen = crate::config::token_ids(
+            &self
+                .generation_config
+                .as_ref()
+                .and_then(|g| g.get("eos_token_id").cloned()),
+        );
+        let mut ids = if !from_gen.is_empty() {
+            from_gen
+        } else {
+            self.config.eos_token_ids.clone()
+        };
+        if let Some(e) = tokenizer.eos_token_id() {
+            if !ids.contains(&e) {
+                ids.push(e);
+            }
+        }
+        ids
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| RuntimeError::Json {
+        path: path.into(),
+        source: e,
+    })
+}
+
+fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if path.exists() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// The safetensors files of a folder: those the index names, or every `*.safetensors`.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let v = read_json(&index)?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| RuntimeError::Weights(format!("{}: no weight_map", index.display())))?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        return files
+            .into_iter()
+            .map(|f| {
+                let p = dir.join(&f);
+                if p.exists() {
+                    Ok(p)
+                } else {
+                    Err(RuntimeError::Weights(format!(
+                        "{} names {f}, which is missing",
+                        index.display()
+                    )))
+                }
+            })
+            .collect();
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| RuntimeError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn from_folder(name: String, dir: &Path, load_format: LoadFormat, seed: u64) -> Result<ModelFiles> {
+    let config_path = dir.join("config.json");
+    if !config_path.exists() {
+        return Err(RuntimeError::ModelSource {
+            source_name: name,
+            reason: format!("{} has no config.json", dir.display()),
+        });
+    }
+    let config = ModelConfig::from_file(&config_path)?;
+    let tokenizer_json = dir.join("tokenizer.json");
+    if !tokenizer_json.exists() {
+        return Err(RuntimeError::ModelSource {
+            source_name: name,
+            reason: format!("{} has no tokenizer.json", dir.display()),
+        });
+    }
+    let weights = match load_format {
+        LoadFormat::Dummy => WeightSource::Dummy(seed),
+        LoadFormat::Auto => {
+            let files = weight_files(dir)?;
+            if files.is_empty() {
+                return Err(RuntimeError::Weights(format!(
+                    "{} has no *.safetensors files (use --load-format dummy for random weights)",
+                    dir.display()
+                )));
+            }
+            WeightSource::Safetensors(files)
+        }
+    };
+    Ok(ModelFiles {
+        name,
+        dir: Some(dir.to_path_buf()),
+        config,
+        tokenizer_json,
+        tokenizer_config: read_optional_json(&dir.join("tokenizer_config.json"))?,
+        generation_config: read_optional_json(&dir.join("generation_config.json"))?,
+        weights,
+    })
+}
+
+/// Resolves `--model` to files on disk (downloading from the Hub if needed).
+pub fn resolve(spec: &ModelSpec) -> Result<ModelFiles> {
+    let m = spec.model.as_str();
+    if m == "demo" {
+        let dir = crate::demo::ensure_demo_model(&spec.cache_dir)?;
+        return from_folder("demo".into(), &dir, spec.load_format, spec.seed);
+    }
+    if let Some(shape) = m.strip_prefix("dummy:") {
+        let config = crate::presets::preset(shape).ok_or_else(|| RuntimeError::ModelSource {
+            source_name: m.into(),
+            reason: format!(
+                "unknown shape; built in: {}",
+                crate::presets::PRESET_NAMES.join(", ")
+            ),
+        })?;
+        // Any byte-level tokenizer will do for random weights: borrow the demo's.
+        let demo = crate::demo::ensure_demo_model(&spec.cache_dir)?;
+        return Ok(ModelFiles {
+            name: m.into(),
+            dir: None,
+            config,
+            tokenizer_json: demo.join("tokenizer.json"),
+            tokenizer_config: None,
+            generation_config: None,
+            weights: WeightSource::Dummy(spec.seed),
+        });
+    }
+    let path = Path::new(m);
+    if path.is_dir() {
+        let name = path
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| m.to_string());
+        return from_folder(name, path, spec.load_format, spec.seed);
+    }
+    let looks_like_hub_id = m.split('/').count() == 2 && !m.starts_with('.') && !m.starts_with('/');
+    if !looks_like_hub_id {
+        return Err(RuntimeError::ModelSource {
+            source_name: m.into(),
+            reason: "not a folder, not a Hub id (org/name), not `demo` or `dummy:SHAPE`".into(),
+        });
+    }
+    let dir = crate::hub::download(
+        m,
+        spec.revision.as_deref(),
+        spec.load_format == LoadFormat::Dummy,
+    )?;
+    from_folder(m.into(), &dir, spec.load_format, spec.seed)
+}
+
+/// A loaded model with its engine running.
+pub struct LoadedModel {
+    pub files: ModelFiles,
+    pub engine: EngineHandle,
+    pub dtype: candle_core::DType,
+    pub device_name: String,
+}
+
+pub fn load(spec: &ModelSpec, engine_cfg: &EngineConfig) -> Result<LoadedModel> {
+    let files = resolve(spec)?;
+    let device = crate::device::select_device(&spec.device)?;
+    let dtype = crate::device::resolve_dtype(&spec.dtype, &device)?;
+    let tokenizer = Arc::new(TextTokenizer::load(
+        &files.tokenizer_json,
+        files.tokenizer_config.as_ref(),
+    )?);
+    let vb = var_builder(&files.weights, dtype, &device)?;
+    let started = std::time::Instant::now();
+    let model =
+        Transformer::load(&files.config, vb).map_err(|e| RuntimeError::Weights(e.to_string()))?;
+    tracing::info!(
+        model = %files.name,
+        architecture = files.config.architecture.hf_name(),
+        parameters = files.config.num_parameters(),
+        ?dtype,
+        secs = started.elapsed().as_secs_f32(),
+        "weights loaded"
+    );
+    let eos = files.eos_token_ids(&tokenizer);
+    let engine = Engine::start(model, tokenizer, eos, engine_cfg)?;
+    Ok(LoadedModel {
+        files,
+        engine,
+        dtype,
+        device_name: if device.is_cuda() {
+            "cuda".into()
+        } else {
+            "cpu".into()
+        },
+    })
+}
+
+/// Just the model, without an engine: for baselines and tools.
+pub fn load_model(spec: &ModelSpec) -> Result<(ModelFiles, Transformer)> {
+    let files = resolve(spec)?;
+    let device = crate::device::select_device(&spec.device)?;
+    let dtype = crate::device::resolve_dtype(&spec.dtype, &device)?;
+    let vb = var_builder(&files.weights, dtype, &device)?;
+    let model =
+        Transformer::load(&files.config, vb).map_err(|e| RuntimeError::Weights(e.to_string()))?;
+    Ok((files, model))
+}

@@ -1,0 +1,66 @@
+//! What goes into the engine and what comes back out of it.
+
+use std::time::Duration;
+
+use crate::sampler::SamplingParams;
+
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS token or a stop sequence.
+    Stop,
+    /// `max_tokens`, or the model's context length.
+    Length,
+    Canceled,
+    Error,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Canceled => "canceled",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
+/// Intervals measured by the engine, from the request's arrival.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub queued: Duration,
+    pub time_to_first_token: Option<Duration>,
+    pub total: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_prompt_tokens: usize,
+    pub preemptions: u32,
+    pub timings: Timings,
+    pub error: Option<String>,
+    /// Output held back (a possible stop sequence that never completed) and released
+    /// at the end; append it after the tokens' text.
+    pub trailing_text: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum GenerationEvent {
+    /// The request got its first step.
+    Started { cached_prompt_tokens: usize },
+    /// One generated token; `text` is what it completes, possibly empty (held back
+    /// for a partial character or a possible stop sequence).
+    Token { id: u32, text: String },
+    /// Last event of every request.
+    Finished(Completion),
+}

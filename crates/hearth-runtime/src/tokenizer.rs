@@ -1,0 +1,228 @@
+//! The model's tokenizer and how a request's text becomes prompt tokens: the
+//! tokenizer's own chat template (from `tokenizer_config.json`, rendered with
+//! minijinja), or a Replicate-style `prompt_template` with `{prompt}` and
+//! `{system_prompt}`.
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::error::{Result, RuntimeError};
+
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+/// What the user asked to be completed.
+#[derive(Debug, Clone, Default)]
+pub struct PromptSpec {
+    pub prompt: String,
+    pub system_prompt: Option<String>,
+    /// Replicate's `prompt_template`: `{prompt}` and `{system_prompt}` are substituted;
+    /// takes precedence over the chat template.
+    pub prompt_template: Option<String>,
+    /// Feed `prompt` to the model as it is, with neither template.
+    pub raw: bool,
+}
+
+/// `bos_token` in tokenizer_config.json is a string or an AddedToken object.
+fn special_token(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    pub fn load(
+        tokenizer_json: &Path,
+        tokenizer_config: Option<&serde_json::Value>,
+    ) -> Result<Self> {
+        let inner = Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| RuntimeError::Tokenizer(format!("{}: {e}", tokenizer_json.display())))?;
+        let chat_template = tokenizer_config.and_then(|c| match c.get("chat_template")? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            // A list of named templates: take the default one.
+            serde_json::Value::Array(a) => a
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        });
+        Ok(Self {
+            inner,
+            chat_template,
+            bos_token: special_token(tokenizer_config.and_then(|c| c.get("bos_token"))),
+            eos_token: special_token(tokenizer_config.and_then(|c| c.get("eos_token"))),
+        })
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.token_id(t))
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))
+    }
+
+    /// The prompt's tokens, templated as the spec asks.
+    pub fn prompt_tokens(&self, spec: &PromptSpec) -> Result<Vec<u32>> {
+        if spec.raw {
+            return self.encode(&spec.prompt, true);
+        }
+        if let Some(t) = &spec.prompt_template {
+            if !t.contains("{prompt}") {
+                return Err(RuntimeError::invalid(
+                    "prompt_template",
+                    "must contain {prompt}",
+                ));
+            }
+            let text = t
+                .replace(
+                    "{system_prompt}",
+                    spec.system_prompt.as_deref().unwrap_or(""),
+                )
+                .replace("{prompt}", &spec.prompt);
+            // Replicate's templates spell out the special tokens themselves.
+            return self.encode(&text, false);
+        }
+        match &self.chat_template {
+            Some(_) => {
+                let text = self.render_chat(spec)?;
+                // The template writes BOS itself, as transformers' apply_chat_template does.
+                self.encode(&text, false)
+            }
+            None => {
+                let text = match &spec.system_prompt {
+                    Some(s) if !s.is_empty() => format!("{s}\n\n{}", spec.prompt),
+                    _ => spec.prompt.clone(),
+                };
+                self.encode(&text, true)
+            }
+        }
+    }
+
+    pub fn render_chat(&self, spec: &PromptSpec) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| RuntimeError::Template("the tokenizer has no chat_template".into()))?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| RuntimeError::Template(e.to_string()))?;
+        let mut messages = Vec::new();
+        if let Some(s) = spec.system_prompt.as_deref().filter(|s| !s.is_empty()) {
+            messages.push(serde_json::json!({"role": "system", "content": s}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": spec.prompt}));
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| RuntimeError::Template(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => minijinja::Value::from(minijinja::value::Serde(&messages)),
+            add_generation_prompt => true,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        })
+        .map_err(|e| RuntimeError::Template(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo() -> TextTokenizer {
+        let dir = crate::demo::ensure_demo_model(&crate::demo::default_cache_dir()).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        TextTokenizer::load(&dir.join("tokenizer.json"), Some(&cfg)).unwrap()
+    }
+
+    #[test]
+    fn chat_template_wraps_system_and_user() {
+        let t = demo();
+        let text = t
+            .render_chat(&PromptSpec {
+                prompt: "Hi there".into(),
+                system_prompt: Some("Be brief.".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            text,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\
+             <|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        let ids = t
+            .prompt_tokens(&PromptSpec {
+                prompt: "Hi there".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        // BOS once, from the template, not twice.
+        assert_eq!(ids.iter().filter(|&&i| i == 0).count(), 1);
+        assert_eq!(ids[0], 0);
+    }
+
+    #[test]
+    fn prompt_template_substitutes_and_requires_prompt() {
+        let t = demo();
+        let spec = PromptSpec {
+            prompt: "abc".into(),
+            system_prompt: Some("sys".into()),
+            prompt_template: Some("[{system_prompt}] {prompt}!".into()),
+            raw: false,
+        };
+        assert_eq!(
+            t.decode(&t.prompt_tokens(&spec).unwrap()).unwrap(),
+            "[sys] abc!"
+        );
+        let bad = PromptSpec {
+            prompt_template: Some("no placeholder".into()),
+            ..spec
+        };
+        let e = t.prompt_tokens(&bad).unwrap_err();
+        assert!(e.to_string().contains("prompt_template"), "{e}");
+    }
+}

@@ -1,0 +1,86 @@
+//! Flags shared by every command that loads a model.
+
+use clap::Args;
+use hearth_runtime::{EngineConfig, LoadFormat, ModelSpec};
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A local Hugging Face folder, a Hub id (org/name), `demo`, or `dummy:SHAPE`
+    /// (llama-3-8b, llama-3.1-8b, llama-3.2-1b, qwen2.5-0.5b, bench-small).
+    #[arg(long, env = "HEARTH_MODEL", default_value = "demo")]
+    pub model: String,
+    /// `auto` reads the weights; `dummy` uses the config's shape with seeded random weights.
+    #[arg(long, env = "HEARTH_LOAD_FORMAT", default_value = "auto", value_parser = ["auto", "dummy"])]
+    pub load_format: String,
+    /// auto (bf16 on CUDA, f32 on CPU), f32, f16, bf16.
+    #[arg(long, env = "HEARTH_DTYPE", default_value = "auto")]
+    pub dtype: String,
+    /// auto, cpu, cuda, cuda:N.
+    #[arg(long, env = "HEARTH_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long, env = "HEARTH_REVISION")]
+    pub revision: Option<String>,
+    /// Seed for dummy weights.
+    #[arg(long, env = "HEARTH_WEIGHTS_SEED", default_value_t = 0)]
+    pub weights_seed: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// KV cache size, e.g. 512MiB or 4GiB. Default: on CUDA what
+    /// --gpu-memory-utilization leaves after the weights; on CPU up to 2GiB.
+    #[arg(long, env = "HEARTH_KV_CACHE_MEMORY", value_parser = hearth_runtime::device::parse_bytes)]
+    pub kv_cache_memory: Option<u64>,
+    #[arg(long, env = "HEARTH_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
+    /// Token budget of one engine step (prefill chunks + decodes).
+    #[arg(long, env = "HEARTH_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Most sequences running at once.
+    #[arg(long, env = "HEARTH_MAX_NUM_SEQS", default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Most requests waiting to start; past it requests are refused (HTTP 429).
+    #[arg(long, env = "HEARTH_MAX_WAITING", default_value_t = 1024)]
+    pub max_waiting: usize,
+    /// Context length cap (default: the model's).
+    #[arg(long, env = "HEARTH_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Tokens per KV cache block.
+    #[arg(long, env = "HEARTH_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// Turn off sharing of cached prompt prefixes.
+    #[arg(long, env = "HEARTH_NO_PREFIX_CACHING")]
+    pub no_prefix_caching: bool,
+}
+
+impl ModelArgs {
+    pub fn spec(&self) -> ModelSpec {
+        let mut s = ModelSpec::new(self.model.clone());
+        s.load_format = if self.load_format == "dummy" {
+            LoadFormat::Dummy
+        } else {
+            LoadFormat::Auto
+        };
+        s.dtype = self.dtype.clone();
+        s.device = self.device.clone();
+        s.revision = self.revision.clone();
+        s.seed = self.weights_seed;
+        s
+    }
+}
+
+impl EngineArgs {
+    pub fn config(&self) -> EngineConfig {
+        EngineConfig {
+            block_size: self.block_size,
+            kv_cache_memory: self.kv_cache_memory,
+            gpu_memory_utilization: self.gpu_memory_utilization,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_num_seqs: self.max_num_seqs,
+            max_waiting: self.max_waiting,
+            max_model_len: self.max_model_len,
+            enable_prefix_caching: !self.no_prefix_caching,
+        }
+    }
+}

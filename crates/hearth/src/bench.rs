@@ -1,0 +1,355 @@
+//! `hearth bench`: load generation the way `vllm bench serve` does, with its field
+//! names, in-process (`--offline`) so the engine's own throughput is measured.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use hearth_runtime::{
+    EngineHandle, FinishReason, GenerationEvent, GenerationRequest, SamplingParams,
+};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::args::{EngineArgs, ModelArgs};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Run the engine in this process (the only mode until the HTTP front lands).
+    #[arg(long)]
+    pub offline: bool,
+    #[arg(long, default_value_t = 100)]
+    pub num_prompts: usize,
+    #[arg(long, default_value_t = 128)]
+    pub input_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    /// Most requests in flight at once (default: all).
+    #[arg(long)]
+    pub max_concurrency: Option<usize>,
+    /// Requests per second with Poisson arrivals; `inf` sends everything at once.
+    #[arg(long, default_value = "inf")]
+    pub request_rate: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// ShareGPT-style JSON: each conversation's first human turn is a prompt, the
+    /// reply's length in tokens its output length.
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
+    /// Also time a plain single-sequence forward loop of the same model.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Print one JSON object last on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Default)]
+struct RequestResult {
+    ok: bool,
+    prompt_len: usize,
+    output_tokens: usize,
+    ttft: f64,
+    e2e: f64,
+    itls: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    backend: &'static str,
+    model: String,
+    num_prompts: usize,
+    max_concurrency: usize,
+    request_rate: String,
+    completed: usize,
+    failed: usize,
+    total_input_tokens: usize,
+    total_output_tokens: usize,
+    duration: f64,
+    request_throughput: f64,
+    output_throughput: f64,
+    total_token_throughput: f64,
+    mean_ttft_ms: f64,
+    median_ttft_ms: f64,
+    p99_ttft_ms: f64,
+    mean_tpot_ms: f64,
+    median_tpot_ms: f64,
+    p99_tpot_ms: f64,
+    mean_itl_ms: f64,
+    median_itl_ms: f64,
+    p99_itl_ms: f64,
+    engine_steps: u64,
+    engine_steps_per_s: f64,
+    preemptions: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline_steps_per_s: Option<f64>,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// Linear-interpolated percentile, as numpy computes it.
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = p / 100.0 * (s.len() - 1) as f64;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    s[lo] + (s[hi] - s[lo]) * (rank - lo as f64)
+}
+
+fn workload(a: &BenchArgs, engine: &EngineHandle) -> anyhow::Result<Vec<(Vec<u32>, usize)>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+    if let Some(path) = &a.dataset {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let tok = engine.tokenizer();
+        let mut out = Vec::new();
+        for conv in v
+            .as_array()
+            .context("the dataset must be a JSON array of conversations")?
+        {
+            let turns = conv.get("conversations").and_then(|c| c.as_array());
+            let Some(turns) = turns else { continue };
+            if turns.len() < 2 {
+                continue;
+            }
+            let text_of = |t: &serde_json::Value| {
+                t.get("value")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let prompt = tok.encode(&text_of(&turns[0]), true)?;
+            let reply = tok.encode(&text_of(&turns[1]), false)?.len();
+            // vLLM's filter: skip too-short pairs and ones past the context.
+            if prompt.len() < 4 || reply < 4 || prompt.len() + reply > engine.limits().max_model_len
+            {
+                continue;
+            }
+            out.push((prompt, reply));
+            if out.len() == a.num_prompts {
+                break;
+            }
+        }
+        if out.is_empty() {
+            bail!("no usable conversations in {}", path.display());
+        }
+        return Ok(out);
+    }
+    let vocab = engine.limits().vocab_size as u32;
+    Ok((0..a.num_prompts)
+        .map(|_| {
+            (
+                (0..a.input_len)
+                    .map(|_| rng.random_range(0..vocab))
+                    .collect(),
+                a.output_len,
+            )
+        })
+        .collect())
+}
+
+async fn one_request(engine: EngineHandle, prompt: Vec<u32>, output_len: usize) -> RequestResult {
+    let prompt_len = prompt.len();
+    let params = SamplingParams {
+        max_tokens: output_len,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let start = Instant::now();
+    let mut r = RequestResult {
+        prompt_len,
+        ..Default::default()
+    };
+    let mut stream = match engine.submit(GenerationRequest { prompt, params }) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "request refused");
+            return r;
+        }
+    };
+    let mut last = start;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            GenerationEvent::Token { .. } => {
+                let now = Instant::now();
+                if r.output_tokens == 0 {
+                    r.ttft = (now - start).as_secs_f64();
+                } else {
+                    r.itls.push((now - last).as_secs_f64());
+                }
+                last = now;
+                r.output_tokens += 1;
+            }
+            GenerationEvent::Finished(c) => {
+                r.ok = c.reason == FinishReason::Length || c.reason == FinishReason::Stop;
+                break;
+            }
+            GenerationEvent::Started { .. } => {}
+        }
+    }
+    r.e2e = start.elapsed().as_secs_f64();
+    r
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if !a.offline {
+        bail!("only --offline is available in this build: the HTTP load generator (--url) comes with the server");
+    }
+    if a.num_prompts == 0 {
+        bail!("--num-prompts must be at least 1");
+    }
+    if !(a.request_rate > 0.0) {
+        bail!("--request-rate must be > 0 (or inf)");
+    }
+    let spec = a.model.spec();
+    let baseline_steps_per_s = if a.baseline {
+        let (_, model) = hearth_runtime::loader::load_model(&spec)?;
+        let steps = a.output_len.max(16);
+        let took =
+            hearth_runtime::baseline::single_sequence_decode(&model, a.input_len.max(1), steps)?;
+        Some(steps as f64 / took.as_secs_f64())
+    } else {
+        None
+    };
+    let loaded = hearth_runtime::load(&spec, &a.engine.config()).context("loading the model")?;
+    let engine = loaded.engine;
+    let work = workload(&a, &engine)?;
+    let n = work.len();
+    let concurrency = a.max_concurrency.unwrap_or(n).max(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let bar = indicatif::ProgressBar::new(n as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} requests {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let steps_before = engine.stats().steps;
+    let started = Instant::now();
+    let results: Vec<RequestResult> = rt.block_on(async {
+        let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed ^ 0xA11CE);
+        let mut arrival = Duration::ZERO;
+        let mut tasks = Vec::with_capacity(n);
+        for (prompt, out_len) in work {
+            if a.request_rate.is_finite() {
+                // Exponential gaps: a Poisson process of the given rate.
+                let u: f64 = rng.random_range(f64::EPSILON..1.0);
+                arrival += Duration::from_secs_f64(-u.ln() / a.request_rate);
+            }
+            let (engine, sem, bar) = (engine.clone(), sem.clone(), bar.clone());
+            let at = arrival;
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
+                let _permit = sem.acquire_owned().await;
+                let r = one_request(engine, prompt, out_len).await;
+                bar.inc(1);
+                r
+            }));
+        }
+        let mut out = Vec::with_capacity(n);
+        for t in tasks {
+            out.push(t.await.unwrap_or_default());
+        }
+        out
+    });
+    let duration = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let stats = engine.stats();
+    let ok: Vec<&RequestResult> = results.iter().filter(|r| r.ok).collect();
+    let total_input: usize = ok.iter().map(|r| r.prompt_len).sum();
+    let total_output: usize = ok.iter().map(|r| r.output_tokens).sum();
+    let ttfts: Vec<f64> = ok.iter().map(|r| r.ttft * 1e3).collect();
+    let tpots: Vec<f64> = ok
+        .iter()
+        .filter(|r| r.output_tokens > 1)
+        .map(|r| (r.e2e - r.ttft) / (r.output_tokens - 1) as f64 * 1e3)
+        .collect();
+    let itls: Vec<f64> = ok
+        .iter()
+        .flat_map(|r| r.itls.iter().map(|x| x * 1e3))
+        .collect();
+    let steps = stats.steps - steps_before;
+    let report = Report {
+        backend: "offline",
+        model: a.model.model.clone(),
+        num_prompts: n,
+        max_concurrency: concurrency,
+        request_rate: if a.request_rate.is_finite() {
+            a.request_rate.to_string()
+        } else {
+            "inf".into()
+        },
+        completed: ok.len(),
+        failed: results.len() - ok.len(),
+        total_input_tokens: total_input,
+        total_output_tokens: total_output,
+        duration,
+        request_throughput: ok.len() as f64 / duration,
+        output_throughput: total_output as f64 / duration,
+        total_token_throughput: (total_input + total_output) as f64 / duration,
+        mean_ttft_ms: mean(&ttfts),
+        median_ttft_ms: percentile(&ttfts, 50.0),
+        p99_ttft_ms: percentile(&ttfts, 99.0),
+        mean_tpot_ms: mean(&tpots),
+        median_tpot_ms: percentile(&tpots, 50.0),
+        p99_tpot_ms: percentile(&tpots, 99.0),
+        mean_itl_ms: mean(&itls),
+        median_itl_ms: percentile(&itls, 50.0),
+        p99_itl_ms: percentile(&itls, 99.0),
+        engine_steps: steps,
+        engine_steps_per_s: steps as f64 / duration,
+        preemptions: stats.num_preemptions,
+        baseline_steps_per_s,
+    };
+    eprintln!(
+        "{} requests ({} failed) in {:.2}s: {:.1} output tok/s, {:.1} req/s, TTFT p50 {:.1} ms, TPOT p50 {:.2} ms, {:.1} steps/s{}",
+        report.completed,
+        report.failed,
+        duration,
+        report.output_throughput,
+        report.request_throughput,
+        report.median_ttft_ms,
+        report.median_tpot_ms,
+        report.engine_steps_per_s,
+        match baseline_steps_per_s {
+            Some(b) => format!(" (plain single-sequence loop: {b:.1} steps/s)"),
+            None => String::new(),
+        }
+    );
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percentiles_interpolate_like_numpy() {
+        let v = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(super::percentile(&v, 50.0), 2.5);
+        assert!((super::percentile(&v, 99.0) - 3.97).abs() < 1e-9);
+        assert_eq!(super::percentile(&[], 50.0), 0.0);
+    }
+}

@@ -1,0 +1,108 @@
+//! API errors as RFC 7807 problem documents, the shape both Replicate clients read.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hearth_runtime::RuntimeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{detail}")]
+    Problem {
+        status: StatusCode,
+        title: &'static str,
+        detail: String,
+        retry_after: Option<u64>,
+    },
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
+        ApiError::Problem {
+            status,
+            title,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "Not found", detail)
+    }
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Input validation failed",
+            detail,
+        )
+    }
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "Bad request", detail)
+    }
+    pub fn unauthenticated() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthenticated",
+            "You did not pass a valid authentication token",
+        )
+    }
+    pub fn throttled(retry_after: u64) -> Self {
+        ApiError::Problem {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            title: "Request was throttled",
+            detail: format!("Request was throttled. Your rate limit resets in ~{retry_after}s."),
+            retry_after: Some(retry_after),
+        }
+    }
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal server error",
+            detail,
+        )
+    }
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Problem { status, .. } => *status,
+        }
+    }
+}
+
+impl From<RuntimeError> for ApiError {
+    fn from(e: RuntimeError) -> Self {
+        match &e {
+            RuntimeError::InvalidRequest { field, reason } => {
+                ApiError::invalid(format!("input.{field}: {reason}"))
+            }
+            RuntimeError::QueueFull(_) => ApiError::throttled(1),
+            RuntimeError::EngineStopped => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service unavailable",
+                e.to_string(),
+            ),
+            _ => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let ApiError::Problem {
+            status,
+            title,
+            detail,
+            retry_after,
+        } = self;
+        let body = serde_json::json!({"title": title, "detail": detail, "status": status.as_u16()});
+        let mut resp = (status, body.to_string()).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(s) = retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                h.insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}

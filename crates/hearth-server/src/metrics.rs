@@ -1,0 +1,238 @@
+//! Prometheus metrics with vLLM's names (what dashboards already expect), labelled
+//! with the model name; engine gauges are read at scrape time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+pub struct Histogram {
+    buckets: &'static [f64],
+    state: Mutex<(Vec<u64>, f64, u64)>,
+}
+
+/// vLLM's buckets for request latencies, in seconds.
+const LATENCY: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+];
+
+impl Histogram {
+    fn new(buckets: &'static [f64]) -> Self {
+        Self {
+            buckets,
+            state: Mutex::new((vec![0; buckets.len()], 0.0, 0)),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        if let Ok(mut s) = self.state.lock() {
+            for (i, b) in self.buckets.iter().enumerate() {
+                if v <= *b {
+                    s.0[i] += 1;
+                }
+            }
+            s.1 += v;
+            s.2 += 1;
+        }
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
+        let Ok(s) = self.state.lock() else { return };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, b) in self.buckets.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {}", s.0[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", s.2);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", s.1);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", s.2);
+    }
+}
+
+pub struct Metrics {
+    pub model_name: String,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub e2e: Histogram,
+    pub queue_time: Histogram,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    finished: Mutex<BTreeMap<String, u64>>,
+    http: Mutex<BTreeMap<(String, String, u16), u64>>,
+}
+
+impl Metrics {
+    pub fn new(model_name: String) -> Self {
+        Self {
+            model_name,
+            ttft: Histogram::new(LATENCY),
+            itl: Histogram::new(LATENCY),
+            e2e: Histogram::new(LATENCY),
+            queue_time: Histogram::new(LATENCY),
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
+            finished: Mutex::new(BTreeMap::new()),
+            http: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn finished(&self, status: &str) {
+        if let Ok(mut m) = self.finished.lock() {
+            *m.entry(status.to_string()).or_default() += 1;
+        }
+    }
+
+    pub fn http(&self, method: &str, route: &str, status: u16) {
+        if let Ok(mut m) = self.http.lock() {
+            *m.entry((method.to_string(), route.to_string(), status))
+                .or_default() += 1;
+        }
+    }
+
+    pub fn render(&self, out: &mut String, stats: &hearth_runtime::EngineStats) {
+        let l = format!("model_name=\"{}\"", self.model_name.replace('"', ""));
+        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{l}}} {v}"
+            );
+        };
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{l}}} {v}"
+            );
+        };
+        gauge(
+            out,
+            "vllm:num_requests_running",
+            "Sequences in the running batch.",
+            stats.num_running as f64,
+        );
+        gauge(
+            out,
+            "vllm:num_requests_waiting",
+            "Requests waiting to start.",
+            stats.num_waiting as f64,
+        );
+        let used = stats.kv_blocks_total.saturating_sub(stats.kv_blocks_free);
+        gauge(
+            out,
+            "vllm:kv_cache_usage_perc",
+            "Fraction of KV cache blocks in use.",
+            if stats.kv_blocks_total > 0 {
+                used as f64 / stats.kv_blocks_total as f64
+            } else {
+                0.0
+            },
+        );
+        gauge(
+            out,
+            "hearth:kv_blocks_used",
+            "KV cache blocks in use.",
+            used as f64,
+        );
+        gauge(
+            out,
+            "hearth:kv_blocks_free",
+            "KV cache blocks free (cached prefixes included).",
+            stats.kv_blocks_free as f64,
+        );
+        counter(
+            out,
+            "vllm:prefix_cache_queries",
+            "Blocks looked up in the prefix cache.",
+            stats.prefix_cache_queries,
+        );
+        counter(
+            out,
+            "vllm:prefix_cache_hits",
+            "Blocks found in the prefix cache.",
+            stats.prefix_cache_hits,
+        );
+        gauge(
+            out,
+            "hearth:prefix_cache_hit_rate",
+            "Prefix cache hits / queries.",
+            if stats.prefix_cache_queries > 0 {
+                stats.prefix_cache_hits as f64 / stats.prefix_cache_queries as f64
+            } else {
+                0.0
+            },
+        );
+        counter(
+            out,
+            "vllm:num_preemptions",
+            "Sequences preempted for recompute.",
+            stats.num_preemptions,
+        );
+        counter(
+            out,
+            "vllm:prompt_tokens",
+            "Prompt tokens of finished predictions.",
+            self.prompt_tokens.get(),
+        );
+        counter(
+            out,
+            "vllm:generation_tokens",
+            "Tokens generated.",
+            self.generation_tokens.get(),
+        );
+        self.ttft.render(
+            out,
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            &l,
+        );
+        self.itl.render(
+            out,
+            "vllm:inter_token_latency_seconds",
+            "Time between tokens.",
+            &l,
+        );
+        self.e2e.render(
+            out,
+            "vllm:e2e_request_latency_seconds",
+            "Creation to completion.",
+            &l,
+        );
+        self.queue_time.render(
+            out,
+            "vllm:request_queue_time_seconds",
+            "Creation to first step.",
+            &l,
+        );
+        if let Ok(m) = self.finished.lock() {
+            let _ = writeln!(out, "# HELP hearth:predictions_finished Finished predictions by status.\n# TYPE hearth:predictions_finished counter");
+            for (status, n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "hearth:predictions_finished{{{l},status=\"{status}\"}} {n}"
+                );
+            }
+        }
+    }
+
+    pub fn render_http(&self, out: &mut String) {
+        let Ok(m) = self.http.lock() else { return };
+        let _ = writeln!(out, "# HELP hearth:http_requests HTTP requests by route and status.\n# TYPE hearth:http_requests counter");
+        for ((method, route, status), n) in m.iter() {
+            let _ = writeln!(out, "hearth:http_requests{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Server-sent events at `urls.stream`: one `output` event per text chunk, then
+//! `done`. Every event has an id (`{created}:{n}`), so a client reconnecting with
+//! `Last-Event-ID` resumes after it; a finished prediction replays and ends.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::predictions::lookup;
+use super::AppResult;
+use crate::error::ApiError;
+use crate::prediction::{Record, Status};
+use crate::AppState;
+
+/// Python's read timeout is 30 s; a comment every 15 s keeps it open.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+
+fn resume_index(headers: &HeaderMap) -> usize {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(':').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .map(|n| n + 1)
+        .unwrap_or(0)
+}
+
+pub async fn sse(
+    State(state): State<Arc<AppState>>,
+    Path((id, token)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> AppResult<Response> {
+    let record = lookup(&state, &id)?;
+    if record.stream_token != token {
+        return Err(ApiError::not_found(format!("prediction {id} not found")));
+    }
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    let mut next = resume_index(&headers);
+    tokio::spawn(async move {
+        loop {
+            let live = state.hub.get(&id);
+            let changed = live.as_ref().map(|l| l.subscribe());
+            let current: Option<Record> = match &live {
+                Some(l) => l.snapshot(),
+                None => lookup(&state, &id).ok(),
+            };
+            let Some(r) = current else { return };
+            let ts = r.created_unix;
+            let output = r.prediction.output.clone().unwrap_or_default();
+            while next < output.len() {
+                let ev = Event::default()
+                    .event("output")
+                    .id(format!("{ts}:{next}"))
+                    .data(&output[next]);
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+                next += 1;
+            }
+            if r.prediction.status.is_terminal() {
+                let mut n = output.len();
+                if r.prediction.status == Status::Failed {
+                    let msg = r
+                        .prediction
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| "prediction failed".into());
+                    let _ = tx
+                        .send(Ok(Event::default()
+                            .event("error")
+                            .id(format!("{ts}:{n}"))
+                            .data(msg)))
+                        .await;
+                    n += 1;
+                }
+                let payload = match r.prediction.status {
+                    Status::Canceled => r#"{"reason":"canceled"}"#,
+                    Status::Failed => r#"{"reason":"error"}"#,
+                    _ => "{}",
+                };
+                let _ = tx
+                    .send(Ok(Event::default()
+                        .event("done")
+                        .id(format!("{ts}:{n}"))
+                        .data(payload)))
+                    .await;
+                return;
+            }
+            match changed {
+                Some(c) => {
+                    tokio::select! {
+                        _ = c => {}
+                        _ = tx.closed() => return,
+                    }
+                }
+                // Not live but not terminal: it is between the hub and the store;
+                // look again shortly.
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    });
+    Ok(Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("keep-alive"))
+        .into_response())
+}

@@ -12,8 +12,9 @@ use hearth_runtime::{
 fn llama_fixture() -> ModelSpec {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/llama");
     let mut s = ModelSpec::new(path.to_string_lossy().into_owned());
-    s.device = "cpu".into();
-    s.dtype = "f32".into();
+    // scripts/gpu-tests.sh runs these same tests on CUDA.
+    s.device = std::env::var("HEARTH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    s.dtype = std::env::var("HEARTH_TEST_DTYPE").unwrap_or_else(|_| "f32".into());
     s
 }
 

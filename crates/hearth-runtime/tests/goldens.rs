@@ -9,7 +9,19 @@ use hearth_runtime::{EngineConfig, GenerationEvent, GenerationRequest, ModelSpec
 
 /// f32 on both sides, different kernels and summation orders: transformers' own
 /// attention backends differ by ~5e-6 here. 1e-4 absolute on logits of magnitude ~5.
-const LOGIT_TOLERANCE: f32 = 1e-4;
+/// In bf16 or f16 (GPU runs) logits carry about 3 significant digits: 0.1 absolute,
+/// and neither the rank order nor the greedy tokens are exact enough to compare.
+fn half_precision() -> bool {
+    matches!(std::env::var("HEARTH_TEST_DTYPE").as_deref(), Ok("bf16") | Ok("f16"))
+}
+
+fn logit_tolerance() -> f32 {
+    if half_precision() {
+        0.1
+    } else {
+        1e-4
+    }
+}
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -32,8 +44,9 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 
 fn spec(name: &str) -> ModelSpec {
     let mut s = ModelSpec::new(fixture(name).to_string_lossy().into_owned());
-    s.device = "cpu".into();
-    s.dtype = "f32".into();
+    // scripts/gpu-tests.sh runs these same tests on CUDA.
+    s.device = std::env::var("HEARTH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    s.dtype = std::env::var("HEARTH_TEST_DTYPE").unwrap_or_else(|_| "f32".into());
     s
 }
 
@@ -87,7 +100,7 @@ fn check_model(name: &str) {
                 case["prompt"]
             );
             assert!(
-                (row[id] - value).abs() < LOGIT_TOLERANCE,
+                (row[id] - value).abs() < logit_tolerance(),
                 "{name} {:?}: logit of {id} is {} want {value}",
                 case["prompt"],
                 row[id]
@@ -96,6 +109,9 @@ fn check_model(name: &str) {
     }
     drop(model);
 
+    if half_precision() {
+        return;
+    }
     // Greedy tokens, through the tokenizer and the engine.
     let loaded = hearth_runtime::load(
         &spec(name),

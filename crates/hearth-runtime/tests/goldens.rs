@@ -12,7 +12,10 @@ use hearth_runtime::{EngineConfig, GenerationEvent, GenerationRequest, ModelSpec
 /// In bf16 or f16 (GPU runs) logits carry about 3 significant digits: 0.1 absolute,
 /// and neither the rank order nor the greedy tokens are exact enough to compare.
 fn half_precision() -> bool {
-    matches!(std::env::var("HEARTH_TEST_DTYPE").as_deref(), Ok("bf16") | Ok("f16"))
+    matches!(
+        std::env::var("HEARTH_TEST_DTYPE").as_deref(),
+        Ok("bf16") | Ok("f16")
+    )
 }
 
 fn logit_tolerance() -> f32 {

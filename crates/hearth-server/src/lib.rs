@@ -120,12 +120,20 @@ pub fn build_state(
 /// predictions in flight `shutdown_timeout` to finish, and cancels the rest.
 pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
     let addr = state.cfg.addr;
-    if state.cfg.api_tokens.is_empty() {
-        tracing::warn!("no --api-token given: every request is accepted without authentication");
-    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| ServerError::Bind { addr, source: e })?;
+    serve_on(state, listener).await
+}
+
+/// As `serve`, on a listener the caller bound (tests bind port 0).
+pub async fn serve_on(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+) -> Result<(), ServerError> {
+    if state.cfg.api_tokens.is_empty() {
+        tracing::warn!("no --api-token given: every request is accepted without authentication");
+    }
     let local = listener.local_addr().map_err(ServerError::Serve)?;
     tracing::info!(%local, "listening");
     eprintln!("hearth listening on http://{local}");

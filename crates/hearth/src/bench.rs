@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use hearth_runtime::{
+    TextTokenizer,
     EngineHandle, FinishReason, GenerationEvent, GenerationRequest, SamplingParams,
 };
 use rand::{Rng, SeedableRng};
@@ -21,9 +22,19 @@ pub struct BenchArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Run the engine in this process (the only mode until the HTTP front lands).
-    #[arg(long)]
+    /// Run the engine in this process.
+    #[arg(long, conflicts_with = "url")]
     pub offline: bool,
+    /// Drive a running server through Replicate's API instead: each request creates a
+    /// prediction of `--model` (its owner/name there) and reads its SSE stream.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// API token for --url.
+    #[arg(long, env = "REPLICATE_API_TOKEN")]
+    pub api_token: Option<String>,
+    /// With --url: the local model whose tokenizer turns random token ids into prompt text.
+    #[arg(long, default_value = "demo")]
+    pub tokenizer: String,
     #[arg(long, default_value_t = 100)]
     pub num_prompts: usize,
     #[arg(long, default_value_t = 128)]
@@ -111,38 +122,42 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     s[lo] + (s[hi] - s[lo]) * (rank - lo as f64)
 }
 
-fn workload(a: &BenchArgs, engine: &EngineHandle) -> anyhow::Result<Vec<(Vec<u32>, usize)>> {
+/// One request of the workload: prompt tokens (offline) or text (HTTP).
+enum Prompt {
+    Tokens(Vec<u32>),
+    Text(String, usize),
+}
+
+impl Prompt {
+    fn len(&self) -> usize {
+        match self {
+            Prompt::Tokens(t) => t.len(),
+            Prompt::Text(_, n) => *n,
+        }
+    }
+}
+
+fn workload(a: &BenchArgs, tok: &TextTokenizer, vocab: u32, as_text: bool) -> anyhow::Result<Vec<(Prompt, usize)>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+    let mut out = Vec::new();
     if let Some(path) = &a.dataset {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-        let tok = engine.tokenizer();
-        let mut out = Vec::new();
-        for conv in v
-            .as_array()
-            .context("the dataset must be a JSON array of conversations")?
-        {
-            let turns = conv.get("conversations").and_then(|c| c.as_array());
-            let Some(turns) = turns else { continue };
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+        for conv in v.as_array().context("the dataset must be a JSON array of conversations")? {
+            let Some(turns) = conv.get("conversations").and_then(|c| c.as_array()) else { continue };
             if turns.len() < 2 {
                 continue;
             }
-            let text_of = |t: &serde_json::Value| {
-                t.get("value")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("")
-                    .to_string()
-            };
-            let prompt = tok.encode(&text_of(&turns[0]), true)?;
+            let text_of = |t: &serde_json::Value| t.get("value").and_then(|v| v.as_str()).unwrap_or("").to_string();
+            let prompt_text = text_of(&turns[0]);
+            let prompt = tok.encode(&prompt_text, true)?;
             let reply = tok.encode(&text_of(&turns[1]), false)?.len();
-            // vLLM's filter: skip too-short pairs and ones past the context.
-            if prompt.len() < 4 || reply < 4 || prompt.len() + reply > engine.limits().max_model_len
-            {
+            // vLLM's filter: skip too-short pairs.
+            if prompt.len() < 4 || reply < 4 {
                 continue;
             }
-            out.push((prompt, reply));
+            let n = prompt.len();
+            out.push((if as_text { Prompt::Text(prompt_text, n) } else { Prompt::Tokens(prompt) }, reply));
             if out.len() == a.num_prompts {
                 break;
             }
@@ -152,20 +167,15 @@ fn workload(a: &BenchArgs, engine: &EngineHandle) -> anyhow::Result<Vec<(Vec<u32
         }
         return Ok(out);
     }
-    let vocab = engine.limits().vocab_size as u32;
-    Ok((0..a.num_prompts)
-        .map(|_| {
-            (
-                (0..a.input_len)
-                    .map(|_| rng.random_range(0..vocab))
-                    .collect(),
-                a.output_len,
-            )
-        })
-        .collect())
+    for _ in 0..a.num_prompts {
+        let ids: Vec<u32> = (0..a.input_len).map(|_| rng.random_range(0..vocab)).collect();
+        let p = if as_text { Prompt::Text(tok.decode(&ids)?, a.input_len) } else { Prompt::Tokens(ids) };
+        out.push((p, a.output_len));
+    }
+    Ok(out)
 }
 
-async fn one_request(engine: EngineHandle, prompt: Vec<u32>, output_len: usize) -> RequestResult {
+async fn offline_request(engine: EngineHandle, prompt: Vec<u32>, output_len: usize) -> RequestResult {
     let prompt_len = prompt.len();
     let params = SamplingParams {
         max_tokens: output_len,
@@ -208,9 +218,75 @@ async fn one_request(engine: EngineHandle, prompt: Vec<u32>, output_len: usize) 
     r
 }
 
+struct HttpTarget {
+    client: reqwest::Client,
+    base: String,
+    model: String,
+    token: Option<String>,
+}
+
+/// Creates a prediction and reads its SSE stream, timing chunks as a client sees
+/// them; token counts come from the finished prediction's metrics.
+async fn http_request(t: Arc<HttpTarget>, prompt: String, output_len: usize) -> anyhow::Result<RequestResult> {
+    let auth = |r: reqwest::RequestBuilder| match &t.token {
+        Some(tok) => r.bearer_auth(tok),
+        None => r,
+    };
+    let start = Instant::now();
+    let body = serde_json::json!({"input": {
+        "prompt": prompt, "max_tokens": output_len, "ignore_eos": true, "temperature": 0,
+        "prompt_template": "{prompt}",
+    }});
+    let created = auth(t.client.post(format!("{}/v1/models/{}/predictions", t.base, t.model)))
+        .json(&body)
+        .send()
+        .await?;
+    if !created.status().is_success() {
+        bail!("create: HTTP {}: {}", created.status(), created.text().await.unwrap_or_default());
+    }
+    let p: serde_json::Value = created.json().await?;
+    let stream_url = p["urls"]["stream"].as_str().context("no urls.stream")?.to_string();
+    let get_url = p["urls"]["get"].as_str().context("no urls.get")?.to_string();
+    let resp = t.client.get(&stream_url).header("Accept", "text/event-stream").send().await?;
+    let mut r = RequestResult::default();
+    let mut chunks = 0usize;
+    let mut last = start;
+    let mut buf = String::new();
+    let mut body = resp.bytes_stream();
+    use futures_util::StreamExt;
+    'read: while let Some(bytes) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&bytes?));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let name = event.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim);
+            match name {
+                Some("output") => {
+                    let now = Instant::now();
+                    if chunks == 0 {
+                        r.ttft = (now - start).as_secs_f64();
+                    } else {
+                        r.itls.push((now - last).as_secs_f64());
+                    }
+                    last = now;
+                    chunks += 1;
+                }
+                Some("done") => break 'read,
+                Some("error") => bail!("stream error: {event}"),
+                _ => {}
+            }
+        }
+    }
+    r.e2e = start.elapsed().as_secs_f64();
+    let done: serde_json::Value = auth(t.client.get(&get_url)).send().await?.json().await?;
+    r.ok = done["status"] == "succeeded";
+    r.output_tokens = done["metrics"]["output_token_count"].as_u64().unwrap_or(chunks as u64) as usize;
+    r.prompt_len = done["metrics"]["input_token_count"].as_u64().unwrap_or(0) as usize;
+    Ok(r)
+}
+
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
-    if !a.offline {
-        bail!("only --offline is available in this build: the HTTP load generator (--url) comes with the server");
+    if !a.offline && a.url.is_none() {
+        bail!("choose --offline (the engine in this process) or --url http://HOST:PORT (a running server)");
     }
     if a.num_prompts == 0 {
         bail!("--num-prompts must be at least 1");
@@ -218,33 +294,46 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if !(a.request_rate > 0.0) {
         bail!("--request-rate must be > 0 (or inf)");
     }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let spec = a.model.spec();
-    let baseline_steps_per_s = if a.baseline {
-        let (_, model) = hearth_runtime::loader::load_model(&spec)?;
-        let steps = a.output_len.max(16);
-        let took =
-            hearth_runtime::baseline::single_sequence_decode(&model, a.input_len.max(1), steps)?;
-        Some(steps as f64 / took.as_secs_f64())
-    } else {
-        None
+    let mut baseline_steps_per_s = None;
+    let (engine, http, work) = match &a.url {
+        None => {
+            if a.baseline {
+                let (_, model) = hearth_runtime::loader::load_model(&spec)?;
+                let steps = a.output_len.max(16);
+                let took = hearth_runtime::baseline::single_sequence_decode(&model, a.input_len.max(1), steps)?;
+                baseline_steps_per_s = Some(steps as f64 / took.as_secs_f64());
+            }
+            let loaded = hearth_runtime::load(&spec, &a.engine.config()).context("loading the model")?;
+            let engine = loaded.engine;
+            let vocab = engine.limits().vocab_size as u32;
+            let work = workload(&a, engine.tokenizer(), vocab, false)?;
+            (Some(engine), None, work)
+        }
+        Some(url) => {
+            let files = hearth_runtime::loader::resolve(&hearth_runtime::ModelSpec::new(a.tokenizer.clone()))?;
+            let tok = TextTokenizer::load(&files.tokenizer_json, files.tokenizer_config.as_ref())?;
+            // Ids the tokenizer knows, below its special tokens, decode to real text.
+            let vocab = (tok.inner().get_vocab_size(false) as u32).max(2);
+            let work = workload(&a, &tok, vocab, true)?;
+            let target = HttpTarget {
+                client: reqwest::Client::builder().pool_max_idle_per_host(1024).build()?,
+                base: url.trim_end_matches('/').trim_end_matches("/v1").to_string(),
+                model: a.model.model.clone(),
+                token: a.api_token.clone(),
+            };
+            (None, Some(Arc::new(target)), work)
+        }
     };
-    let loaded = hearth_runtime::load(&spec, &a.engine.config()).context("loading the model")?;
-    let engine = loaded.engine;
-    let work = workload(&a, &engine)?;
     let n = work.len();
     let concurrency = a.max_concurrency.unwrap_or(n).max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     let bar = indicatif::ProgressBar::new(n as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} requests {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} requests {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let steps_before = engine.stats().steps;
+    let steps_before = engine.as_ref().map(|e| e.stats().steps).unwrap_or(0);
     let started = Instant::now();
     let results: Vec<RequestResult> = rt.block_on(async {
         let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
@@ -257,12 +346,20 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 let u: f64 = rng.random_range(f64::EPSILON..1.0);
                 arrival += Duration::from_secs_f64(-u.ln() / a.request_rate);
             }
-            let (engine, sem, bar) = (engine.clone(), sem.clone(), bar.clone());
+            let (engine, http, sem, bar) = (engine.clone(), http.clone(), sem.clone(), bar.clone());
             let at = arrival;
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
                 let _permit = sem.acquire_owned().await;
-                let r = one_request(engine, prompt, out_len).await;
+                let len = prompt.len();
+                let r = match (prompt, engine, http) {
+                    (Prompt::Tokens(p), Some(e), _) => offline_request(e, p, out_len).await,
+                    (Prompt::Text(p, _), _, Some(h)) => http_request(h, p, out_len).await.unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "request failed");
+                        RequestResult { prompt_len: len, ..Default::default() }
+                    }),
+                    _ => RequestResult::default(),
+                };
                 bar.inc(1);
                 r
             }));
@@ -275,7 +372,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     });
     let duration = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let stats = engine.stats();
+    let stats = engine.as_ref().map(|e| e.stats()).unwrap_or_default();
     let ok: Vec<&RequestResult> = results.iter().filter(|r| r.ok).collect();
     let total_input: usize = ok.iter().map(|r| r.prompt_len).sum();
     let total_output: usize = ok.iter().map(|r| r.output_tokens).sum();
@@ -285,21 +382,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .filter(|r| r.output_tokens > 1)
         .map(|r| (r.e2e - r.ttft) / (r.output_tokens - 1) as f64 * 1e3)
         .collect();
-    let itls: Vec<f64> = ok
-        .iter()
-        .flat_map(|r| r.itls.iter().map(|x| x * 1e3))
-        .collect();
-    let steps = stats.steps - steps_before;
+    let itls: Vec<f64> = ok.iter().flat_map(|r| r.itls.iter().map(|x| x * 1e3)).collect();
+    let steps = stats.steps.saturating_sub(steps_before);
     let report = Report {
-        backend: "offline",
+        backend: if a.url.is_some() { "http" } else { "offline" },
         model: a.model.model.clone(),
         num_prompts: n,
         max_concurrency: concurrency,
-        request_rate: if a.request_rate.is_finite() {
-            a.request_rate.to_string()
-        } else {
-            "inf".into()
-        },
+        request_rate: if a.request_rate.is_finite() { a.request_rate.to_string() } else { "inf".into() },
         completed: ok.len(),
         failed: results.len() - ok.len(),
         total_input_tokens: total_input,
@@ -323,7 +413,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         baseline_steps_per_s,
     };
     eprintln!(
-        "{} requests ({} failed) in {:.2}s: {:.1} output tok/s, {:.1} req/s, TTFT p50 {:.1} ms, TPOT p50 {:.2} ms, {:.1} steps/s{}",
+        "{} requests ({} failed) in {:.2}s: {:.1} output tok/s, {:.1} req/s, TTFT p50 {:.1} ms, TPOT p50 {:.2} ms{}{}",
         report.completed,
         report.failed,
         duration,
@@ -331,7 +421,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         report.request_throughput,
         report.median_ttft_ms,
         report.median_tpot_ms,
-        report.engine_steps_per_s,
+        if engine.is_some() { format!(", {:.1} steps/s", report.engine_steps_per_s) } else { String::new() },
         match baseline_steps_per_s {
             Some(b) => format!(" (plain single-sequence loop: {b:.1} steps/s)"),
             None => String::new(),
@@ -339,6 +429,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     );
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
+    }
+    if report.completed == 0 {
+        bail!("no request completed");
     }
     Ok(())
 }

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The same load through the HTTP API and in-process, in one run: the HTTP front's cost
+# as a ratio of output throughput (goal: >= 0.95).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=${HEARTH_BIN:-target/release/hearth}
+[ -x "$bin" ] || cargo build --release
+model=${MODEL:-dummy:bench-small}
+n=${NUM_PROMPTS:-64}; c=${CONCURRENCY:-32}; in=${INPUT_LEN:-128}; out=${OUTPUT_LEN:-64}
+port=${PORT:-18181}
+data=$(mktemp -d)
+"$bin" serve --model "$model" --port "$port" --data-dir "$data" >"$data/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null; rm -rf "$data"' EXIT
+for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health-check" >/dev/null && break; sleep 0.1; done
+name=$(curl -sf "http://127.0.0.1:$port/v1/models" | python3 -c "import json,sys; m=json.load(sys.stdin)['results'][0]; print(m['owner']+'/'+m['name'])")
+common="--num-prompts $n --max-concurrency $c --input-len $in --output-len $out --seed 0 --json"
+offline=$("$bin" bench --offline --model "$model" $common | tail -n 1)
+http=$("$bin" bench --url "http://127.0.0.1:$port" --model "$name" $common | tail -n 1)
+echo "offline: $offline"
+echo "http:    $http"
+python3 - "$offline" "$http" <<'PY'
+import json, sys
+o, h = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(f"output_throughput http/offline = {h['output_throughput']/o['output_throughput']:.3f} "
+      f"({h['output_throughput']:.1f} vs {o['output_throughput']:.1f} tok/s); "
+      f"median TTFT {h['median_ttft_ms']:.0f} vs {o['median_ttft_ms']:.0f} ms")
+PY

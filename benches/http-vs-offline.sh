@@ -16,7 +16,7 @@ for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health-check" >/dev/nul
 name=$(curl -sf "http://127.0.0.1:$port/v1/models" | python3 -c "import json,sys; m=json.load(sys.stdin)['results'][0]; print(m['owner']+'/'+m['name'])")
 common="--num-prompts $n --max-concurrency $c --input-len $in --output-len $out --seed 0 --json"
 offline=$("$bin" bench --offline --model "$model" $common | tail -n 1)
-http=$("$bin" bench --url "http://127.0.0.1:$port" --model "$name" $common | tail -n 1)
+http=$("$bin" bench --url "http://127.0.0.1:$port" --model "$name" --tokenizer "$model" $common | tail -n 1)
 echo "offline: $offline"
 echo "http:    $http"
 python3 - "$offline" "$http" <<'PY'

@@ -208,3 +208,30 @@ fn write_demo_tokenizer(path: &Path) -> Result<()> {
     tok.train(&mut trainer, lines.iter()).map_err(err)?;
     tok.save(path, false).map_err(err)
 }
+
+/// A tokenizer for `dummy:SHAPE` models: the demo's, padded with plain added tokens
+/// (`<|t123|>`) up to the model's vocabulary, so every id a random model samples
+/// decodes to text and streams like a real token would.
+pub fn ensure_dummy_tokenizer(cache_dir: &Path, vocab_size: usize) -> Result<PathBuf> {
+    let demo = ensure_demo_model(cache_dir)?;
+    let path = cache_dir.join(format!("{DEMO_REVISION}-tokenizer-{vocab_size}.json"));
+    if path.exists() {
+        return Ok(path);
+    }
+    let mut tok = tokenizers::Tokenizer::from_file(demo.join("tokenizer.json"))
+        .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+    let have = tok.get_vocab_size(true);
+    let extra: Vec<AddedToken> = (have..vocab_size)
+        .map(|i| AddedToken::from(format!("<|t{i}|>"), false))
+        .collect();
+    tok.add_tokens(extra)
+        .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+    let tmp = cache_dir.join(format!(
+        "{DEMO_REVISION}-tokenizer-{vocab_size}.json.tmp-{}",
+        std::process::id()
+    ));
+    tok.save(&tmp, false)
+        .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| RuntimeError::io(&path, e))?;
+    Ok(path)
+}

@@ -363,6 +363,15 @@ impl Engine {
     }
 
     fn run(&mut self) {
+        // Marks the engine dead however the loop ends, a panic included, so handles
+        // refuse new work and health checks report it.
+        struct AliveGuard(Arc<Shared>);
+        impl Drop for AliveGuard {
+            fn drop(&mut self) {
+                self.0.alive.store(false, Ordering::SeqCst);
+            }
+        }
+        let _guard = AliveGuard(self.shared.clone());
         loop {
             // Idle: sleep until a command comes; the loop ends when every handle is gone.
             if !self.scheduler.has_work() {
@@ -388,7 +397,6 @@ impl Engine {
             }
             self.publish_stats();
         }
-        self.shared.alive.store(false, Ordering::SeqCst);
     }
 
     fn handle(&mut self, cmd: Command) {

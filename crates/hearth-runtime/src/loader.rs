@@ -190,13 +190,15 @@ pub fn resolve(spec: &ModelSpec) -> Result<ModelFiles> {
                 crate::presets::PRESET_NAMES.join(", ")
             ),
         })?;
-        // Any byte-level tokenizer will do for random weights: borrow the demo's.
-        let demo = crate::demo::ensure_demo_model(&spec.cache_dir)?;
+        // Any byte-level tokenizer will do for random weights: the demo's, padded
+        // to the shape's vocabulary.
+        let tokenizer_json =
+            crate::demo::ensure_dummy_tokenizer(&spec.cache_dir, config.vocab_size)?;
         return Ok(ModelFiles {
             name: m.into(),
             dir: None,
             config,
-            tokenizer_json: demo.join("tokenizer.json"),
+            tokenizer_json,
             tokenizer_config: None,
             generation_config: None,
             weights: WeightSource::Dummy(spec.seed),

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use hearth_runtime::{
-    TextTokenizer,
-    EngineHandle, FinishReason, GenerationEvent, GenerationRequest, SamplingParams,
+    EngineHandle, FinishReason, GenerationEvent, GenerationRequest, SamplingParams, TextTokenizer,
 };
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -137,18 +136,35 @@ impl Prompt {
     }
 }
 
-fn workload(a: &BenchArgs, tok: &TextTokenizer, vocab: u32, as_text: bool) -> anyhow::Result<Vec<(Prompt, usize)>> {
+fn workload(
+    a: &BenchArgs,
+    tok: &TextTokenizer,
+    vocab: u32,
+    as_text: bool,
+) -> anyhow::Result<Vec<(Prompt, usize)>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
     let mut out = Vec::new();
     if let Some(path) = &a.dataset {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
-        for conv in v.as_array().context("the dataset must be a JSON array of conversations")? {
-            let Some(turns) = conv.get("conversations").and_then(|c| c.as_array()) else { continue };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        for conv in v
+            .as_array()
+            .context("the dataset must be a JSON array of conversations")?
+        {
+            let Some(turns) = conv.get("conversations").and_then(|c| c.as_array()) else {
+                continue;
+            };
             if turns.len() < 2 {
                 continue;
             }
-            let text_of = |t: &serde_json::Value| t.get("value").and_then(|v| v.as_str()).unwrap_or("").to_string();
+            let text_of = |t: &serde_json::Value| {
+                t.get("value")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string()
+            };
             let prompt_text = text_of(&turns[0]);
             let prompt = tok.encode(&prompt_text, true)?;
             let reply = tok.encode(&text_of(&turns[1]), false)?.len();
@@ -157,7 +173,14 @@ fn workload(a: &BenchArgs, tok: &TextTokenizer, vocab: u32, as_text: bool) -> an
                 continue;
             }
             let n = prompt.len();
-            out.push((if as_text { Prompt::Text(prompt_text, n) } else { Prompt::Tokens(prompt) }, reply));
+            out.push((
+                if as_text {
+                    Prompt::Text(prompt_text, n)
+                } else {
+                    Prompt::Tokens(prompt)
+                },
+                reply,
+            ));
             if out.len() == a.num_prompts {
                 break;
             }
@@ -167,15 +190,53 @@ fn workload(a: &BenchArgs, tok: &TextTokenizer, vocab: u32, as_text: bool) -> an
         }
         return Ok(out);
     }
+    // Random prompts as text that encodes to exactly `input_len` tokens, so the HTTP
+    // mode (which sends text) and the offline mode (which sends ids) do the same work.
+    let text_ids: Vec<u32> = (0..vocab)
+        .filter(|&i| {
+            let t = tok.decode(&[i]).unwrap_or_default();
+            !t.is_empty() && !t.contains('\u{FFFD}')
+        })
+        .collect();
+    if text_ids.is_empty() {
+        bail!("the tokenizer has no token that decodes to text");
+    }
     for _ in 0..a.num_prompts {
-        let ids: Vec<u32> = (0..a.input_len).map(|_| rng.random_range(0..vocab)).collect();
-        let p = if as_text { Prompt::Text(tok.decode(&ids)?, a.input_len) } else { Prompt::Tokens(ids) };
-        out.push((p, a.output_len));
+        let mut ids: Vec<u32> = (0..a.input_len)
+            .map(|_| text_ids[rng.random_range(0..text_ids.len())])
+            .collect();
+        let mut text = tok.decode(&ids)?;
+        for _ in 0..16 {
+            let re = tok.encode(&text, false)?;
+            if re.len() == a.input_len {
+                ids = re;
+                break;
+            }
+            ids = re;
+            ids.truncate(a.input_len);
+            while ids.len() < a.input_len {
+                ids.push(text_ids[rng.random_range(0..text_ids.len())]);
+            }
+            text = tok.decode(&ids)?;
+        }
+        let n = ids.len();
+        out.push((
+            if as_text {
+                Prompt::Text(text, n)
+            } else {
+                Prompt::Tokens(ids)
+            },
+            a.output_len,
+        ));
     }
     Ok(out)
 }
 
-async fn offline_request(engine: EngineHandle, prompt: Vec<u32>, output_len: usize) -> RequestResult {
+async fn offline_request(
+    engine: EngineHandle,
+    prompt: Vec<u32>,
+    output_len: usize,
+) -> RequestResult {
     let prompt_len = prompt.len();
     let params = SamplingParams {
         max_tokens: output_len,
@@ -227,7 +288,11 @@ struct HttpTarget {
 
 /// Creates a prediction and reads its SSE stream, timing chunks as a client sees
 /// them; token counts come from the finished prediction's metrics.
-async fn http_request(t: Arc<HttpTarget>, prompt: String, output_len: usize) -> anyhow::Result<RequestResult> {
+async fn http_request(
+    t: Arc<HttpTarget>,
+    prompt: String,
+    output_len: usize,
+) -> anyhow::Result<RequestResult> {
     let auth = |r: reqwest::RequestBuilder| match &t.token {
         Some(tok) => r.bearer_auth(tok),
         None => r,
@@ -237,17 +302,35 @@ async fn http_request(t: Arc<HttpTarget>, prompt: String, output_len: usize) -> 
         "prompt": prompt, "max_tokens": output_len, "ignore_eos": true, "temperature": 0,
         "prompt_template": "{prompt}",
     }});
-    let created = auth(t.client.post(format!("{}/v1/models/{}/predictions", t.base, t.model)))
-        .json(&body)
-        .send()
-        .await?;
+    let created = auth(
+        t.client
+            .post(format!("{}/v1/models/{}/predictions", t.base, t.model)),
+    )
+    .json(&body)
+    .send()
+    .await?;
     if !created.status().is_success() {
-        bail!("create: HTTP {}: {}", created.status(), created.text().await.unwrap_or_default());
+        bail!(
+            "create: HTTP {}: {}",
+            created.status(),
+            created.text().await.unwrap_or_default()
+        );
     }
     let p: serde_json::Value = created.json().await?;
-    let stream_url = p["urls"]["stream"].as_str().context("no urls.stream")?.to_string();
-    let get_url = p["urls"]["get"].as_str().context("no urls.get")?.to_string();
-    let resp = t.client.get(&stream_url).header("Accept", "text/event-stream").send().await?;
+    let stream_url = p["urls"]["stream"]
+        .as_str()
+        .context("no urls.stream")?
+        .to_string();
+    let get_url = p["urls"]["get"]
+        .as_str()
+        .context("no urls.get")?
+        .to_string();
+    let resp = t
+        .client
+        .get(&stream_url)
+        .header("Accept", "text/event-stream")
+        .send()
+        .await?;
     let mut r = RequestResult::default();
     let mut chunks = 0usize;
     let mut last = start;
@@ -258,7 +341,10 @@ async fn http_request(t: Arc<HttpTarget>, prompt: String, output_len: usize) -> 
         buf.push_str(&String::from_utf8_lossy(&bytes?));
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
-            let name = event.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim);
+            let name = event
+                .lines()
+                .find_map(|l| l.strip_prefix("event:"))
+                .map(str::trim);
             match name {
                 Some("output") => {
                     let now = Instant::now();
@@ -279,7 +365,9 @@ async fn http_request(t: Arc<HttpTarget>, prompt: String, output_len: usize) -> 
     r.e2e = start.elapsed().as_secs_f64();
     let done: serde_json::Value = auth(t.client.get(&get_url)).send().await?.json().await?;
     r.ok = done["status"] == "succeeded";
-    r.output_tokens = done["metrics"]["output_token_count"].as_u64().unwrap_or(chunks as u64) as usize;
+    r.output_tokens = done["metrics"]["output_token_count"]
+        .as_u64()
+        .unwrap_or(chunks as u64) as usize;
     r.prompt_len = done["metrics"]["input_token_count"].as_u64().unwrap_or(0) as usize;
     Ok(r)
 }
@@ -294,7 +382,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if !(a.request_rate > 0.0) {
         bail!("--request-rate must be > 0 (or inf)");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let spec = a.model.spec();
     let mut baseline_steps_per_s = None;
     let (engine, http, work) = match &a.url {
@@ -302,24 +393,36 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             if a.baseline {
                 let (_, model) = hearth_runtime::loader::load_model(&spec)?;
                 let steps = a.output_len.max(16);
-                let took = hearth_runtime::baseline::single_sequence_decode(&model, a.input_len.max(1), steps)?;
+                let took = hearth_runtime::baseline::single_sequence_decode(
+                    &model,
+                    a.input_len.max(1),
+                    steps,
+                )?;
                 baseline_steps_per_s = Some(steps as f64 / took.as_secs_f64());
             }
-            let loaded = hearth_runtime::load(&spec, &a.engine.config()).context("loading the model")?;
+            let loaded =
+                hearth_runtime::load(&spec, &a.engine.config()).context("loading the model")?;
             let engine = loaded.engine;
-            let vocab = engine.limits().vocab_size as u32;
+            let vocab = (engine.tokenizer().inner().get_vocab_size(true) as u32)
+                .min(engine.limits().vocab_size as u32);
             let work = workload(&a, engine.tokenizer(), vocab, false)?;
             (Some(engine), None, work)
         }
         Some(url) => {
-            let files = hearth_runtime::loader::resolve(&hearth_runtime::ModelSpec::new(a.tokenizer.clone()))?;
+            let files = hearth_runtime::loader::resolve(&hearth_runtime::ModelSpec::new(
+                a.tokenizer.clone(),
+            ))?;
             let tok = TextTokenizer::load(&files.tokenizer_json, files.tokenizer_config.as_ref())?;
-            // Ids the tokenizer knows, below its special tokens, decode to real text.
-            let vocab = (tok.inner().get_vocab_size(false) as u32).max(2);
+            let vocab = tok.inner().get_vocab_size(true) as u32;
             let work = workload(&a, &tok, vocab, true)?;
             let target = HttpTarget {
-                client: reqwest::Client::builder().pool_max_idle_per_host(1024).build()?,
-                base: url.trim_end_matches('/').trim_end_matches("/v1").to_string(),
+                client: reqwest::Client::builder()
+                    .pool_max_idle_per_host(1024)
+                    .build()?,
+                base: url
+                    .trim_end_matches('/')
+                    .trim_end_matches("/v1")
+                    .to_string(),
                 model: a.model.model.clone(),
                 token: a.api_token.clone(),
             };
@@ -330,8 +433,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let concurrency = a.max_concurrency.unwrap_or(n).max(1);
     let bar = indicatif::ProgressBar::new(n as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} requests {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} requests {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let steps_before = engine.as_ref().map(|e| e.stats().steps).unwrap_or(0);
     let started = Instant::now();
@@ -354,10 +459,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 let len = prompt.len();
                 let r = match (prompt, engine, http) {
                     (Prompt::Tokens(p), Some(e), _) => offline_request(e, p, out_len).await,
-                    (Prompt::Text(p, _), _, Some(h)) => http_request(h, p, out_len).await.unwrap_or_else(|e| {
-                        tracing::warn!(error = %e, "request failed");
-                        RequestResult { prompt_len: len, ..Default::default() }
-                    }),
+                    (Prompt::Text(p, _), _, Some(h)) => {
+                        http_request(h, p, out_len).await.unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "request failed");
+                            RequestResult {
+                                prompt_len: len,
+                                ..Default::default()
+                            }
+                        })
+                    }
                     _ => RequestResult::default(),
                 };
                 bar.inc(1);
@@ -382,14 +492,21 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .filter(|r| r.output_tokens > 1)
         .map(|r| (r.e2e - r.ttft) / (r.output_tokens - 1) as f64 * 1e3)
         .collect();
-    let itls: Vec<f64> = ok.iter().flat_map(|r| r.itls.iter().map(|x| x * 1e3)).collect();
+    let itls: Vec<f64> = ok
+        .iter()
+        .flat_map(|r| r.itls.iter().map(|x| x * 1e3))
+        .collect();
     let steps = stats.steps.saturating_sub(steps_before);
     let report = Report {
         backend: if a.url.is_some() { "http" } else { "offline" },
         model: a.model.model.clone(),
         num_prompts: n,
         max_concurrency: concurrency,
-        request_rate: if a.request_rate.is_finite() { a.request_rate.to_string() } else { "inf".into() },
+        request_rate: if a.request_rate.is_finite() {
+            a.request_rate.to_string()
+        } else {
+            "inf".into()
+        },
         completed: ok.len(),
         failed: results.len() - ok.len(),
         total_input_tokens: total_input,

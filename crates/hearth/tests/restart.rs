@@ -7,7 +7,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Server(Child);
@@ -41,7 +45,12 @@ async fn start(port: u16, data: &std::path::Path) -> Server {
 }
 
 async fn get(port: u16, id: &str) -> Value {
-    reqwest::get(format!("http://127.0.0.1:{port}/v1/predictions/{id}")).await.unwrap().json().await.unwrap()
+    reqwest::get(format!("http://127.0.0.1:{port}/v1/predictions/{id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -89,6 +98,9 @@ async fn kill_dash_nine_keeps_finished_predictions_and_fails_the_interrupted_one
     assert_eq!(kept["metrics"], done["metrics"]);
     let failed = get(port, &rid).await;
     assert_eq!(failed["status"], "failed", "{failed}");
-    assert!(failed["error"].as_str().unwrap().contains("stopped"), "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("stopped"),
+        "{failed}"
+    );
     let _ = std::fs::remove_dir_all(&data);
 }

@@ -368,7 +368,7 @@ mod tests {
 
     #[test]
     fn repetition_penalty_demotes_seen_tokens_both_signs() {
-        let mut s = Sampler::new(params(|p| p.repetition_penalty = 2.0), &[0, 1]);
+        let s = Sampler::new(params(|p| p.repetition_penalty = 2.0), &[0, 1]);
         let mut l = [2.0, -1.0, 1.5];
         s.apply_penalties(&mut l);
         assert_eq!(l, [1.0, -2.0, 1.5]);

@@ -379,7 +379,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.num_prompts == 0 {
         bail!("--num-prompts must be at least 1");
     }
-    if !(a.request_rate > 0.0) {
+    if a.request_rate.is_nan() || a.request_rate <= 0.0 {
         bail!("--request-rate must be > 0 (or inf)");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

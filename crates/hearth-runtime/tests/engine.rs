@@ -304,3 +304,32 @@ fn stop_sequences_end_generation_and_are_not_emitted_and_seeds_repeat() {
     assert_eq!(sampled(5), sampled(5));
     assert_ne!(sampled(5), sampled(6));
 }
+
+#[test]
+fn a_seed_gives_the_same_tokens_alone_and_in_a_batch() {
+    let e = engine(EngineConfig {
+        kv_cache_memory: Some(1 << 20),
+        ..Default::default()
+    });
+    let seeded = |prompt: &[u32]| GenerationRequest {
+        prompt: prompt.to_vec(),
+        params: SamplingParams {
+            temperature: 0.9,
+            top_k: 40,
+            seed: Some(11),
+            ignore_eos: true,
+            ..SamplingParams::greedy(20)
+        },
+    };
+    let prompt: Vec<u32> = (5..25).collect();
+    let alone = drain(e.submit(seeded(&prompt)).unwrap()).0;
+    let others: Vec<RequestStream> = prompts()
+        .iter()
+        .map(|p| e.submit(greedy(p, 30)).unwrap())
+        .collect();
+    let batched = drain(e.submit(seeded(&prompt)).unwrap()).0;
+    for o in others {
+        drain(o);
+    }
+    assert_eq!(alone, batched);
+}

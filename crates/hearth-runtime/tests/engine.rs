@@ -333,3 +333,23 @@ fn a_seed_gives_the_same_tokens_alone_and_in_a_batch() {
     }
     assert_eq!(alone, batched);
 }
+
+#[test]
+fn an_unreachable_hub_id_is_a_one_line_error_that_says_how_to_pass_a_folder() {
+    let home = std::env::temp_dir().join(format!("hearth-hf-{}", std::process::id()));
+    // Only this test touches these variables.
+    std::env::set_var("HF_HOME", &home);
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let mut spec = ModelSpec::new("some-org/some-model");
+    spec.cache_dir = home.join("hearth");
+    let err = hearth_runtime::load(&spec, &EngineConfig::default())
+        .err()
+        .expect("offline");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("some-org/some-model") && msg.contains("--model DIR"),
+        "{msg}"
+    );
+    assert!(!msg.contains('\n'), "{msg}");
+    let _ = std::fs::remove_dir_all(&home);
+}

@@ -218,7 +218,6 @@ pub struct RunContext {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub webhook: Option<WebhookSender>,
-    pub model_name: String,
 }
 
 fn seconds(d: std::time::Duration) -> f64 {
@@ -226,9 +225,9 @@ fn seconds(d: std::time::Duration) -> f64 {
 }
 
 /// Drives one prediction from the engine's events to its end.
+/// Runs inside a `prediction` span (see `start_prediction`), so every log line of it
+/// carries the prediction's id and model.
 pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
-    let span = tracing::info_span!("prediction", id = %live.snapshot().map(|r| r.prediction.id).unwrap_or_default());
-    let _enter = span.enter();
     let created = Instant::now();
     let mut started: Option<Instant> = None;
     let mut first_token: Option<Instant> = None;

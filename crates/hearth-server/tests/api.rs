@@ -24,25 +24,27 @@ impl Drop for TempDir {
 }
 
 async fn start(max_body_bytes: usize) -> Server {
+    start_with(
+        max_body_bytes,
+        EngineConfig {
+            kv_cache_memory: Some(64 << 20),
+            max_waiting: 64,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn start_with(max_body_bytes: usize, engine: EngineConfig) -> Server {
     let data = std::env::temp_dir().join(format!(
         "hearth-api-{}-{}",
         std::process::id(),
         hearth_server::prediction::new_id()
     ));
     let spec = ModelSpec::new("demo");
-    let loaded = tokio::task::spawn_blocking(move || {
-        hearth_runtime::load(
-            &spec,
-            &EngineConfig {
-                kv_cache_memory: Some(64 << 20),
-                max_waiting: 64,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-    })
-    .await
-    .unwrap();
+    let loaded = tokio::task::spawn_blocking(move || hearth_runtime::load(&spec, &engine).unwrap())
+        .await
+        .unwrap();
     let model = ServedModel {
         owner: "hearth".into(),
         name: "demo".into(),
@@ -683,4 +685,89 @@ async fn versions_carry_an_iterator_output_schema_with_the_inputs() {
         .await
         .unwrap();
     assert!(hw.is_array());
+}
+
+#[tokio::test]
+async fn a_full_queue_is_a_429_with_retry_after() {
+    let s = start_with(
+        1 << 20,
+        EngineConfig {
+            kv_cache_memory: Some(64 << 20),
+            max_num_seqs: 1,
+            max_waiting: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..4 {
+        let r = s
+            .post("/v1/models/hearth/demo/predictions")
+            .json(&json!({"input": long_job()}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status().as_u16() == 429 {
+            retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body: Value = r.json().await.unwrap();
+            assert!(
+                body["detail"].as_str().unwrap().contains("throttled"),
+                "{body}"
+            );
+        }
+    }
+    // One runs, one waits; the rest are refused at once.
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+}
+
+#[tokio::test]
+async fn webhooks_are_retried_after_a_server_error() {
+    use axum::routing::post;
+    let s = start(1 << 20).await;
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move || {
+            let counter = counter.clone();
+            async move {
+                // The first delivery fails with a 503; the retry succeeds.
+                if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let r = s
+        .post("/v1/models/hearth/demo/predictions")
+        .json(&json!({"input": {"prompt": "retry", "max_tokens": 3}, "webhook": hook, "webhook_events_filter": ["completed"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while calls.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the failed webhook was not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "retried after success"
+    );
 }

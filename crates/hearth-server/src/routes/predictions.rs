@@ -143,9 +143,12 @@ pub async fn start_prediction(
             .cloned()
             .unwrap_or_else(|| Arc::new(crate::metrics::Metrics::new(model.full_name()))),
         webhook,
-        model_name: model.full_name(),
     };
-    tokio::spawn(prediction::run(live.clone(), stream, ctx));
+    let span = tracing::info_span!("prediction", id = %live.snapshot().map(|r| r.prediction.id).unwrap_or_default(), model = %model.full_name());
+    tokio::spawn(tracing::Instrument::instrument(
+        prediction::run(live.clone(), stream, ctx),
+        span,
+    ));
     Ok(live)
 }
 

@@ -32,6 +32,11 @@ impl ServedModel {
         format!("{}/{}", self.owner, self.name)
     }
 
+    /// Its own version id, or a hosted one mapped onto it.
+    pub fn has_version(&self, v: &str) -> bool {
+        v == self.version || self.version_aliases.iter().any(|a| a == v)
+    }
+
     pub fn openapi_schema(&self) -> Value {
         let limits = self.engine.limits();
         schema::openapi_schema(&self.defaults, limits.max_model_len.saturating_sub(1))

@@ -29,11 +29,7 @@ fn model_json(m: &ServedModel, base: &str) -> Value {
 }
 
 fn find(state: &AppState, owner: &str, name: &str) -> AppResult<Arc<ServedModel>> {
-    state
-        .models
-        .by_name(owner, name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("model {owner}/{name} not found")))
+    super::predictions::find_model(state, owner, name, "model")
 }
 
 pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> AppResult<Response> {
@@ -78,7 +74,7 @@ pub async fn version(
     Path((owner, name, version)): Path<(String, String, String)>,
 ) -> AppResult<Response> {
     let m = find(&state, &owner, &name)?;
-    if version != m.version && !m.version_aliases.contains(&version) {
+    if !m.has_version(&version) {
         return Err(ApiError::not_found(format!(
             "version {version} of {owner}/{name} not found"
         )));

@@ -229,24 +229,13 @@ pub async fn create(
     let model = match version.split_once(':') {
         Some((name, ver)) => {
             let (o, n) = crate::models::split_name(name).map_err(ApiError::invalid)?;
-            let m = state
-                .models
-                .by_name(&o, &n)
-                .ok_or_else(|| ApiError::not_found(format!("model {name} not found")))?;
-            if ver != m.version && !m.version_aliases.iter().any(|a| a == ver) {
-                return Err(ApiError::not_found(format!(
-                    "version {ver} of {name} not found"
-                )));
-            }
-            m.clone()
+            let m = find_model(&state, &o, &n, "model")?;
+            check_version(&m, ver)?;
+            m
         }
         None if version.contains('/') => {
             let (o, n) = crate::models::split_name(version).map_err(ApiError::invalid)?;
-            state
-                .models
-                .by_name(&o, &n)
-                .cloned()
-                .ok_or_else(|| ApiError::not_found(format!("model {version} not found")))?
+            find_model(&state, &o, &n, "model")?
         }
         None => state
             .models
@@ -257,17 +246,38 @@ pub async fn create(
     respond_created(state, model, headers, body).await
 }
 
+/// The served model called `owner/name` (`kind` names it in the 404).
+pub fn find_model(
+    state: &AppState,
+    owner: &str,
+    name: &str,
+    kind: &str,
+) -> AppResult<Arc<ServedModel>> {
+    state
+        .models
+        .by_name(owner, name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("{kind} {owner}/{name} not found")))
+}
+
+fn check_version(model: &ServedModel, version: &str) -> AppResult<()> {
+    if model.has_version(version) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!(
+            "version {version} of {} not found",
+            model.full_name()
+        )))
+    }
+}
+
 pub async fn create_for_model(
     State(state): State<Arc<AppState>>,
     Path((owner, name)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> AppResult<Response> {
-    let model = state
-        .models
-        .by_name(&owner, &name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("model {owner}/{name} not found")))?;
+    let model = find_model(&state, &owner, &name, "model")?;
     respond_created(state, model, headers, body).await
 }
 
@@ -277,16 +287,8 @@ pub async fn create_for_version(
     headers: HeaderMap,
     body: Bytes,
 ) -> AppResult<Response> {
-    let model = state
-        .models
-        .by_name(&owner, &name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("model {owner}/{name} not found")))?;
-    if version != model.version && !model.version_aliases.contains(&version) {
-        return Err(ApiError::not_found(format!(
-            "version {version} of {owner}/{name} not found"
-        )));
-    }
+    let model = find_model(&state, &owner, &name, "model")?;
+    check_version(&model, &version)?;
     respond_created(state, model, headers, body).await
 }
 
@@ -297,11 +299,7 @@ pub async fn create_for_deployment(
     headers: HeaderMap,
     body: Bytes,
 ) -> AppResult<Response> {
-    let model = state
-        .models
-        .by_name(&owner, &name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("deployment {owner}/{name} not found")))?;
+    let model = find_model(&state, &owner, &name, "deployment")?;
     respond_created(state, model, headers, body).await
 }
 

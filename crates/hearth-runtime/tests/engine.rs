@@ -10,7 +10,11 @@ use hearth_runtime::{
 };
 
 fn llama_fixture() -> ModelSpec {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/llama");
+    // HEARTH_FIXTURES: see goldens.rs.
+    let path = std::env::var_os("HEARTH_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures"))
+        .join("llama");
     let mut s = ModelSpec::new(path.to_string_lossy().into_owned());
     // scripts/gpu-tests.sh runs these same tests on CUDA.
     s.device = std::env::var("HEARTH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());

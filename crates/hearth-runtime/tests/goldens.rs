@@ -26,9 +26,12 @@ fn logit_tolerance() -> f32 {
     }
 }
 
+/// `HEARTH_FIXTURES` lets the prebuilt test binary run from another checkout (the GPU
+/// machine), where the path baked in at compile time does not exist.
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/fixtures")
+    std::env::var_os("HEARTH_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures"))
         .join(name)
 }
 

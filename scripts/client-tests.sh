@@ -1,39 +1,113 @@
 #!/usr/bin/env bash
 # The official Replicate clients (Python replicate==1.0.7, JS replicate@1.4.0) against a
-# live `hearth serve` on the demo model, each with one setting changed: the base URL.
+# live `hearth serve` on the built-in demo model, each with one setting changed: the base
+# URL. Fails if either suite fails.
+#
+# Env: HEARTH_BIN (default target/debug/hearth, built with cargo if missing),
+#      CLIENT_VENV (default .venv-clients), CLIENT_SUITE_TIMEOUT (s, default 900 each),
+#      KEEP_CLIENT_DATA=1 keeps the server's data dir and logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
 bin=${HEARTH_BIN:-target/debug/hearth}
-[ -x "$bin" ] || cargo build
+if [ ! -x "$bin" ]; then
+  if [ -n "${HEARTH_BIN:-}" ]; then
+    echo "HEARTH_BIN=$bin is not an executable" >&2
+    exit 1
+  fi
+  cargo build --bin hearth
+fi
+
+# Python: a venv with the pinned client, reinstalled only when requirements.txt changes.
 venv=${CLIENT_VENV:-.venv-clients}
+req=tests/clients/python/requirements.txt
+want=$(sha256sum "$req" | cut -d' ' -f1)
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install -q -r tests/clients/python/requirements.txt
-if [ ! -d tests/clients/js/node_modules/replicate ]; then
-  (cd tests/clients/js && npm ci --no-audit --no-fund)
+if [ "$(cat "$venv/.hearth-requirements" 2>/dev/null || true)" != "$want" ]; then
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req"
+  echo "$want" >"$venv/.hearth-requirements"
 fi
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-data=$(mktemp -d)
-token=client-test-token
-HEARTH_LOG=warn "$bin" serve --port "$port" --data-dir "$data" --api-token "$token" >"$data/server.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true; rm -rf "$data"' EXIT
-for i in $(seq 600); do
-  if python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "http://127.0.0.1:$port/health-check" 2>/dev/null; then break; fi
-  if ! kill -0 $server 2>/dev/null || [ "$i" = 600 ]; then
-    echo "the server did not start:"; cat "$data/server.log"; exit 1
-  fi
-  sleep 0.1
-done
-export REPLICATE_BASE_URL="http://127.0.0.1:$port" REPLICATE_API_TOKEN="$token"
-status=0
-echo "== Python replicate client"
-timeout 300 "$venv/bin/python" tests/clients/python/test_client.py || status=1
-echo "== JS replicate client"
-timeout 300 node tests/clients/js/test.mjs || status=1
-if [ $status -ne 0 ]; then
-  echo "--- server log"; tail -50 "$data/server.log"
+# JS: npm ci when node_modules is missing or older than the lockfile.
+js=tests/clients/js
+if [ ! -f "$js/node_modules/.package-lock.json" ] || [ ! -d "$js/node_modules/replicate" ] \
+  || [ "$js/package-lock.json" -nt "$js/node_modules/.package-lock.json" ]; then
+  (cd "$js" && npm ci --no-audit --no-fund)
 fi
+
+data=$(mktemp -d "${TMPDIR:-/tmp}/hearth-clients.XXXXXX")
+server=
+cleanup() {
+  if [ -n "$server" ] && kill -0 "$server" 2>/dev/null; then
+    kill "$server" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+  fi
+  if [ "${KEEP_CLIENT_DATA:-0}" = 1 ]; then echo "kept $data"; else rm -rf "$data"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+token=client-test-$RANDOM$RANDOM
+base="http://127.0.0.1:$port"
+HEARTH_LOG=${HEARTH_LOG:-warn} "$bin" serve --port "$port" --data-dir "$data/data" --api-token "$token" \
+  >"$data/server.out" 2>"$data/server.err" &
+server=$!
+
+# Ready when /health-check answers 200 with a status other than STARTING; 60 s at most.
+started=$SECONDS
+while :; do
+  health=$(curl -s -m 2 -w ' %{http_code}' "$base/health-check" 2>/dev/null || true)
+  case "$health" in
+    *' 200')
+      case "$health" in
+        *'"STARTING"'*) ;;
+        *'"SETUP_FAILED"'* | *'"DEFUNCT"'*)
+          echo "the server is unhealthy: $health"; cat "$data/server.err"; exit 1 ;;
+        *) break ;;
+      esac ;;
+  esac
+  if ! kill -0 "$server" 2>/dev/null; then
+    echo "the server exited before it was healthy; its stderr:"; cat "$data/server.err"; exit 1
+  fi
+  if [ $((SECONDS - started)) -ge 60 ]; then
+    echo "the server was not healthy within 60 s; its stderr:"; cat "$data/server.err"; exit 1
+  fi
+  sleep 0.2
+done
+
+export REPLICATE_BASE_URL=$base REPLICATE_API_TOKEN=$token
+# Nothing of the developer's own Replicate setup may leak in.
+unset REPLICATE_POLL_INTERVAL || true
+limit=${CLIENT_SUITE_TIMEOUT:-900}
+status=0
+
+echo "== Python replicate client ($(grep -E '^replicate==' "$req"))"
+timeout -k 10 "$limit" "$venv/bin/python" tests/clients/python/test_client.py 2>&1 | tee "$data/python.log" || status=1
+
+echo "== JS replicate client (replicate@$(node -p 'require("./'"$js"'/node_modules/replicate/package.json").version'))"
+timeout -k 10 "$limit" node "$js/test.mjs" 2>&1 | tee "$data/js.log" || status=1
+
+# One closing line over both suites; a suite that died before its own line counts as a failure.
+p=0 f=0
+for suite in python js; do
+  line=$(grep -E "^$suite: [0-9]+ passed, [0-9]+ failed$" "$data/$suite.log" | tail -1 || true)
+  if [ -z "$line" ]; then
+    echo "the $suite suite ended without its summary line"
+    f=$((f + 1)) status=1
+  else
+    set -- $line
+    p=$((p + $2)) f=$((f + $4))
+  fi
+done
+if [ $status -ne 0 ]; then
+  echo "--- server stderr (last 80 lines)"
+  tail -80 "$data/server.err"
+fi
+echo "clients: $p passed, $f failed"
 exit $status

@@ -123,7 +123,7 @@ pub fn new_token() -> String {
 /// A running prediction, shared by its runner, stream readers and waiters.
 pub struct Live {
     pub record: Mutex<Record>,
-    /// Output events so far; SSE event `n` is `output[n]`.
+    /// Wakes stream readers and waiters on every output chunk and status change.
     changed: Notify,
     cancel: Notify,
 }
@@ -140,16 +140,10 @@ impl Live {
             .unwrap_or(true)
     }
 
-    /// Resolves on the next change (output chunk or status).
-    pub async fn changed(&self) {
-        self.changed.notified().await
-    }
-
     /// A future that completes at the next change, registered now so no change
     /// between a check and the await is missed.
     pub fn subscribe(&self) -> tokio::sync::futures::Notified<'_> {
-        let n = self.changed.notified();
-        n
+        self.changed.notified()
     }
 
     pub fn request_cancel(&self) {

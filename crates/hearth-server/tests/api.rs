@@ -248,8 +248,19 @@ async fn prefer_wait_times_out_as_starting_and_cancel_returns_the_whole_predicti
     assert_eq!(c["status"], "canceled", "{c}");
     assert_eq!(c["id"], id);
     assert!(c["urls"]["get"].is_string());
-    let bad = s.create(json!({"prompt": "x"}), Some("wait=999")).await;
+    let bad = s.create(json!({"prompt": "x"}), Some("wait=soon")).await;
     assert_eq!(bad.0, 400);
+    // Over 60 is clamped, not refused: clients pass the app's number through.
+    let r = s
+        .post("/v1/models/hearth/demo/predictions")
+        .header("Prefer", "wait=120")
+        .json(&json!({"input": {"prompt": "x", "max_tokens": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(r.headers()["preference-applied"], "wait=60");
+    assert!(r.json::<Value>().await.unwrap()["status"].as_str().unwrap() != "starting");
 }
 
 #[tokio::test]

@@ -152,7 +152,8 @@ pub async fn start_prediction(
     Ok(live)
 }
 
-/// `Prefer: wait` or `wait=N` (1..=60); None without the header.
+/// `Prefer: wait` or `wait=N`; None without the header. N is clamped to 1..=60: the
+/// clients do not cap it themselves (Python 1.0.7 sends what the app passes, e.g. 120).
 pub fn prefer_wait(headers: &HeaderMap) -> AppResult<Option<u64>> {
     let Some(v) = headers.get("prefer").and_then(|v| v.to_str().ok()) else {
         return Ok(None);
@@ -163,9 +164,9 @@ pub fn prefer_wait(headers: &HeaderMap) -> AppResult<Option<u64>> {
         }
         if let Some(n) = pref.strip_prefix("wait=") {
             return match n.trim().parse::<u64>() {
-                Ok(n) if (1..=MAX_WAIT).contains(&n) => Ok(Some(n)),
-                _ => Err(ApiError::bad_request(format!(
-                    "Prefer: wait={n}: the wait must be an integer from 1 to {MAX_WAIT}"
+                Ok(n) => Ok(Some(n.clamp(1, MAX_WAIT))),
+                Err(_) => Err(ApiError::bad_request(format!(
+                    "Prefer: wait={n}: the wait must be a whole number of seconds"
                 ))),
             };
         }

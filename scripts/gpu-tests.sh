@@ -10,7 +10,7 @@
 # three executables unpacked come to ~170 MB, which is why they travel packed).
 #
 #  1. the fixture goldens and the engine tests on CUDA in f32: tokens exact, logits 1e-4;
-#  2. the goldens on CUDA in bf16: logits within 0.1 (goldens.rs says why no tokens);
+#  2. the goldens on CUDA in bf16: logits within 0.25 (goldens.rs says why no tokens);
 #     the engine tests in bf16 too, reported but not counted (batched-vs-alone token
 #     equality is not promised in bf16);
 #  3. a soak: SOAK_N (3000) predictions over the HTTP API, SOAK_CONCURRENCY (64) at a

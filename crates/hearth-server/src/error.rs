@@ -52,16 +52,43 @@ impl ApiError {
             retry_after: Some(retry_after),
         }
     }
-    pub fn internal(detail: impl Into<String>) -> Self {
+    /// A fault of the server's own: the detail goes to the log under a reference,
+    /// the client gets the reference alone (no database or file system text).
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        let reference = crate::record::new_id();
+        tracing::error!(%reference, error = %detail, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Internal server error",
+            format!(
+                "The server hit an internal error (reference {reference}); its log has the details."
+            ),
+        )
+    }
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "Conflict", detail)
+    }
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service unavailable",
             detail,
         )
     }
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Problem { status, .. } => *status,
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match &e {
+            crate::store::StoreError::Exists(id) => {
+                ApiError::conflict(format!("id: a prediction with id {id} already exists"))
+            }
+            _ => ApiError::internal(e),
         }
     }
 }
@@ -73,12 +100,8 @@ impl From<RuntimeError> for ApiError {
                 ApiError::invalid(format!("input.{field}: {reason}"))
             }
             RuntimeError::QueueFull(_) => ApiError::throttled(1),
-            RuntimeError::EngineStopped => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Service unavailable",
-                e.to_string(),
-            ),
-            _ => ApiError::internal(e.to_string()),
+            RuntimeError::EngineStopped => ApiError::unavailable(e.to_string()),
+            _ => ApiError::internal(e),
         }
     }
 }

@@ -3,22 +3,28 @@
 //! tensor code: it validates inputs, turns text into engine requests through the
 //! model's tokenizer, and turns engine events into predictions.
 
+pub mod auth;
 pub mod error;
+pub mod go_duration;
+pub mod http;
 pub mod metrics;
 pub mod models;
 pub mod prediction;
+pub mod record;
 pub mod routes;
 pub mod schema;
+pub mod service;
 pub mod store;
 pub mod webhook;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 pub use models::{ModelCard, ModelRegistry, ServedModel, VersionInputs};
 
@@ -28,23 +34,95 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Accepted bearer tokens; empty means no authentication.
     pub api_tokens: Vec<String>,
+    /// Serve without tokens on a non-loopback address (refused otherwise).
+    pub allow_unauthenticated: bool,
     /// Base of the absolute URLs the server hands out; default `http://{Host}`.
     pub public_url: Option<String>,
     pub max_body_bytes: usize,
+    /// Largest upload to `/v1/files`.
+    pub max_file_bytes: u64,
     /// How long SIGTERM waits for predictions in flight before cancelling them.
     pub shutdown_timeout: Duration,
+    /// Serve Cog's container API (`/predictions`, `/shutdown`, ...) on the same port.
+    pub cog_api: bool,
+    /// `/metrics` without a token, for scrapers.
+    pub metrics_public: bool,
+    /// Let webhooks target loopback and private addresses.
+    pub webhook_allow_private: bool,
+    /// A client must send a request's headers within this.
+    pub header_read_timeout: Duration,
+    /// Open connections at most; past it new ones get a 503 and are closed.
+    pub max_connections: usize,
+}
+
+impl ServerConfig {
+    /// The defaults `hearth serve` uses, on `addr` with `data_dir`.
+    pub fn new(addr: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            addr,
+            data_dir,
+            api_tokens: Vec::new(),
+            allow_unauthenticated: false,
+            public_url: None,
+            max_body_bytes: 1 << 20,
+            max_file_bytes: 100 << 20,
+            shutdown_timeout: Duration::from_secs(30),
+            cog_api: true,
+            metrics_public: false,
+            webhook_allow_private: false,
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+        }
+    }
+
+    /// Refuses settings that would expose the server by accident.
+    pub fn check(&self) -> Result<(), ServerError> {
+        if self.api_tokens.is_empty()
+            && !self.addr.ip().is_loopback()
+            && !self.allow_unauthenticated
+        {
+            return Err(ServerError::Config(format!(
+                "refusing to serve on {} without an API token: anyone who can reach that \
+                 address could run predictions and read everyone's inputs and outputs. Give \
+                 --api-token TOKEN (or HEARTH_API_TOKEN), listen on 127.0.0.1, or pass \
+                 --allow-unauthenticated if a proxy in front does the authentication",
+                self.addr
+            )));
+        }
+        if self.max_connections == 0 {
+            return Err(ServerError::Config("--max-connections: must be at least 1".into()));
+        }
+        Ok(())
+    }
 }
 
 pub struct AppState {
     pub cfg: ServerConfig,
+    pub auth: auth::Auth,
     pub models: ModelRegistry,
     pub store: Arc<store::Store>,
     pub hub: Arc<prediction::Hub>,
     pub webhooks: Arc<webhook::Webhooks>,
     pub metrics: HashMap<String, Arc<metrics::Metrics>>,
     pub http_metrics: metrics::Metrics,
-    pub shutdown: Notify,
+    /// Cancelled to shut down (a signal or Cog's `POST /shutdown`).
+    pub stop: CancellationToken,
+    draining: AtomicBool,
     pub started_at: String,
+}
+
+impl AppState {
+    /// Shutting down: no new predictions.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn model_metrics(&self, name: &str) -> Arc<metrics::Metrics> {
+        self.metrics
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(metrics::Metrics::new(name.to_string())))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,27 +147,41 @@ pub enum ServerError {
     Serve(std::io::Error),
 }
 
+fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(path)
+}
+
 /// Opens the data dir and the store, marks interrupted predictions failed.
 pub fn build_state(
     cfg: ServerConfig,
     models: Vec<ServedModel>,
 ) -> Result<Arc<AppState>, ServerError> {
-    std::fs::create_dir_all(cfg.data_dir.join("files")).map_err(|e| ServerError::DataDir {
+    cfg.check()?;
+    let data_err = |e| ServerError::DataDir {
         path: cfg.data_dir.clone(),
         source: e,
-    })?;
-    let store = store::Store::open(&cfg.data_dir.join("predictions.sqlite3"))?;
-    let interrupted = store.fail_interrupted(&prediction::now_rfc3339())?;
+    };
+    create_private_dir(&cfg.data_dir).map_err(data_err)?;
+    create_private_dir(&cfg.data_dir.join("files")).map_err(data_err)?;
+    let store = Arc::new(store::Store::open(
+        &cfg.data_dir.join("predictions.sqlite3"),
+    )?);
+    let interrupted = store.fail_interrupted(&record::now_rfc3339())?;
     if interrupted > 0 {
         tracing::warn!(
             interrupted,
             "predictions left in flight by the previous process were marked failed"
         );
     }
-    let webhooks = webhook::Webhooks::open(&cfg.data_dir).map_err(|e| ServerError::DataDir {
-        path: cfg.data_dir.clone(),
-        source: e,
-    })?;
+    let webhooks = webhook::Webhooks::open(&cfg.data_dir, store.clone(), cfg.webhook_allow_private)
+        .map_err(data_err)?;
     let metrics = models
         .iter()
         .map(|m| {
@@ -104,20 +196,30 @@ pub fn build_state(
         return Err(ServerError::Config("no model to serve".into()));
     }
     Ok(Arc::new(AppState {
+        auth: auth::Auth::new(&cfg.api_tokens),
         cfg,
         models: registry,
-        store: Arc::new(store),
+        store,
         hub: Arc::new(prediction::Hub::default()),
         webhooks: Arc::new(webhooks),
         metrics,
         http_metrics: metrics::Metrics::new(String::new()),
-        shutdown: Notify::new(),
-        started_at: prediction::now_rfc3339(),
+        stop: CancellationToken::new(),
+        draining: AtomicBool::new(false),
+        started_at: record::now_rfc3339(),
     }))
 }
 
+/// After cancelling what is left at shutdown, how long its runners get to finish.
+const CANCEL_GRACE: Duration = Duration::from_secs(3);
+/// At shutdown, how long connections get to finish their responses once every
+/// prediction has ended, and webhooks to go out.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
 /// Serves until SIGTERM, Ctrl-C or `POST /shutdown`; then stops accepting, gives
-/// predictions in flight `shutdown_timeout` to finish, and cancels the rest.
+/// predictions in flight `shutdown_timeout` to finish, cancels the rest, ends their
+/// streams, sends the webhooks that are due, and returns within the timeout plus a
+/// few seconds, whatever clients still hold open.
 pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
     let addr = state.cfg.addr;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -131,29 +233,55 @@ pub async fn serve_on(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
 ) -> Result<(), ServerError> {
-    if state.cfg.api_tokens.is_empty() {
+    if state.auth.is_open() {
         tracing::warn!("no --api-token given: every request is accepted without authentication");
     }
     let local = listener.local_addr().map_err(ServerError::Serve)?;
     tracing::info!(%local, "listening");
     eprintln!("hearth listening on http://{local}");
+    let webhook_stop = CancellationToken::new();
+    let dispatcher = tokio::spawn(webhook::dispatcher::run(
+        state.webhooks.clone(),
+        webhook_stop.clone(),
+        CLOSE_GRACE,
+    ));
+    let saver = tokio::spawn(save_unsaved_periodically(state.clone()));
+    let signals = {
+        let stop = state.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown_signal() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        })
+    };
     let app = routes::router(state.clone());
-    let st = state.clone();
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        tokio::select! {
-            _ = shutdown_signal() => {}
-            _ = st.shutdown.notified() => {}
-        }
-        tracing::info!("shutting down: no new requests");
-    })
-    .await
-    .map_err(ServerError::Serve)?;
+    let connections = http::accept_until(listener, app, &state.cfg, state.stop.clone()).await;
+    tracing::info!("shutting down: no new connections or predictions");
+    state.draining.store(true, Ordering::SeqCst);
     drain(&state).await;
+    if tokio::time::timeout(CLOSE_GRACE, connections.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("closing connections still open at shutdown");
+    }
+    webhook_stop.cancel();
+    let _ = tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(1), dispatcher).await;
+    saver.abort();
+    signals.abort();
+    let left = state.hub.save_unsaved(&state.store);
+    if left > 0 {
+        tracing::error!(left, "finished predictions could not be saved at shutdown");
+    }
     Ok(())
+}
+
+async fn save_unsaved_periodically(state: Arc<AppState>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        state.hub.save_unsaved(&state.store);
+    }
 }
 
 async fn drain(state: &AppState) {
@@ -170,7 +298,7 @@ async fn drain(state: &AppState) {
         for l in &left {
             l.request_cancel();
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + CANCEL_GRACE;
         while !state.hub.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -73,7 +73,7 @@ pub struct Metrics {
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
     finished: Mutex<BTreeMap<String, u64>>,
-    http: Mutex<BTreeMap<(String, String, u16), u64>>,
+    http: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
 }
 
 impl Metrics {
@@ -97,9 +97,10 @@ impl Metrics {
         }
     }
 
-    pub fn http(&self, method: &str, route: &str, status: u16) {
+    /// `method` from a fixed set and `route` a registered pattern: bounded labels.
+    pub fn http(&self, method: &'static str, route: &str, status: u16) {
         if let Ok(mut m) = self.http.lock() {
-            *m.entry((method.to_string(), route.to_string(), status))
+            *m.entry((method, route.to_string(), status))
                 .or_default() += 1;
         }
     }

@@ -1,124 +1,27 @@
 //! A prediction's life: created (`starting`), admitted by the engine (`processing`),
 //! streaming output, then `succeeded`, `failed` or `canceled`. While it runs it lives
 //! in memory (`Live`), where stream readers and `Prefer: wait` watch it; the store
-//! holds it at each change of status.
+//! holds it at each change of status. A prediction whose last write failed stays in
+//! memory (`Hub::unsaved`) and is written again later, so no reader sees it go back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use rand::Rng;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::Notify;
 
 use hearth_runtime::{FinishReason, GenerationEvent, RequestStream};
 
 use crate::metrics::Metrics;
+use crate::record::{now_rfc3339, Record, Status};
 use crate::store::Store;
 use crate::webhook::{WebhookEvent, WebhookSender};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Starting,
-    Processing,
-    Succeeded,
-    Failed,
-    Canceled,
-}
+pub use crate::record::{new_id, new_token};
 
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Starting => "starting",
-            Status::Processing => "processing",
-            Status::Succeeded => "succeeded",
-            Status::Failed => "failed",
-            Status::Canceled => "canceled",
-        }
-    }
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Succeeded | Status::Failed | Status::Canceled)
-    }
-}
-
-/// The public object, as `GET /v1/predictions/{id}` returns it (urls added on output).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Prediction {
-    pub id: String,
-    pub model: String,
-    pub version: String,
-    pub input: Value,
-    pub logs: String,
-    pub output: Option<Vec<String>>,
-    pub error: Option<String>,
-    pub status: Status,
-    pub created_at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub completed_at: Option<String>,
-    pub data_removed: bool,
-    pub source: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<Value>,
-}
-
-/// What is stored: the prediction and what only the server needs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Record {
-    pub prediction: Prediction,
-    /// Absolute base the prediction's URLs were made with (`http://host:port`).
-    pub base_url: String,
-    pub stream_token: String,
-    pub webhook: Option<String>,
-    pub webhook_events_filter: Vec<String>,
-    /// Unix seconds of creation: the first half of SSE event ids.
-    pub created_unix: i64,
-}
-
-impl Record {
-    pub fn urls(&self) -> Value {
-        let p = &self.prediction;
-        let b = &self.base_url;
-        json!({
-            "get": format!("{b}/v1/predictions/{}", p.id),
-            "cancel": format!("{b}/v1/predictions/{}/cancel", p.id),
-            "stream": format!("{b}/streams/{}/{}", p.id, self.stream_token),
-            "web": format!("{b}/p/{}", p.id),
-        })
-    }
-
-    /// The JSON clients get, urls absolute.
-    pub fn to_json(&self) -> Value {
-        let mut v = serde_json::to_value(&self.prediction).unwrap_or(Value::Null);
-        if let Value::Object(o) = &mut v {
-            o.insert("urls".into(), self.urls());
-        }
-        v
-    }
-}
-
-pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
-
-/// 26 lowercase base32 characters, like Replicate's.
-pub fn new_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let mut rng = rand::rng();
-    (0..26)
-        .map(|_| ALPHABET[rng.random_range(0..32)] as char)
-        .collect()
-}
-
-pub fn new_token() -> String {
-    let mut rng = rand::rng();
-    (0..32)
-        .map(|_| format!("{:x}", rng.random_range(0..16u8)))
-        .collect()
-}
+/// Finished predictions whose final write failed, kept until a retry writes them.
+const MAX_UNSAVED: usize = 10_000;
 
 /// A running prediction, shared by its runner, stream readers and waiters.
 pub struct Live {
@@ -161,10 +64,11 @@ impl Live {
     }
 }
 
-/// Every prediction in flight.
+/// Every prediction in flight, and finished ones not yet written.
 #[derive(Default)]
 pub struct Hub {
     live: Mutex<HashMap<String, Arc<Live>>>,
+    unsaved: Mutex<VecDeque<Record>>,
 }
 
 impl Hub {
@@ -172,22 +76,68 @@ impl Hub {
         self.live.lock().ok()?.get(id).cloned()
     }
 
-    pub fn insert(&self, record: Record) -> Arc<Live> {
+    /// None when a prediction with this id is already in flight.
+    pub fn try_insert(&self, record: Record) -> Option<Arc<Live>> {
         let id = record.prediction.id.clone();
+        let mut m = self.live.lock().ok()?;
+        if m.contains_key(&id) {
+            return None;
+        }
         let live = Arc::new(Live {
             record: Mutex::new(record),
             changed: Notify::new(),
             cancel: Notify::new(),
         });
-        if let Ok(mut m) = self.live.lock() {
-            m.insert(id, live.clone());
-        }
-        live
+        m.insert(id, live.clone());
+        Some(live)
     }
 
     fn remove(&self, id: &str) {
         if let Ok(mut m) = self.live.lock() {
             m.remove(id);
+        }
+    }
+
+    /// A finished prediction the store did not take: kept (bounded) for readers and
+    /// for `save_unsaved`.
+    fn keep_unsaved(&self, r: Record) {
+        if let Ok(mut q) = self.unsaved.lock() {
+            q.retain(|x| x.prediction.id != r.prediction.id);
+            if q.len() >= MAX_UNSAVED {
+                if let Some(old) = q.pop_front() {
+                    tracing::error!(prediction = %old.prediction.id, "dropping an unsaved finished prediction: too many");
+                }
+            }
+            q.push_back(r);
+        }
+    }
+
+    pub fn unsaved(&self, id: &str) -> Option<Record> {
+        self.unsaved
+            .lock()
+            .ok()?
+            .iter()
+            .find(|r| r.prediction.id == id)
+            .cloned()
+    }
+
+    /// Writes what the store refused before; returns how many are still unsaved.
+    pub fn save_unsaved(&self, store: &Store) -> usize {
+        let pending: Vec<Record> = match self.unsaved.lock() {
+            Ok(q) => q.iter().cloned().collect(),
+            Err(_) => return 0,
+        };
+        let saved: Vec<String> = pending
+            .iter()
+            .filter(|r| store.put(r).is_ok())
+            .map(|r| r.prediction.id.clone())
+            .collect();
+        match self.unsaved.lock() {
+            Ok(mut q) => {
+                q.retain(|r| !saved.contains(&r.prediction.id));
+                q.len()
+            }
+            Err(_) => 0,
         }
     }
 
@@ -212,29 +162,51 @@ pub struct RunContext {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub webhook: Option<WebhookSender>,
+    /// `Cancel-After`: past it the prediction is canceled, queued or running.
+    pub deadline: Option<tokio::time::Instant>,
 }
 
-fn seconds(d: std::time::Duration) -> f64 {
+impl RunContext {
+    fn notify(&self, event: WebhookEvent, r: &Record) {
+        if let Some(w) = &self.webhook {
+            w.send(event, &r.to_json());
+        }
+    }
+}
+
+fn seconds(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e6
 }
 
+/// Why the event loop ended.
+enum End {
+    Finished(hearth_runtime::Completion),
+    EngineGone,
+    /// The store refused a write: the prediction cannot be kept, so it ends now.
+    StoreFailed,
+}
+
 /// Drives one prediction from the engine's events to its end.
-/// Runs inside a `prediction` span (see `start_prediction`), so every log line of it
+/// Runs inside a `prediction` span (see `service::create`), so every log line of it
 /// carries the prediction's id and model.
 pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
     let created = Instant::now();
     let mut started: Option<Instant> = None;
     let mut first_token: Option<Instant> = None;
     let mut last_token: Option<Instant> = None;
-    let persist = |r: &Record| {
-        if let Err(e) = ctx.store.put(r) {
-            tracing::error!(error = %e, "could not store prediction");
-        }
-    };
-    let completion = loop {
+    let mut deadline_passed = false;
+    let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+    let deadline = ctx.deadline.unwrap_or(far);
+    let end = loop {
         let ev = tokio::select! {
             ev = stream.next() => ev,
             _ = live.cancel.notified() => {
+                stream.cancel();
+                continue;
+            }
+            _ = tokio::time::sleep_until(deadline), if ctx.deadline.is_some() && !deadline_passed => {
+                deadline_passed = true;
+                live.update(|r| r.prediction.logs.push_str("Deadline passed (Cancel-After): canceled.\n"));
                 stream.cancel();
                 continue;
             }
@@ -247,7 +219,7 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                 ctx.metrics
                     .queue_time
                     .observe(created.elapsed().as_secs_f64());
-                if let Some(r) = live.update(|r| {
+                let Some(r) = live.update(|r| {
                     r.prediction.status = Status::Processing;
                     r.prediction.started_at = Some(now_rfc3339());
                     if cached_prompt_tokens > 0 {
@@ -255,11 +227,17 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                             "Prefix cache: {cached_prompt_tokens} prompt tokens reused.\n"
                         ));
                     }
-                }) {
-                    persist(&r);
-                    if let Some(w) = &ctx.webhook {
-                        w.send(WebhookEvent::Start, r.to_json());
-                    }
+                }) else {
+                    continue;
+                };
+                if let Err(e) = ctx.store.put(&r) {
+                    tracing::error!(error = %e, "could not store the started prediction; failing it");
+                    stream.cancel();
+                    break End::StoreFailed;
+                }
+                ctx.notify(WebhookEvent::Start, &r);
+                if cached_prompt_tokens > 0 {
+                    ctx.notify(WebhookEvent::Logs, &r);
                 }
             }
             Some(GenerationEvent::Token { text, .. }) => {
@@ -278,43 +256,40 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                 if let Some(r) =
                     live.update(|r| r.prediction.output.get_or_insert_with(Vec::new).push(text))
                 {
-                    if let Some(w) = &ctx.webhook {
-                        w.send(WebhookEvent::Output, r.to_json());
-                    }
+                    ctx.notify(WebhookEvent::Output, &r);
                 }
             }
-            Some(GenerationEvent::Finished(c)) => break Some(c),
-            None => break None,
+            Some(GenerationEvent::Finished(c)) => break End::Finished(c),
+            None => break End::EngineGone,
         }
     };
-    let end = Instant::now();
+    let finished_at = Instant::now();
+    let now = now_rfc3339();
     let final_record = live.update(|r| {
         let p = &mut r.prediction;
-        p.completed_at = Some(now_rfc3339());
-        if p.started_at.is_none() {
-            p.started_at = p.completed_at.clone();
-        }
-        match &completion {
-            Some(c) => {
+        let total = seconds(finished_at - created);
+        match &end {
+            End::Finished(c) => {
                 if !c.trailing_text.is_empty() {
                     p.output.get_or_insert_with(Vec::new).push(c.trailing_text.clone());
                 }
-                p.status = match c.reason {
+                let status = match c.reason {
                     FinishReason::Stop | FinishReason::Length => Status::Succeeded,
                     FinishReason::Canceled => Status::Canceled,
                     FinishReason::Error => Status::Failed,
                 };
+                p.finish(status, &now);
                 if c.reason == FinishReason::Error {
                     p.error = Some(c.error.clone().unwrap_or_else(|| "generation failed".into()));
                 }
-                let predict = started.map(|s| end - s).unwrap_or_default();
-                let total = end - created;
+                let predict = started.map(|s| finished_at - s).unwrap_or_default();
+                let tps = if predict.as_secs_f64() > 0.0 { c.output_tokens as f64 / predict.as_secs_f64() } else { 0.0 };
                 let mut m = json!({
                     "predict_time": seconds(predict),
-                    "total_time": seconds(total),
+                    "total_time": total,
                     "input_token_count": c.prompt_tokens,
                     "output_token_count": c.output_tokens,
-                    "tokens_per_second": if predict.as_secs_f64() > 0.0 { c.output_tokens as f64 / predict.as_secs_f64() } else { 0.0 },
+                    "tokens_per_second": tps,
                 });
                 if let Some(ft) = first_token {
                     m["time_to_first_token"] = json!(seconds(ft - created));
@@ -326,27 +301,37 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                     c.cached_prompt_tokens,
                     c.output_tokens,
                     predict.as_secs_f64(),
-                    if predict.as_secs_f64() > 0.0 { c.output_tokens as f64 / predict.as_secs_f64() } else { 0.0 },
+                    tps,
                     c.reason.as_str(),
                     if c.preemptions > 0 { format!(" Preempted {} times.", c.preemptions) } else { String::new() },
                 ));
                 ctx.metrics.prompt_tokens.add(c.prompt_tokens as u64);
             }
-            None => {
-                p.status = Status::Failed;
+            End::EngineGone => {
+                p.finish(Status::Failed, &now);
                 p.error = Some("the engine stopped before the prediction finished".into());
-                p.metrics = Some(json!({"predict_time": 0.0, "total_time": seconds(end - created)}));
+                p.metrics = Some(json!({"predict_time": 0.0, "total_time": total}));
+            }
+            End::StoreFailed => {
+                p.finish(Status::Failed, &now);
+                p.error = Some(
+                    "the server could not save this prediction (a storage error; see the server log); create it again"
+                        .into(),
+                );
+                p.metrics = Some(json!({"predict_time": 0.0, "total_time": total}));
             }
         }
     });
-    ctx.metrics.e2e.observe((end - created).as_secs_f64());
+    ctx.metrics.e2e.observe((finished_at - created).as_secs_f64());
     if let Some(r) = final_record {
         ctx.metrics.finished(r.prediction.status.as_str());
         // Stored before anyone is told, so a crash after a client saw it cannot lose it.
-        persist(&r);
-        if let Some(w) = &ctx.webhook {
-            w.send(WebhookEvent::Completed, r.to_json());
+        if let Err(e) = ctx.store.put(&r) {
+            tracing::error!(error = %e, "could not store the finished prediction; keeping it in memory and retrying");
+            ctx.hub.keep_unsaved(r.clone());
         }
+        ctx.notify(WebhookEvent::Logs, &r);
+        ctx.notify(WebhookEvent::Completed, &r);
         ctx.hub.remove(&r.prediction.id);
     }
     live.changed.notify_waiters();

@@ -1,106 +1,13 @@
 //! The real server, on a free port, with the demo model, driven over HTTP.
 
-use std::net::SocketAddr;
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hearth_runtime::{EngineConfig, ModelSpec};
-use hearth_server::{ServedModel, ServerConfig};
+use hearth_runtime::EngineConfig;
 use serde_json::{json, Value};
-
-const TOKEN: &str = "test-token";
-
-struct Server {
-    base: String,
-    client: reqwest::Client,
-    _data: TempDir,
-}
-
-struct TempDir(std::path::PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-async fn start(max_body_bytes: usize) -> Server {
-    start_with(
-        max_body_bytes,
-        EngineConfig {
-            kv_cache_memory: Some(64 << 20),
-            max_waiting: 64,
-            ..Default::default()
-        },
-    )
-    .await
-}
-
-async fn start_with(max_body_bytes: usize, engine: EngineConfig) -> Server {
-    let data = std::env::temp_dir().join(format!(
-        "hearth-api-{}-{}",
-        std::process::id(),
-        hearth_server::prediction::new_id()
-    ));
-    let spec = ModelSpec::new("demo");
-    let loaded = tokio::task::spawn_blocking(move || hearth_runtime::load(&spec, &engine).unwrap())
-        .await
-        .unwrap();
-    let model = ServedModel {
-        owner: "hearth".into(),
-        name: "demo".into(),
-        aliases: vec!["meta/meta-llama-3-8b-instruct".into()],
-        version: "a".repeat(64),
-        version_aliases: vec!["b".repeat(64)],
-        description: "demo".into(),
-        defaults: hearth_server::schema::default_inputs(),
-        engine: loaded.engine,
-        created_at: hearth_server::prediction::now_rfc3339(),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let cfg = ServerConfig {
-        addr,
-        data_dir: data.clone(),
-        api_tokens: vec![TOKEN.into()],
-        public_url: None,
-        max_body_bytes,
-        shutdown_timeout: Duration::from_secs(2),
-    };
-    let state = hearth_server::build_state(cfg, vec![model]).unwrap();
-    tokio::spawn(hearth_server::serve_on(state, listener));
-    Server {
-        base: format!("http://{addr}"),
-        client: reqwest::Client::new(),
-        _data: TempDir(data),
-    }
-}
-
-impl Server {
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(TOKEN)
-    }
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(TOKEN)
-    }
-    async fn create(&self, input: Value, prefer: Option<&str>) -> (u16, Value) {
-        let mut r = self
-            .post("/v1/models/hearth/demo/predictions")
-            .json(&json!({"input": input}));
-        if let Some(p) = prefer {
-            r = r.header("Prefer", p);
-        }
-        let resp = r.send().await.unwrap();
-        (resp.status().as_u16(), resp.json().await.unwrap())
-    }
-}
-
-fn long_job() -> Value {
-    json!({"prompt": "a long job", "max_tokens": 1900, "ignore_eos": true, "temperature": 0})
-}
+use support::{long_job, parse_sse, start, start_with, TOKEN};
 
 #[tokio::test]
 async fn wait_get_list_and_metrics_of_a_finished_prediction() {
@@ -156,6 +63,7 @@ async fn wait_get_list_and_metrics_of_a_finished_prediction() {
     let metrics = s
         .client
         .get(format!("{}/metrics", s.base))
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap()
@@ -398,27 +306,6 @@ async fn auth_oversize_bodies_and_garbage_on_the_socket() {
     assert_eq!(r.status().as_u16(), 200);
 }
 
-/// Parses an SSE body into (event, id, data) triples; comments skipped.
-fn parse_sse(body: &str) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    for block in body.split("\n\n") {
-        let (mut ev, mut id, mut data) = (String::new(), String::new(), Vec::new());
-        for line in block.lines() {
-            if let Some(v) = line.strip_prefix("event:") {
-                ev = v.trim().into();
-            } else if let Some(v) = line.strip_prefix("id:") {
-                id = v.trim().into();
-            } else if let Some(v) = line.strip_prefix("data:") {
-                data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
-            }
-        }
-        if !ev.is_empty() {
-            out.push((ev, id, data.join("\n")));
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn sse_stream_has_ids_replays_after_the_end_and_resumes_from_last_event_id() {
     let s = start(1 << 20).await;
@@ -558,6 +445,7 @@ async fn cog_container_api_runs_sync_async_and_reports_validation_errors() {
     let idx: Value = s
         .client
         .get(&s.base)
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap()
@@ -568,6 +456,7 @@ async fn cog_container_api_runs_sync_async_and_reports_validation_errors() {
     let h: Value = s
         .client
         .get(format!("{}/health-check", s.base))
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap()
@@ -578,6 +467,7 @@ async fn cog_container_api_runs_sync_async_and_reports_validation_errors() {
     let schema: Value = s
         .client
         .get(format!("{}/openapi.json", s.base))
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap()
@@ -591,6 +481,7 @@ async fn cog_container_api_runs_sync_async_and_reports_validation_errors() {
     let r = s
         .client
         .post(format!("{}/predictions", s.base))
+        .bearer_auth(TOKEN)
         .json(&json!({"input": {"prompt": "cog", "max_tokens": 4}}))
         .send()
         .await
@@ -600,6 +491,7 @@ async fn cog_container_api_runs_sync_async_and_reports_validation_errors() {
     let r = s
         .client
         .post(format!("{}/predictions", s.base))
+        .bearer_auth(TOKEN)
         .header("Prefer", "respond-async")
         .json(&json!({"input": long_job()}))
         .send()
@@ -613,18 +505,20 @@ async fn cog_container_api_runs_sync_async_and_reports_validation_errors() {
     let r = s
         .client
         .put(format!("{}/predictions/{id}", s.base))
+        .bearer_auth(TOKEN)
         .json(&json!({"input": {}}))
         .send()
         .await
         .unwrap();
     assert_eq!(
         r.status().as_u16(),
-        202,
-        "an in-flight id answers with its state"
+        409,
+        "an id that exists is never created again"
     );
     let r = s
         .client
         .post(format!("{}/predictions/{id}/cancel", s.base))
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();
@@ -632,6 +526,7 @@ async fn cog_container_api_runs_sync_async_and_reports_validation_errors() {
     let r = s
         .client
         .post(format!("{}/predictions/nope/cancel", s.base))
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();
@@ -639,6 +534,7 @@ async fn cog_container_api_runs_sync_async_and_reports_validation_errors() {
     let r = s
         .client
         .post(format!("{}/predictions", s.base))
+        .bearer_auth(TOKEN)
         .json(&json!({"input": {"max_tokens": "x"}}))
         .send()
         .await

@@ -53,6 +53,28 @@ pub struct ServeArgs {
     /// Seconds SIGTERM waits for predictions in flight before cancelling them.
     #[arg(long, env = "HEARTH_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Serve without --api-token on a non-loopback --host (e.g. behind an
+    /// authenticating proxy). Without it such a server refuses to start.
+    #[arg(long, env = "HEARTH_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+    /// Cog's container API (/predictions, /shutdown, /openapi.json, ...) on the same port.
+    #[arg(long, env = "HEARTH_COG_API", default_value = "on", value_parser = ["on", "off"])]
+    pub cog_api: String,
+    /// Let /metrics answer without the API token (for Prometheus scrapers).
+    #[arg(long, env = "HEARTH_METRICS_PUBLIC")]
+    pub metrics_public: bool,
+    /// Let webhooks target loopback, private and link-local addresses.
+    #[arg(long, env = "HEARTH_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
+    /// Largest file accepted by /v1/files, e.g. 100MiB.
+    #[arg(long, env = "HEARTH_MAX_FILE_SIZE", default_value = "100MiB", value_parser = hearth_runtime::device::parse_bytes)]
+    pub max_file_size: u64,
+    /// Seconds a client has to send a request's headers.
+    #[arg(long, env = "HEARTH_HEADER_READ_TIMEOUT", default_value_t = 30)]
+    pub header_read_timeout: u64,
+    /// Most open connections; past it new ones get a 503.
+    #[arg(long, env = "HEARTH_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -126,7 +148,7 @@ fn served(
         description,
         defaults,
         engine: loaded.engine,
-        created_at: hearth_server::prediction::now_rfc3339(),
+        created_at: hearth_server::record::now_rfc3339(),
     })
 }
 
@@ -199,20 +221,26 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
         .with_context(|| format!("--host {} --port {} is not an address", a.host, a.port))?;
+    let mut cfg = ServerConfig::new(addr, a.data_dir.clone().unwrap_or_else(default_data_dir));
+    cfg.api_tokens = a
+        .api_tokens
+        .iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    cfg.allow_unauthenticated = a.allow_unauthenticated;
+    cfg.public_url = a.public_url.clone();
+    cfg.max_body_bytes = a.max_body_bytes;
+    cfg.max_file_bytes = a.max_file_size;
+    cfg.shutdown_timeout = Duration::from_secs(a.shutdown_timeout);
+    cfg.cog_api = a.cog_api == "on";
+    cfg.metrics_public = a.metrics_public;
+    cfg.webhook_allow_private = a.webhook_allow_private;
+    cfg.header_read_timeout = Duration::from_secs(a.header_read_timeout.max(1));
+    cfg.max_connections = a.max_connections;
+    // Before loading models (minutes for big ones): a refused configuration says so now.
+    cfg.check()?;
     let models = load_models(&a)?;
-    let cfg = ServerConfig {
-        addr,
-        data_dir: a.data_dir.clone().unwrap_or_else(default_data_dir),
-        api_tokens: a
-            .api_tokens
-            .iter()
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())
-            .collect(),
-        public_url: a.public_url.clone(),
-        max_body_bytes: a.max_body_bytes,
-        shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
-    };
     for m in &models {
         eprintln!(
             "serving {} (version {}){}",

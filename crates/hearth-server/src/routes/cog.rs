@@ -7,14 +7,15 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::models::COG_VERSION;
-use super::predictions::{lookup, parse_create, start_prediction, wait_for};
 use super::{base_url, json_response, parse_json_body, AppResult};
 use crate::error::ApiError;
-use crate::prediction::Record;
+use crate::prediction::Live;
+use crate::record::Record;
+use crate::service::{self, Origin};
 use crate::AppState;
 
 /// A sync prediction still waits for its end, but not forever.
@@ -32,7 +33,7 @@ fn cog_json(r: &Record) -> Value {
 /// Cog's validation errors: `{"detail": [{"loc": ["body", "input", FIELD], ...}]}`.
 fn cog_error(e: ApiError) -> Response {
     let status = e.status();
-    let ApiError::Problem { detail, .. } = e;
+    let ApiError::Problem { detail, title, .. } = e;
     if status == StatusCode::UNPROCESSABLE_ENTITY {
         let (field, msg) = match detail
             .strip_prefix("input.")
@@ -47,12 +48,25 @@ fn cog_error(e: ApiError) -> Response {
         );
     }
     // At capacity Cog answers 409.
-    let status = if status == StatusCode::TOO_MANY_REQUESTS {
-        StatusCode::CONFLICT
-    } else {
-        status
-    };
-    json_response(status, &json!({"detail": detail}))
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return json_response(StatusCode::CONFLICT, &json!({"detail": detail}));
+    }
+    // Anything else (a taken id, an internal error) as a problem document.
+    ApiError::new(status, title, detail).into_response()
+}
+
+/// Cancels a sync prediction whose caller went away, unless disarmed: a client that
+/// hangs up should not leave its generation running.
+struct SyncGuard(Option<Arc<Live>>);
+
+impl Drop for SyncGuard {
+    fn drop(&mut self) {
+        if let Some(live) = self.0.take() {
+            if !live.is_terminal() {
+                live.request_cancel();
+            }
+        }
+    }
 }
 
 pub async fn index() -> Response {
@@ -105,14 +119,26 @@ async fn run_cog(
 ) -> Response {
     let result = async {
         let v = parse_json_body(&body)?;
-        let req = parse_create(&v)?;
+        let req = service::parse_create(&v, false)?;
         let model = state
             .models
             .default_model()
             .cloned()
             .ok_or_else(|| ApiError::not_found("no model"))?;
-        let id = id.or_else(|| v.get("id").and_then(|x| x.as_str()).map(str::to_string));
-        start_prediction(&state, &model, req, base_url(&state, &headers), "cog", id).await
+        let id = match id {
+            Some(id) => Some(id),
+            None => match v.get("id") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(valid_id(s)?),
+                Some(_) => return Err(ApiError::invalid("id: expected a string")),
+            },
+        };
+        let origin = Origin {
+            base_url: base_url(&state, &headers),
+            source: "cog",
+            id,
+        };
+        service::create(&state, &model, req, origin).await
     }
     .await;
     let live = match result {
@@ -125,10 +151,13 @@ async fn run_cog(
             None => cog_error(ApiError::internal("prediction state lost")),
         };
     }
-    match wait_for(&live, SYNC_LIMIT.as_secs()).await {
+    let mut guard = SyncGuard(Some(live.clone()));
+    let answer = match service::wait_for(&live, SYNC_LIMIT.as_secs()).await {
         Some(r) => json_response(StatusCode::OK, &cog_json(&r)),
         None => cog_error(ApiError::internal("prediction state lost")),
-    }
+    };
+    guard.0 = None;
+    answer
 }
 
 pub async fn create(
@@ -139,30 +168,29 @@ pub async fn create(
     run_cog(state, headers, body, None).await
 }
 
-/// Idempotent create: an id that exists answers with its state.
-pub async fn put(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+fn valid_id(id: &str) -> AppResult<String> {
     if id.is_empty()
         || id.len() > 128
         || !id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
-        return cog_error(ApiError::invalid("id: 1-128 letters, digits, '-' or '_'"));
+        return Err(ApiError::invalid("id: 1-128 letters, digits, '-' or '_'"));
     }
-    if let Ok(r) = lookup(&state, &id) {
-        let code = if r.prediction.status.is_terminal() {
-            StatusCode::OK
-        } else {
-            StatusCode::ACCEPTED
-        };
-        return json_response(code, &cog_json(&r));
+    Ok(id.to_string())
+}
+
+/// Create with the caller's id; an id that exists already is a 409, never replaced.
+pub async fn put(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match valid_id(&id) {
+        Ok(id) => run_cog(state, headers, body, Some(id)).await,
+        Err(e) => cog_error(e),
     }
-    run_cog(state, headers, body, Some(id)).await
 }
 
 pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
@@ -176,6 +204,6 @@ pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
 }
 
 pub async fn shutdown(State(state): State<Arc<AppState>>) -> Response {
-    state.shutdown.notify_one();
+    state.stop.cancel();
     json_response(StatusCode::OK, &json!({}))
 }

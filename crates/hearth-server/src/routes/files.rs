@@ -1,5 +1,7 @@
 //! `/v1/files`: uploads kept under the data dir, as the Python client expects them
 //! (`id, name, content_type, size, etag, checksums, metadata, created_at, urls`).
+//! Uploads stream to disk under `--max-file-size`; downloads are served as
+//! attachments that browsers will not sniff or render in the server's origin.
 
 use std::sync::Arc;
 
@@ -9,9 +11,11 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
 
 use super::{base_url, json_response, AppResult};
 use crate::error::ApiError;
+use crate::record::{new_id, now_rfc3339};
 use crate::AppState;
 
 fn files_dir(state: &AppState) -> std::path::PathBuf {
@@ -35,10 +39,75 @@ fn read_meta(state: &AppState, id: &str, base: &str) -> AppResult<Value> {
     }
     let text = std::fs::read_to_string(meta_path(state, id))
         .map_err(|_| ApiError::not_found(format!("file {id} not found")))?;
-    let mut v: Value =
-        serde_json::from_str(&text).map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut v: Value = serde_json::from_str(&text).map_err(ApiError::internal)?;
     v["urls"] = json!({"get": format!("{base}/v1/files/{id}/download")});
     Ok(v)
+}
+
+/// A partly written upload, removed unless kept.
+struct TempFile(Option<std::path::PathBuf>);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+struct Upload {
+    name: String,
+    content_type: String,
+    size: u64,
+    sha256: String,
+    temp: TempFile,
+}
+
+async fn receive(
+    state: &AppState,
+    mut field: axum::extract::multipart::Field<'_>,
+) -> AppResult<Upload> {
+    let name = field.file_name().unwrap_or("file").to_string();
+    let content_type = field
+        .content_type()
+        .unwrap_or("application/octet-stream")
+        .to_string();
+    let path = files_dir(state).join(format!(".upload-{}", new_id()));
+    let temp = TempFile(Some(path.clone()));
+    let mut out = tokio::fs::File::create(&path)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut hash = Sha256::new();
+    let mut size = 0u64;
+    let limit = state.cfg.max_file_bytes;
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("content: {e}")))?
+    {
+        size += chunk.len() as u64;
+        if size > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Request body too large",
+                format!("content: the file is larger than the server's limit of {limit} bytes (--max-file-size)"),
+            ));
+        }
+        hash.update(&chunk);
+        out.write_all(&chunk).await.map_err(ApiError::internal)?;
+    }
+    out.flush().await.map_err(ApiError::internal)?;
+    Ok(Upload {
+        name,
+        content_type,
+        size,
+        sha256: hash
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        temp,
+    })
 }
 
 pub async fn upload(
@@ -46,26 +115,21 @@ pub async fn upload(
     headers: HeaderMap,
     mut form: Multipart,
 ) -> AppResult<Response> {
-    let mut content: Option<(String, String, Vec<u8>)> = None;
+    let mut content: Option<Upload> = None;
     let mut metadata = json!({});
-    while let Some(field) = form
-        .next_field()
-        .await
-        .map_err(|e| ApiError::bad_request(format!("multipart: {e}")))?
-    {
+    while let Some(field) = form.next_field().await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Request body too large",
+                format!("content: the upload is larger than the server's limit ({e})"),
+            )
+        } else {
+            ApiError::bad_request(format!("multipart: {e}"))
+        }
+    })? {
         match field.name() {
-            Some("content") => {
-                let name = field.file_name().unwrap_or("file").to_string();
-                let ct = field
-                    .content_type()
-                    .unwrap_or("application/octet-stream")
-                    .to_string();
-                let bytes = field
-                    .bytes()
-                    .await
-                    .map_err(|e| ApiError::bad_request(format!("content: {e}")))?;
-                content = Some((name, ct, bytes.to_vec()));
-            }
+            Some("content") => content = Some(receive(&state, field).await?),
             Some("metadata") => {
                 let text = field
                     .text()
@@ -77,23 +141,22 @@ pub async fn upload(
             _ => {}
         }
     }
-    let (name, content_type, bytes) = content
+    let mut up = content
         .ok_or_else(|| ApiError::invalid("content: a file part named `content` is required"))?;
-    let id = crate::prediction::new_id();
-    let sha = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>();
+    let id = new_id();
     let meta = json!({
-        "id": id, "name": name, "content_type": content_type, "size": bytes.len(),
-        "etag": sha.clone(), "checksums": {"sha256": sha}, "metadata": metadata,
-        "created_at": crate::prediction::now_rfc3339(),
+        "id": id, "name": up.name, "content_type": up.content_type, "size": up.size,
+        "etag": up.sha256.clone(), "checksums": {"sha256": up.sha256}, "metadata": metadata,
+        "created_at": now_rfc3339(),
         "expires_at": null,
     });
-    let dir = files_dir(&state);
-    std::fs::write(dir.join(&id), &bytes).map_err(|e| ApiError::internal(e.to_string()))?;
-    std::fs::write(meta_path(&state, &id), meta.to_string())
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if let Some(tmp) = up.temp.0.take() {
+        if let Err(e) = std::fs::rename(&tmp, files_dir(&state).join(&id)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ApiError::internal(e));
+        }
+    }
+    std::fs::write(meta_path(&state, &id), meta.to_string()).map_err(ApiError::internal)?;
     Ok(json_response(
         StatusCode::CREATED,
         &read_meta(&state, &id, &base_url(&state, &headers))?,
@@ -148,14 +211,40 @@ pub async fn download(
     Path(id): Path<String>,
 ) -> AppResult<Response> {
     let meta = read_meta(&state, &id, "")?;
-    let bytes = std::fs::read(files_dir(&state).join(&id))
+    let file = tokio::fs::File::open(files_dir(&state).join(&id))
+        .await
         .map_err(|_| ApiError::not_found(format!("file {id} not found")))?;
-    let mut r = Response::new(Body::from(bytes));
+    let mut r = Response::new(Body::from_stream(tokio_util::io::ReaderStream::new(file)));
+    let h = r.headers_mut();
     if let Some(ct) = meta["content_type"]
         .as_str()
         .and_then(|c| HeaderValue::from_str(c).ok())
     {
-        r.headers_mut().insert(header::CONTENT_TYPE, ct);
+        h.insert(header::CONTENT_TYPE, ct);
+    }
+    if let Some(n) = meta["size"].as_u64() {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    // The bytes are whatever a client uploaded: never rendered or sniffed as a page
+    // of this origin.
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox; default-src 'none'"),
+    );
+    let name: String = meta["name"]
+        .as_str()
+        .unwrap_or("file")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        .take(128)
+        .collect();
+    let name = if name.is_empty() { "file".into() } else { name };
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
     }
     Ok(r)
 }

@@ -17,8 +17,7 @@ pub async fn account() -> AppResult<Response> {
     ))
 }
 
-pub async fn hardware(State(state): State<Arc<AppState>>) -> AppResult<Response> {
-    let _ = state;
+pub async fn hardware() -> AppResult<Response> {
     Ok(json_response(
         StatusCode::OK,
         &json!([{"sku": "cpu", "name": "CPU"}, {"sku": "gpu-h100", "name": "Nvidia H100 GPU"}]),

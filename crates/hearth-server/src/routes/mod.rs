@@ -8,90 +8,144 @@ pub mod misc;
 pub mod models;
 pub mod predictions;
 pub mod stream;
+pub mod web;
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::Router;
 
 use crate::error::ApiError;
-use crate::AppState;
+use crate::{AppState, ServerConfig};
 
 pub type AppResult<T> = Result<T, ApiError>;
 
+/// Who may call a route when API tokens are configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone: the health check, Cog's schema, (with `--metrics-public`) metrics.
+    Public,
+    /// Anyone holding the URL: its last segment is an unguessable token.
+    Capability,
+    /// `Authorization: Bearer T` (or `Token T`).
+    Token,
+}
+
+/// One registered route: what the router serves and what the auth test walks.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub method: Method,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+struct Entry {
+    spec: RouteSpec,
+    handler: MethodRouter<Arc<AppState>>,
+}
+
+fn e(
+    method: Method,
+    path: &'static str,
+    access: Access,
+    handler: MethodRouter<Arc<AppState>>,
+) -> Entry {
+    Entry {
+        spec: RouteSpec {
+            method,
+            path,
+            access,
+        },
+        handler,
+    }
+}
+
+/// Every route the server registers. The router is built from this table alone, so a
+/// route cannot be added without saying who may call it.
+fn entries(cfg: &ServerConfig) -> Vec<Entry> {
+    use Access::*;
+    let file_limit = DefaultBodyLimit::max((cfg.max_file_bytes as usize).saturating_add(1 << 20));
+    let mut v = vec![
+        e(Method::POST, "/v1/predictions", Token, post(predictions::create)),
+        e(Method::GET, "/v1/predictions", Token, get(predictions::list)),
+        e(Method::GET, "/v1/predictions/{id}", Token, get(predictions::get_one)),
+        e(Method::POST, "/v1/predictions/{id}/cancel", Token, post(predictions::cancel)),
+        e(Method::GET, "/v1/models", Token, get(models::list)),
+        e(Method::GET, "/v1/models/{owner}/{name}", Token, get(models::get_one)),
+        e(Method::POST, "/v1/models/{owner}/{name}/predictions", Token, post(predictions::create_for_model)),
+        e(Method::GET, "/v1/models/{owner}/{name}/versions", Token, get(models::versions)),
+        e(Method::GET, "/v1/models/{owner}/{name}/versions/{version}", Token, get(models::version)),
+        e(Method::POST, "/v1/models/{owner}/{name}/versions/{version}/predictions", Token, post(predictions::create_for_version)),
+        e(Method::POST, "/v1/deployments/{owner}/{name}/predictions", Token, post(predictions::create_for_deployment)),
+        e(Method::GET, "/v1/account", Token, get(misc::account)),
+        e(Method::GET, "/v1/hardware", Token, get(misc::hardware)),
+        e(Method::GET, "/v1/webhooks/default/secret", Token, get(misc::webhook_secret)),
+        e(Method::POST, "/v1/files", Token, post(files::upload).layer(file_limit)),
+        e(Method::GET, "/v1/files", Token, get(files::list)),
+        e(Method::GET, "/v1/files/{id}", Token, get(files::get_one)),
+        e(Method::DELETE, "/v1/files/{id}", Token, delete(files::delete)),
+        e(Method::GET, "/v1/files/{id}/download", Token, get(files::download)),
+        // Capability URLs: the JS client sends no token on streams, browsers none on pages.
+        e(Method::GET, "/streams/{id}/{token}", Capability, get(stream::sse)),
+        e(Method::GET, "/p/{id}/{token}", Capability, get(web::page)),
+        e(Method::GET, "/p/{id}/{token}/json", Capability, get(web::json)),
+        e(Method::GET, "/health-check", Public, get(cog::health)),
+        e(Method::GET, "/metrics", if cfg.metrics_public { Public } else { Token }, get(metrics::prometheus)),
+    ];
+    if cfg.cog_api {
+        v.extend([
+            e(Method::GET, "/", Token, get(cog::index)),
+            e(Method::GET, "/openapi.json", Public, get(cog::openapi)),
+            e(Method::POST, "/predictions", Token, post(cog::create)),
+            e(Method::PUT, "/predictions/{id}", Token, put(cog::put)),
+            e(Method::POST, "/predictions/{id}/cancel", Token, post(cog::cancel)),
+            e(Method::POST, "/shutdown", Token, post(cog::shutdown)),
+        ]);
+    }
+    v
+}
+
+/// What `router` registers, for tests and docs.
+pub fn route_table(cfg: &ServerConfig) -> Vec<RouteSpec> {
+    entries(cfg).into_iter().map(|e| e.spec).collect()
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
-    let v1 = Router::new()
-        .route(
-            "/predictions",
-            post(predictions::create).get(predictions::list),
-        )
-        .route("/predictions/{id}", get(predictions::get_one))
-        .route("/predictions/{id}/cancel", post(predictions::cancel))
-        .route("/models", get(models::list))
-        .route("/models/{owner}/{name}", get(models::get_one))
-        .route(
-            "/models/{owner}/{name}/predictions",
-            post(predictions::create_for_model),
-        )
-        .route("/models/{owner}/{name}/versions", get(models::versions))
-        .route(
-            "/models/{owner}/{name}/versions/{version}",
-            get(models::version),
-        )
-        .route(
-            "/models/{owner}/{name}/versions/{version}/predictions",
-            post(predictions::create_for_version),
-        )
-        .route(
-            "/deployments/{owner}/{name}/predictions",
-            post(predictions::create_for_deployment),
-        )
-        .route("/account", get(misc::account))
-        .route("/hardware", get(misc::hardware))
-        .route("/webhooks/default/secret", get(misc::webhook_secret))
-        .route("/files", post(files::upload).get(files::list))
-        .route("/files/{id}", get(files::get_one).delete(files::delete))
-        .route("/files/{id}/download", get(files::download))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let mut r = Router::new();
+    for entry in entries(&state.cfg) {
+        let handler = match entry.spec.access {
+            // `layer`, not `route_layer`: a wrong method on a guarded path is a 401 too,
+            // so nothing about the server answers without the token.
+            Access::Token => entry
+                .handler
+                .layer(middleware::from_fn_with_state(state.clone(), authenticate)),
+            Access::Public | Access::Capability => entry.handler,
+        };
+        r = r.route(entry.spec.path, handler);
+    }
     let limit = state.cfg.max_body_bytes;
-    Router::new()
-        .nest("/v1", v1)
-        // Unguessable URLs, usable without a token (JS sends none on streams).
-        .route("/streams/{id}/{token}", get(stream::sse))
-        .route("/", get(cog::index))
-        .route("/health-check", get(cog::health))
-        .route("/openapi.json", get(cog::openapi))
-        .route("/predictions", post(cog::create))
-        .route("/predictions/{id}", axum::routing::put(cog::put))
-        .route("/predictions/{id}/cancel", post(cog::cancel))
-        .route("/shutdown", post(cog::shutdown))
-        .route("/metrics", get(metrics::prometheus))
-        .fallback(|| async { ApiError::not_found("no such route") })
+    r.fallback(unknown_route)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
 
+/// Unknown paths: 401 without a valid token (when tokens are set), else 404.
+async fn unknown_route(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if !state.auth.accepts(&headers) {
+        return ApiError::unauthenticated().into_response();
+    }
+    ApiError::not_found("no such route").into_response()
+}
+
 /// `Authorization: Bearer T` or the older `Token T`, when tokens are configured.
 async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if state.cfg.api_tokens.is_empty() {
-        return next.run(req).await;
-    }
-    let ok = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("Token "))
-        })
-        .is_some_and(|t| state.cfg.api_tokens.iter().any(|k| k == t.trim()));
-    if ok {
+    if state.auth.accepts(req.headers()) {
         next.run(req).await
     } else {
         ApiError::unauthenticated().into_response()
@@ -101,7 +155,17 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
 /// Counts requests by route and status, and turns any error answered by the
 /// framework itself (oversize body, wrong method, bad path) into a JSON problem.
 async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let method = req.method().to_string();
+    // Bounded label sets: a client can send any method or path.
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    };
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -109,7 +173,7 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
         .unwrap_or_else(|| "unmatched".into());
     let resp = next.run(req).await;
     let status = resp.status();
-    state.http_metrics.http(&method, &route, status.as_u16());
+    state.http_metrics.http(method, &route, status.as_u16());
     let is_json = resp
         .headers()
         .get(header::CONTENT_TYPE)
@@ -177,7 +241,7 @@ pub fn json_response(status: StatusCode, v: &serde_json::Value) -> Response {
 }
 
 /// Parses a JSON body ourselves so malformed JSON gets a problem document that says
-/// what is wrong, not the framework's text.
+/// what is wrong, not the framework's text. An empty body is an empty object.
 pub fn parse_json_body(body: &[u8]) -> AppResult<serde_json::Value> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(serde_json::Value::Object(Default::default()));

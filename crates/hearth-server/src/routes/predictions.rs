@@ -11,146 +11,14 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use hearth_runtime::GenerationRequest;
-
 use super::{base_url, json_response, parse_json_body, AppResult};
 use crate::error::ApiError;
 use crate::models::ServedModel;
-use crate::prediction::{self, Live, Prediction, Record, RunContext, Status};
-use crate::webhook::WebhookEvent;
+use crate::service::{self, Origin};
 use crate::AppState;
 
 const PAGE_SIZE: usize = 100;
 const MAX_WAIT: u64 = 60;
-
-/// What a create request carries besides the model.
-pub struct CreateRequest {
-    pub input: Value,
-    pub webhook: Option<String>,
-    pub webhook_events_filter: Vec<String>,
-}
-
-pub fn parse_create(body: &Value) -> AppResult<CreateRequest> {
-    let obj = body
-        .as_object()
-        .ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
-    let input = obj
-        .get("input")
-        .cloned()
-        .unwrap_or(Value::Object(Default::default()));
-    if !input.is_object() {
-        return Err(ApiError::invalid("input: expected an object"));
-    }
-    let webhook = match obj.get("webhook") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.is_empty() => None,
-        Some(Value::String(s)) => {
-            let ok = reqwest::Url::parse(s)
-                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-            if !ok {
-                return Err(ApiError::invalid(format!(
-                    "webhook: {s:?} is not an http(s) URL"
-                )));
-            }
-            Some(s.clone())
-        }
-        Some(_) => return Err(ApiError::invalid("webhook: expected a string")),
-    };
-    let webhook_events_filter = match obj.get("webhook_events_filter") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(
-                |e| match e.as_str().filter(|s| WebhookEvent::parse(s).is_some()) {
-                    Some(s) => Ok(s.to_string()),
-                    None => Err(ApiError::invalid(format!(
-                        "webhook_events_filter: {e} is not one of start, output, logs, completed"
-                    ))),
-                },
-            )
-            .collect::<AppResult<_>>()?,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "webhook_events_filter: expected an array",
-            ))
-        }
-    };
-    Ok(CreateRequest {
-        input,
-        webhook,
-        webhook_events_filter,
-    })
-}
-
-/// Validates, submits to the engine and starts the prediction's runner. Errors before
-/// submission (bad input, full queue) leave nothing behind.
-pub async fn start_prediction(
-    state: &Arc<AppState>,
-    model: &Arc<ServedModel>,
-    req: CreateRequest,
-    base: String,
-    source: &str,
-    id: Option<String>,
-) -> AppResult<Arc<Live>> {
-    let parsed = crate::schema::parse_input(&req.input, &model.defaults)?;
-    let prompt = model.engine.tokenizer().prompt_tokens(&parsed.prompt)?;
-    let stream = model.engine.submit(GenerationRequest {
-        prompt,
-        params: parsed.params,
-    })?;
-    let now = chrono::Utc::now();
-    let record = Record {
-        prediction: Prediction {
-            id: id.unwrap_or_else(prediction::new_id),
-            model: model.full_name(),
-            version: model.version.clone(),
-            input: req.input,
-            logs: String::new(),
-            output: None,
-            error: None,
-            status: Status::Starting,
-            created_at: now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            started_at: None,
-            completed_at: None,
-            data_removed: false,
-            source: source.into(),
-            metrics: None,
-        },
-        base_url: base,
-        stream_token: prediction::new_token(),
-        webhook: req.webhook.clone(),
-        webhook_events_filter: req.webhook_events_filter.clone(),
-        created_unix: now.timestamp(),
-    };
-    state
-        .store
-        .put(&record)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let webhook = req.webhook.as_ref().map(|url| {
-        state.webhooks.sender(
-            url.clone(),
-            &req.webhook_events_filter,
-            &record.prediction.id,
-        )
-    });
-    let live = state.hub.insert(record);
-    let ctx = RunContext {
-        hub: state.hub.clone(),
-        store: state.store.clone(),
-        metrics: state
-            .metrics
-            .get(&model.full_name())
-            .cloned()
-            .unwrap_or_else(|| Arc::new(crate::metrics::Metrics::new(model.full_name()))),
-        webhook,
-    };
-    let span = tracing::info_span!("prediction", id = %live.snapshot().map(|r| r.prediction.id).unwrap_or_default(), model = %model.full_name());
-    tokio::spawn(tracing::Instrument::instrument(
-        prediction::run(live.clone(), stream, ctx),
-        span,
-    ));
-    Ok(live)
-}
 
 /// `Prefer: wait` or `wait=N`; None without the header. N is clamped to 1..=60: the
 /// clients do not cap it themselves (Python 1.0.7 sends what the app passes, e.g. 120).
@@ -174,23 +42,17 @@ pub fn prefer_wait(headers: &HeaderMap) -> AppResult<Option<u64>> {
     Ok(None)
 }
 
-/// Waits until the prediction ends or `secs` pass. On timeout the answer says
-/// `starting`, which both clients read as "keep polling".
-pub async fn wait_for(live: &Live, secs: u64) -> Option<Record> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        let changed = live.subscribe();
-        if live.is_terminal() {
-            return live.snapshot();
-        }
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            let mut r = live.snapshot()?;
-            if !r.prediction.status.is_terminal() {
-                r.prediction.status = Status::Starting;
-            }
-            return Some(r);
-        }
-    }
+/// `Cancel-After: 30s` (a Go duration); None without the header.
+pub fn cancel_after(headers: &HeaderMap) -> AppResult<Option<Duration>> {
+    let Some(v) = headers.get("cancel-after") else {
+        return Ok(None);
+    };
+    let text = v
+        .to_str()
+        .map_err(|_| ApiError::invalid("Cancel-After: not text"))?;
+    crate::go_duration::parse(text)
+        .map(Some)
+        .map_err(|e| ApiError::invalid(format!("Cancel-After: {e} (a duration like 500ms, 30s or 1m30s)")))
 }
 
 async fn respond_created(
@@ -200,11 +62,16 @@ async fn respond_created(
     body: Bytes,
 ) -> AppResult<Response> {
     let wait = prefer_wait(&headers)?;
-    let req = parse_create(&parse_json_body(&body)?)?;
-    let live =
-        start_prediction(&state, &model, req, base_url(&state, &headers), "api", None).await?;
+    let mut req = service::parse_create(&parse_json_body(&body)?, true)?;
+    req.cancel_after = cancel_after(&headers)?;
+    let origin = Origin {
+        base_url: base_url(&state, &headers),
+        source: "api",
+        id: None,
+    };
+    let live = service::create(&state, &model, req, origin).await?;
     let record = match wait {
-        Some(secs) => wait_for(&live, secs).await,
+        Some(secs) => service::wait_for(&live, secs).await,
         None => live.snapshot(),
     }
     .ok_or_else(|| ApiError::internal("prediction state lost"))?;
@@ -304,25 +171,13 @@ pub async fn create_for_deployment(
     respond_created(state, model, headers, body).await
 }
 
-/// The current state: in memory while running, else from the store.
-pub fn lookup(state: &AppState, id: &str) -> AppResult<Record> {
-    if let Some(r) = state.hub.get(id).and_then(|l| l.snapshot()) {
-        return Ok(r);
-    }
-    state
-        .store
-        .get(id)
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .ok_or_else(|| ApiError::not_found(format!("prediction {id} not found")))
-}
-
 pub async fn get_one(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
     Ok(json_response(
         StatusCode::OK,
-        &lookup(&state, &id)?.to_json(),
+        &service::lookup(&state, &id)?.to_json(),
     ))
 }
 
@@ -330,19 +185,9 @@ pub async fn cancel(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
-    if let Some(live) = state.hub.get(&id) {
-        live.request_cancel();
-        // The engine frees the sequence at its next step; answer with the final state.
-        if let Some(r) = wait_for(&live, 5)
-            .await
-            .filter(|r| r.prediction.status.is_terminal())
-        {
-            return Ok(json_response(StatusCode::OK, &r.to_json()));
-        }
-    }
     Ok(json_response(
         StatusCode::OK,
-        &lookup(&state, &id)?.to_json(),
+        &service::cancel(&state, &id).await?.to_json(),
     ))
 }
 
@@ -390,7 +235,7 @@ pub async fn list(
             before.as_deref(),
             PAGE_SIZE,
         )
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+?;
     let base = base_url(&state, &headers);
     let results: Vec<Value> = page
         .records

@@ -13,10 +13,10 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::predictions::lookup;
 use super::AppResult;
 use crate::error::ApiError;
-use crate::prediction::{Record, Status};
+use crate::record::{secret_eq, Record, Status};
+use crate::service::lookup;
 use crate::AppState;
 
 /// Python's read timeout is 30 s; a comment every 15 s keeps it open.
@@ -38,12 +38,15 @@ pub async fn sse(
     headers: HeaderMap,
 ) -> AppResult<Response> {
     let record = lookup(&state, &id)?;
-    if record.stream_token != token {
+    if !secret_eq(&record.stream_token, &token) {
         return Err(ApiError::not_found(format!("prediction {id} not found")));
     }
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     let mut next = resume_index(&headers);
     tokio::spawn(async move {
+        // Polls while a prediction is neither live nor finished (a moment between the
+        // hub and the store); one that stays so cannot progress in this process.
+        let mut limbo = 0u32;
         loop {
             let live = state.hub.get(&id);
             let changed = live.as_ref().map(|l| l.subscribe());
@@ -51,7 +54,14 @@ pub async fn sse(
                 Some(l) => l.snapshot(),
                 None => lookup(&state, &id).ok(),
             };
-            let Some(r) = current else { return };
+            let Some(mut r) = current else { return };
+            if live.is_none() && !r.prediction.status.is_terminal() {
+                limbo += 1;
+                if limbo > 100 {
+                    r.prediction.status = Status::Failed;
+                    r.prediction.error = Some("the prediction is not running on this server".into());
+                }
+            }
             let ts = r.created_unix;
             let output = r.prediction.output.clone().unwrap_or_default();
             while next < output.len() {

@@ -1,0 +1,239 @@
+//! The prediction service every route family calls (Replicate's, Cog's): create,
+//! look up, wait, cancel. Routes parse and render; the rules live here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use hearth_runtime::GenerationRequest;
+
+use crate::error::ApiError;
+use crate::models::ServedModel;
+use crate::prediction::{self, Live, RunContext};
+use crate::record::{new_id, new_token, Prediction, Record, Status};
+use crate::store::StoreError;
+use crate::webhook::{guard, WebhookEvent};
+use crate::AppState;
+
+pub type ServiceResult<T> = Result<T, ApiError>;
+
+/// What a create request carries besides the model.
+pub struct CreateRequest {
+    pub input: Value,
+    pub webhook: Option<String>,
+    pub webhook_events_filter: Vec<String>,
+    /// `Cancel-After`, from creation.
+    pub cancel_after: Option<Duration>,
+}
+
+/// Where a create came from.
+pub struct Origin {
+    /// Absolute base of the URLs handed out.
+    pub base_url: String,
+    /// `api` or `cog`.
+    pub source: &'static str,
+    /// A caller-chosen id (Cog); one that exists is a conflict.
+    pub id: Option<String>,
+}
+
+/// Parses `{input, webhook?, webhook_events_filter?}`. `input_required`: Replicate's
+/// API needs `input`; Cog's takes a missing one as empty.
+pub fn parse_create(body: &Value, input_required: bool) -> ServiceResult<CreateRequest> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
+    let input = match obj.get("input") {
+        Some(v @ Value::Object(_)) => v.clone(),
+        None | Some(Value::Null) if !input_required => Value::Object(Default::default()),
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid(
+                "input: required (an object with the model's inputs, e.g. {\"prompt\": \"...\"})",
+            ))
+        }
+        Some(_) => return Err(ApiError::invalid("input: expected an object")),
+    };
+    let webhook = match obj.get("webhook") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => {
+            let ok = reqwest::Url::parse(s)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !ok {
+                return Err(ApiError::invalid(format!(
+                    "webhook: {s:?} is not an http(s) URL"
+                )));
+            }
+            Some(s.clone())
+        }
+        Some(_) => return Err(ApiError::invalid("webhook: expected a string")),
+    };
+    let webhook_events_filter = match obj.get("webhook_events_filter") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(
+                |e| match e.as_str().filter(|s| WebhookEvent::parse(s).is_some()) {
+                    Some(s) => Ok(s.to_string()),
+                    None => Err(ApiError::invalid(format!(
+                        "webhook_events_filter: {e} is not one of start, output, logs, completed"
+                    ))),
+                },
+            )
+            .collect::<ServiceResult<_>>()?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "webhook_events_filter: expected an array",
+            ))
+        }
+    };
+    Ok(CreateRequest {
+        input,
+        webhook,
+        webhook_events_filter,
+        cancel_after: None,
+    })
+}
+
+fn conflict(id: &str) -> ApiError {
+    ApiError::conflict(format!(
+        "id: a prediction with id {id} already exists; choose another id"
+    ))
+}
+
+/// Validates, submits to the engine, stores and starts the prediction's runner.
+/// Errors before the store write (bad input, full queue, a taken id) leave nothing.
+pub async fn create(
+    state: &Arc<AppState>,
+    model: &Arc<ServedModel>,
+    req: CreateRequest,
+    origin: Origin,
+) -> ServiceResult<Arc<Live>> {
+    if state.is_draining() {
+        return Err(ApiError::unavailable(
+            "the server is shutting down and takes no new predictions",
+        ));
+    }
+    if let Some(url) = &req.webhook {
+        guard::check_url(url, state.cfg.webhook_allow_private)
+            .await
+            .map_err(|e| ApiError::invalid(format!("webhook: {e}")))?;
+    }
+    if let Some(id) = &origin.id {
+        if state.hub.get(id).is_some() || state.hub.unsaved(id).is_some() || state.store.exists(id)? {
+            return Err(conflict(id));
+        }
+    }
+    let parsed = crate::schema::parse_input(&req.input, &model.defaults)?;
+    let prompt = model.engine.tokenizer().prompt_tokens(&parsed.prompt)?;
+    // Dropping the stream cancels the request in the engine, so every early return
+    // below leaves nothing running.
+    let stream = model.engine.submit(GenerationRequest {
+        prompt,
+        params: parsed.params,
+    })?;
+    let now = chrono::Utc::now();
+    let deadline = req.cancel_after.map(|d| {
+        let at = now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    });
+    let record = Record {
+        prediction: Prediction {
+            id: origin.id.unwrap_or_else(new_id),
+            model: model.full_name(),
+            version: model.version.clone(),
+            input: req.input,
+            logs: String::new(),
+            output: None,
+            error: None,
+            status: Status::Starting,
+            created_at: now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            started_at: None,
+            completed_at: None,
+            deadline,
+            data_removed: false,
+            source: origin.source.into(),
+            metrics: None,
+        },
+        base_url: origin.base_url,
+        stream_token: new_token(),
+        webhook: req.webhook.clone(),
+        webhook_events_filter: req.webhook_events_filter.clone(),
+        created_unix: now.timestamp(),
+    };
+    let id = record.prediction.id.clone();
+    match state.store.insert(&record) {
+        Ok(()) => {}
+        Err(StoreError::Exists(_)) => return Err(conflict(&id)),
+        Err(e) => return Err(e.into()),
+    }
+    let live = state.hub.try_insert(record).ok_or_else(|| conflict(&id))?;
+    let webhook = req
+        .webhook
+        .as_ref()
+        .map(|url| state.webhooks.sender(url.clone(), &req.webhook_events_filter, &id));
+    let ctx = RunContext {
+        hub: state.hub.clone(),
+        store: state.store.clone(),
+        metrics: state.model_metrics(&model.full_name()),
+        webhook,
+        deadline: req
+            .cancel_after
+            .map(|d| tokio::time::Instant::now() + d.min(Duration::from_secs(86400 * 365))),
+    };
+    let span = tracing::info_span!("prediction", %id, model = %model.full_name());
+    tokio::spawn(tracing::Instrument::instrument(
+        prediction::run(live.clone(), stream, ctx),
+        span,
+    ));
+    Ok(live)
+}
+
+/// The current state: in memory while running (or while its last write is pending),
+/// else from the store.
+pub fn lookup(state: &AppState, id: &str) -> ServiceResult<Record> {
+    if let Some(r) = state.hub.get(id).and_then(|l| l.snapshot()) {
+        return Ok(r);
+    }
+    if let Some(r) = state.hub.unsaved(id) {
+        return Ok(r);
+    }
+    state
+        .store
+        .get(id)?
+        .ok_or_else(|| ApiError::not_found(format!("prediction {id} not found")))
+}
+
+/// Waits until the prediction ends or `secs` pass. On timeout the answer says
+/// `starting`, which both Replicate clients read as "keep polling".
+pub async fn wait_for(live: &Live, secs: u64) -> Option<Record> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let changed = live.subscribe();
+        if live.is_terminal() {
+            return live.snapshot();
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            let mut r = live.snapshot()?;
+            if !r.prediction.status.is_terminal() {
+                r.prediction.status = Status::Starting;
+            }
+            return Some(r);
+        }
+    }
+}
+
+/// Asks the engine to stop the prediction and answers with its state once it has
+/// (or after 5 s, whatever it is then). None when no such prediction exists.
+pub async fn cancel(state: &AppState, id: &str) -> ServiceResult<Record> {
+    if let Some(live) = state.hub.get(id) {
+        live.request_cancel();
+        if let Some(r) = wait_for(&live, 5)
+            .await
+            .filter(|r| r.prediction.status.is_terminal())
+        {
+            return Ok(r);
+        }
+    }
+    lookup(state, id)
+}

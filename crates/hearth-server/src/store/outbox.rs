@@ -1,0 +1,149 @@
+//! The webhook outbox: deliveries written before they are attempted, so a restart
+//! loses none. Each prediction's deliveries go out one at a time in order (so
+//! `completed` is always last); an intermediate event not yet tried is replaced by a
+//! newer one rather than queued behind it, so a slow receiver never grows the queue.
+
+use rusqlite::params;
+
+use super::{Store, StoreError};
+
+/// A delivery to make.
+pub struct OutboxItem<'a> {
+    pub prediction_id: &'a str,
+    /// The `webhook-id`: the same on every attempt.
+    pub msg_id: &'a str,
+    pub url: &'a str,
+    pub event: &'a str,
+    pub body: &'a str,
+    pub max_attempts: u32,
+}
+
+/// A delivery claimed for an attempt.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub prediction_id: String,
+    pub msg_id: String,
+    pub url: String,
+    pub event: String,
+    pub body: String,
+    /// Attempts so far, this one included.
+    pub attempts: u32,
+    pub max_attempts: u32,
+}
+
+impl Store {
+    /// Queues a delivery due now. With `coalesce`, an intermediate event replaces the
+    /// prediction's last queued delivery when that is an intermediate one not yet tried.
+    pub fn outbox_push(
+        &self,
+        item: &OutboxItem,
+        coalesce: bool,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let conn = self.writer()?;
+        if coalesce {
+            let n = conn.execute(
+                "UPDATE webhook_outbox SET event = ?2, body = ?3, due_unix_ms = ?4
+                 WHERE seq = (SELECT MAX(seq) FROM webhook_outbox WHERE prediction_id = ?1)
+                   AND attempts = 0 AND claimed = 0 AND event IN ('output', 'logs')",
+                params![item.prediction_id, item.event, item.body, now_ms],
+            )?;
+            if n > 0 {
+                return Ok(());
+            }
+        }
+        conn.execute(
+            "INSERT INTO webhook_outbox (prediction_id, msg_id, url, event, body, max_attempts, due_unix_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                item.prediction_id,
+                item.msg_id,
+                item.url,
+                item.event,
+                item.body,
+                item.max_attempts,
+                now_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Claims up to `limit` due deliveries: only the oldest of each prediction, and none
+    /// of a prediction whose oldest is already out. Claiming counts the attempt.
+    pub fn outbox_claim(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let conn = self.writer()?;
+        let tx = conn.unchecked_transaction()?;
+        let rows: Vec<OutboxRow> = {
+            let mut stmt = tx.prepare(
+                "SELECT seq, prediction_id, msg_id, url, event, body, attempts, max_attempts
+                 FROM webhook_outbox o
+                 WHERE claimed = 0 AND due_unix_ms <= ?1
+                   AND seq = (SELECT MIN(seq) FROM webhook_outbox WHERE prediction_id = o.prediction_id)
+                 ORDER BY seq LIMIT ?2",
+            )?;
+            let it = stmt.query_map(params![now_ms, limit as i64], |r| {
+                Ok(OutboxRow {
+                    seq: r.get(0)?,
+                    prediction_id: r.get(1)?,
+                    msg_id: r.get(2)?,
+                    url: r.get(3)?,
+                    event: r.get(4)?,
+                    body: r.get(5)?,
+                    attempts: r.get::<_, u32>(6)? + 1,
+                    max_attempts: r.get(7)?,
+                })
+            })?;
+            it.collect::<Result<_, _>>()?
+        };
+        for r in &rows {
+            tx.execute(
+                "UPDATE webhook_outbox SET claimed = 1, attempts = attempts + 1 WHERE seq = ?1",
+                params![r.seq],
+            )?;
+        }
+        tx.commit()?;
+        Ok(rows)
+    }
+
+    /// Delivered, or given up on.
+    pub fn outbox_remove(&self, seq: i64) -> Result<(), StoreError> {
+        self.writer()?
+            .execute("DELETE FROM webhook_outbox WHERE seq = ?1", params![seq])?;
+        Ok(())
+    }
+
+    /// Failed for now: try again at `due_ms`.
+    pub fn outbox_retry_at(&self, seq: i64, due_ms: i64) -> Result<(), StoreError> {
+        self.writer()?.execute(
+            "UPDATE webhook_outbox SET claimed = 0, due_unix_ms = ?2 WHERE seq = ?1",
+            params![seq, due_ms],
+        )?;
+        Ok(())
+    }
+
+    /// At start: attempts the last process had out when it stopped are due again.
+    pub fn outbox_release_claims(&self) -> Result<usize, StoreError> {
+        Ok(self
+            .writer()?
+            .execute("UPDATE webhook_outbox SET claimed = 0 WHERE claimed = 1", [])?)
+    }
+
+    /// Deliveries not yet made (claimed ones included).
+    pub fn outbox_len(&self) -> Result<usize, StoreError> {
+        Ok(self
+            .conn()?
+            .query_row("SELECT COUNT(*) FROM webhook_outbox", [], |r| {
+                r.get::<_, i64>(0)
+            })? as usize)
+    }
+
+    /// Deliveries due by `now_ms` and not out.
+    pub fn outbox_due(&self, now_ms: i64) -> Result<usize, StoreError> {
+        Ok(self.conn()?.query_row(
+            "SELECT COUNT(*) FROM webhook_outbox WHERE claimed = 0 AND due_unix_ms <= ?1",
+            params![now_ms],
+            |r| r.get::<_, i64>(0),
+        )? as usize)
+    }
+}

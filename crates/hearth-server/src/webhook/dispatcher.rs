@@ -1,0 +1,166 @@
+//! The one task that makes webhook deliveries from the outbox: up to 32 at once, each
+//! prediction's in order, retried with exponential backoff. At shutdown it goes on
+//! delivering what is due for a bounded time; what is left waits in the store for the
+//! next start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{guard, redact, Webhooks};
+use crate::store::{OutboxRow, Store};
+
+const MAX_IN_FLIGHT: usize = 32;
+/// How often the outbox is looked at when nothing wakes the dispatcher (retries).
+const POLL: Duration = Duration::from_millis(200);
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+enum Outcome {
+    Delivered,
+    Retry(String),
+    GiveUp(String),
+}
+
+/// Delivers until `stop` is cancelled, then what is due for at most `flush` more.
+pub async fn run(hooks: Arc<Webhooks>, stop: CancellationToken, flush: Duration) {
+    let Some(store) = hooks.store.clone() else {
+        return;
+    };
+    match store.outbox_release_claims() {
+        Ok(n) if n > 0 => tracing::info!(n, "webhook deliveries interrupted by the last stop are due again"),
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "webhook outbox"),
+    }
+    let mut tasks = JoinSet::new();
+    let mut flush_until: Option<tokio::time::Instant> = None;
+    loop {
+        if flush_until.is_none() && stop.is_cancelled() {
+            flush_until = Some(tokio::time::Instant::now() + flush);
+        }
+        if let Some(until) = flush_until {
+            let due = store.outbox_due(now_ms()).unwrap_or(0);
+            if tokio::time::Instant::now() >= until || (due == 0 && tasks.is_empty()) {
+                break;
+            }
+        }
+        let room = MAX_IN_FLIGHT.saturating_sub(tasks.len());
+        if room > 0 {
+            match store.outbox_claim(now_ms(), room) {
+                Ok(rows) => {
+                    for row in rows {
+                        tasks.spawn(deliver(hooks.clone(), store.clone(), row));
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "webhook outbox"),
+            }
+        }
+        tokio::select! {
+            _ = hooks.wake.notified() => {}
+            _ = tokio::time::sleep(POLL) => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = stop.cancelled(), if flush_until.is_none() => {}
+        }
+    }
+    // Whatever is still out stays claimed in the store and is due again at next start.
+    tasks.abort_all();
+}
+
+async fn deliver(hooks: Arc<Webhooks>, store: Arc<Store>, row: OutboxRow) {
+    let outcome = attempt(&hooks, &row).await;
+    let target = redact(&row.url);
+    let result = match outcome {
+        Outcome::Delivered => store.outbox_remove(row.seq),
+        Outcome::GiveUp(why) => {
+            tracing::warn!(target_host = %target, prediction = %row.prediction_id, event = %row.event, %why, "webhook not delivered");
+            store.outbox_remove(row.seq)
+        }
+        Outcome::Retry(why) if row.attempts >= row.max_attempts => {
+            tracing::warn!(target_host = %target, prediction = %row.prediction_id, event = %row.event, attempts = row.attempts, %why, "webhook delivery failed; giving up");
+            store.outbox_remove(row.seq)
+        }
+        Outcome::Retry(why) => {
+            tracing::warn!(target_host = %target, prediction = %row.prediction_id, event = %row.event, attempt = row.attempts, %why, "webhook delivery failed; will retry");
+            store.outbox_retry_at(row.seq, now_ms() + backoff(row.attempts).as_millis() as i64)
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %e, "webhook outbox");
+    }
+}
+
+/// 250 ms, doubling, at most 30 s.
+fn backoff(attempts: u32) -> Duration {
+    let ms = 250u64.saturating_mul(1 << attempts.saturating_sub(1).min(10));
+    Duration::from_millis(ms.min(30_000))
+}
+
+async fn attempt(hooks: &Webhooks, row: &OutboxRow) -> Outcome {
+    let url = match reqwest::Url::parse(&row.url) {
+        Ok(u) => u,
+        Err(e) => return Outcome::GiveUp(format!("not a URL: {e}")),
+    };
+    if !hooks.allow_private && !guard::literal_allowed(&url) {
+        return Outcome::GiveUp("the target is not a public address".into());
+    }
+    let ts = chrono::Utc::now().timestamp();
+    let res = hooks
+        .client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &row.msg_id)
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", hooks.sign(&row.msg_id, ts, &row.body))
+        .body(row.body.clone())
+        .send()
+        .await;
+    match res {
+        Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {
+            Outcome::Retry(format!("status {}", r.status().as_u16()))
+        }
+        Ok(r) if r.status().is_client_error() => {
+            Outcome::GiveUp(format!("the receiver answered {}", r.status().as_u16()))
+        }
+        Ok(_) => Outcome::Delivered,
+        // reqwest's error text can contain the URL: keep only its kind.
+        Err(e) => Outcome::Retry(error_kind(&e)),
+    }
+}
+
+fn error_kind(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_request() {
+        "request error"
+    } else {
+        "network error"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut detail = String::new();
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() || detail.contains("://") {
+        kind.to_string()
+    } else {
+        format!("{kind}: {detail}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(super::backoff(1).as_millis(), 250);
+        assert_eq!(super::backoff(2).as_millis(), 500);
+        assert_eq!(super::backoff(3).as_millis(), 1000);
+        assert_eq!(super::backoff(20).as_millis(), 30_000);
+    }
+}

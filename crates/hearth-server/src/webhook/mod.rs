@@ -1,0 +1,209 @@
+//! Webhooks as Replicate sends them: the prediction's JSON POSTed to the caller's URL
+//! on `start`, `output`, `logs` and `completed` (filtered per prediction; output and
+//! logs at most every 500 ms, the newest state winning), signed with Standard
+//! Webhooks. Deliveries go through a durable outbox in the store (`sender`), and one
+//! dispatcher task makes them (`dispatcher`), retrying with backoff on network errors,
+//! 429 and 5xx, with the same `webhook-id` on every attempt, after a restart too.
+//! Targets on loopback, private, link-local or multicast addresses are refused at
+//! creation and again at every connection (`guard`), unless the operator allows them.
+
+pub mod dispatcher;
+pub mod guard;
+mod sender;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use sha2::Sha256;
+use tokio::sync::Notify;
+
+use crate::store::Store;
+pub use sender::WebhookSender;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookEvent {
+    Start,
+    Output,
+    Logs,
+    Completed,
+}
+
+impl WebhookEvent {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "start" => Some(Self::Start),
+            "output" => Some(Self::Output),
+            "logs" => Some(Self::Logs),
+            "completed" => Some(Self::Completed),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Output => "output",
+            Self::Logs => "logs",
+            Self::Completed => "completed",
+        }
+    }
+    fn is_intermediate(self) -> bool {
+        matches!(self, Self::Output | Self::Logs)
+    }
+}
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server's signing secret, HTTP client and outbox.
+pub struct Webhooks {
+    client: reqwest::Client,
+    /// `whsec_...`
+    pub secret: String,
+    key: Vec<u8>,
+    /// Deliver to private and loopback addresses too (tests, trusted networks).
+    pub allow_private: bool,
+    store: Option<Arc<Store>>,
+    /// Wakes the dispatcher when a delivery is queued.
+    wake: Notify,
+}
+
+impl Webhooks {
+    /// Loads the secret from the data dir, creating it (mode 0600) on first start.
+    pub fn open(data_dir: &Path, store: Arc<Store>, allow_private: bool) -> std::io::Result<Self> {
+        let path = data_dir.join("webhook_secret");
+        let secret = match std::fs::read_to_string(&path) {
+            Ok(s) if s.trim().starts_with("whsec_") => s.trim().to_string(),
+            _ => {
+                let mut bytes = [0u8; 32];
+                rand::rng().fill(&mut bytes);
+                let s = format!(
+                    "whsec_{}",
+                    base64::engine::general_purpose::STANDARD.encode(bytes)
+                );
+                write_private(&path, &s)?;
+                s
+            }
+        };
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        let mut w = Self::build(secret, allow_private)?;
+        w.store = Some(store);
+        Ok(w)
+    }
+
+    /// A signer alone (no outbox): what a receiver uses to check signatures.
+    pub fn with_secret(secret: String) -> std::io::Result<Self> {
+        Self::build(secret, true)
+    }
+
+    fn build(secret: String, allow_private: bool) -> std::io::Result<Self> {
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(secret.trim_start_matches("whsec_"))
+            .map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("webhook secret: {e}"),
+                )
+            })?;
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(REQUEST_TIMEOUT)
+            // A proxy would resolve the host itself, past the address check.
+            .no_proxy();
+        if !allow_private {
+            builder = builder.dns_resolver(Arc::new(guard::PublicOnlyResolver));
+        }
+        let client = builder.build().map_err(std::io::Error::other)?;
+        Ok(Self {
+            client,
+            secret,
+            key,
+            allow_private,
+            store: None,
+            wake: Notify::new(),
+        })
+    }
+
+    /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
+    pub fn sign(&self, msg_id: &str, timestamp: i64, body: &str) -> String {
+        let mut mac = match Hmac::<Sha256>::new_from_slice(&self.key) {
+            Ok(m) => m,
+            Err(_) => return String::new(),
+        };
+        mac.update(format!("{msg_id}.{timestamp}.{body}").as_bytes());
+        format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        )
+    }
+
+    /// The deliveries of one prediction.
+    pub fn sender(
+        self: &Arc<Self>,
+        url: String,
+        filter: &[String],
+        prediction_id: &str,
+    ) -> WebhookSender {
+        WebhookSender::new(self.clone(), url, filter, prediction_id)
+    }
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)?.write_all(contents.as_bytes())
+}
+
+/// `scheme://host[:port]` of a URL: what logs may show of a webhook, whose path and
+/// query may carry the receiver's secrets.
+pub fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{}://{h}:{p}", u.scheme()),
+            (Some(h), None) => format!("{}://{h}", u.scheme()),
+            _ => format!("{}://?", u.scheme()),
+        },
+        Err(_) => "(unparseable URL)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn signature_matches_the_standard_webhooks_test_vector() {
+        let w =
+            super::Webhooks::with_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()).unwrap();
+        assert_eq!(
+            w.sign(
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1614265330,
+                r#"{"test": 2432232314}"#
+            ),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    #[test]
+    fn logs_show_scheme_and_host_only() {
+        assert_eq!(
+            super::redact("https://user:pw@hooks.example.com/t/SECRET?k=SECRET"),
+            "https://hooks.example.com"
+        );
+        assert_eq!(
+            super::redact("http://127.0.0.1:9/x?token=1"),
+            "http://127.0.0.1:9"
+        );
+    }
+}

@@ -55,7 +55,7 @@ trap 'exit 143' TERM
 port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 token=client-test-$RANDOM$RANDOM
 base="http://127.0.0.1:$port"
-HEARTH_LOG=${HEARTH_LOG:-warn} "$bin" serve --port "$port" --data-dir "$data/data" --api-token "$token" \
+HEARTH_LOG=${HEARTH_LOG:-warn} "$bin" serve --port "$port" --data-dir "$data/data" --api-token "$token" --webhook-allow-private \
   >"$data/server.out" 2>"$data/server.err" &
 server=$!
 

@@ -37,7 +37,11 @@ pub fn parse(s: &str) -> Result<Duration, String> {
             "m" => 60.0,
             "h" => 3600.0,
             "" => return Err(format!("{s:?}: a unit is missing (ns, us, ms, s, m or h)")),
-            other => return Err(format!("{s:?}: unknown unit {other:?} (ns, us, ms, s, m or h)")),
+            other => {
+                return Err(format!(
+                    "{s:?}: unknown unit {other:?} (ns, us, ms, s, m or h)"
+                ))
+            }
         };
         total += value * scale;
         rest = next;
@@ -62,7 +66,10 @@ mod tests {
         assert_eq!(parse("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse("1.5h").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse("2h45m0.5s").unwrap(), Duration::from_millis(9_900_500));
+        assert_eq!(
+            parse("2h45m0.5s").unwrap(),
+            Duration::from_millis(9_900_500)
+        );
         assert_eq!(parse("100us").unwrap(), Duration::from_micros(100));
         for bad in ["", "30", "-5s", "0s", "abc", "5x", "1..5s", "s", "5 s"] {
             assert!(parse(bad).is_err(), "{bad:?} accepted");

@@ -90,7 +90,9 @@ impl ServerConfig {
             )));
         }
         if self.max_connections == 0 {
-            return Err(ServerError::Config("--max-connections: must be at least 1".into()));
+            return Err(ServerError::Config(
+                "--max-connections: must be at least 1".into(),
+            ));
         }
         Ok(())
     }

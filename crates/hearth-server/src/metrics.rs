@@ -100,8 +100,7 @@ impl Metrics {
     /// `method` from a fixed set and `route` a registered pattern: bounded labels.
     pub fn http(&self, method: &'static str, route: &str, status: u16) {
         if let Ok(mut m) = self.http.lock() {
-            *m.entry((method, route.to_string(), status))
-                .or_default() += 1;
+            *m.entry((method, route.to_string(), status)).or_default() += 1;
         }
     }
 

@@ -322,7 +322,9 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
             }
         }
     });
-    ctx.metrics.e2e.observe((finished_at - created).as_secs_f64());
+    ctx.metrics
+        .e2e
+        .observe((finished_at - created).as_secs_f64());
     if let Some(r) = final_record {
         ctx.metrics.finished(r.prediction.status.as_str());
         // Stored before anyone is told, so a crash after a client saw it cannot lose it.

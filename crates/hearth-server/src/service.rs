@@ -43,16 +43,15 @@ pub fn parse_create(body: &Value, input_required: bool) -> ServiceResult<CreateR
     let obj = body
         .as_object()
         .ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
-    let input = match obj.get("input") {
-        Some(v @ Value::Object(_)) => v.clone(),
-        None | Some(Value::Null) if !input_required => Value::Object(Default::default()),
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid(
+    let input =
+        match obj.get("input") {
+            Some(v @ Value::Object(_)) => v.clone(),
+            None | Some(Value::Null) if !input_required => Value::Object(Default::default()),
+            None | Some(Value::Null) => return Err(ApiError::invalid(
                 "input: required (an object with the model's inputs, e.g. {\"prompt\": \"...\"})",
-            ))
-        }
-        Some(_) => return Err(ApiError::invalid("input: expected an object")),
-    };
+            )),
+            Some(_) => return Err(ApiError::invalid("input: expected an object")),
+        };
     let webhook = match obj.get("webhook") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
@@ -120,7 +119,10 @@ pub async fn create(
             .map_err(|e| ApiError::invalid(format!("webhook: {e}")))?;
     }
     if let Some(id) = &origin.id {
-        if state.hub.get(id).is_some() || state.hub.unsaved(id).is_some() || state.store.exists(id)? {
+        if state.hub.get(id).is_some()
+            || state.hub.unsaved(id).is_some()
+            || state.store.exists(id)?
+        {
             return Err(conflict(id));
         }
     }
@@ -168,10 +170,11 @@ pub async fn create(
         Err(e) => return Err(e.into()),
     }
     let live = state.hub.try_insert(record).ok_or_else(|| conflict(&id))?;
-    let webhook = req
-        .webhook
-        .as_ref()
-        .map(|url| state.webhooks.sender(url.clone(), &req.webhook_events_filter, &id));
+    let webhook = req.webhook.as_ref().map(|url| {
+        state
+            .webhooks
+            .sender(url.clone(), &req.webhook_events_filter, &id)
+    });
     let ctx = RunContext {
         hub: state.hub.clone(),
         store: state.store.clone(),

@@ -101,11 +101,7 @@ async fn receive(
         name,
         content_type,
         size,
-        sha256: hash
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+        sha256: hash.finalize().iter().map(|b| format!("{b:02x}")).collect(),
         temp,
     })
 }

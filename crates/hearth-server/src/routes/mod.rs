@@ -71,31 +71,116 @@ fn entries(cfg: &ServerConfig) -> Vec<Entry> {
     use Access::*;
     let file_limit = DefaultBodyLimit::max((cfg.max_file_bytes as usize).saturating_add(1 << 20));
     let mut v = vec![
-        e(Method::POST, "/v1/predictions", Token, post(predictions::create)),
-        e(Method::GET, "/v1/predictions", Token, get(predictions::list)),
-        e(Method::GET, "/v1/predictions/{id}", Token, get(predictions::get_one)),
-        e(Method::POST, "/v1/predictions/{id}/cancel", Token, post(predictions::cancel)),
+        e(
+            Method::POST,
+            "/v1/predictions",
+            Token,
+            post(predictions::create),
+        ),
+        e(
+            Method::GET,
+            "/v1/predictions",
+            Token,
+            get(predictions::list),
+        ),
+        e(
+            Method::GET,
+            "/v1/predictions/{id}",
+            Token,
+            get(predictions::get_one),
+        ),
+        e(
+            Method::POST,
+            "/v1/predictions/{id}/cancel",
+            Token,
+            post(predictions::cancel),
+        ),
         e(Method::GET, "/v1/models", Token, get(models::list)),
-        e(Method::GET, "/v1/models/{owner}/{name}", Token, get(models::get_one)),
-        e(Method::POST, "/v1/models/{owner}/{name}/predictions", Token, post(predictions::create_for_model)),
-        e(Method::GET, "/v1/models/{owner}/{name}/versions", Token, get(models::versions)),
-        e(Method::GET, "/v1/models/{owner}/{name}/versions/{version}", Token, get(models::version)),
-        e(Method::POST, "/v1/models/{owner}/{name}/versions/{version}/predictions", Token, post(predictions::create_for_version)),
-        e(Method::POST, "/v1/deployments/{owner}/{name}/predictions", Token, post(predictions::create_for_deployment)),
+        e(
+            Method::GET,
+            "/v1/models/{owner}/{name}",
+            Token,
+            get(models::get_one),
+        ),
+        e(
+            Method::POST,
+            "/v1/models/{owner}/{name}/predictions",
+            Token,
+            post(predictions::create_for_model),
+        ),
+        e(
+            Method::GET,
+            "/v1/models/{owner}/{name}/versions",
+            Token,
+            get(models::versions),
+        ),
+        e(
+            Method::GET,
+            "/v1/models/{owner}/{name}/versions/{version}",
+            Token,
+            get(models::version),
+        ),
+        e(
+            Method::POST,
+            "/v1/models/{owner}/{name}/versions/{version}/predictions",
+            Token,
+            post(predictions::create_for_version),
+        ),
+        e(
+            Method::POST,
+            "/v1/deployments/{owner}/{name}/predictions",
+            Token,
+            post(predictions::create_for_deployment),
+        ),
         e(Method::GET, "/v1/account", Token, get(misc::account)),
         e(Method::GET, "/v1/hardware", Token, get(misc::hardware)),
-        e(Method::GET, "/v1/webhooks/default/secret", Token, get(misc::webhook_secret)),
-        e(Method::POST, "/v1/files", Token, post(files::upload).layer(file_limit)),
+        e(
+            Method::GET,
+            "/v1/webhooks/default/secret",
+            Token,
+            get(misc::webhook_secret),
+        ),
+        e(
+            Method::POST,
+            "/v1/files",
+            Token,
+            post(files::upload).layer(file_limit),
+        ),
         e(Method::GET, "/v1/files", Token, get(files::list)),
         e(Method::GET, "/v1/files/{id}", Token, get(files::get_one)),
-        e(Method::DELETE, "/v1/files/{id}", Token, delete(files::delete)),
-        e(Method::GET, "/v1/files/{id}/download", Token, get(files::download)),
+        e(
+            Method::DELETE,
+            "/v1/files/{id}",
+            Token,
+            delete(files::delete),
+        ),
+        e(
+            Method::GET,
+            "/v1/files/{id}/download",
+            Token,
+            get(files::download),
+        ),
         // Capability URLs: the JS client sends no token on streams, browsers none on pages.
-        e(Method::GET, "/streams/{id}/{token}", Capability, get(stream::sse)),
+        e(
+            Method::GET,
+            "/streams/{id}/{token}",
+            Capability,
+            get(stream::sse),
+        ),
         e(Method::GET, "/p/{id}/{token}", Capability, get(web::page)),
-        e(Method::GET, "/p/{id}/{token}/json", Capability, get(web::json)),
+        e(
+            Method::GET,
+            "/p/{id}/{token}/json",
+            Capability,
+            get(web::json),
+        ),
         e(Method::GET, "/health-check", Public, get(cog::health)),
-        e(Method::GET, "/metrics", if cfg.metrics_public { Public } else { Token }, get(metrics::prometheus)),
+        e(
+            Method::GET,
+            "/metrics",
+            if cfg.metrics_public { Public } else { Token },
+            get(metrics::prometheus),
+        ),
     ];
     if cfg.cog_api {
         v.extend([
@@ -103,7 +188,12 @@ fn entries(cfg: &ServerConfig) -> Vec<Entry> {
             e(Method::GET, "/openapi.json", Public, get(cog::openapi)),
             e(Method::POST, "/predictions", Token, post(cog::create)),
             e(Method::PUT, "/predictions/{id}", Token, put(cog::put)),
-            e(Method::POST, "/predictions/{id}/cancel", Token, post(cog::cancel)),
+            e(
+                Method::POST,
+                "/predictions/{id}/cancel",
+                Token,
+                post(cog::cancel),
+            ),
             e(Method::POST, "/shutdown", Token, post(cog::shutdown)),
         ]);
     }

@@ -50,9 +50,11 @@ pub fn cancel_after(headers: &HeaderMap) -> AppResult<Option<Duration>> {
     let text = v
         .to_str()
         .map_err(|_| ApiError::invalid("Cancel-After: not text"))?;
-    crate::go_duration::parse(text)
-        .map(Some)
-        .map_err(|e| ApiError::invalid(format!("Cancel-After: {e} (a duration like 500ms, 30s or 1m30s)")))
+    crate::go_duration::parse(text).map(Some).map_err(|e| {
+        ApiError::invalid(format!(
+            "Cancel-After: {e} (a duration like 500ms, 30s or 1m30s)"
+        ))
+    })
 }
 
 async fn respond_created(
@@ -227,15 +229,12 @@ pub async fn list(
     };
     let after = normalise_time("created_after", q.created_after)?;
     let before = normalise_time("created_before", q.created_before)?;
-    let page = state
-        .store
-        .list(
-            cursor.as_deref(),
-            after.as_deref(),
-            before.as_deref(),
-            PAGE_SIZE,
-        )
-?;
+    let page = state.store.list(
+        cursor.as_deref(),
+        after.as_deref(),
+        before.as_deref(),
+        PAGE_SIZE,
+    )?;
     let base = base_url(&state, &headers);
     let results: Vec<Value> = page
         .records

@@ -59,7 +59,8 @@ pub async fn sse(
                 limbo += 1;
                 if limbo > 100 {
                     r.prediction.status = Status::Failed;
-                    r.prediction.error = Some("the prediction is not running on this server".into());
+                    r.prediction.error =
+                        Some("the prediction is not running on this server".into());
                 }
             }
             let ts = r.created_unix;

@@ -61,7 +61,10 @@ pub async fn json(
 
 /// The token is in the URL: keep it out of Referer headers and caches.
 fn secure(h: &mut axum::http::HeaderMap) {
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,

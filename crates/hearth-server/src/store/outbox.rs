@@ -124,9 +124,10 @@ impl Store {
 
     /// At start: attempts the last process had out when it stopped are due again.
     pub fn outbox_release_claims(&self) -> Result<usize, StoreError> {
-        Ok(self
-            .writer()?
-            .execute("UPDATE webhook_outbox SET claimed = 0 WHERE claimed = 1", [])?)
+        Ok(self.writer()?.execute(
+            "UPDATE webhook_outbox SET claimed = 0 WHERE claimed = 1",
+            [],
+        )?)
     }
 
     /// Deliveries not yet made (claimed ones included).

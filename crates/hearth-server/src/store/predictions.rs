@@ -55,9 +55,11 @@ impl Store {
     pub fn exists(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn()?
-            .query_row("SELECT 1 FROM predictions WHERE id = ?1", params![id], |_| {
-                Ok(())
-            })
+            .query_row(
+                "SELECT 1 FROM predictions WHERE id = ?1",
+                params![id],
+                |_| Ok(()),
+            )
             .optional()?
             .is_some())
     }
@@ -160,9 +162,11 @@ impl Store {
                 }
             };
             let p = &mut r.prediction;
-            p.error =
-                Some("the server stopped while this prediction was running; create it again".into());
-            p.logs.push_str("Server restarted: prediction interrupted.\n");
+            p.error = Some(
+                "the server stopped while this prediction was running; create it again".into(),
+            );
+            p.logs
+                .push_str("Server restarted: prediction interrupted.\n");
             p.finish(Status::Failed, now);
             let total = p.seconds_since_created(now);
             let mut m = p.metrics.take().unwrap_or_else(|| json!({}));

@@ -32,7 +32,10 @@ pub async fn run(hooks: Arc<Webhooks>, stop: CancellationToken, flush: Duration)
         return;
     };
     match store.outbox_release_claims() {
-        Ok(n) if n > 0 => tracing::info!(n, "webhook deliveries interrupted by the last stop are due again"),
+        Ok(n) if n > 0 => tracing::info!(
+            n,
+            "webhook deliveries interrupted by the last stop are due again"
+        ),
         Ok(_) => {}
         Err(e) => tracing::error!(error = %e, "webhook outbox"),
     }

@@ -22,12 +22,8 @@ pub fn is_public(ip: IpAddr) -> bool {
             let s = v6.segments();
             // NAT64 (64:ff9b::/96) and the deprecated IPv4-compatible form embed an IPv4.
             if (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) || s[0..6] == [0; 6] {
-                let v4 = Ipv4Addr::new(
-                    (s[6] >> 8) as u8,
-                    s[6] as u8,
-                    (s[7] >> 8) as u8,
-                    s[7] as u8,
-                );
+                let v4 =
+                    Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
                 return !v6.is_unspecified() && !v6.is_loopback() && is_public_v4(v4);
             }
             !(v6.is_unspecified()
@@ -76,8 +72,7 @@ pub async fn check_url(url: &str, allow_private: bool) -> Result<(), String> {
         url::Host::Ipv4(ip) => vec![SocketAddr::new(IpAddr::V4(ip), port)],
         url::Host::Ipv6(ip) => vec![SocketAddr::new(IpAddr::V6(ip), port)],
         url::Host::Domain(d) => {
-            match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((d, port))).await
-            {
+            match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((d, port))).await {
                 Ok(Ok(it)) => it.collect(),
                 Ok(Err(e)) => return Err(format!("host {d:?} does not resolve ({e})")),
                 Err(_) => return Err(format!("host {d:?} did not resolve within 5s")),
@@ -106,9 +101,7 @@ impl reqwest::dns::Resolve for PublicOnlyResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let public: Vec<SocketAddr> = all.into_iter().filter(|a| is_public(a.ip())).collect();
             if public.is_empty() {
                 return Err(format!("{host} resolves to no public address").into());
@@ -163,7 +156,13 @@ mod tests {
         ] {
             assert!(!is_public(a.parse().unwrap()), "{a} counted as public");
         }
-        for a in ["8.8.8.8", "1.1.1.1", "172.32.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for a in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
             assert!(is_public(a.parse().unwrap()), "{a} counted as private");
         }
     }

@@ -24,8 +24,8 @@ pub struct WebhookSender {
 #[derive(Default)]
 struct Throttle {
     last_intermediate: Option<Instant>,
-    /// The newest intermediate event held back by the throttle: sent with the next
-    /// event after the window, and before `completed`, so the last state arrives.
+    /// The newest intermediate event held back by the throttle: replaced by the next
+    /// one, sent when one comes after the window, or at the end.
     held: Option<(WebhookEvent, String)>,
     sent: u32,
 }
@@ -63,15 +63,28 @@ impl WebhookSender {
         let Ok(mut st) = self.state.lock() else {
             return;
         };
+        let body = payload.to_string();
         if event == WebhookEvent::Completed {
-            if let Some((ev, body)) = st.held.take() {
+            // The last state reaches every subscriber: an intermediate event held by
+            // the throttle goes out now with the final state, and one who asked for
+            // output but not `completed` gets the final output as an output event.
+            let held = st.held.take().map(|(ev, _)| ev);
+            let wants_completed = self.events.contains(&event);
+            let last = held.or_else(|| {
+                (!wants_completed && self.events.contains(&WebhookEvent::Output))
+                    .then_some(WebhookEvent::Output)
+            });
+            if let Some(ev) = last {
                 self.enqueue(&mut st, ev, &body);
             }
+            if wants_completed {
+                self.enqueue(&mut st, event, &body);
+            }
+            return;
         }
         if !self.events.contains(&event) {
             return;
         }
-        let body = payload.to_string();
         if event.is_intermediate() {
             if st.last_intermediate.is_some_and(|t| t.elapsed() < THROTTLE) {
                 st.held = Some((event, body));

@@ -180,7 +180,12 @@ pub struct Receiver {
 }
 
 pub async fn receiver(fail_first: usize, status: u16) -> Receiver {
-    receiver_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), fail_first, status).await
+    receiver_on(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        fail_first,
+        status,
+    )
+    .await
 }
 
 pub async fn receiver_on(

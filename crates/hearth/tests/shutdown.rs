@@ -1,0 +1,132 @@
+//! SIGTERM on `hearth serve` with clients holding connections open: running and
+//! queued predictions are canceled after `--shutdown-timeout`, their SSE streams end
+//! with `done`, a Cog sync request gets its answer, and the process exits within the
+//! timeout plus a few seconds even with an idle connection open.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const TOKEN: &str = "shutdown-token";
+
+struct Server(Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn long_job() -> Value {
+    json!({"prompt": "a long job", "max_tokens": 1900, "ignore_eos": true, "temperature": 0})
+}
+
+#[tokio::test]
+async fn sigterm_ends_streams_and_sync_requests_and_exits_within_the_timeout() {
+    let data = std::env::temp_dir().join(format!("hearth-shutdown-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["serve", "--port", &port.to_string(), "--api-token", TOKEN])
+        .args(["--shutdown-timeout", "2", "--max-num-seqs", "1", "--kv-cache-memory", "64MiB"])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("HEARTH_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Server(child);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(client.get(format!("{base}/health-check")).send().await, Ok(r) if r.status().is_success())
+    {
+        assert!(Instant::now() < deadline, "server did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let create = || async {
+        client
+            .post(format!("{base}/v1/models/hearth/demo/predictions"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"input": long_job()}))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let running = create().await;
+    let queued = create().await;
+    let read = |p: &Value| {
+        let url = p["urls"]["stream"].as_str().unwrap().to_string();
+        let c = client.clone();
+        tokio::spawn(async move { c.get(url).send().await.unwrap().text().await.unwrap() })
+    };
+    let (stream_running, stream_queued) = (read(&running), read(&queued));
+    let cog_sync = {
+        let c = client.clone();
+        let url = format!("{base}/predictions");
+        tokio::spawn(async move {
+            let r = c
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&json!({"input": long_job()}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        })
+    };
+    let _idle = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let t = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(s) = server.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "still running 20 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let took = t.elapsed();
+    assert!(status.success(), "{status:?}");
+    // 2 s of drain, then cancellation and closing, bounded by a few seconds.
+    assert!(took >= Duration::from_secs(2), "did not wait for the drain: {took:?}");
+    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+    for (name, reader) in [("running", stream_running), ("queued", stream_queued)] {
+        let body = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .unwrap_or_else(|_| panic!("{name} stream still open"))
+            .unwrap();
+        assert!(
+            body.contains("event: done") && body.contains(r#"{"reason":"canceled"}"#),
+            "{name} stream: {}",
+            &body[body.len().saturating_sub(300)..]
+        );
+    }
+    let (code, body) = tokio::time::timeout(Duration::from_secs(5), cog_sync)
+        .await
+        .expect("the Cog sync request got an answer")
+        .unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(body["status"], "canceled", "{body}");
+    assert!(body["output"].is_array(), "{body}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&data);
+}

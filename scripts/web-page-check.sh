@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The prediction page at `urls.web`, in a real browser: headless Chromium (Debian's
+# package, installed if missing), driven by playwright-core (tests/web), loads it
+# without any API token, runs its script and renders a finished prediction (status,
+# output, metrics) and a running one (output arriving over the stream URL).
+# Screenshots land in $OUT_DIR (default: a temp dir, removed).
+#
+# Env: HEARTH_BIN (default target/debug/hearth, built if missing), OUT_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v chromium >/dev/null; then
+  echo "== installing Debian's chromium"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+fi
+web=tests/web
+if [ ! -d "$web/node_modules/playwright-core" ] || [ "$web/package-lock.json" -nt "$web/node_modules/.package-lock.json" ]; then
+  (cd "$web" && npm ci --no-audit --no-fund >/dev/null)
+fi
+bin=${HEARTH_BIN:-target/debug/hearth}
+[ -x "$bin" ] || cargo build --bin hearth
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/hearth-web.XXXXXX")
+out=${OUT_DIR:-$work}
+mkdir -p "$out"
+server=
+cleanup() {
+  [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
+  if [ -z "${OUT_DIR:-}" ]; then rm -rf "$work"; else rm -rf "$work/data"; fi
+}
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+token=web-check-$RANDOM$RANDOM
+base="http://127.0.0.1:$port"
+HEARTH_LOG=warn "$bin" serve --port "$port" --data-dir "$work/data" --api-token "$token" \
+  --max-num-seqs 4 >"$work/server.log" 2>&1 &
+server=$!
+for _ in $(seq 300); do
+  curl -sf "$base/health-check" >/dev/null && break
+  kill -0 "$server" 2>/dev/null || { cat "$work/server.log"; exit 1; }
+  sleep 0.2
+done
+
+node "$web/check-page.mjs" "$base" "$token" "$out" || { echo "--- server log"; tail -30 "$work/server.log"; exit 1; }

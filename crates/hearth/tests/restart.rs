@@ -102,7 +102,10 @@ async fn kill_dash_nine_keeps_finished_predictions_and_fails_the_interrupted_one
         failed["error"].as_str().unwrap().contains("stopped"),
         "{failed}"
     );
-    assert!(failed["metrics"]["total_time"].as_f64().unwrap() > 0.0, "{failed}");
+    assert!(
+        failed["metrics"]["total_time"].as_f64().unwrap() > 0.0,
+        "{failed}"
+    );
     assert_eq!(failed["output"], json!([]), "{failed}");
     let _ = std::fs::remove_dir_all(&data);
 }

@@ -37,7 +37,14 @@ async fn sigterm_ends_streams_and_sync_requests_and_exits_within_the_timeout() {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
         .args(["serve", "--port", &port.to_string(), "--api-token", TOKEN])
-        .args(["--shutdown-timeout", "2", "--max-num-seqs", "1", "--kv-cache-memory", "64MiB"])
+        .args([
+            "--shutdown-timeout",
+            "2",
+            "--max-num-seqs",
+            "1",
+            "--kv-cache-memory",
+            "64MiB",
+        ])
         .arg("--data-dir")
         .arg(&data)
         .env("HEARTH_LOG", "warn")
@@ -88,7 +95,9 @@ async fn sigterm_ends_streams_and_sync_requests_and_exits_within_the_timeout() {
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         })
     };
-    let _idle = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let _idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let t = Instant::now();
@@ -101,13 +110,19 @@ async fn sigterm_ends_streams_and_sync_requests_and_exits_within_the_timeout() {
         if let Some(s) = server.0.try_wait().unwrap() {
             break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "still running 20 s after SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "still running 20 s after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let took = t.elapsed();
     assert!(status.success(), "{status:?}");
     // 2 s of drain, then cancellation and closing, bounded by a few seconds.
-    assert!(took >= Duration::from_secs(2), "did not wait for the drain: {took:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "did not wait for the drain: {took:?}"
+    );
     assert!(took < Duration::from_secs(10), "exit took {took:?}");
     for (name, reader) in [("running", stream_running), ("queued", stream_queued)] {
         let body = tokio::time::timeout(Duration::from_secs(5), reader)

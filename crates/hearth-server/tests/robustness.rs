@@ -13,6 +13,15 @@ use support::{
     start_in, start_with, TempDir,
 };
 
+/// One sequence runs, the rest wait: a queued prediction on demand.
+fn one_at_a_time() -> EngineConfig {
+    EngineConfig {
+        max_num_seqs: 1,
+        max_waiting: 8,
+        ..engine_default()
+    }
+}
+
 fn text(v: &Value) -> String {
     v.as_array()
         .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
@@ -158,16 +167,7 @@ async fn logs_events_fire_throttled_output_coalesces_and_completed_is_last() {
 
 #[tokio::test]
 async fn a_store_failure_fails_the_prediction_and_ends_its_readers() {
-    let s = start_with(
-        1 << 20,
-        EngineConfig {
-            kv_cache_memory: Some(64 << 20),
-            max_num_seqs: 1,
-            max_waiting: 8,
-            ..Default::default()
-        },
-    )
-    .await;
+    let s = start_with(1 << 20, one_at_a_time()).await;
     let (_, a) = s.create(long_job(), None).await;
     let (_, b) = s
         .create(json!({"prompt": "queued", "max_tokens": 5}), None)
@@ -295,16 +295,7 @@ async fn an_undecodable_row_is_skipped_and_interrupted_rows_get_metrics() {
 
 #[tokio::test]
 async fn cancel_after_ends_running_and_queued_predictions_as_canceled() {
-    let s = start_with(
-        1 << 20,
-        EngineConfig {
-            kv_cache_memory: Some(64 << 20),
-            max_num_seqs: 1,
-            max_waiting: 8,
-            ..Default::default()
-        },
-    )
-    .await;
+    let s = start_with(1 << 20, one_at_a_time()).await;
     let r = s
         .post("/v1/models/hearth/demo/predictions")
         .header("Cancel-After", "soon")

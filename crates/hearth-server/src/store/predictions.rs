@@ -18,16 +18,10 @@ impl Store {
     /// Creates a prediction; an id that exists already is `Exists`, never overwritten,
     /// and of two concurrent inserts with one id exactly one succeeds.
     pub fn insert(&self, r: &Record) -> Result<(), StoreError> {
-        let json = serde_json::to_string(r)?;
-        let n = self.writer()?.execute(
+        let n = self.write(
+            r,
             "INSERT INTO predictions (id, created_at, status, record) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(id) DO NOTHING",
-            params![
-                r.prediction.id,
-                r.prediction.created_at,
-                r.prediction.status.as_str(),
-                json
-            ],
         )?;
         if n == 0 {
             return Err(StoreError::Exists(r.prediction.id.clone()));
@@ -38,18 +32,25 @@ impl Store {
     /// Writes a change to a prediction that exists (or, when its first write was lost,
     /// creates it).
     pub fn put(&self, r: &Record) -> Result<(), StoreError> {
-        let json = serde_json::to_string(r)?;
-        self.writer()?.execute(
+        self.write(
+            r,
             "INSERT INTO predictions (id, created_at, status, record) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(id) DO UPDATE SET status = excluded.status, record = excluded.record",
+        )?;
+        Ok(())
+    }
+
+    fn write(&self, r: &Record, sql: &str) -> Result<usize, StoreError> {
+        let json = serde_json::to_string(r)?;
+        Ok(self.writer()?.execute(
+            sql,
             params![
                 r.prediction.id,
                 r.prediction.created_at,
                 r.prediction.status.as_str(),
                 json
             ],
-        )?;
-        Ok(())
+        )?)
     }
 
     pub fn exists(&self, id: &str) -> Result<bool, StoreError> {

@@ -28,4 +28,4 @@ pub use error::{Result, RuntimeError};
 pub use loader::{load, LoadFormat, LoadedModel, ModelSpec};
 pub use request::{Completion, FinishReason, GenerationEvent, GenerationRequest, Timings};
 pub use sampler::SamplingParams;
-pub use tokenizer::{PromptSpec, TextTokenizer};
+pub use tokenizer::{ChatMessage, PromptSpec, TextTokenizer};

@@ -26,6 +26,16 @@ pub struct PromptSpec {
     pub prompt_template: Option<String>,
     /// Feed `prompt` to the model as it is, with neither template.
     pub raw: bool,
+    /// A whole conversation (OpenAI's chat API): rendered with the chat template,
+    /// in place of `prompt` and `system_prompt`.
+    pub messages: Vec<ChatMessage>,
+}
+
+/// One turn of a conversation, as chat templates take it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
 }
 
 /// `bos_token` in tokenizer_config.json is a string or an AddedToken object.
@@ -96,6 +106,16 @@ impl TextTokenizer {
         if spec.raw {
             return self.encode(&spec.prompt, true);
         }
+        if !spec.messages.is_empty() {
+            if self.chat_template.is_none() {
+                return Err(RuntimeError::invalid(
+                    "messages",
+                    "this model has no chat template; send a plain prompt (completions) instead",
+                ));
+            }
+            let text = self.render_chat(spec)?;
+            return self.encode(&text, false);
+        }
         if let Some(t) = &spec.prompt_template {
             if !t.contains("{prompt}") {
                 return Err(RuntimeError::invalid(
@@ -147,11 +167,22 @@ impl TextTokenizer {
         );
         env.add_template("chat", template)
             .map_err(|e| RuntimeError::Template(e.to_string()))?;
-        let mut messages = Vec::new();
-        if let Some(s) = spec.system_prompt.as_deref().filter(|s| !s.is_empty()) {
-            messages.push(serde_json::json!({"role": "system", "content": s}));
-        }
-        messages.push(serde_json::json!({"role": "user", "content": spec.prompt}));
+        let messages: Vec<ChatMessage> = if spec.messages.is_empty() {
+            let mut m = Vec::new();
+            if let Some(s) = spec.system_prompt.as_deref().filter(|s| !s.is_empty()) {
+                m.push(ChatMessage {
+                    role: "system".into(),
+                    content: s.into(),
+                });
+            }
+            m.push(ChatMessage {
+                role: "user".into(),
+                content: spec.prompt.clone(),
+            });
+            m
+        } else {
+            spec.messages.clone()
+        };
         let tmpl = env
             .get_template("chat")
             .map_err(|e| RuntimeError::Template(e.to_string()))?;
@@ -206,13 +237,40 @@ mod tests {
     }
 
     #[test]
+    fn a_conversation_renders_every_turn_in_order() {
+        let t = demo();
+        let m = |role: &str, content: &str| ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        };
+        let text = t
+            .render_chat(&PromptSpec {
+                messages: vec![
+                    m("system", "S"),
+                    m("user", "U1"),
+                    m("assistant", "A1"),
+                    m("user", "U2"),
+                ],
+                ..Default::default()
+            })
+            .unwrap();
+        let at = |needle: &str| {
+            text.find(needle)
+                .unwrap_or_else(|| panic!("{needle} in {text}"))
+        };
+        assert!(at("S<|eot_id|>") < at("U1<|eot_id|>"));
+        assert!(at("assistant<|end_header_id|>\n\nA1") < at("U2<|eot_id|>"));
+        assert!(text.ends_with("<|start_header_id|>assistant<|end_header_id|>\n\n"));
+    }
+
+    #[test]
     fn prompt_template_substitutes_and_requires_prompt() {
         let t = demo();
         let spec = PromptSpec {
             prompt: "abc".into(),
             system_prompt: Some("sys".into()),
             prompt_template: Some("[{system_prompt}] {prompt}!".into()),
-            raw: false,
+            ..Default::default()
         };
         assert_eq!(
             t.decode(&t.prompt_tokens(&spec).unwrap()).unwrap(),

@@ -9,6 +9,7 @@ pub mod go_duration;
 pub mod http;
 pub mod metrics;
 pub mod models;
+pub mod openai;
 pub mod prediction;
 pub mod record;
 pub mod routes;

@@ -76,6 +76,58 @@ pub struct Metrics {
     http: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
 }
 
+/// One request's timings into a model's metrics, the same for every API: created at
+/// `new`, then `started`, each `token`, and `finished`.
+pub struct RequestTimer {
+    metrics: std::sync::Arc<Metrics>,
+    pub created: std::time::Instant,
+    pub started: Option<std::time::Instant>,
+    pub first_token: Option<std::time::Instant>,
+    last_token: Option<std::time::Instant>,
+}
+
+impl RequestTimer {
+    pub fn new(metrics: std::sync::Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            created: std::time::Instant::now(),
+            started: None,
+            first_token: None,
+            last_token: None,
+        }
+    }
+
+    pub fn started(&mut self) {
+        self.started = Some(std::time::Instant::now());
+        self.metrics
+            .queue_time
+            .observe(self.created.elapsed().as_secs_f64());
+    }
+
+    pub fn token(&mut self) {
+        let now = std::time::Instant::now();
+        match self.last_token {
+            None => self
+                .metrics
+                .ttft
+                .observe((now - self.created).as_secs_f64()),
+            Some(prev) => self.metrics.itl.observe((now - prev).as_secs_f64()),
+        }
+        self.first_token.get_or_insert(now);
+        self.last_token = Some(now);
+        self.metrics.generation_tokens.inc();
+    }
+
+    /// `status` as Replicate names it: succeeded, failed, canceled.
+    pub fn finished(&self, status: &str, prompt_tokens: usize) {
+        self.metrics.prompt_tokens.add(prompt_tokens as u64);
+        self.metrics
+            .e2e
+            .observe(self.created.elapsed().as_secs_f64());
+        self.metrics.finished(status);
+    }
+}
+
 impl Metrics {
     pub fn new(model_name: String) -> Self {
         Self {
@@ -131,15 +183,23 @@ impl Metrics {
             stats.num_waiting as f64,
         );
         let used = stats.kv_blocks_total.saturating_sub(stats.kv_blocks_free);
+        let usage = if stats.kv_blocks_total > 0 {
+            used as f64 / stats.kv_blocks_total as f64
+        } else {
+            0.0
+        };
         gauge(
             out,
             "vllm:kv_cache_usage_perc",
             "Fraction of KV cache blocks in use.",
-            if stats.kv_blocks_total > 0 {
-                used as f64 / stats.kv_blocks_total as f64
-            } else {
-                0.0
-            },
+            usage,
+        );
+        // The older name, which inference gateways (and their docs) still read.
+        gauge(
+            out,
+            "vllm:gpu_cache_usage_perc",
+            "Fraction of KV cache blocks in use (vllm:kv_cache_usage_perc).",
+            usage,
         );
         gauge(
             out,

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 
 use hearth_runtime::{FinishReason, GenerationEvent, RequestStream};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestTimer};
 use crate::record::{now_rfc3339, Record, Status};
 use crate::store::Store;
 use crate::webhook::{WebhookEvent, WebhookSender};
@@ -190,10 +190,7 @@ enum End {
 /// Runs inside a `prediction` span (see `service::create`), so every log line of it
 /// carries the prediction's id and model.
 pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
-    let created = Instant::now();
-    let mut started: Option<Instant> = None;
-    let mut first_token: Option<Instant> = None;
-    let mut last_token: Option<Instant> = None;
+    let mut timer = RequestTimer::new(ctx.metrics.clone());
     let mut deadline_passed = false;
     let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
     let deadline = ctx.deadline.unwrap_or(far);
@@ -215,10 +212,7 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
             Some(GenerationEvent::Started {
                 cached_prompt_tokens,
             }) => {
-                started = Some(Instant::now());
-                ctx.metrics
-                    .queue_time
-                    .observe(created.elapsed().as_secs_f64());
+                timer.started();
                 let Some(r) = live.update(|r| {
                     r.prediction.status = Status::Processing;
                     r.prediction.started_at = Some(now_rfc3339());
@@ -241,15 +235,7 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                 }
             }
             Some(GenerationEvent::Token { text, .. }) => {
-                let now = Instant::now();
-                if first_token.is_none() {
-                    first_token = Some(now);
-                    ctx.metrics.ttft.observe((now - created).as_secs_f64());
-                } else if let Some(prev) = last_token {
-                    ctx.metrics.itl.observe((now - prev).as_secs_f64());
-                }
-                last_token = Some(now);
-                ctx.metrics.generation_tokens.inc();
+                timer.token();
                 if text.is_empty() {
                     continue;
                 }
@@ -264,6 +250,7 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
         }
     };
     let finished_at = Instant::now();
+    let created = timer.created;
     let now = now_rfc3339();
     let final_record = live.update(|r| {
         let p = &mut r.prediction;
@@ -282,7 +269,7 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                 if c.reason == FinishReason::Error {
                     p.error = Some(c.error.clone().unwrap_or_else(|| "generation failed".into()));
                 }
-                let predict = started.map(|s| finished_at - s).unwrap_or_default();
+                let predict = timer.started.map(|s| finished_at - s).unwrap_or_default();
                 let tps = if predict.as_secs_f64() > 0.0 { c.output_tokens as f64 / predict.as_secs_f64() } else { 0.0 };
                 let mut m = json!({
                     "predict_time": seconds(predict),
@@ -291,7 +278,7 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                     "output_token_count": c.output_tokens,
                     "tokens_per_second": tps,
                 });
-                if let Some(ft) = first_token {
+                if let Some(ft) = timer.first_token {
                     m["time_to_first_token"] = json!(seconds(ft - created));
                 }
                 p.metrics = Some(m);
@@ -305,7 +292,6 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                     c.reason.as_str(),
                     if c.preemptions > 0 { format!(" Preempted {} times.", c.preemptions) } else { String::new() },
                 ));
-                ctx.metrics.prompt_tokens.add(c.prompt_tokens as u64);
             }
             End::EngineGone => {
                 p.finish(Status::Failed, &now);

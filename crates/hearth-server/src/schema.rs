@@ -223,7 +223,7 @@ pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<Parse
             prompt: s("prompt"),
             system_prompt: (!system_prompt.is_empty()).then_some(system_prompt),
             prompt_template: (!prompt_template.is_empty()).then_some(prompt_template),
-            raw: false,
+            ..Default::default()
         },
         params,
     })

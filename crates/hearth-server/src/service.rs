@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use hearth_runtime::GenerationRequest;
+use hearth_runtime::{
+    FinishReason, GenerationEvent, GenerationRequest, RequestStream, RuntimeError,
+};
 
 use crate::error::ApiError;
+use crate::metrics::RequestTimer;
 use crate::models::ServedModel;
 use crate::prediction::{self, Live, RunContext};
 use crate::record::{new_id, new_token, Prediction, Record, Status};
@@ -239,4 +242,60 @@ pub async fn cancel(state: &AppState, id: &str) -> ServiceResult<Record> {
         }
     }
     lookup(state, id)
+}
+
+/// A generation that is not a prediction (OpenAI's API): submitted to the engine,
+/// timed into the model's metrics, never stored. Dropping it cancels it.
+pub struct Generation {
+    stream: RequestStream,
+    timer: RequestTimer,
+    done: bool,
+}
+
+pub fn generate(
+    state: &AppState,
+    model: &ServedModel,
+    req: GenerationRequest,
+) -> Result<Generation, RuntimeError> {
+    let stream = model.engine.submit(req)?;
+    Ok(Generation {
+        stream,
+        timer: RequestTimer::new(state.model_metrics(&model.full_name())),
+        done: false,
+    })
+}
+
+impl Generation {
+    pub async fn next(&mut self) -> Option<GenerationEvent> {
+        let ev = self.stream.next().await;
+        match &ev {
+            Some(GenerationEvent::Started { .. }) => self.timer.started(),
+            Some(GenerationEvent::Token { .. }) => self.timer.token(),
+            Some(GenerationEvent::Finished(c)) => {
+                self.done = true;
+                let status = match c.reason {
+                    FinishReason::Stop | FinishReason::Length => Status::Succeeded,
+                    FinishReason::Canceled => Status::Canceled,
+                    FinishReason::Error => Status::Failed,
+                };
+                self.timer.finished(status.as_str(), c.prompt_tokens);
+            }
+            None if !self.done => {
+                self.done = true;
+                self.timer.finished(Status::Failed.as_str(), 0);
+            }
+            None => {}
+        }
+        ev
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // The client went away (or the handler failed): the engine stops it at its
+        // next step when the stream drops; count it as canceled.
+        if !self.done {
+            self.timer.finished(Status::Canceled.as_str(), 0);
+        }
+    }
 }

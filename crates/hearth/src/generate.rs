@@ -63,6 +63,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         system_prompt: a.system_prompt.clone(),
         prompt_template: a.prompt_template.clone(),
         raw: a.raw,
+        ..Default::default()
     })?;
     let params = SamplingParams {
         temperature: a.temperature,

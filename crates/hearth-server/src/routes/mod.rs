@@ -6,6 +6,7 @@ pub mod files;
 pub mod metrics;
 pub mod misc;
 pub mod models;
+pub mod openai;
 pub mod predictions;
 pub mod stream;
 pub mod web;
@@ -101,6 +102,25 @@ fn entries(cfg: &ServerConfig) -> Vec<Entry> {
             "/v1/models/{owner}/{name}",
             Token,
             get(models::get_one),
+        ),
+        // OpenAI's: its client sends `owner/name` as one escaped segment.
+        e(
+            Method::GET,
+            "/v1/models/{id}",
+            Token,
+            get(models::get_by_id),
+        ),
+        e(
+            Method::POST,
+            "/v1/chat/completions",
+            Token,
+            post(openai::chat_completions),
+        ),
+        e(
+            Method::POST,
+            "/v1/completions",
+            Token,
+            post(openai::completions),
         ),
         e(
             Method::POST,

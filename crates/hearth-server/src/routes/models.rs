@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::{base_url, json_response, AppResult};
@@ -18,8 +18,17 @@ pub fn version_json(m: &ServedModel, id: &str) -> Value {
     json!({"id": id, "created_at": m.created_at, "cog_version": COG_VERSION, "openapi_schema": m.openapi_schema()})
 }
 
+/// One object both clients read at the same URL: Replicate's model fields and
+/// OpenAI's (`id`, `object`, `created`, `owned_by`). Each client's parser takes its
+/// own fields and ignores the rest (replicate 1.0.7's pydantic `Model`, openai's
+/// `Model` with extra fields allowed); checked against both in CI.
 fn model_json(m: &ServedModel, base: &str) -> Value {
+    let created = chrono::DateTime::parse_from_rfc3339(&m.created_at)
+        .map(|t| t.timestamp())
+        .unwrap_or(0);
     json!({
+        "id": m.full_name(), "object": "model", "created": created, "owned_by": m.owner,
+        "max_model_len": m.engine.limits().max_model_len,
         "url": format!("{base}/v1/models/{}/{}", m.owner, m.name),
         "owner": m.owner, "name": m.name, "description": m.description, "visibility": "public",
         "github_url": null, "paper_url": null, "license_url": null, "run_count": 0,
@@ -40,10 +49,24 @@ pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> App
         .iter()
         .map(|m| model_json(m, &base))
         .collect();
+    // Replicate's page (`results`, `next`) and OpenAI's list (`object`, `data`) at once.
     Ok(json_response(
         StatusCode::OK,
-        &json!({"next": null, "previous": null, "results": results}),
+        &json!({"object": "list", "data": results, "next": null, "previous": null, "results": results}),
     ))
+}
+
+/// `GET /v1/models/{id}`: OpenAI's retrieve, `id` being `owner/name` (sent as one
+/// escaped segment), an alias, a version id or a bare name.
+pub async fn get_by_id(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    match super::openai::find_model(&state, &id) {
+        Some(m) => json_response(StatusCode::OK, &model_json(&m, &base_url(&state, &headers))),
+        None => crate::openai::OaiError::model_not_found(&id).into_response(),
+    }
 }
 
 pub async fn get_one(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The official Replicate clients (Python replicate==1.0.7, JS replicate@1.4.0) against a
-# live `hearth serve` on the built-in demo model, each with one setting changed: the base
-# URL. Fails if either suite fails.
+# The official Replicate clients (Python replicate==1.0.7, JS replicate@1.4.0) and
+# OpenAI's Python client (pinned in tests/clients/openai) against a live `hearth serve`
+# on the built-in demo model, each with one setting changed: the base URL. Fails if any
+# suite fails.
 #
 # Env: HEARTH_BIN (default target/debug/hearth, built with cargo if missing),
 #      CLIENT_VENV (default .venv-clients), CLIENT_SUITE_TIMEOUT (s, default 900 each),
@@ -21,12 +22,13 @@ fi
 # Python: a venv with the pinned client, reinstalled only when requirements.txt changes.
 venv=${CLIENT_VENV:-.venv-clients}
 req=tests/clients/python/requirements.txt
-want=$(sha256sum "$req" | cut -d' ' -f1)
+oai_req=tests/clients/openai/requirements.txt
+want=$(cat "$req" "$oai_req" | sha256sum | cut -d' ' -f1)
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 if [ "$(cat "$venv/.hearth-requirements" 2>/dev/null || true)" != "$want" ]; then
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" -r "$oai_req"
   echo "$want" >"$venv/.hearth-requirements"
 fi
 
@@ -93,9 +95,13 @@ timeout -k 10 "$limit" "$venv/bin/python" tests/clients/python/test_client.py 2>
 echo "== JS replicate client (replicate@$(node -p 'require("./'"$js"'/node_modules/replicate/package.json").version'))"
 timeout -k 10 "$limit" node "$js/test.mjs" 2>&1 | tee "$data/js.log" || status=1
 
-# One closing line over both suites; a suite that died before its own line counts as a failure.
+echo "== OpenAI Python client ($(grep -E '^openai==' "$oai_req"))"
+OPENAI_BASE_URL=$base/v1 OPENAI_API_KEY=$token timeout -k 10 "$limit" "$venv/bin/python" \
+  tests/clients/openai/test_openai.py 2>&1 | tee "$data/openai.log" || status=1
+
+# One closing line over the suites; a suite that died before its own line counts as a failure.
 p=0 f=0
-for suite in python js; do
+for suite in python js openai; do
   line=$(grep -E "^$suite: [0-9]+ passed, [0-9]+ failed$" "$data/$suite.log" | tail -1 || true)
   if [ -z "$line" ]; then
     echo "the $suite suite ended without its summary line"

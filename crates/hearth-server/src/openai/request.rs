@@ -245,25 +245,26 @@ fn messages(o: &Map<String, Value>) -> OaiResult<Vec<ChatMessage>> {
             let m = m
                 .as_object()
                 .ok_or_else(|| OaiError::param(&at, "expected an object"))?;
-            let role =
-                match m.get("role").and_then(Value::as_str) {
-                    Some(r @ ("system" | "user" | "assistant")) => r,
-                    // OpenAI's newer name for system instructions.
-                    Some("developer") => "system",
-                    Some(r @ ("tool" | "function")) => return Err(OaiError::unsupported(
+            let role = match m.get("role").and_then(Value::as_str) {
+                Some(r @ ("system" | "user" | "assistant")) => r,
+                // OpenAI's newer name for system instructions.
+                Some("developer") => "system",
+                Some(r @ ("tool" | "function")) => {
+                    return Err(OaiError::unsupported(
                         &format!("{at}.role"),
                         format!(
                             "{r:?} messages need tool calling, which this server does not support"
                         ),
-                    )),
-                    Some(r) => {
-                        return Err(OaiError::param(
-                            format!("{at}.role"),
-                            format!("{r:?} is not one of system, developer, user, assistant"),
-                        ))
-                    }
-                    None => return Err(OaiError::param(format!("{at}.role"), "required")),
-                };
+                    ))
+                }
+                Some(r) => {
+                    return Err(OaiError::param(
+                        format!("{at}.role"),
+                        format!("{r:?} is not one of system, developer, user, assistant"),
+                    ))
+                }
+                None => return Err(OaiError::param(format!("{at}.role"), "required")),
+            };
             if present(m, "tool_calls").is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()))
             {
                 return Err(OaiError::unsupported(

@@ -1,0 +1,326 @@
+//! OpenAI's API on the same server and engines as Replicate's.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use hearth_runtime::EngineConfig;
+use serde_json::{json, Value};
+use support::{engine_default, start, start_with, Server, TOKEN};
+
+async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = s.post(path).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The `data:` payloads of an OpenAI stream, `[DONE]` included.
+async fn stream(s: &Server, path: &str, body: Value) -> Vec<String> {
+    let r = s.post(path).json(&body).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    r.text()
+        .await
+        .unwrap()
+        .split("\n\n")
+        .filter_map(|b| {
+            b.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+fn chat_body(extra: Value) -> Value {
+    let mut b = json!({
+        "model": "hearth/demo",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something"}],
+        "max_tokens": 12, "seed": 7, "temperature": 0.9,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+#[tokio::test]
+async fn chat_whole_and_streamed_agree_for_a_seed_with_usage() {
+    let s = start(1 << 20).await;
+    let (st, whole) = post(&s, "/v1/chat/completions", chat_body(json!({}))).await;
+    assert_eq!(st, 200, "{whole}");
+    assert_eq!(whole["object"], "chat.completion");
+    assert!(whole["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let text = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    let u = &whole["usage"];
+    assert_eq!(u["completion_tokens"], 12);
+    assert!(u["prompt_tokens"].as_u64().unwrap() > 5);
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(u["prompt_tokens"].as_u64().unwrap() + 12)
+    );
+    let events = stream(
+        &s,
+        "/v1/chat/completions",
+        chat_body(json!({"stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"].get(0)?["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(
+        streamed, text,
+        "the stream and the whole answer differ for one seed"
+    );
+    let fin = chunks
+        .iter()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null())
+        .unwrap();
+    assert_eq!(fin["choices"][0]["finish_reason"], "length");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"], whole["usage"]);
+    assert!(chunks[..chunks.len() - 1]
+        .iter()
+        .all(|c| c["usage"].is_null()));
+}
+
+#[tokio::test]
+async fn completions_take_lists_echo_stop_and_n() {
+    let s = start(1 << 20).await;
+    let (st, r) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "hearth/demo", "prompt": ["one", "two"], "n": 2, "max_tokens": 5, "seed": 1, "temperature": 1.0, "echo": true, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(st, 200, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let want = if i < 2 { "one" } else { "two" };
+        assert!(c["text"].as_str().unwrap().starts_with(want), "{c}");
+    }
+    // Different seeds per choice: the two samples of one prompt differ.
+    assert_ne!(choices[0]["text"], choices[1]["text"]);
+    assert_eq!(r["usage"]["completion_tokens"], 20);
+    // A stop sequence taken from a greedy run ends the next one before it.
+    let greedy =
+        json!({"model": "hearth/demo", "prompt": "stop here", "max_tokens": 16, "temperature": 0});
+    let (_, full) = post(&s, "/v1/completions", greedy.clone()).await;
+    let text = full["choices"][0]["text"].as_str().unwrap().to_string();
+    let cut: String = text.chars().skip(4).take(2).collect();
+    let mut with_stop = greedy;
+    with_stop["stop"] = json!([cut.clone()]);
+    let (_, stopped) = post(&s, "/v1/completions", with_stop).await;
+    let c = &stopped["choices"][0];
+    assert_eq!(c["finish_reason"], "stop", "{c} (stop {cut:?} in {text:?})");
+    assert!(text.starts_with(c["text"].as_str().unwrap()));
+    assert!(!c["text"].as_str().unwrap().contains(&cut));
+}
+
+#[tokio::test]
+async fn errors_name_the_param_in_openai_shape() {
+    let s = start(1 << 20).await;
+    for (body, param) in [
+        (chat_body(json!({"temperature": 9})), "temperature"),
+        (chat_body(json!({"max_tokens": 1_000_000})), "max_tokens"),
+        (
+            chat_body(json!({"response_format": {"type": "json_object"}})),
+            "response_format",
+        ),
+        (
+            chat_body(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            "tools",
+        ),
+        (chat_body(json!({"messages": "hi"})), "messages"),
+    ] {
+        let (st, e) = post(&s, "/v1/chat/completions", body).await;
+        assert_eq!(st, 400, "{e}");
+        assert_eq!(e["error"]["param"], param, "{e}");
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+        assert!(e["error"]["message"].is_string());
+    }
+    let (st, e) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "hearth/demo", "prompt": "x", "suffix": "y"}),
+    )
+    .await;
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("suffix")));
+    let (st, e) = post(
+        &s,
+        "/v1/chat/completions",
+        chat_body(json!({"model": "nobody/nothing"})),
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    let r = s
+        .client
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&chat_body(json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+}
+
+#[tokio::test]
+async fn models_answer_both_clients_at_one_url() {
+    let s = start(1 << 20).await;
+    let list: Value = s
+        .get("/v1/models")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["data"][0]["id"], "hearth/demo");
+    assert_eq!(list["data"][0]["object"], "model");
+    assert!(list["data"][0]["created"].is_i64());
+    assert_eq!(list["results"][0]["owner"], "hearth");
+    assert!(list["next"].is_null());
+    let one: Value = s
+        .get("/v1/models/hearth%2Fdemo")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["id"], "hearth/demo");
+    assert_eq!(one["owned_by"], "hearth");
+    let r = s.get("/v1/models/nothing").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}
+
+async fn running(s: &Server) -> f64 {
+    let text = s
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("vllm:num_requests_running{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap()
+}
+
+async fn wait_idle(s: &Server, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running(s).await > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the engine still runs the request"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_generation() {
+    let s = start(1 << 20).await;
+    let long = json!({"max_tokens": 1500, "ignore_eos": true});
+    // Streaming: read one chunk, hang up.
+    let mut r = s
+        .post("/v1/chat/completions")
+        .json(&chat_body(
+            json!({"stream": true, "max_tokens": 1500, "ignore_eos": true}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let _ = r.chunk().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(running(&s).await >= 1.0);
+    drop(r);
+    wait_idle(&s, "streaming").await;
+    // Whole: give up before the answer.
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let e = c
+        .post(format!("{}/v1/chat/completions", s.base))
+        .bearer_auth(TOKEN)
+        .json(&chat_body(long))
+        .send()
+        .await;
+    assert!(e.is_err(), "answered within 400 ms?");
+    wait_idle(&s, "non-streaming").await;
+    let text = s
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(
+            "hearth:predictions_finished{model_name=\"hearth/demo\",status=\"canceled\"} 2"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_is_a_429_with_retry_after_in_openai_shape() {
+    let s = start_with(
+        1 << 20,
+        EngineConfig {
+            max_num_seqs: 1,
+            max_waiting: 1,
+            ..engine_default()
+        },
+    )
+    .await;
+    let body = chat_body(json!({"max_tokens": 1500, "ignore_eos": true, "stream": true}));
+    let mut held = Vec::new();
+    let mut saw = None;
+    for _ in 0..4 {
+        let r = s
+            .post("/v1/chat/completions")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        if r.status().as_u16() == 429 {
+            let ra = r.headers()["retry-after"].to_str().unwrap().to_string();
+            let e: Value = r.json().await.unwrap();
+            saw = Some((ra, e));
+        } else {
+            held.push(r);
+        }
+    }
+    let (ra, e) = saw.expect("no 429");
+    assert_eq!(ra, "1");
+    assert_eq!(e["error"]["type"], "rate_limit_error");
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The same load through the HTTP API and in-process, in one run: the HTTP front's cost
-# as a ratio of output throughput (goal: >= 0.95).
+# The same load in-process and through each HTTP API (Replicate's predictions + SSE,
+# OpenAI's completions and chat completions, streamed), in one run: the HTTP front's
+# cost as a ratio of output throughput (goal: >= 0.95 for each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${HEARTH_BIN:-target/release/hearth}
@@ -16,13 +17,19 @@ for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health-check" >/dev/nul
 name=$(curl -sf "http://127.0.0.1:$port/v1/models" | python3 -c "import json,sys; m=json.load(sys.stdin)['results'][0]; print(m['owner']+'/'+m['name'])")
 common="--num-prompts $n --max-concurrency $c --input-len $in --output-len $out --seed 0 --json"
 offline=$("$bin" bench --offline --model "$model" $common | tail -n 1)
-http=$("$bin" bench --url "http://127.0.0.1:$port" --model "$name" --tokenizer "$model" $common | tail -n 1)
-echo "offline: $offline"
-echo "http:    $http"
-python3 - "$offline" "$http" <<'PY'
+echo "offline:     $offline"
+results=("$offline")
+for backend in replicate openai openai-chat; do
+  r=$("$bin" bench --url "http://127.0.0.1:$port" --backend "$backend" --model "$name" --tokenizer "$model" $common | tail -n 1)
+  echo "$backend: $r"
+  results+=("$r")
+done
+python3 - "${results[@]}" <<'PY'
 import json, sys
-o, h = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"output_throughput http/offline = {h['output_throughput']/o['output_throughput']:.3f} "
-      f"({h['output_throughput']:.1f} vs {o['output_throughput']:.1f} tok/s); "
-      f"median TTFT {h['median_ttft_ms']:.0f} vs {o['median_ttft_ms']:.0f} ms")
+o, *hs = map(json.loads, sys.argv[1:])
+for h in hs:
+    print(f"{h['backend']:>12}/offline output_throughput = {h['output_throughput']/o['output_throughput']:.3f} "
+          f"({h['output_throughput']:.1f} vs {o['output_throughput']:.1f} tok/s); "
+          f"median TTFT {h['median_ttft_ms']:.0f} vs {o['median_ttft_ms']:.0f} ms; "
+          f"input tokens {h['total_input_tokens']} vs {o['total_input_tokens']}")
 PY

@@ -16,6 +16,9 @@ pub struct TextTokenizer {
     eos_token: Option<String>,
 }
 
+/// The fallback chat template (ChatML).
+const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
 /// What the user asked to be completed.
 #[derive(Debug, Clone, Default)]
 pub struct PromptSpec {
@@ -107,12 +110,6 @@ impl TextTokenizer {
             return self.encode(&spec.prompt, true);
         }
         if !spec.messages.is_empty() {
-            if self.chat_template.is_none() {
-                return Err(RuntimeError::invalid(
-                    "messages",
-                    "this model has no chat template; send a plain prompt (completions) instead",
-                ));
-            }
             let text = self.render_chat(spec)?;
             return self.encode(&text, false);
         }
@@ -148,11 +145,10 @@ impl TextTokenizer {
         }
     }
 
+    /// The conversation as the model's chat template writes it; a model without one
+    /// gets ChatML, as llama.cpp's server does, rather than a refusal.
     pub fn render_chat(&self, spec: &PromptSpec) -> Result<String> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| RuntimeError::Template("the tokenizer has no chat_template".into()))?;
+        let template = self.chat_template.as_deref().unwrap_or(CHATML);
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -261,6 +257,25 @@ mod tests {
         assert!(at("S<|eot_id|>") < at("U1<|eot_id|>"));
         assert!(at("assistant<|end_header_id|>\n\nA1") < at("U2<|eot_id|>"));
         assert!(text.ends_with("<|start_header_id|>assistant<|end_header_id|>\n\n"));
+    }
+
+    #[test]
+    fn a_model_without_a_chat_template_gets_chatml() {
+        let dir = crate::demo::ensure_demo_model(&crate::demo::default_cache_dir()).unwrap();
+        let t = TextTokenizer::load(&dir.join("tokenizer.json"), None).unwrap();
+        let text = t
+            .render_chat(&PromptSpec {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "hi".into(),
+                }],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

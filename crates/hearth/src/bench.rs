@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::args::{EngineArgs, ModelArgs};
+use crate::bench_http;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -24,13 +25,17 @@ pub struct BenchArgs {
     /// Run the engine in this process.
     #[arg(long, conflicts_with = "url")]
     pub offline: bool,
-    /// Drive a running server through Replicate's API instead: each request creates a
-    /// prediction of `--model` (its owner/name there) and reads its SSE stream.
+    /// Drive a running server instead, through the API `--backend` names; `--model` is
+    /// the model's name there (owner/name).
     #[arg(long)]
     pub url: Option<String>,
     /// API token for --url.
     #[arg(long, env = "REPLICATE_API_TOKEN")]
     pub api_token: Option<String>,
+    /// With --url, the API to drive (vLLM's names): `replicate` (predictions + SSE),
+    /// `openai` (/v1/completions) or `openai-chat` (/v1/chat/completions), streamed.
+    #[arg(long, default_value = "replicate", value_parser = ["replicate", "openai", "openai-chat"])]
+    pub backend: String,
     /// With --url: the local model whose tokenizer turns random token ids into prompt text.
     #[arg(long, default_value = "demo")]
     pub tokenizer: String,
@@ -61,18 +66,18 @@ pub struct BenchArgs {
 }
 
 #[derive(Debug, Default)]
-struct RequestResult {
-    ok: bool,
-    prompt_len: usize,
-    output_tokens: usize,
-    ttft: f64,
-    e2e: f64,
-    itls: Vec<f64>,
+pub(crate) struct RequestResult {
+    pub ok: bool,
+    pub prompt_len: usize,
+    pub output_tokens: usize,
+    pub ttft: f64,
+    pub e2e: f64,
+    pub itls: Vec<f64>,
 }
 
 #[derive(Serialize)]
 struct Report {
-    backend: &'static str,
+    backend: String,
     model: String,
     num_prompts: usize,
     max_concurrency: usize,
@@ -279,99 +284,6 @@ async fn offline_request(
     r
 }
 
-struct HttpTarget {
-    client: reqwest::Client,
-    base: String,
-    model: String,
-    token: Option<String>,
-}
-
-/// Creates a prediction and reads its SSE stream, timing chunks as a client sees
-/// them; token counts come from the finished prediction's metrics.
-async fn http_request(
-    t: Arc<HttpTarget>,
-    prompt: String,
-    output_len: usize,
-) -> anyhow::Result<RequestResult> {
-    let auth = |r: reqwest::RequestBuilder| match &t.token {
-        Some(tok) => r.bearer_auth(tok),
-        None => r,
-    };
-    let start = Instant::now();
-    let body = serde_json::json!({"input": {
-        "prompt": prompt, "max_tokens": output_len, "ignore_eos": true, "temperature": 0,
-        "prompt_template": "{prompt}",
-    }});
-    let created = auth(
-        t.client
-            .post(format!("{}/v1/models/{}/predictions", t.base, t.model)),
-    )
-    .json(&body)
-    .send()
-    .await?;
-    if !created.status().is_success() {
-        bail!(
-            "create: HTTP {}: {}",
-            created.status(),
-            created.text().await.unwrap_or_default()
-        );
-    }
-    let p: serde_json::Value = created.json().await?;
-    let stream_url = p["urls"]["stream"]
-        .as_str()
-        .context("no urls.stream")?
-        .to_string();
-    let get_url = p["urls"]["get"]
-        .as_str()
-        .context("no urls.get")?
-        .to_string();
-    let resp = t
-        .client
-        .get(&stream_url)
-        .header("Accept", "text/event-stream")
-        .send()
-        .await?;
-    let mut r = RequestResult::default();
-    let mut chunks = 0usize;
-    let mut last = start;
-    let mut buf = String::new();
-    let mut body = resp.bytes_stream();
-    use futures_util::StreamExt;
-    'read: while let Some(bytes) = body.next().await {
-        buf.push_str(&String::from_utf8_lossy(&bytes?));
-        while let Some(end) = buf.find("\n\n") {
-            let event: String = buf.drain(..end + 2).collect();
-            let name = event
-                .lines()
-                .find_map(|l| l.strip_prefix("event:"))
-                .map(str::trim);
-            match name {
-                Some("output") => {
-                    let now = Instant::now();
-                    if chunks == 0 {
-                        r.ttft = (now - start).as_secs_f64();
-                    } else {
-                        r.itls.push((now - last).as_secs_f64());
-                    }
-                    last = now;
-                    chunks += 1;
-                }
-                Some("done") => break 'read,
-                Some("error") => bail!("stream error: {event}"),
-                _ => {}
-            }
-        }
-    }
-    r.e2e = start.elapsed().as_secs_f64();
-    let done: serde_json::Value = auth(t.client.get(&get_url)).send().await?.json().await?;
-    r.ok = done["status"] == "succeeded";
-    r.output_tokens = done["metrics"]["output_token_count"]
-        .as_u64()
-        .unwrap_or(chunks as u64) as usize;
-    r.prompt_len = done["metrics"]["input_token_count"].as_u64().unwrap_or(0) as usize;
-    Ok(r)
-}
-
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if !a.offline && a.url.is_none() {
         bail!("choose --offline (the engine in this process) or --url http://HOST:PORT (a running server)");
@@ -415,7 +327,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             let tok = TextTokenizer::load(&files.tokenizer_json, files.tokenizer_config.as_ref())?;
             let vocab = tok.inner().get_vocab_size(true) as u32;
             let work = workload(&a, &tok, vocab, true)?;
-            let target = HttpTarget {
+            let target = bench_http::HttpTarget {
+                api: bench_http::Api::parse(&a.backend),
                 client: reqwest::Client::builder()
                     .pool_max_idle_per_host(1024)
                     .build()?,
@@ -459,15 +372,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 let len = prompt.len();
                 let r = match (prompt, engine, http) {
                     (Prompt::Tokens(p), Some(e), _) => offline_request(e, p, out_len).await,
-                    (Prompt::Text(p, _), _, Some(h)) => {
-                        http_request(h, p, out_len).await.unwrap_or_else(|e| {
+                    (Prompt::Text(p, _), _, Some(h)) => bench_http::request(h, p, out_len)
+                        .await
+                        .unwrap_or_else(|e| {
                             tracing::warn!(error = %e, "request failed");
                             RequestResult {
                                 prompt_len: len,
                                 ..Default::default()
                             }
-                        })
-                    }
+                        }),
                     _ => RequestResult::default(),
                 };
                 bar.inc(1);
@@ -498,7 +411,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .collect();
     let steps = stats.steps.saturating_sub(steps_before);
     let report = Report {
-        backend: if a.url.is_some() { "http" } else { "offline" },
+        backend: match &a.url {
+            None => "offline".into(),
+            Some(_) => a.backend.clone(),
+        },
         model: a.model.model.clone(),
         num_prompts: n,
         max_concurrency: concurrency,

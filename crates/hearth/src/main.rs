@@ -2,6 +2,7 @@
 
 mod args;
 mod bench;
+mod bench_http;
 mod generate;
 mod serve;
 

@@ -115,11 +115,28 @@ struct CogRequest {
     filter: Vec<String>,
 }
 
-fn parse_request(body: &[u8]) -> Result<CogRequest, Response> {
-    let v = super::parse_json_body(body)
-        .map_err(|e| failed(StatusCode::BAD_REQUEST, &e.to_string()))?;
+/// Why a body was refused: not JSON (400), or fields of the wrong shape (422).
+enum Refused {
+    Malformed(String),
+    Invalid(Vec<FieldError>),
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Malformed(why) => failed(StatusCode::BAD_REQUEST, &why),
+            Refused::Invalid(fields) => invalid(&fields),
+        }
+    }
+}
+
+fn parse_request(body: &[u8]) -> Result<CogRequest, Refused> {
+    let v = super::parse_json_body(body).map_err(|e| Refused::Malformed(e.to_string()))?;
     let Value::Object(obj) = v else {
-        return Err(invalid(&[FieldError::new(&[], "expected an object")]));
+        return Err(Refused::Invalid(vec![FieldError::new(
+            &[],
+            "expected an object",
+        )]));
     };
     let mut errors = Vec::new();
     let id = match obj.get("id") {
@@ -169,7 +186,7 @@ fn parse_request(body: &[u8]) -> Result<CogRequest, Response> {
         }
     };
     if !errors.is_empty() {
-        return Err(invalid(&errors));
+        return Err(Refused::Invalid(errors));
     }
     Ok(CogRequest {
         id,
@@ -323,7 +340,7 @@ pub async fn create(
 ) -> Response {
     let req = match parse_request(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(refused) => return refused.into_response(),
     };
     if let Some(id) = &req.id {
         if !valid_id(id) {
@@ -344,11 +361,11 @@ pub async fn put(
     body: Bytes,
 ) -> Response {
     if !valid_id(&id) {
-        return invalid(&[FieldError::new(&["path", "prediction_id"], ID_RULE)]).into_response();
+        return invalid(&[FieldError::new(&["path", "prediction_id"], ID_RULE)]);
     }
     let mut req = match parse_request(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(refused) => return refused.into_response(),
     };
     if req.id.as_ref().is_some_and(|b| *b != id) {
         return invalid(&[FieldError::new(

@@ -31,8 +31,6 @@ ALLOWED = [
      "no Python runs in hearth: version names the Cog API version and hearth's own"),
     (r"openapi", r"Input\.properties\.max_tokens: hearth adds maximum",
      "hearth bounds max_tokens by the model's context length"),
-    (r"setup failed", r"setup\.logs",
-     "same key and type; hearth's setup logs are its loader's lines and the error"),
     (r"validation: .*(id 5|filter|body \[\])", r"body: cog text, hearth object",
      "Cog's framework answers a body of the wrong shape in plain text; hearth in Cog's 422 JSON"),
     (r"malformed JSON", r"body: cog text, hearth object",

@@ -60,6 +60,10 @@ def free_port():
 
 # ---------------------------------------------------------------- the two servers
 
+class ServerDown(Exception):
+    pass
+
+
 class Server:
     def __init__(self, name, cmd, env, cwd, port, log):
         self.name, self.port = name, port
@@ -77,9 +81,9 @@ class Server:
                 return requests.get(self.url("/health-check"), timeout=2)
             except requests.ConnectionError:
                 if self.proc.poll() is not None:
-                    sys.exit(f"{self.name} exited: see {self.log.name}")
+                    raise ServerDown(f"{self.name} exited (exit status {self.proc.returncode})")
                 time.sleep(0.02)
-        sys.exit(f"{self.name} did not listen within {TIMEOUT}s")
+        raise ServerDown(f"{self.name} did not listen within {TIMEOUT}s")
 
     def wait_status(self, *want):
         deadline = time.time() + TIMEOUT
@@ -88,7 +92,7 @@ class Server:
             if h["status"] in want:
                 return h
             time.sleep(0.05)
-        sys.exit(f"{self.name}: health-check never said {want}")
+        raise ServerDown(f"{self.name}: /health-check never said {' or '.join(want)}")
 
     def stop(self):
         if self.proc.poll() is None:
@@ -230,8 +234,11 @@ def sse(srv, method, path, body, cancel_after=None, cancel_id=None):
                          headers={"accept": "text/event-stream"})
     if cancel_after is not None:
         def cancel():
-            c = requests.post(srv.url(f"/predictions/{cancel_id}/cancel"), timeout=TIMEOUT)
-            CANCELS.append((srv.name, c.status_code, body_of(c)))
+            try:
+                c = requests.post(srv.url(f"/predictions/{cancel_id}/cancel"), timeout=TIMEOUT)
+                CANCELS.append((srv.name, c.status_code, body_of(c)))
+            except requests.RequestException as e:
+                CANCELS.append((srv.name, f"no answer ({type(e).__name__})", "text"))
         threading.Timer(cancel_after, cancel).start()
     events, ev, data = [], None, []
     for line in r.iter_lines(decode_unicode=True):
@@ -352,9 +359,24 @@ def wait_hooks(path, done):
 
 # ---------------------------------------------------------------- the cases
 
-def startup_phase():
+def phase(name, run):
+    """Runs a group of cases; a server that exits or never listens is a difference."""
+    servers = []
+    try:
+        run(servers)
+    except ServerDown as e:
+        record(f"{name}: a server went away", "", "", [str(e)])
+    except Exception as e:  # noqa: BLE001 - an answer of the wrong kind ends the phase
+        record(f"{name}: stopped", "", "", [f"{type(e).__name__}: {e}"])
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
+def startup_phase(servers):
     c = cog("startup", MIRROR_SETUP_SECONDS="3")
     h = hearth("startup", "--model", "dummy:bench-small")
+    servers += [c, h]
     for srv in (c, h):
         srv.wait_listening()
     first = [requests.get(s.url("/health-check")).json() for s in (c, h)]
@@ -366,11 +388,12 @@ def startup_phase():
     ready = [s.wait_status("READY") for s in (c, h)]
     record("health-check once ready", ready[0]["status"], ready[1]["status"],
            shape_diffs(shape(ready[0]), shape(ready[1])))
-    for s in (c, h):
-        s.stop()
 
+
+def setup_failure_phase(servers):
     c = cog("failed", MIRROR_SETUP_FAIL="1")
     h = hearth("failed", "--model", f"{WORK}/no-such-model")
+    servers += [c, h]
     for srv in (c, h):
         srv.wait_listening()
     failed = [s.wait_status("SETUP_FAILED") for s in (c, h)]
@@ -378,13 +401,12 @@ def startup_phase():
            shape_diffs(shape(failed[0]), shape(failed[1])))
     both("POST /predictions: setup failed", c, h, "POST", "/predictions", {"input": {}}, exact=True)
     both("GET /openapi.json: setup failed", c, h, "GET", "/openapi.json", exact=True)
-    for s in (c, h):
-        s.stop()
 
 
-def main_phase(hook_base):
+def main_phase(servers, hook_base):
     c = cog("main")
     h = hearth("main")
+    servers += [c, h]
     for s in (c, h):
         s.wait_listening()
         s.wait_status("READY")
@@ -455,8 +477,11 @@ def main_phase(hook_base):
     compare_sse("SSE attach + cancel",
                 sse(c, "PUT", "/predictions/diff.long.1", {"input": {}}, 0.8, "diff.long.1"),
                 sse(h, "PUT", "/predictions/diff.long.1", {"input": {}}, 0.8, "diff.long.1"))
+    time.sleep(0.5)
     got = {name: (st, b) for name, st, b in CANCELS}
-    record("cancel in flight", got["cog"][0], got["hearth"][0], compare(*got["cog"], *got["hearth"], exact=True))
+    none = ("not sent", "text")
+    cc, hc = got.get("cog", none), got.get("hearth", none)
+    record("cancel in flight", cc[0], hc[0], compare(*cc, *hc, exact=True))
     for s in (c, h):
         s.wait_status("READY")
     both("PUT a finished id", c, h, "PUT", "/predictions/diff.long.1", {"input": small})
@@ -497,8 +522,6 @@ def main_phase(hook_base):
     record("POST /shutdown", f"{res[0][0]} {res[0][2]}", f"{res[1][0]} {res[1][2]}",
            compare(res[0][0], res[0][1], res[1][0], res[1][1], exact=True)
            + ([] if res[0][2] == res[1][2] == "exited" else ["not both exited"]))
-    for s in (c, h):
-        s.stop()
 
 
 def main():
@@ -506,8 +529,9 @@ def main():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", hook_port), Hook)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     t0 = time.time()
-    startup_phase()
-    main_phase(f"http://127.0.0.1:{hook_port}")
+    phase("startup", startup_phase)
+    phase("setup failure", setup_failure_phase)
+    phase("main", lambda servers: main_phase(servers, f"http://127.0.0.1:{hook_port}"))
     w = [max(len(r[i]) for r in ROWS + [("case", "cog 0.23.1", "hearth", "")]) for i in range(3)]
     print(f"{'case':<{w[0]}}  {'cog 0.23.1':<{w[1]}}  {'hearth':<{w[2]}}  result")
     for case, cr, hr, verdict in ROWS:

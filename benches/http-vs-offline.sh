@@ -13,7 +13,7 @@ data=$(mktemp -d)
 "$bin" serve --model "$model" --port "$port" --data-dir "$data" >"$data/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; rm -rf "$data"' EXIT
-for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health-check" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health-check" | grep -q '"READY"' && break; sleep 0.1; done
 name=$(curl -sf "http://127.0.0.1:$port/v1/models" | python3 -c "import json,sys; m=json.load(sys.stdin)['results'][0]; print(m['owner']+'/'+m['name'])")
 common="--num-prompts $n --max-concurrency $c --input-len $in --output-len $out --seed 0 --json"
 offline=$("$bin" bench --offline --model "$model" $common | tail -n 1)

@@ -120,7 +120,11 @@ def call(method, path, body=None, headers=None):
 t0 = time.time()
 while True:
     try:
-        urllib.request.urlopen(BASE + "/health-check", timeout=2).read()
+        health = json.load(urllib.request.urlopen(BASE + "/health-check", timeout=2))
+        if health["status"] == "SETUP_FAILED":
+            sys.exit("soak: setup failed: " + health["setup"].get("logs", ""))
+        if health["status"] == "STARTING":
+            raise RuntimeError("still starting")
         break
     except Exception:
         if time.time() - t0 > 180:

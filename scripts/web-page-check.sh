@@ -39,7 +39,7 @@ HEARTH_LOG=warn "$bin" serve --port "$port" --data-dir "$work/data" --api-token 
   --max-num-seqs 4 >"$work/server.log" 2>&1 &
 server=$!
 for _ in $(seq 300); do
-  curl -sf "$base/health-check" >/dev/null && break
+  curl -sf "$base/health-check" | grep -q '"READY"' && break
   kill -0 "$server" 2>/dev/null || { cat "$work/server.log"; exit 1; }
   sleep 0.2
 done

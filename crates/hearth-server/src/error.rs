@@ -4,6 +4,23 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hearth_runtime::RuntimeError;
 
+/// One invalid part of a request: where (`["input", "max_tokens"]`, `["id"]`) and
+/// why. Cog's 422 is a list of these; Replicate's joins them into its `detail`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub loc: Vec<String>,
+    pub msg: String,
+}
+
+impl FieldError {
+    pub fn new(loc: &[&str], msg: impl Into<String>) -> Self {
+        Self {
+            loc: loc.iter().map(|s| s.to_string()).collect(),
+            msg: msg.into(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{detail}")]
@@ -12,6 +29,8 @@ pub enum ApiError {
         title: &'static str,
         detail: String,
         retry_after: Option<u64>,
+        /// For a 422: every invalid field, so each API can render them its way.
+        fields: Vec<FieldError>,
     },
 }
 
@@ -22,6 +41,7 @@ impl ApiError {
             title,
             detail: detail.into(),
             retry_after: None,
+            fields: Vec::new(),
         }
     }
     pub fn not_found(detail: impl Into<String>) -> Self {
@@ -33,6 +53,39 @@ impl ApiError {
             "Input validation failed",
             detail,
         )
+    }
+    /// A 422 naming each invalid field; the detail lists them as `input.a: why; ...`.
+    pub fn invalid_fields(fields: Vec<FieldError>) -> Self {
+        let detail = fields
+            .iter()
+            .map(|f| format!("{}: {}", f.loc.join("."), f.msg))
+            .collect::<Vec<_>>()
+            .join("; ");
+        match Self::invalid(detail) {
+            ApiError::Problem {
+                status,
+                title,
+                detail,
+                retry_after,
+                ..
+            } => ApiError::Problem {
+                status,
+                title,
+                detail,
+                retry_after,
+                fields,
+            },
+        }
+    }
+    /// A 422 about one field at `loc`.
+    pub fn invalid_at(loc: &[&str], msg: impl Into<String>) -> Self {
+        Self::invalid_fields(vec![FieldError::new(loc, msg)])
+    }
+    /// The invalid fields of a 422 (empty for other errors).
+    pub fn fields(&self) -> &[FieldError] {
+        match self {
+            ApiError::Problem { fields, .. } => fields,
+        }
     }
     pub fn bad_request(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "Bad request", detail)
@@ -50,6 +103,7 @@ impl ApiError {
             title: "Request was throttled",
             detail: format!("Request was throttled. Your rate limit resets in ~{retry_after}s."),
             retry_after: Some(retry_after),
+            fields: Vec::new(),
         }
     }
     /// A fault of the server's own: the detail goes to the log under a reference,
@@ -97,7 +151,7 @@ impl From<RuntimeError> for ApiError {
     fn from(e: RuntimeError) -> Self {
         match &e {
             RuntimeError::InvalidRequest { field, reason } => {
-                ApiError::invalid(format!("input.{field}: {reason}"))
+                ApiError::invalid_at(&["input", field], reason.clone())
             }
             RuntimeError::QueueFull(_) => ApiError::throttled(1),
             RuntimeError::EngineStopped => ApiError::unavailable(e.to_string()),
@@ -113,6 +167,7 @@ impl IntoResponse for ApiError {
             title,
             detail,
             retry_after,
+            ..
         } = self;
         let body = serde_json::json!({"title": title, "detail": detail, "status": status.as_u16()});
         let mut resp = (status, body.to_string()).into_response();

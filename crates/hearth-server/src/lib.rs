@@ -4,6 +4,7 @@
 //! model's tokenizer, and turns engine events into predictions.
 
 pub mod auth;
+pub mod cog_shape;
 pub mod error;
 pub mod go_duration;
 pub mod http;
@@ -15,6 +16,7 @@ pub mod record;
 pub mod routes;
 pub mod schema;
 pub mod service;
+pub mod startup;
 pub mod store;
 pub mod webhook;
 
@@ -54,6 +56,9 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Open connections at most; past it new ones get a 503 and are closed.
     pub max_connections: usize,
+    /// Cog's prediction slots: Cog-route predictions in flight at most; past it Cog's
+    /// `POST`/`PUT /predictions` answer 409 "At capacity", as Cog does.
+    pub cog_max_concurrency: usize,
 }
 
 impl ServerConfig {
@@ -73,6 +78,7 @@ impl ServerConfig {
             webhook_allow_private: false,
             header_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            cog_max_concurrency: 256,
         }
     }
 
@@ -95,6 +101,11 @@ impl ServerConfig {
                 "--max-connections: must be at least 1".into(),
             ));
         }
+        if self.cog_max_concurrency == 0 {
+            return Err(ServerError::Config(
+                "--cog-max-concurrency: must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -112,6 +123,10 @@ pub struct AppState {
     pub stop: CancellationToken,
     draining: AtomicBool,
     pub started_at: String,
+    /// How setup went: `/health-check`'s `setup` block.
+    pub setup: startup::SetupReport,
+    /// Cog's prediction slots (`--cog-max-concurrency`).
+    pub cog_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -148,6 +163,8 @@ pub enum ServerError {
     },
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error("setup failed: {0}")]
+    Setup(String),
 }
 
 fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
@@ -165,6 +182,15 @@ fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
 pub fn build_state(
     cfg: ServerConfig,
     models: Vec<ServedModel>,
+) -> Result<Arc<AppState>, ServerError> {
+    build_state_after_setup(cfg, models, startup::SetupReport::instant())
+}
+
+/// As `build_state`, for models whose setup `setup` reports.
+pub fn build_state_after_setup(
+    cfg: ServerConfig,
+    models: Vec<ServedModel>,
+    setup: startup::SetupReport,
 ) -> Result<Arc<AppState>, ServerError> {
     cfg.check()?;
     let data_err = |e| ServerError::DataDir {
@@ -198,6 +224,7 @@ pub fn build_state(
     if registry.default_model().is_none() {
         return Err(ServerError::Config("no model to serve".into()));
     }
+    let cfg_slots = cfg.cog_max_concurrency;
     Ok(Arc::new(AppState {
         auth: auth::Auth::new(&cfg.api_tokens),
         cfg,
@@ -210,6 +237,8 @@ pub fn build_state(
         stop: CancellationToken::new(),
         draining: AtomicBool::new(false),
         started_at: record::now_rfc3339(),
+        setup,
+        cog_slots: Arc::new(tokio::sync::Semaphore::new(cfg_slots)),
     }))
 }
 
@@ -217,7 +246,7 @@ pub fn build_state(
 const CANCEL_GRACE: Duration = Duration::from_secs(3);
 /// At shutdown, how long connections get to finish their responses once every
 /// prediction has ended, and webhooks to go out.
-const CLOSE_GRACE: Duration = Duration::from_secs(3);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
 /// Serves until SIGTERM, Ctrl-C or `POST /shutdown`; then stops accepting, gives
 /// predictions in flight `shutdown_timeout` to finish, cancels the rest, ends their
@@ -236,12 +265,44 @@ pub async fn serve_on(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
 ) -> Result<(), ServerError> {
-    if state.auth.is_open() {
-        tracing::warn!("no --api-token given: every request is accepted without authentication");
-    }
+    announce(&listener)?;
+    let accept_stop = CancellationToken::new();
+    let accept = spawn_accept(
+        listener,
+        routes::router(state.clone()),
+        state.cfg.clone(),
+        accept_stop.clone(),
+    );
+    serve_until_stopped(state, accept, accept_stop).await
+}
+
+pub(crate) fn announce(listener: &tokio::net::TcpListener) -> Result<(), ServerError> {
     let local = listener.local_addr().map_err(ServerError::Serve)?;
     tracing::info!(%local, "listening");
     eprintln!("hearth listening on http://{local}");
+    Ok(())
+}
+
+/// The accept loop as a task, until `stop`: its answer shuts the open connections.
+pub(crate) fn spawn_accept(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    cfg: ServerConfig,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<hyper_util::server::graceful::GracefulShutdown> {
+    tokio::spawn(async move { http::accept_until(listener, app, &cfg, stop).await })
+}
+
+/// Runs the server whose connections `accept` takes until `state.stop`, then shuts
+/// down as `serve` says.
+pub(crate) async fn serve_until_stopped(
+    state: Arc<AppState>,
+    accept: tokio::task::JoinHandle<hyper_util::server::graceful::GracefulShutdown>,
+    accept_stop: CancellationToken,
+) -> Result<(), ServerError> {
+    if state.auth.is_open() {
+        tracing::warn!("no --api-token given: every request is accepted without authentication");
+    }
     let webhook_stop = CancellationToken::new();
     let dispatcher = tokio::spawn(webhook::dispatcher::run(
         state.webhooks.clone(),
@@ -258,8 +319,11 @@ pub async fn serve_on(
             }
         })
     };
-    let app = routes::router(state.clone());
-    let connections = http::accept_until(listener, app, &state.cfg, state.stop.clone()).await;
+    state.stop.cancelled().await;
+    accept_stop.cancel();
+    let connections = accept
+        .await
+        .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?;
     tracing::info!("shutting down: no new connections or predictions");
     state.draining.store(true, Ordering::SeqCst);
     drain(&state).await;
@@ -308,7 +372,7 @@ async fn drain(state: &AppState) {
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

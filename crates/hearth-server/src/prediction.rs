@@ -169,7 +169,7 @@ pub struct RunContext {
 impl RunContext {
     fn notify(&self, event: WebhookEvent, r: &Record) {
         if let Some(w) = &self.webhook {
-            w.send(event, &r.to_json());
+            w.send(event, r);
         }
     }
 }
@@ -318,7 +318,12 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
             tracing::error!(error = %e, "could not store the finished prediction; keeping it in memory and retrying");
             ctx.hub.keep_unsaved(r.clone());
         }
-        ctx.notify(WebhookEvent::Logs, &r);
+        // The summary line is logged by the running prediction: its `logs` event shows
+        // the prediction still processing, before `completed` ends it.
+        let mut running = r.clone();
+        let p = &mut running.prediction;
+        (p.status, p.metrics, p.error, p.completed_at) = (Status::Processing, None, None, None);
+        ctx.notify(WebhookEvent::Logs, &running);
         ctx.notify(WebhookEvent::Completed, &r);
         ctx.hub.remove(&r.prediction.id);
     }

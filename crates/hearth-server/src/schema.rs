@@ -5,7 +5,7 @@ use serde_json::{json, Map, Value};
 
 use hearth_runtime::{PromptSpec, SamplingParams};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, FieldError};
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -91,86 +91,120 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
+/// Inputs whose schema says `nullable`: `null` is "not given" for them.
+const NULLABLE: &[&str] = &["seed"];
+
+fn canonical(key: &str) -> &str {
+    ALIASES
+        .iter()
+        .find(|(a, _)| *a == key)
+        .map(|(_, c)| *c)
+        .unwrap_or(key)
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Str => "a string",
+        Kind::Int => "an integer",
+        Kind::Num => "a number",
+        Kind::Bool => "a boolean",
+    }
+}
+
+/// Why `v` is not a valid value for `field`, if it is not.
+fn check_field(field: &Field, v: &Value) -> Option<String> {
+    let n = match field.kind {
+        Kind::Str | Kind::Bool => {
+            let ok = matches!(
+                (field.kind, v),
+                (Kind::Str, Value::String(_)) | (Kind::Bool, Value::Bool(_))
+            );
+            return (!ok)
+                .then(|| format!("expected {}, got {}", kind_name(field.kind), type_name(v)));
+        }
+        Kind::Int => match v
+            .as_i64()
+            .or_else(|| v.as_f64().filter(|x| x.fract() == 0.0).map(|x| x as i64))
+        {
+            Some(n) => n as f64,
+            None if v.is_number() => {
+                return Some("expected an integer, got a fractional number".into())
+            }
+            None => return Some(format!("expected an integer, got {}", type_name(v))),
+        },
+        Kind::Num => match v.as_f64() {
+            Some(x) => x,
+            None => return Some(format!("expected a number, got {}", type_name(v))),
+        },
+    };
+    if let Some(min) = field.min.filter(|min| n < *min) {
+        return Some(format!("must be greater than or equal to {min}, got {n}"));
+    }
+    if let Some(max) = field.max.filter(|max| n > *max) {
+        return Some(format!("must be less than or equal to {max}, got {n}"));
+    }
+    None
+}
+
+/// Cog's rule for `null`: only a `nullable` input may be null. (Replicate's routes
+/// read `null` as "use the default" for every input.)
+pub fn null_errors(input: &Value) -> Vec<FieldError> {
+    let Value::Object(obj) = input else {
+        return Vec::new();
+    };
+    obj.iter()
+        .filter(|(_, v)| v.is_null())
+        .filter_map(|(k, _)| {
+            let name = canonical(k);
+            let field = FIELDS.iter().find(|f| f.name == name)?;
+            (!NULLABLE.contains(&name)).then(|| {
+                FieldError::new(
+                    &["input", k],
+                    format!("expected {}, got null", kind_name(field.kind)),
+                )
+            })
+        })
+        .collect()
+}
+
 /// Checks `input` against the schema (types, bounds), fills defaults, and builds the
-/// engine's parameters. Errors name the field and the reason (HTTP 422).
+/// engine's parameters. A 422 names every invalid field and why.
 pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<ParsedInput, ApiError> {
     let obj = match input {
         Value::Object(o) => o.clone(),
         Value::Null => Map::new(),
         other => {
-            return Err(ApiError::invalid(format!(
-                "input: expected an object, got {}",
-                type_name(other)
-            )))
+            return Err(ApiError::invalid_at(
+                &["input"],
+                format!("expected an object, got {}", type_name(other)),
+            ))
         }
     };
     let mut merged = defaults.clone();
+    // What the caller sent, by canonical name, for the error's location.
+    let mut sent_as: Vec<(String, String)> = Vec::new();
     for (k, v) in obj {
-        let key = ALIASES
-            .iter()
-            .find(|(a, _)| *a == k)
-            .map(|(_, c)| c.to_string())
-            .unwrap_or(k);
+        let key = canonical(&k).to_string();
         if v.is_null() {
             continue;
         }
+        sent_as.push((key.clone(), k));
         merged.insert(key, v);
     }
-    for field in FIELDS {
-        let Some(v) = merged.get(field.name) else {
-            continue;
-        };
-        let bad = |why: String| ApiError::invalid(format!("input.{}: {why}", field.name));
-        let n = match field.kind {
-            Kind::Str => {
-                if !v.is_string() {
-                    return Err(bad(format!("expected a string, got {}", type_name(v))));
-                }
-                None
-            }
-            Kind::Bool => {
-                if !v.is_boolean() {
-                    return Err(bad(format!("expected a boolean, got {}", type_name(v))));
-                }
-                None
-            }
-            Kind::Int => {
-                let n = v
-                    .as_i64()
-                    .or_else(|| v.as_f64().filter(|x| x.fract() == 0.0).map(|x| x as i64));
-                match n {
-                    Some(n) => Some(n as f64),
-                    None => {
-                        return Err(bad(format!(
-                            "expected an integer, got {}",
-                            if v.is_number() {
-                                "a fractional number".into()
-                            } else {
-                                type_name(v).to_string()
-                            }
-                        )))
-                    }
-                }
-            }
-            Kind::Num => match v.as_f64() {
-                Some(x) => Some(x),
-                None => return Err(bad(format!("expected a number, got {}", type_name(v)))),
-            },
-        };
-        if let Some(x) = n {
-            if let Some(min) = field.min {
-                if x < min {
-                    return Err(bad(format!(
-                        "must be greater than or equal to {min}, got {x}"
-                    )));
-                }
-            }
-            if let Some(max) = field.max {
-                if x > max {
-                    return Err(bad(format!("must be less than or equal to {max}, got {x}")));
-                }
-            }
-        }
+    let errors: Vec<FieldError> = FIELDS
+        .iter()
+        .filter_map(|field| {
+            let why = check_field(field, merged.get(field.name)?)?;
+            let name = sent_as
+                .iter()
+                .find(|(c, _)| c == field.name)
+                .map(|(_, k)| k.as_str())
+                .unwrap_or(field.name);
+            Some(FieldError::new(&["input", name], why))
+        })
+        .collect();
+    if !errors.is_empty() {
+        return Err(ApiError::invalid_fields(errors));
     }
     let s = |k: &str| {
         merged
@@ -214,7 +248,7 @@ pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<Parse
     };
     params.validate().map_err(|e| match e {
         hearth_runtime::RuntimeError::InvalidRequest { field, reason } => {
-            ApiError::invalid(format!("input.{field}: {reason}"))
+            ApiError::invalid_at(&["input", field], reason)
         }
         other => ApiError::invalid(other.to_string()),
     })?;
@@ -229,8 +263,12 @@ pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<Parse
     })
 }
 
-/// Cog's OpenAPI document for a text model, with `defaults` shown as the inputs' defaults.
-pub fn openapi_schema(defaults: &Map<String, Value>, max_tokens_limit: usize) -> Value {
+/// The Cog version whose container API hearth speaks: `GET /`'s `cog_version`, the
+/// OpenAPI document's `info.version`, the webhooks' `user-agent`.
+pub const COG_VERSION: &str = "0.23.1";
+
+/// The `Input` schema: every field in `x-order` order, `defaults` as the defaults.
+fn input_schema(defaults: &Map<String, Value>, max_tokens_limit: usize) -> Value {
     let mut props = Map::new();
     for (order, field) in FIELDS.iter().enumerate() {
         let mut p = Map::new();
@@ -256,26 +294,67 @@ pub fn openapi_schema(defaults: &Map<String, Value>, max_tokens_limit: usize) ->
         if let Some(d) = defaults.get(field.name) {
             p.insert("default".into(), d.clone());
         }
+        // `Optional[int] = None` in a predictor: nullable, with a null default.
+        if NULLABLE.contains(&field.name) {
+            p.insert("nullable".into(), true.into());
+            p.entry("default").or_insert(Value::Null);
+        }
         props.insert(field.name.into(), Value::Object(p));
     }
+    json!({"type": "object", "title": "Input", "properties": props})
+}
+
+fn ok_response(schema: Value) -> Value {
+    json!({"description": "Successful Response", "content": {"application/json": {"schema": schema}}})
+}
+
+/// The OpenAPI document a Cog build (0.23.1) writes for a text model that streams a
+/// concatenate iterator: Cog's paths and components, `defaults` as the inputs' defaults.
+pub fn openapi_schema(defaults: &Map<String, Value>, max_tokens_limit: usize) -> Value {
+    let s = |title: &str| json!({"title": title, "type": "string"});
+    let time = |title: &str| json!({"title": title, "type": "string", "format": "date-time"});
+    let invalid = json!({"description": "Validation Error", "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}});
     json!({
         "openapi": "3.0.2",
-        "info": {"title": "Cog", "version": "0.1.0"},
-        "paths": {},
+        "info": {"title": "Cog", "version": COG_VERSION},
+        "paths": {
+            "/": {"get": {"summary": "Root", "operationId": "root__get",
+                          "responses": {"200": ok_response(json!({}))}}},
+            "/health-check": {"get": {"summary": "Healthcheck", "operationId": "healthcheck_health_check_get",
+                                      "responses": {"200": ok_response(json!({}))}}},
+            "/predictions": {"post": {
+                "summary": "Predict", "description": "Run a single prediction on the model",
+                "operationId": "predict_predictions_post",
+                "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionRequest"}}}},
+                "responses": {"200": ok_response(json!({"$ref": "#/components/schemas/PredictionResponse"})), "422": invalid},
+                "x-cog-streaming": true,
+            }},
+            "/predictions/{prediction_id}/cancel": {"post": {
+                "summary": "Cancel", "operationId": "cancel_predictions__prediction_id__cancel_post",
+                "parameters": [{"required": true, "schema": s("Prediction Id"), "name": "prediction_id", "in": "path"}],
+                "responses": {"200": ok_response(json!({})), "422": invalid},
+            }},
+        },
         "components": {"schemas": {
-            "Input": {"type": "object", "title": "Input", "properties": props},
+            "Input": input_schema(defaults, max_tokens_limit),
             "Output": {"type": "array", "title": "Output", "items": {"type": "string"},
                        "x-cog-array-type": "iterator", "x-cog-array-display": "concatenate"},
-            "Status": {"type": "string", "title": "Status", "enum": ["starting", "processing", "succeeded", "canceled", "failed"]},
-            "WebhookEvent": {"type": "string", "title": "WebhookEvent", "enum": ["start", "output", "logs", "completed"]},
             "PredictionRequest": {"type": "object", "title": "PredictionRequest", "properties": {
-                "id": {"type": "string"}, "input": {"$ref": "#/components/schemas/Input"},
-                "webhook": {"type": "string", "format": "uri"},
-                "webhook_events_filter": {"type": "array", "items": {"$ref": "#/components/schemas/WebhookEvent"}}}},
+                "id": s("Id"), "input": {"$ref": "#/components/schemas/Input"}}},
             "PredictionResponse": {"type": "object", "title": "PredictionResponse", "properties": {
-                "id": {"type": "string"}, "input": {"$ref": "#/components/schemas/Input"},
-                "output": {"$ref": "#/components/schemas/Output"}, "status": {"$ref": "#/components/schemas/Status"},
-                "error": {"type": "string"}, "logs": {"type": "string"}, "metrics": {"type": "object"}}},
+                "input": {"$ref": "#/components/schemas/Input"}, "output": {"$ref": "#/components/schemas/Output"},
+                "id": s("Id"), "version": s("Version"), "created_at": time("Created At"),
+                "started_at": time("Started At"), "completed_at": time("Completed At"), "status": s("Status"),
+                "error": s("Error"), "logs": s("Logs"), "metrics": {"title": "Metrics", "type": "object"}}},
+            "Status": {"type": "string", "title": "Status", "description": "An enumeration.",
+                       "enum": ["starting", "processing", "succeeded", "canceled", "failed"]},
+            "HTTPValidationError": {"type": "object", "title": "HTTPValidationError", "properties": {
+                "detail": {"title": "Detail", "type": "array", "items": {"$ref": "#/components/schemas/ValidationError"}}}},
+            "ValidationError": {"type": "object", "title": "ValidationError", "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {"title": "Location", "type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                    "msg": s("Message"), "type": s("Error Type")}},
         }}
     })
 }
@@ -329,6 +408,35 @@ mod tests {
     }
 
     #[test]
+    fn every_invalid_field_is_listed_with_its_location() {
+        let e = parse_input(
+            &json!({"max_new_tokens": "x", "temperature": 9, "prompt": 5, "bogus": 1}),
+            &default_inputs(),
+        )
+        .err()
+        .unwrap();
+        let locs: Vec<String> = e.fields().iter().map(|f| f.loc.join(".")).collect();
+        assert_eq!(
+            locs,
+            ["input.prompt", "input.max_new_tokens", "input.temperature"]
+        );
+        assert!(e.fields()[2].msg.contains("less than or equal to 5"), "{e}");
+        // The runtime's own checks carry their field too.
+        let e = parse_input(
+            &json!({"min_tokens": 10, "max_tokens": 5}),
+            &default_inputs(),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.fields()[0].loc[0], "input");
+        // Cog's rule for null: only a nullable input may be null.
+        let nulls =
+            null_errors(&json!({"seed": null, "prompt": null, "max_new_tokens": null, "x": null}));
+        let locs: Vec<String> = nulls.iter().map(|f| f.loc.join(".")).collect();
+        assert_eq!(locs, ["input.max_new_tokens", "input.prompt"]);
+    }
+
+    #[test]
     fn aliases_defaults_and_comma_separated_stops() {
         let p = parse_input(
             &json!({"prompt": "hi", "max_new_tokens": 7, "stop_sequences": "<end>, <stop>"}),
@@ -354,5 +462,25 @@ mod tests {
             s["components"]["schemas"]["Output"]["x-cog-array-type"],
             "iterator"
         );
+        // `Optional[int] = None`, as Cog writes it.
+        assert_eq!(input["seed"]["nullable"], true);
+        assert!(input["seed"]["default"].is_null() && input["seed"].get("default").is_some());
+        // Cog's paths and validation-error components.
+        assert_eq!(s["paths"]["/predictions"]["post"]["x-cog-streaming"], true);
+        for p in ["/", "/health-check", "/predictions/{prediction_id}/cancel"] {
+            assert!(s["paths"][p].is_object(), "{p}");
+        }
+        let schemas = &s["components"]["schemas"];
+        for k in ["version", "created_at", "started_at", "completed_at"] {
+            assert!(
+                schemas["PredictionResponse"]["properties"][k].is_object(),
+                "{k}"
+            );
+        }
+        assert_eq!(
+            schemas["ValidationError"]["required"],
+            json!(["loc", "msg", "type"])
+        );
+        assert!(schemas["HTTPValidationError"]["properties"]["detail"].is_object());
     }
 }

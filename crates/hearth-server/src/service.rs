@@ -16,7 +16,7 @@ use crate::models::ServedModel;
 use crate::prediction::{self, Live, RunContext};
 use crate::record::{new_id, new_token, Prediction, Record, Status};
 use crate::store::StoreError;
-use crate::webhook::{guard, WebhookEvent};
+use crate::webhook::{guard, WebhookEvent, WebhookStyle};
 use crate::AppState;
 
 pub type ServiceResult<T> = Result<T, ApiError>;
@@ -167,6 +167,7 @@ pub async fn create(
         created_unix: now.timestamp(),
     };
     let id = record.prediction.id.clone();
+    let origin_source = origin.source;
     match state.store.insert(&record) {
         Ok(()) => {}
         Err(StoreError::Exists(_)) => return Err(conflict(&id)),
@@ -174,9 +175,12 @@ pub async fn create(
     }
     let live = state.hub.try_insert(record).ok_or_else(|| conflict(&id))?;
     let webhook = req.webhook.as_ref().map(|url| {
-        state
-            .webhooks
-            .sender(url.clone(), &req.webhook_events_filter, &id)
+        state.webhooks.sender(
+            url.clone(),
+            &req.webhook_events_filter,
+            &id,
+            webhook_style(origin_source),
+        )
     });
     let ctx = RunContext {
         hub: state.hub.clone(),
@@ -193,6 +197,15 @@ pub async fn create(
         span,
     ));
     Ok(live)
+}
+
+/// Cog's routes get Cog's webhooks; every other route Replicate's.
+fn webhook_style(source: &str) -> WebhookStyle {
+    if source == "cog" {
+        WebhookStyle::Cog
+    } else {
+        WebhookStyle::Replicate
+    }
 }
 
 /// The current state: in memory while running (or while its last write is pending),

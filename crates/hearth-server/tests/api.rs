@@ -512,9 +512,10 @@ async fn cog_container_api_runs_sync_async_and_reports_validation_errors() {
         .unwrap();
     assert_eq!(
         r.status().as_u16(),
-        409,
-        "an id that exists is never created again"
+        202,
+        "an id in flight answers with its state, as Cog does"
     );
+    assert_eq!(r.json::<Value>().await.unwrap()["id"], id.as_str());
     let r = s
         .client
         .post(format!("{}/predictions/{id}/cancel", s.base))

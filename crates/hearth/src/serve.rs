@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use hearth_runtime::weights::WeightSource;
 use hearth_runtime::{LoadFormat, LoadedModel};
+use hearth_server::startup::SetupLog;
 use hearth_server::{ModelCard, ServedModel, ServerConfig, VersionInputs};
 
 use crate::args::{EngineArgs, ModelArgs};
@@ -75,6 +76,15 @@ pub struct ServeArgs {
     /// Most open connections; past it new ones get a 503.
     #[arg(long, env = "HEARTH_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// Cog's prediction slots: Cog-API predictions in flight at most; past it
+    /// `POST /predictions` answers 409 "At capacity", as Cog does (default:
+    /// --max-num-seqs).
+    #[arg(long, env = "HEARTH_COG_MAX_CONCURRENCY")]
+    pub cog_max_concurrency: Option<usize>,
+    /// Exit when loading the models fails, instead of reporting SETUP_FAILED on
+    /// /health-check (with the error) until stopped.
+    #[arg(long, env = "HEARTH_EXIT_ON_SETUP_FAILURE")]
+    pub exit_on_setup_failure: bool,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -152,9 +162,10 @@ fn served(
     })
 }
 
-fn load_models(a: &ServeArgs) -> anyhow::Result<Vec<ServedModel>> {
+fn load_models(a: &ServeArgs, log: &SetupLog) -> anyhow::Result<Vec<ServedModel>> {
     let engine_cfg = a.engine.config();
     let Some(dir) = &a.models else {
+        log.line(format!("loading {}", a.model.model));
         let loaded =
             hearth_runtime::load(&a.model.spec(), &engine_cfg).context("loading the model")?;
         let name = a
@@ -202,6 +213,7 @@ fn load_models(a: &ServeArgs) -> anyhow::Result<Vec<ServedModel>> {
                 path.display()
             ),
         }
+        log.line(format!("loading {} ({})", card.name, path.display()));
         let loaded = hearth_runtime::load(&spec, &engine_cfg)
             .with_context(|| format!("loading {}", path.display()))?;
         tracing::info!(card = %path.display(), name = %card.name, "model loaded");
@@ -238,27 +250,41 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     cfg.webhook_allow_private = a.webhook_allow_private;
     cfg.header_read_timeout = Duration::from_secs(a.header_read_timeout.max(1));
     cfg.max_connections = a.max_connections;
+    cfg.cog_max_concurrency = a.cog_max_concurrency.unwrap_or(a.engine.max_num_seqs);
     // Before loading models (minutes for big ones): a refused configuration says so now.
     cfg.check()?;
-    let models = load_models(&a)?;
-    for m in &models {
-        eprintln!(
-            "serving {} (version {}){}",
-            m.full_name(),
-            m.version,
-            if m.aliases.is_empty() {
-                String::new()
-            } else {
-                format!(", aliases {}", m.aliases.join(", "))
-            }
-        );
-    }
+    let exit_on_failure = a.exit_on_setup_failure;
+    // The server listens at once and says STARTING on /health-check while this runs.
+    let setup = move |log: SetupLog| {
+        let started = std::time::Instant::now();
+        let models = load_models(&a, &log).map_err(|e| format!("{e:#}"))?;
+        for m in &models {
+            let line = format!(
+                "serving {} (version {}){}",
+                m.full_name(),
+                m.version,
+                if m.aliases.is_empty() {
+                    String::new()
+                } else {
+                    format!(", aliases {}", m.aliases.join(", "))
+                }
+            );
+            eprintln!("{line}");
+            log.line(line);
+        }
+        log.line(format!(
+            "models loaded in {:.1}s",
+            started.elapsed().as_secs_f64()
+        ));
+        Ok(models)
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        let state = hearth_server::build_state(cfg, models)?;
-        hearth_server::serve(state).await
-    })?;
+    rt.block_on(hearth_server::startup::serve_with_setup(
+        cfg,
+        exit_on_failure,
+        setup,
+    ))?;
     Ok(())
 }

@@ -34,8 +34,12 @@ async fn start(port: u16, data: &std::path::Path) -> Server {
     let server = Server(child);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
+        // The server listens at once and says READY once its model is loaded.
         if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/health-check")).await {
-            if r.status().is_success() {
+            if r.json::<Value>()
+                .await
+                .is_ok_and(|h| h["status"] == "READY")
+            {
                 return server;
             }
         }

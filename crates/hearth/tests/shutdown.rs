@@ -56,8 +56,15 @@ async fn sigterm_ends_streams_and_sync_requests_and_exits_within_the_timeout() {
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !matches!(client.get(format!("{base}/health-check")).send().await, Ok(r) if r.status().is_success())
-    {
+    // The server listens at once and says READY once its model is loaded.
+    loop {
+        let health = match client.get(format!("{base}/health-check")).send().await {
+            Ok(r) => r.json::<Value>().await.ok(),
+            Err(_) => None,
+        };
+        if health.is_some_and(|h| h["status"] == "READY") {
+            break;
+        }
         assert!(Instant::now() < deadline, "server did not come up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -141,7 +148,9 @@ async fn sigterm_ends_streams_and_sync_requests_and_exits_within_the_timeout() {
         .unwrap();
     assert_eq!(code, 200);
     assert_eq!(body["status"], "canceled", "{body}");
-    assert!(body["output"].is_array(), "{body}");
+    // As Cog answers a canceled sync request: without its output.
+    assert!(body.get("output").is_none(), "{body}");
+    assert!(body["metrics"].is_object(), "{body}");
     drop(server);
     let _ = std::fs::remove_dir_all(&data);
 }

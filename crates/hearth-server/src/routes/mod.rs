@@ -2,12 +2,14 @@
 //! through (authentication, JSON errors, request metrics).
 
 pub mod cog;
+pub mod cog_stream;
 pub mod files;
 pub mod metrics;
 pub mod misc;
 pub mod models;
 pub mod openai;
 pub mod predictions;
+pub mod startup;
 pub mod stream;
 pub mod web;
 

@@ -12,7 +12,7 @@ use crate::error::ApiError;
 use crate::models::ServedModel;
 use crate::AppState;
 
-pub const COG_VERSION: &str = "0.16.9";
+pub use crate::schema::COG_VERSION;
 
 pub fn version_json(m: &ServedModel, id: &str) -> Value {
     json!({"id": id, "created_at": m.created_at, "cog_version": COG_VERSION, "openapi_schema": m.openapi_schema()})

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{guard, redact, Webhooks};
+use super::{guard, redact, WebhookStyle, Webhooks};
 use crate::store::{OutboxRow, Store};
 
 const MAX_IN_FLIGHT: usize = 32;
@@ -111,9 +111,11 @@ async fn attempt(hooks: &Webhooks, row: &OutboxRow) -> Outcome {
         return Outcome::GiveUp("the target is not a public address".into());
     }
     let ts = chrono::Utc::now().timestamp();
-    let res = hooks
-        .client
-        .post(url)
+    let mut req = hooks.client.post(url);
+    if let Some(ua) = WebhookStyle::from_outbox_event(&row.event).user_agent() {
+        req = req.header("user-agent", ua);
+    }
+    let res = req
         .header("content-type", "application/json")
         .header("webhook-id", &row.msg_id)
         .header("webhook-timestamp", ts.to_string())

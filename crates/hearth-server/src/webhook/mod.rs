@@ -1,7 +1,9 @@
-//! Webhooks as Replicate sends them: the prediction's JSON POSTed to the caller's URL
-//! on `start`, `output`, `logs` and `completed` (filtered per prediction; output and
-//! logs at most every 500 ms, the newest state winning), signed with Standard
-//! Webhooks. Deliveries go through a durable outbox in the store (`sender`), and one
+//! Webhooks: the prediction's JSON POSTed to the caller's URL on `start`, `output`,
+//! `logs` and `completed` (filtered per prediction), signed with Standard Webhooks, in
+//! one of two styles (`WebhookStyle`): Replicate's for the `/v1` routes (output and
+//! logs at most every 500 ms, the newest state winning) and Cog's for the container
+//! API (Cog's body, one `output` webhook per chunk, `logs` dropped within 500 ms of
+//! the last webhook, `user-agent: coglet/...`). Deliveries go through a durable outbox in the store (`sender`), and one
 //! dispatcher task makes them (`dispatcher`), retrying with backoff on network errors,
 //! 429 and 5xx, with the same `webhook-id` on every attempt, after a restart too.
 //! Targets on loopback, private, link-local or multicast addresses are refused at
@@ -52,6 +54,42 @@ impl WebhookEvent {
     }
     fn is_intermediate(self) -> bool {
         matches!(self, Self::Output | Self::Logs)
+    }
+}
+
+/// Whose webhooks a prediction gets: the body, the throttling and the user-agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookStyle {
+    /// The `/v1` routes: the prediction as `GET /v1/predictions/{id}` shows it.
+    Replicate,
+    /// Cog's container API: Cog's response shape, every output chunk.
+    Cog,
+}
+
+impl WebhookStyle {
+    /// The outbox's `event` column: the event, prefixed for a non-default style so the
+    /// dispatcher knows how to deliver it (and the outbox never coalesces it).
+    fn outbox_event(self, event: WebhookEvent) -> String {
+        match self {
+            Self::Replicate => event.as_str().to_string(),
+            Self::Cog => format!("cog.{}", event.as_str()),
+        }
+    }
+
+    fn from_outbox_event(event: &str) -> Self {
+        if event.starts_with("cog.") {
+            Self::Cog
+        } else {
+            Self::Replicate
+        }
+    }
+
+    /// The `user-agent` deliveries carry, if any.
+    fn user_agent(self) -> Option<String> {
+        match self {
+            Self::Replicate => None,
+            Self::Cog => Some(format!("coglet/{}", crate::schema::COG_VERSION)),
+        }
     }
 }
 
@@ -149,8 +187,9 @@ impl Webhooks {
         url: String,
         filter: &[String],
         prediction_id: &str,
+        style: WebhookStyle,
     ) -> WebhookSender {
-        WebhookSender::new(self.clone(), url, filter, prediction_id)
+        WebhookSender::new(self.clone(), url, filter, prediction_id, style)
     }
 }
 

@@ -88,6 +88,14 @@ async fn starting_answers_like_cog_then_ready_with_the_setup_logs() {
     assert!(h["setup"]["started_at"].is_string());
     assert!(h["setup"].get("completed_at").is_none(), "{h}");
     assert_eq!(h["version"]["coglet"], "0.23.1");
+    // The probe endpoint says it with the status code, without a token.
+    assert_eq!(
+        s.call(Method::GET, "/health", false)
+            .await
+            .status()
+            .as_u16(),
+        503
+    );
     // Cog's routes, as Cog answers before setup has finished.
     for (m, p) in [
         (Method::POST, "/predictions"),
@@ -136,6 +144,13 @@ async fn starting_answers_like_cog_then_ready_with_the_setup_logs() {
     }
     s.release.send(Ok(())).unwrap();
     let h = s.wait_status("READY").await;
+    assert_eq!(
+        s.call(Method::GET, "/health", false)
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
     assert_eq!(h["setup"]["status"], "succeeded");
     assert!(h["setup"]["completed_at"].is_string());
     assert!(

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::{json_response, AppResult};
@@ -29,4 +29,22 @@ pub async fn webhook_secret(State(state): State<Arc<AppState>>) -> AppResult<Res
         StatusCode::OK,
         &json!({"key": state.webhooks.secret}),
     ))
+}
+
+/// `GET /health` (vLLM's): 200 while every engine runs and the server takes work;
+/// 503 while loading (the startup router answers), after a failed setup, with a dead
+/// engine, or while shutting down. Cog's `/health-check` always answers 200 and puts
+/// the state in the body, which an HTTP probe cannot read.
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let alive = state.models.all().iter().all(|m| m.engine.is_alive());
+    if alive && !state.is_draining() {
+        json_response(StatusCode::OK, &json!({"status": "ok"}))
+    } else {
+        let why = if alive {
+            "shutting down"
+        } else {
+            "an engine has stopped"
+        };
+        crate::error::ApiError::unavailable(why).into_response()
+    }
 }

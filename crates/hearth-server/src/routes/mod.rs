@@ -197,6 +197,8 @@ fn entries(cfg: &ServerConfig) -> Vec<Entry> {
             get(web::json),
         ),
         e(Method::GET, "/health-check", Public, get(cog::health)),
+        // For load balancers and Kubernetes probes: the status code says it all.
+        e(Method::GET, "/health", Public, get(misc::health)),
         e(
             Method::GET,
             "/metrics",

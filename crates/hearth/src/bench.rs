@@ -412,7 +412,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             let files = hearth_runtime::loader::resolve(&hearth_runtime::ModelSpec::new(
                 a.tokenizer.clone(),
             ))?;
-            let tok = TextTokenizer::load(&files.tokenizer_json, files.tokenizer_config.as_ref())?;
+            let tok = files.load_tokenizer()?;
             let vocab = tok.inner().get_vocab_size(true) as u32;
             let work = workload(&a, &tok, vocab, true)?;
             let target = HttpTarget {

@@ -47,6 +47,15 @@ impl Module for Linear {
         match self {
             Self::Dense(l) => l.forward(x),
             Self::Quantized { weight, bias } => {
+                if let QMatMul::QTensor(q) = weight {
+                    if x.device().is_cpu() && hearth_kernels::quant_matmul::supported(q.dtype()) {
+                        let y = cpu_quantized_forward(q, x)?;
+                        return match bias {
+                            Some(b) => y.broadcast_add(b),
+                            None => Ok(y),
+                        };
+                    }
+                }
                 let dtype = x.dtype();
                 // candle's quantized CPU kernels take f32/f16/bf16; its CUDA fallback
                 // (shapes the fast kernels skip) only f32: give it f32 off the CPU.
@@ -64,6 +73,34 @@ impl Module for Linear {
             }
         }
     }
+}
+
+/// hearth's own CPU kernel (hearth-kernels' quant_matmul.rs) over the tensor's blocks in place.
+fn cpu_quantized_forward(q: &QTensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, k) = q.shape().dims2()?;
+    let mut dims = x.dims().to_vec();
+    if dims.last() != Some(&k) {
+        candle_core::bail!(
+            "quantized matmul: input {:?} against weight {:?}",
+            x.dims(),
+            q.shape()
+        );
+    }
+    let m = x.elem_count() / k;
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let out = {
+        let (storage, layout) = x32.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("quantized matmul: input not on the CPU");
+        };
+        let start = layout.start_offset();
+        let xs = &cpu.as_slice::<f32>()?[start..start + m * k];
+        hearth_kernels::quant_matmul::matmul(q.dtype(), &q.data()?, n, k, xs, m)
+    };
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(out, dims, &Device::Cpu)?.to_dtype(x.dtype())
 }
 
 /// Token embeddings: a dense table, or a quantized one whose looked-up rows are

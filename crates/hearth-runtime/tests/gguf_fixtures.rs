@@ -88,9 +88,6 @@ fn check_top5(
                 want[0].as_u64().unwrap() as usize,
                 want[1].as_f64().unwrap() as f32,
             );
-            if std::env::var_os("HEARTH_PRINT_ERR").is_some() {
-                eprintln!("ERR {what} {}", (row[id] - value).abs());
-            }
             if exact_order {
                 assert_eq!(
                     order[rank], id,
@@ -221,27 +218,36 @@ fn qwen3_gguf_with_qk_norm_matches_transformers() {
     check_exact("qwen3");
 }
 
-/// Quantized matmuls quantize their activations to 8 bits: on these random-weight models
-/// (std 0.2, which amplifies noise through the layers) that moves top logits of size ~5 by
-/// up to 0.11 (measured). A kernel reading blocks wrongly moves them by whole units.
-const QUANTIZED_TOLERANCE: f32 = 0.25;
+/// hearth's CPU kernel for Q4_0/Q4_1/Q8_0 quantizes activations to 16 bits: top logits of
+/// size ~5 stay within 1.3e-3 of the reference (measured). candle's kernels for the other
+/// types (Q5_0, Q5_1 in the llama mix; all types on CUDA) use 8 bits, which on these
+/// random-weight models (std 0.2 amplifies noise through the layers) moved them by up to
+/// 0.11. A kernel reading blocks wrongly moves them by whole units.
+fn tolerance(fine: bool) -> f32 {
+    let cpu = std::env::var("HEARTH_TEST_DEVICE").map_or(true, |d| d == "cpu");
+    if fine && cpu {
+        0.01
+    } else {
+        0.25
+    }
+}
 
 #[test]
 fn llama_gguf_q4_0_q4_1_q5_0_q5_1_q8_0_matches_reference() {
-    check_quantized("llama", QUANTIZED_TOLERANCE);
+    check_quantized("llama", tolerance(false));
 }
 
 #[test]
 fn mistral_gguf_f16_bf16_q8_0_matches_reference() {
-    check_quantized("mistral", QUANTIZED_TOLERANCE);
+    check_quantized("mistral", tolerance(true));
 }
 
 #[test]
 fn qwen2_gguf_q8_0_matches_reference() {
-    check_quantized("qwen2", QUANTIZED_TOLERANCE);
+    check_quantized("qwen2", tolerance(true));
 }
 
 #[test]
 fn qwen3_gguf_q4_1_matches_reference() {
-    check_quantized("qwen3", QUANTIZED_TOLERANCE);
+    check_quantized("qwen3", tolerance(true));
 }

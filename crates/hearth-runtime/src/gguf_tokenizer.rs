@@ -12,6 +12,7 @@ use tokenizers::Tokenizer;
 use crate::error::{Result, RuntimeError};
 use crate::gguf::GgufFile;
 
+const UNKNOWN: i64 = 2;
 const CONTROL: i64 = 3;
 const USER_DEFINED: i64 = 4;
 
@@ -229,8 +230,16 @@ impl GgufTokenizer {
                 let prefix = gguf
                     .get_bool("tokenizer.ggml.add_space_prefix")
                     .unwrap_or(true);
-                let pre = json!({"type": "Metaspace", "replacement": "\u{2581}",
-                    "prepend_scheme": if prefix { "first" } else { "never" }, "split": false});
+                // SentencePiece (and llama.cpp) put "▁" before every piece of text, also
+                // after a special token: the normalizer form of Llama 2's tokenizer.json.
+                let replace =
+                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+                let normalizer = if prefix {
+                    json!({"type": "Sequence", "normalizers": [
+                        {"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+                } else {
+                    replace
+                };
                 let mut dec = vec![
                     json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
                     json!({"type": "ByteFallback"}),
@@ -241,8 +250,8 @@ impl GgufTokenizer {
                 }
                 (
                     model,
+                    normalizer,
                     Json::Null,
-                    pre,
                     json!({"type": "Sequence", "decoders": dec}),
                     true,
                 )
@@ -256,16 +265,16 @@ impl GgufTokenizer {
                 ))
             }
         };
-        // Control tokens (<|im_start|>, <s>) are matched whole and are special;
-        // user-defined ones are matched whole but kept in decoded text.
+        // Control and unknown tokens (<|im_start|>, <s>, <unk>) are matched whole in text and
+        // are special; user-defined ones are matched whole but kept in decoded text.
         let added: Vec<Json> = tokens
             .iter()
             .zip(&types)
             .enumerate()
-            .filter(|(_, (_, &ty))| ty == CONTROL || ty == USER_DEFINED)
+            .filter(|(_, (_, &ty))| ty == CONTROL || ty == UNKNOWN || ty == USER_DEFINED)
             .map(|(id, (t, &ty))| {
                 json!({"id": id, "content": t, "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": false, "special": ty == CONTROL})
+                       "rstrip": false, "normalized": false, "special": ty != USER_DEFINED})
             })
             .collect();
         let add_bos = gguf

@@ -4,16 +4,13 @@
 //! same weights dequantized (NAME-q.golden.json), within what quantizing the activations
 //! costs; and `--quantize` on the safetensors must stay close to the f32 goldens.
 
+mod common;
+
 use std::path::PathBuf;
 
+use common::fixtures;
 use hearth_runtime::model::{ForwardBatch, SeqSlice};
 use hearth_runtime::{EngineConfig, GenerationEvent, GenerationRequest, ModelSpec, SamplingParams};
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("HEARTH_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures"))
-}
 
 fn json(path: PathBuf) -> serde_json::Value {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

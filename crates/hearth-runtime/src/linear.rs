@@ -150,24 +150,40 @@ pub fn parse_ggml_dtype(name: &str) -> Option<GgmlDType> {
 
 pub const QUANTIZE_NAMES: &str = "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k";
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_rows_fall_back_like_llama_cpp() {
+        assert_eq!(fallback_for_row(GgmlDType::Q4K, 4096), GgmlDType::Q4K);
+        assert_eq!(fallback_for_row(GgmlDType::Q4K, 576), GgmlDType::Q5_0);
+        assert_eq!(fallback_for_row(GgmlDType::Q6K, 576), GgmlDType::Q8_0);
+        assert_eq!(fallback_for_row(GgmlDType::Q4K, 96), GgmlDType::Q8_0);
+        assert_eq!(fallback_for_row(GgmlDType::Q8_0, 48), GgmlDType::F32);
+    }
+}
+
 /// K-quants pack 256 values per block; a row whose length is not a multiple of that
 /// (SmolLM2's 576) gets the nearest legacy type of at least as many bits, as llama.cpp's
-/// quantizer does.
+/// quantizer does. candle's Q4_1/Q5_0/Q5_1 dot products also assume an even number of
+/// blocks per row (as ggml's did), so odd ones move on to Q8_0.
 pub fn fallback_for_row(dtype: GgmlDType, row_len: usize) -> GgmlDType {
-    if row_len.is_multiple_of(dtype.block_size()) {
-        return dtype;
-    }
-    let fallback = match dtype {
+    let fits = |d: GgmlDType| {
+        let bs = d.block_size();
+        let even_blocks = !matches!(d, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
+        row_len.is_multiple_of(bs) && (even_blocks || (row_len / bs).is_multiple_of(2))
+    };
+    let legacy = match dtype {
         GgmlDType::Q2K | GgmlDType::Q3K => GgmlDType::Q4_0,
         GgmlDType::Q4K => GgmlDType::Q5_0,
         GgmlDType::Q5K => GgmlDType::Q5_1,
         _ => GgmlDType::Q8_0,
     };
-    if row_len.is_multiple_of(fallback.block_size()) {
-        fallback
-    } else {
-        GgmlDType::F32
-    }
+    [dtype, legacy, GgmlDType::Q8_0]
+        .into_iter()
+        .find(|d| fits(*d))
+        .unwrap_or(GgmlDType::F32)
 }
 
 enum Source {

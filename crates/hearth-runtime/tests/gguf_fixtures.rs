@@ -248,3 +248,43 @@ fn qwen2_gguf_q8_0_matches_reference() {
 fn qwen3_gguf_q4_1_matches_reference() {
     check_quantized("qwen3", tolerance(true));
 }
+
+/// `--quantize q8_0` on the qwen2 safetensors makes the model llama.cpp's quantizer made
+/// for qwen2-q.gguf (every 2-D weight Q8_0): it must meet that file's reference goldens as
+/// closely as the GGUF itself does.
+#[test]
+fn quantize_q8_0_at_load_equals_llama_cpp_quantization() {
+    let golden = json(fixtures().join("gguf/qwen2-q.golden.json"));
+    let mut s = spec(fixtures().join("qwen2"));
+    s.quantize = Some("q8_0".into());
+    check_top5("qwen2 --quantize q8_0", &golden, &s, tolerance(true), false);
+}
+
+#[test]
+fn quantize_k_quant_falls_back_for_short_rows() {
+    // Rows of 64 values cannot hold 256-value k-quant blocks: q4_k becomes q5_0 (q8_0 for
+    // the 96-value rows of down_proj). 5-bit weights move these random models' logits by
+    // up to ~0.75 (measured); garbage would move them by several units.
+    let golden = json(fixtures().join("mistral/golden.json"));
+    let mut s = spec(fixtures().join("mistral"));
+    s.quantize = Some("q4_k".into());
+    check_top5("mistral --quantize q4_k", &golden, &s, 1.5, false);
+}
+
+#[test]
+fn quantize_rejects_unknown_types_and_gguf_files() {
+    let mut s = spec(fixtures().join("llama"));
+    s.quantize = Some("q3_x".into());
+    let err = hearth_runtime::loader::load_model(&s)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("quantize") && err.contains("q3_x"), "{err}");
+    let mut s = spec(fixtures().join("gguf/llama-q.gguf"));
+    s.quantize = Some("q8_0".into());
+    let err = hearth_runtime::loader::load_model(&s)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("quantize") && err.contains("GGUF"), "{err}");
+}

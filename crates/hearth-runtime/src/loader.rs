@@ -274,7 +274,11 @@ pub fn resolve(spec: &ModelSpec) -> Result<ModelFiles> {
                 reason: "--gguf-file names a file inside a folder or Hub repo; --model is already a file".into(),
             });
         }
-        return from_gguf(display_name(path), path, spec.load_format);
+        let stem = path
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| m.to_string());
+        return from_gguf(stem, path, spec.load_format);
     }
     if path.is_dir() {
         if let Some(file) = gguf_in_folder(m, path, spec.gguf_file.as_deref())? {

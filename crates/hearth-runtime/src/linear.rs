@@ -207,6 +207,8 @@ pub struct WeightLoader {
     source: Arc<Source>,
     /// How many projections of each kind were made, for the load log.
     made: Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>>,
+    /// Bytes of weights handed out.
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
     prefix: String,
     dtype: DType,
     device: Device,
@@ -224,6 +226,7 @@ impl WeightLoader {
         Self {
             source: Arc::new(Source::Dense { vb, quantize }),
             made: Default::default(),
+            bytes: Default::default(),
             prefix: String::new(),
             dtype,
             device,
@@ -237,6 +240,7 @@ impl WeightLoader {
                 dequantize,
             }),
             made: Default::default(),
+            bytes: Default::default(),
             prefix: String::new(),
             dtype,
             device,
@@ -269,6 +273,12 @@ impl WeightLoader {
 
     /// A dense tensor in the compute dtype on the compute device.
     fn dense_tensor(&self, name: &str, shape: &[usize]) -> candle_core::Result<Tensor> {
+        let t = self.dense_tensor_inner(name, shape)?;
+        self.add_bytes(t.elem_count() * t.dtype().size_in_bytes());
+        Ok(t)
+    }
+
+    fn dense_tensor_inner(&self, name: &str, shape: &[usize]) -> candle_core::Result<Tensor> {
         let full = format!("{}.{name}", self.prefix);
         match self.source.as_ref() {
             Source::Dense { vb, .. } => vb
@@ -287,6 +297,17 @@ impl WeightLoader {
     /// A 2-D weight as stored (GGUF) or quantized now (`--quantize`); None when it is
     /// to be dense.
     fn quantized_weight(&self, shape: (usize, usize)) -> candle_core::Result<Option<QTensor>> {
+        let q = self.quantized_weight_inner(shape)?;
+        if let Some(q) = &q {
+            self.add_bytes(q.storage_size_in_bytes());
+        }
+        Ok(q)
+    }
+
+    fn quantized_weight_inner(
+        &self,
+        shape: (usize, usize),
+    ) -> candle_core::Result<Option<QTensor>> {
         let full = format!("{}.weight", self.prefix);
         match self.source.as_ref() {
             Source::Dense { vb, quantize } => {
@@ -337,6 +358,16 @@ impl WeightLoader {
         };
         self.count(&l);
         Ok(l)
+    }
+
+    /// Bytes of the weights made so far (a tied output projection counts once).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn add_bytes(&self, n: usize) {
+        self.bytes
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn count(&self, l: &Linear) {

@@ -28,6 +28,10 @@ pub struct BenchArgs {
     /// prediction of `--model` (its owner/name there) and reads its SSE stream.
     #[arg(long)]
     pub url: Option<String>,
+    /// What --url speaks: `replicate` (a hearth server) or `llama-cpp` (llama.cpp's
+    /// llama-server, through its streaming `/completion`: same prompts, greedy, EOS ignored).
+    #[arg(long, default_value = "replicate", value_parser = ["replicate", "llama-cpp"])]
+    pub api: String,
     /// API token for --url.
     #[arg(long, env = "REPLICATE_API_TOKEN")]
     pub api_token: Option<String>,
@@ -284,6 +288,66 @@ struct HttpTarget {
     base: String,
     model: String,
     token: Option<String>,
+    llama_cpp: bool,
+}
+
+/// llama-server's `/completion`, streamed: one SSE `data:` line per token; the last one
+/// carries the counts.
+async fn llama_cpp_request(
+    t: Arc<HttpTarget>,
+    prompt: String,
+    output_len: usize,
+) -> anyhow::Result<RequestResult> {
+    let start = Instant::now();
+    let body = serde_json::json!({
+        "prompt": prompt, "n_predict": output_len, "temperature": 0, "ignore_eos": true,
+        "stream": true, "cache_prompt": false,
+    });
+    let resp = t
+        .client
+        .post(format!("{}/completion", t.base))
+        .json(&body)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!(
+            "HTTP {}: {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    let mut r = RequestResult::default();
+    let (mut chunks, mut last, mut buf) = (0usize, start, String::new());
+    let mut body = resp.bytes_stream();
+    use futures_util::StreamExt;
+    'read: while let Some(bytes) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&bytes?));
+        while let Some(end) = buf.find('\n') {
+            let line: String = buf.drain(..end + 1).collect();
+            let Some(data) = line.trim().strip_prefix("data:") else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(data.trim())?;
+            if v["stop"].as_bool() == Some(true) {
+                r.output_tokens = v["timings"]["predicted_n"]
+                    .as_u64()
+                    .unwrap_or(chunks as u64) as usize;
+                r.prompt_len = v["timings"]["prompt_n"].as_u64().unwrap_or(0) as usize;
+                r.ok = true;
+                break 'read;
+            }
+            let now = Instant::now();
+            if chunks == 0 {
+                r.ttft = (now - start).as_secs_f64();
+            } else {
+                r.itls.push((now - last).as_secs_f64());
+            }
+            last = now;
+            chunks += 1;
+        }
+    }
+    r.e2e = start.elapsed().as_secs_f64();
+    Ok(r)
 }
 
 /// Creates a prediction and reads its SSE stream, timing chunks as a client sees
@@ -425,6 +489,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                     .to_string(),
                 model: a.model.model.clone(),
                 token: a.api_token.clone(),
+                llama_cpp: a.api == "llama-cpp",
             };
             (None, Some(Arc::new(target)), work)
         }
@@ -460,7 +525,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 let r = match (prompt, engine, http) {
                     (Prompt::Tokens(p), Some(e), _) => offline_request(e, p, out_len).await,
                     (Prompt::Text(p, _), _, Some(h)) => {
-                        http_request(h, p, out_len).await.unwrap_or_else(|e| {
+                        let r = if h.llama_cpp {
+                            llama_cpp_request(h, p, out_len).await
+                        } else {
+                            http_request(h, p, out_len).await
+                        };
+                        r.unwrap_or_else(|e| {
                             tracing::warn!(error = %e, "request failed");
                             RequestResult {
                                 prompt_len: len,
@@ -498,7 +568,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .collect();
     let steps = stats.steps.saturating_sub(steps_before);
     let report = Report {
-        backend: if a.url.is_some() { "http" } else { "offline" },
+        backend: match (&a.url, a.api.as_str()) {
+            (None, _) => "offline",
+            (Some(_), "llama-cpp") => "llama-cpp",
+            _ => "http",
+        },
         model: a.model.model.clone(),
         num_prompts: n,
         max_concurrency: concurrency,

@@ -5,20 +5,24 @@
 # alternated over ROUNDS rounds, and resident memory for the weights against the file size.
 # Appends the ratios with the command and the date to benches/RESULTS.md. Not run in CI.
 #
-#   bash benches/gguf-vs-llama-cpp.sh            # INPUT_LEN=128 OUTPUT_LEN=128 ROUNDS=2
+#   bash benches/gguf-vs-llama-cpp.sh            # INPUT_LEN=128 OUTPUT_LEN=128 ROUNDS=2 THREADS=2
+# THREADS sets llama-server's -t and hearth's CANDLE_NUM_THREADS/RAYON_NUM_THREADS alike.
+# Both use spinning thread pools: on a machine other work keeps busy (see the load average
+# printed with the results) figures swing wildly; THREADS=1 is steadier there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${HEARTH_BIN:-target/release/hearth}
 [ -x "$bin" ] || cargo build --release -p hearth
 gguf=${GGUF:-$(bash scripts/fetch-smollm2.sh)}
 llama=${LLAMA_SERVER:-$(bash benches/build-llama-cpp.sh)/bin/llama-server}
-in=${INPUT_LEN:-128}; out=${OUTPUT_LEN:-128}; rounds=${ROUNDS:-2}
+in=${INPUT_LEN:-128}; out=${OUTPUT_LEN:-128}; rounds=${ROUNDS:-2}; threads=${THREADS:-2}
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 hport=${HEARTH_PORT:-18731}; lport=${LLAMA_PORT:-18732}; mport=$((hport + 2))
 tmp=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT
-export RAYON_NUM_THREADS=2 HEARTH_LOG=warn
+export RAYON_NUM_THREADS=$threads CANDLE_NUM_THREADS=$threads HEARTH_LOG=warn
 
 wait_up() { # url
   for _ in $(seq 600); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done
@@ -40,7 +44,7 @@ kill "$demo" "$small"; wait "$demo" "$small" 2>/dev/null || true
 
 "$bin" serve --model "$gguf" --port "$hport" --data-dir "$tmp/h" --kv-cache-memory 512MiB &
 pids+=("$!")
-"$llama" -m "$gguf" --port "$lport" -t 2 -np 16 -c $((16 * (in + out + 64))) >"$tmp/llama.log" 2>&1 &
+"$llama" -m "$gguf" --port "$lport" -t "$threads" -np 16 -c $((16 * (in + out + 64))) >"$tmp/llama.log" 2>&1 &
 lpid=$!; pids+=("$lpid")
 wait_up "http://127.0.0.1:$hport/health-check"; wait_up "http://127.0.0.1:$lport/health"
 llama_rss=$(rss_kib "$lpid")
@@ -63,16 +67,18 @@ for r in $(seq "$rounds"); do
   done
 done
 
-cmd="bash benches/gguf-vs-llama-cpp.sh  # INPUT_LEN=$in OUTPUT_LEN=$out ROUNDS=$rounds"
-python3 - "$results" "$gguf" "$demo_rss" "$small_rss" "$llama_rss" "$cmd" "$weights_mib" <<'PY' | tee -a benches/RESULTS.md
+cmd="bash benches/gguf-vs-llama-cpp.sh  # INPUT_LEN=$in OUTPUT_LEN=$out ROUNDS=$rounds THREADS=$threads"
+load="$load_before at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+python3 - "$results" "$gguf" "$demo_rss" "$small_rss" "$llama_rss" "$cmd" "$weights_mib" "$load" "$threads" <<'PY' | tee -a benches/RESULTS.md
 import datetime, json, os, statistics, sys
-path, gguf, demo, small, llama, cmd, tensors = sys.argv[1:]
+path, gguf, demo, small, llama, cmd, tensors, load, threads = sys.argv[1:]
 rows = [json.loads(l) for l in open(path)]
 tput = lambda c, api: [r["report"]["output_throughput"] for r in rows if r["c"] == c and r["api"] == api]
 size = os.path.getsize(gguf) / 2**20
 weights = (int(small) - int(demo)) / 1024
 print(f"\n## GGUF: hearth vs llama.cpp's llama-server ({os.path.basename(gguf)})\n")
-print(f"`{cmd}`, {datetime.date.today()}, 2 cores; each figure the mean of the rounds, alternated:\n")
+print(f"`{cmd}`, {datetime.date.today()}, 2 cores, {threads} thread(s) each, load average {load}; "
+      f"each figure the mean of the rounds (each round's in brackets), hearth and llama-server alternated:\n")
 print("| concurrency | hearth output tok/s | llama-server output tok/s | **hearth / llama.cpp** |")
 print("|---|---|---|---|")
 for c in (1, 16):

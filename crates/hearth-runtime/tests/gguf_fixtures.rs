@@ -288,3 +288,39 @@ fn quantize_rejects_unknown_types_and_gguf_files() {
         .to_string();
     assert!(err.contains("quantize") && err.contains("GGUF"), "{err}");
 }
+
+#[test]
+fn a_folder_of_gguf_files_needs_gguf_file() {
+    let dir = fixtures().join("gguf");
+    let err = hearth_runtime::loader::resolve(&spec(dir.clone()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("--gguf-file") && err.contains("qwen2.gguf"),
+        "{err}"
+    );
+    let mut s = spec(dir.clone());
+    s.gguf_file = Some("qwen2.gguf".into());
+    let files = hearth_runtime::loader::resolve(&s).unwrap();
+    assert_eq!(files.config.architecture.hf_name(), "Qwen2ForCausalLM");
+    s.gguf_file = Some("missing.gguf".into());
+    let err = hearth_runtime::loader::resolve(&s)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("missing.gguf"), "{err}");
+}
+
+#[test]
+fn truncated_gguf_is_a_clear_error() {
+    let src = std::fs::read(fixtures().join("gguf/qwen3-q.gguf")).unwrap();
+    let path = std::env::temp_dir().join(format!("hearth-truncated-{}.gguf", std::process::id()));
+    std::fs::write(&path, &src[..src.len() - 1000]).unwrap();
+    let err = hearth_runtime::loader::load_model(&spec(path.clone()))
+        .err()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(&path).unwrap();
+    assert!(err.contains("truncated"), "{err}");
+}

@@ -154,6 +154,52 @@ pub const QUANTIZE_NAMES: &str = "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k
 mod tests {
     use super::*;
 
+    /// Every quantized type through `Linear` (hearth's kernel for Q4_0/Q4_1/Q8_0, candle's
+    /// for the rest), with a bias and a 3-D input, against the dequantized weights.
+    #[test]
+    fn every_quantized_type_matches_its_dequantized_weights() {
+        let dev = Device::Cpu;
+        let (n, k) = (16, 512);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, k), &dev).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let dense = q.dequantize(&dev).unwrap();
+            let want = x
+                .broadcast_matmul(&dense.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let l = Linear::quantized(Arc::new(q), Some(b.clone())).unwrap();
+            assert_eq!(l.ggml_dtype(), Some(dtype));
+            let got = l.forward(&x).unwrap();
+            assert_eq!(got.dims(), &[2, 3, n]);
+            let err = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            // Dot products of 512 terms are ~20 in size; 8-bit activations (candle's
+            // kernels) keep them within ~0.5, a misread block would not.
+            assert!(err < 0.5, "{dtype:?}: max error {err}");
+        }
+    }
+
     #[test]
     fn short_rows_fall_back_like_llama_cpp() {
         assert_eq!(fallback_for_row(GgmlDType::Q4K, 4096), GgmlDType::Q4K);

@@ -76,7 +76,7 @@ rows = [json.loads(l) for l in open(path)]
 tput = lambda c, api: [r["report"]["output_throughput"] for r in rows if r["c"] == c and r["api"] == api]
 size = os.path.getsize(gguf) / 2**20
 weights = (int(small) - int(demo)) / 1024
-print(f"\n## GGUF: hearth vs llama.cpp's llama-server ({os.path.basename(gguf)})\n")
+print(f"\n### GGUF run: hearth vs llama-server ({os.path.basename(gguf)})\n")
 print(f"`{cmd}`, {datetime.date.today()}, 2 cores, {threads} thread(s) each, load average {load}; "
       f"each figure the mean of the rounds (each round's in brackets), hearth and llama-server alternated:\n")
 print("| concurrency | hearth output tok/s | llama-server output tok/s | **hearth / llama.cpp** |")

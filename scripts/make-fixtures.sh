@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Regenerate the tiny random-weight model fixtures in models/fixtures/.
 # Creates (if missing) a Python venv at ${FIXTURE_VENV:-.venv-fixtures} (relative to the repo
-# root unless absolute) with pinned packages, then runs scripts/make_fixtures.py.
+# root unless absolute) with pinned packages, then runs scripts/make_fixtures.py, then
+# scripts/make-gguf-fixtures.sh (their GGUF versions and GGUF tokenizer goldens).
+# `--gguf-only` runs only the GGUF step (it needs no torch).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [[ "${1:-}" == "--gguf-only" ]]; then
+  exec bash scripts/make-gguf-fixtures.sh
+fi
 
 VENV="${FIXTURE_VENV:-.venv-fixtures}"
 PYTHON="${PYTHON:-python3}"
@@ -36,4 +41,5 @@ PY
 
 export PYTHONHASHSEED=0
 export CUBLAS_WORKSPACE_CONFIG=:4096:8
-exec "$VENV/bin/python" scripts/make_fixtures.py "$@"
+"$VENV/bin/python" scripts/make_fixtures.py "$@"
+bash scripts/make-gguf-fixtures.sh

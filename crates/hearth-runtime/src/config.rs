@@ -46,6 +46,9 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// Per-frequency divisors, as GGUF files store Llama 3.1-style scaling
+    /// (`rope_freqs.weight`): frequency i becomes `inv_freq[i] / factors[i]`.
+    Factors(Vec<f64>),
 }
 
 #[derive(Debug, Clone)]
@@ -239,6 +242,9 @@ impl ModelConfig {
                 "high_freq_factor": high_freq_factor,
                 "original_max_position_embeddings": original_max_position_embeddings,
             });
+        }
+        if let RopeScaling::Factors(f) = &self.rope_scaling {
+            v["rope_freq_factors"] = f.clone().into();
         }
         if let Some(b) = self.bos_token_id {
             v["bos_token_id"] = b.into();

@@ -97,3 +97,34 @@ pub fn download(id: &str, revision: Option<&str>, config_only: bool) -> Result<P
         .map(|p| p.to_path_buf())
         .ok_or_else(|| fail("bad cache path".into()))
 }
+
+/// One file of a Hub repo (a GGUF named by `--gguf-file`), from the cache or downloaded.
+pub fn download_file(id: &str, revision: Option<&str>, file: &str) -> Result<PathBuf> {
+    let repo = match revision {
+        Some(r) => Repo::with_revision(id.to_string(), RepoType::Model, r.to_string()),
+        None => Repo::model(id.to_string()),
+    };
+    let fail = |reason: String| RuntimeError::ModelSource {
+        source_name: id.to_string(),
+        reason,
+    };
+    if offline() {
+        return Cache::from_env().repo(repo).get(file).ok_or_else(|| {
+            fail(format!(
+                "HF_HUB_OFFLINE is set and {file} is not in the Hub cache; download it elsewhere and pass the file: --model FILE.gguf"
+            ))
+        });
+    }
+    let api = ApiBuilder::from_env()
+        .with_progress(true)
+        .with_token(std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()))
+        .build()
+        .map_err(|e| {
+            fail(format!(
+                "cannot reach the Hub: {e}; pass a local file: --model FILE.gguf"
+            ))
+        })?;
+    api.repo(repo)
+        .get(file)
+        .map_err(|e| fail(format!("cannot fetch {file}: {e}")))
+}

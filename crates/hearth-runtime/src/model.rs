@@ -5,10 +5,11 @@
 //! sequence's keys and values from the paged cache through its block table.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::RmsNorm;
 
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCacheTensors;
+use crate::linear::{Embedding, Linear, WeightLoader};
 use crate::rope::RotaryTables;
 
 /// What attention needs to know about one sequence in the step.
@@ -91,13 +92,9 @@ fn linear(
     in_dim: usize,
     out_dim: usize,
     bias: bool,
-    vb: VarBuilder,
+    vb: WeightLoader,
 ) -> candle_core::Result<Linear> {
-    if bias {
-        candle_nn::linear(in_dim, out_dim, vb)
-    } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)
-    }
+    vb.linear(in_dim, out_dim, bias)
 }
 
 /// Per-step tensors shared by every layer.
@@ -125,12 +122,13 @@ struct PrefillSeq {
 }
 
 impl Transformer {
-    pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn load(cfg: &ModelConfig, vb: WeightLoader) -> candle_core::Result<Self> {
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let vb_m = vb.pp("model");
-        let embed_tokens =
-            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb_m.pp("embed_tokens"))?;
+        let embed_tokens = vb_m
+            .pp("embed_tokens")
+            .embedding(cfg.vocab_size, cfg.hidden_size)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         for i in 0..cfg.num_hidden_layers {
@@ -143,12 +141,12 @@ impl Transformer {
                 v_proj: linear(h, cfg.num_key_value_heads * d, bias, vb_a.pp("v_proj"))?,
                 o_proj: linear(cfg.num_attention_heads * d, h, false, vb_a.pp("o_proj"))?,
                 q_norm: if cfg.qk_norm {
-                    Some(candle_nn::rms_norm(d, cfg.rms_norm_eps, vb_a.pp("q_norm"))?)
+                    Some(vb_a.pp("q_norm").rms_norm(d, cfg.rms_norm_eps)?)
                 } else {
                     None
                 },
                 k_norm: if cfg.qk_norm {
-                    Some(candle_nn::rms_norm(d, cfg.rms_norm_eps, vb_a.pp("k_norm"))?)
+                    Some(vb_a.pp("k_norm").rms_norm(d, cfg.rms_norm_eps)?)
                 } else {
                     None
                 },
@@ -163,26 +161,16 @@ impl Transformer {
                 down_proj: linear(cfg.intermediate_size, h, false, vb_mlp.pp("down_proj"))?,
             };
             layers.push(Layer {
-                input_layernorm: candle_nn::rms_norm(
-                    h,
-                    cfg.rms_norm_eps,
-                    vb_l.pp("input_layernorm"),
-                )?,
+                input_layernorm: vb_l.pp("input_layernorm").rms_norm(h, cfg.rms_norm_eps)?,
                 attn,
-                post_attention_layernorm: candle_nn::rms_norm(
-                    h,
-                    cfg.rms_norm_eps,
-                    vb_l.pp("post_attention_layernorm"),
-                )?,
+                post_attention_layernorm: vb_l
+                    .pp("post_attention_layernorm")
+                    .rms_norm(h, cfg.rms_norm_eps)?,
                 mlp,
             });
         }
-        let norm = candle_nn::rms_norm(h, cfg.rms_norm_eps, vb_m.pp("norm"))?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
-        } else {
-            linear(h, cfg.vocab_size, false, vb.pp("lm_head"))?
-        };
+        let norm = vb_m.pp("norm").rms_norm(h, cfg.rms_norm_eps)?;
+        let lm_head = vb.lm_head(cfg.tie_word_embeddings, &embed_tokens, cfg.vocab_size, h)?;
         let rotary = RotaryTables::new(cfg, cfg.max_position_embeddings, dtype, &device)?;
         Ok(Self {
             cfg: cfg.clone(),

@@ -74,6 +74,22 @@ impl TextTokenizer {
         })
     }
 
+    /// A tokenizer built elsewhere (from a GGUF's vocabulary), with its chat template and
+    /// special tokens.
+    pub fn from_parts(
+        inner: Tokenizer,
+        chat_template: Option<String>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Self {
+        Self {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+        }
+    }
+
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
     }

@@ -12,6 +12,8 @@ use crate::error::{Result, RuntimeError};
 
 pub enum WeightSource {
     Safetensors(Vec<PathBuf>),
+    /// A GGUF file: read through `gguf::GgufTensors`, not a `VarBuilder`.
+    Gguf(PathBuf),
     /// Random weights with this seed.
     Dummy(u64),
 }
@@ -31,6 +33,10 @@ pub fn var_builder(
             let vb = unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }?;
             Ok(vb)
         }
+        WeightSource::Gguf(p) => Err(RuntimeError::Weights(format!(
+            "{}: a GGUF file is read through gguf::GgufTensors",
+            p.display()
+        ))),
         WeightSource::Dummy(seed) => Ok(VarBuilder::from_backend(
             Box::new(SeededRandom { seed: *seed }),
             dtype,

@@ -5,10 +5,21 @@ use hearth_runtime::{EngineConfig, LoadFormat, ModelSpec};
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A local Hugging Face folder, a Hub id (org/name), `demo`, or `dummy:SHAPE`
-    /// (llama-3-8b, llama-3.1-8b, llama-3.2-1b, qwen2.5-0.5b, bench-small).
+    /// A local Hugging Face folder, a GGUF file, a Hub id (org/name), `demo`, or
+    /// `dummy:SHAPE` (llama-3-8b, llama-3.1-8b, llama-3.2-1b, qwen2.5-0.5b, bench-small).
     #[arg(long, env = "HEARTH_MODEL", default_value = "demo")]
     pub model: String,
+    /// The GGUF file to load from a --model folder or Hub repo that holds GGUF files.
+    #[arg(long, env = "HEARTH_GGUF_FILE")]
+    pub gguf_file: Option<String>,
+    /// Quantize safetensors weights while loading: q8_0, q6_k, q5_k, q4_k, q3_k, q2_k,
+    /// q5_1, q5_0, q4_1, q4_0. K-quants fall back to a legacy type for rows whose length
+    /// is not a multiple of 256.
+    #[arg(long, env = "HEARTH_QUANTIZE")]
+    pub quantize: Option<String>,
+    /// Run a GGUF's weights dequantized to the compute dtype (accuracy comparisons).
+    #[arg(long, env = "HEARTH_DEQUANTIZE")]
+    pub dequantize: bool,
     /// `auto` reads the weights; `dummy` uses the config's shape with seeded random weights.
     #[arg(long, env = "HEARTH_LOAD_FORMAT", default_value = "auto", value_parser = ["auto", "dummy"])]
     pub load_format: String,
@@ -66,6 +77,9 @@ impl ModelArgs {
         s.device = self.device.clone();
         s.revision = self.revision.clone();
         s.seed = self.weights_seed;
+        s.gguf_file = self.gguf_file.clone();
+        s.quantize = self.quantize.clone();
+        s.dequantize = self.dequantize;
         s
     }
 }

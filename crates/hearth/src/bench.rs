@@ -33,8 +33,10 @@ pub struct BenchArgs {
     #[arg(long, env = "REPLICATE_API_TOKEN")]
     pub api_token: Option<String>,
     /// With --url, the API to drive (vLLM's names): `replicate` (predictions + SSE),
-    /// `openai` (/v1/completions) or `openai-chat` (/v1/chat/completions), streamed.
-    #[arg(long, default_value = "replicate", value_parser = ["replicate", "openai", "openai-chat"])]
+    /// `openai` (/v1/completions) or `openai-chat` (/v1/chat/completions), streamed; or
+    /// `llama-cpp` (llama.cpp's llama-server through its streaming `/completion`: same
+    /// prompts, greedy, EOS ignored).
+    #[arg(long, default_value = "replicate", value_parser = ["replicate", "openai", "openai-chat", "llama-cpp"])]
     pub backend: String,
     /// With --url: the local model whose tokenizer turns random token ids into prompt text.
     #[arg(long, default_value = "demo")]
@@ -324,7 +326,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             let files = hearth_runtime::loader::resolve(&hearth_runtime::ModelSpec::new(
                 a.tokenizer.clone(),
             ))?;
-            let tok = TextTokenizer::load(&files.tokenizer_json, files.tokenizer_config.as_ref())?;
+            let tok = files.load_tokenizer()?;
             let vocab = tok.inner().get_vocab_size(true) as u32;
             let work = workload(&a, &tok, vocab, true)?;
             let target = bench_http::HttpTarget {

@@ -16,6 +16,7 @@ pub enum Api {
     Replicate,
     OpenAiCompletions,
     OpenAiChat,
+    LlamaCpp,
 }
 
 impl Api {
@@ -23,6 +24,7 @@ impl Api {
         match backend {
             "openai" => Api::OpenAiCompletions,
             "openai-chat" => Api::OpenAiChat,
+            "llama-cpp" => Api::LlamaCpp,
             _ => Api::Replicate,
         }
     }
@@ -53,6 +55,7 @@ pub async fn request(
     match t.api {
         Api::Replicate => replicate(t, prompt, output_len).await,
         Api::OpenAiCompletions | Api::OpenAiChat => openai(t, prompt, output_len).await,
+        Api::LlamaCpp => llama_cpp(t, prompt, output_len).await,
     }
 }
 
@@ -233,5 +236,54 @@ async fn openai(
     .await?;
     r.e2e = clock.start.elapsed().as_secs_f64();
     r.ok = done && r.output_tokens > 0;
+    Ok(r)
+}
+
+/// llama-server's `/completion`, streamed: one `data:` line per token; the last one
+/// carries the counts.
+async fn llama_cpp(
+    t: Arc<HttpTarget>,
+    prompt: String,
+    output_len: usize,
+) -> anyhow::Result<RequestResult> {
+    let mut clock = Clock::new();
+    let body = json!({
+        "prompt": prompt, "n_predict": output_len, "temperature": 0, "ignore_eos": true,
+        "stream": true, "cache_prompt": false,
+    });
+    let resp = t
+        .client
+        .post(format!("{}/completion", t.base))
+        .json(&body)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!(
+            "HTTP {}: {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    let mut r = RequestResult::default();
+    each_event(resp, |event| {
+        for line in event.lines() {
+            let Some(data) = line.trim().strip_prefix("data:") else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(data.trim())?;
+            if v["stop"].as_bool() == Some(true) {
+                r.output_tokens = v["timings"]["predicted_n"]
+                    .as_u64()
+                    .unwrap_or(clock.chunks as u64) as usize;
+                r.prompt_len = v["timings"]["prompt_n"].as_u64().unwrap_or(0) as usize;
+                r.ok = true;
+                return Ok(false);
+            }
+            clock.chunk(&mut r);
+        }
+        Ok(true)
+    })
+    .await?;
+    r.e2e = clock.start.elapsed().as_secs_f64();
     Ok(r)
 }

@@ -112,8 +112,34 @@ fn default_name(model: &str, loaded: &LoadedModel) -> String {
     format!("local/{}", loaded.files.name)
 }
 
+/// What the weights are, for the version id: each file's name and content digest (cached
+/// beside it, so only the first start hashes), and how they are quantized at load.
+fn weights_manifest(weights: &WeightSource, quantize: Option<&str>) -> anyhow::Result<String> {
+    let cache = hearth_runtime::demo::default_cache_dir();
+    let files: &[PathBuf] = match weights {
+        WeightSource::Safetensors(paths) => paths,
+        WeightSource::Gguf(path) => std::slice::from_ref(path),
+        WeightSource::Dummy(seed) => return Ok(format!("dummy:{seed}")),
+    };
+    let mut parts = Vec::with_capacity(files.len() + 1);
+    for p in files {
+        let digest = hearth_runtime::digest::file_sha256(p, &cache)
+            .with_context(|| format!("hashing {}", p.display()))?;
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        parts.push(format!("{name}:sha256:{digest}"));
+    }
+    if let Some(q) = quantize.filter(|q| !q.is_empty() && *q != "none") {
+        parts.push(format!("quantize:{q}"));
+    }
+    Ok(parts.join(","))
+}
+
 fn served(
     loaded: LoadedModel,
+    quantize: Option<&str>,
     name: &str,
     aliases: Vec<String>,
     version_aliases: Vec<String>,
@@ -125,24 +151,8 @@ fn served(
         hearth_server::models::split_name(a).map_err(|e| anyhow::anyhow!("--alias: {e}"))?;
     }
     let files = &loaded.files;
-    let manifest = match &files.weights {
-        WeightSource::Safetensors(paths) => paths
-            .iter()
-            .map(|p| {
-                let size = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-                format!(
-                    "{}:{size}",
-                    p.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(","),
-        WeightSource::Dummy(seed) => format!("dummy:{seed}"),
-    };
-    let tokenizer = std::fs::read(&files.tokenizer_json)
-        .with_context(|| format!("reading {}", files.tokenizer_json.display()))?;
+    let manifest = weights_manifest(&files.weights, quantize)?;
+    let tokenizer = files.tokenizer_identity()?;
     let version = hearth_server::models::version_id(&VersionInputs {
         config_json: &files.config.to_hf_json().to_string(),
         weights_manifest: &manifest,
@@ -175,6 +185,7 @@ fn load_models(a: &ServeArgs, log: &SetupLog) -> anyhow::Result<Vec<ServedModel>
         let description = format!("{} served by hearth", loaded.files.name);
         return Ok(vec![served(
             loaded,
+            a.model.quantize.as_deref(),
             &name,
             a.aliases.clone(),
             a.version_aliases.clone(),
@@ -219,6 +230,7 @@ fn load_models(a: &ServeArgs, log: &SetupLog) -> anyhow::Result<Vec<ServedModel>
         tracing::info!(card = %path.display(), name = %card.name, "model loaded");
         out.push(served(
             loaded,
+            spec.quantize.as_deref(),
             &card.name,
             card.aliases,
             card.version_aliases,

@@ -1,0 +1,472 @@
+//! The model's weight-bearing layers (projections, embeddings, norms) and where they come
+//! from. Quantization is a property of these layers only: a projection is either a plain
+//! weight matrix in the compute dtype or one of candle's quantized tensors (`QMatMul`),
+//! and everything downstream (attention, the KV cache, the engine) sees activations in
+//! the compute dtype either way.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{RmsNorm, VarBuilder};
+
+use crate::gguf::GgufTensors;
+
+/// `x · Wᵀ (+ b)`.
+#[derive(Clone)]
+pub enum Linear {
+    Dense(candle_nn::Linear),
+    Quantized {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
+}
+
+impl Linear {
+    pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        Ok(Self::Quantized {
+            weight: QMatMul::from_arc(weight)?,
+            bias,
+        })
+    }
+
+    /// The quantized type of the weight, or None for a dense one.
+    pub fn ggml_dtype(&self) -> Option<GgmlDType> {
+        match self {
+            Self::Quantized {
+                weight: QMatMul::QTensor(q),
+                ..
+            } => Some(q.dtype()),
+            _ => None,
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.forward(x),
+            Self::Quantized { weight, bias } => {
+                if let QMatMul::QTensor(q) = weight {
+                    if x.device().is_cpu() && hearth_kernels::quant_matmul::supported(q.dtype()) {
+                        let y = cpu_quantized_forward(q, x)?;
+                        return match bias {
+                            Some(b) => y.broadcast_add(b),
+                            None => Ok(y),
+                        };
+                    }
+                }
+                let dtype = x.dtype();
+                // candle's quantized CPU kernels take f32/f16/bf16; its CUDA fallback
+                // (shapes the fast kernels skip) only f32: give it f32 off the CPU.
+                let y = if x.device().is_cpu() || dtype == DType::F32 {
+                    weight.forward(&x.contiguous()?)?
+                } else {
+                    weight
+                        .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                        .to_dtype(dtype)?
+                };
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
+
+/// hearth's own CPU kernel (hearth-kernels' quant_matmul.rs) over the tensor's blocks in place.
+fn cpu_quantized_forward(q: &QTensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, k) = q.shape().dims2()?;
+    let mut dims = x.dims().to_vec();
+    if dims.last() != Some(&k) {
+        candle_core::bail!(
+            "quantized matmul: input {:?} against weight {:?}",
+            x.dims(),
+            q.shape()
+        );
+    }
+    let m = x.elem_count() / k;
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let out = {
+        let (storage, layout) = x32.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("quantized matmul: input not on the CPU");
+        };
+        let start = layout.start_offset();
+        let xs = &cpu.as_slice::<f32>()?[start..start + m * k];
+        hearth_kernels::quant_matmul::matmul(q.dtype(), &q.data()?, n, k, xs, m)
+    };
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(out, dims, &Device::Cpu)?.to_dtype(x.dtype())
+}
+
+/// Token embeddings: a dense table, or a quantized one whose looked-up rows are
+/// dequantized (so a Q8_0 table costs a quarter of an f32 one in memory).
+#[derive(Clone)]
+pub enum Embedding {
+    Dense(candle_nn::Embedding),
+    Quantized { table: Arc<QTensor>, dtype: DType },
+}
+
+impl Embedding {
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(e) => e.forward(ids),
+            Self::Quantized { table, dtype } => table.embedding(ids)?.to_dtype(*dtype),
+        }
+    }
+
+    /// The same table as the output projection (tied embeddings), without a copy.
+    pub fn as_lm_head(&self) -> candle_core::Result<Linear> {
+        match self {
+            Self::Dense(e) => Ok(Linear::Dense(candle_nn::Linear::new(
+                e.embeddings().clone(),
+                None,
+            ))),
+            Self::Quantized { table, .. } => Linear::quantized(table.clone(), None),
+        }
+    }
+}
+
+/// The quantized types `--quantize` accepts, by the names llama.cpp uses.
+pub fn parse_ggml_dtype(name: &str) -> Option<GgmlDType> {
+    Some(match name.to_ascii_lowercase().as_str() {
+        "q4_0" => GgmlDType::Q4_0,
+        "q4_1" => GgmlDType::Q4_1,
+        "q5_0" => GgmlDType::Q5_0,
+        "q5_1" => GgmlDType::Q5_1,
+        "q8_0" => GgmlDType::Q8_0,
+        "q2_k" => GgmlDType::Q2K,
+        "q3_k" => GgmlDType::Q3K,
+        "q4_k" => GgmlDType::Q4K,
+        "q5_k" => GgmlDType::Q5K,
+        "q6_k" => GgmlDType::Q6K,
+        _ => return None,
+    })
+}
+
+pub const QUANTIZE_NAMES: &str = "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every quantized type through `Linear` (hearth's kernel for Q4_0/Q4_1/Q8_0, candle's
+    /// for the rest), with a bias and a 3-D input, against the dequantized weights.
+    #[test]
+    fn every_quantized_type_matches_its_dequantized_weights() {
+        let dev = Device::Cpu;
+        let (n, k) = (16, 512);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, k), &dev).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let dense = q.dequantize(&dev).unwrap();
+            let want = x
+                .broadcast_matmul(&dense.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let l = Linear::quantized(Arc::new(q), Some(b.clone())).unwrap();
+            assert_eq!(l.ggml_dtype(), Some(dtype));
+            let got = l.forward(&x).unwrap();
+            assert_eq!(got.dims(), &[2, 3, n]);
+            let err = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            // Dot products of 512 terms are ~20 in size; 8-bit activations (candle's
+            // kernels) keep them within ~0.5, a misread block would not.
+            assert!(err < 0.5, "{dtype:?}: max error {err}");
+        }
+    }
+
+    #[test]
+    fn short_rows_fall_back_like_llama_cpp() {
+        assert_eq!(fallback_for_row(GgmlDType::Q4K, 4096), GgmlDType::Q4K);
+        assert_eq!(fallback_for_row(GgmlDType::Q4K, 576), GgmlDType::Q5_0);
+        assert_eq!(fallback_for_row(GgmlDType::Q6K, 576), GgmlDType::Q8_0);
+        assert_eq!(fallback_for_row(GgmlDType::Q4K, 96), GgmlDType::Q8_0);
+        assert_eq!(fallback_for_row(GgmlDType::Q8_0, 48), GgmlDType::F32);
+    }
+}
+
+/// K-quants pack 256 values per block; a row whose length is not a multiple of that
+/// (SmolLM2's 576) gets the nearest legacy type of at least as many bits, as llama.cpp's
+/// quantizer does. candle's Q4_1/Q5_0/Q5_1 dot products also assume an even number of
+/// blocks per row (as ggml's did), so odd ones move on to Q8_0.
+pub fn fallback_for_row(dtype: GgmlDType, row_len: usize) -> GgmlDType {
+    let fits = |d: GgmlDType| {
+        let bs = d.block_size();
+        let even_blocks = !matches!(d, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
+        row_len.is_multiple_of(bs) && (even_blocks || (row_len / bs).is_multiple_of(2))
+    };
+    let legacy = match dtype {
+        GgmlDType::Q2K | GgmlDType::Q3K => GgmlDType::Q4_0,
+        GgmlDType::Q4K => GgmlDType::Q5_0,
+        GgmlDType::Q5K => GgmlDType::Q5_1,
+        _ => GgmlDType::Q8_0,
+    };
+    [dtype, legacy, GgmlDType::Q8_0]
+        .into_iter()
+        .find(|d| fits(*d))
+        .unwrap_or(GgmlDType::F32)
+}
+
+enum Source {
+    /// safetensors or seeded random weights; with `quantize`, 2-D weights are quantized
+    /// as they are read (the builder then reads f32 on the CPU).
+    Dense {
+        vb: VarBuilder<'static>,
+        quantize: Option<GgmlDType>,
+    },
+    Gguf {
+        tensors: GgufTensors,
+        /// Every tensor dequantized to the compute dtype (accuracy comparisons).
+        dequantize: bool,
+    },
+}
+
+/// Hands out the layers of a model by their Hugging Face names (`model.layers.0.mlp.up_proj`),
+/// whatever the file calls them.
+#[derive(Clone)]
+pub struct WeightLoader {
+    source: Arc<Source>,
+    /// How many projections of each kind were made, for the load log.
+    made: Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>>,
+    /// Bytes of weights handed out.
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl WeightLoader {
+    /// `vb` must read f32 on the CPU when `quantize` is set; `dtype`/`device` are what the
+    /// model computes in.
+    pub fn dense(
+        vb: VarBuilder<'static>,
+        quantize: Option<GgmlDType>,
+        dtype: DType,
+        device: Device,
+    ) -> Self {
+        Self {
+            source: Arc::new(Source::Dense { vb, quantize }),
+            made: Default::default(),
+            bytes: Default::default(),
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
+    pub fn gguf(tensors: GgufTensors, dequantize: bool, dtype: DType, device: Device) -> Self {
+        Self {
+            source: Arc::new(Source::Gguf {
+                tensors,
+                dequantize,
+            }),
+            made: Default::default(),
+            bytes: Default::default(),
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
+    pub fn pp(&self, name: impl AsRef<str>) -> Self {
+        let mut s = self.clone();
+        if !s.prefix.is_empty() {
+            s.prefix.push('.');
+        }
+        s.prefix.push_str(name.as_ref());
+        s
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dense_vb(&self) -> Option<(&VarBuilder<'static>, Option<GgmlDType>)> {
+        match self.source.as_ref() {
+            Source::Dense { vb, quantize } => Some((vb, *quantize)),
+            Source::Gguf { .. } => None,
+        }
+    }
+
+    /// A dense tensor in the compute dtype on the compute device.
+    fn dense_tensor(&self, name: &str, shape: &[usize]) -> candle_core::Result<Tensor> {
+        let t = self.dense_tensor_inner(name, shape)?;
+        self.add_bytes(t.elem_count() * t.dtype().size_in_bytes());
+        Ok(t)
+    }
+
+    fn dense_tensor_inner(&self, name: &str, shape: &[usize]) -> candle_core::Result<Tensor> {
+        let full = format!("{}.{name}", self.prefix);
+        match self.source.as_ref() {
+            Source::Dense { vb, .. } => vb
+                .get(shape, &full)?
+                .to_dtype(self.dtype)?
+                .to_device(&self.device),
+            Source::Gguf { tensors, .. } => {
+                let q = tensors.tensor(&full, shape, &Device::Cpu)?;
+                q.dequantize(&Device::Cpu)?
+                    .to_dtype(self.dtype)?
+                    .to_device(&self.device)
+            }
+        }
+    }
+
+    /// A 2-D weight as stored (GGUF) or quantized now (`--quantize`); None when it is
+    /// to be dense.
+    fn quantized_weight(&self, shape: (usize, usize)) -> candle_core::Result<Option<QTensor>> {
+        let q = self.quantized_weight_inner(shape)?;
+        if let Some(q) = &q {
+            self.add_bytes(q.storage_size_in_bytes());
+        }
+        Ok(q)
+    }
+
+    fn quantized_weight_inner(
+        &self,
+        shape: (usize, usize),
+    ) -> candle_core::Result<Option<QTensor>> {
+        let full = format!("{}.weight", self.prefix);
+        match self.source.as_ref() {
+            Source::Dense { vb, quantize } => {
+                let Some(q) = quantize else { return Ok(None) };
+                let q = fallback_for_row(*q, shape.1);
+                if q == GgmlDType::F32 {
+                    return Ok(None);
+                }
+                let w = vb.get(shape, &full)?;
+                Ok(Some(QTensor::quantize_onto(&w, q, &self.device)?))
+            }
+            Source::Gguf {
+                tensors,
+                dequantize,
+            } => {
+                if *dequantize || tensors.is_float(&full) {
+                    return Ok(None);
+                }
+                Ok(Some(tensors.tensor(
+                    &full,
+                    &[shape.0, shape.1],
+                    &self.device,
+                )?))
+            }
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        let full = format!("{}.{name}", self.prefix);
+        match self.source.as_ref() {
+            Source::Dense { vb, .. } => vb.contains_tensor(&full),
+            Source::Gguf { tensors, .. } => tensors.contains(&full),
+        }
+    }
+
+    pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> candle_core::Result<Linear> {
+        let b = if bias {
+            Some(self.dense_tensor("bias", &[out_dim])?)
+        } else {
+            None
+        };
+        let l = match self.quantized_weight((out_dim, in_dim))? {
+            Some(q) => Linear::quantized(Arc::new(q), b)?,
+            None => Linear::Dense(candle_nn::Linear::new(
+                self.dense_tensor("weight", &[out_dim, in_dim])?,
+                b,
+            )),
+        };
+        self.count(&l);
+        Ok(l)
+    }
+
+    /// Bytes of the weights made so far (a tied output projection counts once).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn add_bytes(&self, n: usize) {
+        self.bytes
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn count(&self, l: &Linear) {
+        let kind = l
+            .ggml_dtype()
+            .map_or_else(|| format!("{:?}", self.dtype), |d| format!("{d:?}"));
+        if let Ok(mut m) = self.made.lock() {
+            *m.entry(kind).or_default() += 1;
+        }
+    }
+
+    /// How the projections made so far are stored, e.g. `Q4_1×210, Q8_0×1`.
+    pub fn summary(&self) -> String {
+        self.made
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, n)| format!("{k}×{n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn embedding(&self, vocab: usize, hidden: usize) -> candle_core::Result<Embedding> {
+        if let Some(q) = self.quantized_weight((vocab, hidden))? {
+            return Ok(Embedding::Quantized {
+                table: Arc::new(q),
+                dtype: self.dtype,
+            });
+        }
+        let w = self.dense_tensor("weight", &[vocab, hidden])?;
+        Ok(Embedding::Dense(candle_nn::Embedding::new(w, hidden)))
+    }
+
+    pub fn rms_norm(&self, size: usize, eps: f64) -> candle_core::Result<RmsNorm> {
+        Ok(RmsNorm::new(self.dense_tensor("weight", &[size])?, eps))
+    }
+
+    /// The output projection: `lm_head` when the file has one, the embedding otherwise.
+    pub fn lm_head(
+        &self,
+        tied: bool,
+        embedding: &Embedding,
+        vocab: usize,
+        hidden: usize,
+    ) -> candle_core::Result<Linear> {
+        let head = self.pp("lm_head");
+        if tied || (self.dense_vb().is_none() && !head.contains("weight")) {
+            let l = embedding.as_lm_head()?;
+            self.count(&l);
+            return Ok(l);
+        }
+        head.linear(hidden, vocab, false)
+    }
+}

@@ -1,0 +1,147 @@
+//! The real SmolLM2-135M-Instruct Q4_1 GGUF (scripts/fetch-smollm2.sh downloads it once):
+//! quantized weights must predict what their dequantized f32 copy predicts, and the chat
+//! template must work end to end.
+
+mod common;
+
+use hearth_runtime::kv_cache::KvCacheTensors;
+use hearth_runtime::model::{ForwardBatch, SeqSlice};
+use hearth_runtime::{
+    EngineConfig, EngineHandle, GenerationEvent, GenerationRequest, ModelSpec, PromptSpec,
+    SamplingParams,
+};
+
+const ENGLISH: &str = "The old lighthouse stood at the end of a narrow road that wound along the \
+cliffs. For more than a hundred years it had warned ships away from the rocks below, and the \
+people of the village still climbed its stairs on summer evenings to watch the sun go down. \
+Inside, the walls were painted white, and a small museum told the story of the keepers who had \
+lived there with their families. One of them, a woman named Margaret, kept the light burning \
+through a storm that lasted three days, when the supply boat could not reach the shore. Her \
+diary, which is displayed in a glass case near the entrance, describes how she rationed oil and \
+slept in short naps beside the lamp. Today the light is automatic, and the building belongs to a \
+local charity that repairs the roof, replaces broken windows, and organizes guided tours for \
+schools. Visitors often say that the view from the top is worth the effort of the climb. On a \
+clear day you can see the islands to the north, the fishing boats returning to the harbor, and \
+the long line of hills that marks the edge of the county. In the autumn, birds gather on the \
+rocks before they fly south, and volunteers count them for a national survey that has run for \
+decades. The results help scientists understand how the changing climate affects the timing of \
+migration, the size of the colonies, and the health of the fish they depend on.";
+
+fn engine(dequantize: bool) -> EngineHandle {
+    let mut spec = ModelSpec::new(common::smollm2().to_string_lossy());
+    spec.device = "cpu".into();
+    spec.dtype = "f32".into();
+    spec.dequantize = dequantize;
+    hearth_runtime::load(
+        &spec,
+        &EngineConfig {
+            kv_cache_memory: Some(256 << 20),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .engine
+}
+
+fn generate(engine: &EngineHandle, prompt: Vec<u32>, n: usize) -> (Vec<u32>, String) {
+    let mut s = engine
+        .submit(GenerationRequest {
+            prompt,
+            params: SamplingParams::greedy(n),
+        })
+        .unwrap();
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            GenerationEvent::Token { id, text: t } => {
+                ids.push(id);
+                text.push_str(&t);
+            }
+            GenerationEvent::Finished(c) => {
+                text.push_str(&c.trailing_text);
+                break;
+            }
+            GenerationEvent::Started { .. } => {}
+        }
+    }
+    (ids, text)
+}
+
+/// The model's top-1 next token after every prefix of `tokens` (teacher forcing), in one
+/// forward pass: each position is a one-token sequence whose context is the positions
+/// before it, so all keys and values are written before any attention reads them.
+fn next_tokens(dequantize: bool, tokens: &[u32]) -> Vec<u32> {
+    let mut spec = ModelSpec::new(common::smollm2().to_string_lossy());
+    spec.device = "cpu".into();
+    spec.dtype = "f32".into();
+    spec.dequantize = dequantize;
+    let (_, model) = hearth_runtime::loader::load_model(&spec).unwrap();
+    let t = tokens.len();
+    let cache = KvCacheTensors::new(model.config(), t, 1, model.dtype(), model.device()).unwrap();
+    let mut batch = ForwardBatch::default();
+    for (i, tok) in tokens.iter().enumerate() {
+        batch.push(
+            &[*tok],
+            i,
+            SeqSlice {
+                context_slots: (0..=i as u32).collect(),
+                query_len: 1,
+                wants_logits: true,
+            },
+        );
+    }
+    let logits = model
+        .forward(&batch, &cache)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    logits
+        .iter()
+        .map(|row| hearth_runtime::sampler::argmax(row))
+        .collect()
+}
+
+#[test]
+fn q4_1_agrees_with_its_dequantized_weights_on_english() {
+    let tokens = engine(false).tokenizer().encode(ENGLISH, false).unwrap();
+    assert!(tokens.len() >= 250, "only {} tokens", tokens.len());
+    let q = next_tokens(false, &tokens);
+    let f = next_tokens(true, &tokens);
+    assert_eq!(q.len(), tokens.len());
+    let agree = q.iter().zip(&f).filter(|(a, b)| a == b).count();
+    let rate = agree as f64 / q.len() as f64;
+    eprintln!(
+        "top-1 agreement Q4_1 vs dequantized f32: {agree}/{} = {rate:.4}",
+        q.len()
+    );
+    assert!(
+        rate >= 0.95,
+        "top-1 agreement {rate:.4} < 0.95 ({agree}/{})",
+        q.len()
+    );
+    // The text is ordinary English the model mostly predicts; a broken model would not.
+    let hits = tokens[1..].iter().zip(&q).filter(|(a, b)| a == b).count();
+    assert!(
+        hits * 3 > tokens.len(),
+        "the model predicts only {hits} of {} tokens",
+        tokens.len()
+    );
+}
+
+#[test]
+fn q4_1_chat_knows_the_capital_of_france() {
+    let engine = engine(false);
+    let prompt = engine
+        .tokenizer()
+        .prompt_tokens(&PromptSpec {
+            prompt: "What is the capital of France?".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    // The GGUF's ChatML template, with its default system message.
+    let text = engine.tokenizer().inner().decode(&prompt, false).unwrap();
+    assert!(text.starts_with("<|im_start|>system\n"), "{text:?}");
+    assert!(text.ends_with("<|im_start|>assistant\n"), "{text:?}");
+    let (_, answer) = generate(&engine, prompt, 32);
+    assert!(answer.contains("Paris"), "answer: {answer:?}");
+}

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod models;
 pub mod prediction;
 pub mod record;
+pub mod replicas;
 pub mod routes;
 pub mod schema;
 pub mod service;
@@ -53,6 +54,11 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Open connections at most; past it new ones get a 503 and are closed.
     pub max_connections: usize,
+    /// Where predictions live: None is the SQLite file in the data dir.
+    pub store: Option<store::StoreSpec>,
+    /// How long a replica's predictions stay its own without a renewal; past it
+    /// another replica sharing the store ends them.
+    pub replica_lease: Duration,
 }
 
 impl ServerConfig {
@@ -72,6 +78,8 @@ impl ServerConfig {
             webhook_allow_private: false,
             header_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            store: None,
+            replica_lease: Duration::from_secs(15),
         }
     }
 
@@ -89,6 +97,11 @@ impl ServerConfig {
                 self.addr
             )));
         }
+        if self.replica_lease < Duration::from_secs(3) {
+            return Err(ServerError::Config(
+                "--replica-lease: must be at least 3 seconds".into(),
+            ));
+        }
         if self.max_connections == 0 {
             return Err(ServerError::Config(
                 "--max-connections: must be at least 1".into(),
@@ -102,7 +115,7 @@ pub struct AppState {
     pub cfg: ServerConfig,
     pub auth: auth::Auth,
     pub models: ModelRegistry,
-    pub store: Arc<store::Store>,
+    pub store: store::SharedStore,
     pub hub: Arc<prediction::Hub>,
     pub webhooks: Arc<webhook::Webhooks>,
     pub metrics: HashMap<String, Arc<metrics::Metrics>>,
@@ -139,6 +152,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Webhooks(#[from] webhook::OpenError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -160,8 +175,9 @@ fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
     b.create(path)
 }
 
-/// Opens the data dir and the store, marks interrupted predictions failed.
-pub fn build_state(
+/// Opens the data dir and the store, registers this replica, and ends what stopped
+/// replicas left in flight (with SQLite: everything an earlier process left).
+pub async fn build_state(
     cfg: ServerConfig,
     models: Vec<ServedModel>,
 ) -> Result<Arc<AppState>, ServerError> {
@@ -172,18 +188,22 @@ pub fn build_state(
     };
     create_private_dir(&cfg.data_dir).map_err(data_err)?;
     create_private_dir(&cfg.data_dir.join("files")).map_err(data_err)?;
-    let store = Arc::new(store::Store::open(
-        &cfg.data_dir.join("predictions.sqlite3"),
-    )?);
-    let interrupted = store.fail_interrupted(&record::now_rfc3339())?;
-    if interrupted > 0 {
+    let spec = cfg.store.clone().unwrap_or_else(|| {
+        store::StoreSpec::Sqlite(cfg.data_dir.join("predictions.sqlite3"))
+    });
+    let store = store::open(&spec, &cfg.data_dir).await?;
+    store.heartbeat(cfg.replica_lease).await?;
+    let webhooks = Arc::new(
+        webhook::Webhooks::open(store.clone(), cfg.webhook_allow_private).await?,
+    );
+    let ended = replicas::end_orphans(&store, &webhooks).await?;
+    if ended > 0 {
         tracing::warn!(
-            interrupted,
-            "predictions left in flight by the previous process were marked failed"
+            ended,
+            "predictions left in flight by a stopped process were marked failed"
         );
     }
-    let webhooks = webhook::Webhooks::open(&cfg.data_dir, store.clone(), cfg.webhook_allow_private)
-        .map_err(data_err)?;
+    tracing::info!(store = %store.describe(), replica = %store.replica_id(), "store open");
     let metrics = models
         .iter()
         .map(|m| {
@@ -203,7 +223,7 @@ pub fn build_state(
         models: registry,
         store,
         hub: Arc::new(prediction::Hub::default()),
-        webhooks: Arc::new(webhooks),
+        webhooks,
         metrics,
         http_metrics: metrics::Metrics::new(String::new()),
         stop: CancellationToken::new(),
@@ -248,6 +268,8 @@ pub async fn serve_on(
         CLOSE_GRACE,
     ));
     let saver = tokio::spawn(save_unsaved_periodically(state.clone()));
+    let replica_stop = CancellationToken::new();
+    let replica = tokio::spawn(replicas::run(state.clone(), replica_stop.clone()));
     let signals = {
         let stop = state.stop.clone();
         tokio::spawn(async move {
@@ -272,9 +294,16 @@ pub async fn serve_on(
     let _ = tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(1), dispatcher).await;
     saver.abort();
     signals.abort();
-    let left = state.hub.save_unsaved(&state.store);
+    replica_stop.cancel();
+    let _ = replica.await;
+    let left = state.hub.save_unsaved(&state.store).await;
     if left > 0 {
         tracing::error!(left, "finished predictions could not be saved at shutdown");
+    }
+    // Nothing of ours is in flight now: our lease can end (leftovers, if any, become
+    // other replicas' to end).
+    if let Err(e) = state.store.retire().await {
+        tracing::warn!(error = %e, "could not end this replica's lease");
     }
     Ok(())
 }
@@ -282,7 +311,7 @@ pub async fn serve_on(
 async fn save_unsaved_periodically(state: Arc<AppState>) {
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        state.hub.save_unsaved(&state.store);
+        state.hub.save_unsaved(&state.store).await;
     }
 }
 

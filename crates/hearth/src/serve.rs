@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use hearth_runtime::weights::WeightSource;
 use hearth_runtime::{LoadFormat, LoadedModel};
+use hearth_server::store::StoreSpec;
 use hearth_server::{ModelCard, ServedModel, ServerConfig, VersionInputs};
 
 use crate::args::{EngineArgs, ModelArgs};
@@ -75,6 +76,19 @@ pub struct ServeArgs {
     /// Most open connections; past it new ones get a 503.
     #[arg(long, env = "HEARTH_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// Where predictions, webhook deliveries and files live: sqlite:PATH (one process;
+    /// default: predictions.sqlite3 in the data dir) or postgres://USER:PASS@HOST/DB,
+    /// shared by every replica behind a load balancer.
+    #[arg(long, env = "HEARTH_STORE", value_parser = parse_store)]
+    pub store: Option<StoreSpec>,
+    /// Seconds a replica's predictions stay its own without a lease renewal (renewed
+    /// every third of it); past it another replica sharing the store ends them failed.
+    #[arg(long, env = "HEARTH_REPLICA_LEASE", default_value_t = 15)]
+    pub replica_lease: u64,
+}
+
+fn parse_store(s: &str) -> Result<StoreSpec, String> {
+    StoreSpec::parse(s).map_err(|e| e.to_string())
 }
 
 fn default_data_dir() -> PathBuf {
@@ -238,6 +252,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     cfg.webhook_allow_private = a.webhook_allow_private;
     cfg.header_read_timeout = Duration::from_secs(a.header_read_timeout.max(1));
     cfg.max_connections = a.max_connections;
+    cfg.store = a.store.clone();
+    cfg.replica_lease = Duration::from_secs(a.replica_lease);
     // Before loading models (minutes for big ones): a refused configuration says so now.
     cfg.check()?;
     let models = load_models(&a)?;
@@ -257,7 +273,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let state = hearth_server::build_state(cfg, models)?;
+        let state = hearth_server::build_state(cfg, models).await?;
         hearth_server::serve(state).await
     })?;
     Ok(())

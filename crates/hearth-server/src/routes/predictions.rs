@@ -179,7 +179,7 @@ pub async fn get_one(
 ) -> AppResult<Response> {
     Ok(json_response(
         StatusCode::OK,
-        &service::lookup(&state, &id)?.to_json(),
+        &service::lookup(&state, &id).await?.to_json(),
     ))
 }
 
@@ -234,7 +234,8 @@ pub async fn list(
         after.as_deref(),
         before.as_deref(),
         PAGE_SIZE,
-    )?;
+    )
+    .await?;
     let base = base_url(&state, &headers);
     let results: Vec<Value> = page
         .records

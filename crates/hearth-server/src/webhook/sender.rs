@@ -16,6 +16,9 @@ const ATTEMPTS_TERMINAL: u32 = 12;
 pub struct WebhookSender {
     hooks: Arc<Webhooks>,
     prediction_id: String,
+    /// `webhook-id`s are this and a count: unique even when a prediction's events
+    /// come from two replicas (its owner, then the one that ended it).
+    msg_prefix: String,
     url: String,
     events: Vec<WebhookEvent>,
     state: Mutex<Throttle>,
@@ -53,17 +56,39 @@ impl WebhookSender {
         Self {
             hooks,
             prediction_id: prediction_id.to_string(),
+            msg_prefix: format!("msg_{prediction_id}_{}", &crate::record::new_token()[..6]),
             url,
             events,
             state: Mutex::new(Throttle::default()),
         }
     }
 
-    pub fn send(&self, event: WebhookEvent, payload: &Value) {
-        let Ok(mut st) = self.state.lock() else {
-            return;
+    /// Queues what `event` calls for in the outbox (nothing, when filtered or held
+    /// by the throttle). Returns once it is stored, so events stay in order.
+    pub async fn send(&self, event: WebhookEvent, payload: &Value) {
+        let due = {
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
+            self.decide(&mut st, event, payload.to_string())
         };
-        let body = payload.to_string();
+        for (ev, msg_id, body) in due {
+            self.enqueue(ev, &msg_id, &body).await;
+        }
+    }
+
+    /// The deliveries an event makes now, each with its `webhook-id`.
+    fn decide(
+        &self,
+        st: &mut Throttle,
+        event: WebhookEvent,
+        body: String,
+    ) -> Vec<(WebhookEvent, String, String)> {
+        let mut due = Vec::new();
+        let mut push = |st: &mut Throttle, ev: WebhookEvent, body: &str| {
+            st.sent += 1;
+            due.push((ev, format!("{}_{}", self.msg_prefix, st.sent), body.to_string()));
+        };
         if event == WebhookEvent::Completed {
             // The last state reaches every subscriber: an intermediate event held by
             // the throttle goes out now with the final state, and one who asked for
@@ -75,36 +100,35 @@ impl WebhookSender {
                     .then_some(WebhookEvent::Output)
             });
             if let Some(ev) = last {
-                self.enqueue(&mut st, ev, &body);
+                push(st, ev, &body);
             }
             if wants_completed {
-                self.enqueue(&mut st, event, &body);
+                push(st, event, &body);
             }
-            return;
+            return due;
         }
         if !self.events.contains(&event) {
-            return;
+            return due;
         }
         if event.is_intermediate() {
             if st.last_intermediate.is_some_and(|t| t.elapsed() < THROTTLE) {
                 st.held = Some((event, body));
-                return;
+                return due;
             }
             st.last_intermediate = Some(Instant::now());
             st.held = None;
         }
-        self.enqueue(&mut st, event, &body);
+        push(st, event, &body);
+        due
     }
 
-    fn enqueue(&self, st: &mut Throttle, event: WebhookEvent, body: &str) {
+    async fn enqueue(&self, event: WebhookEvent, msg_id: &str, body: &str) {
         let Some(store) = &self.hooks.store else {
             return;
         };
-        st.sent += 1;
-        let msg_id = format!("msg_{}_{}", self.prediction_id, st.sent);
         let item = OutboxItem {
             prediction_id: &self.prediction_id,
-            msg_id: &msg_id,
+            msg_id,
             url: &self.url,
             event: event.as_str(),
             body,
@@ -114,7 +138,10 @@ impl WebhookSender {
                 ATTEMPTS_INTERMEDIATE
             },
         };
-        match store.outbox_push(&item, event.is_intermediate(), super::dispatcher::now_ms()) {
+        match store
+            .outbox_push(&item, event.is_intermediate(), super::dispatcher::now_ms())
+            .await
+        {
             Ok(()) => self.hooks.wake.notify_one(),
             Err(e) => tracing::error!(
                 error = %e,

@@ -92,7 +92,7 @@ pub async fn start_in(
     cfg.shutdown_timeout = Duration::from_secs(2);
     cfg.webhook_allow_private = true;
     tweak(&mut cfg);
-    let state = hearth_server::build_state(cfg, vec![model]).unwrap();
+    let state = hearth_server::build_state(cfg, vec![model]).await.unwrap();
     let task = tokio::spawn(hearth_server::serve_on(state.clone(), listener));
     Server {
         base: format!("http://{addr}"),

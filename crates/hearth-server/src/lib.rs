@@ -188,14 +188,14 @@ pub async fn build_state(
     };
     create_private_dir(&cfg.data_dir).map_err(data_err)?;
     create_private_dir(&cfg.data_dir.join("files")).map_err(data_err)?;
-    let spec = cfg.store.clone().unwrap_or_else(|| {
-        store::StoreSpec::Sqlite(cfg.data_dir.join("predictions.sqlite3"))
-    });
+    let spec = cfg
+        .store
+        .clone()
+        .unwrap_or_else(|| store::StoreSpec::Sqlite(cfg.data_dir.join("predictions.sqlite3")));
     let store = store::open(&spec, &cfg.data_dir).await?;
     store.heartbeat(cfg.replica_lease).await?;
-    let webhooks = Arc::new(
-        webhook::Webhooks::open(store.clone(), cfg.webhook_allow_private).await?,
-    );
+    let webhooks =
+        Arc::new(webhook::Webhooks::open(store.clone(), cfg.webhook_allow_private).await?);
     let ended = replicas::end_orphans(&store, &webhooks).await?;
     if ended > 0 {
         tracing::warn!(

@@ -388,10 +388,7 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
 /// here what the store says (or that it was taken over) and let go of it.
 async fn taken_over(live: &Live, ctx: &RunContext) {
     tracing::warn!("another replica took this prediction over (this one's lease had run out); stopping it here");
-    let id = live
-        .snapshot()
-        .map(|r| r.prediction.id)
-        .unwrap_or_default();
+    let id = live.snapshot().map(|r| r.prediction.id).unwrap_or_default();
     let stored = ctx.store.get(&id).await.ok().flatten();
     live.update(|r| match stored {
         Some(s) if s.prediction.status.is_terminal() => *r = s,

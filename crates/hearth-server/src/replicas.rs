@@ -26,7 +26,10 @@ const ORPHAN_BATCH: usize = 100;
 
 /// Ends every orphan the store hands this replica: `failed`, stored, `completed`
 /// webhook queued. Returns how many.
-pub async fn end_orphans(store: &SharedStore, webhooks: &Arc<Webhooks>) -> Result<usize, StoreError> {
+pub async fn end_orphans(
+    store: &SharedStore,
+    webhooks: &Arc<Webhooks>,
+) -> Result<usize, StoreError> {
     let mut n = 0;
     loop {
         let batch = store.claim_orphans(ORPHAN_BATCH).await?;

@@ -296,7 +296,14 @@ async fn an_undecodable_row_is_skipped_and_interrupted_rows_get_metrics() {
         .await
         .unwrap();
     assert_eq!(ended, 1);
-    let got = s.state.store.get("crashed").await.unwrap().unwrap().prediction;
+    let got = s
+        .state
+        .store
+        .get("crashed")
+        .await
+        .unwrap()
+        .unwrap()
+        .prediction;
     assert_eq!(got.status, hearth_server::record::Status::Failed);
     assert_eq!(got.output, Some(vec![]));
     assert!(got.metrics.unwrap()["total_time"].as_f64().unwrap() >= 0.0);

@@ -229,13 +229,15 @@ pub async fn list(
     };
     let after = normalise_time("created_after", q.created_after)?;
     let before = normalise_time("created_before", q.created_before)?;
-    let page = state.store.list(
-        cursor.as_deref(),
-        after.as_deref(),
-        before.as_deref(),
-        PAGE_SIZE,
-    )
-    .await?;
+    let page = state
+        .store
+        .list(
+            cursor.as_deref(),
+            after.as_deref(),
+            before.as_deref(),
+            PAGE_SIZE,
+        )
+        .await?;
     let base = base_url(&state, &headers);
     let results: Vec<Value> = page
         .records

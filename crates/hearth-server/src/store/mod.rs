@@ -44,7 +44,11 @@ pub enum StoreError {
          hearth knows ({known}): it was written by a newer release; run that release or \
          restore a backup made by this one"
     )]
-    TooNew { what: String, found: i64, known: i64 },
+    TooNew {
+        what: String,
+        found: i64,
+        known: i64,
+    },
     #[error("cannot connect to PostgreSQL at {target}: {reason}")]
     Connect { target: String, reason: String },
     #[error("--store {0:?}: expected sqlite:PATH or postgres://USER@HOST:PORT/DB")]
@@ -273,10 +277,7 @@ impl StoreSpec {
 
 /// Opens (and migrates) the store; `data_dir` is where SQLite keeps uploads (`files/`)
 /// and the webhook secret.
-pub async fn open(
-    spec: &StoreSpec,
-    data_dir: &std::path::Path,
-) -> Result<SharedStore, StoreError> {
+pub async fn open(spec: &StoreSpec, data_dir: &std::path::Path) -> Result<SharedStore, StoreError> {
     Ok(match spec {
         StoreSpec::Sqlite(path) => Arc::new(SqliteStore::open(path, data_dir).await?),
         StoreSpec::Postgres(url) => Arc::new(PgStore::connect(url).await?),

@@ -87,7 +87,11 @@ impl WebhookSender {
         let mut due = Vec::new();
         let mut push = |st: &mut Throttle, ev: WebhookEvent, body: &str| {
             st.sent += 1;
-            due.push((ev, format!("{}_{}", self.msg_prefix, st.sent), body.to_string()));
+            due.push((
+                ev,
+                format!("{}_{}", self.msg_prefix, st.sent),
+                body.to_string(),
+            ));
         };
         if event == WebhookEvent::Completed {
             // The last state reaches every subscriber: an intermediate event held by

@@ -70,7 +70,10 @@ impl PgStore {
         let rows = self
             .client()
             .await?
-            .query("SELECT meta FROM files ORDER BY created_at DESC, id DESC", &[])
+            .query(
+                "SELECT meta FROM files ORDER BY created_at DESC, id DESC",
+                &[],
+            )
             .await?;
         Ok(rows
             .iter()

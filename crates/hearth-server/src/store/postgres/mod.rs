@@ -183,9 +183,12 @@ impl PgStore {
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
             let version = i as i64 + 1;
-            tx.batch_execute(sql)
-                .await
-                .map_err(|e| StoreError::Postgres(format!("migrating to schema version {version}: {}", StoreError::from(e))))?;
+            tx.batch_execute(sql).await.map_err(|e| {
+                StoreError::Postgres(format!(
+                    "migrating to schema version {version}: {}",
+                    StoreError::from(e)
+                ))
+            })?;
             tx.execute(
                 "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
                 &[&version, &crate::record::now_rfc3339()],

@@ -23,7 +23,10 @@ impl PgStore {
                 )
                 .await?;
             let n = c
-                .execute(&st, &[&item.prediction_id, &item.event, &item.body, &now_ms])
+                .execute(
+                    &st,
+                    &[&item.prediction_id, &item.event, &item.body, &now_ms],
+                )
                 .await?;
             if n > 0 {
                 return Ok(());

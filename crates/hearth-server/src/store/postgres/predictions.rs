@@ -20,7 +20,13 @@ impl PgStore {
         let n = c
             .execute(
                 &st,
-                &[&p.id, &p.created_at, &p.status.as_str(), &json, &self.replica],
+                &[
+                    &p.id,
+                    &p.created_at,
+                    &p.status.as_str(),
+                    &json,
+                    &self.replica,
+                ],
             )
             .await?;
         if n == 0 {
@@ -44,7 +50,13 @@ impl PgStore {
         let n = c
             .execute(
                 &st,
-                &[&p.id, &p.created_at, &p.status.as_str(), &json, &self.replica],
+                &[
+                    &p.id,
+                    &p.created_at,
+                    &p.status.as_str(),
+                    &json,
+                    &self.replica,
+                ],
             )
             .await?;
         if n == 0 {
@@ -136,22 +148,26 @@ impl PgStore {
 
     pub(super) async fn claim_orphans(&self, limit: usize) -> Result<Vec<Record>, StoreError> {
         let c = self.writer().await?;
-        // Rows another survivor is taking over right now are skipped, not waited for:
-        // each orphan is ended by one replica.
+        // A compare-and-set on the owner each candidate had when we looked: of two
+        // survivors sweeping at once, the second's update finds another owner (the
+        // row's newest version, which an UPDATE rechecks) and skips the row. (A
+        // `FOR UPDATE SKIP LOCKED` alone is not enough here: its recheck of a row
+        // just taken over does not look again at whether the new owner is alive.)
         let st = c
             .prepare_cached(
                 "WITH orphans AS (
-                    SELECT p.id FROM predictions p
+                    SELECT p.id, p.owner FROM predictions p
                     WHERE p.status IN ('starting', 'processing')
                       AND p.owner IS DISTINCT FROM $1
                       AND NOT EXISTS (SELECT 1 FROM replicas r
                                       WHERE r.id = p.owner AND r.lease_until > now())
                     LIMIT $2
-                    FOR UPDATE SKIP LOCKED
                  )
-                 UPDATE predictions SET owner = $1 FROM orphans
-                 WHERE predictions.id = orphans.id
-                 RETURNING predictions.id, predictions.record",
+                 UPDATE predictions p SET owner = $1 FROM orphans
+                 WHERE p.id = orphans.id
+                   AND p.owner IS NOT DISTINCT FROM orphans.owner
+                   AND p.status IN ('starting', 'processing')
+                 RETURNING p.id, p.record",
             )
             .await?;
         let rows = c.query(&st, &[&self.replica, &(limit as i64)]).await?;

@@ -15,7 +15,11 @@ impl SqliteDb {
         self.files_dir().join(format!("{id}.json"))
     }
 
-    pub(super) fn file_put(&self, meta: &FileMeta, path: &std::path::Path) -> Result<(), StoreError> {
+    pub(super) fn file_put(
+        &self,
+        meta: &FileMeta,
+        path: &std::path::Path,
+    ) -> Result<(), StoreError> {
         if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(StoreError::Injected);
         }

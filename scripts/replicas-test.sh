@@ -12,7 +12,8 @@
 #
 # Usage: scripts/replicas-test.sh [--replicas N] [--load N] [--no-clients]
 # Env: HEARTH_BIN (default target/debug/hearth, built if missing), CLIENT_VENV,
-#      KEEP_REPLICA_DATA=1 keeps the temp dir (logs, haproxy.cfg).
+#      KEEP_REPLICA_DATA=1 keeps the temp dir (logs, haproxy.cfg), LOAD_ARGS: more
+#      arguments for scripts/replicas_load.py (e.g. "--long-tokens 1900").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -139,7 +140,7 @@ echo "== throughput and kill -9 under load"
 direct="http://127.0.0.1:${ports[0]}"
 victim=$((replicas - 1))
 if "$py" scripts/replicas_load.py --balancer "$lb" --direct "$direct" --token "$token" \
-  --load "$load" --replicas "$replicas" --kill-pid "${pids[$victim]}" 2>&1 | tee "$work/load.log"; then
+  --load "$load" --replicas "$replicas" --kill-pid "${pids[$victim]}" ${LOAD_ARGS:-} 2>&1 | tee "$work/load.log"; then
   passed=$((passed + 1))
 else
   failed=$((failed + 1)) status=1

@@ -100,6 +100,7 @@ def main():
     a.add_argument("--kill-pid", type=int, required=True)
     a.add_argument("--throughput", type=int, default=48)
     a.add_argument("--concurrency", type=int, default=8)
+    a.add_argument("--long-tokens", type=int, default=600, help="max_tokens of every other prediction")
     args = a.parse_args()
     base, token = args.balancer.rstrip("/"), args.token
     auth = {"Authorization": f"Bearer {token}"}
@@ -123,15 +124,21 @@ def main():
                 os.kill(args.kill_pid, signal.SIGKILL)
                 killed_at = time.monotonic()
             long = i % 2 == 0
-            inp = {"prompt": f"load {i}", "max_tokens": 1900 if long else 24, "ignore_eos": True}
+            inp = {"prompt": f"load {i}", "max_tokens": args.long_tokens if long else 24, "ignore_eos": True}
             p, r = create(c, base, token, inp, hook=hooks.url)
             ids.append(p["id"])
             retries += r
             time.sleep(0.02)
 
-        deadline = time.monotonic() + 120
-        final = {}
+        # Long enough for the whole load to finish on a loaded 2-core machine; a
+        # prediction not ended by then is stuck.
+        deadline = time.monotonic() + 300
+        final, ended_at = {}, {}
+        next_note = time.monotonic() + 15
         while time.monotonic() < deadline:
+            if time.monotonic() > next_note:
+                print(f"  ... {len(final)}/{len(ids)} ended")
+                next_note += 15
             for pid in ids:
                 if pid in final:
                     continue
@@ -141,6 +148,7 @@ def main():
                     continue
                 if r.status_code == 200 and r.json()["status"] in TERMINAL:
                     final[pid] = r.json()
+                    ended_at[pid] = time.monotonic() - killed_at
                 elif r.status_code == 404:
                     final[pid] = None
             if len(final) == len(ids):
@@ -156,10 +164,19 @@ def main():
     ]
     print(f"  created {len(ids)} ({retries} create retries while the balancer noticed the dead replica)")
     print(f"  all ended {ended_after:.1f}s after the kill: {dict(statuses)}")
+    orphans = [ended_at[p] for p, v in final.items() if v and v["status"] == "failed"]
+    if orphans:
+        print(f"  the killed replica's {len(orphans)} predictions were ended failed by survivors "
+              f"{min(orphans):.1f}-{max(orphans):.1f}s after the kill (lease 5 s)")
     if lost:
         failures.append(f"{len(lost)} predictions lost (404): {lost[:5]}")
     if stuck:
-        failures.append(f"{len(stuck)} predictions stuck: {stuck[:5]}")
+        with httpx.Client() as c:
+            states = collections.Counter(
+                c.get(f"{base}/v1/predictions/{p}", headers=auth, timeout=10).json().get("status")
+                for p in stuck
+            )
+        failures.append(f"{len(stuck)} predictions stuck ({dict(states)}): {stuck[:5]}")
     if bad_errors:
         failures.append(f"failed without the replica-stopped error: {bad_errors[:5]}")
     if statuses.get("failed", 0) == 0:

@@ -328,7 +328,7 @@ async fn files_round_trip_in_pieces(b: Backend) {
     let s = b.store;
     let tmp = std::env::temp_dir().join(format!("hearth-file-{}", new_id()));
     // Larger than one PostgreSQL chunk (1 MiB), not a multiple of it.
-    let bytes: Vec<u8> = (0..(2_500_000u32)).map(|i| (i % 251) as u8).collect();
+    let bytes: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8).collect();
     let dir = match &b._dir {
         Some(d) => d.0.join("files").join(".upload-test"),
         None => tmp.clone(),

@@ -147,13 +147,19 @@ async fn two_replicas_share_predictions_and_a_killed_one_is_ended_by_the_other()
     let id = p["id"].as_str().unwrap().to_string();
     let running = wait_status(&b, &id, &["processing"], 30).await;
     assert_eq!(running["id"], id.as_str());
-    let stream_url = running["urls"]["stream"].as_str().unwrap().replace(&a.base, &b.base);
+    let stream_url = running["urls"]["stream"]
+        .as_str()
+        .unwrap()
+        .replace(&a.base, &b.base);
     let mut sse = client().get(&stream_url).send().await.unwrap();
     assert_eq!(sse.status().as_u16(), 200);
     let mut text = String::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while text.matches("event: output").count() < 3 {
-        assert!(Instant::now() < deadline, "no live output through B: {text:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no live output through B: {text:?}"
+        );
         let chunk = tokio::time::timeout(Duration::from_secs(10), sse.chunk())
             .await
             .expect("B's stream went quiet")
@@ -179,7 +185,10 @@ async fn two_replicas_share_predictions_and_a_killed_one_is_ended_by_the_other()
         .await
         .unwrap();
     assert_eq!(canceled["status"], "canceled", "{canceled}");
-    assert_eq!(get(&a, &format!("/v1/predictions/{id}")).await["status"], "canceled");
+    assert_eq!(
+        get(&a, &format!("/v1/predictions/{id}")).await["status"],
+        "canceled"
+    );
     let rest = tokio::time::timeout(Duration::from_secs(10), sse.text())
         .await
         .expect("B's stream did not end")

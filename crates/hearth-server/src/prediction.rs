@@ -172,7 +172,7 @@ pub struct RunContext {
 impl RunContext {
     async fn notify(&self, event: WebhookEvent, r: &Record) {
         if let Some(w) = &self.webhook {
-            w.send(event, &r.to_json()).await;
+            w.send(event, r).await;
         }
     }
 }

@@ -49,7 +49,7 @@ pub async fn end_orphans(
             if let Some(url) = r.webhook.clone() {
                 webhooks
                     .sender(url, &r.webhook_events_filter, &id)
-                    .send(WebhookEvent::Completed, &r.to_json())
+                    .send(WebhookEvent::Completed, &r)
                     .await;
             }
             n += 1;

@@ -3,9 +3,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use super::{WebhookEvent, Webhooks};
+use crate::record::Record;
 use crate::store::OutboxItem;
 
 const THROTTLE: Duration = Duration::from_millis(500);
@@ -29,7 +28,7 @@ struct Throttle {
     last_intermediate: Option<Instant>,
     /// The newest intermediate event held back by the throttle: replaced by the next
     /// one, sent when one comes after the window, or at the end.
-    held: Option<(WebhookEvent, String)>,
+    held: Option<WebhookEvent>,
     sent: u32,
 }
 
@@ -65,12 +64,14 @@ impl WebhookSender {
 
     /// Queues what `event` calls for in the outbox (nothing, when filtered or held
     /// by the throttle). Returns once it is stored, so events stay in order.
-    pub async fn send(&self, event: WebhookEvent, payload: &Value) {
+    /// The prediction is serialized only when a delivery is due: most intermediate
+    /// events are filtered or throttled, and a long output is long.
+    pub async fn send(&self, event: WebhookEvent, record: &Record) {
         let due = {
             let Ok(mut st) = self.state.lock() else {
                 return;
             };
-            self.decide(&mut st, event, payload.to_string())
+            self.decide(&mut st, event, &|| record.to_json().to_string())
         };
         for (ev, msg_id, body) in due {
             self.enqueue(ev, &msg_id, &body).await;
@@ -82,7 +83,7 @@ impl WebhookSender {
         &self,
         st: &mut Throttle,
         event: WebhookEvent,
-        body: String,
+        body: &dyn Fn() -> String,
     ) -> Vec<(WebhookEvent, String, String)> {
         let mut due = Vec::new();
         let mut push = |st: &mut Throttle, ev: WebhookEvent, body: &str| {
@@ -97,12 +98,13 @@ impl WebhookSender {
             // The last state reaches every subscriber: an intermediate event held by
             // the throttle goes out now with the final state, and one who asked for
             // output but not `completed` gets the final output as an output event.
-            let held = st.held.take().map(|(ev, _)| ev);
+            let held = st.held.take();
             let wants_completed = self.events.contains(&event);
             let last = held.or_else(|| {
                 (!wants_completed && self.events.contains(&WebhookEvent::Output))
                     .then_some(WebhookEvent::Output)
             });
+            let body = body();
             if let Some(ev) = last {
                 push(st, ev, &body);
             }
@@ -116,13 +118,13 @@ impl WebhookSender {
         }
         if event.is_intermediate() {
             if st.last_intermediate.is_some_and(|t| t.elapsed() < THROTTLE) {
-                st.held = Some((event, body));
+                st.held = Some(event);
                 return due;
             }
             st.last_intermediate = Some(Instant::now());
             st.held = None;
         }
-        push(st, event, &body);
+        push(st, event, &body());
         due
     }
 

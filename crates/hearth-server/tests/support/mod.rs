@@ -93,6 +93,13 @@ pub async fn start_in(
     cfg.api_tokens = vec![TOKEN.into()];
     cfg.shutdown_timeout = Duration::from_secs(2);
     cfg.webhook_allow_private = true;
+    // HEARTH_TEST_STORE=postgres: the same suites on a fresh PostgreSQL database.
+    if std::env::var("HEARTH_TEST_STORE").as_deref() == Ok("postgres") {
+        let url = postgres::fresh_database()
+            .await
+            .expect("HEARTH_TEST_STORE=postgres needs PostgreSQL");
+        cfg.store = Some(hearth_server::store::StoreSpec::Postgres(url));
+    }
     tweak(&mut cfg);
     let state = hearth_server::build_state(cfg, vec![model]).await.unwrap();
     let task = tokio::spawn(hearth_server::serve_on(state.clone(), listener));

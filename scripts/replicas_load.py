@@ -77,11 +77,11 @@ def create(client, base, token, input, hook=None, wait=False, retries=8):
     raise RuntimeError("create: no replica answered")
 
 
-def throughput(base, token, n, conc, label):
+def throughput(base, token, n, conc, label, tokens):
     toks = 0
     t0 = time.perf_counter()
     with httpx.Client() as c, concurrent.futures.ThreadPoolExecutor(conc) as ex:
-        inp = {"prompt": "throughput", "max_tokens": 16, "ignore_eos": True}
+        inp = {"prompt": "throughput", "max_tokens": tokens, "ignore_eos": True}
         for p, _ in ex.map(lambda _: create(c, base, token, inp, wait=True), range(n)):
             assert p["status"] == "succeeded", p
             toks += (p.get("metrics") or {}).get("output_token_count", 0)
@@ -98,19 +98,22 @@ def main():
     a.add_argument("--replicas", type=int, required=True)
     a.add_argument("--load", type=int, default=60)
     a.add_argument("--kill-pid", type=int, required=True)
-    a.add_argument("--throughput", type=int, default=48)
-    a.add_argument("--concurrency", type=int, default=8)
+    a.add_argument("--throughput", type=int, default=96, help="predictions per throughput batch")
+    a.add_argument("--throughput-tokens", type=int, default=64)
+    a.add_argument("--rounds", type=int, default=3, help="throughput batches each way, alternated")
+    a.add_argument("--concurrency", type=int, default=16)
     a.add_argument("--long-tokens", type=int, default=600, help="max_tokens of every other prediction")
     args = a.parse_args()
     base, token = args.balancer.rstrip("/"), args.token
     auth = {"Authorization": f"Bearer {token}"}
     failures = []
 
-    print(f"throughput ({args.throughput} predictions of 16 tokens, concurrency {args.concurrency}):")
+    n, t = args.throughput, args.throughput_tokens
+    print(f"throughput ({n} predictions of {t} tokens, Prefer: wait, concurrency {args.concurrency}):")
     lb, one = [], []
-    for _ in range(2):
-        lb.append(throughput(base, token, args.throughput, args.concurrency, f"balancer, {args.replicas} replicas"))
-        one.append(throughput(args.direct, token, args.throughput, args.concurrency, "one replica, direct"))
+    for _ in range(args.rounds):
+        lb.append(throughput(base, token, n, args.concurrency, f"balancer, {args.replicas} replicas", t))
+        one.append(throughput(args.direct, token, n, args.concurrency, "one replica, direct", t))
     print(f"  best: balancer {max(lb):.1f}/s, one replica {max(one):.1f}/s, ratio {max(lb) / max(one):.2f}")
 
     hooks = Hooks()

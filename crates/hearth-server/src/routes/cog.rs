@@ -193,14 +193,17 @@ pub async fn put(
     }
 }
 
+/// Cancels a prediction in flight here, or (with a shared store) on the replica that
+/// runs it.
 pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    match state.hub.get(&id) {
-        Some(live) => {
-            live.request_cancel();
-            json_response(StatusCode::OK, &json!({}))
-        }
-        None => json_response(StatusCode::NOT_FOUND, &json!({})),
+    if let Some(live) = state.hub.get(&id) {
+        live.request_cancel();
+        return json_response(StatusCode::OK, &json!({}));
     }
+    if state.store.is_shared() && matches!(state.store.request_cancel(&id).await, Ok(true)) {
+        return json_response(StatusCode::OK, &json!({}));
+    }
+    json_response(StatusCode::NOT_FOUND, &json!({}))
 }
 
 pub async fn shutdown(State(state): State<Arc<AppState>>) -> Response {

@@ -305,7 +305,10 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
     }
     let finished_at = Instant::now();
     let now = now_rfc3339();
-    let final_record = live.update(|r| {
+    // The end is built on a copy and published only once it is stored: a client told
+    // `succeeded` or `canceled` here (a wait, a cancel) and then asking another replica
+    // must read the same.
+    let final_record = live.snapshot().map(|mut r| {
         let p = &mut r.prediction;
         let total = seconds(finished_at - created);
         match &end {
@@ -361,6 +364,7 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                 p.metrics = Some(json!({"predict_time": 0.0, "total_time": total}));
             }
         }
+        r
     });
     ctx.metrics
         .e2e
@@ -376,6 +380,7 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                 ctx.hub.keep_unsaved(r.clone());
             }
         }
+        live.update(|x| *x = r.clone());
         ctx.notify(WebhookEvent::Logs, &r).await;
         ctx.notify(WebhookEvent::Completed, &r).await;
         ctx.hub.remove(&r.prediction.id);

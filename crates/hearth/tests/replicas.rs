@@ -196,6 +196,47 @@ async fn two_replicas_share_predictions_and_a_killed_one_is_ended_by_the_other()
     assert!(rest.contains("event: done"), "{rest}");
     assert!(rest.contains("canceled"), "{rest}");
 
+    // Read your writes across replicas: what A answered (a wait, a cancel), B reads
+    // at once (a race: 20 tries; without the fix one in three runs caught it).
+    for _ in 0..20 {
+        let done: Value = client()
+            .post(format!("{}/v1/models/hearth/demo/predictions", a.base))
+            .bearer_auth(TOKEN)
+            .header("Prefer", "wait")
+            .json(&json!({"input": {"prompt": "quick", "max_tokens": 8}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(done["status"], "succeeded", "{done}");
+        let seen = get(
+            &b,
+            &format!("/v1/predictions/{}", done["id"].as_str().unwrap()),
+        )
+        .await;
+        assert_eq!(seen["status"], "succeeded", "{seen}");
+        assert_eq!(seen["output"], done["output"]);
+    }
+    let p3 = create(&a, long_job(), &hook).await;
+    let id3 = p3["id"].as_str().unwrap().to_string();
+    wait_status(&a, &id3, &["processing"], 30).await;
+    let canceled: Value = client()
+        .post(format!("{}/v1/predictions/{id3}/cancel", a.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(canceled["status"], "canceled");
+    assert_eq!(
+        get(&b, &format!("/v1/predictions/{id3}")).await["status"],
+        "canceled"
+    );
+
     // A file uploaded to A is served by B.
     let form = reqwest::multipart::Form::new().part(
         "content",

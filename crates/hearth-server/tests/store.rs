@@ -576,3 +576,44 @@ async fn sqlite_orphans_of_an_earlier_process_are_claimed_at_open() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].prediction.id, "left");
 }
+
+#[tokio::test]
+async fn a_database_of_the_previous_release_migrates_and_its_interrupted_rows_are_orphans() {
+    use hearth_server::store::Store;
+    let dir = TempDir::new("v2");
+    let path = dir.0.join("p.sqlite3");
+    // Schema version 2, as the release before replicas left it, with a prediction in
+    // flight (no owner column yet) and a claimed delivery.
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);
+         INSERT INTO schema_version VALUES (1, 'then'), (2, 'then');
+         CREATE TABLE predictions (id TEXT PRIMARY KEY, created_at TEXT NOT NULL,
+            status TEXT NOT NULL, record TEXT NOT NULL);
+         CREATE INDEX predictions_created ON predictions (created_at DESC, id DESC);
+         CREATE TABLE webhook_outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            prediction_id TEXT NOT NULL, msg_id TEXT NOT NULL, url TEXT NOT NULL,
+            event TEXT NOT NULL, body TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL, claimed INTEGER NOT NULL DEFAULT 0,
+            due_unix_ms INTEGER NOT NULL);
+         INSERT INTO webhook_outbox (prediction_id, msg_id, url, event, body, attempts,
+            max_attempts, claimed, due_unix_ms) VALUES ('old', 'm', 'http://h/x', 'completed', '{}', 1, 12, 1, 0);",
+    )
+    .unwrap();
+    let r = record("old", &now_rfc3339(), Status::Processing);
+    c.execute(
+        "INSERT INTO predictions VALUES ('old', ?1, 'processing', ?2)",
+        rusqlite::params![r.prediction.created_at, serde_json::to_string(&r).unwrap()],
+    )
+    .unwrap();
+    drop(c);
+    let s = SqliteStore::open(&path, &dir.0).await.unwrap();
+    assert_eq!(s.schema_version().await.unwrap(), 3);
+    s.heartbeat(Duration::from_secs(60)).await.unwrap();
+    let orphans = s.claim_orphans(10).await.unwrap();
+    assert_eq!(orphans.len(), 1);
+    assert_eq!(orphans[0].prediction.id, "old");
+    // The delivery the old process had out is due again after the release at start.
+    assert_eq!(s.outbox_release_claims().await.unwrap(), 1);
+    assert_eq!(s.outbox_claim(1, 10).await.unwrap().len(), 1);
+}

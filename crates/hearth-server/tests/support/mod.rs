@@ -247,3 +247,35 @@ impl Receiver {
         }
     }
 }
+
+/// A prediction record as the store keeps it, for store tests.
+pub fn record(
+    id: &str,
+    created_at: &str,
+    status: hearth_server::record::Status,
+) -> hearth_server::record::Record {
+    hearth_server::record::Record {
+        prediction: hearth_server::record::Prediction {
+            id: id.into(),
+            model: "hearth/demo".into(),
+            version: "a".repeat(64),
+            input: json!({"prompt": "hi"}),
+            logs: String::new(),
+            output: None,
+            error: None,
+            status,
+            created_at: created_at.into(),
+            started_at: None,
+            completed_at: None,
+            deadline: None,
+            data_removed: false,
+            source: "api".into(),
+            metrics: None,
+        },
+        base_url: "http://x".into(),
+        stream_token: "t".into(),
+        webhook: None,
+        webhook_events_filter: vec![],
+        created_unix: 0,
+    }
+}

@@ -83,8 +83,12 @@ def gpu_replicas():
     assert dep["spec"]["replicas"] == 2
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"]["path"] == "/health-check", probe
+    # Status-code probes on /health (503 until the models serve); liveness on
+    # /health-check, which answers 200 whatever the state.
+    for probe, path in (("startupProbe", "/health"), ("readinessProbe", "/health"),
+                        ("livenessProbe", "/health-check")):
+        assert c[probe]["httpGet"]["path"] == path, (probe, c[probe])
+    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 900, c["startupProbe"]
     assert pod["terminationGracePeriodSeconds"] > 30 + 10, pod["terminationGracePeriodSeconds"]
     assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "10"]
     assert env(c, "HEARTH_API_TOKEN")["valueFrom"]["secretKeyRef"]["key"] == "api-tokens"
@@ -158,14 +162,36 @@ def lint():
     assert not errs, errs
 
 
+def probe_paths(node):
+    """Every httpGet path of a probe anywhere in a manifest."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k.endswith("Probe") and isinstance(v, dict) and "httpGet" in v:
+                yield k, v["httpGet"]["path"]
+            else:
+                yield from probe_paths(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from probe_paths(v)
+
+
 def examples():
     for path in sorted(glob.glob("deploy/examples/*.yaml")):
         with open(path) as f:
             docs = [d for d in yaml.safe_load_all(f) if d]
         assert docs, path
         validate(docs)
+        for probe, p in probe_paths(docs):
+            want = "/health-check" if probe == "livenessProbe" else "/health"
+            assert p == want, (path, probe, p)
     kinds = {d["kind"] for p in glob.glob("deploy/examples/*.yaml") for d in yaml.safe_load_all(open(p)) if d}
     assert {"InferencePool", "HTTPRoute", "ServingRuntime", "InferenceService"} <= kinds, kinds
+
+
+def dockerfile_healthchecks():
+    for path in ("deploy/Dockerfile", "deploy/Dockerfile.cuda"):
+        text = open(path).read()
+        assert "/health >/dev/null" in text and "/health-check" not in text.split("HEALTHCHECK", 1)[1], path
 
 
 def hadolint():
@@ -189,6 +215,7 @@ check("refused: no API token", refused({"store": {"url": "postgres://x@y/z"}}, [
 check("refused: trial PostgreSQL without a password",
       refused({"auth": {"tokens": ["t"]}, "postgresql": {"enabled": True}}, ["password"]))
 check("examples: InferencePool, HTTPRoute, KServe", examples)
+check("Dockerfiles: HEALTHCHECK on /health (503 until the models serve)", dockerfile_healthchecks)
 check("hadolint deploy/Dockerfile deploy/Dockerfile.cuda (DL3008 apt pins ignored)", hadolint)
 print(f"deploy: {passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

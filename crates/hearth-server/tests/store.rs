@@ -74,6 +74,7 @@ both!(
     put_writes_changes_and_recreates_a_lost_row,
     list_pages_newest_first_with_filters,
     outbox_keeps_order_coalesces_and_claims_one_head_per_prediction,
+    outbox_events_are_opaque_and_cog_events_never_coalesce,
     outbox_claims_expire_and_release,
     cancel_requests_reach_the_owner,
     webhook_secret_is_made_once,
@@ -247,6 +248,66 @@ async fn outbox_keeps_order_coalesces_and_claims_one_head_per_prediction(b: Back
     s.outbox_remove(last[0].seq).await.unwrap();
     s.outbox_remove(first[1].seq).await.unwrap();
     assert_eq!(s.outbox_len().await.unwrap(), 0);
+}
+
+/// The `event` column is the sender's string, kept as given: Cog-style deliveries
+/// (`cog.output`, ...) are each delivered, so a push never replaces one, and a
+/// Cog-style push asked to coalesce does not replace a Replicate-style one either.
+async fn outbox_events_are_opaque_and_cog_events_never_coalesce(b: Backend) {
+    let s = b.store;
+    let now = 1_000_000;
+    for (msg, body) in [("m1", "o1"), ("m2", "o2")] {
+        s.outbox_push(&item("c", msg, "cog.output", body), true, now)
+            .await
+            .unwrap();
+    }
+    s.outbox_push(&item("c", "m3", "cog.logs", "l1"), true, now)
+        .await
+        .unwrap();
+    s.outbox_push(&item("c", "m4", "cog.completed", "done"), false, now)
+        .await
+        .unwrap();
+    // A Replicate-style output after a queued Cog one is a row of its own.
+    s.outbox_push(&item("d", "n1", "cog.output", "x"), false, now)
+        .await
+        .unwrap();
+    s.outbox_push(&item("d", "n2", "output", "y"), true, now)
+        .await
+        .unwrap();
+    assert_eq!(s.outbox_len().await.unwrap(), 6);
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let rows = s.outbox_claim(now, 10).await.unwrap();
+        assert!(!rows.is_empty(), "deliveries left: {seen:?}");
+        for r in rows {
+            seen.push((r.prediction_id.clone(), r.event.clone(), r.body.clone()));
+            s.outbox_remove(r.seq).await.unwrap();
+        }
+        if seen.len() == 6 {
+            break;
+        }
+    }
+    let of = |p: &str| -> Vec<(String, String)> {
+        seen.iter()
+            .filter(|(id, _, _)| id == p)
+            .map(|(_, e, b)| (e.clone(), b.clone()))
+            .collect()
+    };
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(e, b)| (e.to_string(), b.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        of("c"),
+        pairs(&[
+            ("cog.output", "o1"),
+            ("cog.output", "o2"),
+            ("cog.logs", "l1"),
+            ("cog.completed", "done")
+        ])
+    );
+    assert_eq!(of("d"), pairs(&[("cog.output", "x"), ("output", "y")]));
 }
 
 async fn outbox_claims_expire_and_release(b: Backend) {

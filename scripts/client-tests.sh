@@ -6,7 +6,9 @@
 #
 # Env: HEARTH_BIN (default target/debug/hearth, built with cargo if missing),
 #      CLIENT_VENV (default .venv-clients), CLIENT_SUITE_TIMEOUT (s, default 900 each),
-#      KEEP_CLIENT_DATA=1 keeps the server's data dir and logs.
+#      KEEP_CLIENT_DATA=1 keeps the server's data dir and logs,
+#      HEARTH_BASE_URL + HEARTH_TOKEN: run the suites against that server (e.g. replicas
+#      behind a load balancer, scripts/replicas-test.sh) instead of starting one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +56,11 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+if [ -n "${HEARTH_BASE_URL:-}" ]; then
+base=${HEARTH_BASE_URL%/}
+token=${HEARTH_TOKEN:?HEARTH_TOKEN must be set with HEARTH_BASE_URL}
+echo "" >"$data/server.err"
+else
 port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 token=client-test-$RANDOM$RANDOM
 base="http://127.0.0.1:$port"
@@ -82,6 +89,7 @@ while :; do
   fi
   sleep 0.2
 done
+fi
 
 export REPLICATE_BASE_URL=$base REPLICATE_API_TOKEN=$token
 # Nothing of the developer's own Replicate setup may leak in.

@@ -13,6 +13,7 @@ pub mod models;
 pub mod openai;
 pub mod prediction;
 pub mod record;
+pub mod replicas;
 pub mod routes;
 pub mod schema;
 pub mod service;
@@ -59,6 +60,11 @@ pub struct ServerConfig {
     /// Cog's prediction slots: Cog-route predictions in flight at most; past it Cog's
     /// `POST`/`PUT /predictions` answer 409 "At capacity", as Cog does.
     pub cog_max_concurrency: usize,
+    /// Where predictions live: None is the SQLite file in the data dir.
+    pub store: Option<store::StoreSpec>,
+    /// How long a replica's predictions stay its own without a renewal; past it
+    /// another replica sharing the store ends them.
+    pub replica_lease: Duration,
 }
 
 impl ServerConfig {
@@ -79,6 +85,8 @@ impl ServerConfig {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
             cog_max_concurrency: 256,
+            store: None,
+            replica_lease: Duration::from_secs(15),
         }
     }
 
@@ -95,6 +103,11 @@ impl ServerConfig {
                  --allow-unauthenticated if a proxy in front does the authentication",
                 self.addr
             )));
+        }
+        if self.replica_lease < Duration::from_secs(3) {
+            return Err(ServerError::Config(
+                "--replica-lease: must be at least 3 seconds".into(),
+            ));
         }
         if self.max_connections == 0 {
             return Err(ServerError::Config(
@@ -114,7 +127,7 @@ pub struct AppState {
     pub cfg: ServerConfig,
     pub auth: auth::Auth,
     pub models: ModelRegistry,
-    pub store: Arc<store::Store>,
+    pub store: store::SharedStore,
     pub hub: Arc<prediction::Hub>,
     pub webhooks: Arc<webhook::Webhooks>,
     pub metrics: HashMap<String, Arc<metrics::Metrics>>,
@@ -155,6 +168,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Webhooks(#[from] webhook::OpenError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -178,20 +193,36 @@ fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
     b.create(path)
 }
 
-/// Opens the data dir and the store, marks interrupted predictions failed.
-pub fn build_state(
+/// Opens the data dir and the store, registers this replica, and ends what stopped
+/// replicas left in flight (with SQLite: everything an earlier process left).
+pub async fn build_state(
     cfg: ServerConfig,
     models: Vec<ServedModel>,
 ) -> Result<Arc<AppState>, ServerError> {
-    build_state_after_setup(cfg, models, startup::SetupReport::instant())
+    build_state_after_setup(cfg, models, startup::SetupReport::instant()).await
 }
 
 /// As `build_state`, for models whose setup `setup` reports.
-pub fn build_state_after_setup(
+pub async fn build_state_after_setup(
     cfg: ServerConfig,
     models: Vec<ServedModel>,
     setup: startup::SetupReport,
 ) -> Result<Arc<AppState>, ServerError> {
+    let backing = open_backing(&cfg).await?;
+    build_state_on(cfg, models, setup, backing).await
+}
+
+/// What a server keeps outside memory: the store (this replica registered in it) and
+/// the webhooks queued there. Opened before the models load (`startup`), so a store
+/// that cannot be used says so at once.
+pub struct Backing {
+    pub store: store::SharedStore,
+    pub webhooks: Arc<webhook::Webhooks>,
+}
+
+/// Opens the data dir and the store, registers this replica, opens the webhook
+/// signer from the store's secret, and ends what stopped replicas left in flight.
+pub async fn open_backing(cfg: &ServerConfig) -> Result<Backing, ServerError> {
     cfg.check()?;
     let data_err = |e| ServerError::DataDir {
         path: cfg.data_dir.clone(),
@@ -199,19 +230,65 @@ pub fn build_state_after_setup(
     };
     create_private_dir(&cfg.data_dir).map_err(data_err)?;
     create_private_dir(&cfg.data_dir.join("files")).map_err(data_err)?;
-    let store = Arc::new(store::Store::open(
-        &cfg.data_dir.join("predictions.sqlite3"),
-    )?);
-    let interrupted = store.fail_interrupted(&record::now_rfc3339())?;
-    if interrupted > 0 {
-        tracing::warn!(
-            interrupted,
-            "predictions left in flight by the previous process were marked failed"
-        );
+    let spec = cfg
+        .store
+        .clone()
+        .unwrap_or_else(|| store::StoreSpec::Sqlite(cfg.data_dir.join("predictions.sqlite3")));
+    let store = store::open(&spec, &cfg.data_dir).await?;
+    let opened = async {
+        store.heartbeat(cfg.replica_lease).await?;
+        let webhooks =
+            Arc::new(webhook::Webhooks::open(store.clone(), cfg.webhook_allow_private).await?);
+        let ended = replicas::end_orphans(&store, &webhooks).await?;
+        if ended > 0 {
+            tracing::warn!(
+                ended,
+                "predictions left in flight by a stopped process were marked failed"
+            );
+        }
+        Ok::<_, ServerError>(webhooks)
     }
-    let webhooks = webhook::Webhooks::open(&cfg.data_dir, store.clone(), cfg.webhook_allow_private)
-        .map_err(data_err)?;
-    let metrics = models
+    .await;
+    match opened {
+        Ok(webhooks) => {
+            tracing::info!(store = %store.describe(), replica = %store.replica_id(), "store open");
+            Ok(Backing { store, webhooks })
+        }
+        Err(e) => {
+            let _ = store.retire().await;
+            Err(e)
+        }
+    }
+}
+
+/// The server over models and an open store. On an error the store's lease ends.
+pub async fn build_state_on(
+    cfg: ServerConfig,
+    models: Vec<ServedModel>,
+    setup: startup::SetupReport,
+    backing: Backing,
+) -> Result<Arc<AppState>, ServerError> {
+    let Backing { store, webhooks } = backing;
+    let built = async {
+        // The lease may have run out while the models loaded: this replica owns
+        // predictions from the next request on.
+        store.heartbeat(cfg.replica_lease).await?;
+        let registry = ModelRegistry::new(models).map_err(ServerError::Config)?;
+        if registry.default_model().is_none() {
+            return Err(ServerError::Config("no model to serve".into()));
+        }
+        Ok(registry)
+    }
+    .await;
+    let registry = match built {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = store.retire().await;
+            return Err(e);
+        }
+    };
+    let metrics = registry
+        .all()
         .iter()
         .map(|m| {
             (
@@ -220,10 +297,6 @@ pub fn build_state_after_setup(
             )
         })
         .collect();
-    let registry = ModelRegistry::new(models).map_err(ServerError::Config)?;
-    if registry.default_model().is_none() {
-        return Err(ServerError::Config("no model to serve".into()));
-    }
     let cfg_slots = cfg.cog_max_concurrency;
     Ok(Arc::new(AppState {
         auth: auth::Auth::new(&cfg.api_tokens),
@@ -231,7 +304,7 @@ pub fn build_state_after_setup(
         models: registry,
         store,
         hub: Arc::new(prediction::Hub::default()),
-        webhooks: Arc::new(webhooks),
+        webhooks,
         metrics,
         http_metrics: metrics::Metrics::new(String::new()),
         stop: CancellationToken::new(),
@@ -310,6 +383,8 @@ pub(crate) async fn serve_until_stopped(
         CLOSE_GRACE,
     ));
     let saver = tokio::spawn(save_unsaved_periodically(state.clone()));
+    let replica_stop = CancellationToken::new();
+    let replica = tokio::spawn(replicas::run(state.clone(), replica_stop.clone()));
     let signals = {
         let stop = state.stop.clone();
         tokio::spawn(async move {
@@ -337,9 +412,16 @@ pub(crate) async fn serve_until_stopped(
     let _ = tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(1), dispatcher).await;
     saver.abort();
     signals.abort();
-    let left = state.hub.save_unsaved(&state.store);
+    replica_stop.cancel();
+    let _ = replica.await;
+    let left = state.hub.save_unsaved(&state.store).await;
     if left > 0 {
         tracing::error!(left, "finished predictions could not be saved at shutdown");
+    }
+    // Nothing of ours is in flight now: our lease can end (leftovers, if any, become
+    // other replicas' to end).
+    if let Err(e) = state.store.retire().await {
+        tracing::warn!(error = %e, "could not end this replica's lease");
     }
     Ok(())
 }
@@ -347,7 +429,7 @@ pub(crate) async fn serve_until_stopped(
 async fn save_unsaved_periodically(state: Arc<AppState>) {
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        state.hub.save_unsaved(&state.store);
+        state.hub.save_unsaved(&state.store).await;
     }
 }
 

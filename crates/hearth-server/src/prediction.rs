@@ -15,7 +15,7 @@ use hearth_runtime::{FinishReason, GenerationEvent, RequestStream};
 
 use crate::metrics::{Metrics, RequestTimer};
 use crate::record::{now_rfc3339, Record, Status};
-use crate::store::Store;
+use crate::store::{SharedStore, StoreError};
 use crate::webhook::{WebhookEvent, WebhookSender};
 
 pub use crate::record::{new_id, new_token};
@@ -121,17 +121,20 @@ impl Hub {
             .cloned()
     }
 
-    /// Writes what the store refused before; returns how many are still unsaved.
-    pub fn save_unsaved(&self, store: &Store) -> usize {
+    /// Writes what the store refused before; returns how many are still unsaved. One
+    /// another replica has taken over meanwhile is its to end: dropped here.
+    pub async fn save_unsaved(&self, store: &SharedStore) -> usize {
         let pending: Vec<Record> = match self.unsaved.lock() {
             Ok(q) => q.iter().cloned().collect(),
             Err(_) => return 0,
         };
-        let saved: Vec<String> = pending
-            .iter()
-            .filter(|r| store.put(r).is_ok())
-            .map(|r| r.prediction.id.clone())
-            .collect();
+        let mut saved = Vec::new();
+        for r in &pending {
+            match store.put(r).await {
+                Ok(()) | Err(StoreError::NotOwner(_)) => saved.push(r.prediction.id.clone()),
+                Err(_) => {}
+            }
+        }
         match self.unsaved.lock() {
             Ok(mut q) => {
                 q.retain(|r| !saved.contains(&r.prediction.id));
@@ -159,7 +162,7 @@ impl Hub {
 
 pub struct RunContext {
     pub hub: Arc<Hub>,
-    pub store: Arc<Store>,
+    pub store: SharedStore,
     pub metrics: Arc<Metrics>,
     pub webhook: Option<WebhookSender>,
     /// `Cancel-After`: past it the prediction is canceled, queued or running.
@@ -167,12 +170,16 @@ pub struct RunContext {
 }
 
 impl RunContext {
-    fn notify(&self, event: WebhookEvent, r: &Record) {
+    async fn notify(&self, event: WebhookEvent, r: &Record) {
         if let Some(w) = &self.webhook {
-            w.send(event, r);
+            w.send(event, r).await;
         }
     }
 }
+
+/// How often a running prediction's new output is written to a shared store, where
+/// other replicas read it (their SSE readers and GETs poll at the same pace).
+pub const OUTPUT_FLUSH: Duration = Duration::from_millis(100);
 
 fn seconds(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e6
@@ -184,6 +191,9 @@ enum End {
     EngineGone,
     /// The store refused a write: the prediction cannot be kept, so it ends now.
     StoreFailed,
+    /// Another replica took the prediction over (this one's lease had run out): it
+    /// ends it, this one only stops.
+    TakenOver,
 }
 
 /// Drives one prediction from the engine's events to its end.
@@ -194,9 +204,28 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
     let mut deadline_passed = false;
     let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
     let deadline = ctx.deadline.unwrap_or(far);
+    let shared = ctx.store.is_shared();
+    let mut flush = tokio::time::interval(OUTPUT_FLUSH);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dirty = false;
     let end = loop {
         let ev = tokio::select! {
             ev = stream.next() => ev,
+            _ = flush.tick(), if shared && dirty => {
+                dirty = false;
+                if let Some(r) = live.snapshot() {
+                    match ctx.store.put(&r).await {
+                        Ok(()) => {}
+                        Err(StoreError::NotOwner(_)) => {
+                            stream.cancel();
+                            break End::TakenOver;
+                        }
+                        // Best effort: readers elsewhere lag; the final write matters.
+                        Err(e) => tracing::warn!(error = %e, "could not write streamed output"),
+                    }
+                }
+                continue;
+            }
             _ = live.cancel.notified() => {
                 stream.cancel();
                 continue;
@@ -224,14 +253,21 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                 }) else {
                     continue;
                 };
-                if let Err(e) = ctx.store.put(&r) {
-                    tracing::error!(error = %e, "could not store the started prediction; failing it");
-                    stream.cancel();
-                    break End::StoreFailed;
+                match ctx.store.put(&r).await {
+                    Ok(()) => {}
+                    Err(StoreError::NotOwner(_)) => {
+                        stream.cancel();
+                        break End::TakenOver;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not store the started prediction; failing it");
+                        stream.cancel();
+                        break End::StoreFailed;
+                    }
                 }
-                ctx.notify(WebhookEvent::Start, &r);
+                ctx.notify(WebhookEvent::Start, &r).await;
                 if cached_prompt_tokens > 0 {
-                    ctx.notify(WebhookEvent::Logs, &r);
+                    ctx.notify(WebhookEvent::Logs, &r).await;
                 }
             }
             Some(GenerationEvent::Token { text, .. }) => {
@@ -242,17 +278,24 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                 if let Some(r) =
                     live.update(|r| r.prediction.output.get_or_insert_with(Vec::new).push(text))
                 {
-                    ctx.notify(WebhookEvent::Output, &r);
+                    dirty = true;
+                    ctx.notify(WebhookEvent::Output, &r).await;
                 }
             }
             Some(GenerationEvent::Finished(c)) => break End::Finished(c),
             None => break End::EngineGone,
         }
     };
+    if let End::TakenOver = end {
+        return taken_over(&live, &ctx).await;
+    }
     let finished_at = Instant::now();
     let created = timer.created;
     let now = now_rfc3339();
-    let final_record = live.update(|r| {
+    // The end is built on a copy and published only once it is stored: a client told
+    // `succeeded` or `canceled` here (a wait, a cancel) and then asking another replica
+    // must read the same.
+    let final_record = live.snapshot().map(|mut r| {
         let p = &mut r.prediction;
         let total = seconds(finished_at - created);
         match &end {
@@ -298,7 +341,7 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                 p.error = Some("the engine stopped before the prediction finished".into());
                 p.metrics = Some(json!({"predict_time": 0.0, "total_time": total}));
             }
-            End::StoreFailed => {
+            End::StoreFailed | End::TakenOver => {
                 p.finish(Status::Failed, &now);
                 p.error = Some(
                     "the server could not save this prediction (a storage error; see the server log); create it again"
@@ -307,6 +350,7 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                 p.metrics = Some(json!({"predict_time": 0.0, "total_time": total}));
             }
         }
+        r
     });
     ctx.metrics
         .e2e
@@ -314,19 +358,44 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
     if let Some(r) = final_record {
         ctx.metrics.finished(r.prediction.status.as_str());
         // Stored before anyone is told, so a crash after a client saw it cannot lose it.
-        if let Err(e) = ctx.store.put(&r) {
-            tracing::error!(error = %e, "could not store the finished prediction; keeping it in memory and retrying");
-            ctx.hub.keep_unsaved(r.clone());
+        match ctx.store.put(&r).await {
+            Ok(()) => {}
+            Err(StoreError::NotOwner(_)) => return taken_over(&live, &ctx).await,
+            Err(e) => {
+                tracing::error!(error = %e, "could not store the finished prediction; keeping it in memory and retrying");
+                ctx.hub.keep_unsaved(r.clone());
+            }
         }
+        live.update(|x| *x = r.clone());
         // The summary line is logged by the running prediction: its `logs` event shows
         // the prediction still processing, before `completed` ends it.
         let mut running = r.clone();
         let p = &mut running.prediction;
         (p.status, p.metrics, p.error, p.completed_at) = (Status::Processing, None, None, None);
-        ctx.notify(WebhookEvent::Logs, &running);
-        ctx.notify(WebhookEvent::Completed, &r);
+        ctx.notify(WebhookEvent::Logs, &running).await;
+        ctx.notify(WebhookEvent::Completed, &r).await;
         ctx.hub.remove(&r.prediction.id);
     }
     live.changed.notify_waiters();
     tracing::info!("prediction finished");
+}
+
+/// This replica's lease ran out and another ended the prediction: show its readers
+/// here what the store says (or that it was taken over) and let go of it.
+async fn taken_over(live: &Live, ctx: &RunContext) {
+    tracing::warn!("another replica took this prediction over (this one's lease had run out); stopping it here");
+    let id = live.snapshot().map(|r| r.prediction.id).unwrap_or_default();
+    let stored = ctx.store.get(&id).await.ok().flatten();
+    live.update(|r| match stored {
+        Some(s) if s.prediction.status.is_terminal() => *r = s,
+        _ => {
+            r.prediction.finish(Status::Failed, &now_rfc3339());
+            r.prediction.error = Some(
+                "the replica running this prediction lost its lease and another replica ended it; create it again"
+                    .into(),
+            );
+        }
+    });
+    ctx.hub.remove(&id);
+    live.changed.notify_waiters();
 }

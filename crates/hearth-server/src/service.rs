@@ -124,7 +124,7 @@ pub async fn create(
     if let Some(id) = &origin.id {
         if state.hub.get(id).is_some()
             || state.hub.unsaved(id).is_some()
-            || state.store.exists(id)?
+            || state.store.exists(id).await?
         {
             return Err(conflict(id));
         }
@@ -168,7 +168,7 @@ pub async fn create(
     };
     let id = record.prediction.id.clone();
     let origin_source = origin.source;
-    match state.store.insert(&record) {
+    match state.store.insert(&record).await {
         Ok(()) => {}
         Err(StoreError::Exists(_)) => return Err(conflict(&id)),
         Err(e) => return Err(e.into()),
@@ -179,7 +179,7 @@ pub async fn create(
             url.clone(),
             &req.webhook_events_filter,
             &id,
-            webhook_style(origin_source),
+            WebhookStyle::for_source(origin_source),
         )
     });
     let ctx = RunContext {
@@ -199,18 +199,10 @@ pub async fn create(
     Ok(live)
 }
 
-/// Cog's routes get Cog's webhooks; every other route Replicate's.
-fn webhook_style(source: &str) -> WebhookStyle {
-    if source == "cog" {
-        WebhookStyle::Cog
-    } else {
-        WebhookStyle::Replicate
-    }
-}
-
-/// The current state: in memory while running (or while its last write is pending),
-/// else from the store.
-pub fn lookup(state: &AppState, id: &str) -> ServiceResult<Record> {
+/// The current state: in memory while running here (or while its last write is
+/// pending), else from the store (where another replica's running predictions show
+/// their output as of its last flush, `prediction::OUTPUT_FLUSH` ago at most).
+pub async fn lookup(state: &AppState, id: &str) -> ServiceResult<Record> {
     if let Some(r) = state.hub.get(id).and_then(|l| l.snapshot()) {
         return Ok(r);
     }
@@ -219,7 +211,8 @@ pub fn lookup(state: &AppState, id: &str) -> ServiceResult<Record> {
     }
     state
         .store
-        .get(id)?
+        .get(id)
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("prediction {id} not found")))
 }
 
@@ -242,19 +235,37 @@ pub async fn wait_for(live: &Live, secs: u64) -> Option<Record> {
     }
 }
 
+/// How long a cancel waits for the prediction to end before answering with its
+/// state as it is then.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
 /// Asks the engine to stop the prediction and answers with its state once it has
-/// (or after 5 s, whatever it is then). None when no such prediction exists.
+/// (or after 5 s, whatever it is then). A prediction another replica runs is asked
+/// through the store; its owner cancels it within `replicas::CANCEL_POLL`.
 pub async fn cancel(state: &AppState, id: &str) -> ServiceResult<Record> {
     if let Some(live) = state.hub.get(id) {
         live.request_cancel();
-        if let Some(r) = wait_for(&live, 5)
+        if let Some(r) = wait_for(&live, CANCEL_WAIT.as_secs())
             .await
             .filter(|r| r.prediction.status.is_terminal())
         {
             return Ok(r);
         }
+        return lookup(state, id).await;
     }
-    lookup(state, id)
+    let r = lookup(state, id).await?;
+    if r.prediction.status.is_terminal() || !state.store.is_shared() {
+        return Ok(r);
+    }
+    state.store.request_cancel(id).await?;
+    let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = lookup(state, id).await?;
+        if r.prediction.status.is_terminal() || tokio::time::Instant::now() >= deadline {
+            return Ok(r);
+        }
+    }
 }
 
 /// A generation that is not a prediction (OpenAI's API): submitted to the engine,

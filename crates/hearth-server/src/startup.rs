@@ -6,7 +6,8 @@
 //! One front router takes every request: while starting it goes to the startup
 //! router (`routes::startup`, built from the same route table, so access rules hold);
 //! once the models are loaded, to the real one. Connections opened during startup
-//! see the real server as soon as it is up.
+//! see the real server as soon as it is up. The store opens (and this replica joins
+//! it) while the models load, so a store that cannot be used fails setup at once.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -198,18 +199,44 @@ where
         .spawn(move || {
             let _ = tx.send(load(log));
         });
+    // The store opens while the models load: one that cannot be used (a damaged or
+    // locked file, an unreachable PostgreSQL) fails setup at once, not after minutes.
     let loaded = match spawned {
         Err(e) => Err(format!("cannot start the model loader: {e}")),
-        Ok(_) => tokio::select! {
-            r = rx => r.unwrap_or_else(|_| Err("the model loader stopped without an answer".into())),
-            _ = crate::shutdown_signal() => return stop_accepting(accept, accept_stop).await,
-            _ = gate.stop.cancelled() => return stop_accepting(accept, accept_stop).await,
-        },
+        Ok(_) => {
+            let backing = tokio::select! {
+                b = crate::open_backing(&cfg) => b.map_err(|e| e.to_string()),
+                _ = crate::shutdown_signal() => return stop_accepting(accept, accept_stop).await,
+                _ = gate.stop.cancelled() => return stop_accepting(accept, accept_stop).await,
+            };
+            match backing {
+                Err(e) => Err(e),
+                Ok(backing) => {
+                    let models = tokio::select! {
+                        r = rx => r.unwrap_or_else(|_| Err("the model loader stopped without an answer".into())),
+                        _ = crate::shutdown_signal() => return retire_and_stop(backing, accept, accept_stop).await,
+                        _ = gate.stop.cancelled() => return retire_and_stop(backing, accept, accept_stop).await,
+                    };
+                    match models {
+                        Ok(models) => Ok((models, backing)),
+                        Err(e) => {
+                            retire(&backing).await;
+                            Err(e)
+                        }
+                    }
+                }
+            }
+        }
     };
-    let built = loaded.and_then(|models| {
-        let report = gate.finish(None);
-        crate::build_state_after_setup(cfg, models, report).map_err(|e| e.to_string())
-    });
+    let built = match loaded {
+        Ok((models, backing)) => {
+            let report = gate.finish(None);
+            crate::build_state_on(cfg, models, report, backing)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e),
+    };
     let state = match built {
         Ok(state) => state,
         Err(e) => {
@@ -237,6 +264,22 @@ where
     let _ = gate.app.set(app);
     tracing::info!("setup done: serving");
     crate::serve_until_stopped(state, accept, accept_stop).await
+}
+
+/// Ends this replica's lease in the store (setup did not finish: it owns nothing).
+async fn retire(backing: &crate::Backing) {
+    if let Err(e) = backing.store.retire().await {
+        tracing::warn!(error = %e, "could not end this replica's lease");
+    }
+}
+
+async fn retire_and_stop(
+    backing: crate::Backing,
+    accept: tokio::task::JoinHandle<hyper_util::server::graceful::GracefulShutdown>,
+    accept_stop: CancellationToken,
+) -> Result<(), ServerError> {
+    retire(&backing).await;
+    stop_accepting(accept, accept_stop).await
 }
 
 /// Stops the accept loop and gives open connections a moment to finish.

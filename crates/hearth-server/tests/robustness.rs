@@ -79,7 +79,7 @@ async fn webhooks_wait_out_a_restart_and_keep_their_id_across_retries() {
     let done = s.wait_terminal(&id).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        s.state.store.outbox_len().unwrap(),
+        s.state.store.outbox_len().await.unwrap(),
         1,
         "the delivery waits in the outbox"
     );
@@ -101,7 +101,7 @@ async fn webhooks_wait_out_a_restart_and_keep_their_id_across_retries() {
     let body: Value = serde_json::from_str(&calls[1].1).unwrap();
     assert_eq!(body["id"], id.as_str());
     assert_eq!(body["status"], done["status"]);
-    assert_eq!(s2.state.store.outbox_len().unwrap(), 0);
+    assert_eq!(s2.state.store.outbox_len().await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -210,7 +210,7 @@ async fn a_store_failure_fails_the_prediction_and_ends_its_readers() {
     s.state.store.inject_write_failures(false);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let stored = s.state.store.get(a_id).unwrap().unwrap();
+        let stored = s.state.store.get(a_id).await.unwrap().unwrap();
         if stored.prediction.status.is_terminal() {
             break;
         }
@@ -219,29 +219,33 @@ async fn a_store_failure_fails_the_prediction_and_ends_its_readers() {
     }
 }
 
-fn build_err(data: &std::path::Path) -> String {
+async fn build_err(data: &std::path::Path) -> String {
     let cfg = hearth_server::ServerConfig::new("127.0.0.1:0".parse().unwrap(), data.to_path_buf());
-    match hearth_server::build_state(cfg, vec![demo_model(engine_default())]) {
+    match hearth_server::build_state(cfg, vec![demo_model(engine_default())]).await {
         Ok(_) => panic!("started on a bad database"),
         Err(e) => e.to_string(),
     }
 }
 
-#[test]
-fn a_corrupt_or_newer_database_is_a_clear_startup_error() {
+#[tokio::test]
+async fn a_corrupt_or_newer_database_is_a_clear_startup_error() {
     let d = TempDir::new("corrupt");
     let db = d.0.join("predictions.sqlite3");
     std::fs::write(&db, vec![0x5a; 8192]).unwrap();
-    let e = build_err(&d.0);
+    let e = build_err(&d.0).await;
     assert!(e.contains(&db.display().to_string()), "{e}");
     assert!(e.contains("move it aside"), "{e}");
     std::fs::remove_file(&db).unwrap();
-    drop(hearth_server::store::Store::open(&db).unwrap());
+    drop(
+        hearth_server::store::SqliteStore::open(&db, &d.0)
+            .await
+            .unwrap(),
+    );
     let c = rusqlite::Connection::open(&db).unwrap();
     c.execute("INSERT INTO schema_version VALUES (99, 'future')", [])
         .unwrap();
     drop(c);
-    let e = build_err(&d.0);
+    let e = build_err(&d.0).await;
     assert!(e.contains("newer") && e.contains("99"), "{e}");
 }
 
@@ -254,7 +258,7 @@ async fn an_undecodable_row_is_skipped_and_interrupted_rows_get_metrics() {
     let db = s.data.0.join("predictions.sqlite3");
     let c = rusqlite::Connection::open(&db).unwrap();
     c.execute(
-        "INSERT INTO predictions VALUES ('broken', '2999-01-01T00:00:00.000000Z', 'succeeded', '{not json')",
+        "INSERT INTO predictions (id, created_at, status, record) VALUES ('broken', '2999-01-01T00:00:00.000000Z', 'succeeded', '{not json')",
         [],
     )
     .unwrap();
@@ -268,29 +272,43 @@ async fn an_undecodable_row_is_skipped_and_interrupted_rows_get_metrics() {
         .map(|x| x["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, [p["id"].as_str().unwrap()]);
-    // A row left `processing` by a crash ends failed, with a total time and a list.
+    // A row left `processing` by a process that died ends failed, with a total time
+    // and a list; this replica's own rows are never touched.
     let mut r = s
         .state
         .store
         .get(p["id"].as_str().unwrap())
+        .await
         .unwrap()
         .unwrap();
     r.prediction.id = "crashed".into();
     r.prediction.status = hearth_server::record::Status::Processing;
     r.prediction.output = None;
     r.prediction.metrics = None;
-    s.state.store.put(&r).unwrap();
-    assert_eq!(
-        s.state
-            .store
-            .fail_interrupted(&hearth_server::record::now_rfc3339())
-            .unwrap(),
-        1
-    );
-    let got = s.state.store.get("crashed").unwrap().unwrap().prediction;
+    c.execute(
+        "INSERT INTO predictions (id, created_at, status, record, owner) VALUES ('crashed', ?1, 'processing', ?2, 'a-dead-process')",
+        rusqlite::params![r.prediction.created_at, serde_json::to_string(&r).unwrap()],
+    )
+    .unwrap();
+    r.prediction.id = "mine".into();
+    s.state.store.put(&r).await.unwrap();
+    let ended = hearth_server::replicas::end_orphans(&s.state.store, &s.state.webhooks)
+        .await
+        .unwrap();
+    assert_eq!(ended, 1);
+    let got = s
+        .state
+        .store
+        .get("crashed")
+        .await
+        .unwrap()
+        .unwrap()
+        .prediction;
     assert_eq!(got.status, hearth_server::record::Status::Failed);
     assert_eq!(got.output, Some(vec![]));
     assert!(got.metrics.unwrap()["total_time"].as_f64().unwrap() >= 0.0);
+    let mine = s.state.store.get("mine").await.unwrap().unwrap().prediction;
+    assert_eq!(mine.status, hearth_server::record::Status::Processing);
 }
 
 #[tokio::test]

@@ -1,17 +1,22 @@
 //! The server listens before its models load: `/health-check` says STARTING, then
 //! READY with the setup logs and times, or SETUP_FAILED with the error (or the server
 //! exits, when told to); meanwhile Cog's routes answer as Cog does and the /v1 and
-//! OpenAI routes 503 with Retry-After, tokens still required.
+//! OpenAI routes 503 with Retry-After, tokens still required. The store opens while
+//! the models load: one that cannot be used fails setup at once, and what an earlier
+//! process left in flight is ended before the server serves. (HEARTH_TEST_STORE=
+//! postgres runs the cases that do not name a store on a fresh PostgreSQL database.)
 
 mod support;
 
 use std::sync::mpsc;
 use std::time::Duration;
 
+use hearth_server::record::{now_rfc3339, Status};
 use hearth_server::startup::{serve_after_setup, SetupLog};
+use hearth_server::store::{SqliteStore, Store, StoreSpec};
 use hearth_server::{ServerConfig, ServerError};
 use serde_json::{json, Value};
-use support::{demo_model, engine_default, TempDir, TOKEN};
+use support::{demo_model, engine_default, record, TempDir, TOKEN};
 
 struct Starting {
     base: String,
@@ -23,12 +28,24 @@ struct Starting {
 }
 
 async fn start(exit_on_failure: bool) -> Starting {
-    let data = TempDir::new("startup");
+    let store = if std::env::var("HEARTH_TEST_STORE").as_deref() == Ok("postgres") {
+        let url = support::postgres::fresh_database()
+            .await
+            .expect("HEARTH_TEST_STORE=postgres needs PostgreSQL");
+        Some(StoreSpec::Postgres(url))
+    } else {
+        None
+    };
+    start_in(TempDir::new("startup"), store, exit_on_failure).await
+}
+
+async fn start_in(data: TempDir, store: Option<StoreSpec>, exit_on_failure: bool) -> Starting {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut cfg = ServerConfig::new(addr, data.0.clone());
     cfg.api_tokens = vec![TOKEN.into()];
     cfg.shutdown_timeout = Duration::from_secs(1);
+    cfg.store = store;
     let (release, wait) = mpsc::channel::<Result<(), String>>();
     let load = move |log: SetupLog| {
         log.line("loading the test model");
@@ -254,4 +271,77 @@ async fn shutdown_while_starting_stops_at_once() {
     let ended = tokio::time::timeout(Duration::from_secs(10), s.task).await;
     assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
     drop(s.release);
+}
+
+#[tokio::test]
+async fn a_store_in_use_fails_setup_at_once_while_the_models_load() {
+    let data = TempDir::new("startup-locked");
+    let path = data.0.join("predictions.sqlite3");
+    let holder = SqliteStore::open(&path, &data.0).await.unwrap();
+    let s = start_in(data, Some(StoreSpec::Sqlite(path)), false).await;
+    // The loader is still waiting for its release: the store alone failed setup.
+    let h = s.wait_status("SETUP_FAILED").await;
+    let logs = h["setup"]["logs"].as_str().unwrap();
+    assert!(logs.contains("in use by another hearth process"), "{logs}");
+    assert_eq!(
+        s.call(reqwest::Method::GET, "/health", false)
+            .await
+            .status()
+            .as_u16(),
+        503
+    );
+    assert_eq!(
+        s.call(reqwest::Method::POST, "/shutdown", true)
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), s.task).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    drop(s.release);
+    holder.retire().await.unwrap();
+}
+
+#[tokio::test]
+async fn what_an_earlier_process_left_in_flight_is_ended_before_serving() {
+    let data = TempDir::new("startup-orphan");
+    let path = data.0.join("predictions.sqlite3");
+    let earlier = SqliteStore::open(&path, &data.0).await.unwrap();
+    earlier.heartbeat(Duration::from_secs(60)).await.unwrap();
+    let mut left = record("left-running", &now_rfc3339(), Status::Processing);
+    left.prediction.output = Some(vec!["half".into()]);
+    earlier.insert(&left).await.unwrap();
+    drop(earlier); // as a crash would: no clean stop
+    let s = start_in(data, Some(StoreSpec::Sqlite(path)), false).await;
+    s.release.send(Ok(())).unwrap();
+    s.wait_status("READY").await;
+    let r = s
+        .call(reqwest::Method::GET, "/v1/predictions/left-running", true)
+        .await;
+    assert_eq!(r.status().as_u16(), 200);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["status"], "failed", "{p}");
+    assert!(
+        p["error"].as_str().unwrap().contains("server stopped"),
+        "{p}"
+    );
+    assert_eq!(p["output"], json!(["half"]));
+    // The list reads the same store.
+    let listed: Value = s
+        .call(reqwest::Method::GET, "/v1/predictions", true)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["results"][0]["id"], "left-running", "{listed}");
+    assert_eq!(
+        s.call(reqwest::Method::POST, "/shutdown", true)
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(15), s.task).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
 }

@@ -9,6 +9,7 @@ use clap::Args;
 use hearth_runtime::weights::WeightSource;
 use hearth_runtime::{LoadFormat, LoadedModel};
 use hearth_server::startup::SetupLog;
+use hearth_server::store::StoreSpec;
 use hearth_server::{ModelCard, ServedModel, ServerConfig, VersionInputs};
 
 use crate::args::{EngineArgs, ModelArgs};
@@ -85,6 +86,19 @@ pub struct ServeArgs {
     /// /health-check (with the error) until stopped.
     #[arg(long, env = "HEARTH_EXIT_ON_SETUP_FAILURE")]
     pub exit_on_setup_failure: bool,
+    /// Where predictions, webhook deliveries and files live: sqlite:PATH (one process;
+    /// default: predictions.sqlite3 in the data dir) or postgres://USER:PASS@HOST/DB,
+    /// shared by every replica behind a load balancer.
+    #[arg(long, env = "HEARTH_STORE", value_parser = parse_store)]
+    pub store: Option<StoreSpec>,
+    /// Seconds a replica's predictions stay its own without a lease renewal (renewed
+    /// every third of it); past it another replica sharing the store ends them failed.
+    #[arg(long, env = "HEARTH_REPLICA_LEASE", default_value_t = 15)]
+    pub replica_lease: u64,
+}
+
+fn parse_store(s: &str) -> Result<StoreSpec, String> {
+    StoreSpec::parse(s).map_err(|e| e.to_string())
 }
 
 fn default_data_dir() -> PathBuf {
@@ -263,6 +277,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     cfg.header_read_timeout = Duration::from_secs(a.header_read_timeout.max(1));
     cfg.max_connections = a.max_connections;
     cfg.cog_max_concurrency = a.cog_max_concurrency.unwrap_or(a.engine.max_num_seqs);
+    cfg.store = a.store.clone();
+    cfg.replica_lease = Duration::from_secs(a.replica_lease);
     // Before loading models (minutes for big ones): a refused configuration says so now.
     cfg.check()?;
     let exit_on_failure = a.exit_on_setup_failure;

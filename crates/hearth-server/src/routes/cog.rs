@@ -294,7 +294,10 @@ async fn run(state: Arc<AppState>, headers: HeaderMap, req: CogRequest) -> Respo
         until_terminal(&held).await;
     });
     match reply(&headers) {
-        Reply::Stream => cog_stream::sse(state, live, true),
+        Reply::Stream => {
+            let id = live.snapshot().map(|r| r.prediction.id).unwrap_or_default();
+            cog_stream::sse(state, id, Some(live))
+        }
         Reply::Async => match live.snapshot() {
             Some(r) => json_response(
                 StatusCode::ACCEPTED,
@@ -352,8 +355,9 @@ pub async fn create(
 
 /// Cog's idempotent create. A Cog prediction in flight with this id answers 202 with
 /// its state (or, with `Accept: text/event-stream`, its events from the start), as
-/// Cog does; an id that names a finished prediction, or one created through another
-/// API, is a 409: hearth never reuses an id.
+/// Cog does (with a shared store, also one another replica runs); an id that names a
+/// finished prediction, or one created through another API, is a 409: hearth never
+/// reuses an id.
 pub async fn put(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -373,29 +377,40 @@ pub async fn put(
             "prediction ID must match the ID supplied in the URL",
         )]);
     }
-    if let Some(live) = state.hub.get(&id) {
-        let Some(r) = live.snapshot() else {
-            return cog_error(ApiError::internal("prediction state lost"));
+    // In flight here, or (with a shared store) on another replica: its state as of
+    // the owner's last write, its events through the store.
+    let in_flight = match state.hub.get(&id) {
+        Some(live) => match live.snapshot() {
+            Some(r) => Some(r),
+            None => return cog_error(ApiError::internal("prediction state lost")),
+        },
+        None if state.store.is_shared() => match state.store.get(&id).await {
+            Ok(r) => r.filter(|r| !r.prediction.status.is_terminal()),
+            Err(e) => return cog_error(e.into()),
+        },
+        None => None,
+    };
+    if let Some(r) = in_flight.filter(|r| r.prediction.source == "cog") {
+        return match reply(&headers) {
+            Reply::Stream => cog_stream::sse(state, id, None),
+            _ => json_response(StatusCode::ACCEPTED, &cog_shape::in_flight(&r)),
         };
-        if r.prediction.source == "cog" {
-            return match reply(&headers) {
-                Reply::Stream => cog_stream::sse(state, live, false),
-                _ => json_response(StatusCode::ACCEPTED, &cog_shape::in_flight(&r)),
-            };
-        }
     }
     req.id = Some(id);
     run(state, headers, req).await
 }
 
+/// Cancels a prediction in flight here, or (with a shared store) on the replica that
+/// runs it.
 pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    match state.hub.get(&id) {
-        Some(live) => {
-            live.request_cancel();
-            json_response(StatusCode::OK, &json!({}))
-        }
-        None => json_response(StatusCode::NOT_FOUND, &json!({})),
+    if let Some(live) = state.hub.get(&id) {
+        live.request_cancel();
+        return json_response(StatusCode::OK, &json!({}));
     }
+    if state.store.is_shared() && matches!(state.store.request_cancel(&id).await, Ok(true)) {
+        return json_response(StatusCode::OK, &json!({}));
+    }
+    json_response(StatusCode::NOT_FOUND, &json!({}))
 }
 
 pub async fn shutdown(State(state): State<Arc<AppState>>) -> Response {

@@ -60,23 +60,33 @@ impl Sent {
     }
 }
 
-pub fn sse(state: Arc<AppState>, live: Arc<Live>, cancel_on_hangup: bool) -> Response {
+/// The events of prediction `id`. `created_here` is the prediction this caller
+/// created: its hangup cancels it. A prediction another replica runs (a shared store)
+/// is followed through the store, at the pace its owner writes its output there.
+pub fn sse(state: Arc<AppState>, id: String, created_here: Option<Arc<Live>>) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    let id = live.snapshot().map(|r| r.prediction.id).unwrap_or_default();
+    let hang_up = move || {
+        if let Some(live) = &created_here {
+            live.request_cancel();
+        }
+    };
     tokio::spawn(async move {
         let mut sent = Sent::default();
-        // Polls while the prediction is neither live nor stored as finished (a moment
-        // between the hub and the store); one that stays so cannot progress here.
+        // Polls while the prediction is neither live here nor stored as finished. With
+        // a shared store that is one another replica runs (if that replica dies, a
+        // survivor ends it); otherwise it is a moment between the hub and the store,
+        // and one that stays so cannot progress here.
+        let shared = state.store.is_shared();
         let mut limbo = 0u32;
         loop {
             let current = state.hub.get(&id);
             let changed = current.as_ref().map(|l| l.subscribe());
             let snapshot = match &current {
                 Some(l) => l.snapshot(),
-                None => lookup(&state, &id).ok(),
+                None => lookup(&state, &id).await.ok(),
             };
             let Some(mut r) = snapshot else { return };
-            if current.is_none() && !r.prediction.status.is_terminal() {
+            if current.is_none() && !shared && !r.prediction.status.is_terminal() {
                 limbo += 1;
                 if limbo > 100 {
                     r.prediction.status = Status::Failed;
@@ -87,28 +97,32 @@ pub fn sse(state: Arc<AppState>, live: Arc<Live>, cancel_on_hangup: bool) -> Res
             let terminal = r.prediction.status.is_terminal();
             for ev in sent.catch_up(&r) {
                 if tx.send(ev).await.is_err() {
-                    if cancel_on_hangup {
-                        live.request_cancel();
-                    }
+                    hang_up();
                     return;
                 }
             }
             if terminal {
                 return;
             }
-            match changed {
+            let pause = match changed {
                 Some(c) => {
                     tokio::select! {
-                        _ = c => {}
+                        _ = c => continue,
                         _ = tx.closed() => {
-                            if cancel_on_hangup {
-                                live.request_cancel();
-                            }
+                            hang_up();
                             return;
                         }
                     }
                 }
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
+                None if shared => crate::prediction::OUTPUT_FLUSH,
+                None => Duration::from_millis(20),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = tx.closed() => {
+                    hang_up();
+                    return;
+                }
             }
         }
     });

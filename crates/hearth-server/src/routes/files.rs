@@ -1,6 +1,7 @@
-//! `/v1/files`: uploads kept under the data dir, as the Python client expects them
+//! `/v1/files`: uploads kept by the store (the data dir with SQLite, the database with
+//! PostgreSQL, so every replica serves every file), as the Python client expects them
 //! (`id, name, content_type, size, etag, checksums, metadata, created_at, urls`).
-//! Uploads stream to disk under `--max-file-size`; downloads are served as
+//! Uploads stream to a temporary file under `--max-file-size`; downloads are served as
 //! attachments that browsers will not sniff or render in the server's origin.
 
 use std::sync::Arc;
@@ -22,24 +23,12 @@ fn files_dir(state: &AppState) -> std::path::PathBuf {
     state.cfg.data_dir.join("files")
 }
 
-fn valid_id(id: &str) -> bool {
-    id.len() == 26
-        && id
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-}
-
-fn meta_path(state: &AppState, id: &str) -> std::path::PathBuf {
-    files_dir(state).join(format!("{id}.json"))
-}
-
-fn read_meta(state: &AppState, id: &str, base: &str) -> AppResult<Value> {
-    if !valid_id(id) {
-        return Err(ApiError::not_found(format!("file {id} not found")));
-    }
-    let text = std::fs::read_to_string(meta_path(state, id))
-        .map_err(|_| ApiError::not_found(format!("file {id} not found")))?;
-    let mut v: Value = serde_json::from_str(&text).map_err(ApiError::internal)?;
+async fn read_meta(state: &AppState, id: &str, base: &str) -> AppResult<Value> {
+    let mut v = state
+        .store
+        .file_meta(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("file {id} not found")))?;
     v["urls"] = json!({"get": format!("{base}/v1/files/{id}/download")});
     Ok(v)
 }
@@ -137,7 +126,7 @@ pub async fn upload(
             _ => {}
         }
     }
-    let mut up = content
+    let up = content
         .ok_or_else(|| ApiError::invalid("content: a file part named `content` is required"))?;
     let id = new_id();
     let meta = json!({
@@ -146,33 +135,22 @@ pub async fn upload(
         "created_at": now_rfc3339(),
         "expires_at": null,
     });
-    if let Some(tmp) = up.temp.0.take() {
-        if let Err(e) = std::fs::rename(&tmp, files_dir(&state).join(&id)) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(ApiError::internal(e));
-        }
+    if let Some(tmp) = up.temp.0.clone() {
+        state.store.file_put(&meta, &tmp).await?;
     }
-    std::fs::write(meta_path(&state, &id), meta.to_string()).map_err(ApiError::internal)?;
     Ok(json_response(
         StatusCode::CREATED,
-        &read_meta(&state, &id, &base_url(&state, &headers))?,
+        &read_meta(&state, &id, &base_url(&state, &headers)).await?,
     ))
 }
 
 pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> AppResult<Response> {
     let base = base_url(&state, &headers);
-    let mut results = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(files_dir(&state)) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".json") {
-                if let Ok(v) = read_meta(&state, id, &base) {
-                    results.push(v);
-                }
-            }
-        }
+    let mut results = state.store.file_list().await?;
+    for v in &mut results {
+        let id = v["id"].as_str().unwrap_or("").to_string();
+        v["urls"] = json!({"get": format!("{base}/v1/files/{id}/download")});
     }
-    results.sort_by(|a, b| b["created_at"].as_str().cmp(&a["created_at"].as_str()));
     Ok(json_response(
         StatusCode::OK,
         &json!({"next": null, "previous": null, "results": results}),
@@ -186,7 +164,7 @@ pub async fn get_one(
 ) -> AppResult<Response> {
     Ok(json_response(
         StatusCode::OK,
-        &read_meta(&state, &id, &base_url(&state, &headers))?,
+        &read_meta(&state, &id, &base_url(&state, &headers)).await?,
     ))
 }
 
@@ -194,9 +172,9 @@ pub async fn delete(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
-    read_meta(&state, &id, "")?;
-    let _ = std::fs::remove_file(files_dir(&state).join(&id));
-    let _ = std::fs::remove_file(meta_path(&state, &id));
+    if !state.store.file_delete(&id).await? {
+        return Err(ApiError::not_found(format!("file {id} not found")));
+    }
     let mut r = Response::new(Body::empty());
     *r.status_mut() = StatusCode::NO_CONTENT;
     Ok(r)
@@ -206,11 +184,13 @@ pub async fn download(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
-    let meta = read_meta(&state, &id, "")?;
-    let file = tokio::fs::File::open(files_dir(&state).join(&id))
-        .await
-        .map_err(|_| ApiError::not_found(format!("file {id} not found")))?;
-    let mut r = Response::new(Body::from_stream(tokio_util::io::ReaderStream::new(file)));
+    let meta = read_meta(&state, &id, "").await?;
+    let bytes = state
+        .store
+        .file_read(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("file {id} not found")))?;
+    let mut r = Response::new(Body::from_stream(bytes));
     let h = r.headers_mut();
     if let Some(ct) = meta["content_type"]
         .as_str()

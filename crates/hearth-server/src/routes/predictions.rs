@@ -179,7 +179,7 @@ pub async fn get_one(
 ) -> AppResult<Response> {
     Ok(json_response(
         StatusCode::OK,
-        &service::lookup(&state, &id)?.to_json(),
+        &service::lookup(&state, &id).await?.to_json(),
     ))
 }
 
@@ -229,12 +229,15 @@ pub async fn list(
     };
     let after = normalise_time("created_after", q.created_after)?;
     let before = normalise_time("created_before", q.created_before)?;
-    let page = state.store.list(
-        cursor.as_deref(),
-        after.as_deref(),
-        before.as_deref(),
-        PAGE_SIZE,
-    )?;
+    let page = state
+        .store
+        .list(
+            cursor.as_deref(),
+            after.as_deref(),
+            before.as_deref(),
+            PAGE_SIZE,
+        )
+        .await?;
     let base = base_url(&state, &headers);
     let results: Vec<Value> = page
         .records

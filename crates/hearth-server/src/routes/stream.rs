@@ -37,25 +37,28 @@ pub async fn sse(
     Path((id, token)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> AppResult<Response> {
-    let record = lookup(&state, &id)?;
+    let record = lookup(&state, &id).await?;
     if !secret_eq(&record.stream_token, &token) {
         return Err(ApiError::not_found(format!("prediction {id} not found")));
     }
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     let mut next = resume_index(&headers);
     tokio::spawn(async move {
-        // Polls while a prediction is neither live nor finished (a moment between the
-        // hub and the store); one that stays so cannot progress in this process.
+        // Polls while a prediction is neither live here nor finished. With a shared
+        // store that is one another replica runs: its output arrives through the store
+        // (and if that replica dies, a survivor ends it). Otherwise it is a moment
+        // between the hub and the store; one that stays so cannot progress.
+        let shared = state.store.is_shared();
         let mut limbo = 0u32;
         loop {
             let live = state.hub.get(&id);
             let changed = live.as_ref().map(|l| l.subscribe());
             let current: Option<Record> = match &live {
                 Some(l) => l.snapshot(),
-                None => lookup(&state, &id).ok(),
+                None => lookup(&state, &id).await.ok(),
             };
             let Some(mut r) = current else { return };
-            if live.is_none() && !r.prediction.status.is_terminal() {
+            if live.is_none() && !shared && !r.prediction.status.is_terminal() {
                 limbo += 1;
                 if limbo > 100 {
                     r.prediction.status = Status::Failed;
@@ -111,9 +114,18 @@ pub async fn sse(
                         _ = tx.closed() => return,
                     }
                 }
-                // Not live but not terminal: it is between the hub and the store;
-                // look again shortly.
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
+                // Not live here but not terminal: look again shortly.
+                None => {
+                    let pause = if shared {
+                        crate::prediction::OUTPUT_FLUSH
+                    } else {
+                        Duration::from_millis(20)
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = tx.closed() => return,
+                    }
+                }
             }
         }
     });

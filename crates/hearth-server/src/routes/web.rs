@@ -17,8 +17,8 @@ use crate::AppState;
 
 const PAGE: &str = include_str!("../../assets/prediction.html");
 
-fn authorized(state: &AppState, id: &str, token: &str) -> AppResult<Record> {
-    let r = lookup(state, id)?;
+async fn authorized(state: &AppState, id: &str, token: &str) -> AppResult<Record> {
+    let r = lookup(state, id).await?;
     if !secret_eq(&r.stream_token, token) {
         return Err(ApiError::not_found(format!("prediction {id} not found")));
     }
@@ -29,7 +29,7 @@ pub async fn page(
     State(state): State<Arc<AppState>>,
     Path((id, token)): Path<(String, String)>,
 ) -> AppResult<Response> {
-    authorized(&state, &id, &token)?;
+    authorized(&state, &id, &token).await?;
     // A fresh nonce per response: only the page's own script and style run.
     let nonce = new_token();
     let mut r = PAGE.replace("{{NONCE}}", &nonce).into_response();
@@ -53,7 +53,7 @@ pub async fn json(
     State(state): State<Arc<AppState>>,
     Path((id, token)): Path<(String, String)>,
 ) -> AppResult<Response> {
-    let r = authorized(&state, &id, &token)?;
+    let r = authorized(&state, &id, &token).await?;
     let mut resp = json_response(StatusCode::OK, &r.to_json());
     secure(resp.headers_mut());
     Ok(resp)

@@ -1,19 +1,26 @@
-//! Predictions and webhook deliveries on disk: an embedded SQLite database in WAL mode.
-//! A prediction is written when it is created, when it starts and when it ends, so a
-//! crash (even kill -9) loses no finished prediction; one left in flight is marked
-//! failed at the next start. The schema is versioned and migrated forward at open.
+//! Where predictions, webhook deliveries and uploaded files are kept: one `Store`
+//! trait, two backends. SQLite (the default) is one file in the data dir, used by one
+//! process at a time. PostgreSQL is shared by any number of replicas behind a load
+//! balancer: each prediction records the replica that runs it (its owner), owners
+//! renew a lease, and a replica whose lease runs out has its predictions ended by the
+//! others (`claim_orphans`).
+//!
+//! Both backends pass the same suite (`tests/store.rs`), migrate their schema forward
+//! at open, and refuse a schema newer than they know.
 
-mod outbox;
-mod predictions;
+mod postgres;
+mod sqlite;
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use rusqlite::Connection;
+use async_trait::async_trait;
 
-pub use outbox::{OutboxItem, OutboxRow};
-pub use predictions::Page;
+use crate::record::Record;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -26,161 +33,312 @@ pub enum StoreError {
     )]
     Open { path: PathBuf, reason: String },
     #[error(
-        "the predictions database {} has schema version {found}, newer than this hearth \
-         knows ({known}): it was written by a newer release; run that release or restore \
-         a backup made by this one",
+        "the predictions database {} is in use by another hearth process ({holder}). \
+         SQLite serves one process: stop the other one, give this one its own --data-dir, \
+         or run replicas on a shared PostgreSQL store (--store postgres://...)",
         path.display()
     )]
+    Locked { path: PathBuf, holder: String },
+    #[error(
+        "the predictions database {what} has schema version {found}, newer than this \
+         hearth knows ({known}): it was written by a newer release; run that release or \
+         restore a backup made by this one"
+    )]
     TooNew {
-        path: PathBuf,
+        what: String,
         found: i64,
         known: i64,
     },
+    #[error("cannot connect to PostgreSQL at {target}: {reason}")]
+    Connect { target: String, reason: String },
+    #[error("--store {0:?}: expected sqlite:PATH or postgres://USER@HOST:PORT/DB")]
+    BadSpec(String),
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("database: {0}")]
+    Postgres(String),
     #[error("stored prediction is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
     #[error("prediction {0} already exists")]
     Exists(String),
+    /// Another replica took the prediction over (this one's lease had run out): this
+    /// replica must not write it any more.
+    #[error("prediction {0} is owned by another replica now")]
+    NotOwner(String),
     #[error("the database lock was poisoned")]
     Poisoned,
+    #[error("a database task failed: {0}")]
+    Task(String),
+    #[error("file storage: {0}")]
+    Io(#[from] std::io::Error),
     #[error("injected write failure")]
     Injected,
 }
 
-/// Forward migrations; the n-th entry takes the schema to version n+1. Never edit one
-/// that has shipped: add another.
-const MIGRATIONS: &[&str] = &[
-    // 1: predictions (what the unversioned first release created, hence IF NOT EXISTS).
-    "CREATE TABLE IF NOT EXISTS predictions (
-        id TEXT PRIMARY KEY,
-        created_at TEXT NOT NULL,
-        status TEXT NOT NULL,
-        record TEXT NOT NULL
-     );
-     CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created_at DESC, id DESC);",
-    // 2: the webhook outbox, delivered at least once, in order per prediction.
-    "CREATE TABLE webhook_outbox (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        prediction_id TEXT NOT NULL,
-        msg_id TEXT NOT NULL,
-        url TEXT NOT NULL,
-        event TEXT NOT NULL,
-        body TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        max_attempts INTEGER NOT NULL,
-        claimed INTEGER NOT NULL DEFAULT 0,
-        due_unix_ms INTEGER NOT NULL
-     );
-     CREATE INDEX webhook_outbox_prediction ON webhook_outbox (prediction_id, seq);
-     CREATE INDEX webhook_outbox_due ON webhook_outbox (due_unix_ms);",
-];
-
-pub struct Store {
-    conn: Mutex<Connection>,
-    /// Fault injection for tests: every write fails while set.
-    fail_writes: AtomicBool,
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The database's own message (constraint, column) is what helps; the Display
+        // of a server error is only "db error".
+        match e.as_db_error() {
+            Some(db) => StoreError::Postgres(format!("{}: {}", db.code().code(), db.message())),
+            None => StoreError::Postgres(e.to_string()),
+        }
+    }
 }
 
-impl Store {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let open_err = |e: rusqlite::Error| StoreError::Open {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
-        let conn = Connection::open(path).map_err(open_err)?;
-        // The first statements are what notice a file that is not a database.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        // NORMAL under WAL: a committed transaction survives a process crash; only a
-        // power cut can lose the last few.
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(open_err)?;
-        migrate(&conn, path)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // Inputs and outputs are the users' data: the server's user alone reads them.
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => StoreError::Postgres(format!("connection pool: {other}")),
         }
-        Ok(Self {
-            conn: Mutex::new(conn),
-            fail_writes: AtomicBool::new(false),
-        })
     }
+}
 
+/// One page of a listing, newest first.
+pub struct Page {
+    pub records: Vec<Record>,
+    /// Cursor for the next (older) page.
+    pub next: Option<String>,
+}
+
+/// A delivery to make.
+pub struct OutboxItem<'a> {
+    pub prediction_id: &'a str,
+    /// The `webhook-id`: the same on every attempt.
+    pub msg_id: &'a str,
+    pub url: &'a str,
+    pub event: &'a str,
+    pub body: &'a str,
+    pub max_attempts: u32,
+}
+
+/// A delivery claimed for an attempt.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub prediction_id: String,
+    pub msg_id: String,
+    pub url: String,
+    pub event: String,
+    pub body: String,
+    /// Attempts so far, this one included.
+    pub attempts: u32,
+    pub max_attempts: u32,
+}
+
+/// An uploaded file's description, as `/v1/files` answers it (without `urls`).
+pub type FileMeta = serde_json::Value;
+
+/// How long a claimed webhook delivery stays claimed. Past it (its replica died
+/// mid-attempt) another replica may claim it again: longer than an attempt can take.
+pub const CLAIM_FOR: Duration = Duration::from_secs(30);
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// For logs and errors: the file, or the server and database (never a password).
+    fn describe(&self) -> String;
+    /// Shared by several replicas: running predictions' output is written as it
+    /// streams, cancels and orphans go through the store.
+    fn is_shared(&self) -> bool;
+    /// This process, as the owner of the predictions it runs.
+    fn replica_id(&self) -> &str;
     /// Makes every write fail (or not) from now on: for fault tests.
     #[doc(hidden)]
-    pub fn inject_write_failures(&self, on: bool) {
-        self.fail_writes.store(on, Ordering::SeqCst);
-    }
+    fn inject_write_failures(&self, on: bool);
+    async fn schema_version(&self) -> Result<i64, StoreError>;
 
-    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
-        self.conn.lock().map_err(|_| StoreError::Poisoned)
-    }
+    /// Creates a prediction owned by this replica; an id that exists already is
+    /// `Exists`, never overwritten, and of two concurrent inserts exactly one succeeds.
+    async fn insert(&self, r: &Record) -> Result<(), StoreError>;
+    /// Writes a change to a prediction this replica owns (or, when its first write
+    /// was lost, creates it). `NotOwner` when another replica has taken it over.
+    async fn put(&self, r: &Record) -> Result<(), StoreError>;
+    async fn exists(&self, id: &str) -> Result<bool, StoreError>;
+    async fn get(&self, id: &str) -> Result<Option<Record>, StoreError>;
+    /// Newest first, `limit` a page; the cursor is the last row's `created_at|id`. A
+    /// row that cannot be decoded is skipped with a warning rather than failing the page.
+    async fn list(
+        &self,
+        cursor: Option<&str>,
+        created_after: Option<&str>,
+        created_before: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError>;
 
-    /// The connection, for a write.
-    fn writer(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
-        if self.fail_writes.load(Ordering::SeqCst) {
-            return Err(StoreError::Injected);
+    /// Registers this replica or renews its lease for `lease` from now.
+    async fn heartbeat(&self, lease: Duration) -> Result<(), StoreError>;
+    /// A clean stop: this replica's lease ends now (and SQLite lets another process
+    /// open the database).
+    async fn retire(&self) -> Result<(), StoreError>;
+    /// Takes over (up to `limit`) predictions in flight whose owner's lease has run
+    /// out, or that have no live owner: they are this replica's to end now.
+    async fn claim_orphans(&self, limit: usize) -> Result<Vec<Record>, StoreError>;
+    /// Asks the owner of a prediction in flight to cancel it. False when there is no
+    /// such prediction in flight.
+    async fn request_cancel(&self, id: &str) -> Result<bool, StoreError>;
+    /// Predictions of this replica that another one asked to cancel.
+    async fn cancel_requests(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Queues a delivery due at `now_ms`. With `coalesce`, an intermediate event
+    /// replaces the prediction's last queued delivery when that is an intermediate one
+    /// not yet tried.
+    async fn outbox_push(
+        &self,
+        item: &OutboxItem<'_>,
+        coalesce: bool,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Claims up to `limit` due deliveries for `CLAIM_FOR`: only the oldest of each
+    /// prediction, and none of a prediction whose oldest is out. Claiming counts the
+    /// attempt. Across replicas a delivery is claimed by one at a time.
+    async fn outbox_claim(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxRow>, StoreError>;
+    /// Delivered, or given up on.
+    async fn outbox_remove(&self, seq: i64) -> Result<(), StoreError>;
+    /// Failed for now: try again at `due_ms`.
+    async fn outbox_retry_at(&self, seq: i64, due_ms: i64) -> Result<(), StoreError>;
+    /// At start, with a store no other process uses: attempts the last process had out
+    /// when it stopped are due again. (Shared stores let claims expire instead.)
+    async fn outbox_release_claims(&self) -> Result<usize, StoreError>;
+    /// Deliveries not yet made (claimed ones included).
+    async fn outbox_len(&self) -> Result<usize, StoreError>;
+    /// Deliveries due by `now_ms` and not out.
+    async fn outbox_due(&self, now_ms: i64) -> Result<usize, StoreError>;
+
+    /// The webhook signing secret every replica shares: the stored one, or `fresh`
+    /// stored now when there is none.
+    async fn webhook_secret(&self, fresh: &str) -> Result<String, StoreError>;
+
+    /// Keeps an uploaded file (its bytes at `path`, which the store may move) under
+    /// `meta["id"]`.
+    async fn file_put(&self, meta: &FileMeta, path: &std::path::Path) -> Result<(), StoreError>;
+    async fn file_meta(&self, id: &str) -> Result<Option<FileMeta>, StoreError>;
+    /// Newest first.
+    async fn file_list(&self) -> Result<Vec<FileMeta>, StoreError>;
+    /// The file's bytes in order, a piece at a time.
+    async fn file_read(&self, id: &str) -> Result<Option<FileStream>, StoreError>;
+    async fn file_delete(&self, id: &str) -> Result<bool, StoreError>;
+}
+
+/// A file's bytes, streamed.
+pub type FileStream =
+    futures_util::stream::BoxStream<'static, Result<axum::body::Bytes, StoreError>>;
+
+pub type SharedStore = Arc<dyn Store>;
+
+/// A page from `(created_at, id, record JSON)` rows, newest first, fetched with one
+/// row more than `limit` to tell whether there is a next page. A row that cannot be
+/// decoded is skipped with a warning rather than failing the page.
+fn page_from_rows(rows: Vec<(String, String, String)>, limit: usize) -> Page {
+    let mut records = Vec::new();
+    let mut last_key = None;
+    let mut more = false;
+    for (i, (created_at, id, json)) in rows.into_iter().enumerate() {
+        if i == limit {
+            more = true;
+            break;
         }
-        self.conn()
+        match serde_json::from_str::<Record>(&json) {
+            Ok(r) => records.push(r),
+            Err(e) => {
+                tracing::warn!(prediction = %id, error = %e, "skipping a stored prediction that cannot be decoded")
+            }
+        }
+        last_key = Some(format!("{created_at}|{id}"));
     }
-
-    /// The schema version this database is at.
-    pub fn schema_version(&self) -> Result<i64, StoreError> {
-        let conn = self.conn()?;
-        Ok(current_version(&conn)?)
+    Page {
+        records,
+        next: if more { last_key } else { None },
     }
 }
 
-fn current_version(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row(
-        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
-        [],
-        |r| r.get(0),
-    )
+/// Where the store is: `--store`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    Sqlite(PathBuf),
+    Postgres(String),
 }
 
-fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
-    let open_err = |e: rusqlite::Error| StoreError::Open {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_version (
-            version INTEGER PRIMARY KEY,
-            applied_at TEXT NOT NULL
-         );",
-    )
-    .map_err(open_err)?;
-    let found = current_version(conn).map_err(open_err)?;
-    let known = MIGRATIONS.len() as i64;
-    if found > known {
-        return Err(StoreError::TooNew {
-            path: path.to_path_buf(),
-            found,
-            known,
-        });
+impl StoreSpec {
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        if let Some(p) = s.strip_prefix("sqlite:") {
+            let p = p.strip_prefix("//").unwrap_or(p);
+            if p.is_empty() {
+                return Err(StoreError::BadSpec(s.into()));
+            }
+            return Ok(StoreSpec::Sqlite(PathBuf::from(p)));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(StoreSpec::Postgres(s.into()));
+        }
+        Err(StoreError::BadSpec(s.into()))
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        let version = i as i64 + 1;
-        let apply = || -> rusqlite::Result<()> {
-            let tx = conn.unchecked_transaction()?;
-            tx.execute_batch(sql)?;
-            tx.execute(
-                "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
-                rusqlite::params![version, crate::record::now_rfc3339()],
-            )?;
-            tx.commit()
-        };
-        apply().map_err(|e| StoreError::Open {
-            path: path.to_path_buf(),
-            reason: format!("migrating to schema version {version}: {e}"),
-        })?;
-        tracing::info!(version, "predictions database migrated");
+}
+
+/// Opens (and migrates) the store; `data_dir` is where SQLite keeps uploads (`files/`)
+/// and the webhook secret.
+pub async fn open(spec: &StoreSpec, data_dir: &std::path::Path) -> Result<SharedStore, StoreError> {
+    Ok(match spec {
+        StoreSpec::Sqlite(path) => Arc::new(SqliteStore::open(path, data_dir).await?),
+        StoreSpec::Postgres(url) => Arc::new(PgStore::connect(url).await?),
+    })
+}
+
+/// Writes a file only the server's user can read.
+pub(crate) fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    std::io::Write::write_all(&mut o.open(path)?, contents.as_bytes())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(())
+}
+
+/// File ids are ours: 26 lowercase letters and digits (no path can hide in one).
+pub fn valid_file_id(id: &str) -> bool {
+    id.len() == 26
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+}
+
+/// The id in a file's description; only ids the server made.
+pub(crate) fn file_id(meta: &FileMeta) -> Result<String, StoreError> {
+    meta["id"]
+        .as_str()
+        .filter(|id| valid_file_id(id))
+        .map(str::to_string)
+        .ok_or_else(|| StoreError::Io(std::io::Error::other("a file needs a valid id")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_specs() {
+        assert_eq!(
+            StoreSpec::parse("sqlite:/x/p.db").unwrap(),
+            StoreSpec::Sqlite("/x/p.db".into())
+        );
+        assert_eq!(
+            StoreSpec::parse("sqlite:rel.db").unwrap(),
+            StoreSpec::Sqlite("rel.db".into())
+        );
+        assert!(matches!(
+            StoreSpec::parse("postgres://u@h:5432/d").unwrap(),
+            StoreSpec::Postgres(_)
+        ));
+        for bad in ["", "sqlite:", "mysql://x", "/tmp/x.db"] {
+            assert!(StoreSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

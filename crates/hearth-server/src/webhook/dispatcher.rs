@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{guard, redact, WebhookStyle, Webhooks};
-use crate::store::{OutboxRow, Store};
+use crate::store::{OutboxRow, SharedStore};
 
 const MAX_IN_FLIGHT: usize = 32;
 /// How often the outbox is looked at when nothing wakes the dispatcher (retries).
@@ -31,7 +31,14 @@ pub async fn run(hooks: Arc<Webhooks>, stop: CancellationToken, flush: Duration)
     let Some(store) = hooks.store.clone() else {
         return;
     };
-    match store.outbox_release_claims() {
+    // A store no other process uses: what the last process had out is due again.
+    // (A shared store's claims expire by themselves.)
+    let released = if store.is_shared() {
+        Ok(0)
+    } else {
+        store.outbox_release_claims().await
+    };
+    match released {
         Ok(n) if n > 0 => tracing::info!(
             n,
             "webhook deliveries interrupted by the last stop are due again"
@@ -46,14 +53,14 @@ pub async fn run(hooks: Arc<Webhooks>, stop: CancellationToken, flush: Duration)
             flush_until = Some(tokio::time::Instant::now() + flush);
         }
         if let Some(until) = flush_until {
-            let due = store.outbox_due(now_ms()).unwrap_or(0);
+            let due = store.outbox_due(now_ms()).await.unwrap_or(0);
             if tokio::time::Instant::now() >= until || (due == 0 && tasks.is_empty()) {
                 break;
             }
         }
         let room = MAX_IN_FLIGHT.saturating_sub(tasks.len());
         if room > 0 {
-            match store.outbox_claim(now_ms(), room) {
+            match store.outbox_claim(now_ms(), room).await {
                 Ok(rows) => {
                     for row in rows {
                         tasks.spawn(deliver(hooks.clone(), store.clone(), row));
@@ -69,26 +76,32 @@ pub async fn run(hooks: Arc<Webhooks>, stop: CancellationToken, flush: Duration)
             _ = stop.cancelled(), if flush_until.is_none() => {}
         }
     }
-    // Whatever is still out stays claimed in the store and is due again at next start.
+    // Whatever is still out is due again: now for other replicas, or at next start.
     tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    if let Err(e) = store.outbox_release_claims().await {
+        tracing::error!(error = %e, "webhook outbox");
+    }
 }
 
-async fn deliver(hooks: Arc<Webhooks>, store: Arc<Store>, row: OutboxRow) {
+async fn deliver(hooks: Arc<Webhooks>, store: SharedStore, row: OutboxRow) {
     let outcome = attempt(&hooks, &row).await;
     let target = redact(&row.url);
     let result = match outcome {
-        Outcome::Delivered => store.outbox_remove(row.seq),
+        Outcome::Delivered => store.outbox_remove(row.seq).await,
         Outcome::GiveUp(why) => {
             tracing::warn!(target_host = %target, prediction = %row.prediction_id, event = %row.event, %why, "webhook not delivered");
-            store.outbox_remove(row.seq)
+            store.outbox_remove(row.seq).await
         }
         Outcome::Retry(why) if row.attempts >= row.max_attempts => {
             tracing::warn!(target_host = %target, prediction = %row.prediction_id, event = %row.event, attempts = row.attempts, %why, "webhook delivery failed; giving up");
-            store.outbox_remove(row.seq)
+            store.outbox_remove(row.seq).await
         }
         Outcome::Retry(why) => {
             tracing::warn!(target_host = %target, prediction = %row.prediction_id, event = %row.event, attempt = row.attempts, %why, "webhook delivery failed; will retry");
-            store.outbox_retry_at(row.seq, now_ms() + backoff(row.attempts).as_millis() as i64)
+            store
+                .outbox_retry_at(row.seq, now_ms() + backoff(row.attempts).as_millis() as i64)
+                .await
         }
     };
     if let Err(e) = result {

@@ -3,9 +3,10 @@
 //! one of two styles (`WebhookStyle`): Replicate's for the `/v1` routes (output and
 //! logs at most every 500 ms, the newest state winning) and Cog's for the container
 //! API (Cog's body, one `output` webhook per chunk, `logs` dropped within 500 ms of
-//! the last webhook, `user-agent: coglet/...`). Deliveries go through a durable outbox in the store (`sender`), and one
-//! dispatcher task makes them (`dispatcher`), retrying with backoff on network errors,
-//! 429 and 5xx, with the same `webhook-id` on every attempt, after a restart too.
+//! the last webhook, `user-agent: coglet/...`). Deliveries go through a durable outbox
+//! in the store (`sender`), and one dispatcher task per replica makes them
+//! (`dispatcher`), retrying with backoff on network errors, 429 and 5xx, with the same
+//! `webhook-id` on every attempt, after a restart too.
 //! Targets on loopback, private, link-local or multicast addresses are refused at
 //! creation and again at every connection (`guard`), unless the operator allows them.
 
@@ -13,7 +14,6 @@ pub mod dispatcher;
 pub mod guard;
 mod sender;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use rand::Rng;
 use sha2::Sha256;
 use tokio::sync::Notify;
 
-use crate::store::Store;
+use crate::store::{SharedStore, StoreError};
 pub use sender::WebhookSender;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +67,16 @@ pub enum WebhookStyle {
 }
 
 impl WebhookStyle {
+    /// A prediction's style from its `source`: Cog's routes get Cog's webhooks, every
+    /// other route Replicate's (also when another replica ends it).
+    pub fn for_source(source: &str) -> Self {
+        if source == "cog" {
+            Self::Cog
+        } else {
+            Self::Replicate
+        }
+    }
+
     /// The outbox's `event` column: the event, prefixed for a non-default style so the
     /// dispatcher knows how to deliver it (and the outbox never coalesces it).
     fn outbox_event(self, event: WebhookEvent) -> String {
@@ -93,6 +103,15 @@ impl WebhookStyle {
     }
 }
 
+/// Why the webhook signer could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("webhook client: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The server's signing secret, HTTP client and outbox.
@@ -103,33 +122,21 @@ pub struct Webhooks {
     key: Vec<u8>,
     /// Deliver to private and loopback addresses too (tests, trusted networks).
     pub allow_private: bool,
-    store: Option<Arc<Store>>,
+    store: Option<SharedStore>,
     /// Wakes the dispatcher when a delivery is queued.
     wake: Notify,
 }
 
 impl Webhooks {
-    /// Loads the secret from the data dir, creating it (mode 0600) on first start.
-    pub fn open(data_dir: &Path, store: Arc<Store>, allow_private: bool) -> std::io::Result<Self> {
-        let path = data_dir.join("webhook_secret");
-        let secret = match std::fs::read_to_string(&path) {
-            Ok(s) if s.trim().starts_with("whsec_") => s.trim().to_string(),
-            _ => {
-                let mut bytes = [0u8; 32];
-                rand::rng().fill(&mut bytes);
-                let s = format!(
-                    "whsec_{}",
-                    base64::engine::general_purpose::STANDARD.encode(bytes)
-                );
-                write_private(&path, &s)?;
-                s
-            }
-        };
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        }
+    /// The secret every replica signs with: the store's, made on first start.
+    pub async fn open(store: SharedStore, allow_private: bool) -> Result<Self, OpenError> {
+        let mut bytes = [0u8; 32];
+        rand::rng().fill(&mut bytes);
+        let fresh = format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        );
+        let secret = store.webhook_secret(&fresh).await?;
         let mut w = Self::build(secret, allow_private)?;
         w.store = Some(store);
         Ok(w)
@@ -191,18 +198,6 @@ impl Webhooks {
     ) -> WebhookSender {
         WebhookSender::new(self.clone(), url, filter, prediction_id, style)
     }
-}
-
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    opts.open(path)?.write_all(contents.as_bytes())
 }
 
 /// `scheme://host[:port]` of a URL: what logs may show of a webhook, whose path and

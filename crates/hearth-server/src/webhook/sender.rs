@@ -17,6 +17,9 @@ const ATTEMPTS_TERMINAL: u32 = 12;
 pub struct WebhookSender {
     hooks: Arc<Webhooks>,
     prediction_id: String,
+    /// `webhook-id`s are this and a count: unique even when a prediction's events
+    /// come from two replicas (its owner, then the one that ended it).
+    msg_prefix: String,
     url: String,
     events: Vec<WebhookEvent>,
     style: WebhookStyle,
@@ -29,11 +32,14 @@ struct Throttle {
     last_intermediate: Option<Instant>,
     /// Cog's: the last webhook of any kind sent.
     last_sent: Option<Instant>,
-    /// The newest intermediate event held back by the throttle: replaced by the next
-    /// one, sent when one comes after the window, or at the end.
-    held: Option<(WebhookEvent, String)>,
+    /// Replicate's: the newest intermediate event held back by the throttle: replaced
+    /// by the next one, sent when one comes after the window, or at the end.
+    held: Option<WebhookEvent>,
     sent: u32,
 }
+
+/// A delivery decided under the lock, pushed to the outbox outside it.
+type Due = (WebhookEvent, String, String);
 
 impl WebhookSender {
     pub(super) fn new(
@@ -59,6 +65,7 @@ impl WebhookSender {
         Self {
             hooks,
             prediction_id: prediction_id.to_string(),
+            msg_prefix: format!("msg_{prediction_id}_{}", &crate::record::new_token()[..6]),
             url,
             events,
             style,
@@ -66,78 +73,107 @@ impl WebhookSender {
         }
     }
 
-    /// The prediction changed (`event`); `r` is its state now.
-    pub fn send(&self, event: WebhookEvent, r: &Record) {
-        let Ok(mut st) = self.state.lock() else {
-            return;
+    /// The prediction changed (`event`); `record` is its state now. Queues what the
+    /// event calls for in the outbox (nothing, when filtered or held by the throttle)
+    /// and returns once it is stored, so events stay in order. The prediction is
+    /// rendered only when a delivery is due: most intermediate events are filtered or
+    /// throttled, and a long output is long.
+    pub async fn send(&self, event: WebhookEvent, record: &Record) {
+        let due = {
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
+            match self.style {
+                WebhookStyle::Replicate => {
+                    self.decide(&mut st, event, &|| record.to_json().to_string())
+                }
+                WebhookStyle::Cog => self.decide_cog(&mut st, event, &|| {
+                    crate::cog_shape::response(record).to_string()
+                }),
+            }
         };
-        match self.style {
-            WebhookStyle::Replicate => {
-                self.send_replicate(&mut st, event, &r.to_json().to_string())
-            }
-            WebhookStyle::Cog => {
-                self.send_cog(&mut st, event, &crate::cog_shape::response(r).to_string())
-            }
+        for (ev, msg_id, body) in due {
+            self.enqueue(ev, &msg_id, &body).await;
         }
+    }
+
+    /// The next `webhook-id`.
+    fn next_msg_id(&self, st: &mut Throttle) -> String {
+        st.sent += 1;
+        format!("{}_{}", self.msg_prefix, st.sent)
     }
 
     /// Cog's rule: every output chunk and the start and end go out; a `logs` event
     /// only when no webhook went out in the last 500 ms (else it is dropped: its
     /// lines arrive with the next one).
-    fn send_cog(&self, st: &mut Throttle, event: WebhookEvent, body: &str) {
+    fn decide_cog(
+        &self,
+        st: &mut Throttle,
+        event: WebhookEvent,
+        body: &dyn Fn() -> String,
+    ) -> Vec<Due> {
         if !self.events.contains(&event) {
-            return;
+            return Vec::new();
         }
         if event == WebhookEvent::Logs && st.last_sent.is_some_and(|t| t.elapsed() < THROTTLE) {
-            return;
+            return Vec::new();
         }
         st.last_sent = Some(Instant::now());
-        self.enqueue(st, event, body);
+        vec![(event, self.next_msg_id(st), body())]
     }
 
-    fn send_replicate(&self, st: &mut Throttle, event: WebhookEvent, body: &str) {
+    /// Replicate's rule: intermediate events at most one per 500 ms (the newest held
+    /// back goes out later), every subscriber gets the final state. Each delivery
+    /// with its `webhook-id`.
+    fn decide(
+        &self,
+        st: &mut Throttle,
+        event: WebhookEvent,
+        body: &dyn Fn() -> String,
+    ) -> Vec<Due> {
+        let mut due = Vec::new();
         if event == WebhookEvent::Completed {
             // The last state reaches every subscriber: an intermediate event held by
             // the throttle goes out now with the final state, and one who asked for
             // output but not `completed` gets the final output as an output event.
-            let held = st.held.take().map(|(ev, _)| ev);
+            let held = st.held.take();
             let wants_completed = self.events.contains(&event);
             let last = held.or_else(|| {
                 (!wants_completed && self.events.contains(&WebhookEvent::Output))
                     .then_some(WebhookEvent::Output)
             });
+            let body = body();
             if let Some(ev) = last {
-                self.enqueue(st, ev, body);
+                due.push((ev, self.next_msg_id(st), body.clone()));
             }
             if wants_completed {
-                self.enqueue(st, event, body);
+                due.push((event, self.next_msg_id(st), body));
             }
-            return;
+            return due;
         }
         if !self.events.contains(&event) {
-            return;
+            return due;
         }
         if event.is_intermediate() {
             if st.last_intermediate.is_some_and(|t| t.elapsed() < THROTTLE) {
-                st.held = Some((event, body.to_string()));
-                return;
+                st.held = Some(event);
+                return due;
             }
             st.last_intermediate = Some(Instant::now());
             st.held = None;
         }
-        self.enqueue(st, event, body);
+        due.push((event, self.next_msg_id(st), body()));
+        due
     }
 
-    fn enqueue(&self, st: &mut Throttle, event: WebhookEvent, body: &str) {
+    async fn enqueue(&self, event: WebhookEvent, msg_id: &str, body: &str) {
         let Some(store) = &self.hooks.store else {
             return;
         };
-        st.sent += 1;
-        let msg_id = format!("msg_{}_{}", self.prediction_id, st.sent);
         let outbox_event = self.style.outbox_event(event);
         let item = OutboxItem {
             prediction_id: &self.prediction_id,
-            msg_id: &msg_id,
+            msg_id,
             url: &self.url,
             event: &outbox_event,
             body,
@@ -150,7 +186,10 @@ impl WebhookSender {
         // Replicate's intermediate events may replace one not yet sent; Cog's are each
         // delivered (a receiver rebuilding the output from them needs every one).
         let coalesce = self.style == WebhookStyle::Replicate && event.is_intermediate();
-        match store.outbox_push(&item, coalesce, super::dispatcher::now_ms()) {
+        match store
+            .outbox_push(&item, coalesce, super::dispatcher::now_ms())
+            .await
+        {
             Ok(()) => self.hooks.wake.notify_one(),
             Err(e) => tracing::error!(
                 error = %e,

@@ -2,6 +2,8 @@
 //! test starts from.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,8 +93,15 @@ pub async fn start_in(
     cfg.api_tokens = vec![TOKEN.into()];
     cfg.shutdown_timeout = Duration::from_secs(2);
     cfg.webhook_allow_private = true;
+    // HEARTH_TEST_STORE=postgres: the same suites on a fresh PostgreSQL database.
+    if std::env::var("HEARTH_TEST_STORE").as_deref() == Ok("postgres") {
+        let url = postgres::fresh_database()
+            .await
+            .expect("HEARTH_TEST_STORE=postgres needs PostgreSQL");
+        cfg.store = Some(hearth_server::store::StoreSpec::Postgres(url));
+    }
     tweak(&mut cfg);
-    let state = hearth_server::build_state(cfg, vec![model]).unwrap();
+    let state = hearth_server::build_state(cfg, vec![model]).await.unwrap();
     let task = tokio::spawn(hearth_server::serve_on(state.clone(), listener));
     Server {
         base: format!("http://{addr}"),
@@ -236,5 +245,37 @@ impl Receiver {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// A prediction record as the store keeps it, for store tests.
+pub fn record(
+    id: &str,
+    created_at: &str,
+    status: hearth_server::record::Status,
+) -> hearth_server::record::Record {
+    hearth_server::record::Record {
+        prediction: hearth_server::record::Prediction {
+            id: id.into(),
+            model: "hearth/demo".into(),
+            version: "a".repeat(64),
+            input: json!({"prompt": "hi"}),
+            logs: String::new(),
+            output: None,
+            error: None,
+            status,
+            created_at: created_at.into(),
+            started_at: None,
+            completed_at: None,
+            deadline: None,
+            data_removed: false,
+            source: "api".into(),
+            metrics: None,
+        },
+        base_url: "http://x".into(),
+        stream_token: "t".into(),
+        webhook: None,
+        webhook_events_filter: vec![],
+        created_unix: 0,
     }
 }

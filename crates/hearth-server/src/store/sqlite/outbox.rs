@@ -5,37 +5,11 @@
 
 use rusqlite::params;
 
-use super::{Store, StoreError};
+use super::SqliteDb;
+use crate::store::{OutboxItem, OutboxRow, StoreError, CLAIM_FOR};
 
-/// A delivery to make.
-pub struct OutboxItem<'a> {
-    pub prediction_id: &'a str,
-    /// The `webhook-id`: the same on every attempt.
-    pub msg_id: &'a str,
-    pub url: &'a str,
-    pub event: &'a str,
-    pub body: &'a str,
-    pub max_attempts: u32,
-}
-
-/// A delivery claimed for an attempt.
-#[derive(Debug, Clone)]
-pub struct OutboxRow {
-    pub seq: i64,
-    pub prediction_id: String,
-    pub msg_id: String,
-    pub url: String,
-    pub event: String,
-    pub body: String,
-    /// Attempts so far, this one included.
-    pub attempts: u32,
-    pub max_attempts: u32,
-}
-
-impl Store {
-    /// Queues a delivery due now. With `coalesce`, an intermediate event replaces the
-    /// prediction's last queued delivery when that is an intermediate one not yet tried.
-    pub fn outbox_push(
+impl SqliteDb {
+    pub(super) fn outbox_push(
         &self,
         item: &OutboxItem,
         coalesce: bool,
@@ -69,16 +43,18 @@ impl Store {
         Ok(())
     }
 
-    /// Claims up to `limit` due deliveries: only the oldest of each prediction, and none
-    /// of a prediction whose oldest is already out. Claiming counts the attempt.
-    pub fn outbox_claim(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+    pub(super) fn outbox_claim(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
         let conn = self.writer()?;
         let tx = conn.unchecked_transaction()?;
         let rows: Vec<OutboxRow> = {
             let mut stmt = tx.prepare(
                 "SELECT seq, prediction_id, msg_id, url, event, body, attempts, max_attempts
                  FROM webhook_outbox o
-                 WHERE claimed = 0 AND due_unix_ms <= ?1
+                 WHERE (claimed = 0 OR claimed_until_ms <= ?1) AND due_unix_ms <= ?1
                    AND seq = (SELECT MIN(seq) FROM webhook_outbox WHERE prediction_id = o.prediction_id)
                  ORDER BY seq LIMIT ?2",
             )?;
@@ -96,42 +72,41 @@ impl Store {
             })?;
             it.collect::<Result<_, _>>()?
         };
+        let until = now_ms + CLAIM_FOR.as_millis() as i64;
         for r in &rows {
             tx.execute(
-                "UPDATE webhook_outbox SET claimed = 1, attempts = attempts + 1 WHERE seq = ?1",
-                params![r.seq],
+                "UPDATE webhook_outbox SET claimed = 1, claimed_until_ms = ?2, attempts = attempts + 1
+                 WHERE seq = ?1",
+                params![r.seq, until],
             )?;
         }
         tx.commit()?;
         Ok(rows)
     }
 
-    /// Delivered, or given up on.
-    pub fn outbox_remove(&self, seq: i64) -> Result<(), StoreError> {
+    pub(super) fn outbox_remove(&self, seq: i64) -> Result<(), StoreError> {
         self.writer()?
             .execute("DELETE FROM webhook_outbox WHERE seq = ?1", params![seq])?;
         Ok(())
     }
 
-    /// Failed for now: try again at `due_ms`.
-    pub fn outbox_retry_at(&self, seq: i64, due_ms: i64) -> Result<(), StoreError> {
+    pub(super) fn outbox_retry_at(&self, seq: i64, due_ms: i64) -> Result<(), StoreError> {
         self.writer()?.execute(
-            "UPDATE webhook_outbox SET claimed = 0, due_unix_ms = ?2 WHERE seq = ?1",
+            "UPDATE webhook_outbox SET claimed = 0, claimed_until_ms = 0, due_unix_ms = ?2
+             WHERE seq = ?1",
             params![seq, due_ms],
         )?;
         Ok(())
     }
 
-    /// At start: attempts the last process had out when it stopped are due again.
-    pub fn outbox_release_claims(&self) -> Result<usize, StoreError> {
+    pub(super) fn outbox_release_claims(&self) -> Result<usize, StoreError> {
         Ok(self.writer()?.execute(
-            "UPDATE webhook_outbox SET claimed = 0 WHERE claimed = 1",
+            "UPDATE webhook_outbox SET claimed = 0, claimed_until_ms = 0 WHERE claimed = 1",
             [],
         )?)
     }
 
-    /// Deliveries not yet made (claimed ones included).
-    pub fn outbox_len(&self) -> Result<usize, StoreError> {
+    pub(super) fn outbox_len(&self) -> Result<usize, StoreError> {
         Ok(self
             .conn()?
             .query_row("SELECT COUNT(*) FROM webhook_outbox", [], |r| {
@@ -139,12 +114,25 @@ impl Store {
             })? as usize)
     }
 
-    /// Deliveries due by `now_ms` and not out.
-    pub fn outbox_due(&self, now_ms: i64) -> Result<usize, StoreError> {
+    pub(super) fn outbox_due(&self, now_ms: i64) -> Result<usize, StoreError> {
         Ok(self.conn()?.query_row(
-            "SELECT COUNT(*) FROM webhook_outbox WHERE claimed = 0 AND due_unix_ms <= ?1",
+            "SELECT COUNT(*) FROM webhook_outbox
+             WHERE (claimed = 0 OR claimed_until_ms <= ?1) AND due_unix_ms <= ?1",
             params![now_ms],
             |r| r.get::<_, i64>(0),
         )? as usize)
+    }
+
+    /// The secret is a file in the data dir (where it was before stores had
+    /// replicas to share it with): read it, or write `fresh` there.
+    pub(super) fn webhook_secret(&self, fresh: &str) -> Result<String, StoreError> {
+        let path = self.data_dir.join("webhook_secret");
+        if let Ok(s) = std::fs::read_to_string(&path) {
+            if s.trim().starts_with("whsec_") {
+                return Ok(s.trim().to_string());
+            }
+        }
+        crate::store::write_private(&path, fresh)?;
+        Ok(fresh.to_string())
     }
 }

@@ -1,0 +1,174 @@
+//! The shared webhook outbox. Replicas claim deliveries with `FOR UPDATE SKIP
+//! LOCKED`, so each is out with one replica at a time; a claim expires after
+//! `CLAIM_FOR`, so a delivery whose replica died mid-attempt is made by another.
+//! Per prediction, only the oldest delivery can be claimed: `completed` stays last.
+
+use super::PgStore;
+use crate::store::{OutboxItem, OutboxRow, StoreError, CLAIM_FOR};
+
+impl PgStore {
+    pub(super) async fn outbox_push(
+        &self,
+        item: &OutboxItem<'_>,
+        coalesce: bool,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let c = self.writer().await?;
+        if coalesce {
+            let st = c
+                .prepare_cached(
+                    "UPDATE webhook_outbox SET event = $2, body = $3, due_unix_ms = $4
+                     WHERE seq = (SELECT MAX(seq) FROM webhook_outbox WHERE prediction_id = $1)
+                       AND attempts = 0 AND claimed_until_ms = 0 AND event IN ('output', 'logs')",
+                )
+                .await?;
+            let n = c
+                .execute(
+                    &st,
+                    &[&item.prediction_id, &item.event, &item.body, &now_ms],
+                )
+                .await?;
+            if n > 0 {
+                return Ok(());
+            }
+        }
+        let st = c
+            .prepare_cached(
+                "INSERT INTO webhook_outbox
+                    (prediction_id, msg_id, url, event, body, max_attempts, due_unix_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .await?;
+        c.execute(
+            &st,
+            &[
+                &item.prediction_id,
+                &item.msg_id,
+                &item.url,
+                &item.event,
+                &item.body,
+                &(item.max_attempts as i32),
+                &now_ms,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn outbox_claim(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let c = self.writer().await?;
+        let st = c
+            .prepare_cached(
+                "WITH heads AS (
+                    SELECT o.seq FROM webhook_outbox o
+                    WHERE o.claimed_until_ms <= $1 AND o.due_unix_ms <= $1
+                      AND o.seq = (SELECT MIN(i.seq) FROM webhook_outbox i
+                                   WHERE i.prediction_id = o.prediction_id)
+                    ORDER BY o.seq LIMIT $2
+                    FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE webhook_outbox w
+                 SET claimed_until_ms = $3, claimed_by = $4, attempts = w.attempts + 1
+                 FROM heads WHERE w.seq = heads.seq
+                 RETURNING w.seq, w.prediction_id, w.msg_id, w.url, w.event, w.body,
+                           w.attempts, w.max_attempts",
+            )
+            .await?;
+        let until = now_ms + CLAIM_FOR.as_millis() as i64;
+        let rows = c
+            .query(&st, &[&now_ms, &(limit as i64), &until, &self.replica])
+            .await?;
+        let mut out: Vec<OutboxRow> = rows
+            .iter()
+            .map(|r| OutboxRow {
+                seq: r.get(0),
+                prediction_id: r.get(1),
+                msg_id: r.get(2),
+                url: r.get(3),
+                event: r.get(4),
+                body: r.get(5),
+                attempts: r.get::<_, i32>(6).max(0) as u32,
+                max_attempts: r.get::<_, i32>(7).max(0) as u32,
+            })
+            .collect();
+        out.sort_by_key(|r| r.seq);
+        Ok(out)
+    }
+
+    pub(super) async fn outbox_remove(&self, seq: i64) -> Result<(), StoreError> {
+        self.writer()
+            .await?
+            .execute("DELETE FROM webhook_outbox WHERE seq = $1", &[&seq])
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn outbox_retry_at(&self, seq: i64, due_ms: i64) -> Result<(), StoreError> {
+        self.writer()
+            .await?
+            .execute(
+                "UPDATE webhook_outbox SET claimed_until_ms = 0, claimed_by = NULL, due_unix_ms = $2
+                 WHERE seq = $1",
+                &[&seq, &due_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Other replicas may have deliveries out: only this one's claims are released.
+    pub(super) async fn outbox_release_claims(&self) -> Result<usize, StoreError> {
+        Ok(self
+            .writer()
+            .await?
+            .execute(
+                "UPDATE webhook_outbox SET claimed_until_ms = 0, claimed_by = NULL
+                 WHERE claimed_by = $1",
+                &[&self.replica],
+            )
+            .await? as usize)
+    }
+
+    pub(super) async fn outbox_len(&self) -> Result<usize, StoreError> {
+        let n: i64 = self
+            .client()
+            .await?
+            .query_one("SELECT COUNT(*) FROM webhook_outbox", &[])
+            .await?
+            .get(0);
+        Ok(n as usize)
+    }
+
+    pub(super) async fn outbox_due(&self, now_ms: i64) -> Result<usize, StoreError> {
+        let n: i64 = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT COUNT(*) FROM webhook_outbox
+                 WHERE claimed_until_ms <= $1 AND due_unix_ms <= $1",
+                &[&now_ms],
+            )
+            .await?
+            .get(0);
+        Ok(n as usize)
+    }
+
+    pub(super) async fn webhook_secret(&self, fresh: &str) -> Result<String, StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO settings (key, value) VALUES ('webhook_secret', $1)
+             ON CONFLICT (key) DO NOTHING",
+            &[&fresh],
+        )
+        .await?;
+        Ok(c.query_one(
+            "SELECT value FROM settings WHERE key = 'webhook_secret'",
+            &[],
+        )
+        .await?
+        .get(0))
+    }
+}

@@ -1,0 +1,571 @@
+//! One suite, both stores: every case runs against SQLite and against a real
+//! PostgreSQL (started by `support::postgres`). Cases about several replicas run on
+//! PostgreSQL only; SQLite's own cases (one process, upgrades) are in store_sqlite.rs.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_server::record::{new_id, now_rfc3339, Status};
+use hearth_server::store::{OutboxItem, PgStore, SharedStore, SqliteStore, StoreError};
+use serde_json::json;
+use support::{postgres, record, TempDir};
+
+/// A store of each kind; the SQLite one keeps its folder alive.
+struct Backend {
+    store: SharedStore,
+    _dir: Option<TempDir>,
+    /// PostgreSQL: the database, for a second replica on it.
+    url: Option<String>,
+}
+
+async fn sqlite() -> Backend {
+    let dir = TempDir::new("store");
+    let store = SqliteStore::open(&dir.0.join("p.sqlite3"), &dir.0)
+        .await
+        .unwrap();
+    std::fs::create_dir_all(dir.0.join("files")).unwrap();
+    Backend {
+        store: Arc::new(store),
+        _dir: Some(dir),
+        url: None,
+    }
+}
+
+async fn pg() -> Option<Backend> {
+    let url = postgres::fresh_database().await?;
+    let store = PgStore::connect(&url).await.unwrap();
+    Some(Backend {
+        store: Arc::new(store),
+        _dir: None,
+        url: Some(url),
+    })
+}
+
+/// Another replica on the same PostgreSQL database.
+async fn replica(b: &Backend) -> SharedStore {
+    Arc::new(PgStore::connect(b.url.as_ref().unwrap()).await.unwrap())
+}
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $( #[tokio::test] async fn $name() { super::$name(super::sqlite().await).await } )*
+        }
+        mod on_postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { if let Some(b) = super::pg().await { super::$name(b).await } } )*
+        }
+    };
+}
+
+macro_rules! postgres_only {
+    ($($name:ident),* $(,)?) => {
+        mod replicas_on_postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { if let Some(b) = super::pg().await { super::$name(b).await } } )*
+        }
+    };
+}
+
+both!(
+    insert_is_atomic_and_never_overwrites,
+    put_writes_changes_and_recreates_a_lost_row,
+    list_pages_newest_first_with_filters,
+    outbox_keeps_order_coalesces_and_claims_one_head_per_prediction,
+    outbox_events_are_opaque_and_cog_events_never_coalesce,
+    outbox_claims_expire_and_release,
+    cancel_requests_reach_the_owner,
+    webhook_secret_is_made_once,
+    files_round_trip_in_pieces,
+    injected_faults_fail_writes_not_reads,
+    schema_is_current,
+);
+
+postgres_only!(
+    replicas_share_predictions_and_fence_writes,
+    orphans_are_claimed_once_and_only_after_the_lease,
+    concurrent_outbox_claims_never_share_a_delivery,
+    a_newer_schema_is_refused,
+);
+
+fn item<'a>(p: &'a str, msg: &'a str, event: &'a str, body: &'a str) -> OutboxItem<'a> {
+    OutboxItem {
+        prediction_id: p,
+        msg_id: msg,
+        url: "http://h/x",
+        event,
+        body,
+        max_attempts: 3,
+    }
+}
+
+async fn insert_is_atomic_and_never_overwrites(b: Backend) {
+    let s = b.store;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = record("same", &now_rfc3339(), Status::Starting);
+            r.prediction.logs = format!("writer {i}");
+            s.insert(&r).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(StoreError::Exists(id)) => assert_eq!(id, "same"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(ok, 1, "exactly one insert wins");
+    let stored = s.get("same").await.unwrap().unwrap();
+    assert!(stored.prediction.logs.starts_with("writer "));
+    assert!(s.exists("same").await.unwrap());
+    assert!(!s.exists("other").await.unwrap());
+    assert!(s.get("other").await.unwrap().is_none());
+}
+
+async fn put_writes_changes_and_recreates_a_lost_row(b: Backend) {
+    let s = b.store;
+    let mut r = record("p1", &now_rfc3339(), Status::Starting);
+    s.insert(&r).await.unwrap();
+    r.prediction.status = Status::Succeeded;
+    r.prediction.output = Some(vec!["a".into(), "b".into()]);
+    s.put(&r).await.unwrap();
+    let got = s.get("p1").await.unwrap().unwrap().prediction;
+    assert_eq!(got.status, Status::Succeeded);
+    assert_eq!(got.output, Some(vec!["a".into(), "b".into()]));
+    // A prediction whose first write was lost is created by the next.
+    let lost = record("lost", &now_rfc3339(), Status::Processing);
+    s.put(&lost).await.unwrap();
+    assert_eq!(
+        s.get("lost").await.unwrap().unwrap().prediction.status,
+        Status::Processing
+    );
+}
+
+async fn list_pages_newest_first_with_filters(b: Backend) {
+    let s = b.store;
+    for i in 0..7 {
+        let at = format!("2026-01-01T00:00:0{i}.000000Z");
+        s.insert(&record(&format!("id{i}"), &at, Status::Succeeded))
+            .await
+            .unwrap();
+    }
+    // Two with the same time: the id breaks the tie.
+    s.insert(&record(
+        "id7b",
+        "2026-01-01T00:00:06.000000Z",
+        Status::Succeeded,
+    ))
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = s.list(cursor.as_deref(), None, None, 3).await.unwrap();
+        assert!(page.records.len() <= 3);
+        seen.extend(page.records.iter().map(|r| r.prediction.id.clone()));
+        match page.next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        ["id7b", "id6", "id5", "id4", "id3", "id2", "id1", "id0"]
+    );
+    let mid = s
+        .list(
+            None,
+            Some("2026-01-01T00:00:01.000000Z"),
+            Some("2026-01-01T00:00:04.000000Z"),
+            100,
+        )
+        .await
+        .unwrap();
+    let ids: Vec<_> = mid
+        .records
+        .iter()
+        .map(|r| r.prediction.id.as_str())
+        .collect();
+    assert_eq!(ids, ["id3", "id2"]);
+    assert!(mid.next.is_none());
+}
+
+async fn outbox_keeps_order_coalesces_and_claims_one_head_per_prediction(b: Backend) {
+    let s = b.store;
+    let now = 1_000_000;
+    s.outbox_push(&item("a", "m1", "start", "s"), false, now)
+        .await
+        .unwrap();
+    s.outbox_push(&item("a", "m2", "output", "o1"), true, now)
+        .await
+        .unwrap();
+    // Replaces the untried output rather than queueing behind it.
+    s.outbox_push(&item("a", "m3", "output", "o2"), true, now)
+        .await
+        .unwrap();
+    s.outbox_push(&item("a", "m4", "completed", "c"), false, now)
+        .await
+        .unwrap();
+    s.outbox_push(&item("b", "n1", "completed", "bc"), false, now)
+        .await
+        .unwrap();
+    assert_eq!(s.outbox_len().await.unwrap(), 4);
+    // Not due yet.
+    assert!(s.outbox_claim(now - 1, 10).await.unwrap().is_empty());
+    let first = s.outbox_claim(now, 10).await.unwrap();
+    let got: Vec<_> = first
+        .iter()
+        .map(|r| (r.prediction_id.as_str(), r.event.as_str()))
+        .collect();
+    assert_eq!(got, [("a", "start"), ("b", "completed")]);
+    assert!(first.iter().all(|r| r.attempts == 1));
+    // Heads are out: nothing more of a or b.
+    assert!(s.outbox_claim(now, 10).await.unwrap().is_empty());
+    // Due and not out: a's output and completed, waiting behind its start.
+    assert_eq!(s.outbox_due(now).await.unwrap(), 2);
+    s.outbox_remove(first[0].seq).await.unwrap();
+    let next = s.outbox_claim(now, 10).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(
+        (next[0].event.as_str(), next[0].body.as_str()),
+        ("output", "o2")
+    );
+    // A failed attempt is retried later, with the same message id.
+    s.outbox_retry_at(next[0].seq, now + 500).await.unwrap();
+    assert!(s.outbox_claim(now + 499, 10).await.unwrap().is_empty());
+    let again = s.outbox_claim(now + 500, 10).await.unwrap();
+    assert_eq!(again[0].msg_id, next[0].msg_id);
+    assert_eq!(again[0].attempts, 2);
+    s.outbox_remove(again[0].seq).await.unwrap();
+    let last = s.outbox_claim(now + 500, 10).await.unwrap();
+    assert_eq!(last[0].event, "completed");
+    s.outbox_remove(last[0].seq).await.unwrap();
+    s.outbox_remove(first[1].seq).await.unwrap();
+    assert_eq!(s.outbox_len().await.unwrap(), 0);
+}
+
+/// The `event` column is the sender's string, kept as given: Cog-style deliveries
+/// (`cog.output`, ...) are each delivered, so a push never replaces one, and a
+/// Cog-style push asked to coalesce does not replace a Replicate-style one either.
+async fn outbox_events_are_opaque_and_cog_events_never_coalesce(b: Backend) {
+    let s = b.store;
+    let now = 1_000_000;
+    for (msg, body) in [("m1", "o1"), ("m2", "o2")] {
+        s.outbox_push(&item("c", msg, "cog.output", body), true, now)
+            .await
+            .unwrap();
+    }
+    s.outbox_push(&item("c", "m3", "cog.logs", "l1"), true, now)
+        .await
+        .unwrap();
+    s.outbox_push(&item("c", "m4", "cog.completed", "done"), false, now)
+        .await
+        .unwrap();
+    // A Replicate-style output after a queued Cog one is a row of its own.
+    s.outbox_push(&item("d", "n1", "cog.output", "x"), false, now)
+        .await
+        .unwrap();
+    s.outbox_push(&item("d", "n2", "output", "y"), true, now)
+        .await
+        .unwrap();
+    assert_eq!(s.outbox_len().await.unwrap(), 6);
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let rows = s.outbox_claim(now, 10).await.unwrap();
+        assert!(!rows.is_empty(), "deliveries left: {seen:?}");
+        for r in rows {
+            seen.push((r.prediction_id.clone(), r.event.clone(), r.body.clone()));
+            s.outbox_remove(r.seq).await.unwrap();
+        }
+        if seen.len() == 6 {
+            break;
+        }
+    }
+    let of = |p: &str| -> Vec<(String, String)> {
+        seen.iter()
+            .filter(|(id, _, _)| id == p)
+            .map(|(_, e, b)| (e.clone(), b.clone()))
+            .collect()
+    };
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(e, b)| (e.to_string(), b.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        of("c"),
+        pairs(&[
+            ("cog.output", "o1"),
+            ("cog.output", "o2"),
+            ("cog.logs", "l1"),
+            ("cog.completed", "done")
+        ])
+    );
+    assert_eq!(of("d"), pairs(&[("cog.output", "x"), ("output", "y")]));
+}
+
+async fn outbox_claims_expire_and_release(b: Backend) {
+    let s = b.store;
+    let now = 5_000_000;
+    s.outbox_push(&item("p", "m1", "completed", "c"), false, now)
+        .await
+        .unwrap();
+    assert_eq!(s.outbox_claim(now, 10).await.unwrap().len(), 1);
+    assert!(s.outbox_claim(now + 1000, 10).await.unwrap().is_empty());
+    // A claim whose replica died expires.
+    let later = now + hearth_server::store::CLAIM_FOR.as_millis() as i64;
+    let re = s.outbox_claim(later, 10).await.unwrap();
+    assert_eq!(re.len(), 1);
+    assert_eq!(re[0].attempts, 2);
+    // Released: due again at once.
+    assert_eq!(s.outbox_release_claims().await.unwrap(), 1);
+    assert_eq!(s.outbox_claim(later, 10).await.unwrap().len(), 1);
+}
+
+async fn cancel_requests_reach_the_owner(b: Backend) {
+    let s = b.store;
+    s.insert(&record("run", &now_rfc3339(), Status::Processing))
+        .await
+        .unwrap();
+    s.insert(&record("done", &now_rfc3339(), Status::Succeeded))
+        .await
+        .unwrap();
+    assert!(s.cancel_requests().await.unwrap().is_empty());
+    assert!(s.request_cancel("run").await.unwrap());
+    assert!(
+        !s.request_cancel("done").await.unwrap(),
+        "finished: nothing to cancel"
+    );
+    assert!(!s.request_cancel("nope").await.unwrap());
+    assert_eq!(s.cancel_requests().await.unwrap(), ["run"]);
+    let mut r = s.get("run").await.unwrap().unwrap();
+    r.prediction.status = Status::Canceled;
+    s.put(&r).await.unwrap();
+    assert!(s.cancel_requests().await.unwrap().is_empty());
+}
+
+async fn webhook_secret_is_made_once(b: Backend) {
+    let s = b.store;
+    let first = s.webhook_secret("whsec_AAAA").await.unwrap();
+    assert_eq!(first, "whsec_AAAA");
+    assert_eq!(s.webhook_secret("whsec_BBBB").await.unwrap(), "whsec_AAAA");
+}
+
+async fn files_round_trip_in_pieces(b: Backend) {
+    use futures_util::StreamExt;
+    let s = b.store;
+    let tmp = std::env::temp_dir().join(format!("hearth-file-{}", new_id()));
+    // Larger than one PostgreSQL chunk (1 MiB), not a multiple of it.
+    let bytes: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8).collect();
+    let dir = match &b._dir {
+        Some(d) => d.0.join("files").join(".upload-test"),
+        None => tmp.clone(),
+    };
+    std::fs::write(&dir, &bytes).unwrap();
+    let id = new_id();
+    let meta = json!({"id": id, "name": "x.bin", "size": bytes.len(), "created_at": now_rfc3339()});
+    s.file_put(&meta, &dir).await.unwrap();
+    assert_eq!(s.file_meta(&id).await.unwrap().unwrap()["name"], "x.bin");
+    assert!(s.file_meta("../../etc/passwd").await.unwrap().is_none());
+    let mut got = Vec::new();
+    let mut stream = s.file_read(&id).await.unwrap().unwrap();
+    while let Some(chunk) = stream.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(got.len(), bytes.len());
+    assert!(got == bytes, "the bytes come back as they went in");
+    let list = s.file_list().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert!(s.file_delete(&id).await.unwrap());
+    assert!(!s.file_delete(&id).await.unwrap());
+    assert!(s.file_read(&id).await.unwrap().is_none());
+    let _ = std::fs::remove_file(&tmp);
+}
+
+async fn injected_faults_fail_writes_not_reads(b: Backend) {
+    let s = b.store;
+    s.insert(&record("before", &now_rfc3339(), Status::Starting))
+        .await
+        .unwrap();
+    s.inject_write_failures(true);
+    let r = record("during", &now_rfc3339(), Status::Starting);
+    assert!(matches!(s.insert(&r).await, Err(StoreError::Injected)));
+    assert!(matches!(s.put(&r).await, Err(StoreError::Injected)));
+    assert!(matches!(
+        s.outbox_push(&item("x", "m", "start", "b"), false, 0).await,
+        Err(StoreError::Injected)
+    ));
+    assert!(s.get("before").await.unwrap().is_some());
+    s.inject_write_failures(false);
+    s.put(&r).await.unwrap();
+}
+
+async fn schema_is_current(b: Backend) {
+    let v = b.store.schema_version().await.unwrap();
+    assert!(v >= 1, "{v}");
+}
+
+async fn replicas_share_predictions_and_fence_writes(b: Backend) {
+    let a = b.store.clone();
+    let other = replica(&b).await;
+    assert_ne!(a.replica_id(), other.replica_id());
+    a.heartbeat(Duration::from_secs(30)).await.unwrap();
+    other.heartbeat(Duration::from_secs(30)).await.unwrap();
+    let mut r = record("shared", &now_rfc3339(), Status::Processing);
+    a.insert(&r).await.unwrap();
+    // The other replica reads it, output as of the owner's last write.
+    r.prediction.output = Some(vec!["tok".into()]);
+    a.put(&r).await.unwrap();
+    let seen = other.get("shared").await.unwrap().unwrap();
+    assert_eq!(seen.prediction.output, Some(vec!["tok".into()]));
+    // Only the owner writes it.
+    assert!(matches!(other.put(&r).await, Err(StoreError::NotOwner(_))));
+    // A cancel asked on the other replica reaches the owner, not the asker.
+    assert!(other.request_cancel("shared").await.unwrap());
+    assert!(other.cancel_requests().await.unwrap().is_empty());
+    assert_eq!(a.cancel_requests().await.unwrap(), ["shared"]);
+    // Live owner: nothing to claim.
+    assert!(other.claim_orphans(10).await.unwrap().is_empty());
+}
+
+async fn orphans_are_claimed_once_and_only_after_the_lease(b: Backend) {
+    let dead = b.store.clone();
+    dead.heartbeat(Duration::from_millis(600)).await.unwrap();
+    for i in 0..20 {
+        let status = if i % 2 == 0 {
+            Status::Processing
+        } else {
+            Status::Starting
+        };
+        dead.insert(&record(&format!("o{i}"), &now_rfc3339(), status))
+            .await
+            .unwrap();
+    }
+    dead.insert(&record("finished", &now_rfc3339(), Status::Succeeded))
+        .await
+        .unwrap();
+    let s1 = replica(&b).await;
+    let s2 = replica(&b).await;
+    s1.heartbeat(Duration::from_secs(60)).await.unwrap();
+    s2.heartbeat(Duration::from_secs(60)).await.unwrap();
+    assert!(
+        s1.claim_orphans(100).await.unwrap().is_empty(),
+        "the lease is alive"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Two survivors sweep at once: each orphan goes to exactly one.
+    let (x, y) = tokio::join!(s1.claim_orphans(7), s2.claim_orphans(7));
+    let (mut x, mut y) = (x.unwrap(), y.unwrap());
+    loop {
+        let (more_x, more_y) = tokio::join!(s1.claim_orphans(7), s2.claim_orphans(7));
+        let (more_x, more_y) = (more_x.unwrap(), more_y.unwrap());
+        if more_x.is_empty() && more_y.is_empty() {
+            break;
+        }
+        x.extend(more_x);
+        y.extend(more_y);
+    }
+
+    let mut ids: Vec<String> = x
+        .iter()
+        .chain(y.iter())
+        .map(|r| r.prediction.id.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        x.len() + y.len(),
+        20,
+        "each orphan claimed once: {:?} / {:?}",
+        x.iter().map(|r| &r.prediction.id).collect::<Vec<_>>(),
+        y.iter().map(|r| &r.prediction.id).collect::<Vec<_>>()
+    );
+    assert_eq!(ids.len(), 20);
+    // The dead replica, back from a pause, may not write them any more.
+    let mut r = x.first().or(y.first()).unwrap().clone();
+    r.prediction.status = Status::Succeeded;
+    assert!(matches!(dead.put(&r).await, Err(StoreError::NotOwner(_))));
+    // Its new owner may.
+    let owner = if x.iter().any(|o| o.prediction.id == r.prediction.id) {
+        &s1
+    } else {
+        &s2
+    };
+    owner.put(&r).await.unwrap();
+}
+
+async fn concurrent_outbox_claims_never_share_a_delivery(b: Backend) {
+    let a = b.store.clone();
+    let other = replica(&b).await;
+    let now = 9_000_000;
+    for p in 0..40 {
+        for e in 0..5 {
+            let (pid, msg) = (format!("p{p}"), format!("m{p}_{e}"));
+            a.outbox_push(&item(&pid, &msg, "completed", "x"), false, now)
+                .await
+                .unwrap();
+        }
+    }
+    let drain = |s: SharedStore| async move {
+        let mut got = Vec::new();
+        loop {
+            let rows = s.outbox_claim(now, 8).await.unwrap();
+            if rows.is_empty() && s.outbox_len().await.unwrap() == 0 {
+                return got;
+            }
+            for r in rows {
+                got.push(r.msg_id.clone());
+                s.outbox_remove(r.seq).await.unwrap();
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    let (x, y) = tokio::join!(drain(a.clone()), drain(other.clone()));
+    let mut all: Vec<String> = x.iter().chain(y.iter()).cloned().collect();
+    assert_eq!(all.len(), 200, "every delivery claimed");
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 200, "no delivery claimed twice");
+    // Per prediction, in order.
+    for list in [&x, &y] {
+        for p in 0..40 {
+            let mine: Vec<&String> = list
+                .iter()
+                .filter(|m| m.starts_with(&format!("m{p}_")))
+                .collect();
+            let mut sorted = mine.clone();
+            sorted.sort();
+            assert_eq!(mine, sorted);
+        }
+    }
+}
+
+async fn a_newer_schema_is_refused(b: Backend) {
+    let url = b.url.clone().unwrap();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (99, 'future')",
+            &[],
+        )
+        .await
+        .unwrap();
+    match PgStore::connect(&url).await {
+        Err(e @ StoreError::TooNew { .. }) => {
+            let m = e.to_string();
+            assert!(m.contains("99") && m.contains("newer"), "{m}");
+            assert!(!m.contains("password"), "{m}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("opened a newer schema"),
+    }
+}

@@ -1,0 +1,89 @@
+//! SQLite's own cases: one process per database, the orphans an earlier process
+//! left, and an upgrade from the schema of the release before replicas.
+
+mod support;
+
+use std::time::Duration;
+
+use hearth_server::record::{now_rfc3339, Status};
+use hearth_server::store::{SqliteStore, Store};
+use support::{record, TempDir};
+
+#[tokio::test]
+async fn a_second_process_on_one_sqlite_file_is_refused_until_the_first_stops() {
+    let dir = TempDir::new("lock");
+    let path = dir.0.join("p.sqlite3");
+    let first = SqliteStore::open(&path, &dir.0).await.unwrap();
+    let e = match SqliteStore::open(&path, &dir.0).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("two stores on one SQLite file"),
+    };
+    assert!(e.contains("in use by another hearth process"), "{e}");
+    assert!(e.contains("postgres://"), "{e}");
+    first.retire().await.unwrap();
+    // A child process another test forks at this moment holds a copy of the lock's
+    // descriptor until it execs: allow it that instant.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while let Err(e) = SqliteStore::open(&path, &dir.0).await {
+        assert!(std::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn sqlite_orphans_of_an_earlier_process_are_claimed_at_open() {
+    let dir = TempDir::new("orphans");
+    let path = dir.0.join("p.sqlite3");
+    let first = SqliteStore::open(&path, &dir.0).await.unwrap();
+    first.heartbeat(Duration::from_secs(60)).await.unwrap();
+    first
+        .insert(&record("left", &now_rfc3339(), Status::Processing))
+        .await
+        .unwrap();
+    assert!(first.claim_orphans(10).await.unwrap().is_empty(), "its own");
+    drop(first); // as a crash would: the lease is still on the books
+    let second = SqliteStore::open(&path, &dir.0).await.unwrap();
+    let got = second.claim_orphans(10).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].prediction.id, "left");
+}
+
+#[tokio::test]
+async fn a_database_of_the_previous_release_migrates_and_its_interrupted_rows_are_orphans() {
+    let dir = TempDir::new("v2");
+    let path = dir.0.join("p.sqlite3");
+    // Schema version 2, as the release before replicas left it, with a prediction in
+    // flight (no owner column yet) and a claimed delivery.
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);
+         INSERT INTO schema_version VALUES (1, 'then'), (2, 'then');
+         CREATE TABLE predictions (id TEXT PRIMARY KEY, created_at TEXT NOT NULL,
+            status TEXT NOT NULL, record TEXT NOT NULL);
+         CREATE INDEX predictions_created ON predictions (created_at DESC, id DESC);
+         CREATE TABLE webhook_outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            prediction_id TEXT NOT NULL, msg_id TEXT NOT NULL, url TEXT NOT NULL,
+            event TEXT NOT NULL, body TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL, claimed INTEGER NOT NULL DEFAULT 0,
+            due_unix_ms INTEGER NOT NULL);
+         INSERT INTO webhook_outbox (prediction_id, msg_id, url, event, body, attempts,
+            max_attempts, claimed, due_unix_ms) VALUES ('old', 'm', 'http://h/x', 'completed', '{}', 1, 12, 1, 0);",
+    )
+    .unwrap();
+    let r = record("old", &now_rfc3339(), Status::Processing);
+    c.execute(
+        "INSERT INTO predictions VALUES ('old', ?1, 'processing', ?2)",
+        rusqlite::params![r.prediction.created_at, serde_json::to_string(&r).unwrap()],
+    )
+    .unwrap();
+    drop(c);
+    let s = SqliteStore::open(&path, &dir.0).await.unwrap();
+    assert_eq!(s.schema_version().await.unwrap(), 3);
+    s.heartbeat(Duration::from_secs(60)).await.unwrap();
+    let orphans = s.claim_orphans(10).await.unwrap();
+    assert_eq!(orphans.len(), 1);
+    assert_eq!(orphans[0].prediction.id, "old");
+    // The delivery the old process had out is due again after the release at start.
+    assert_eq!(s.outbox_release_claims().await.unwrap(), 1);
+    assert_eq!(s.outbox_claim(1, 10).await.unwrap().len(), 1);
+}

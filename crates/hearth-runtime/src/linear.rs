@@ -160,9 +160,21 @@ mod tests {
     fn every_quantized_type_matches_its_dequantized_weights() {
         let dev = Device::Cpu;
         let (n, k) = (16, 512);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 3, k), &dev).unwrap();
+        // Fixed pseudo-random values: the test must give the same answer on every run.
+        let noise = |len: usize, seed: u64| {
+            let mut state = seed;
+            (0..len)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                })
+                .collect::<Vec<f32>>()
+        };
+        let w = Tensor::from_vec(noise(n * k, 1), (n, k), &dev).unwrap();
+        let b = Tensor::from_vec(noise(n, 2), n, &dev).unwrap();
+        let x = Tensor::from_vec(noise(6 * k, 3), (2, 3, k), &dev).unwrap();
         for dtype in [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
@@ -186,17 +198,20 @@ mod tests {
             assert_eq!(l.ggml_dtype(), Some(dtype));
             let got = l.forward(&x).unwrap();
             assert_eq!(got.dims(), &[2, 3, n]);
-            let err = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            // Dot products of 512 terms are ~20 in size; 8-bit activations (candle's
-            // kernels) keep them within ~0.5, a misread block would not.
-            assert!(err < 0.5, "{dtype:?}: max error {err}");
+            let norm = |t: &Tensor| {
+                t.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            // Relative to the result's size: 8-bit activations (candle's kernels) cost a
+            // percent or two even at 2-bit weights; a misread or shifted block costs tens.
+            let rel = norm(&(got - &want).unwrap()) / norm(&want);
+            assert!(rel < 0.05, "{dtype:?}: relative error {rel}");
         }
     }
 

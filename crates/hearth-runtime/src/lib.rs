@@ -5,6 +5,7 @@
 pub mod baseline;
 pub mod block_allocator;
 pub mod config;
+pub mod cpu_matmul;
 pub mod demo;
 pub mod detokenizer;
 pub mod device;
@@ -14,12 +15,14 @@ pub mod hub;
 pub mod kv_cache;
 pub mod loader;
 pub mod model;
+pub mod paged_attention;
 pub mod presets;
 pub mod request;
 pub mod rope;
 pub mod sampler;
 pub mod scheduler;
 pub mod stop;
+pub mod threads;
 pub mod tokenizer;
 pub mod weights;
 

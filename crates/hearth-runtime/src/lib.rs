@@ -8,6 +8,7 @@ pub mod config;
 pub mod cpu_matmul;
 pub mod demo;
 pub mod detokenizer;
+pub mod device_sampler;
 pub mod device;
 pub mod engine;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod hub;
 pub mod kv_cache;
 pub mod loader;
 pub mod model;
+mod output;
 pub mod paged_attention;
 pub mod presets;
 pub mod request;
@@ -29,6 +31,8 @@ pub mod weights;
 pub use engine::{EngineConfig, EngineHandle, EngineLimits, EngineStats, RequestStream};
 pub use error::{Result, RuntimeError};
 pub use loader::{load, LoadFormat, LoadedModel, ModelSpec};
-pub use request::{Completion, FinishReason, GenerationEvent, GenerationRequest, Timings};
+pub use request::{
+    Completion, FinishReason, GenerationEvent, GenerationRequest, Timings, TokenLogprobs,
+};
 pub use sampler::SamplingParams;
 pub use tokenizer::{PromptSpec, TextTokenizer};

@@ -1,49 +1,60 @@
 //! The Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3) as one transformer that
 //! runs a whole scheduler step in one pass: the tokens of every scheduled sequence are
 //! flattened into one `[T, hidden]` activation, so the projections and MLPs are single
-//! matmuls over the batch, and only attention looks at sequence boundaries, reading each
-//! sequence's keys and values from the paged cache through its block table.
+//! matmuls over the batch, and only attention looks at sequence boundaries: one
+//! paged-attention call per layer reads each sequence's keys and values in place from
+//! the paged cache through its block table (paged_attention.rs).
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCacheTensors;
+use crate::paged_attention::{paged_attention, AttentionMetadata};
 use crate::rope::RotaryTables;
 
-/// What attention needs to know about one sequence in the step.
+/// One step's input: the scheduled sequences' new tokens flattened in order, each
+/// token's position (for RoPE), which rows to return logits for, and the attention
+/// metadata (query offsets, sequence lengths, block tables, cache slots) that one
+/// paged-attention call per layer reads.
 #[derive(Debug, Clone)]
-pub struct SeqSlice {
-    /// Cache slots of every token of the context, the step's new tokens included,
-    /// in position order.
-    pub context_slots: Vec<u32>,
-    /// How many of the step's tokens belong to this sequence (1 for a decode).
-    pub query_len: usize,
-    /// Whether the step must return logits for this sequence's last token (false for
-    /// a prefill chunk that does not reach the end of the prompt).
-    pub wants_logits: bool,
-}
-
-/// One step's input. Tokens are laid out as all single-token sequences first (their
-/// attention is batched), then each multi-token chunk, contiguous, in `seqs` order.
-#[derive(Debug, Clone, Default)]
 pub struct ForwardBatch {
     pub token_ids: Vec<u32>,
     pub positions: Vec<u32>,
-    pub slots: Vec<u32>,
-    pub seqs: Vec<SeqSlice>,
+    /// Flattened index of the last token of each sequence that wants logits.
+    pub logits_rows: Vec<u32>,
+    pub attention: AttentionMetadata,
 }
 
 impl ForwardBatch {
-    pub fn push(&mut self, tokens: &[u32], first_position: usize, seq: SeqSlice) {
-        debug_assert_eq!(tokens.len(), seq.query_len);
-        let ctx = seq.context_slots.len();
+    pub fn new(block_size: usize) -> Self {
+        Self {
+            token_ids: Vec::new(),
+            positions: Vec::new(),
+            logits_rows: Vec::new(),
+            attention: AttentionMetadata::new(block_size),
+        }
+    }
+
+    /// Adds a sequence's chunk: `tokens` at positions `first_position..`, its KV
+    /// blocks covering them (and everything before), and whether the step returns
+    /// logits for the chunk's last token (false for a prefill chunk that does not
+    /// reach the end of the prompt).
+    pub fn push(
+        &mut self,
+        tokens: &[u32],
+        first_position: usize,
+        block_table: &[u32],
+        wants_logits: bool,
+    ) {
+        let n = tokens.len();
         self.token_ids.extend_from_slice(tokens);
         self.positions
-            .extend((first_position..first_position + tokens.len()).map(|p| p as u32));
-        self.slots
-            .extend_from_slice(&seq.context_slots[ctx - tokens.len()..]);
-        self.seqs.push(seq);
+            .extend((first_position..first_position + n).map(|p| p as u32));
+        if wants_logits {
+            self.logits_rows.push((self.token_ids.len() - 1) as u32);
+        }
+        self.attention.push(n, first_position + n, block_table);
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -101,27 +112,17 @@ fn linear(
 }
 
 /// Per-step tensors shared by every layer.
-struct StepTensors {
+struct StepTensors<'a> {
     cos: Tensor,
     sin: Tensor,
+    /// Each new token's cache slot, repeated across a K/V row (for `scatter_set`).
     slot_index: Tensor,
-    decode: Option<DecodeGroup>,
-    prefills: Vec<PrefillSeq>,
+    attention: &'a AttentionMetadata,
 }
 
-/// The single-token sequences of a step, padded to the longest context.
-struct DecodeGroup {
-    count: usize,
-    max_len: usize,
-    gather: Tensor,
-    mask: Tensor,
-}
-
-struct PrefillSeq {
-    start: usize,
-    query_len: usize,
-    gather: Tensor,
-    mask: Tensor,
+/// `x · Wᵀ + b` through hearth's threaded kernel where it applies (few rows, f32, CPU).
+fn proj(l: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    crate::cpu_matmul::linear(x, l.weight(), l.bias())
 }
 
 impl Transformer {
@@ -209,7 +210,7 @@ impl Transformer {
     }
 
     /// Runs one step and returns the logits, `[S, vocab]` in f32, of the last token of
-    /// each sequence with `wants_logits`, in `batch.seqs` order.
+    /// each sequence with `wants_logits`, in batch order.
     pub fn forward(
         &self,
         batch: &ForwardBatch,
@@ -232,100 +233,46 @@ impl Transformer {
         }
         // Only the rows that get sampled go through the final norm and the LM head:
         // a 2k-token prefill chunk needs one row of logits, not 2k.
-        let mut rows = Vec::new();
-        let mut offset = 0u32;
-        for s in &batch.seqs {
-            offset += s.query_len as u32;
-            if s.wants_logits {
-                rows.push(offset - 1);
-            }
-        }
-        if rows.is_empty() {
+        let n = batch.logits_rows.len();
+        if n == 0 {
             return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev);
         }
-        let n = rows.len();
-        let rows = Tensor::from_vec(rows, n, dev)?;
-        let x = x.index_select(&rows, 0)?;
+        let x = if n == t {
+            x
+        } else {
+            x.index_select(&Tensor::from_slice(&batch.logits_rows, n, dev)?, 0)?
+        };
         let x = self.norm.forward(&x)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        proj(&self.lm_head, &x)?.to_dtype(DType::F32)
     }
 
-    fn step_tensors(
+    fn step_tensors<'a>(
         &self,
-        batch: &ForwardBatch,
+        batch: &'a ForwardBatch,
         positions: &Tensor,
-    ) -> candle_core::Result<StepTensors> {
+    ) -> candle_core::Result<StepTensors<'a>> {
         let dev = &self.device;
         let cos = self.rotary.cos.index_select(positions, 0)?.contiguous()?;
         let sin = self.rotary.sin.index_select(positions, 0)?.contiguous()?;
         let t = batch.num_tokens();
         let width = self.cfg.num_key_value_heads * self.cfg.head_dim;
-        let slot_index = Tensor::from_slice(&batch.slots, (t, 1), dev)?
+        let slot_index = Tensor::from_slice(&batch.attention.slots, (t, 1), dev)?
             .broadcast_as((t, width))?
             .contiguous()?;
-        let neg = f32::NEG_INFINITY;
-        // Single-token sequences come first; batch their attention into one matmul.
-        let n_decode = batch.seqs.iter().take_while(|s| s.query_len == 1).count();
-        let decode = if n_decode > 0 {
-            let max_len = batch.seqs[..n_decode]
-                .iter()
-                .map(|s| s.context_slots.len())
-                .max()
-                .unwrap_or(1);
-            let mut gather = Vec::with_capacity(n_decode * max_len);
-            let mut mask = Vec::with_capacity(n_decode * max_len);
-            for s in &batch.seqs[..n_decode] {
-                let l = s.context_slots.len();
-                gather.extend_from_slice(&s.context_slots);
-                gather.extend(std::iter::repeat_n(0u32, max_len - l));
-                mask.extend(std::iter::repeat_n(0f32, l));
-                mask.extend(std::iter::repeat_n(neg, max_len - l));
-            }
-            Some(DecodeGroup {
-                count: n_decode,
-                max_len,
-                gather: Tensor::from_vec(gather, n_decode * max_len, dev)?,
-                mask: Tensor::from_vec(mask, (n_decode, 1, 1, max_len), dev)?
-                    .to_dtype(self.dtype)?,
-            })
-        } else {
-            None
-        };
-        let mut prefills = Vec::new();
-        let mut start = n_decode;
-        for s in &batch.seqs[n_decode..] {
-            let l = s.context_slots.len();
-            let q = s.query_len;
-            let past = l - q;
-            let mut mask = Vec::with_capacity(q * l);
-            for i in 0..q {
-                for j in 0..l {
-                    mask.push(if j <= past + i { 0f32 } else { neg });
-                }
-            }
-            prefills.push(PrefillSeq {
-                start,
-                query_len: q,
-                gather: Tensor::from_slice(&s.context_slots, l, dev)?,
-                mask: Tensor::from_vec(mask, (q, l), dev)?.to_dtype(self.dtype)?,
-            });
-            start += q;
-        }
         Ok(StepTensors {
             cos,
             sin,
             slot_index,
-            decode,
-            prefills,
+            attention: &batch.attention,
         })
     }
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        let gate = candle_nn::ops::silu(&proj(&self.gate_proj, x)?)?;
+        let up = proj(&self.up_proj, x)?;
+        proj(&self.down_proj, &(gate * up)?)
     }
 }
 
@@ -339,9 +286,9 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let t = x.dim(0)?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((t, h, d))?;
-        let k = self.k_proj.forward(x)?.reshape((t, kvh, d))?;
-        let v = self.v_proj.forward(x)?;
+        let q = proj(&self.q_proj, x)?.reshape((t, h, d))?;
+        let k = proj(&self.k_proj, x)?.reshape((t, kvh, d))?;
+        let v = proj(&self.v_proj, x)?;
         let q = match &self.q_norm {
             Some(n) => n.forward(&q.contiguous()?)?,
             None => q,
@@ -357,67 +304,19 @@ impl Attention {
             candle_nn::rotary_emb::rope_thd(&k.contiguous()?.unsqueeze(0)?, &step.cos, &step.sin)?
                 .squeeze(0)?;
 
+        // New keys and values go straight into their slots of the paged cache; the
+        // attention op then reads every key, old and new, where it lies.
         let (k_cache, v_cache) = cache.layer(layer);
-        k_cache.scatter_set(&step.slot_index, &k.reshape((t, kvh * d))?, 0)?;
-        v_cache.scatter_set(&step.slot_index, &v.contiguous()?, 0)?;
+        let slots = k_cache.elem_count() / (kvh * d);
+        k_cache
+            .reshape((slots, kvh * d))?
+            .scatter_set(&step.slot_index, &k.reshape((t, kvh * d))?, 0)?;
+        v_cache
+            .reshape((slots, kvh * d))?
+            .scatter_set(&step.slot_index, &v.contiguous()?, 0)?;
 
-        let scale = 1.0 / (d as f64).sqrt();
-        let g = h / kvh;
-        let mut outputs = Vec::with_capacity(1 + step.prefills.len());
-        if let Some(dg) = &step.decode {
-            let b = dg.count;
-            let q = q.narrow(0, 0, b)?.reshape((b, kvh, g, d))?;
-            let kc = k_cache
-                .index_select(&dg.gather, 0)?
-                .reshape((b, dg.max_len, kvh, d))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let vc = v_cache
-                .index_select(&dg.gather, 0)?
-                .reshape((b, dg.max_len, kvh, d))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let scores = (q.matmul(&kc.t()?)? * scale)?.broadcast_add(&dg.mask)?;
-            let p = candle_nn::ops::softmax_last_dim(&scores)?;
-            outputs.push(p.matmul(&vc)?.reshape((b, h * d))?);
-        }
-        for ps in &step.prefills {
-            let (lq, l) = (ps.query_len, ps.gather.dim(0)?);
-            let q = q
-                .narrow(0, ps.start, lq)?
-                .reshape((lq, kvh, g, d))?
-                .permute((1, 2, 0, 3))?
-                .contiguous()?
-                .reshape((kvh, g * lq, d))?;
-            let kc = k_cache
-                .index_select(&ps.gather, 0)?
-                .reshape((l, kvh, d))?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let vc = v_cache
-                .index_select(&ps.gather, 0)?
-                .reshape((l, kvh, d))?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let scores = (q.matmul(&kc.t()?)? * scale)?
-                .reshape((kvh, g, lq, l))?
-                .broadcast_add(&ps.mask)?;
-            let p = candle_nn::ops::softmax_last_dim(&scores)?.reshape((kvh, g * lq, l))?;
-            let o = p
-                .matmul(&vc)?
-                .reshape((kvh, g, lq, d))?
-                .permute((2, 0, 1, 3))?
-                .contiguous()?
-                .reshape((lq, h * d))?;
-            outputs.push(o);
-        }
-        let o = if outputs.len() == 1 {
-            outputs
-                .pop()
-                .ok_or_else(|| candle_core::Error::Msg("empty step".into()))?
-        } else {
-            Tensor::cat(&outputs, 0)?
-        };
-        self.o_proj.forward(&o)
+        let scale = 1.0 / (d as f32).sqrt();
+        let o = paged_attention(&q, k_cache, v_cache, step.attention, scale)?;
+        proj(&self.o_proj, &o.reshape((t, h * d))?)
     }
 }

@@ -1,16 +1,19 @@
-//! `x · Wᵀ` on the CPU for the few rows of a decode step. gemm 0.19 (candle's CPU
-//! matmul) runs an m=1 product single-threaded and packs W on every call; a decode
-//! step at m ≤ a few dozen only needs W streamed once from memory. Here every thread
-//! takes its own contiguous run of W's rows and computes all of x's rows against each
-//! small tile of them while it sits in L1: register tiles of up to 4 rows of x × 3 rows
-//! of W, f32 FMA over k, on candle's persistent barrier pool.
+//! `x · Wᵀ` on the CPU, every f32 projection of the model, on hearth's one CPU pool
+//! (threads.rs) rather than gemm's rayon pool: two pools on two cores thrash.
+//!
+//! Few rows (a decode step): gemm 0.19 runs an m=1 product single-threaded and packs
+//! W on every call, where such a step only needs W streamed once from memory. Here
+//! every thread takes runs of W's rows and computes all of x's rows against each small
+//! tile of them while it sits in L1: register tiles of up to 4 rows of x × 3 rows of W
+//! (one row of W at a time below 4 rows of x, where the product is memory-bound), f32
+//! FMA over k. Many rows (prefill chunks): gemm itself, single-threaded on each
+//! thread's share of W's rows, where its packing pays off.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use crate::threads;
 
-/// Row counts up to this go through this kernel; larger ones (prefill chunks) through
-/// candle's gemm, whose packing pays off there.
+/// Row counts up to this go through hearth's kernel; larger ones through gemm.
 pub const MAX_ROWS: usize = 64;
 
 /// `x [m, k] · w [n, k]ᵀ (+ bias [n])`, the `Linear` product. Uses the threaded
@@ -22,12 +25,12 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32
         && w.rank() == 2
-        && rows <= MAX_ROWS
-        && threads::has_avx2_fma();
+        && rows > 0
+        && (rows > MAX_ROWS || threads::has_avx2_fma());
     let y = if fast {
         let k = *dims.last().unwrap_or(&0);
         let x2 = x.reshape((rows, k))?.contiguous()?;
-        let y = x2.apply_op2_no_bwd(&w.contiguous()?, &SmallMatmul)?;
+        let y = x2.apply_op2_no_bwd(&w.contiguous()?, &Matmul)?;
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = w.dim(0)?;
@@ -46,11 +49,11 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-struct SmallMatmul;
+struct Matmul;
 
-impl CustomOp2 for SmallMatmul {
+impl CustomOp2 for Matmul {
     fn name(&self) -> &'static str {
-        "hearth-small-matmul"
+        "hearth-matmul"
     }
 
     fn cpu_fwd(
@@ -63,18 +66,22 @@ impl CustomOp2 for SmallMatmul {
         let (m, k) = xl.shape().dims2()?;
         let (n, k2) = wl.shape().dims2()?;
         if k != k2 {
-            candle_core::bail!("small matmul: x is [{m}, {k}] but w is [{n}, {k2}]");
+            candle_core::bail!("matmul: x is [{m}, {k}] but w is [{n}, {k2}]");
         }
         let x = match xs {
             CpuStorage::F32(v) => &v[xl.start_offset()..xl.start_offset() + m * k],
-            _ => candle_core::bail!("small matmul: x must be f32"),
+            _ => candle_core::bail!("matmul: x must be f32"),
         };
         let w = match ws {
             CpuStorage::F32(v) => &v[wl.start_offset()..wl.start_offset() + n * k],
-            _ => candle_core::bail!("small matmul: w must be f32"),
+            _ => candle_core::bail!("matmul: w must be f32"),
         };
         let mut out = vec![0f32; m * n];
-        matmul_xwt(x, w, &mut out, m, n, k);
+        if m > MAX_ROWS {
+            gemm_xwt(x, w, &mut out, m, n, k);
+        } else {
+            matmul_xwt(x, w, &mut out, m, n, k);
+        }
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
@@ -100,6 +107,46 @@ pub fn matmul_xwt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: 
         // SAFETY: each call writes only columns j0..j1 of `out`, disjoint across calls;
         // the bounds were checked above.
         unsafe { rows_range(x, w, o.0, m, n, k, j0, j1) }
+    });
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` for many rows: gemm on each thread's columns.
+pub fn gemm_xwt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usize) {
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    // Two column blocks per thread, multiples of 16 (gemm's micro-tile width).
+    let block = n.div_ceil(threads::num_threads() * 2).div_ceil(16) * 16;
+    threads::parallel_chunks(n.div_ceil(block), 1, |blocks| {
+        let o = out_ptr;
+        for b in blocks {
+            let j0 = b * block;
+            let cols = block.min(n - j0);
+            // SAFETY: columns j0..j0+cols of `out` belong to this block alone; rhs is
+            // W's rows j0.. read as a [k, cols] matrix (row stride 1, column stride k).
+            unsafe {
+                gemm::gemm(
+                    m,
+                    cols,
+                    k,
+                    o.0.add(j0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr().add(j0 * k),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        }
     });
 }
 
@@ -218,12 +265,19 @@ mod avx2 {
         j1: usize,
     ) {
         let mut j = j0;
-        if m == 1 {
-            // One row of x: memory-bound; more W streams in flight per step.
-            while j + 6 <= j1 {
-                tile::<1, 6>(x, w, out, k, n, 0, j);
-                j += 6;
+        if m <= 3 {
+            // Memory-bound: read W strictly in order, one row at a time. The hardware
+            // prefetcher streams one sequence at about twice the rate it streams
+            // several rows interleaved (measured here: ~28 vs ~17 GB/s on one core).
+            while j < j1 {
+                match m {
+                    1 => tile::<1, 1>(x, w, out, k, n, 0, j),
+                    2 => tile::<2, 1>(x, w, out, k, n, 0, j),
+                    _ => tile::<3, 1>(x, w, out, k, n, 0, j),
+                }
+                j += 1;
             }
+            return;
         }
         while j + 3 <= j1 {
             column_tile::<3>(x, w, out, m, n, k, j);
@@ -252,6 +306,8 @@ mod tests {
             (5, 200, 576),
             (16, 100, 72),
             (64, 31, 17),
+            (65, 40, 24),
+            (300, 130, 576),
         ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();

@@ -211,8 +211,7 @@ fn sample_one(raw: &[f32], r: &RowSampling) -> Vec<u32> {
     let p = r.params;
     // Penalties and bans change a few entries: only then is the row copied.
     let adjusted;
-    let row: &[f32] = if r.seen.is_some() || r.output_counts.is_some() || !r.banned.is_empty()
-    {
+    let row: &[f32] = if r.seen.is_some() || r.output_counts.is_some() || !r.banned.is_empty() {
         let mut x = raw.to_vec();
         if let Some(seen) = r.seen {
             for &t in seen {
@@ -366,10 +365,7 @@ fn nucleus_head(row: &[f32], p: &SamplingParams, max_t: f32, sum: f32) -> Vec<(u
     let finite = row.iter().filter(|l| l.is_finite()).count();
     let mut k = 64.min(finite);
     loop {
-        let head: Vec<(u32, f32)> = top_n(row, k)
-            .into_iter()
-            .map(|(i, l)| (i, l / t))
-            .collect();
+        let head: Vec<(u32, f32)> = top_n(row, k).into_iter().map(|(i, l)| (i, l / t)).collect();
         if k >= finite {
             return head;
         }

@@ -495,7 +495,9 @@ impl Engine {
                 .filter_map(|id| by_id.remove(id).map(|a| a.sampler.row(eos)))
                 .collect();
             if rows.len() != sampled_ids.len() {
-                return Err(RuntimeError::Device("a scheduled sequence has no request".into()));
+                return Err(RuntimeError::Device(
+                    "a scheduled sequence has no request".into(),
+                ));
             }
             sample_rows(&logits, &rows)?
         };

@@ -28,7 +28,12 @@ impl KvCacheTensors {
         device: &Device,
     ) -> candle_core::Result<Self> {
         crate::paged_attention::check_supported(cfg.head_dim, block_size, device)?;
-        let shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim);
+        let shape = (
+            num_blocks,
+            block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| {
                 Ok((

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
 use crate::config::ModelConfig;
+use crate::cpu_ops::{self, Rope};
 use crate::kv_cache::KvCacheTensors;
 use crate::paged_attention::{paged_attention, AttentionMetadata};
 use crate::rope::RotaryTables;
@@ -111,12 +112,13 @@ fn linear(
     }
 }
 
-/// Per-step tensors shared by every layer.
+/// Per-step inputs shared by every layer.
 struct StepTensors<'a> {
-    cos: Tensor,
-    sin: Tensor,
-    /// Each new token's cache slot, repeated across a K/V row (for `scatter_set`).
-    slot_index: Tensor,
+    /// Host tables and positions for the CPU kernels (RoPE fused into the cache write).
+    rope: Rope<'a>,
+    /// Other devices and dtypes: the positions' cos/sin rows for candle's RoPE, and
+    /// each new token's slot repeated across a K/V row for `scatter_set`.
+    generic: Option<(Tensor, Tensor, Tensor)>,
     attention: &'a AttentionMetadata,
 }
 
@@ -219,60 +221,84 @@ impl Transformer {
         let t = batch.num_tokens();
         let dev = &self.device;
         let ids = Tensor::from_slice(&batch.token_ids, t, dev)?;
-        let positions = Tensor::from_slice(&batch.positions, t, dev)?;
-        let step = self.step_tensors(batch, &positions)?;
+        let step = self.step_tensors(batch)?;
         let mut x = self.embed_tokens.forward(&ids)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.attn.forward(&h, &step, cache, i)?;
-            let x1 = (residual + h)?;
-            let h = layer.post_attention_layernorm.forward(&x1)?;
-            let h = layer.mlp.forward(&h)?;
-            x = (x1 + h)?;
-        }
-        // Only the rows that get sampled go through the final norm and the LM head:
-        // a 2k-token prefill chunk needs one row of logits, not 2k.
-        let n = batch.logits_rows.len();
-        if n == 0 {
-            return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev);
-        }
-        let x = if n == t {
-            x
-        } else {
-            x.index_select(&Tensor::from_slice(&batch.logits_rows, n, dev)?, 0)?
+        let mut h = match self.layers.first() {
+            Some(l) => norm(&l.input_layernorm, &x)?,
+            None => x.clone(),
         };
-        let x = self.norm.forward(&x)?;
-        proj(&self.lm_head, &x)?.to_dtype(DType::F32)
+        let n_layers = self.layers.len();
+        let n = batch.logits_rows.len();
+        let rows = (n != t && n > 0)
+            .then(|| Tensor::from_slice(&batch.logits_rows, n, dev))
+            .transpose()?;
+        let select = |x: Tensor| match &rows {
+            Some(r) => x.index_select(r, 0),
+            None => Ok(x),
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.attn.forward(&h, &step, cache, i)?;
+            // Residual add and the next norm in one pass (cpu_ops.rs).
+            let (x1, h2) = add_norm(&x, &a, &layer.post_attention_layernorm)?;
+            let m = layer.mlp.forward(&h2)?;
+            if i + 1 < n_layers {
+                (x, h) = add_norm(&x1, &m, &self.layers[i + 1].input_layernorm)?;
+            } else {
+                // Only the rows that get sampled go through the final norm and the LM
+                // head: a 2k-token prefill chunk needs one row of logits, not 2k.
+                if n == 0 {
+                    return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev);
+                }
+                (_, h) = add_norm(&select(x1)?, &select(m)?, &self.norm)?;
+            }
+        }
+        if n_layers == 0 {
+            h = norm(&self.norm, &select(x)?)?;
+        }
+        proj(&self.lm_head, &h)?.to_dtype(DType::F32)
     }
 
-    fn step_tensors<'a>(
-        &self,
-        batch: &'a ForwardBatch,
-        positions: &Tensor,
-    ) -> candle_core::Result<StepTensors<'a>> {
-        let dev = &self.device;
-        let cos = self.rotary.cos.index_select(positions, 0)?.contiguous()?;
-        let sin = self.rotary.sin.index_select(positions, 0)?.contiguous()?;
-        let t = batch.num_tokens();
-        let width = self.cfg.num_key_value_heads * self.cfg.head_dim;
-        let slot_index = Tensor::from_slice(&batch.attention.slots, (t, 1), dev)?
-            .broadcast_as((t, width))?
-            .contiguous()?;
+    fn step_tensors<'a>(&'a self, batch: &'a ForwardBatch) -> candle_core::Result<StepTensors<'a>> {
+        let rope = Rope {
+            cos: &self.rotary.cos_host,
+            sin: &self.rotary.sin_host,
+            positions: &batch.positions,
+        };
+        let generic = if self.device.is_cpu() && self.dtype == DType::F32 {
+            None
+        } else {
+            let dev = &self.device;
+            let t = batch.num_tokens();
+            let positions = Tensor::from_slice(&batch.positions, t, dev)?;
+            let cos = self.rotary.cos.index_select(&positions, 0)?.contiguous()?;
+            let sin = self.rotary.sin.index_select(&positions, 0)?.contiguous()?;
+            let width = self.cfg.num_key_value_heads * self.cfg.head_dim;
+            let slot_index = Tensor::from_slice(&batch.attention.slots, (t, 1), dev)?
+                .broadcast_as((t, width))?
+                .contiguous()?;
+            Some((cos, sin, slot_index))
+        };
         Ok(StepTensors {
-            cos,
-            sin,
-            slot_index,
+            rope,
+            generic,
             attention: &batch.attention,
         })
     }
 }
 
+fn norm(n: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+    cpu_ops::rms_norm(x, n.weight(), n.eps())
+}
+
+fn add_norm(x: &Tensor, delta: &Tensor, n: &RmsNorm) -> candle_core::Result<(Tensor, Tensor)> {
+    cpu_ops::add_rms_norm(x, delta, n.weight(), n.eps())
+}
+
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&proj(&self.gate_proj, x)?)?;
+        let gate = proj(&self.gate_proj, x)?;
         let up = proj(&self.up_proj, x)?;
-        proj(&self.down_proj, &(gate * up)?)
+        proj(&self.down_proj, &cpu_ops::silu_mul(&gate, &up)?)
     }
 }
 
@@ -286,37 +312,42 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let t = x.dim(0)?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = proj(&self.q_proj, x)?.reshape((t, h, d))?;
-        let k = proj(&self.k_proj, x)?.reshape((t, kvh, d))?;
-        let v = proj(&self.v_proj, x)?;
-        let q = match &self.q_norm {
-            Some(n) => n.forward(&q.contiguous()?)?,
-            None => q,
-        };
-        let k = match &self.k_norm {
-            Some(n) => n.forward(&k.contiguous()?)?,
-            None => k,
-        };
-        let q =
-            candle_nn::rotary_emb::rope_thd(&q.contiguous()?.unsqueeze(0)?, &step.cos, &step.sin)?
-                .squeeze(0)?;
-        let k =
-            candle_nn::rotary_emb::rope_thd(&k.contiguous()?.unsqueeze(0)?, &step.cos, &step.sin)?
-                .squeeze(0)?;
-
-        // New keys and values go straight into their slots of the paged cache; the
-        // attention op then reads every key, old and new, where it lies.
+        let mut q = proj(&self.q_proj, x)?.reshape((t, h, d))?;
+        let mut k = proj(&self.k_proj, x)?.reshape((t, kvh, d))?;
+        let v = proj(&self.v_proj, x)?.reshape((t, kvh, d))?;
+        if let Some(n) = &self.q_norm {
+            q = norm(n, &q)?;
+        }
+        if let Some(n) = &self.k_norm {
+            k = norm(n, &k)?;
+        }
+        // New keys and values go straight into their slots of the paged cache (keys
+        // rotated on the way); the attention op then reads every key where it lies.
         let (k_cache, v_cache) = cache.layer(layer);
-        let slots = k_cache.elem_count() / (kvh * d);
-        k_cache
-            .reshape((slots, kvh * d))?
-            .scatter_set(&step.slot_index, &k.reshape((t, kvh * d))?, 0)?;
-        v_cache
-            .reshape((slots, kvh * d))?
-            .scatter_set(&step.slot_index, &v.contiguous()?, 0)?;
-
+        let slots = &step.attention.slots;
+        let q = match &step.generic {
+            None => {
+                cpu_ops::write_cache(k_cache, &k, slots, Some(step.rope), || unreachable_index())?;
+                cpu_ops::write_cache(v_cache, &v, slots, None, || unreachable_index())?;
+                cpu_ops::rope(&q, step.rope)?
+            }
+            Some((cos, sin, slot_index)) => {
+                let rope = |x: &Tensor| {
+                    candle_nn::rotary_emb::rope_thd(&x.contiguous()?.unsqueeze(0)?, cos, sin)?
+                        .squeeze(0)
+                };
+                cpu_ops::write_cache(k_cache, &rope(&k)?, slots, None, || Ok(slot_index.clone()))?;
+                cpu_ops::write_cache(v_cache, &v, slots, None, || Ok(slot_index.clone()))?;
+                rope(&q)?
+            }
+        };
         let scale = 1.0 / (d as f32).sqrt();
         let o = paged_attention(&q, k_cache, v_cache, step.attention, scale)?;
         proj(&self.o_proj, &o.reshape((t, h * d))?)
     }
+}
+
+/// The CPU f32 path never builds a slot-index tensor.
+fn unreachable_index() -> candle_core::Result<Tensor> {
+    candle_core::bail!("slot index requested on the CPU f32 path")
 }

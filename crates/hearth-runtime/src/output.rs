@@ -45,7 +45,10 @@ pub(crate) enum OutputMsg {
         id: SeqId,
     },
     /// One step's tokens, sampled at `at`.
-    Tokens { at: Instant, tokens: Vec<OutToken> },
+    Tokens {
+        at: Instant,
+        tokens: Vec<OutToken>,
+    },
     /// The engine ended the request (length, EOS, cancel, error).
     Finish {
         id: SeqId,

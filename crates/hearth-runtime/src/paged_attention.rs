@@ -317,11 +317,14 @@ unsafe fn run_item<T: Element>(
     it: Item,
     out: *mut T,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if threads::has_avx2_fma() {
-        return run_item_avx2(q, k, v, meta, dims, scale, it, out);
-    }
-    item_kernel::<T, NoFma>(q, k, v, meta, dims, scale, it, out)
+    SCRATCH.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        #[cfg(target_arch = "x86_64")]
+        if threads::has_avx2_fma() {
+            return run_item_avx2(q, k, v, meta, dims, scale, it, out, &mut scratch);
+        }
+        item_kernel::<T, NoFma>(q, k, v, meta, dims, scale, it, out, &mut scratch)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -336,8 +339,9 @@ unsafe fn run_item_avx2<T: Element>(
     scale: f32,
     it: Item,
     out: *mut T,
+    scratch: &mut Vec<f32>,
 ) {
-    item_kernel::<T, WithFma>(q, k, v, meta, dims, scale, it, out)
+    item_kernel::<T, WithFma>(q, k, v, meta, dims, scale, it, out, scratch)
 }
 
 /// `a * b + c`, fused where the CPU has FMA (`mul_add` without it calls libm).
@@ -386,11 +390,26 @@ pub(crate) fn dot<M: MulAdd>(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + s
 }
 
-/// `y += a * x`
+/// `acc += Σ_j p[j] · v[j]`, 16 lanes of `acc` held in registers across all keys.
 #[inline(always)]
-pub(crate) fn axpy<M: MulAdd>(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi = M::mul_add(a, *xi, *yi);
+unsafe fn accumulate_pv<M: MulAdd>(acc: &mut [f32], p: &[f32], v: &[*const f32], d: usize) {
+    let mut c = 0;
+    while c + LANES <= d {
+        let mut a = [0f32; LANES];
+        a.copy_from_slice(&acc[c..c + LANES]);
+        for (pj, vj) in p.iter().zip(v) {
+            let vr = std::slice::from_raw_parts(vj.add(c), LANES);
+            for i in 0..LANES {
+                a[i] = M::mul_add(*pj, vr[i], a[i]);
+            }
+        }
+        acc[c..c + LANES].copy_from_slice(&a);
+        c += LANES;
+    }
+    for i in c..d {
+        for (pj, vj) in p.iter().zip(v) {
+            acc[i] = M::mul_add(*pj, *vj.add(i), acc[i]);
+        }
     }
 }
 
@@ -405,6 +424,7 @@ unsafe fn item_kernel<T: Element, M: MulAdd>(
     scale: f32,
     it: Item,
     out: *mut T,
+    scratch: &mut Vec<f32>,
 ) {
     let Dims { h, kvh, d, bs } = dims;
     let g = h / kvh;
@@ -425,8 +445,7 @@ unsafe fn item_kernel<T: Element, M: MulAdd>(
     let kv_end = pos(rows - 1) + 1;
     let table = &meta.block_tables[s * meta.max_blocks..(s + 1) * meta.max_blocks];
 
-    SCRATCH.with(|cell| {
-        let mut scratch = cell.borrow_mut();
+    {
         let need = rows * d * 2 + rows * bs + rows * 2 + bs * d * 2;
         if scratch.len() < need {
             scratch.resize(need, 0.0);
@@ -476,36 +495,30 @@ unsafe fn item_kernel<T: Element, M: MulAdd>(
             }
             for r in 0..rows {
                 let p = pos(r);
-                let qr = &qbuf[r * d..(r + 1) * d];
-                let sr = &mut scores[r * bs..r * bs + nk];
                 let visible = (p + 1).saturating_sub(key0).min(nk);
-                let mut block_max = f32::NEG_INFINITY;
-                for j in 0..visible {
-                    let kr = std::slice::from_raw_parts(kp[j], d);
-                    let x = dot::<M>(qr, kr);
-                    sr[j] = x;
-                    block_max = block_max.max(x);
-                }
                 if visible == 0 {
                     continue;
                 }
+                let qr = &qbuf[r * d..(r + 1) * d];
+                let sr = &mut scores[r * bs..r * bs + visible];
+                for (j, x) in sr.iter_mut().enumerate() {
+                    *x = dot::<M>(qr, std::slice::from_raw_parts(kp[j], d));
+                }
+                let block_max = sr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let m_old = mstat[r];
                 let m_new = m_old.max(block_max);
                 let ar = &mut acc[r * d..(r + 1) * d];
                 if m_new > m_old && m_old != f32::NEG_INFINITY {
-                    let c = (m_old - m_new).exp();
+                    let c = crate::cpu_ops::exp(m_old - m_new);
                     lstat[r] *= c;
                     ar.iter_mut().for_each(|x| *x *= c);
                 }
                 mstat[r] = m_new;
-                let mut sum = 0f32;
-                for j in 0..visible {
-                    let pj = (sr[j] - m_new).exp();
-                    sum += pj;
-                    let vr = std::slice::from_raw_parts(vp[j], d);
-                    axpy::<M>(ar, pj, vr);
+                for x in sr.iter_mut() {
+                    *x = crate::cpu_ops::exp(*x - m_new);
                 }
-                lstat[r] += sum;
+                lstat[r] += sr.iter().sum::<f32>();
+                accumulate_pv::<M>(ar, sr, &vp[..visible], d);
             }
         }
         let mut tmp = [0f32; 512];
@@ -521,7 +534,7 @@ unsafe fn item_kernel<T: Element, M: MulAdd>(
             let dst = std::slice::from_raw_parts_mut(out.add((tok * h + head) * d), d);
             T::store(o, dst);
         }
-    });
+    }
 }
 
 /// Largest head dimension and block size the CPU kernel takes (its stack buffers).

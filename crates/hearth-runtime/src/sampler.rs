@@ -109,7 +109,10 @@ impl SamplingParams {
         if self.min_tokens > self.max_tokens {
             return Err(RuntimeError::invalid("min_tokens", "must be <= max_tokens"));
         }
-        if self.logprobs.is_some_and(|n| n > crate::device_sampler::MAX_TOP_LOGPROBS) {
+        if self
+            .logprobs
+            .is_some_and(|n| n > crate::device_sampler::MAX_TOP_LOGPROBS)
+        {
             return Err(RuntimeError::invalid(
                 "logprobs",
                 format!(

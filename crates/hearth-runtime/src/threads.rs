@@ -2,8 +2,10 @@
 //! matmul, which rediscovers the CPU count (cpu masks, `/proc/cpuinfo`) each time unless
 //! `RAYON_NUM_THREADS` is set; so the count is fixed here once, before the first op,
 //! and exported for candle, gemm's rayon pool and candle's barrier pool alike. hearth's
-//! own CPU kernels run on candle's persistent spin-barrier pool, as ggml runs every op
-//! on one pool: no per-op thread wake-up through a scheduler.
+//! own CPU kernels run on one persistent pool (pool.rs) whose workers spin briefly
+//! between ops, as ggml's do, so an op does not pay a thread wake-up.
+
+mod pool;
 
 use std::sync::OnceLock;
 
@@ -41,8 +43,9 @@ pub fn num_threads() -> usize {
     init()
 }
 
-/// Runs `f` over `0..n_items` in chunks on candle's barrier pool (the calling thread
-/// takes part). Falls back to the calling thread alone for tiny jobs.
+/// Runs `f` over `0..n_items`, in chunks of at least `min_chunk` items taken from a
+/// shared cursor by the calling thread and the pool's workers. Tiny jobs, nested calls
+/// and calls while another thread uses the pool run on the calling thread alone.
 pub fn parallel_chunks<F: Fn(std::ops::Range<usize>) + Sync>(
     n_items: usize,
     min_chunk: usize,
@@ -51,30 +54,14 @@ pub fn parallel_chunks<F: Fn(std::ops::Range<usize>) + Sync>(
     if n_items == 0 {
         return;
     }
-    if num_threads() <= 1 || n_items <= min_chunk.max(1) {
-        f(0..n_items);
-        return;
-    }
-    candle_core::utils::barrier_pool().execute_chunked(n_items, f);
-}
-
-/// Splits `0..n_items` into one contiguous range per thread, each a multiple of
-/// `align` (except the last): for memory-bound kernels whose threads stream disjoint
-/// rows.
-pub fn parallel_split<F: Fn(std::ops::Range<usize>) + Sync>(n_items: usize, align: usize, f: F) {
     let threads = num_threads();
-    let align = align.max(1);
-    if threads <= 1 || n_items <= align {
+    if threads <= 1 || n_items <= min_chunk.max(1) {
         f(0..n_items);
         return;
     }
-    let per = n_items.div_ceil(threads).div_ceil(align) * align;
-    candle_core::utils::barrier_pool().execute(|tid| {
-        let start = tid * per;
-        if start < n_items {
-            f(start..n_items.min(start + per));
-        }
-    });
+    // ~4 grabs per thread: stragglers are absorbed, the cursor is not hammered.
+    let chunk = n_items.div_ceil(threads * 4).max(min_chunk).max(1);
+    pool::get(threads).run(n_items, chunk, &f);
 }
 
 /// Whether the AVX2 + FMA kernels can run here (checked once).

@@ -281,6 +281,16 @@ mod avx2 {
         k: usize,
         j: usize,
     ) {
+        // The NR rows of a tile are read as NR interleaved streams, which the hardware
+        // prefetcher follows poorly; fetch the tile after next (one contiguous run of W)
+        // while this one is computed.
+        let ahead = (j + 2 * NR).min(n) * k;
+        let end = (j + 3 * NR).min(n) * k;
+        let mut at = ahead;
+        while at < end {
+            _mm_prefetch(w.add(at).cast::<i8>(), _MM_HINT_T0);
+            at += 16;
+        }
         let mut i = 0;
         while i + 4 <= m {
             tile::<4, NR>(x, w, out, k, n, i, j);

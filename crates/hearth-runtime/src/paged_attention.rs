@@ -20,6 +20,9 @@ use half::{bf16, f16};
 
 use crate::threads;
 
+mod kernel;
+use kernel::BlockMath;
+
 /// Queries per CPU work item: with GQA 3 that is 48 rows of scores and accumulators,
 /// which stay in L1 next to one block of keys and values.
 const QUERY_TILE: usize = 16;
@@ -320,102 +323,50 @@ unsafe fn run_item<T: Element>(
     SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
         #[cfg(target_arch = "x86_64")]
-        if threads::has_avx2_fma() {
-            return run_item_avx2(q, k, v, meta, dims, scale, it, out, &mut scratch);
+        if threads::has_avx2_fma() && dims.d % 8 == 0 {
+            return item_kernel::<T, kernel::Avx2>(
+                q,
+                k,
+                v,
+                meta,
+                dims,
+                scale,
+                it,
+                out,
+                &mut scratch,
+            );
         }
-        item_kernel::<T, NoFma>(q, k, v, meta, dims, scale, it, out, &mut scratch)
+        item_kernel::<T, kernel::Scalar>(q, k, v, meta, dims, scale, it, out, &mut scratch)
     })
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn run_item_avx2<T: Element>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    meta: &AttentionMetadata,
-    dims: Dims,
-    scale: f32,
-    it: Item,
-    out: *mut T,
-    scratch: &mut Vec<f32>,
-) {
-    item_kernel::<T, WithFma>(q, k, v, meta, dims, scale, it, out, scratch)
-}
-
-/// `a * b + c`, fused where the CPU has FMA (`mul_add` without it calls libm).
-pub(crate) trait MulAdd {
-    fn mul_add(a: f32, b: f32, c: f32) -> f32;
-}
-pub(crate) struct WithFma;
-pub(crate) struct NoFma;
-impl MulAdd for WithFma {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
-}
-impl MulAdd for NoFma {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a * b + c
-    }
-}
-
-const LANES: usize = 16;
-
+/// Prefetches `n` key and value rows of `d` elements, `stride` apart from `base`.
 #[inline(always)]
-pub(crate) fn dot<M: MulAdd>(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let mut acc = [0f32; LANES];
-    let whole = n / LANES * LANES;
-    for (ca, cb) in a[..whole]
-        .chunks_exact(LANES)
-        .zip(b[..whole].chunks_exact(LANES))
+fn prefetch_rows<T>(k: &[T], v: &[T], base: usize, stride: usize, d: usize, n: usize) {
+    #[cfg(target_arch = "x86_64")]
     {
-        for i in 0..LANES {
-            acc[i] = M::mul_add(ca[i], cb[i], acc[i]);
-        }
-    }
-    let mut s = 0f32;
-    for i in whole..n {
-        s = M::mul_add(a[i], b[i], s);
-    }
-    for half in [8, 4, 2, 1] {
-        for i in 0..half {
-            acc[i] += acc[i + half];
-        }
-    }
-    acc[0] + s
-}
-
-/// `acc += Σ_j p[j] · v[j]`, 16 lanes of `acc` held in registers across all keys.
-#[inline(always)]
-unsafe fn accumulate_pv<M: MulAdd>(acc: &mut [f32], p: &[f32], v: &[*const f32], d: usize) {
-    let mut c = 0;
-    while c + LANES <= d {
-        let mut a = [0f32; LANES];
-        a.copy_from_slice(&acc[c..c + LANES]);
-        for (pj, vj) in p.iter().zip(v) {
-            let vr = std::slice::from_raw_parts(vj.add(c), LANES);
-            for i in 0..LANES {
-                a[i] = M::mul_add(*pj, vr[i], a[i]);
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = d * std::mem::size_of::<T>();
+        for j in 0..n {
+            let at = base + j * stride;
+            if at + d > k.len() || at + d > v.len() {
+                return;
+            }
+            for off in (0..bytes).step_by(64) {
+                // SAFETY: prefetching is a hint; the addresses are inside the caches.
+                unsafe {
+                    _mm_prefetch(k.as_ptr().add(at).cast::<i8>().add(off), _MM_HINT_T0);
+                    _mm_prefetch(v.as_ptr().add(at).cast::<i8>().add(off), _MM_HINT_T0);
+                }
             }
         }
-        acc[c..c + LANES].copy_from_slice(&a);
-        c += LANES;
     }
-    for i in c..d {
-        for (pj, vj) in p.iter().zip(v) {
-            acc[i] = M::mul_add(*pj, *vj.add(i), acc[i]);
-        }
-    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (k, v, base, stride, d, n);
 }
 
-#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn item_kernel<T: Element, M: MulAdd>(
+unsafe fn item_kernel<T: Element, M: BlockMath>(
     q: &[T],
     k: &[T],
     v: &[T],
@@ -437,103 +388,106 @@ unsafe fn item_kernel<T: Element, M: MulAdd>(
     let seq_len = meta.seq_lens[s] as usize;
     let first_pos = seq_len - (qs1 - qs0);
     let (t0, t1) = (it.q_begin as usize, it.q_end as usize);
-    let nq = t1 - t0;
-    let rows = nq * g;
+    let rows = (t1 - t0) * g;
     // Row r is query token t0 + r / g, head kv_head * g + r % g; its position decides
     // which keys it sees.
     let pos = |r: usize| first_pos + (t0 - qs0) + r / g;
     let kv_end = pos(rows - 1) + 1;
     let table = &meta.block_tables[s * meta.max_blocks..(s + 1) * meta.max_blocks];
 
-    {
-        let need = rows * d * 2 + rows * bs + rows * 2 + bs * d * 2;
-        if scratch.len() < need {
-            scratch.resize(need, 0.0);
-        }
-        let (qbuf, rest) = scratch.split_at_mut(rows * d);
-        let (acc, rest) = rest.split_at_mut(rows * d);
-        let (scores, rest) = rest.split_at_mut(rows * bs);
-        let (mstat, rest) = rest.split_at_mut(rows);
-        let (lstat, rest) = rest.split_at_mut(rows);
-        let (kbuf, rest) = rest.split_at_mut(bs * d);
-        let vbuf = &mut rest[..bs * d];
+    let need = rows * d * 2 + rows * bs + rows * 2 + bs * d * 2 + d;
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    let (qbuf, rest) = scratch.split_at_mut(rows * d);
+    let (acc, rest) = rest.split_at_mut(rows * d);
+    let (scores, rest) = rest.split_at_mut(rows * bs);
+    let (mstat, rest) = rest.split_at_mut(rows);
+    let (lstat, rest) = rest.split_at_mut(rows);
+    let (kbuf, rest) = rest.split_at_mut(bs * d);
+    let (vbuf, rest) = rest.split_at_mut(bs * d);
+    let tmp = &mut rest[..d];
 
-        for r in 0..rows {
-            let tok = t0 + r / g;
-            let head = kv_head * g + r % g;
-            let src = &q[(tok * h + head) * d..][..d];
-            let dst = &mut qbuf[r * d..(r + 1) * d];
-            T::load(src, dst);
-            dst.iter_mut().for_each(|x| *x *= scale);
-        }
-        acc[..rows * d].fill(0.0);
-        mstat.fill(f32::NEG_INFINITY);
-        lstat.fill(0.0);
+    for r in 0..rows {
+        let tok = t0 + r / g;
+        let head = kv_head * g + r % g;
+        let dst = &mut qbuf[r * d..(r + 1) * d];
+        T::load(&q[(tok * h + head) * d..][..d], dst);
+        dst.iter_mut().for_each(|x| *x *= scale);
+    }
+    acc.fill(0.0);
+    mstat.fill(f32::NEG_INFINITY);
+    lstat.fill(0.0);
 
-        let row_stride = kvh * d;
-        let n_blocks = kv_end.div_ceil(bs);
-        for (b, &block) in table.iter().enumerate().take(n_blocks) {
-            let key0 = b * bs;
-            let nk = bs.min(kv_end - key0);
-            let base = (block as usize * bs * kvh + kv_head) * d;
-            // Rows of this block for this kv head: stride kvh * d apart.
-            let key_row = |j: usize, src: &[T], buf: &mut [f32]| -> *const f32 {
-                let row = &src[base + j * row_stride..][..d];
-                match T::as_f32(row) {
-                    Some(f) => f.as_ptr(),
-                    None => {
-                        T::load(row, &mut buf[j * d..(j + 1) * d]);
-                        buf[j * d..].as_ptr()
-                    }
+    let row_stride = kvh * d;
+    let mut kp = [std::ptr::null::<f32>(); MAX_BLOCK_SIZE];
+    let mut vp = [std::ptr::null::<f32>(); MAX_BLOCK_SIZE];
+    let n_blocks = kv_end.div_ceil(bs);
+    for (b, &block) in table.iter().enumerate().take(n_blocks) {
+        let key0 = b * bs;
+        let nk = bs.min(kv_end - key0);
+        // Blocks are scattered through the cache, so the hardware prefetcher cannot see
+        // the next one coming: ask for it (two ahead) while this one is computed.
+        if let Some(&ahead) = table[..n_blocks].get(b + 2) {
+            let base = (ahead as usize * bs * kvh + kv_head) * d;
+            prefetch_rows(k, v, base, row_stride, d, bs.min(kv_end - (b + 2) * bs));
+        }
+        // This kv head's rows of the block, kv_heads · head_dim apart; f32 caches are
+        // read in place, half-precision ones converted once per block.
+        let base = (block as usize * bs * kvh + kv_head) * d;
+        for j in 0..nk {
+            let (kr, vr) = (
+                &k[base + j * row_stride..][..d],
+                &v[base + j * row_stride..][..d],
+            );
+            kp[j] = match T::as_f32(kr) {
+                Some(f) => f.as_ptr(),
+                None => {
+                    T::load(kr, &mut kbuf[j * d..(j + 1) * d]);
+                    kbuf[j * d..].as_ptr()
                 }
             };
-            let mut kp = [std::ptr::null::<f32>(); 64];
-            let mut vp = [std::ptr::null::<f32>(); 64];
-            for j in 0..nk {
-                kp[j] = key_row(j, k, kbuf);
-                vp[j] = key_row(j, v, vbuf);
-            }
-            for r in 0..rows {
-                let p = pos(r);
-                let visible = (p + 1).saturating_sub(key0).min(nk);
-                if visible == 0 {
-                    continue;
+            vp[j] = match T::as_f32(vr) {
+                Some(f) => f.as_ptr(),
+                None => {
+                    T::load(vr, &mut vbuf[j * d..(j + 1) * d]);
+                    vbuf[j * d..].as_ptr()
                 }
-                let qr = &qbuf[r * d..(r + 1) * d];
-                let sr = &mut scores[r * bs..r * bs + visible];
-                for (j, x) in sr.iter_mut().enumerate() {
-                    *x = dot::<M>(qr, std::slice::from_raw_parts(kp[j], d));
-                }
-                let block_max = sr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let m_old = mstat[r];
-                let m_new = m_old.max(block_max);
-                let ar = &mut acc[r * d..(r + 1) * d];
-                if m_new > m_old && m_old != f32::NEG_INFINITY {
-                    let c = crate::cpu_ops::exp(m_old - m_new);
-                    lstat[r] *= c;
-                    ar.iter_mut().for_each(|x| *x *= c);
-                }
-                mstat[r] = m_new;
-                for x in sr.iter_mut() {
-                    *x = crate::cpu_ops::exp(*x - m_new);
-                }
-                lstat[r] += sr.iter().sum::<f32>();
-                accumulate_pv::<M>(ar, sr, &vp[..visible], d);
-            }
+            };
         }
-        let mut tmp = [0f32; 512];
+        M::scores(qbuf, rows, d, &kp[..nk], scores, bs);
         for r in 0..rows {
-            let tok = t0 + r / g;
-            let head = kv_head * g + r % g;
-            let inv = 1.0 / lstat[r];
-            let ar = &acc[r * d..(r + 1) * d];
-            let o = &mut tmp[..d];
-            for (x, a) in o.iter_mut().zip(ar) {
-                *x = a * inv;
+            let sr = &mut scores[r * bs..r * bs + nk];
+            let visible = (pos(r) + 1).saturating_sub(key0).min(nk);
+            let block_max = sr[..visible]
+                .iter()
+                .cloned()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let m_old = mstat[r];
+            let m_new = m_old.max(block_max);
+            if m_new > m_old && m_old != f32::NEG_INFINITY {
+                let c = crate::cpu_ops::exp(m_old - m_new);
+                lstat[r] *= c;
+                acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= c);
             }
-            let dst = std::slice::from_raw_parts_mut(out.add((tok * h + head) * d), d);
-            T::store(o, dst);
+            mstat[r] = m_new;
+            if visible > 0 {
+                lstat[r] += M::exp_sum(&mut sr[..visible], m_new);
+            }
+            // Keys past this row's position weigh nothing.
+            sr[visible..].fill(0.0);
         }
+        M::pv(acc, scores, rows, bs, &vp[..nk], d);
+    }
+    for r in 0..rows {
+        let tok = t0 + r / g;
+        let head = kv_head * g + r % g;
+        let inv = 1.0 / lstat[r];
+        for (x, a) in tmp.iter_mut().zip(&acc[r * d..(r + 1) * d]) {
+            *x = a * inv;
+        }
+        let dst = std::slice::from_raw_parts_mut(out.add((tok * h + head) * d), d);
+        T::store(tmp, dst);
     }
 }
 

@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// API token for --url.
     #[arg(long, env = "REPLICATE_API_TOKEN")]
     pub api_token: Option<String>,
+    /// With --url: the API the server speaks. `replicate` (hearth) creates predictions;
+    /// `llama-cpp` streams llama.cpp's `POST /completion`, so one workload measures both.
+    #[arg(long, default_value = "replicate", value_parser = ["replicate", "llama-cpp"])]
+    pub api: String,
     /// With --url: the local model whose tokenizer turns random token ids into prompt text.
     #[arg(long, default_value = "demo")]
     pub tokenizer: String,
@@ -284,6 +288,60 @@ struct HttpTarget {
     base: String,
     model: String,
     token: Option<String>,
+    llama_cpp: bool,
+}
+
+/// Streams llama-server's `/completion` (greedy, EOS ignored, no prompt cache reuse);
+/// token counts come from its last event.
+async fn llama_cpp_request(
+    t: Arc<HttpTarget>,
+    prompt: String,
+    output_len: usize,
+) -> anyhow::Result<RequestResult> {
+    use futures_util::StreamExt;
+    let body = serde_json::json!({
+        "prompt": prompt, "n_predict": output_len, "ignore_eos": true, "temperature": 0,
+        "stream": true, "cache_prompt": false,
+    });
+    let start = Instant::now();
+    let resp = t
+        .client
+        .post(format!("{}/completion", t.base))
+        .json(&body)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("completion: HTTP {}", resp.status());
+    }
+    let mut r = RequestResult::default();
+    let (mut chunks, mut last, mut buf) = (0usize, start, String::new());
+    let mut body = resp.bytes_stream();
+    'read: while let Some(bytes) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&bytes?));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(data)?;
+            if v["stop"].as_bool() == Some(true) {
+                r.ok = true;
+                r.output_tokens = v["tokens_predicted"].as_u64().unwrap_or(chunks as u64) as usize;
+                r.prompt_len = v["tokens_evaluated"].as_u64().unwrap_or(0) as usize;
+                break 'read;
+            }
+            let now = Instant::now();
+            if chunks == 0 {
+                r.ttft = (now - start).as_secs_f64();
+            } else {
+                r.itls.push((now - last).as_secs_f64());
+            }
+            last = now;
+            chunks += 1;
+        }
+    }
+    r.e2e = start.elapsed().as_secs_f64();
+    Ok(r)
 }
 
 /// Creates a prediction and reads its SSE stream, timing chunks as a client sees
@@ -425,6 +483,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                     .to_string(),
                 model: a.model.model.clone(),
                 token: a.api_token.clone(),
+                llama_cpp: a.api == "llama-cpp",
             };
             (None, Some(Arc::new(target)), work)
         }
@@ -460,7 +519,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 let r = match (prompt, engine, http) {
                     (Prompt::Tokens(p), Some(e), _) => offline_request(e, p, out_len).await,
                     (Prompt::Text(p, _), _, Some(h)) => {
-                        http_request(h, p, out_len).await.unwrap_or_else(|e| {
+                        let r = if h.llama_cpp {
+                            llama_cpp_request(h, p, out_len).await
+                        } else {
+                            http_request(h, p, out_len).await
+                        };
+                        r.unwrap_or_else(|e| {
                             tracing::warn!(error = %e, "request failed");
                             RequestResult {
                                 prompt_len: len,
@@ -498,7 +562,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .collect();
     let steps = stats.steps.saturating_sub(steps_before);
     let report = Report {
-        backend: if a.url.is_some() { "http" } else { "offline" },
+        backend: match (&a.url, a.api.as_str()) {
+            (None, _) => "offline",
+            (Some(_), "llama-cpp") => "llama-cpp",
+            (Some(_), _) => "http",
+        },
         model: a.model.model.clone(),
         num_prompts: n,
         max_concurrency: concurrency,

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Thread;
 
-/// Spins before a worker parks: tens of microseconds, more than the gap between two
-/// ops of a step.
-const SPINS_BEFORE_PARK: u32 = 1 << 16;
+/// How long a worker spins for the next job before it parks: longer than the gap
+/// between two ops of a decode step on an idle machine, short enough that a worker
+/// sharing its core with the caller (a loaded machine) gives the core back soon.
+const SPIN_BEFORE_PARK: std::time::Duration = std::time::Duration::from_micros(40);
 
 type ChunkFn<'a> = dyn Fn(std::ops::Range<usize>) + Sync + 'a;
 
@@ -146,9 +147,10 @@ impl Pool {
         let mut spins = 0u32;
         while sh.active.load(Ordering::Acquire) != 0 {
             spins += 1;
-            if spins < 1 << 12 {
+            if spins < 256 {
                 std::hint::spin_loop();
             } else {
+                // A joined worker may have lost its core to another process.
                 std::thread::yield_now();
             }
         }
@@ -166,14 +168,15 @@ fn worker(sh: &Shared) {
     let mut seen = sh.generation.load(Ordering::SeqCst);
     loop {
         let mut spins = 0u32;
+        let mut since = std::time::Instant::now();
         loop {
             let g = sh.generation.load(Ordering::Acquire);
             if g != seen {
                 seen = g;
                 break;
             }
-            spins += 1;
-            if spins < SPINS_BEFORE_PARK {
+            spins = spins.wrapping_add(1);
+            if spins % 64 != 0 || since.elapsed() < SPIN_BEFORE_PARK {
                 std::hint::spin_loop();
             } else {
                 sh.sleepers.fetch_add(1, Ordering::SeqCst);
@@ -181,7 +184,7 @@ fn worker(sh: &Shared) {
                     std::thread::park();
                 }
                 sh.sleepers.fetch_sub(1, Ordering::SeqCst);
-                spins = 0;
+                since = std::time::Instant::now();
             }
         }
         let job = {

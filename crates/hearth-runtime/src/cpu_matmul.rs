@@ -203,8 +203,19 @@ mod avx2 {
     ) {
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         let kv = k & !7;
+        // The NR rows of W are read as NR interleaved streams, which the hardware
+        // prefetcher follows poorly: the first row tile also prefetches the next W
+        // tile (one contiguous run), a line per step, spread over the loop.
+        let next = if i0 == 0 && j0 + 2 * NR <= n {
+            w.add((j0 + NR) * k)
+        } else {
+            std::ptr::null()
+        };
         let mut p = 0;
         while p < kv {
+            if !next.is_null() {
+                _mm_prefetch(next.add(p * NR).cast::<i8>(), _MM_HINT_T0);
+            }
             let mut wv = [_mm256_setzero_ps(); NR];
             for (j, v) in wv.iter_mut().enumerate() {
                 *v = _mm256_loadu_ps(w.add((j0 + j) * k + p));
@@ -281,16 +292,6 @@ mod avx2 {
         k: usize,
         j: usize,
     ) {
-        // The NR rows of a tile are read as NR interleaved streams, which the hardware
-        // prefetcher follows poorly; fetch the tile after next (one contiguous run of W)
-        // while this one is computed.
-        let ahead = (j + 2 * NR).min(n) * k;
-        let end = (j + 3 * NR).min(n) * k;
-        let mut at = ahead;
-        while at < end {
-            _mm_prefetch(w.add(at).cast::<i8>(), _MM_HINT_T0);
-            at += 16;
-        }
         let mut i = 0;
         while i + 4 <= m {
             tile::<4, NR>(x, w, out, k, n, i, j);

@@ -10,8 +10,8 @@
 //!
 //! CPU: work items are (sequence, kv-head, tile of ≤ 16 queries), spread over candle's
 //! barrier pool; the query heads of a GQA group share each key and value row they load.
-//! CUDA: `cuda_fwd` is where a paged kernel slots in (see README); without one the op
-//! reports that it has no CUDA implementation.
+//! CUDA (feature `cuda`): hearth's own kernel (kernels/paged_attention.cu), one thread
+//! block per (token, kv head), with this CPU op as its reference.
 
 use std::cell::RefCell;
 
@@ -20,6 +20,8 @@ use half::{bf16, f16};
 
 use crate::threads;
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod kernel;
 use kernel::BlockMath;
 
@@ -42,6 +44,9 @@ pub struct AttentionMetadata {
     pub block_size: usize,
     /// Cache slot (`block * block_size + offset`) of each new token.
     pub slots: Vec<u32>,
+    /// The same metadata on the GPU, uploaded by the first layer that needs it.
+    #[cfg(feature = "cuda")]
+    pub(crate) device: cuda::DeviceCache,
 }
 
 impl AttentionMetadata {

@@ -2,6 +2,8 @@
 //! on random ragged batches: GQA ratios 1, 3, 4, 8; head_dim 64 and 128; block sizes
 //! 16 and 32; decodes and prefill chunks in one call; contexts crossing block
 //! boundaries up to 4,096+ keys; blocks scattered through the cache; f32, f16, bf16.
+//! With HEARTH_TEST_DEVICE=cuda (scripts/gpu-tests.sh) every case also runs on the GPU
+//! against the same reference.
 
 use candle_core::{DType, Device, Tensor};
 use hearth_runtime::paged_attention::{paged_attention, AttentionMetadata};
@@ -110,19 +112,29 @@ fn reference(c: &Case, b: &Built) -> Vec<f32> {
     out
 }
 
-fn run_op(c: &Case, b: &Built, dtype: DType) -> Vec<f32> {
-    let dev = Device::Cpu;
+/// The devices to check: the CPU always, the GPU too when the tests run there.
+fn devices() -> Vec<Device> {
+    let mut d = vec![Device::Cpu];
+    if let Ok(spec) = std::env::var("HEARTH_TEST_DEVICE") {
+        if spec.starts_with("cuda") {
+            d.push(hearth_runtime::device::select_device(&spec).expect("the test device"));
+        }
+    }
+    d
+}
+
+fn run_op(c: &Case, b: &Built, dtype: DType, dev: &Device) -> Vec<f32> {
     let t = b.meta.num_tokens();
     let shape = (b.num_blocks, c.block_size, c.kv_heads, c.head_dim);
-    let q = Tensor::from_slice(&b.q, (t, c.heads, c.head_dim), &dev)
+    let q = Tensor::from_slice(&b.q, (t, c.heads, c.head_dim), dev)
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
-    let k = Tensor::from_slice(&b.k_cache, shape, &dev)
+    let k = Tensor::from_slice(&b.k_cache, shape, dev)
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
-    let v = Tensor::from_slice(&b.v_cache, shape, &dev)
+    let v = Tensor::from_slice(&b.v_cache, shape, dev)
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
@@ -150,18 +162,20 @@ fn check(c: &Case, seed: u64, dtypes: &[(DType, f32)]) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let b = build(c, &mut rng);
     let want = reference(c, &b);
-    for &(dtype, tol) in dtypes {
-        let got = run_op(c, &b, dtype);
-        let diff = max_diff(&got, &want);
-        assert!(
+    for dev in devices() {
+        for &(dtype, tol) in dtypes {
+            let got = run_op(c, &b, dtype, &dev);
+            let diff = max_diff(&got, &want);
+            assert!(
             diff < tol,
-            "{dtype:?} heads {}/{} d {} bs {} seqs {:?}: max diff {diff} (tolerance {tol})",
+            "{dev:?} {dtype:?} heads {}/{} d {} bs {} seqs {:?}: max diff {diff} (tolerance {tol})",
             c.heads,
             c.kv_heads,
             c.head_dim,
             c.block_size,
             c.seqs
         );
+        }
     }
 }
 

@@ -106,8 +106,11 @@ loads=(
 for load in "${loads[@]}"; do
   label=${load%%:*}; set -- ${load#*:}
   for i in $(seq "$repeat"); do
-    echo "$label|hearth|$(run replicate "$@")" >>"$tmp/rows"
-    echo "$label|llama|$(run llama-cpp "$@")" >>"$tmp/rows"
+    # The 1-minute load average before each run: other work on the machine slows
+    # both engines, llama.cpp's spinning thread pool the most; compare only runs
+    # taken at a similar load.
+    echo "$label|hearth|$(cut -d' ' -f1 /proc/loadavg)|$(run replicate "$@")" >>"$tmp/rows"
+    echo "$label|llama|$(cut -d' ' -f1 /proc/loadavg)|$(run llama-cpp "$@")" >>"$tmp/rows"
   done
   tail -n 2 "$tmp/rows" >&2
 done
@@ -116,11 +119,13 @@ done
 import json, sys, datetime, platform, collections, os
 rows, results, threads, repeat = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 runs = collections.defaultdict(lambda: collections.defaultdict(list))
+loads = collections.defaultdict(list)
 for line in open(rows):
-    label, engine, js = line.rstrip("\n").split("|", 2)
+    label, engine, load, js = line.rstrip("\n").split("|", 3)
     if not js:
         sys.exit(f"vs-llama-cpp: the {engine} run of '{label}' produced no result")
     runs[label][engine].append(json.loads(js))
+    loads[label].append(float(load))
 def mean(xs): return sum(xs) / len(xs)
 def m(label, engine, key): return mean([r[key] for r in runs[label][engine]])
 cpu = "unknown CPU"
@@ -134,13 +139,13 @@ out.append(f"`bash benches/vs-llama-cpp.sh` (THREADS={threads}, REPEAT={repeat};
            "SmolLM2-135M-Instruct dequantized to f32 for both, llama-server `-t {0} -np 16`, hearth "
            "`serve --no-prefix-caching --max-num-seqs 16`, same prompts over HTTP, greedy, EOS ignored; "
            "greedy outputs equal on 5 of 5 prompts.\n".format(threads))
-out.append("| load | hearth output tok/s | llama.cpp output tok/s | **ratio** | hearth TTFT p50 | llama.cpp TTFT p50 | hearth TPOT p50 | llama.cpp TPOT p50 |")
-out.append("|---|---|---|---|---|---|---|---|")
+out.append("| load | hearth output tok/s | llama.cpp output tok/s | **ratio** | hearth TTFT p50 | llama.cpp TTFT p50 | hearth TPOT p50 | llama.cpp TPOT p50 | load avg before runs |")
+out.append("|---|---|---|---|---|---|---|---|---|")
 for label in runs:
     h, l = m(label, "hearth", "output_throughput"), m(label, "llama", "output_throughput")
     out.append(f"| {label} | {h:.1f} | {l:.1f} | **{h / l:.2f}×** | {m(label,'hearth','median_ttft_ms'):.0f} ms | "
                f"{m(label,'llama','median_ttft_ms'):.0f} ms | {m(label,'hearth','median_tpot_ms'):.1f} ms | "
-               f"{m(label,'llama','median_tpot_ms'):.1f} ms |")
+               f"{m(label,'llama','median_tpot_ms'):.1f} ms | {min(loads[label]):.1f}–{max(loads[label]):.1f} |")
 if "TPOT ctx 128" in runs and "TPOT ctx 1900" in runs:
     for e, name in (("hearth", "hearth"), ("llama", "llama.cpp")):
         a, b = m("TPOT ctx 128", e, "median_tpot_ms"), m("TPOT ctx 1900", e, "median_tpot_ms")

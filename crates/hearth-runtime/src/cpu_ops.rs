@@ -34,6 +34,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Through a method, so closures capture the Sync wrapper, not the raw pointer.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Runs `f(row_range, out)` over rows of width `w`, in parallel for many rows.
 fn for_rows(
     rows: usize,
@@ -47,9 +54,8 @@ fn for_rows(
     }
     let p = OutPtr(out.as_mut_ptr());
     threads::parallel_chunks(rows, 8, |r| {
-        let p = p;
         // SAFETY: each chunk writes only its own rows.
-        let o = unsafe { std::slice::from_raw_parts_mut(p.0.add(r.start * w), r.len() * w) };
+        let o = unsafe { std::slice::from_raw_parts_mut(p.get().add(r.start * w), r.len() * w) };
         f(r, o)
     });
 }
@@ -188,14 +194,13 @@ impl CustomOp3 for AddRmsNorm {
         let (sums, normed) = out.split_at_mut(n);
         let np = OutPtr(normed.as_mut_ptr());
         for_rows(rows, h, sums, |r, s| {
-            let np = np;
             for (i, row) in r.enumerate() {
                 let sr = &mut s[i * h..(i + 1) * h];
                 for ((o, a), b) in sr.iter_mut().zip(&x[row * h..]).zip(&d[row * h..]) {
                     *o = a + b;
                 }
                 // SAFETY: row `row` of the normalised half is this iteration's alone.
-                let nr = unsafe { std::slice::from_raw_parts_mut(np.0.add(row * h), h) };
+                let nr = unsafe { std::slice::from_raw_parts_mut(np.get().add(row * h), h) };
                 norm_row(sr, w, self.eps, nr);
             }
         });
@@ -298,7 +303,7 @@ impl Rope<'_> {
     fn check(&self, t: usize, d: usize) -> Result<()> {
         let half = d / 2;
         let max = self.positions.iter().max().copied().unwrap_or(0) as usize;
-        if self.positions.len() != t || d % 2 != 0 || (max + 1) * half > self.cos.len() {
+        if self.positions.len() != t || !d.is_multiple_of(2) || (max + 1) * half > self.cos.len() {
             candle_core::bail!(
                 "rope: {t} tokens, {} positions (max {max}), head_dim {d}, table of {}",
                 self.positions.len(),

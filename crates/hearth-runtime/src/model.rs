@@ -327,8 +327,8 @@ impl Attention {
         let slots = &step.attention.slots;
         let q = match &step.generic {
             None => {
-                cpu_ops::write_cache(k_cache, &k, slots, Some(step.rope), || unreachable_index())?;
-                cpu_ops::write_cache(v_cache, &v, slots, None, || unreachable_index())?;
+                cpu_ops::write_cache(k_cache, &k, slots, Some(step.rope), unreachable_index)?;
+                cpu_ops::write_cache(v_cache, &v, slots, None, unreachable_index)?;
                 cpu_ops::rope(&q, step.rope)?
             }
             Some((cos, sin, slot_index)) => {

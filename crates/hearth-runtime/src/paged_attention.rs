@@ -328,7 +328,7 @@ unsafe fn run_item<T: Element>(
     SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
         #[cfg(target_arch = "x86_64")]
-        if threads::has_avx2_fma() && dims.d % 8 == 0 {
+        if threads::has_avx2_fma() && dims.d.is_multiple_of(8) {
             return item_kernel::<T, kernel::Avx2>(
                 q,
                 k,

@@ -176,7 +176,7 @@ fn worker(sh: &Shared) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 != 0 || since.elapsed() < SPIN_BEFORE_PARK {
+            if !spins.is_multiple_of(64) || since.elapsed() < SPIN_BEFORE_PARK {
                 std::hint::spin_loop();
             } else {
                 sh.sleepers.fetch_add(1, Ordering::SeqCst);

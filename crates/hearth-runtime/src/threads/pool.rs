@@ -63,7 +63,23 @@ unsafe impl Sync for Shared {}
 pub(super) struct Pool {
     shared: Arc<Shared>,
     /// One caller at a time; others run their job alone rather than wait.
-    call: Mutex<()>,
+    call: Mutex<Adapt>,
+}
+
+/// Jobs run alone after the pool was seen stalling: about ten decode steps.
+const SOLO_JOBS: u32 = 2000;
+/// The caller's average wait for joined workers (seconds, moving average) past which
+/// the pool is taken to be stalling.
+const STALL_LIMIT_S: f32 = 250e-6;
+
+/// When the machine is oversubscribed, a worker that joined a job can lose its core
+/// for a scheduler time slice (milliseconds) and the caller waits for its chunk: then
+/// running alone is faster. The caller tracks how long it waits for joined workers
+/// after its own share is done and, past a threshold, runs jobs alone for a while.
+#[derive(Default)]
+struct Adapt {
+    stall: f32,
+    solo_left: u32,
 }
 
 thread_local! {
@@ -103,7 +119,7 @@ impl Pool {
         let _ = shared.threads.set(handles);
         Pool {
             shared,
-            call: Mutex::new(()),
+            call: Mutex::new(Adapt::default()),
         }
     }
 
@@ -112,9 +128,13 @@ impl Pool {
         if IN_POOL.with(|c| c.get()) {
             return inline();
         }
-        let Ok(_guard) = self.call.try_lock() else {
+        let Ok(mut adapt) = self.call.try_lock() else {
             return inline();
         };
+        if adapt.solo_left > 0 {
+            adapt.solo_left -= 1;
+            return inline();
+        }
         let sh = &*self.shared;
         let job = Job {
             cursor: AtomicUsize::new(0),
@@ -135,9 +155,11 @@ impl Pool {
                 t.unpark();
             }
         }
+        let started = std::time::Instant::now();
         IN_POOL.with(|c| c.set(true));
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| job.work()));
         IN_POOL.with(|c| c.set(false));
+        let worked = started.elapsed();
         {
             let mut slot = sh.slot.lock().unwrap_or_else(|e| e.into_inner());
             slot.open = false;
@@ -153,6 +175,15 @@ impl Pool {
                 // A joined worker may have lost its core to another process.
                 std::thread::yield_now();
             }
+        }
+        // A healthy chunk ends within tens of microseconds of the caller's last one;
+        // a preempted worker keeps the caller waiting for a time slice (milliseconds).
+        let waited = started.elapsed().saturating_sub(worked).as_secs_f32();
+        adapt.stall = 0.9 * adapt.stall + 0.1 * waited.min(0.02);
+        if adapt.stall > STALL_LIMIT_S {
+            tracing::debug!("CPU pool stalls on preempted workers; running jobs alone for a while");
+            adapt.stall = 0.0;
+            adapt.solo_left = SOLO_JOBS;
         }
         if let Err(p) = result {
             std::panic::resume_unwind(p);

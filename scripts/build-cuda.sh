@@ -38,13 +38,14 @@ trap 'rm -rf "$log" "$log.d"' EXIT
 # Equivalent to `cargo build --release --features cuda` followed by
 # `cargo test --release --features cuda -p hearth-runtime --no-run`.
 cargo build --release --features cuda -p hearth -p hearth-runtime \
-  --bin hearth --test goldens --test engine --message-format=json-render-diagnostics >"$log"
+  --bin hearth --test goldens --test engine --test paged_attention --message-format=json-render-diagnostics >"$log"
 
 mkdir -p "$log.d" "$B"
 python3 - "$log" "$log.d" <<'PY'
 import json, shutil, sys
 log, stage = sys.argv[1], sys.argv[2]
-want = {("bin", "hearth"): "hearth", ("test", "goldens"): "test-goldens", ("test", "engine"): "test-engine"}
+want = {("bin", "hearth"): "hearth", ("test", "goldens"): "test-goldens", ("test", "engine"): "test-engine",
+        ("test", "paged_attention"): "test-paged-attention"}
 found = {}
 for line in open(log):
     try:
@@ -75,16 +76,17 @@ done
 LD_LIBRARY_PATH=$ld "$log.d/hearth" --help >/dev/null
 LD_LIBRARY_PATH=$ld "$log.d/test-goldens" --list >/dev/null
 LD_LIBRARY_PATH=$ld "$log.d/test-engine" --list >/dev/null
+LD_LIBRARY_PATH=$ld "$log.d/test-paged-attention" --list >/dev/null
 rm -rf "$ld"
 
 rm -f "$B/bundle.tar.xz" "$B/hearth" "$B"/test-*
-tar -C "$log.d" -cf - hearth test-goldens test-engine | xz -9 -T0 >"$B/bundle.tar.xz"
+tar -C "$log.d" -cf - hearth test-goldens test-engine test-paged-attention | xz -9 -T0 >"$B/bundle.tar.xz"
 {
   echo "built $(date -u +%FT%TZ) on $(uname -n) from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates Cargo.toml Cargo.lock || echo ' + uncommitted changes in crates/')"
-  echo "cargo build --release --features cuda -p hearth -p hearth-runtime --bin hearth --test goldens --test engine"
+  echo "cargo build --release --features cuda -p hearth -p hearth-runtime --bin hearth --test goldens --test engine --test paged_attention"
   echo "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP nvcc: $(nvcc --version | grep -o 'release [0-9.]*')"
   echo "needs at run time: $(readelf -d "$log.d/hearth" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')"
-  (cd "$log.d" && for f in hearth test-goldens test-engine; do
+  (cd "$log.d" && for f in hearth test-goldens test-engine test-paged-attention; do
      echo "$(sha256sum "$f" | cut -c1-16)  $(stat -c %s "$f") bytes  $f"; done)
   echo "bundle.tar.xz: $(stat -c %s "$B/bundle.tar.xz") bytes"
 } >"$B/MANIFEST.txt"

@@ -84,6 +84,8 @@ grep -q HEARTH_FIXTURES "$BIN/test-goldens" ||
 run "goldens f32"  env HEARTH_TEST_DTYPE=f32  "$BIN/test-goldens" --test-threads 1
 run "engine f32"   env HEARTH_TEST_DTYPE=f32  "$BIN/test-engine"  --test-threads 1
 run "goldens bf16" env HEARTH_TEST_DTYPE=bf16 "$BIN/test-goldens" --test-threads 1
+# hearth's CUDA paged-attention kernel against the same float64 reference as the CPU op.
+[ -x "$BIN/test-paged-attention" ] && run "paged attention (CPU and CUDA)" "$BIN/test-paged-attention" --test-threads 1
 echo; echo "== engine bf16 (informational, not counted)"
 HEARTH_TEST_DTYPE=bf16 "$BIN/test-engine" --test-threads 1 && echo "== engine bf16: ok" ||
   echo "== engine bf16: failed (not counted)"

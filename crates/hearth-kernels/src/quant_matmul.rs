@@ -72,6 +72,25 @@ pub(crate) fn quantize_acts(x: &[f32], m: usize, k: usize) -> QuantizedActs {
 /// `dst[m×n] = x[m×k] · Wᵀ` where `w` holds `n` rows of `k/32` blocks of `dtype`.
 /// The caller checks `supported(dtype)`, `k % 32 == 0` and the slice lengths.
 pub fn matmul(dtype: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    matmul_on(dtype, w, n, k, x, m, &|n, work| {
+        candle_core::utils::barrier_pool().execute_chunked(n, work)
+    })
+}
+
+/// Splits `0..n` over worker threads and runs `work` on every piece exactly once.
+pub type Parallel<'a> = &'a dyn Fn(usize, &(dyn Fn(std::ops::Range<usize>) + Sync));
+
+/// `matmul` with the weight rows split by the caller's thread pool, so a process that
+/// keeps its own spinning workers does not also wake candle's.
+pub fn matmul_on(
+    dtype: GgmlDType,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    parallel: Parallel<'_>,
+) -> Vec<f32> {
     assert!(supported(dtype) && k.is_multiple_of(QK));
     let row_bytes = k / QK * block_bytes(dtype);
     assert_eq!(w.len(), n * row_bytes);
@@ -102,7 +121,7 @@ pub fn matmul(dtype: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usiz
     if n * k * m < 64 * 1024 {
         work(0..n);
     } else {
-        candle_core::utils::barrier_pool().execute_chunked(n, work);
+        parallel(n, &work);
     }
     dst
 }

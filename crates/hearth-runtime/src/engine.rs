@@ -1,6 +1,9 @@
 //! The engine: one thread that owns the model and the KV cache and runs the step loop.
 //! Requests arrive through a channel; each gets its own event stream back. Nothing on
-//! this thread waits for a batch to fill: a step runs as soon as there is work.
+//! this thread waits for a batch to fill: a step runs as soon as there is work. A step
+//! is: schedule, one forward pass over the flattened batch, one sampling op over the
+//! logits that returns only token ids (and log-probs when asked); text, stop sequences
+//! and events are the output worker's (output.rs), off this thread.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -11,14 +14,13 @@ use std::time::Instant;
 use tokio::sync::mpsc as tokio_mpsc;
 
 use crate::block_allocator::BlockAllocator;
-use crate::detokenizer::IncrementalDetokenizer;
+use crate::device_sampler::{sample_rows, SamplerState};
 use crate::error::{Result, RuntimeError};
 use crate::kv_cache::KvCacheTensors;
-use crate::model::{ForwardBatch, SeqSlice, Transformer};
-use crate::request::{Completion, FinishReason, GenerationEvent, GenerationRequest, Timings};
-use crate::sampler::Sampler;
+use crate::model::{ForwardBatch, Transformer};
+use crate::output::{OutToken, OutputMsg};
+use crate::request::{FinishReason, GenerationEvent, GenerationRequest};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
-use crate::stop::{StopMatcher, StopOutcome};
 use crate::tokenizer::TextTokenizer;
 
 #[derive(Debug, Clone)]
@@ -243,19 +245,13 @@ impl EngineHandle {
     }
 }
 
-/// Per-request state that is not the scheduler's: sampling, text, timing.
+/// Per-request state that is not the scheduler's: sampling and counts.
 struct Active {
+    /// Kept to notice a caller that went away; events go through the output worker.
     events: tokio_mpsc::UnboundedSender<GenerationEvent>,
-    sampler: Sampler,
-    detok: IncrementalDetokenizer,
-    stop: StopMatcher,
-    arrived: Instant,
-    started: Option<Instant>,
-    first_token: Option<Instant>,
+    sampler: SamplerState,
     prompt_len: usize,
     output_tokens: usize,
-    cached_prompt_tokens: usize,
-    preemptions: u32,
     admitted: bool,
 }
 
@@ -263,10 +259,12 @@ pub struct Engine {
     model: Transformer,
     cache: KvCacheTensors,
     scheduler: Scheduler,
-    tokenizer: Arc<TextTokenizer>,
     eos_ids: Vec<u32>,
     active: HashMap<SeqId, Active>,
     rx: mpsc::Receiver<Command>,
+    output: mpsc::Sender<OutputMsg>,
+    /// Requests the output worker ended on a stop sequence.
+    stopped: mpsc::Receiver<SeqId>,
     shared: Arc<Shared>,
     max_model_len: usize,
     stats: EngineStats,
@@ -280,6 +278,7 @@ impl Engine {
         eos_ids: Vec<u32>,
         cfg: &EngineConfig,
     ) -> Result<EngineHandle> {
+        crate::threads::init();
         let mcfg = model.config().clone();
         let max_model_len = cfg
             .max_model_len
@@ -337,14 +336,18 @@ impl Engine {
             vocab_size: mcfg.vocab_size,
             max_waiting: cfg.max_waiting,
         };
+        let (stopped_tx, stopped) = mpsc::channel();
+        let output = crate::output::spawn(tokenizer.clone(), stopped_tx)
+            .map_err(|e| RuntimeError::Device(format!("cannot start the output thread: {e}")))?;
         let mut engine = Engine {
             model,
             cache,
             scheduler,
-            tokenizer: tokenizer.clone(),
             eos_ids,
             active: HashMap::new(),
             rx,
+            output,
+            stopped,
             shared: shared.clone(),
             max_model_len,
             stats: initial_stats,
@@ -383,6 +386,9 @@ impl Engine {
             while let Ok(cmd) = self.rx.try_recv() {
                 self.handle(cmd);
             }
+            while let Ok(id) = self.stopped.try_recv() {
+                self.drop_seq(id);
+            }
             self.reap_dropped();
             if let Err(e) = self.step() {
                 tracing::error!(error = %e, "engine step failed; failing its requests");
@@ -408,24 +414,23 @@ impl Engine {
                 arrived,
             } => {
                 let prompt_len = req.prompt.len();
-                let detok = IncrementalDetokenizer::new(&req.prompt, true);
-                let stop = StopMatcher::new(req.params.stop.clone());
-                let sampler = Sampler::new(req.params, &req.prompt);
+                let _ = self.output.send(OutputMsg::Open {
+                    id,
+                    events: events.clone(),
+                    prompt_tail: req.prompt[prompt_len.saturating_sub(8)..].to_vec(),
+                    prompt_len,
+                    stop: req.params.stop.clone(),
+                    arrived,
+                });
+                let sampler = SamplerState::new(req.params, &req.prompt);
                 self.scheduler.add(id, req.prompt);
                 self.active.insert(
                     id,
                     Active {
                         events,
                         sampler,
-                        detok,
-                        stop,
-                        arrived,
-                        started: None,
-                        first_token: None,
                         prompt_len,
                         output_tokens: 0,
-                        cached_prompt_tokens: 0,
-                        preemptions: 0,
                         admitted: false,
                     },
                 );
@@ -452,128 +457,121 @@ impl Engine {
     }
 
     fn step(&mut self) -> Result<()> {
-        let mut plan = self.scheduler.schedule();
+        let plan = self.scheduler.schedule();
         for id in &plan.preempted {
-            if let Some(a) = self.active.get_mut(id) {
-                a.preemptions += 1;
-            }
+            let _ = self.output.send(OutputMsg::Preempted { id: *id });
         }
         for id in &plan.admitted {
-            if let Some(a) = self.active.get_mut(id) {
-                if !a.admitted {
-                    a.admitted = true;
-                    self.shared.pending.fetch_sub(1, Ordering::SeqCst);
-                    a.started = Some(Instant::now());
-                    a.cached_prompt_tokens = self
-                        .scheduler
-                        .seq(*id)
-                        .map(|s| s.num_cached_prompt)
-                        .unwrap_or(0);
-                    self.stats.prompt_tokens_total += a.prompt_len as u64;
-                    let _ = a.events.send(GenerationEvent::Started {
-                        cached_prompt_tokens: a.cached_prompt_tokens,
-                    });
-                }
-            }
+            self.on_admitted(*id);
         }
         if plan.is_empty() {
             return Ok(());
         }
-        // Single-token chunks first: the model batches their attention together.
-        plan.seqs.sort_by_key(|s| s.len != 1);
-        let mut batch = ForwardBatch::default();
+        let mut batch = ForwardBatch::new(self.scheduler.block_size());
+        let mut sampled_ids = Vec::new();
         for s in &plan.seqs {
             let Some(state) = self.scheduler.seq(s.id) else {
                 continue;
             };
             let tokens = &state.tokens[s.start..s.start + s.len];
-            let slots = self.scheduler.slots(s.id, s.start + s.len);
-            batch.push(
-                tokens,
-                s.start,
-                SeqSlice {
-                    context_slots: slots,
-                    query_len: s.len,
-                    wants_logits: s.wants_logits,
-                },
-            );
+            batch.push(tokens, s.start, &state.block_table, s.wants_logits);
+            if s.wants_logits {
+                sampled_ids.push(s.id);
+            }
         }
         let logits = self.model.forward(&batch, &self.cache)?;
-        let mut rows = logits.to_vec2::<f32>()?.into_iter();
         self.scheduler.commit(&plan);
         self.stats.steps += 1;
-        for s in &plan.seqs {
-            if !s.wants_logits {
-                continue;
+        let sampled = {
+            let eos = &self.eos_ids;
+            let mut by_id: HashMap<SeqId, &mut Active> = self
+                .active
+                .iter_mut()
+                .filter(|(id, _)| sampled_ids.contains(id))
+                .map(|(id, a)| (*id, a))
+                .collect();
+            let rows: Vec<_> = sampled_ids
+                .iter()
+                .filter_map(|id| by_id.remove(id).map(|a| a.sampler.row(eos)))
+                .collect();
+            if rows.len() != sampled_ids.len() {
+                return Err(RuntimeError::Device(
+                    "a scheduled sequence has no request".into(),
+                ));
             }
-            let Some(mut row) = rows.next() else { break };
-            self.on_logits(s.id, &mut row);
+            sample_rows(&logits, &rows)?
+        };
+        let now = Instant::now();
+        let mut tokens = Vec::with_capacity(sampled.len());
+        let mut ended = Vec::new();
+        for (id, s) in sampled_ids.into_iter().zip(sampled) {
+            let Some(a) = self.active.get_mut(&id) else {
+                continue;
+            };
+            a.sampler.record(s.token);
+            a.output_tokens += 1;
+            self.stats.generation_tokens_total += 1;
+            self.scheduler.append_token(id, s.token);
+            let eos = !a.sampler.params.ignore_eos && self.eos_ids.contains(&s.token);
+            let total = a.prompt_len + a.output_tokens;
+            if eos {
+                ended.push((id, FinishReason::Stop));
+            } else if a.output_tokens >= a.sampler.params.max_tokens || total >= self.max_model_len
+            {
+                ended.push((id, FinishReason::Length));
+            }
+            tokens.push(OutToken {
+                id,
+                token: s.token,
+                eos,
+                logprobs: s.logprobs,
+            });
+        }
+        let _ = self.output.send(OutputMsg::Tokens { at: now, tokens });
+        for (id, reason) in ended {
+            self.finish(id, reason, None);
         }
         Ok(())
     }
 
-    fn on_logits(&mut self, id: SeqId, row: &mut [f32]) {
+    fn on_admitted(&mut self, id: SeqId) {
         let Some(a) = self.active.get_mut(&id) else {
             return;
         };
-        let token = a.sampler.sample(row, &self.eos_ids);
-        a.output_tokens += 1;
-        self.stats.generation_tokens_total += 1;
-        if a.first_token.is_none() {
-            a.first_token = Some(Instant::now());
+        if a.admitted {
+            return; // back from preemption
         }
-        self.scheduler.append_token(id, token);
-        let params = a.sampler.params();
-        let is_eos = !params.ignore_eos && self.eos_ids.contains(&token);
-        let piece = if is_eos {
-            String::new()
-        } else {
-            a.detok.push(self.tokenizer.inner(), token)
-        };
-        let (text, stopped) = match a.stop.push(&piece) {
-            StopOutcome::Continue(t) => (t, false),
-            StopOutcome::Stopped(t) => (t, true),
-        };
-        let _ = a.events.send(GenerationEvent::Token { id: token, text });
-        let total = self.scheduler.seq(id).map(|s| s.tokens.len()).unwrap_or(0);
-        let reason = if stopped || is_eos {
-            Some(FinishReason::Stop)
-        } else if a.output_tokens >= params.max_tokens || total >= self.max_model_len {
-            Some(FinishReason::Length)
-        } else {
-            None
-        };
-        if let Some(r) = reason {
-            self.finish(id, r, None);
-        }
+        a.admitted = true;
+        self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+        self.stats.prompt_tokens_total += a.prompt_len as u64;
+        let cached = self
+            .scheduler
+            .seq(id)
+            .map(|s| s.num_cached_prompt)
+            .unwrap_or(0);
+        let _ = self.output.send(OutputMsg::Started {
+            id,
+            cached_prompt_tokens: cached,
+            at: Instant::now(),
+        });
     }
 
-    fn finish(&mut self, id: SeqId, reason: FinishReason, error: Option<String>) {
+    /// Forgets a request: its blocks go back, its pending slot too if it never ran.
+    fn drop_seq(&mut self, id: SeqId) -> bool {
         self.scheduler.remove(id);
-        let Some(mut a) = self.active.remove(&id) else {
-            return;
+        let Some(a) = self.active.remove(&id) else {
+            return false;
         };
         if !a.admitted {
             self.shared.pending.fetch_sub(1, Ordering::SeqCst);
         }
-        // Text held back for a stop sequence that never came is real output.
-        let trailing_text = a.stop.flush();
-        let now = Instant::now();
-        let completion = Completion {
-            reason,
-            prompt_tokens: a.prompt_len,
-            output_tokens: a.output_tokens,
-            cached_prompt_tokens: a.cached_prompt_tokens,
-            preemptions: a.preemptions,
-            timings: Timings {
-                queued: a.started.unwrap_or(now) - a.arrived,
-                time_to_first_token: a.first_token.map(|t| t - a.arrived),
-                total: now - a.arrived,
-            },
-            error,
-            trailing_text,
-        };
-        let _ = a.events.send(GenerationEvent::Finished(completion));
+        true
+    }
+
+    fn finish(&mut self, id: SeqId, reason: FinishReason, error: Option<String>) {
+        if self.drop_seq(id) {
+            let _ = self.output.send(OutputMsg::Finish { id, reason, error });
+        }
     }
 
     fn publish_stats(&mut self) {

@@ -1,6 +1,8 @@
-//! The paged KV cache's storage: per layer, one key and one value tensor of
-//! `num_blocks * block_size` slots. A token's slot is `block * block_size + offset`;
-//! which blocks a sequence owns is the block allocator's business, not this file's.
+//! The paged KV cache's storage: per layer, one key and one value tensor laid out
+//! `[num_blocks, block_size, kv_heads, head_dim]`, the layout vLLM-style and
+//! FlashAttention's paged kernels read. A token's slot is `block * block_size +
+//! offset`; new keys are written there in place. Which blocks a sequence owns is the
+//! block allocator's business, not this file's.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -25,13 +27,18 @@ impl KvCacheTensors {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        let width = cfg.num_key_value_heads * cfg.head_dim;
-        let slots = num_blocks * block_size;
+        crate::paged_attention::check_supported(cfg.head_dim, block_size, device)?;
+        let shape = (
+            num_blocks,
+            block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| {
                 Ok((
-                    Tensor::zeros((slots, width), dtype, device)?,
-                    Tensor::zeros((slots, width), dtype, device)?,
+                    Tensor::zeros(shape, dtype, device)?,
+                    Tensor::zeros(shape, dtype, device)?,
                 ))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;

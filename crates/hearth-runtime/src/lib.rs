@@ -5,9 +5,12 @@
 pub mod baseline;
 pub mod block_allocator;
 pub mod config;
+pub mod cpu_matmul;
+pub mod cpu_ops;
 pub mod demo;
 pub mod detokenizer;
 pub mod device;
+pub mod device_sampler;
 pub mod digest;
 pub mod engine;
 pub mod error;
@@ -18,18 +21,23 @@ pub mod kv_cache;
 pub mod linear;
 pub mod loader;
 pub mod model;
+mod output;
+pub mod paged_attention;
 pub mod presets;
 pub mod request;
 pub mod rope;
 pub mod sampler;
 pub mod scheduler;
 pub mod stop;
+pub mod threads;
 pub mod tokenizer;
 pub mod weights;
 
 pub use engine::{EngineConfig, EngineHandle, EngineLimits, EngineStats, RequestStream};
 pub use error::{Result, RuntimeError};
 pub use loader::{load, LoadFormat, LoadedModel, ModelSpec, TokenizerSource};
-pub use request::{Completion, FinishReason, GenerationEvent, GenerationRequest, Timings};
+pub use request::{
+    Completion, FinishReason, GenerationEvent, GenerationRequest, Timings, TokenLogprobs,
+};
 pub use sampler::SamplingParams;
 pub use tokenizer::{ChatMessage, PromptSpec, TextTokenizer};

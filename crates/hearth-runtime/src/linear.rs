@@ -45,7 +45,8 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Dense(l) => l.forward(x),
+            // hearth's threaded kernel where it applies (few rows, f32, CPU).
+            Self::Dense(l) => crate::cpu_matmul::linear(x, l.weight(), l.bias()),
             Self::Quantized { weight, bias } => {
                 if let QMatMul::QTensor(q) = weight {
                     if x.device().is_cpu() && hearth_kernels::quant_matmul::supported(q.dtype()) {
@@ -95,7 +96,9 @@ fn cpu_quantized_forward(q: &QTensor, x: &Tensor) -> candle_core::Result<Tensor>
         };
         let start = layout.start_offset();
         let xs = &cpu.as_slice::<f32>()?[start..start + m * k];
-        hearth_kernels::quant_matmul::matmul(q.dtype(), &q.data()?, n, k, xs, m)
+        hearth_kernels::quant_matmul::matmul_on(q.dtype(), &q.data()?, n, k, xs, m, &|n, work| {
+            crate::threads::parallel_chunks(n, 1, work)
+        })
     };
     if let Some(last) = dims.last_mut() {
         *last = n;

@@ -1,50 +1,62 @@
 //! The Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3) as one transformer that
 //! runs a whole scheduler step in one pass: the tokens of every scheduled sequence are
 //! flattened into one `[T, hidden]` activation, so the projections and MLPs are single
-//! matmuls over the batch, and only attention looks at sequence boundaries, reading each
-//! sequence's keys and values from the paged cache through its block table.
+//! matmuls over the batch, and only attention looks at sequence boundaries: one
+//! paged-attention call per layer reads each sequence's keys and values in place from
+//! the paged cache through its block table (paged_attention.rs).
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::RmsNorm;
 
 use crate::config::ModelConfig;
+use crate::cpu_ops::{self, Rope};
 use crate::kv_cache::KvCacheTensors;
 use crate::linear::{Embedding, Linear, WeightLoader};
+use crate::paged_attention::{paged_attention, AttentionMetadata};
 use crate::rope::RotaryTables;
 
-/// What attention needs to know about one sequence in the step.
+/// One step's input: the scheduled sequences' new tokens flattened in order, each
+/// token's position (for RoPE), which rows to return logits for, and the attention
+/// metadata (query offsets, sequence lengths, block tables, cache slots) that one
+/// paged-attention call per layer reads.
 #[derive(Debug, Clone)]
-pub struct SeqSlice {
-    /// Cache slots of every token of the context, the step's new tokens included,
-    /// in position order.
-    pub context_slots: Vec<u32>,
-    /// How many of the step's tokens belong to this sequence (1 for a decode).
-    pub query_len: usize,
-    /// Whether the step must return logits for this sequence's last token (false for
-    /// a prefill chunk that does not reach the end of the prompt).
-    pub wants_logits: bool,
-}
-
-/// One step's input. Tokens are laid out as all single-token sequences first (their
-/// attention is batched), then each multi-token chunk, contiguous, in `seqs` order.
-#[derive(Debug, Clone, Default)]
 pub struct ForwardBatch {
     pub token_ids: Vec<u32>,
     pub positions: Vec<u32>,
-    pub slots: Vec<u32>,
-    pub seqs: Vec<SeqSlice>,
+    /// Flattened index of the last token of each sequence that wants logits.
+    pub logits_rows: Vec<u32>,
+    pub attention: AttentionMetadata,
 }
 
 impl ForwardBatch {
-    pub fn push(&mut self, tokens: &[u32], first_position: usize, seq: SeqSlice) {
-        debug_assert_eq!(tokens.len(), seq.query_len);
-        let ctx = seq.context_slots.len();
+    pub fn new(block_size: usize) -> Self {
+        Self {
+            token_ids: Vec::new(),
+            positions: Vec::new(),
+            logits_rows: Vec::new(),
+            attention: AttentionMetadata::new(block_size),
+        }
+    }
+
+    /// Adds a sequence's chunk: `tokens` at positions `first_position..`, its KV
+    /// blocks covering them (and everything before), and whether the step returns
+    /// logits for the chunk's last token (false for a prefill chunk that does not
+    /// reach the end of the prompt).
+    pub fn push(
+        &mut self,
+        tokens: &[u32],
+        first_position: usize,
+        block_table: &[u32],
+        wants_logits: bool,
+    ) {
+        let n = tokens.len();
         self.token_ids.extend_from_slice(tokens);
         self.positions
-            .extend((first_position..first_position + tokens.len()).map(|p| p as u32));
-        self.slots
-            .extend_from_slice(&seq.context_slots[ctx - tokens.len()..]);
-        self.seqs.push(seq);
+            .extend((first_position..first_position + n).map(|p| p as u32));
+        if wants_logits {
+            self.logits_rows.push((self.token_ids.len() - 1) as u32);
+        }
+        self.attention.push(n, first_position + n, block_table);
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -97,28 +109,18 @@ fn linear(
     vb.linear(in_dim, out_dim, bias)
 }
 
-/// Per-step tensors shared by every layer.
-struct StepTensors {
-    cos: Tensor,
-    sin: Tensor,
-    slot_index: Tensor,
-    decode: Option<DecodeGroup>,
-    prefills: Vec<PrefillSeq>,
+/// Per-step inputs shared by every layer.
+struct StepTensors<'a> {
+    /// Host tables and positions for the CPU kernels (RoPE fused into the cache write).
+    rope: Rope<'a>,
+    /// Other devices and dtypes: the positions' cos/sin rows for candle's RoPE, and
+    /// each new token's slot repeated across a K/V row for `scatter_set`.
+    generic: Option<(Tensor, Tensor, Tensor)>,
+    attention: &'a AttentionMetadata,
 }
 
-/// The single-token sequences of a step, padded to the longest context.
-struct DecodeGroup {
-    count: usize,
-    max_len: usize,
-    gather: Tensor,
-    mask: Tensor,
-}
-
-struct PrefillSeq {
-    start: usize,
-    query_len: usize,
-    gather: Tensor,
-    mask: Tensor,
+fn proj(l: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    l.forward(x)
 }
 
 impl Transformer {
@@ -197,7 +199,7 @@ impl Transformer {
     }
 
     /// Runs one step and returns the logits, `[S, vocab]` in f32, of the last token of
-    /// each sequence with `wants_logits`, in `batch.seqs` order.
+    /// each sequence with `wants_logits`, in batch order.
     pub fn forward(
         &self,
         batch: &ForwardBatch,
@@ -206,114 +208,84 @@ impl Transformer {
         let t = batch.num_tokens();
         let dev = &self.device;
         let ids = Tensor::from_slice(&batch.token_ids, t, dev)?;
-        let positions = Tensor::from_slice(&batch.positions, t, dev)?;
-        let step = self.step_tensors(batch, &positions)?;
+        let step = self.step_tensors(batch)?;
         let mut x = self.embed_tokens.forward(&ids)?;
+        let mut h = match self.layers.first() {
+            Some(l) => norm(&l.input_layernorm, &x)?,
+            None => x.clone(),
+        };
+        let n_layers = self.layers.len();
+        let n = batch.logits_rows.len();
+        let rows = (n != t && n > 0)
+            .then(|| Tensor::from_slice(&batch.logits_rows, n, dev))
+            .transpose()?;
+        let select = |x: Tensor| match &rows {
+            Some(r) => x.index_select(r, 0),
+            None => Ok(x),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.attn.forward(&h, &step, cache, i)?;
-            let x1 = (residual + h)?;
-            let h = layer.post_attention_layernorm.forward(&x1)?;
-            let h = layer.mlp.forward(&h)?;
-            x = (x1 + h)?;
-        }
-        // Only the rows that get sampled go through the final norm and the LM head:
-        // a 2k-token prefill chunk needs one row of logits, not 2k.
-        let mut rows = Vec::new();
-        let mut offset = 0u32;
-        for s in &batch.seqs {
-            offset += s.query_len as u32;
-            if s.wants_logits {
-                rows.push(offset - 1);
+            let a = layer.attn.forward(&h, &step, cache, i)?;
+            // Residual add and the next norm in one pass (cpu_ops.rs).
+            let (x1, h2) = add_norm(&x, &a, &layer.post_attention_layernorm)?;
+            let m = layer.mlp.forward(&h2)?;
+            if i + 1 < n_layers {
+                (x, h) = add_norm(&x1, &m, &self.layers[i + 1].input_layernorm)?;
+            } else {
+                // Only the rows that get sampled go through the final norm and the LM
+                // head: a 2k-token prefill chunk needs one row of logits, not 2k.
+                if n == 0 {
+                    return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev);
+                }
+                (_, h) = add_norm(&select(x1)?, &select(m)?, &self.norm)?;
             }
         }
-        if rows.is_empty() {
-            return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev);
+        if n_layers == 0 {
+            h = norm(&self.norm, &select(x)?)?;
         }
-        let n = rows.len();
-        let rows = Tensor::from_vec(rows, n, dev)?;
-        let x = x.index_select(&rows, 0)?;
-        let x = self.norm.forward(&x)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        proj(&self.lm_head, &h)?.to_dtype(DType::F32)
     }
 
-    fn step_tensors(
-        &self,
-        batch: &ForwardBatch,
-        positions: &Tensor,
-    ) -> candle_core::Result<StepTensors> {
-        let dev = &self.device;
-        let cos = self.rotary.cos.index_select(positions, 0)?.contiguous()?;
-        let sin = self.rotary.sin.index_select(positions, 0)?.contiguous()?;
-        let t = batch.num_tokens();
-        let width = self.cfg.num_key_value_heads * self.cfg.head_dim;
-        let slot_index = Tensor::from_slice(&batch.slots, (t, 1), dev)?
-            .broadcast_as((t, width))?
-            .contiguous()?;
-        let neg = f32::NEG_INFINITY;
-        // Single-token sequences come first; batch their attention into one matmul.
-        let n_decode = batch.seqs.iter().take_while(|s| s.query_len == 1).count();
-        let decode = if n_decode > 0 {
-            let max_len = batch.seqs[..n_decode]
-                .iter()
-                .map(|s| s.context_slots.len())
-                .max()
-                .unwrap_or(1);
-            let mut gather = Vec::with_capacity(n_decode * max_len);
-            let mut mask = Vec::with_capacity(n_decode * max_len);
-            for s in &batch.seqs[..n_decode] {
-                let l = s.context_slots.len();
-                gather.extend_from_slice(&s.context_slots);
-                gather.extend(std::iter::repeat_n(0u32, max_len - l));
-                mask.extend(std::iter::repeat_n(0f32, l));
-                mask.extend(std::iter::repeat_n(neg, max_len - l));
-            }
-            Some(DecodeGroup {
-                count: n_decode,
-                max_len,
-                gather: Tensor::from_vec(gather, n_decode * max_len, dev)?,
-                mask: Tensor::from_vec(mask, (n_decode, 1, 1, max_len), dev)?
-                    .to_dtype(self.dtype)?,
-            })
-        } else {
-            None
+    fn step_tensors<'a>(&'a self, batch: &'a ForwardBatch) -> candle_core::Result<StepTensors<'a>> {
+        let rope = Rope {
+            cos: &self.rotary.cos_host,
+            sin: &self.rotary.sin_host,
+            positions: &batch.positions,
         };
-        let mut prefills = Vec::new();
-        let mut start = n_decode;
-        for s in &batch.seqs[n_decode..] {
-            let l = s.context_slots.len();
-            let q = s.query_len;
-            let past = l - q;
-            let mut mask = Vec::with_capacity(q * l);
-            for i in 0..q {
-                for j in 0..l {
-                    mask.push(if j <= past + i { 0f32 } else { neg });
-                }
-            }
-            prefills.push(PrefillSeq {
-                start,
-                query_len: q,
-                gather: Tensor::from_slice(&s.context_slots, l, dev)?,
-                mask: Tensor::from_vec(mask, (q, l), dev)?.to_dtype(self.dtype)?,
-            });
-            start += q;
-        }
+        let generic = if self.device.is_cpu() && self.dtype == DType::F32 {
+            None
+        } else {
+            let dev = &self.device;
+            let t = batch.num_tokens();
+            let positions = Tensor::from_slice(&batch.positions, t, dev)?;
+            let cos = self.rotary.cos.index_select(&positions, 0)?.contiguous()?;
+            let sin = self.rotary.sin.index_select(&positions, 0)?.contiguous()?;
+            let width = self.cfg.num_key_value_heads * self.cfg.head_dim;
+            let slot_index = Tensor::from_slice(&batch.attention.slots, (t, 1), dev)?
+                .broadcast_as((t, width))?
+                .contiguous()?;
+            Some((cos, sin, slot_index))
+        };
         Ok(StepTensors {
-            cos,
-            sin,
-            slot_index,
-            decode,
-            prefills,
+            rope,
+            generic,
+            attention: &batch.attention,
         })
     }
 }
 
+fn norm(n: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+    cpu_ops::rms_norm(x, n.weight(), n.eps())
+}
+
+fn add_norm(x: &Tensor, delta: &Tensor, n: &RmsNorm) -> candle_core::Result<(Tensor, Tensor)> {
+    cpu_ops::add_rms_norm(x, delta, n.weight(), n.eps())
+}
+
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        let gate = proj(&self.gate_proj, x)?;
+        let up = proj(&self.up_proj, x)?;
+        proj(&self.down_proj, &cpu_ops::silu_mul(&gate, &up)?)
     }
 }
 
@@ -327,85 +299,42 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let t = x.dim(0)?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((t, h, d))?;
-        let k = self.k_proj.forward(x)?.reshape((t, kvh, d))?;
-        let v = self.v_proj.forward(x)?;
-        let q = match &self.q_norm {
-            Some(n) => n.forward(&q.contiguous()?)?,
-            None => q,
-        };
-        let k = match &self.k_norm {
-            Some(n) => n.forward(&k.contiguous()?)?,
-            None => k,
-        };
-        let q =
-            candle_nn::rotary_emb::rope_thd(&q.contiguous()?.unsqueeze(0)?, &step.cos, &step.sin)?
-                .squeeze(0)?;
-        let k =
-            candle_nn::rotary_emb::rope_thd(&k.contiguous()?.unsqueeze(0)?, &step.cos, &step.sin)?
-                .squeeze(0)?;
-
+        let mut q = proj(&self.q_proj, x)?.reshape((t, h, d))?;
+        let mut k = proj(&self.k_proj, x)?.reshape((t, kvh, d))?;
+        let v = proj(&self.v_proj, x)?.reshape((t, kvh, d))?;
+        if let Some(n) = &self.q_norm {
+            q = norm(n, &q)?;
+        }
+        if let Some(n) = &self.k_norm {
+            k = norm(n, &k)?;
+        }
+        // New keys and values go straight into their slots of the paged cache (keys
+        // rotated on the way); the attention op then reads every key where it lies.
         let (k_cache, v_cache) = cache.layer(layer);
-        k_cache.scatter_set(&step.slot_index, &k.reshape((t, kvh * d))?, 0)?;
-        v_cache.scatter_set(&step.slot_index, &v.contiguous()?, 0)?;
-
-        let scale = 1.0 / (d as f64).sqrt();
-        let g = h / kvh;
-        let mut outputs = Vec::with_capacity(1 + step.prefills.len());
-        if let Some(dg) = &step.decode {
-            let b = dg.count;
-            let q = q.narrow(0, 0, b)?.reshape((b, kvh, g, d))?;
-            let kc = k_cache
-                .index_select(&dg.gather, 0)?
-                .reshape((b, dg.max_len, kvh, d))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let vc = v_cache
-                .index_select(&dg.gather, 0)?
-                .reshape((b, dg.max_len, kvh, d))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let scores = (q.matmul(&kc.t()?)? * scale)?.broadcast_add(&dg.mask)?;
-            let p = candle_nn::ops::softmax_last_dim(&scores)?;
-            outputs.push(p.matmul(&vc)?.reshape((b, h * d))?);
-        }
-        for ps in &step.prefills {
-            let (lq, l) = (ps.query_len, ps.gather.dim(0)?);
-            let q = q
-                .narrow(0, ps.start, lq)?
-                .reshape((lq, kvh, g, d))?
-                .permute((1, 2, 0, 3))?
-                .contiguous()?
-                .reshape((kvh, g * lq, d))?;
-            let kc = k_cache
-                .index_select(&ps.gather, 0)?
-                .reshape((l, kvh, d))?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let vc = v_cache
-                .index_select(&ps.gather, 0)?
-                .reshape((l, kvh, d))?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let scores = (q.matmul(&kc.t()?)? * scale)?
-                .reshape((kvh, g, lq, l))?
-                .broadcast_add(&ps.mask)?;
-            let p = candle_nn::ops::softmax_last_dim(&scores)?.reshape((kvh, g * lq, l))?;
-            let o = p
-                .matmul(&vc)?
-                .reshape((kvh, g, lq, d))?
-                .permute((2, 0, 1, 3))?
-                .contiguous()?
-                .reshape((lq, h * d))?;
-            outputs.push(o);
-        }
-        let o = if outputs.len() == 1 {
-            outputs
-                .pop()
-                .ok_or_else(|| candle_core::Error::Msg("empty step".into()))?
-        } else {
-            Tensor::cat(&outputs, 0)?
+        let slots = &step.attention.slots;
+        let q = match &step.generic {
+            None => {
+                cpu_ops::write_cache(k_cache, &k, slots, Some(step.rope), unreachable_index)?;
+                cpu_ops::write_cache(v_cache, &v, slots, None, unreachable_index)?;
+                cpu_ops::rope(&q, step.rope)?
+            }
+            Some((cos, sin, slot_index)) => {
+                let rope = |x: &Tensor| {
+                    candle_nn::rotary_emb::rope_thd(&x.contiguous()?.unsqueeze(0)?, cos, sin)?
+                        .squeeze(0)
+                };
+                cpu_ops::write_cache(k_cache, &rope(&k)?, slots, None, || Ok(slot_index.clone()))?;
+                cpu_ops::write_cache(v_cache, &v, slots, None, || Ok(slot_index.clone()))?;
+                rope(&q)?
+            }
         };
-        self.o_proj.forward(&o)
+        let scale = 1.0 / (d as f32).sqrt();
+        let o = paged_attention(&q, k_cache, v_cache, step.attention, scale)?;
+        proj(&self.o_proj, &o.reshape((t, h * d))?)
     }
+}
+
+/// The CPU f32 path never builds a slot-index tensor.
+fn unreachable_index() -> candle_core::Result<Tensor> {
+    candle_core::bail!("slot index requested on the CPU f32 path")
 }

@@ -54,13 +54,26 @@ pub struct Completion {
     pub trailing_text: String,
 }
 
+/// Log-probabilities of the model's distribution at one step (before penalties and
+/// temperature): the sampled token's, and the `n` most likely tokens', highest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
 #[derive(Debug, Clone)]
 pub enum GenerationEvent {
     /// The request got its first step.
     Started { cached_prompt_tokens: usize },
     /// One generated token; `text` is what it completes, possibly empty (held back
-    /// for a partial character or a possible stop sequence).
-    Token { id: u32, text: String },
+    /// for a partial character or a possible stop sequence). `logprobs` when the
+    /// request asked for them (`SamplingParams::logprobs`).
+    Token {
+        id: u32,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
     /// Last event of every request.
     Finished(Completion),
 }

@@ -4,10 +4,13 @@ use crate::config::{ModelConfig, RopeScaling};
 use candle_core::{DType, Device, Tensor};
 
 /// cos/sin tables `[max_positions, head_dim / 2]`; a step gathers the rows of its
-/// tokens' positions, so every token of a ragged batch gets its own position.
+/// tokens' positions, so every token of a ragged batch gets its own position. The
+/// host copies (f32) serve the CPU kernels, which read them in place.
 pub struct RotaryTables {
     pub cos: Tensor,
     pub sin: Tensor,
+    pub cos_host: Vec<f32>,
+    pub sin_host: Vec<f32>,
 }
 
 pub fn inverse_frequencies(cfg: &ModelConfig) -> Vec<f64> {
@@ -66,8 +69,10 @@ impl RotaryTables {
             }
         }
         Ok(Self {
-            cos: Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?,
+            cos: Tensor::from_slice(&cos, (max_positions, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_slice(&sin, (max_positions, half), device)?.to_dtype(dtype)?,
+            cos_host: cos,
+            sin_host: sin,
         })
     }
 }

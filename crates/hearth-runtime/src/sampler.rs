@@ -1,6 +1,9 @@
-//! Per-request sampling: penalties, then temperature, top-k, top-p and min-p, each a
-//! stage that can be switched off on its own. Each request owns its random generator,
-//! so a seed gives the same tokens whatever else shares the batch.
+//! Sampling parameters, and the host sampler: penalties, then temperature, top-k,
+//! top-p and min-p over one row of logits copied to the host, each a stage that can be
+//! switched off on its own. The engine samples with the op in device_sampler.rs, which
+//! follows the same math without the row leaving the device; this one stays as its
+//! reference. Each request owns its random generator, so a seed gives the same tokens
+//! whatever else shares the batch.
 
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -28,6 +31,9 @@ pub struct SamplingParams {
     /// Matched on the text, across token boundaries; never emitted.
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Return each sampled token's log-prob and this many most likely alternatives
+    /// (0 to 20); None: no log-probs.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -45,6 +51,7 @@ impl Default for SamplingParams {
             min_tokens: 0,
             stop: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -101,6 +108,18 @@ impl SamplingParams {
         }
         if self.min_tokens > self.max_tokens {
             return Err(RuntimeError::invalid("min_tokens", "must be <= max_tokens"));
+        }
+        if self
+            .logprobs
+            .is_some_and(|n| n > crate::device_sampler::MAX_TOP_LOGPROBS)
+        {
+            return Err(RuntimeError::invalid(
+                "logprobs",
+                format!(
+                    "at most {} alternatives per token",
+                    crate::device_sampler::MAX_TOP_LOGPROBS
+                ),
+            ));
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return Err(RuntimeError::invalid(

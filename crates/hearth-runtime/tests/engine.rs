@@ -357,3 +357,120 @@ fn an_unreachable_hub_id_is_a_one_line_error_that_says_how_to_pass_a_folder() {
     assert!(!msg.contains('\n'), "{msg}");
     let _ = std::fs::remove_dir_all(&home);
 }
+
+#[test]
+fn logprobs_come_with_each_token_when_asked_and_only_then() {
+    let e = engine(EngineConfig {
+        kv_cache_memory: Some(1 << 20),
+        ..Default::default()
+    });
+    let prompt: Vec<u32> = (7..19).collect();
+    let run = |logprobs| {
+        let mut s = e
+            .submit(GenerationRequest {
+                prompt: prompt.clone(),
+                params: SamplingParams {
+                    ignore_eos: true,
+                    logprobs,
+                    ..SamplingParams::greedy(6)
+                },
+            })
+            .unwrap();
+        let mut out = Vec::new();
+        while let Some(ev) = s.blocking_next() {
+            match ev {
+                GenerationEvent::Token { id, logprobs, .. } => out.push((id, logprobs)),
+                GenerationEvent::Finished(_) => break,
+                GenerationEvent::Started { .. } => {}
+            }
+        }
+        out
+    };
+    let with = run(Some(3));
+    assert_eq!(with.len(), 6);
+    for (id, lp) in &with {
+        let lp = lp.as_ref().expect("asked for logprobs");
+        assert_eq!(lp.top.len(), 3);
+        // Greedy: the sampled token is the most likely one.
+        assert_eq!(lp.top[0].0, *id);
+        assert!((lp.top[0].1 - lp.logprob).abs() < 1e-6);
+        assert!(lp.logprob <= 0.0 && lp.top[0].1 >= lp.top[1].1 && lp.top[1].1 >= lp.top[2].1);
+    }
+    let without = run(None);
+    assert!(without.iter().all(|(_, lp)| lp.is_none()));
+    let ids = |v: &[(u32, Option<hearth_runtime::TokenLogprobs>)]| {
+        v.iter().map(|x| x.0).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&with),
+        ids(&without),
+        "asking for logprobs must not change the tokens"
+    );
+    let too_many = e.submit(GenerationRequest {
+        prompt: prompt.clone(),
+        params: SamplingParams {
+            logprobs: Some(21),
+            ..SamplingParams::greedy(2)
+        },
+    });
+    assert!(
+        matches!(
+            too_many,
+            Err(RuntimeError::InvalidRequest {
+                field: "logprobs",
+                ..
+            })
+        ),
+        "{:?}",
+        too_many.err()
+    );
+}
+
+#[test]
+fn a_stop_sequence_found_off_the_engine_thread_still_frees_the_blocks() {
+    let e = engine(EngineConfig {
+        block_size: 4,
+        kv_cache_memory: Some(1 << 20),
+        ..Default::default()
+    });
+    let total = e.stats().kv_blocks_total;
+    let prompt: Vec<u32> = vec![395, 39, 68, 269, 78];
+    let text = |stop: Vec<String>| {
+        let mut s = e
+            .submit(GenerationRequest {
+                prompt: prompt.clone(),
+                params: SamplingParams {
+                    ignore_eos: true,
+                    stop,
+                    ..SamplingParams::greedy(200)
+                },
+            })
+            .unwrap();
+        let (mut out, mut n) = (String::new(), 0);
+        loop {
+            match s.blocking_next().unwrap() {
+                GenerationEvent::Token { text, .. } => {
+                    out.push_str(&text);
+                    n += 1;
+                }
+                GenerationEvent::Finished(c) => return (out, n, c),
+                GenerationEvent::Started { .. } => {}
+            }
+        }
+    };
+    let (full, _, _) = text(vec![]);
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = chars[10..13].iter().collect();
+    let (cut, n, c) = text(vec![stop.clone()]);
+    assert_eq!(c.reason, FinishReason::Stop);
+    assert!(
+        n < 200 && c.output_tokens == n,
+        "{n} tokens, completion says {}",
+        c.output_tokens
+    );
+    assert_eq!(cut, full[..full.find(&stop).unwrap()]);
+    wait_for("the stopped sequence's blocks", || {
+        let s = e.stats();
+        s.kv_blocks_free == total && s.num_running == 0
+    });
+}

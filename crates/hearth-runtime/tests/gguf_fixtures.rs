@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::fixtures;
-use hearth_runtime::model::{ForwardBatch, SeqSlice};
+use hearth_runtime::model::ForwardBatch;
 use hearth_runtime::{EngineConfig, GenerationEvent, GenerationRequest, ModelSpec, SamplingParams};
 
 fn json(path: PathBuf) -> serde_json::Value {
@@ -47,16 +47,9 @@ fn prompt_logits(spec: &ModelSpec, cases: &[serde_json::Value]) -> Vec<Vec<f32>>
                 model.device(),
             )
             .unwrap();
-            let mut batch = ForwardBatch::default();
-            batch.push(
-                &prompt,
-                0,
-                SeqSlice {
-                    context_slots: (0..prompt.len() as u32).collect(),
-                    query_len: prompt.len(),
-                    wants_logits: true,
-                },
-            );
+            let mut batch = ForwardBatch::new(1);
+            let table: Vec<u32> = (0..prompt.len() as u32).collect();
+            batch.push(&prompt, 0, &table, true);
             model
                 .forward(&batch, &cache)
                 .unwrap()

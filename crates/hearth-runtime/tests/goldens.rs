@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use hearth_runtime::model::{ForwardBatch, SeqSlice};
+use hearth_runtime::model::ForwardBatch;
 use hearth_runtime::{EngineConfig, GenerationEvent, GenerationRequest, ModelSpec, SamplingParams};
 
 /// f32 on both sides, different kernels and summation orders: transformers' own
@@ -78,16 +78,9 @@ fn check_model(name: &str) {
             model.device(),
         )
         .unwrap();
-        let mut batch = ForwardBatch::default();
-        batch.push(
-            &prompt,
-            0,
-            SeqSlice {
-                context_slots: (0..prompt.len() as u32).collect(),
-                query_len: prompt.len(),
-                wants_logits: true,
-            },
-        );
+        let mut batch = ForwardBatch::new(1);
+        let table: Vec<u32> = (0..prompt.len() as u32).collect();
+        batch.push(&prompt, 0, &table, true);
         let logits = model
             .forward(&batch, &cache)
             .unwrap()

@@ -5,7 +5,7 @@
 mod common;
 
 use hearth_runtime::kv_cache::KvCacheTensors;
-use hearth_runtime::model::{ForwardBatch, SeqSlice};
+use hearth_runtime::model::ForwardBatch;
 use hearth_runtime::{
     EngineConfig, EngineHandle, GenerationEvent, GenerationRequest, ModelSpec, PromptSpec,
     SamplingParams,
@@ -53,7 +53,7 @@ fn generate(engine: &EngineHandle, prompt: Vec<u32>, n: usize) -> (Vec<u32>, Str
     let (mut ids, mut text) = (Vec::new(), String::new());
     while let Some(ev) = s.blocking_next() {
         match ev {
-            GenerationEvent::Token { id, text: t } => {
+            GenerationEvent::Token { id, text: t, .. } => {
                 ids.push(id);
                 text.push_str(&t);
             }
@@ -78,17 +78,11 @@ fn next_tokens(dequantize: bool, tokens: &[u32]) -> Vec<u32> {
     let (_, model) = hearth_runtime::loader::load_model(&spec).unwrap();
     let t = tokens.len();
     let cache = KvCacheTensors::new(model.config(), t, 1, model.dtype(), model.device()).unwrap();
-    let mut batch = ForwardBatch::default();
+    // Block size 1: every sequence's block table is its slots 0..=i.
+    let mut batch = ForwardBatch::new(1);
+    let table: Vec<u32> = (0..t as u32).collect();
     for (i, tok) in tokens.iter().enumerate() {
-        batch.push(
-            &[*tok],
-            i,
-            SeqSlice {
-                context_slots: (0..=i as u32).collect(),
-                query_len: 1,
-                wants_logits: true,
-            },
-        );
+        batch.push(&[*tok], i, &table[..=i], true);
     }
     let logits = model
         .forward(&batch, &cache)

@@ -245,6 +245,7 @@ pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<Parse
             .get("ignore_eos")
             .and_then(|v| v.as_bool())
             .unwrap_or(false),
+        logprobs: None,
     };
     params.validate().map_err(|e| match e {
         hearth_runtime::RuntimeError::InvalidRequest { field, reason } => {

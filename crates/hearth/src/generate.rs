@@ -78,6 +78,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         min_tokens: a.min_tokens,
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
+        logprobs: None,
     };
     let mut stream = engine.submit(GenerationRequest { prompt, params })?;
     let mut out = std::io::stdout().lock();

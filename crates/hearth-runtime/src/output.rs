@@ -1,0 +1,196 @@
+//! The output worker: detokenization, stop-sequence matching and event fan-out, on
+//! their own thread so an engine step never waits on them. The engine sends one
+//! message per step with every sampled token; the worker turns them into text and
+//! events. A stop sequence is found here, so the worker finishes that request itself
+//! and tells the engine to drop the sequence (the engine may have computed a token or
+//! two more by then; they are discarded).
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc as tokio_mpsc;
+
+use crate::detokenizer::IncrementalDetokenizer;
+use crate::request::{Completion, FinishReason, GenerationEvent, Timings, TokenLogprobs};
+use crate::scheduler::SeqId;
+use crate::stop::{StopMatcher, StopOutcome};
+use crate::tokenizer::TextTokenizer;
+
+pub(crate) struct OutToken {
+    pub id: SeqId,
+    pub token: u32,
+    /// An end-of-sequence token: no text, and the request ends with it.
+    pub eos: bool,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+pub(crate) enum OutputMsg {
+    Open {
+        id: SeqId,
+        events: tokio_mpsc::UnboundedSender<GenerationEvent>,
+        /// The prompt's last tokens: left context for the first pieces of text.
+        prompt_tail: Vec<u32>,
+        prompt_len: usize,
+        stop: Vec<String>,
+        arrived: Instant,
+    },
+    Started {
+        id: SeqId,
+        cached_prompt_tokens: usize,
+        at: Instant,
+    },
+    Preempted {
+        id: SeqId,
+    },
+    /// One step's tokens, sampled at `at`.
+    Tokens {
+        at: Instant,
+        tokens: Vec<OutToken>,
+    },
+    /// The engine ended the request (length, EOS, cancel, error).
+    Finish {
+        id: SeqId,
+        reason: FinishReason,
+        error: Option<String>,
+    },
+}
+
+struct Stream {
+    events: tokio_mpsc::UnboundedSender<GenerationEvent>,
+    detok: IncrementalDetokenizer,
+    stop: StopMatcher,
+    prompt_len: usize,
+    arrived: Instant,
+    started: Option<Instant>,
+    first_token: Option<Instant>,
+    output_tokens: usize,
+    cached_prompt_tokens: usize,
+    preemptions: u32,
+}
+
+impl Stream {
+    fn finish(mut self, reason: FinishReason, error: Option<String>) {
+        // Text held back for a stop sequence that never came is real output (after a
+        // match the matcher holds nothing).
+        let trailing_text = self.stop.flush();
+        let now = Instant::now();
+        let completion = Completion {
+            reason,
+            prompt_tokens: self.prompt_len,
+            output_tokens: self.output_tokens,
+            cached_prompt_tokens: self.cached_prompt_tokens,
+            preemptions: self.preemptions,
+            timings: Timings {
+                queued: self.started.unwrap_or(now) - self.arrived,
+                time_to_first_token: self.first_token.map(|t| t - self.arrived),
+                total: now - self.arrived,
+            },
+            error,
+            trailing_text,
+        };
+        let _ = self.events.send(GenerationEvent::Finished(completion));
+    }
+}
+
+/// Starts the worker. `stopped` carries the ids of requests a stop sequence ended,
+/// back to the engine. The worker ends when the engine drops its sender.
+pub(crate) fn spawn(
+    tokenizer: Arc<TextTokenizer>,
+    stopped: mpsc::Sender<SeqId>,
+) -> std::io::Result<mpsc::Sender<OutputMsg>> {
+    let (tx, rx) = mpsc::channel::<OutputMsg>();
+    std::thread::Builder::new()
+        .name("hearth-output".into())
+        .spawn(move || run(rx, &tokenizer, &stopped))?;
+    Ok(tx)
+}
+
+fn run(rx: mpsc::Receiver<OutputMsg>, tokenizer: &TextTokenizer, stopped: &mpsc::Sender<SeqId>) {
+    let mut streams: HashMap<SeqId, Stream> = HashMap::new();
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            OutputMsg::Open {
+                id,
+                events,
+                prompt_tail,
+                prompt_len,
+                stop,
+                arrived,
+            } => {
+                streams.insert(
+                    id,
+                    Stream {
+                        events,
+                        detok: IncrementalDetokenizer::new(&prompt_tail, true),
+                        stop: StopMatcher::new(stop),
+                        prompt_len,
+                        arrived,
+                        started: None,
+                        first_token: None,
+                        output_tokens: 0,
+                        cached_prompt_tokens: 0,
+                        preemptions: 0,
+                    },
+                );
+            }
+            OutputMsg::Started {
+                id,
+                cached_prompt_tokens,
+                at,
+            } => {
+                if let Some(s) = streams.get_mut(&id) {
+                    s.started = Some(at);
+                    s.cached_prompt_tokens = cached_prompt_tokens;
+                    let _ = s.events.send(GenerationEvent::Started {
+                        cached_prompt_tokens,
+                    });
+                }
+            }
+            OutputMsg::Preempted { id } => {
+                if let Some(s) = streams.get_mut(&id) {
+                    s.preemptions += 1;
+                }
+            }
+            OutputMsg::Tokens { at, tokens } => {
+                for t in tokens {
+                    let Some(s) = streams.get_mut(&t.id) else {
+                        continue; // already ended by a stop sequence
+                    };
+                    s.output_tokens += 1;
+                    s.first_token.get_or_insert(at);
+                    let piece = if t.eos {
+                        String::new()
+                    } else {
+                        s.detok.push(tokenizer.inner(), t.token)
+                    };
+                    let (text, hit) = match s.stop.push(&piece) {
+                        StopOutcome::Continue(text) => (text, false),
+                        StopOutcome::Stopped(text) => (text, true),
+                    };
+                    let _ = s.events.send(GenerationEvent::Token {
+                        id: t.token,
+                        text,
+                        logprobs: t.logprobs,
+                    });
+                    if hit {
+                        if let Some(s) = streams.remove(&t.id) {
+                            s.finish(FinishReason::Stop, None);
+                        }
+                        let _ = stopped.send(t.id);
+                    }
+                }
+            }
+            OutputMsg::Finish { id, reason, error } => {
+                if let Some(s) = streams.remove(&id) {
+                    s.finish(reason, error);
+                }
+            }
+        }
+    }
+    // The engine is gone: whatever is still open ends with an error, not silence.
+    for (_, s) in streams.drain() {
+        s.finish(FinishReason::Error, Some("the engine stopped".into()));
+    }
+}

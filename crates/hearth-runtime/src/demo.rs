@@ -20,7 +20,7 @@ use crate::weights::SeededRandom;
 
 pub const DEMO_VOCAB_SIZE: usize = 512;
 /// Bump when anything below changes, so stale cached copies are not reused.
-const DEMO_REVISION: &str = "demo-v1";
+const DEMO_REVISION: &str = "demo-v2";
 const DEMO_SEED: u64 = 20_261_125;
 
 pub const SPECIAL_TOKENS: [&str; 5] = [

@@ -40,4 +40,4 @@ pub use request::{
     Completion, FinishReason, GenerationEvent, GenerationRequest, Timings, TokenLogprobs,
 };
 pub use sampler::SamplingParams;
-pub use tokenizer::{ChatMessage, PromptSpec, TextTokenizer};
+pub use tokenizer::{ChatMessage, PromptSpec, TextTokenizer, TokenPiece};

@@ -75,9 +75,10 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
             max_position_embeddings: 4096,
             ..llama(32_000, 768, 2048, 8, 12, 4)
         },
-        // The built-in demo: a few MB, instant on any machine.
+        // The built-in demo: a few MB, instant on any machine. A long context, so that a
+        // long job (thousands of tokens) outlasts the waits the API tests time.
         "demo" => ModelConfig {
-            max_position_embeddings: 2048,
+            max_position_embeddings: 8192,
             rope_theta: 10_000.0,
             ..llama(crate::demo::DEMO_VOCAB_SIZE, 128, 256, 4, 4, 2)
         },

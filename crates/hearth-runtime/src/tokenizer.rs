@@ -41,6 +41,42 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// A token's bytes and their text (see `TextTokenizer::token_piece`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenPiece {
+    pub text: String,
+    pub bytes: Vec<u8>,
+}
+
+impl TokenPiece {
+    fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self {
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+        }
+    }
+}
+
+/// SentencePiece's byte tokens: `<0x0A>`.
+fn byte_fallback(token: &str) -> Option<u8> {
+    let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
+}
+
+/// GPT-2's byte-level alphabet read backwards: printable Latin-1 bytes stand for
+/// themselves, the other 68 bytes for the characters from U+0100 on, in byte order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let code = c as u32;
+    if code < 256 {
+        return printable(code).then_some(code as u8);
+    }
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth((code - 256) as usize)
+        .map(|b| b as u8)
+}
+
 /// `bos_token` in tokenizer_config.json is a string or an AddedToken object.
 fn special_token(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
@@ -118,6 +154,50 @@ impl TextTokenizer {
         self.inner
             .decode(ids, true)
             .map_err(|e| RuntimeError::Tokenizer(e.to_string()))
+    }
+
+    /// One token on its own, as log-prob listings show it: its exact bytes (a piece of a
+    /// multi-byte character stays a piece) and their text, lossy where the bytes are not
+    /// whole UTF-8. Special tokens show as written (`<|im_end|>`).
+    pub fn token_piece(&self, id: u32) -> TokenPiece {
+        let Some(raw) = self.inner.id_to_token(id) else {
+            return TokenPiece::from_bytes(Vec::new());
+        };
+        let decoded = self.inner.decode(&[id], true).unwrap_or_default();
+        // Special tokens vanish when skipped; a lone SentencePiece "▁" vanishes either way.
+        let special = decoded.is_empty()
+            && !self
+                .inner
+                .decode(&[id], false)
+                .unwrap_or_default()
+                .is_empty();
+        let bytes = if special {
+            raw.into_bytes()
+        } else if let Some(b) = byte_fallback(&raw) {
+            vec![b]
+        } else if self.byte_level() {
+            raw.chars()
+                .map(|c| byte_level_byte(c).unwrap_or(b'?'))
+                .collect()
+        } else if raw.contains('\u{2581}') {
+            // SentencePiece's word marker, which decoding a lone token would strip.
+            raw.replace('\u{2581}', " ").into_bytes()
+        } else {
+            decoded.into_bytes()
+        };
+        TokenPiece::from_bytes(bytes)
+    }
+
+    fn byte_level(&self) -> bool {
+        use tokenizers::DecoderWrapper as D;
+        fn has(d: &D) -> bool {
+            match d {
+                D::ByteLevel(_) => true,
+                D::Sequence(s) => s.get_decoders().iter().any(has),
+                _ => false,
+            }
+        }
+        self.inner.get_decoder().is_some_and(has)
     }
 
     /// The prompt's tokens, templated as the spec asks.

@@ -52,6 +52,22 @@ fn check(gguf: &Path, golden_name: &str) {
                 "decode of {text:?}: got {decoded:?}, want {want_text:?}"
             ));
         }
+        // Log-prob listings show each token's own bytes: together they are the text
+        // (after SentencePiece's leading space), split multi-byte characters included.
+        let pieces: Vec<u8> = want
+            .iter()
+            .flat_map(|&id| tok.token_piece(id).bytes)
+            .collect();
+        let spm_text = format!(" {want_text}");
+        if case.get("decoded").is_none()
+            && pieces != want_text.as_bytes()
+            && pieces != spm_text.as_bytes()
+        {
+            failures.push(format!(
+                "token pieces of {text:?}: got {:?}",
+                String::from_utf8_lossy(&pieces)
+            ));
+        }
     }
     assert!(
         failures.is_empty(),

@@ -324,3 +324,151 @@ async fn a_full_queue_is_a_429_with_retry_after_in_openai_shape() {
     assert_eq!(ra, "1");
     assert_eq!(e["error"]["type"], "rate_limit_error");
 }
+
+/// The text a listing's tokens spell, special tokens (`<|...|>`, which the reply's text
+/// skips) left out; bytes that are not UTF-8 (the demo model's weights are random) read
+/// as the reply reads them.
+fn spelled(tokens: &[(String, Vec<u8>)]) -> String {
+    let bytes: Vec<u8> = tokens
+        .iter()
+        .filter(|(t, _)| !(t.starts_with("<|") && t.ends_with("|>")))
+        .flat_map(|(_, b)| b.clone())
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Chat's `logprobs.content` entries as (token, bytes, logprob), checked on the way:
+/// greedy, so the chosen token's log-prob is the best alternative's; alternatives
+/// descending, `top` of them, their probabilities summing to at most 1.
+fn chat_entries(content: &Value, top: usize) -> Vec<(String, Vec<u8>, f64)> {
+    content
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let token = e["token"].as_str().unwrap().to_string();
+            let bytes: Vec<u8> = e["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+                .collect();
+            assert_eq!(String::from_utf8_lossy(&bytes), token, "{e}");
+            let lp = f(&e["logprob"]);
+            assert!(lp <= 0.0, "{e}");
+            let alts = e["top_logprobs"].as_array().unwrap();
+            assert_eq!(alts.len(), top, "{e}");
+            assert!((f(&alts[0]["logprob"]) - lp).abs() < 1e-4, "greedy: {e}");
+            assert!(alts
+                .windows(2)
+                .all(|w| f(&w[0]["logprob"]) >= f(&w[1]["logprob"])));
+            let mass: f64 = alts.iter().map(|a| f(&a["logprob"]).exp()).sum();
+            assert!(mass <= 1.0 + 1e-4, "{e}");
+            (token, bytes, lp)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn chat_logprobs_whole_and_streamed() {
+    let s = start(1 << 20).await;
+    let body = chat_body(
+        json!({"temperature": 0, "logprobs": true, "top_logprobs": 3, "ignore_eos": true}),
+    );
+    let (st, whole) = post(&s, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(st, 200, "{whole}");
+    let c = &whole["choices"][0];
+    let entries = chat_entries(&c["logprobs"]["content"], 3);
+    assert_eq!(entries.len(), 12);
+    let pairs: Vec<(String, Vec<u8>)> =
+        entries.iter().map(|e| (e.0.clone(), e.1.clone())).collect();
+    assert_eq!(spelled(&pairs), c["message"]["content"].as_str().unwrap());
+
+    // Streamed: the chunks' entries together are the same tokens and log-probs.
+    let mut streamed_body = body;
+    streamed_body["stream"] = json!(true);
+    let events = stream(&s, "/v1/chat/completions", streamed_body).await;
+    let mut streamed = Vec::new();
+    for e in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(e).unwrap();
+        let lp = &chunk["choices"][0]["logprobs"];
+        if !lp.is_null() {
+            streamed.extend(chat_entries(&lp["content"], 3));
+        }
+    }
+    assert_eq!(streamed.len(), entries.len());
+    for (a, b) in streamed.iter().zip(&entries) {
+        assert_eq!(a.0, b.0);
+        assert!((a.2 - b.2).abs() < 1e-4, "{a:?} vs {b:?}");
+    }
+
+    // Not asked: null, as OpenAI answers.
+    let (_, plain) = post(&s, "/v1/chat/completions", chat_body(json!({}))).await;
+    assert!(plain["choices"][0]["logprobs"].is_null(), "{plain}");
+}
+
+#[tokio::test]
+async fn completion_logprobs_whole_and_streamed() {
+    let s = start(1 << 20).await;
+    let body = json!({"model": "hearth/demo", "prompt": "Hello there", "max_tokens": 10,
+                      "temperature": 0, "logprobs": 2, "ignore_eos": true});
+    let (st, whole) = post(&s, "/v1/completions", body.clone()).await;
+    assert_eq!(st, 200, "{whole}");
+    let c = &whole["choices"][0];
+    let lp = &c["logprobs"];
+    let tokens: Vec<String> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(tokens.len(), 10);
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    let mut at = 0u64;
+    for (j, t) in tokens.iter().enumerate() {
+        assert_eq!(offsets[j], at, "text_offset of token {j} in {lp}");
+        at += t.chars().count() as u64;
+        let chosen = f(&lp["token_logprobs"][j]);
+        let alts = lp["top_logprobs"][j].as_object().unwrap();
+        // The two best and the chosen one (greedy: among them).
+        assert!(alts.len() <= 2 && !alts.is_empty(), "{lp}");
+        assert!((f(&alts[t]) - chosen).abs() < 1e-6, "{lp}");
+        let best = alts.values().map(f).fold(f64::MIN, f64::max);
+        assert!((best - chosen).abs() < 1e-4, "greedy: {lp}");
+    }
+    let pairs: Vec<(String, Vec<u8>)> = tokens
+        .iter()
+        .map(|t| (t.clone(), t.as_bytes().to_vec()))
+        .collect();
+    let text = c["text"].as_str().unwrap();
+    // The listing's tokens are texts, lossy for pieces of characters: compare whole ones.
+    if !text.contains('\u{fffd}') {
+        assert_eq!(spelled(&pairs), text);
+    }
+
+    let mut streamed_body = body;
+    streamed_body["stream"] = json!(true);
+    let events = stream(&s, "/v1/completions", streamed_body).await;
+    let (mut s_tokens, mut s_offsets) = (Vec::new(), Vec::new());
+    for e in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(e).unwrap();
+        let lp = &chunk["choices"][0]["logprobs"];
+        for t in lp["tokens"].as_array().into_iter().flatten() {
+            s_tokens.push(t.as_str().unwrap().to_string());
+        }
+        for o in lp["text_offset"].as_array().into_iter().flatten() {
+            s_offsets.push(o.as_u64().unwrap());
+        }
+    }
+    assert_eq!(s_tokens, tokens);
+    assert_eq!(s_offsets, offsets);
+}

@@ -78,7 +78,7 @@ async fn kill_dash_nine_keeps_finished_predictions_and_fails_the_interrupted_one
     assert_eq!(done["status"], "succeeded");
     let running: Value = client
         .post(&url)
-        .json(&json!({"input": {"prompt": "interrupt me", "max_tokens": 1900, "ignore_eos": true}}))
+        .json(&json!({"input": {"prompt": "interrupt me", "max_tokens": 8000, "ignore_eos": true}}))
         .send()
         .await
         .unwrap()

@@ -27,7 +27,8 @@ fn free_port() -> u16 {
 }
 
 fn long_job() -> Value {
-    json!({"prompt": "a long job", "max_tokens": 1900, "ignore_eos": true, "temperature": 0})
+    // Several seconds on the demo (its context is 8,192 tokens), far past the waits timed here.
+    json!({"prompt": "a long job", "max_tokens": 8000, "ignore_eos": true, "temperature": 0})
 }
 
 #[tokio::test]

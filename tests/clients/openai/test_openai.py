@@ -103,6 +103,21 @@ def _():
     assert stop not in r.message.content and full.startswith(r.message.content), (r.message.content, full, stop)
 
 
+@check("logprobs: chat's content entries and completions' lists, typed by the client")
+def _():
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6, content
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 2, e
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token, e
+        assert abs(e.top_logprobs[0].logprob - e.logprob) < 1e-4, e  # greedy
+    c = client.completions.create(model=MODEL, prompt="Once", max_tokens=5, temperature=0, logprobs=1, extra_body={"ignore_eos": True})
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5, lp
+    assert lp.text_offset[0] == 0 and all(t in d for t, d in zip(lp.tokens, lp.top_logprobs)), lp
+
+
 @check("completions: a prompt list, echo and usage")
 def _():
     r = client.completions.create(model=MODEL, prompt=["Once", "Twice"], max_tokens=4, echo=True, extra_body={"ignore_eos": True})

@@ -48,9 +48,9 @@ TERMINAL = ("succeeded", "failed", "canceled")
 # long job is really long. Standard Replicate LLM inputs only (no hearth extensions).
 SHORT = {"prompt": "Hello", "max_tokens": 8, "min_tokens": 8, "seed": 1}
 SEEDED = {"prompt": "Tell me a story", "max_tokens": 24, "min_tokens": 24, "temperature": 0.8, "seed": 42}
-# The demo's context is 2048 tokens and prompt + max_tokens must fit, so 1900 leaves
-# room for the chat template. Far longer than the ~1 s the checks need it to run.
-LONG = {"prompt": "Count to a thousand", "max_tokens": 1900, "min_tokens": 1900}
+# The demo's context is 8192 tokens and prompt + max_tokens must fit, so 8000 leaves
+# room for the chat template: several seconds, far longer than the ~1 s the checks need.
+LONG = {"prompt": "Count to a thousand", "max_tokens": 8000, "min_tokens": 8000}
 
 passed, failed = [], []
 print(f"replicate (python) {CLIENT_VERSION} against {BASE}, model {MODEL}", flush=True)

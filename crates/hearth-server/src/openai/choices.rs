@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use futures_util::stream::{self, Stream, StreamExt};
 use hearth_runtime::{
-    FinishReason, GenerationEvent, GenerationRequest, PromptSpec, SamplingParams,
+    FinishReason, GenerationEvent, GenerationRequest, PromptSpec, SamplingParams, TextTokenizer,
 };
 
+use super::render::TokenLogprob;
 use super::request::{Job, PromptInput};
 use super::{OaiError, OaiResult};
 use crate::models::ServedModel;
@@ -22,6 +23,8 @@ pub enum Piece {
     Text {
         text: String,
         token: u32,
+        /// When the request asked for log-probs.
+        logprobs: Option<TokenLogprob>,
     },
     Done {
         finish_reason: &'static str,
@@ -49,10 +52,22 @@ pub fn finish_reason(r: FinishReason) -> &'static str {
     }
 }
 
-fn to_piece(ev: GenerationEvent) -> Option<Piece> {
+fn to_piece(ev: GenerationEvent, tok: &TextTokenizer) -> Option<Piece> {
     match ev {
         GenerationEvent::Started { .. } => None,
-        GenerationEvent::Token { id, text, .. } => Some(Piece::Text { text, token: id }),
+        GenerationEvent::Token { id, text, logprobs } => Some(Piece::Text {
+            text,
+            token: id,
+            logprobs: logprobs.map(|l| TokenLogprob {
+                token: tok.token_piece(id),
+                logprob: l.logprob,
+                top: l
+                    .top
+                    .iter()
+                    .map(|&(t, lp)| (tok.token_piece(t), lp))
+                    .collect(),
+            }),
+        }),
         GenerationEvent::Finished(c) if c.reason == FinishReason::Error => Some(Piece::Failed(
             c.error.unwrap_or_else(|| "generation failed".into()),
         )),
@@ -63,7 +78,12 @@ fn to_piece(ev: GenerationEvent) -> Option<Piece> {
     }
 }
 
-fn choice_stream(index: usize, first: Vec<GenerationEvent>, gen: Generation) -> Pieces {
+fn choice_stream(
+    index: usize,
+    first: Vec<GenerationEvent>,
+    gen: Generation,
+    tok: Arc<TextTokenizer>,
+) -> Pieces {
     let finished = first
         .iter()
         .any(|e| matches!(e, GenerationEvent::Finished(_)));
@@ -90,10 +110,10 @@ fn choice_stream(index: usize, first: Vec<GenerationEvent>, gen: Generation) -> 
             )),
         }
     });
-    Box::pin(
-        head.chain(rest)
-            .filter_map(move |ev| async move { to_piece(ev).map(|p| (index, p)) }),
-    )
+    Box::pin(head.chain(rest).filter_map(move |ev| {
+        let piece = to_piece(ev, &tok);
+        async move { piece.map(|p| (index, p)) }
+    }))
 }
 
 /// Tokenizes the prompts, checks them, and starts every choice.
@@ -148,6 +168,7 @@ pub async fn start(
                 max_tokens,
                 // Distinct samples per choice, reproducible from the request's seed.
                 seed: job.params.seed.map(|s| s.wrapping_add(i as u64)),
+                logprobs: job.logprobs,
                 ..job.params.clone()
             },
         };
@@ -167,9 +188,14 @@ pub async fn start(
                 }
             }
         }
-        streams.push(choice_stream(pi * job.n, head, first));
+        streams.push(choice_stream(pi * job.n, head, first, tok.clone()));
         for i in 1..job.n {
-            streams.push(choice_stream(pi * job.n + i, Vec::new(), submit(i)?));
+            streams.push(choice_stream(
+                pi * job.n + i,
+                Vec::new(),
+                submit(i)?,
+                tok.clone(),
+            ));
         }
     }
     Ok(Running {

@@ -21,7 +21,9 @@ use tracing::Instrument;
 use super::json_response;
 use crate::models::ServedModel;
 use crate::openai::choices::{self, Piece, Running};
-use crate::openai::render::{usage, Collected, Header};
+use crate::openai::render::{
+    chat_logprobs, completion_logprobs, usage, Collected, Header, TokenLogprob,
+};
 use crate::openai::request::{self, Job};
 use crate::openai::{OaiError, OaiResult};
 use crate::record::new_id;
@@ -139,13 +141,24 @@ async fn collect(ctx: &Ctx, mut running: Running) -> OaiResult<Value> {
     let mut out = vec![Collected::default(); ctx.choices()];
     for (i, c) in out.iter_mut().enumerate() {
         c.text.push_str(ctx.echo_text(&running, i));
+        c.offset = c.text.chars().count();
+        if ctx.job.logprobs.is_some() {
+            c.logprobs = Some(Vec::new());
+        }
     }
     while let Some((i, piece)) = running.pieces.next().await {
         let c = &mut out[i];
         match piece {
-            Piece::Text { text, token } => {
+            Piece::Text {
+                text,
+                token,
+                logprobs,
+            } => {
                 c.text.push_str(&text);
                 c.tokens.push(token);
+                if let (Some(all), Some(l)) = (c.logprobs.as_mut(), logprobs) {
+                    all.push(l);
+                }
             }
             Piece::Done {
                 finish_reason,
@@ -179,19 +192,27 @@ fn stream(ctx: Ctx, mut running: Running, span: tracing::Span) -> Response {
         };
         let h = ctx.header();
         let include_usage = ctx.job.include_usage;
-        let chunk = |i: usize, text: &str, finish: Option<&str>| match ctx.kind {
-            Kind::Chat => h.chat_chunk(i, json!({"content": text}), finish, include_usage),
-            Kind::Completion => h.completion_chunk(i, text, finish, include_usage),
+        let mut lp = StreamLogprobs::new(ctx.job.logprobs.is_some(), ctx.choices());
+        let chunk = |i: usize, text: &str, finish: Option<&str>, logprobs: Value| match ctx.kind {
+            Kind::Chat => {
+                h.chat_chunk(i, json!({"content": text}), logprobs, finish, include_usage)
+            }
+            Kind::Completion => h.completion_chunk(i, text, logprobs, finish, include_usage),
         };
         for i in 0..ctx.choices() {
             let first = match ctx.kind {
                 Kind::Chat => h.chat_chunk(
                     i,
                     json!({"role": "assistant", "content": ""}),
+                    Value::Null,
                     None,
                     include_usage,
                 ),
-                Kind::Completion if ctx.job.echo => chunk(i, ctx.echo_text(&running, i), None),
+                Kind::Completion if ctx.job.echo => {
+                    let echo = ctx.echo_text(&running, i);
+                    lp.offsets[i] = echo.chars().count();
+                    chunk(i, echo, None, Value::Null)
+                }
                 Kind::Completion => continue,
             };
             if !send(first).await {
@@ -207,33 +228,42 @@ fn stream(ctx: Ctx, mut running: Running, span: tracing::Span) -> Response {
             };
             let Some((i, piece)) = next else { break };
             let sent = match piece {
-                Piece::Text { text, .. } => {
+                Piece::Text { text, logprobs, .. } => {
                     completion_tokens += 1;
-                    text.is_empty() || send(chunk(i, &text, None)).await
+                    lp.pending[i].extend(logprobs);
+                    text.is_empty() || send(chunk(i, &text, None, lp.take(ctx.kind, i))).await
                 }
                 Piece::Done {
                     finish_reason,
                     trailing,
-                } => {
-                    let fin = match ctx.kind {
-                        Kind::Chat if !trailing.is_empty() => {
-                            send(chunk(i, &trailing, None)).await
-                                && send(h.chat_chunk(
-                                    i,
-                                    json!({}),
-                                    Some(finish_reason),
-                                    include_usage,
-                                ))
-                                .await
-                        }
-                        Kind::Chat => {
-                            send(h.chat_chunk(i, json!({}), Some(finish_reason), include_usage))
-                                .await
-                        }
-                        Kind::Completion => send(chunk(i, &trailing, Some(finish_reason))).await,
-                    };
-                    fin
-                }
+                } => match ctx.kind {
+                    // Held-back text and its tokens' log-probs first, then the finish.
+                    Kind::Chat if !trailing.is_empty() || !lp.pending[i].is_empty() => {
+                        send(chunk(i, &trailing, None, lp.take(ctx.kind, i))).await
+                            && send(h.chat_chunk(
+                                i,
+                                json!({}),
+                                Value::Null,
+                                Some(finish_reason),
+                                include_usage,
+                            ))
+                            .await
+                    }
+                    Kind::Chat => {
+                        send(h.chat_chunk(
+                            i,
+                            json!({}),
+                            Value::Null,
+                            Some(finish_reason),
+                            include_usage,
+                        ))
+                        .await
+                    }
+                    Kind::Completion => {
+                        let logprobs = lp.take(ctx.kind, i);
+                        send(chunk(i, &trailing, Some(finish_reason), logprobs)).await
+                    }
+                },
                 Piece::Failed(e) => {
                     let _ = send(OaiError::internal(e).body()).await;
                     break;
@@ -259,4 +289,39 @@ fn stream(ctx: Ctx, mut running: Running, span: tracing::Span) -> Response {
     Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
+}
+
+/// Log-probs in a stream, per choice: those of tokens whose text is still held back
+/// (they go out with the next chunk that has text) and the characters sent so far.
+struct StreamLogprobs {
+    wanted: bool,
+    pending: Vec<Vec<TokenLogprob>>,
+    offsets: Vec<usize>,
+}
+
+impl StreamLogprobs {
+    fn new(wanted: bool, choices: usize) -> Self {
+        Self {
+            wanted,
+            pending: vec![Vec::new(); choices],
+            offsets: vec![0; choices],
+        }
+    }
+
+    /// The next chunk's `logprobs` for choice `i`.
+    fn take(&mut self, kind: Kind, i: usize) -> Value {
+        if !self.wanted {
+            return Value::Null;
+        }
+        let entries = std::mem::take(&mut self.pending[i]);
+        let v = match kind {
+            Kind::Chat => chat_logprobs(&entries),
+            Kind::Completion => completion_logprobs(&entries, self.offsets[i]),
+        };
+        self.offsets[i] += entries
+            .iter()
+            .map(|e| e.token.text.chars().count())
+            .sum::<usize>();
+        v
+    }
 }

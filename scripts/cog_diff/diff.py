@@ -451,7 +451,7 @@ def main_phase(servers, hook_base):
 
     # A long prediction in flight: PUT attaches, the slots are busy, cancel ends it.
     raw = {"prompt": "a long job", "prompt_template": "{prompt}"}
-    long = {c: {**raw, "max_tokens": 600}, h: {**raw, "max_tokens": 1900, "ignore_eos": True}}
+    long = {c: {**raw, "max_tokens": 600}, h: {**raw, "max_tokens": 8000, "ignore_eos": True}}
     res = []
     for s in (c, h):
         r = requests.post(s.url("/predictions"), json={"id": "diff.long.1", "input": long[s]},

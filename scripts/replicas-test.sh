@@ -14,7 +14,7 @@
 # Usage: scripts/replicas-test.sh [--replicas N] [--load N] [--no-clients]
 # Env: HEARTH_BIN (default target/debug/hearth, built if missing), CLIENT_VENV,
 #      KEEP_REPLICA_DATA=1 keeps the temp dir (logs, haproxy.cfg), LOAD_ARGS: more
-#      arguments for scripts/replicas_load.py (e.g. "--long-tokens 1900").
+#      arguments for scripts/replicas_load.py (e.g. "--long-tokens 6000").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

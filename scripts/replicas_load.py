@@ -102,7 +102,7 @@ def main():
     a.add_argument("--throughput-tokens", type=int, default=64)
     a.add_argument("--rounds", type=int, default=3, help="throughput batches each way, alternated")
     a.add_argument("--concurrency", type=int, default=16)
-    a.add_argument("--long-tokens", type=int, default=600, help="max_tokens of every other prediction")
+    a.add_argument("--long-tokens", type=int, default=3000, help="max_tokens of every other prediction")
     args = a.parse_args()
     base, token = args.balancer.rstrip("/"), args.token
     auth = {"Authorization": f"Bearer {token}"}

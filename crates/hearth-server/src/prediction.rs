@@ -15,7 +15,7 @@ use hearth_runtime::{FinishReason, GenerationEvent, RequestStream};
 
 use crate::metrics::{Metrics, RequestTimer};
 use crate::record::{now_rfc3339, Record, Status};
-use crate::store::{SharedStore, StoreError};
+use crate::store::{Delivery, SharedStore, StoreError};
 use crate::webhook::{WebhookEvent, WebhookSender};
 
 pub use crate::record::{new_id, new_token};
@@ -357,23 +357,43 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
         .observe((finished_at - created).as_secs_f64());
     if let Some(r) = final_record {
         ctx.metrics.finished(r.prediction.status.as_str());
-        // Stored before anyone is told, so a crash after a client saw it cannot lose it.
-        match ctx.store.put(&r).await {
-            Ok(()) => {}
-            Err(StoreError::NotOwner(_)) => return taken_over(&live, &ctx).await,
-            Err(e) => {
-                tracing::error!(error = %e, "could not store the finished prediction; keeping it in memory and retrying");
-                ctx.hub.keep_unsaved(r.clone());
-            }
-        }
-        live.update(|x| *x = r.clone());
         // The summary line is logged by the running prediction: its `logs` event shows
         // the prediction still processing, before `completed` ends it.
         let mut running = r.clone();
         let p = &mut running.prediction;
         (p.status, p.metrics, p.error, p.completed_at) = (Status::Processing, None, None, None);
-        ctx.notify(WebhookEvent::Logs, &running).await;
-        ctx.notify(WebhookEvent::Completed, &r).await;
+        let hooks: Vec<Delivery> = match &ctx.webhook {
+            Some(w) => [
+                (WebhookEvent::Logs, &running),
+                (WebhookEvent::Completed, &r),
+            ]
+            .into_iter()
+            .flat_map(|(event, rec)| w.prepare(event, rec))
+            .collect(),
+            None => Vec::new(),
+        };
+        // Stored, with its last webhooks, before anyone is told: a crash after a client
+        // saw the end cannot lose it, nor the `completed` webhook of a stored end.
+        match ctx
+            .store
+            .finish(&r, &hooks, crate::webhook::dispatcher::now_ms())
+            .await
+        {
+            Ok(()) => {
+                if let Some(w) = &ctx.webhook {
+                    w.queued();
+                }
+            }
+            Err(StoreError::NotOwner(_)) => return taken_over(&live, &ctx).await,
+            Err(e) => {
+                tracing::error!(error = %e, "could not store the finished prediction; keeping it in memory and retrying");
+                ctx.hub.keep_unsaved(r.clone());
+                if let Some(w) = &ctx.webhook {
+                    w.push(&hooks).await;
+                }
+            }
+        }
+        live.update(|x| *x = r.clone());
         ctx.hub.remove(&r.prediction.id);
     }
     live.changed.notify_waiters();

@@ -39,24 +39,32 @@ pub async fn end_orphans(
         for mut r in batch {
             end_orphan(&mut r, store.is_shared());
             let id = r.prediction.id.clone();
-            match store.put(&r).await {
+            let sender = r.webhook.clone().map(|url| {
+                webhooks.sender(
+                    url,
+                    &r.webhook_events_filter,
+                    &id,
+                    WebhookStyle::for_source(&r.prediction.source),
+                )
+            });
+            let hooks = sender
+                .as_ref()
+                .map(|s| s.prepare(WebhookEvent::Completed, &r))
+                .unwrap_or_default();
+            // The end and its `completed` webhook in one write: neither without the other.
+            match store
+                .finish(&r, &hooks, crate::webhook::dispatcher::now_ms())
+                .await
+            {
                 Ok(()) => {}
                 // A third replica took it over between our claim and this write.
                 Err(StoreError::NotOwner(_)) => continue,
                 Err(e) => return Err(e),
             }
-            tracing::warn!(prediction = %id, "ended a prediction left in flight by a replica that stopped");
-            if let Some(url) = r.webhook.clone() {
-                webhooks
-                    .sender(
-                        url,
-                        &r.webhook_events_filter,
-                        &id,
-                        WebhookStyle::for_source(&r.prediction.source),
-                    )
-                    .send(WebhookEvent::Completed, &r)
-                    .await;
+            if let Some(s) = &sender {
+                s.queued();
             }
+            tracing::warn!(prediction = %id, "ended a prediction left in flight by a replica that stopped");
             n += 1;
         }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_server::record::{new_id, now_rfc3339, Status};
-use hearth_server::store::{OutboxItem, PgStore, SharedStore, SqliteStore, StoreError};
+use hearth_server::store::{Delivery, OutboxItem, PgStore, SharedStore, SqliteStore, StoreError};
 use serde_json::json;
 use support::{postgres, record, TempDir};
 
@@ -81,6 +81,7 @@ both!(
     files_round_trip_in_pieces,
     injected_faults_fail_writes_not_reads,
     schema_is_current,
+    finish_stores_the_end_and_its_webhooks_together_or_neither,
 );
 
 postgres_only!(
@@ -568,4 +569,68 @@ async fn a_newer_schema_is_refused(b: Backend) {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("opened a newer schema"),
     }
+}
+
+fn delivery(p: &str, msg: &str, event: &str, coalesce: bool) -> Delivery {
+    Delivery {
+        prediction_id: p.into(),
+        msg_id: msg.into(),
+        url: "http://h/x".into(),
+        event: event.into(),
+        body: format!("{{\"event\": \"{event}\"}}"),
+        max_attempts: 3,
+        coalesce,
+    }
+}
+
+async fn finish_stores_the_end_and_its_webhooks_together_or_neither(b: Backend) {
+    let s = b.store.clone();
+    let mut r = record("fin", &now_rfc3339(), Status::Processing);
+    s.insert(&r).await.unwrap();
+    s.outbox_push(&item("fin", "m1", "output", "{}"), false, 0)
+        .await
+        .unwrap();
+    r.prediction.status = Status::Succeeded;
+    let hooks = [
+        delivery("fin", "m2", "logs", true),
+        delivery("fin", "m3", "completed", false),
+    ];
+    let unchanged = |s: SharedStore| async move {
+        let stored = s.get("fin").await.unwrap().unwrap();
+        assert_eq!(stored.prediction.status, Status::Processing);
+        assert_eq!(s.outbox_len().await.unwrap(), 1);
+    };
+    // A failed write leaves both as they were.
+    s.inject_write_failures(true);
+    assert!(matches!(
+        s.finish(&r, &hooks, 0).await,
+        Err(StoreError::Injected)
+    ));
+    s.inject_write_failures(false);
+    unchanged(s.clone()).await;
+    // So does a replica that does not own the prediction: its webhooks are not queued.
+    if b.url.is_some() {
+        let other = replica(&b).await;
+        assert!(matches!(
+            other.finish(&r, &hooks, 0).await,
+            Err(StoreError::NotOwner(_))
+        ));
+        unchanged(s.clone()).await;
+    }
+    s.finish(&r, &hooks, 0).await.unwrap();
+    let stored = s.get("fin").await.unwrap().unwrap();
+    assert_eq!(stored.prediction.status, Status::Succeeded);
+    // The logs event replaced the untried output one; completed comes after it.
+    let mut events = Vec::new();
+    while let Some(row) = s.outbox_claim(i64::MAX / 2, 10).await.unwrap().pop() {
+        events.push((row.msg_id.clone(), row.event.clone()));
+        s.outbox_remove(row.seq).await.unwrap();
+    }
+    assert_eq!(
+        events,
+        [
+            ("m1".to_string(), "logs".to_string()),
+            ("m3".to_string(), "completed".to_string())
+        ]
+    );
 }

@@ -113,6 +113,32 @@ pub struct OutboxItem<'a> {
     pub max_attempts: u32,
 }
 
+/// A delivery decided but not yet queued (`Store::finish` queues it with the final
+/// state); `coalesce` as in `Store::outbox_push`.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub prediction_id: String,
+    pub msg_id: String,
+    pub url: String,
+    pub event: String,
+    pub body: String,
+    pub max_attempts: u32,
+    pub coalesce: bool,
+}
+
+impl Delivery {
+    pub fn item(&self) -> OutboxItem<'_> {
+        OutboxItem {
+            prediction_id: &self.prediction_id,
+            msg_id: &self.msg_id,
+            url: &self.url,
+            event: &self.event,
+            body: &self.body,
+            max_attempts: self.max_attempts,
+        }
+    }
+}
+
 /// A delivery claimed for an attempt.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
@@ -154,6 +180,15 @@ pub trait Store: Send + Sync {
     /// Writes a change to a prediction this replica owns (or, when its first write
     /// was lost, creates it). `NotOwner` when another replica has taken it over.
     async fn put(&self, r: &Record) -> Result<(), StoreError>;
+    /// `put` of a prediction's final state and the queueing of its last webhooks in one
+    /// transaction: a crash between the two can lose neither the `completed` webhook of
+    /// a stored end nor store an end whose webhook is queued.
+    async fn finish(
+        &self,
+        r: &Record,
+        deliveries: &[Delivery],
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
     async fn exists(&self, id: &str) -> Result<bool, StoreError>;
     async fn get(&self, id: &str) -> Result<Option<Record>, StoreError>;
     /// Newest first, `limit` a page; the cursor is the last row's `created_at|id`. A

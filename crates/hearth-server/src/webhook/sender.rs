@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{WebhookEvent, WebhookStyle, Webhooks};
 use crate::record::Record;
-use crate::store::OutboxItem;
+use crate::store::Delivery;
 
 /// Replicate's and Cog's throttle window (Cog's `COG_THROTTLE_RESPONSE_INTERVAL`).
 const THROTTLE: Duration = Duration::from_millis(500);
@@ -75,13 +75,20 @@ impl WebhookSender {
 
     /// The prediction changed (`event`); `record` is its state now. Queues what the
     /// event calls for in the outbox (nothing, when filtered or held by the throttle)
-    /// and returns once it is stored, so events stay in order. The prediction is
-    /// rendered only when a delivery is due: most intermediate events are filtered or
-    /// throttled, and a long output is long.
+    /// and returns once it is stored, so events stay in order.
     pub async fn send(&self, event: WebhookEvent, record: &Record) {
+        let due = self.prepare(event, record);
+        self.push(&due).await;
+    }
+
+    /// What `event` calls for, decided (throttle and `webhook-id`s advance) but not
+    /// queued: for `Store::finish`, which queues the last ones with the final state.
+    /// The prediction is rendered only when a delivery is due: most intermediate events
+    /// are filtered or throttled, and a long output is long.
+    pub fn prepare(&self, event: WebhookEvent, record: &Record) -> Vec<Delivery> {
         let due = {
             let Ok(mut st) = self.state.lock() else {
-                return;
+                return Vec::new();
             };
             match self.style {
                 WebhookStyle::Replicate => {
@@ -92,9 +99,49 @@ impl WebhookSender {
                 }),
             }
         };
-        for (ev, msg_id, body) in due {
-            self.enqueue(ev, &msg_id, &body).await;
+        due.into_iter()
+            .map(|(event, msg_id, body)| Delivery {
+                prediction_id: self.prediction_id.clone(),
+                msg_id,
+                url: self.url.clone(),
+                event: self.style.outbox_event(event),
+                body,
+                max_attempts: if event == WebhookEvent::Completed {
+                    ATTEMPTS_TERMINAL
+                } else {
+                    ATTEMPTS_INTERMEDIATE
+                },
+                // Replicate's intermediate events may replace one not yet sent; Cog's
+                // are each delivered (a receiver rebuilding the output needs every one).
+                coalesce: self.style == WebhookStyle::Replicate && event.is_intermediate(),
+            })
+            .collect()
+    }
+
+    /// Queues deliveries `prepare` decided, in order.
+    pub async fn push(&self, due: &[Delivery]) {
+        let Some(store) = &self.hooks.store else {
+            return;
+        };
+        for d in due {
+            match store
+                .outbox_push(&d.item(), d.coalesce, super::dispatcher::now_ms())
+                .await
+            {
+                Ok(()) => self.queued(),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    target_host = %super::redact(&self.url),
+                    event = %d.event,
+                    "could not queue a webhook"
+                ),
+            }
         }
+    }
+
+    /// Deliveries were queued (by `push` or with the final state): wake the dispatcher.
+    pub fn queued(&self) {
+        self.hooks.wake.notify_one();
     }
 
     /// The next `webhook-id`.
@@ -164,39 +211,5 @@ impl WebhookSender {
         }
         due.push((event, self.next_msg_id(st), body()));
         due
-    }
-
-    async fn enqueue(&self, event: WebhookEvent, msg_id: &str, body: &str) {
-        let Some(store) = &self.hooks.store else {
-            return;
-        };
-        let outbox_event = self.style.outbox_event(event);
-        let item = OutboxItem {
-            prediction_id: &self.prediction_id,
-            msg_id,
-            url: &self.url,
-            event: &outbox_event,
-            body,
-            max_attempts: if event == WebhookEvent::Completed {
-                ATTEMPTS_TERMINAL
-            } else {
-                ATTEMPTS_INTERMEDIATE
-            },
-        };
-        // Replicate's intermediate events may replace one not yet sent; Cog's are each
-        // delivered (a receiver rebuilding the output from them needs every one).
-        let coalesce = self.style == WebhookStyle::Replicate && event.is_intermediate();
-        match store
-            .outbox_push(&item, coalesce, super::dispatcher::now_ms())
-            .await
-        {
-            Ok(()) => self.hooks.wake.notify_one(),
-            Err(e) => tracing::error!(
-                error = %e,
-                target_host = %super::redact(&self.url),
-                event = event.as_str(),
-                "could not queue a webhook"
-            ),
-        }
     }
 }

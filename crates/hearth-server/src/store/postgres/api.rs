@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use super::PgStore;
 use crate::record::Record;
 use crate::store::{
-    valid_file_id, FileMeta, FileStream, OutboxItem, OutboxRow, Page, Store, StoreError,
+    valid_file_id, Delivery, FileMeta, FileStream, OutboxItem, OutboxRow, Page, Store, StoreError,
 };
 
 #[async_trait]
@@ -34,6 +34,14 @@ impl Store for PgStore {
     }
     async fn put(&self, r: &Record) -> Result<(), StoreError> {
         PgStore::put(self, r).await
+    }
+    async fn finish(
+        &self,
+        r: &Record,
+        deliveries: &[Delivery],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        PgStore::finish(self, r, deliveries, now_ms).await
     }
     async fn exists(&self, id: &str) -> Result<bool, StoreError> {
         PgStore::exists(self, id).await

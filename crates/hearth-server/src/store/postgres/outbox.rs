@@ -3,6 +3,8 @@
 //! `CLAIM_FOR`, so a delivery whose replica died mid-attempt is made by another.
 //! Per prediction, only the oldest delivery can be claimed: `completed` stays last.
 
+use deadpool_postgres::GenericClient;
+
 use super::PgStore;
 use crate::store::{OutboxItem, OutboxRow, StoreError, CLAIM_FOR};
 
@@ -14,45 +16,7 @@ impl PgStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let c = self.writer().await?;
-        if coalesce {
-            let st = c
-                .prepare_cached(
-                    "UPDATE webhook_outbox SET event = $2, body = $3, due_unix_ms = $4
-                     WHERE seq = (SELECT MAX(seq) FROM webhook_outbox WHERE prediction_id = $1)
-                       AND attempts = 0 AND claimed_until_ms = 0 AND event IN ('output', 'logs')",
-                )
-                .await?;
-            let n = c
-                .execute(
-                    &st,
-                    &[&item.prediction_id, &item.event, &item.body, &now_ms],
-                )
-                .await?;
-            if n > 0 {
-                return Ok(());
-            }
-        }
-        let st = c
-            .prepare_cached(
-                "INSERT INTO webhook_outbox
-                    (prediction_id, msg_id, url, event, body, max_attempts, due_unix_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .await?;
-        c.execute(
-            &st,
-            &[
-                &item.prediction_id,
-                &item.msg_id,
-                &item.url,
-                &item.event,
-                &item.body,
-                &(item.max_attempts as i32),
-                &now_ms,
-            ],
-        )
-        .await?;
-        Ok(())
+        push_on(&c, item, coalesce, now_ms).await
     }
 
     pub(super) async fn outbox_claim(
@@ -171,4 +135,52 @@ impl PgStore {
         .await?
         .get(0))
     }
+}
+
+/// Queues a delivery (see `Store::outbox_push`), on a connection or inside a transaction.
+pub(super) async fn push_on(
+    c: &impl GenericClient,
+    item: &OutboxItem<'_>,
+    coalesce: bool,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    if coalesce {
+        let st = c
+            .prepare_cached(
+                "UPDATE webhook_outbox SET event = $2, body = $3, due_unix_ms = $4
+                 WHERE seq = (SELECT MAX(seq) FROM webhook_outbox WHERE prediction_id = $1)
+                   AND attempts = 0 AND claimed_until_ms = 0 AND event IN ('output', 'logs')",
+            )
+            .await?;
+        let n = c
+            .execute(
+                &st,
+                &[&item.prediction_id, &item.event, &item.body, &now_ms],
+            )
+            .await?;
+        if n > 0 {
+            return Ok(());
+        }
+    }
+    let st = c
+        .prepare_cached(
+            "INSERT INTO webhook_outbox
+                (prediction_id, msg_id, url, event, body, max_attempts, due_unix_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .await?;
+    c.execute(
+        &st,
+        &[
+            &item.prediction_id,
+            &item.msg_id,
+            &item.url,
+            &item.event,
+            &item.body,
+            &(item.max_attempts as i32),
+            &now_ms,
+        ],
+    )
+    .await?;
+    Ok(())
 }

@@ -2,9 +2,35 @@
 
 use std::time::Duration;
 
+use deadpool_postgres::GenericClient;
+
 use super::PgStore;
 use crate::record::Record;
-use crate::store::{Page, StoreError};
+use crate::store::{Delivery, Page, StoreError};
+
+/// Writes a prediction this replica owns, on a connection or inside a transaction.
+async fn put_on(c: &impl GenericClient, replica: &str, r: &Record) -> Result<(), StoreError> {
+    let json = serde_json::to_string(r)?;
+    let st = c
+        .prepare_cached(
+            "INSERT INTO predictions (id, created_at, status, record, owner)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, record = excluded.record
+             WHERE predictions.owner IS NOT DISTINCT FROM excluded.owner",
+        )
+        .await?;
+    let p = &r.prediction;
+    let n = c
+        .execute(
+            &st,
+            &[&p.id, &p.created_at, &p.status.as_str(), &json, &replica],
+        )
+        .await?;
+    if n == 0 {
+        return Err(StoreError::NotOwner(p.id.clone()));
+    }
+    Ok(())
+}
 
 impl PgStore {
     pub(super) async fn insert(&self, r: &Record) -> Result<(), StoreError> {
@@ -36,32 +62,23 @@ impl PgStore {
     }
 
     pub(super) async fn put(&self, r: &Record) -> Result<(), StoreError> {
-        let json = serde_json::to_string(r)?;
         let c = self.writer().await?;
-        let st = c
-            .prepare_cached(
-                "INSERT INTO predictions (id, created_at, status, record, owner)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, record = excluded.record
-                 WHERE predictions.owner IS NOT DISTINCT FROM excluded.owner",
-            )
-            .await?;
-        let p = &r.prediction;
-        let n = c
-            .execute(
-                &st,
-                &[
-                    &p.id,
-                    &p.created_at,
-                    &p.status.as_str(),
-                    &json,
-                    &self.replica,
-                ],
-            )
-            .await?;
-        if n == 0 {
-            return Err(StoreError::NotOwner(p.id.clone()));
+        put_on(&c, &self.replica, r).await
+    }
+
+    pub(super) async fn finish(
+        &self,
+        r: &Record,
+        deliveries: &[Delivery],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.writer().await?;
+        let tx = c.transaction().await?;
+        put_on(&tx, &self.replica, r).await?;
+        for d in deliveries {
+            super::outbox::push_on(&tx, &d.item(), d.coalesce, now_ms).await?;
         }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use super::SqliteStore;
 use crate::record::Record;
 use crate::store::{
-    valid_file_id, FileMeta, FileStream, OutboxItem, OutboxRow, Page, Store, StoreError,
+    valid_file_id, Delivery, FileMeta, FileStream, OutboxItem, OutboxRow, Page, Store, StoreError,
 };
 
 #[async_trait]
@@ -37,6 +37,15 @@ impl Store for SqliteStore {
     async fn put(&self, r: &Record) -> Result<(), StoreError> {
         let r = r.clone();
         self.run(move |db| db.put(&r)).await
+    }
+    async fn finish(
+        &self,
+        r: &Record,
+        deliveries: &[Delivery],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (r, deliveries) = (r.clone(), deliveries.to_vec());
+        self.run(move |db| db.finish(&r, &deliveries, now_ms)).await
     }
     async fn exists(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_string();

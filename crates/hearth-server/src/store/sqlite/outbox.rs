@@ -3,7 +3,7 @@
 //! `completed` is always last); an intermediate event not yet tried is replaced by a
 //! newer one rather than queued behind it, so a slow receiver never grows the queue.
 
-use rusqlite::params;
+use rusqlite::{params, Connection};
 
 use super::SqliteDb;
 use crate::store::{OutboxItem, OutboxRow, StoreError, CLAIM_FOR};
@@ -15,32 +15,7 @@ impl SqliteDb {
         coalesce: bool,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let conn = self.writer()?;
-        if coalesce {
-            let n = conn.execute(
-                "UPDATE webhook_outbox SET event = ?2, body = ?3, due_unix_ms = ?4
-                 WHERE seq = (SELECT MAX(seq) FROM webhook_outbox WHERE prediction_id = ?1)
-                   AND attempts = 0 AND claimed = 0 AND event IN ('output', 'logs')",
-                params![item.prediction_id, item.event, item.body, now_ms],
-            )?;
-            if n > 0 {
-                return Ok(());
-            }
-        }
-        conn.execute(
-            "INSERT INTO webhook_outbox (prediction_id, msg_id, url, event, body, max_attempts, due_unix_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                item.prediction_id,
-                item.msg_id,
-                item.url,
-                item.event,
-                item.body,
-                item.max_attempts,
-                now_ms
-            ],
-        )?;
-        Ok(())
+        push_on(&*self.writer()?, item, coalesce, now_ms)
     }
 
     pub(super) fn outbox_claim(
@@ -135,4 +110,39 @@ impl SqliteDb {
         crate::store::write_private(&path, fresh)?;
         Ok(fresh.to_string())
     }
+}
+
+/// Queues a delivery (see `Store::outbox_push`), on the connection or inside a
+/// transaction.
+pub(super) fn push_on(
+    conn: &Connection,
+    item: &OutboxItem,
+    coalesce: bool,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    if coalesce {
+        let n = conn.execute(
+            "UPDATE webhook_outbox SET event = ?2, body = ?3, due_unix_ms = ?4
+             WHERE seq = (SELECT MAX(seq) FROM webhook_outbox WHERE prediction_id = ?1)
+               AND attempts = 0 AND claimed = 0 AND event IN ('output', 'logs')",
+            params![item.prediction_id, item.event, item.body, now_ms],
+        )?;
+        if n > 0 {
+            return Ok(());
+        }
+    }
+    conn.execute(
+        "INSERT INTO webhook_outbox (prediction_id, msg_id, url, event, body, max_attempts, due_unix_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            item.prediction_id,
+            item.msg_id,
+            item.url,
+            item.event,
+            item.body,
+            item.max_attempts,
+            now_ms
+        ],
+    )?;
+    Ok(())
 }

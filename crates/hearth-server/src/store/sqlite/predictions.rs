@@ -1,11 +1,11 @@
 //! The predictions table: one JSON record per prediction, with the columns that
 //! listing, ownership and recovery query.
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{now_ms, SqliteDb};
 use crate::record::Record;
-use crate::store::{Page, StoreError};
+use crate::store::{Delivery, Page, StoreError};
 
 impl SqliteDb {
     pub(super) fn insert(&self, r: &Record) -> Result<(), StoreError> {
@@ -28,22 +28,22 @@ impl SqliteDb {
     }
 
     pub(super) fn put(&self, r: &Record) -> Result<(), StoreError> {
-        let json = serde_json::to_string(r)?;
-        let n = self.writer()?.execute(
-            "INSERT INTO predictions (id, created_at, status, record, owner) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(id) DO UPDATE SET status = excluded.status, record = excluded.record
-             WHERE predictions.owner IS excluded.owner",
-            params![
-                r.prediction.id,
-                r.prediction.created_at,
-                r.prediction.status.as_str(),
-                json,
-                self.replica
-            ],
-        )?;
-        if n == 0 {
-            return Err(StoreError::NotOwner(r.prediction.id.clone()));
+        put_on(&*self.writer()?, &self.replica, r)
+    }
+
+    pub(super) fn finish(
+        &self,
+        r: &Record,
+        deliveries: &[Delivery],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let conn = self.writer()?;
+        let tx = conn.unchecked_transaction()?;
+        put_on(&tx, &self.replica, r)?;
+        for d in deliveries {
+            super::outbox::push_on(&tx, &d.item(), d.coalesce, now_ms)?;
         }
+        tx.commit()?;
         Ok(())
     }
 
@@ -183,4 +183,25 @@ impl SqliteDb {
         let it = stmt.query_map(params![self.replica], |r| r.get(0))?;
         Ok(it.collect::<Result<_, _>>()?)
     }
+}
+
+/// Writes a prediction this replica owns, on the connection or inside a transaction.
+fn put_on(conn: &Connection, replica: &str, r: &Record) -> Result<(), StoreError> {
+    let json = serde_json::to_string(r)?;
+    let n = conn.execute(
+        "INSERT INTO predictions (id, created_at, status, record, owner) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(id) DO UPDATE SET status = excluded.status, record = excluded.record
+         WHERE predictions.owner IS excluded.owner",
+        params![
+            r.prediction.id,
+            r.prediction.created_at,
+            r.prediction.status.as_str(),
+            json,
+            replica
+        ],
+    )?;
+    if n == 0 {
+        return Err(StoreError::NotOwner(r.prediction.id.clone()));
+    }
+    Ok(())
 }

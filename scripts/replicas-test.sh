@@ -145,7 +145,8 @@ echo "== throughput and kill -9 under load"
 direct="http://127.0.0.1:${ports[0]}"
 victim=$((replicas - 1))
 if "$py" scripts/replicas_load.py --balancer "$lb" --direct "$direct" --token "$token" \
-  --load "$load" --replicas "$replicas" --kill-pid "${pids[$victim]}" ${LOAD_ARGS:-} 2>&1 | tee "$work/load.log"; then
+  --load "$load" --replicas "$replicas" --kill-pid "${pids[$victim]}" \
+  --victim "http://127.0.0.1:${ports[$victim]}" ${LOAD_ARGS:-} 2>&1 | tee "$work/load.log"; then
   passed=$((passed + 1))
 else
   failed=$((failed + 1)) status=1

@@ -3,7 +3,8 @@
 1. Throughput: batches of short predictions (Prefer: wait) through the balancer and
    straight to one replica, alternated, same concurrency; predictions/s and tokens/s.
 2. Kill: predictions (short and long, each with a `completed` webhook) created through
-   the balancer while one replica is killed with SIGKILL part-way. Then every
+   the balancer (the long ones before the kill straight on the victim, so it always
+   has work in flight) while one replica is killed with SIGKILL part-way. Then every
    prediction created must be found through the balancer (none lost) and end (none
    stuck: the survivors end the dead replica's once its lease runs out), and each must
    get exactly one `completed` webhook.
@@ -98,6 +99,10 @@ def main():
     a.add_argument("--replicas", type=int, required=True)
     a.add_argument("--load", type=int, default=60)
     a.add_argument("--kill-pid", type=int, required=True)
+    a.add_argument("--victim", required=True,
+                   help="the URL of the replica --kill-pid is: long predictions before the kill go "
+                        "straight to it, so the kill always has work in flight to strand (a balancer "
+                        "that had marked it down under load would otherwise spare it)")
     a.add_argument("--throughput", type=int, default=96, help="predictions per throughput batch")
     a.add_argument("--throughput-tokens", type=int, default=64)
     a.add_argument("--rounds", type=int, default=3, help="throughput batches each way, alternated")
@@ -128,7 +133,8 @@ def main():
                 killed_at = time.monotonic()
             long = i % 2 == 0
             inp = {"prompt": f"load {i}", "max_tokens": args.long_tokens if long else 24, "ignore_eos": True}
-            p, r = create(c, base, token, inp, hook=hooks.url)
+            target = args.victim.rstrip("/") if long and killed_at is None else base
+            p, r = create(c, target, token, inp, hook=hooks.url)
             ids.append(p["id"])
             retries += r
             time.sleep(0.02)

@@ -143,11 +143,14 @@ impl Prompt {
     }
 }
 
+/// `reserve`: tokens the server adds around each random prompt (a chat template), taken
+/// off its length so every backend's engine sees `input_len` prompt tokens.
 fn workload(
     a: &BenchArgs,
     tok: &TextTokenizer,
     vocab: u32,
     as_text: bool,
+    reserve: usize,
 ) -> anyhow::Result<Vec<(Prompt, usize)>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
     let mut out = Vec::new();
@@ -208,20 +211,21 @@ fn workload(
     if text_ids.is_empty() {
         bail!("the tokenizer has no token that decodes to text");
     }
+    let input_len = a.input_len.saturating_sub(reserve).max(1);
     for _ in 0..a.num_prompts {
-        let mut ids: Vec<u32> = (0..a.input_len)
+        let mut ids: Vec<u32> = (0..input_len)
             .map(|_| text_ids[rng.random_range(0..text_ids.len())])
             .collect();
         let mut text = tok.decode(&ids)?;
         for _ in 0..16 {
             let re = tok.encode(&text, false)?;
-            if re.len() == a.input_len {
+            if re.len() == input_len {
                 ids = re;
                 break;
             }
             ids = re;
-            ids.truncate(a.input_len);
-            while ids.len() < a.input_len {
+            ids.truncate(input_len);
+            while ids.len() < input_len {
                 ids.push(text_ids[rng.random_range(0..text_ids.len())]);
             }
             text = tok.decode(&ids)?;
@@ -319,7 +323,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             let engine = loaded.engine;
             let vocab = (engine.tokenizer().inner().get_vocab_size(true) as u32)
                 .min(engine.limits().vocab_size as u32);
-            let work = workload(&a, engine.tokenizer(), vocab, false)?;
+            let work = workload(&a, engine.tokenizer(), vocab, false, 0)?;
             (Some(engine), None, work)
         }
         Some(url) => {
@@ -328,7 +332,21 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             ))?;
             let tok = files.load_tokenizer()?;
             let vocab = tok.inner().get_vocab_size(true) as u32;
-            let work = workload(&a, &tok, vocab, true)?;
+            // Chat prompts go through the model's template on the server: the same
+            // number of prompt tokens as the other backends means less text here.
+            let reserve = if a.backend == "openai-chat" {
+                tok.prompt_tokens(&hearth_runtime::PromptSpec {
+                    messages: vec![hearth_runtime::ChatMessage {
+                        role: "user".into(),
+                        content: String::new(),
+                    }],
+                    ..Default::default()
+                })?
+                .len()
+            } else {
+                0
+            };
+            let work = workload(&a, &tok, vocab, true, reserve)?;
             let target = bench_http::HttpTarget {
                 api: bench_http::Api::parse(&a.backend),
                 client: reqwest::Client::builder()

@@ -199,6 +199,19 @@ impl CustomOp3 for PagedAttention<'_> {
             }
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(self.meta, self.scale, qs, ql, ks, kl, vs, vl)
+    }
 }
 
 #[derive(Clone, Copy)]

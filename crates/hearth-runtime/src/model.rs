@@ -119,10 +119,6 @@ struct StepTensors<'a> {
     attention: &'a AttentionMetadata,
 }
 
-fn proj(l: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-    l.forward(x)
-}
-
 impl Transformer {
     pub fn load(cfg: &ModelConfig, vb: WeightLoader) -> candle_core::Result<Self> {
         let device = vb.device().clone();
@@ -242,7 +238,7 @@ impl Transformer {
         if n_layers == 0 {
             h = norm(&self.norm, &select(x)?)?;
         }
-        proj(&self.lm_head, &h)?.to_dtype(DType::F32)
+        self.lm_head.forward(&h)?.to_dtype(DType::F32)
     }
 
     fn step_tensors<'a>(&'a self, batch: &'a ForwardBatch) -> candle_core::Result<StepTensors<'a>> {
@@ -283,9 +279,9 @@ fn add_norm(x: &Tensor, delta: &Tensor, n: &RmsNorm) -> candle_core::Result<(Ten
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = proj(&self.gate_proj, x)?;
-        let up = proj(&self.up_proj, x)?;
-        proj(&self.down_proj, &cpu_ops::silu_mul(&gate, &up)?)
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&cpu_ops::silu_mul(&gate, &up)?)
     }
 }
 
@@ -299,9 +295,9 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let t = x.dim(0)?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = proj(&self.q_proj, x)?.reshape((t, h, d))?;
-        let mut k = proj(&self.k_proj, x)?.reshape((t, kvh, d))?;
-        let v = proj(&self.v_proj, x)?.reshape((t, kvh, d))?;
+        let mut q = self.q_proj.forward(x)?.reshape((t, h, d))?;
+        let mut k = self.k_proj.forward(x)?.reshape((t, kvh, d))?;
+        let v = self.v_proj.forward(x)?.reshape((t, kvh, d))?;
         if let Some(n) = &self.q_norm {
             q = norm(n, &q)?;
         }
@@ -330,7 +326,7 @@ impl Attention {
         };
         let scale = 1.0 / (d as f32).sqrt();
         let o = paged_attention(&q, k_cache, v_cache, step.attention, scale)?;
-        proj(&self.o_proj, &o.reshape((t, h * d))?)
+        self.o_proj.forward(&o.reshape((t, h * d))?)
     }
 }
 

@@ -94,6 +94,9 @@ def gpu_replicas():
     assert env(c, "HEARTH_API_TOKEN")["valueFrom"]["secretKeyRef"]["key"] == "api-tokens"
     assert env(c, "HEARTH_STORE")["valueFrom"]["secretKeyRef"]["key"] == "store-url"
     assert env(c, "HEARTH_HOST")["value"] == "0.0.0.0"
+    # The Service's in-cluster names are Host names the pods answer to (others: 403).
+    hosts = env(c, "HEARTH_ALLOWED_HOSTS")["value"].split(",")
+    assert "hearth" in hosts and "hearth.ai.svc.cluster.local" in hosts, hosts
     assert pod["securityContext"]["runAsNonRoot"] is True
     secret = by_kind(docs, "Secret")
     assert secret["stringData"] == {"api-tokens": "t0k", "store-url": BASE["store"]["url"]}
@@ -124,7 +127,8 @@ def autoscaled_with_monitor_and_trial_postgres():
     assert by_kind(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["image"].startswith("postgres:")
     secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
     assert secrets["hearth"]["stringData"]["store-url"] == "postgres://hearth:pw@hearth-postgresql:5432/hearth"
-    assert secrets["hearth"]["stringData"]["api-tokens"] == "a,b"
+    # Tokens are separated by whitespace (a comma may be part of a token).
+    assert secrets["hearth"]["stringData"]["api-tokens"] == "a b"
 
 
 def one_replica_on_sqlite_with_public_metrics():

@@ -1,10 +1,41 @@
 //! API tokens: `Authorization: Bearer T` or Replicate's older `Token T`. Tokens are
 //! kept as SHA-256 digests and compared in constant time against every one, so
 //! neither timing nor length says how close a guess was.
+//!
+//! A list of tokens (`HEARTH_API_TOKEN`, `--api-token`) is split on whitespace, which
+//! cannot occur in a token; a token file has one per line. A token must be visible
+//! ASCII (what an `Authorization` header can carry), checked at startup.
 
 use axum::http::{header, HeaderMap};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+/// The tokens in a whitespace-separated list (spaces, tabs, newlines).
+pub fn split_tokens(list: &str) -> Vec<String> {
+    list.split_whitespace().map(str::to_string).collect()
+}
+
+/// The tokens in a token file: one a line; blank lines and lines starting with `#`
+/// skipped. A line is taken whole (a space inside it makes it invalid, never two).
+pub fn file_tokens(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Why a token cannot be used: empty, or a character an `Authorization` header cannot
+/// carry as part of a token (anything but visible ASCII). Never says the token.
+pub fn check_token(token: &str) -> Result<(), &'static str> {
+    if token.is_empty() {
+        return Err("is empty");
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("contains a character other than visible ASCII (a space, a control character or non-ASCII), which an Authorization header cannot carry");
+    }
+    Ok(())
+}
 
 pub struct Auth {
     digests: Vec<[u8; 32]>,
@@ -69,5 +100,21 @@ mod tests {
         assert!(!a.accepts(&h("Basic alpha")));
         assert!(!a.accepts(&HeaderMap::new()));
         assert!(Auth::new(&[]).accepts(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn lists_split_on_whitespace_only_and_files_by_line() {
+        use super::{check_token, file_tokens, split_tokens};
+        assert_eq!(split_tokens("ab,cd"), vec!["ab,cd"]);
+        assert_eq!(split_tokens(" a\tb\n c "), vec!["a", "b", "c"]);
+        assert_eq!(
+            file_tokens("# ops\nfirst,one\n\n  second  \nthird token\n"),
+            vec!["first,one", "second", "third token"]
+        );
+        assert!(check_token("first,one").is_ok());
+        assert!(check_token("third token").is_err());
+        assert!(check_token("caf\u{e9}").is_err());
+        assert!(check_token("a\u{7f}").is_err());
+        assert!(check_token("").is_err());
     }
 }

@@ -4,6 +4,7 @@
 //! model's tokenizer, and turns engine events into predictions.
 
 pub mod auth;
+pub mod client_quota;
 pub mod cog_shape;
 pub mod error;
 pub mod go_duration;
@@ -40,8 +41,12 @@ pub struct ServerConfig {
     pub api_tokens: Vec<String>,
     /// Serve without tokens on a non-loopback address (refused otherwise).
     pub allow_unauthenticated: bool,
-    /// Base of the absolute URLs the server hands out; default `http://{Host}`.
+    /// Base of the absolute URLs the server hands out; default `http://{Host}`. Its
+    /// host is one the server answers to.
     pub public_url: Option<String>,
+    /// `Host` names served besides loopback names, IP literals and `public_url`'s
+    /// host: a name, `.domain` (it and the names under it) or `*` (any).
+    pub allowed_hosts: Vec<String>,
     pub max_body_bytes: usize,
     /// Largest upload to `/v1/files`.
     pub max_file_bytes: u64,
@@ -57,6 +62,19 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Open connections at most; past it new ones get a 503 and are closed.
     pub max_connections: usize,
+    /// Open connections from one client address at most; past it new ones get a 429
+    /// and are closed.
+    pub max_connections_per_ip: usize,
+    /// A connection that has handled no request for this long is closed (HTTP/1
+    /// keep-alive and HTTP/2 alike).
+    pub idle_timeout: Duration,
+    /// A connection older than this takes no new requests and closes once its
+    /// responses are done (HTTP/2: GOAWAY).
+    pub max_connection_age: Duration,
+    /// Predictions and OpenAI generations one client (an API token, or an address
+    /// when the server has no tokens) may have queued or running at once; past it a
+    /// create is a 429 with `Retry-After`.
+    pub max_queued_per_client: usize,
     /// Cog's prediction slots: Cog-route predictions in flight at most; past it Cog's
     /// `POST`/`PUT /predictions` answer 409 "At capacity", as Cog does.
     pub cog_max_concurrency: usize,
@@ -76,6 +94,7 @@ impl ServerConfig {
             api_tokens: Vec::new(),
             allow_unauthenticated: false,
             public_url: None,
+            allowed_hosts: Vec::new(),
             max_body_bytes: 1 << 20,
             max_file_bytes: 100 << 20,
             shutdown_timeout: Duration::from_secs(30),
@@ -84,6 +103,10 @@ impl ServerConfig {
             webhook_allow_private: false,
             header_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            max_connections_per_ip: 256,
+            idle_timeout: Duration::from_secs(120),
+            max_connection_age: Duration::from_secs(3600),
+            max_queued_per_client: 512,
             cog_max_concurrency: 256,
             store: None,
             replica_lease: Duration::from_secs(15),
@@ -104,6 +127,18 @@ impl ServerConfig {
                 self.addr
             )));
         }
+        for (i, t) in self.api_tokens.iter().enumerate() {
+            if let Err(why) = auth::check_token(t) {
+                return Err(ServerError::Config(format!(
+                    "--api-token: token {} of {} {why}",
+                    i + 1,
+                    self.api_tokens.len()
+                )));
+            }
+        }
+        for h in &self.allowed_hosts {
+            routes::browser_guard::check_allowed_host(h).map_err(ServerError::Config)?;
+        }
         if self.replica_lease < Duration::from_secs(3) {
             return Err(ServerError::Config(
                 "--replica-lease: must be at least 3 seconds".into(),
@@ -112,6 +147,21 @@ impl ServerConfig {
         if self.max_connections == 0 {
             return Err(ServerError::Config(
                 "--max-connections: must be at least 1".into(),
+            ));
+        }
+        if self.max_connections_per_ip == 0 {
+            return Err(ServerError::Config(
+                "--max-connections-per-ip: must be at least 1".into(),
+            ));
+        }
+        if self.idle_timeout.is_zero() || self.max_connection_age.is_zero() {
+            return Err(ServerError::Config(
+                "--idle-timeout and --max-connection-age: must be at least 1 second".into(),
+            ));
+        }
+        if self.max_queued_per_client == 0 {
+            return Err(ServerError::Config(
+                "--max-queued-per-client: must be at least 1".into(),
             ));
         }
         if self.cog_max_concurrency == 0 {
@@ -140,6 +190,8 @@ pub struct AppState {
     pub setup: startup::SetupReport,
     /// Cog's prediction slots (`--cog-max-concurrency`).
     pub cog_slots: Arc<tokio::sync::Semaphore>,
+    /// Work queued or running per client (`--max-queued-per-client`).
+    pub quotas: Arc<client_quota::Quotas>,
 }
 
 impl AppState {
@@ -235,6 +287,10 @@ pub async fn open_backing(cfg: &ServerConfig) -> Result<Backing, ServerError> {
         .clone()
         .unwrap_or_else(|| store::StoreSpec::Sqlite(cfg.data_dir.join("predictions.sqlite3")));
     let store = store::open(&spec, &cfg.data_dir).await?;
+    let swept = routes::files::sweep_temp_files(&cfg.data_dir.join("files"), store.is_shared());
+    if swept > 0 {
+        tracing::info!(swept, "removed uploads a stopped process left unfinished");
+    }
     let opened = async {
         store.heartbeat(cfg.replica_lease).await?;
         let webhooks =
@@ -298,6 +354,7 @@ pub async fn build_state_on(
         })
         .collect();
     let cfg_slots = cfg.cog_max_concurrency;
+    let cfg_quota = cfg.max_queued_per_client;
     Ok(Arc::new(AppState {
         auth: auth::Auth::new(&cfg.api_tokens),
         cfg,
@@ -312,6 +369,7 @@ pub async fn build_state_on(
         started_at: record::now_rfc3339(),
         setup,
         cog_slots: Arc::new(tokio::sync::Semaphore::new(cfg_slots)),
+        quotas: client_quota::Quotas::new(cfg_quota),
     }))
 }
 
@@ -362,7 +420,7 @@ pub(crate) fn spawn_accept(
     app: axum::Router,
     cfg: ServerConfig,
     stop: CancellationToken,
-) -> tokio::task::JoinHandle<hyper_util::server::graceful::GracefulShutdown> {
+) -> tokio::task::JoinHandle<crate::http::Connections> {
     tokio::spawn(async move { http::accept_until(listener, app, &cfg, stop).await })
 }
 
@@ -370,7 +428,7 @@ pub(crate) fn spawn_accept(
 /// down as `serve` says.
 pub(crate) async fn serve_until_stopped(
     state: Arc<AppState>,
-    accept: tokio::task::JoinHandle<hyper_util::server::graceful::GracefulShutdown>,
+    accept: tokio::task::JoinHandle<crate::http::Connections>,
     accept_stop: CancellationToken,
 ) -> Result<(), ServerError> {
     if state.auth.is_open() {

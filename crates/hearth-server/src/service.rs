@@ -10,13 +10,14 @@ use hearth_runtime::{
     FinishReason, GenerationEvent, GenerationRequest, RequestStream, RuntimeError,
 };
 
+use crate::client_quota::{Client, Slot};
 use crate::error::ApiError;
 use crate::metrics::RequestTimer;
 use crate::models::ServedModel;
 use crate::prediction::{self, Live, RunContext};
 use crate::record::{new_id, new_token, Prediction, Record, Status};
 use crate::store::StoreError;
-use crate::webhook::{guard, WebhookEvent, WebhookStyle};
+use crate::webhook::{guard, WebhookEvent, WebhookSender, WebhookStyle};
 use crate::AppState;
 
 pub type ServiceResult<T> = Result<T, ApiError>;
@@ -38,6 +39,8 @@ pub struct Origin {
     pub source: &'static str,
     /// A caller-chosen id (Cog); one that exists is a conflict.
     pub id: Option<String>,
+    /// Whose quota of queued predictions it counts against.
+    pub client: Client,
 }
 
 /// Parses `{input, webhook?, webhook_events_filter?}`. `input_required`: Replicate's
@@ -131,6 +134,8 @@ pub async fn create(
     }
     let parsed = crate::schema::parse_input(&req.input, &model.defaults)?;
     let prompt = model.engine.tokenizer().prompt_tokens(&parsed.prompt)?;
+    // Held until the prediction ends (its runner drops it).
+    let quota = state.quotas.take(&origin.client)?;
     // Dropping the stream cancels the request in the engine, so every early return
     // below leaves nothing running.
     let stream = model.engine.submit(GenerationRequest {
@@ -166,37 +171,115 @@ pub async fn create(
         webhook_events_filter: req.webhook_events_filter.clone(),
         created_unix: now.timestamp(),
     };
+    // From the store write on, the rest runs as its own task: a client that hangs up
+    // while the write is awaited drops this handler, never a stored row without its
+    // runner (which would stay `starting` with no `completed` webhook).
+    let state = state.clone();
+    let model = model.clone();
+    let cancel_after = req.cancel_after;
+    let webhook_url = req.webhook;
+    let filter = req.webhook_events_filter;
+    tokio::spawn(async move {
+        let stored = Stored {
+            record,
+            stream,
+            webhook_url,
+            filter,
+            cancel_after,
+            quota,
+        };
+        start_stored(&state, &model, stored).await
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("creating the prediction: {e}")))?
+}
+
+/// A validated prediction submitted to the engine, to store and start.
+struct Stored {
+    record: Record,
+    stream: RequestStream,
+    webhook_url: Option<String>,
+    filter: Vec<String>,
+    cancel_after: Option<Duration>,
+    quota: Slot,
+}
+
+/// Stores a new prediction and starts its runner; the second half of `create`.
+async fn start_stored(
+    state: &Arc<AppState>,
+    model: &Arc<ServedModel>,
+    stored: Stored,
+) -> ServiceResult<Arc<Live>> {
+    let Stored {
+        record,
+        stream,
+        webhook_url,
+        filter,
+        cancel_after,
+        quota,
+    } = stored;
     let id = record.prediction.id.clone();
-    let origin_source = origin.source;
+    let style = WebhookStyle::for_source(&record.prediction.source);
+    let webhook = webhook_url
+        .as_ref()
+        .map(|url| state.webhooks.sender(url.clone(), &filter, &id, style));
     match state.store.insert(&record).await {
         Ok(()) => {}
         Err(StoreError::Exists(_)) => return Err(conflict(&id)),
         Err(e) => return Err(e.into()),
     }
-    let live = state.hub.try_insert(record).ok_or_else(|| conflict(&id))?;
-    let webhook = req.webhook.as_ref().map(|url| {
-        state.webhooks.sender(
-            url.clone(),
-            &req.webhook_events_filter,
-            &id,
-            WebhookStyle::for_source(origin_source),
-        )
-    });
+    let Some(live) = state.hub.try_insert(record.clone()) else {
+        // Stored, but another prediction with this id runs here: end the stored one
+        // (failed, with its `completed` webhook) so it does not wait forever.
+        fail_stored(state, record, webhook.as_ref()).await;
+        return Err(conflict(&id));
+    };
     let ctx = RunContext {
         hub: state.hub.clone(),
         store: state.store.clone(),
         metrics: state.model_metrics(&model.full_name()),
         webhook,
-        deadline: req
-            .cancel_after
+        deadline: cancel_after
             .map(|d| tokio::time::Instant::now() + d.min(Duration::from_secs(86400 * 365))),
     };
     let span = tracing::info_span!("prediction", %id, model = %model.full_name());
+    let runner = live.clone();
     tokio::spawn(tracing::Instrument::instrument(
-        prediction::run(live.clone(), stream, ctx),
+        async move {
+            prediction::run(runner, stream, ctx).await;
+            drop(quota);
+        },
         span,
     ));
     Ok(live)
+}
+
+/// Ends a stored prediction that will not run, with its `completed` webhook.
+async fn fail_stored(state: &AppState, mut record: Record, webhook: Option<&WebhookSender>) {
+    record.prediction.error = Some(format!(
+        "a prediction with id {} was already running; create this one again",
+        record.prediction.id
+    ));
+    record
+        .prediction
+        .finish(Status::Failed, &crate::record::now_rfc3339());
+    let hooks = webhook
+        .map(|w| w.prepare(WebhookEvent::Completed, &record))
+        .unwrap_or_default();
+    match state
+        .store
+        .finish(&record, &hooks, crate::webhook::dispatcher::now_ms())
+        .await
+    {
+        Ok(()) => {
+            if let Some(w) = webhook {
+                w.queued();
+            }
+        }
+        Err(e) => {
+            tracing::error!(prediction = %record.prediction.id, error = %e, "could not end a prediction that will not run")
+        }
+    }
 }
 
 /// The current state: in memory while running here (or while its last write is
@@ -276,6 +359,8 @@ pub struct Generation {
     done: bool,
 }
 
+/// Submits `req`; the caller holds the client's quota slot for it
+/// (`client_quota`).
 pub fn generate(
     state: &AppState,
     model: &ServedModel,

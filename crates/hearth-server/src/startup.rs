@@ -275,7 +275,7 @@ async fn retire(backing: &crate::Backing) {
 
 async fn retire_and_stop(
     backing: crate::Backing,
-    accept: tokio::task::JoinHandle<hyper_util::server::graceful::GracefulShutdown>,
+    accept: tokio::task::JoinHandle<crate::http::Connections>,
     accept_stop: CancellationToken,
 ) -> Result<(), ServerError> {
     retire(&backing).await;
@@ -284,7 +284,7 @@ async fn retire_and_stop(
 
 /// Stops the accept loop and gives open connections a moment to finish.
 async fn stop_accepting(
-    accept: tokio::task::JoinHandle<hyper_util::server::graceful::GracefulShutdown>,
+    accept: tokio::task::JoinHandle<crate::http::Connections>,
     accept_stop: CancellationToken,
 ) -> Result<(), ServerError> {
     accept_stop.cancel();

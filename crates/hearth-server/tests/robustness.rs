@@ -366,3 +366,43 @@ async fn cancel_after_ends_running_and_queued_predictions_as_canceled() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_client_hanging_up_while_its_prediction_is_stored_leaves_no_orphan_row() {
+    let s = start(1 << 20).await;
+    // Another connection holds the database's write lock: the create's store write
+    // waits (busy timeout) while the client gives up and hangs up.
+    let db = rusqlite::Connection::open(s.data.0.join("predictions.sqlite3")).unwrap();
+    db.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let gave_up = s
+        .post("/v1/models/hearth/demo/predictions")
+        .json(&json!({"input": {"prompt": "hung up", "max_tokens": 4}}))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(
+        gave_up.is_err(),
+        "the create answered while the store was locked"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    db.execute_batch("COMMIT").unwrap();
+    // The prediction was stored after the client left: it runs to its end anyway.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let list: Value = s
+            .get("/v1/predictions")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(p) = list["results"].as_array().and_then(|r| r.first()) {
+            break p["id"].as_str().unwrap().to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "never stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let p = s.wait_terminal(&id).await;
+    assert_eq!(p["status"], "succeeded", "{p}");
+}

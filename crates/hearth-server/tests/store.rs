@@ -75,6 +75,8 @@ both!(
     list_pages_newest_first_with_filters,
     outbox_keeps_order_coalesces_and_claims_one_head_per_prediction,
     outbox_events_are_opaque_and_cog_events_never_coalesce,
+    outbox_drops_superseded_cog_states_and_keeps_completed_last,
+    outbox_hosts_take_turns_under_a_per_host_cap,
     outbox_claims_expire_and_release,
     cancel_requests_reach_the_owner,
     webhook_secret_is_made_once,
@@ -100,6 +102,111 @@ fn item<'a>(p: &'a str, msg: &'a str, event: &'a str, body: &'a str) -> OutboxIt
         body,
         max_attempts: 3,
     }
+}
+
+fn item_to<'a>(
+    p: &'a str,
+    msg: &'a str,
+    event: &'a str,
+    body: &'a str,
+    url: &'a str,
+) -> OutboxItem<'a> {
+    OutboxItem {
+        url,
+        ..item(p, msg, event, body)
+    }
+}
+
+async fn outbox_drops_superseded_cog_states_and_keeps_completed_last(b: Backend) {
+    use hearth_server::store::SUPERSEDED_AFTER;
+    let s = b.store;
+    let now = 1_000_000;
+    // A receiver far behind: the start, then one output row per token (each the whole
+    // output so far), then the end.
+    let n = SUPERSEDED_AFTER * 4;
+    s.outbox_push(&item("c", "start", "cog.start", "s"), false, now)
+        .await
+        .unwrap();
+    let msgs: Vec<String> = (0..n).map(|i| format!("o{i}")).collect();
+    for m in &msgs {
+        s.outbox_push(&item("c", m, "cog.output", m), false, now)
+            .await
+            .unwrap();
+    }
+    s.outbox_push(&item("c", "end", "cog.completed", "done"), false, now)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("done") {
+        let rows = s.outbox_claim(now, 10).await.unwrap();
+        assert_eq!(rows.len(), 1, "one at a time per prediction: {seen:?}");
+        // Never more queued than the newest states and what is out.
+        assert!(s.outbox_len().await.unwrap() <= SUPERSEDED_AFTER + 2);
+        seen.push(rows[0].body.clone());
+        s.outbox_remove(rows[0].seq).await.unwrap();
+    }
+    assert_eq!(seen[0], "s", "the start is kept");
+    // The states delivered are in order, end with the newest output and `completed`.
+    let outputs: Vec<usize> = seen[1..seen.len() - 1]
+        .iter()
+        .map(|b| b[1..].parse().unwrap())
+        .collect();
+    assert!(outputs.windows(2).all(|w| w[0] < w[1]), "{outputs:?}");
+    assert_eq!(*outputs.last().unwrap(), n - 1);
+    assert!(outputs.len() <= SUPERSEDED_AFTER + 1, "{}", outputs.len());
+    // A receiver that keeps up (fewer queued than the bound) gets every state.
+    for i in 0..4 {
+        s.outbox_push(&item("k", &format!("k{i}"), "cog.output", "x"), false, now)
+            .await
+            .unwrap();
+    }
+    let mut got = 0;
+    while let Some(r) = s.outbox_claim(now, 10).await.unwrap().pop() {
+        got += 1;
+        s.outbox_remove(r.seq).await.unwrap();
+    }
+    assert_eq!(got, 4);
+}
+
+async fn outbox_hosts_take_turns_under_a_per_host_cap(b: Backend) {
+    use hearth_server::store::PER_HOST_IN_FLIGHT;
+    let s = b.store;
+    let now = 1_000_000;
+    // A slow host with many predictions' deliveries queued first, then another host's.
+    let slow: Vec<String> = (0..PER_HOST_IN_FLIGHT * 3)
+        .map(|i| format!("slow{i}"))
+        .collect();
+    for p in &slow {
+        s.outbox_push(
+            &item_to(p, p, "completed", "b", "http://tarpit.example/h"),
+            false,
+            now,
+        )
+        .await
+        .unwrap();
+    }
+    s.outbox_push(
+        &item_to("fast", "f", "completed", "b", "http://fast.example/h"),
+        false,
+        now,
+    )
+    .await
+    .unwrap();
+    let first = s.outbox_claim(now, 4).await.unwrap();
+    assert!(
+        first.iter().any(|r| r.prediction_id == "fast"),
+        "the other host waits behind the slow one's backlog"
+    );
+    let more = s.outbox_claim(now, 100).await.unwrap();
+    let out_slow = first
+        .iter()
+        .chain(&more)
+        .filter(|r| r.url.contains("tarpit"))
+        .count();
+    assert_eq!(out_slow, PER_HOST_IN_FLIGHT, "per-host cap");
+    // One delivered: one more of that host may go out.
+    s.outbox_remove(more[0].seq).await.unwrap();
+    assert_eq!(s.outbox_claim(now, 100).await.unwrap().len(), 1);
 }
 
 async fn insert_is_atomic_and_never_overwrites(b: Backend) {
@@ -381,8 +488,45 @@ async fn files_round_trip_in_pieces(b: Backend) {
     }
     assert_eq!(got.len(), bytes.len());
     assert!(got == bytes, "the bytes come back as they went in");
-    let list = s.file_list().await.unwrap();
-    assert_eq!(list.len(), 1);
+    // Listed a page at a time, newest first, every file once.
+    let mut ids = vec![id.clone()];
+    for i in 0..4 {
+        let path = match &b._dir {
+            Some(d) => d.0.join("files").join(format!(".upload-{i}")),
+            None => std::env::temp_dir().join(format!("hearth-file-{}", new_id())),
+        };
+        std::fs::write(&path, b"x").unwrap();
+        let other = new_id();
+        let at = format!("2030-01-01T00:00:0{i}.000000Z");
+        s.file_put(&json!({"id": other, "created_at": at}), &path)
+            .await
+            .unwrap();
+        ids.push(other);
+    }
+    let (mut seen, mut cursor, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let page = s.file_list(cursor.as_deref(), 2).await.unwrap();
+        assert!(page.files.len() <= 2);
+        seen.extend(
+            page.files
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_string()),
+        );
+        pages += 1;
+        match page.next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut newest_first = ids[1..].to_vec();
+    newest_first.reverse();
+    newest_first.push(id.clone());
+    assert_eq!(seen, newest_first);
+    for other in &ids[1..] {
+        assert!(s.file_delete(other).await.unwrap());
+    }
+    assert_eq!(s.file_list(None, 10).await.unwrap().files.len(), 1);
     assert!(s.file_delete(&id).await.unwrap());
     assert!(!s.file_delete(&id).await.unwrap());
     assert!(s.file_read(&id).await.unwrap().is_none());

@@ -77,8 +77,19 @@ async fn a_database_of_the_previous_release_migrates_and_its_interrupted_rows_ar
     )
     .unwrap();
     drop(c);
+    // An upload of that release: indexed at the upgrade, so it is listed.
+    let fid = "a".repeat(26);
+    std::fs::create_dir_all(dir.0.join("files")).unwrap();
+    std::fs::write(
+        dir.0.join("files").join(format!("{fid}.json")),
+        format!(r#"{{"id": "{fid}", "created_at": "2025-01-01T00:00:00.000000Z"}}"#),
+    )
+    .unwrap();
     let s = SqliteStore::open(&path, &dir.0).await.unwrap();
-    assert_eq!(s.schema_version().await.unwrap(), 3);
+    assert_eq!(s.schema_version().await.unwrap(), 4);
+    let files = s.file_list(None, 10).await.unwrap().files;
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0]["id"], fid.as_str());
     s.heartbeat(Duration::from_secs(60)).await.unwrap();
     let orphans = s.claim_orphans(10).await.unwrap();
     assert_eq!(orphans.len(), 1);
@@ -86,4 +97,48 @@ async fn a_database_of_the_previous_release_migrates_and_its_interrupted_rows_ar
     // The delivery the old process had out is due again after the release at start.
     assert_eq!(s.outbox_release_claims().await.unwrap(), 1);
     assert_eq!(s.outbox_claim(1, 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_present_but_invalid_webhook_secret_is_an_error_naming_the_file_not_replaced() {
+    let dir = TempDir::new("secret");
+    let path = dir.0.join("p.sqlite3");
+    let secret = dir.0.join("webhook_secret");
+    let s = SqliteStore::open(&path, &dir.0).await.unwrap();
+    // None yet: made, written whole (no temporary file left beside it).
+    let made = s
+        .webhook_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), made);
+    let names: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("webhook_secret"))
+        .collect();
+    assert_eq!(names, vec!["webhook_secret"]);
+    for garbage in ["not a secret\n", "whsec_%%%%\n", ""] {
+        std::fs::write(&secret, garbage).unwrap();
+        let e = s
+            .webhook_secret("whsec_BBBB")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&secret.display().to_string()), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&secret).unwrap(),
+            garbage,
+            "replaced"
+        );
+    }
+    // Unreadable (a folder where the file should be): an error too, not a new secret.
+    std::fs::remove_file(&secret).unwrap();
+    std::fs::create_dir(&secret).unwrap();
+    let e = s
+        .webhook_secret("whsec_BBBB")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot read it"), "{e}");
+    s.retire().await.unwrap();
 }

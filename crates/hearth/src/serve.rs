@@ -27,9 +27,14 @@ pub struct ServeArgs {
     /// Predictions database, uploaded files, webhook secret. Default: a per-user folder.
     #[arg(long, env = "HEARTH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Accepted API tokens (repeatable, or comma-separated in the env). None: no auth.
-    #[arg(long = "api-token", env = "HEARTH_API_TOKEN", value_delimiter = ',')]
+    /// Accepted API tokens (repeatable; in the env, several separated by whitespace,
+    /// which cannot occur in a token). None (and no --api-token-file): no auth.
+    #[arg(long = "api-token", env = "HEARTH_API_TOKEN")]
     pub api_tokens: Vec<String>,
+    /// A file of accepted API tokens, one a line (blank lines and `#` lines skipped),
+    /// besides any --api-token.
+    #[arg(long = "api-token-file", env = "HEARTH_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
     /// The model's Replicate name, owner/name (default from the model: hearth/demo,
     /// the Hub id, or local/FOLDER).
     #[arg(long, env = "HEARTH_NAME")]
@@ -50,6 +55,15 @@ pub struct ServeArgs {
     /// Base of the URLs handed out (default http://{Host header}).
     #[arg(long, env = "HEARTH_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// `Host` names served besides loopback names, IP literals and --public-url's host
+    /// (repeatable, or comma-separated in the env): a name, .domain (it and every name
+    /// under it) or * (any). Other names get a 403 (DNS rebinding).
+    #[arg(
+        long = "allowed-host",
+        env = "HEARTH_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
     #[arg(long, env = "HEARTH_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
     /// Seconds SIGTERM waits for predictions in flight before cancelling them.
@@ -77,6 +91,21 @@ pub struct ServeArgs {
     /// Most open connections; past it new ones get a 503.
     #[arg(long, env = "HEARTH_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// Most open connections from one client address; past it new ones get a 429.
+    #[arg(long, env = "HEARTH_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    pub max_connections_per_ip: usize,
+    /// Seconds a connection may handle no request before it is closed (HTTP/1 and 2).
+    #[arg(long, env = "HEARTH_IDLE_TIMEOUT", default_value_t = 120)]
+    pub idle_timeout: u64,
+    /// Seconds after which a connection takes no new requests and closes once its
+    /// responses are done (HTTP/2: GOAWAY).
+    #[arg(long, env = "HEARTH_MAX_CONNECTION_AGE", default_value_t = 3600)]
+    pub max_connection_age: u64,
+    /// Predictions (and OpenAI generations) one client may have queued or running at
+    /// once: per API token, or per address without tokens; past it a 429 (default:
+    /// half of --max-num-seqs plus --max-waiting, so no one client fills the queue).
+    #[arg(long, env = "HEARTH_MAX_QUEUED_PER_CLIENT")]
+    pub max_queued_per_client: Option<usize>,
     /// Cog's prediction slots: Cog-API predictions in flight at most; past it
     /// `POST /predictions` answers 409 "At capacity", as Cog does (default:
     /// --max-num-seqs).
@@ -255,19 +284,39 @@ fn load_models(a: &ServeArgs, log: &SetupLog) -> anyhow::Result<Vec<ServedModel>
     Ok(out)
 }
 
+/// `--api-token` values (each a whitespace-separated list) and `--api-token-file`'s lines.
+fn api_tokens(a: &ServeArgs) -> anyhow::Result<Vec<String>> {
+    let mut tokens: Vec<String> = a
+        .api_tokens
+        .iter()
+        .flat_map(|t| hearth_server::auth::split_tokens(t))
+        .collect();
+    if let Some(path) = &a.api_token_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--api-token-file {}", path.display()))?;
+        let from_file = hearth_server::auth::file_tokens(&text);
+        if from_file.is_empty() {
+            bail!("--api-token-file {}: no token in the file", path.display());
+        }
+        tokens.extend(from_file);
+    }
+    Ok(tokens)
+}
+
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
         .with_context(|| format!("--host {} --port {} is not an address", a.host, a.port))?;
     let mut cfg = ServerConfig::new(addr, a.data_dir.clone().unwrap_or_else(default_data_dir));
-    cfg.api_tokens = a
-        .api_tokens
-        .iter()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .collect();
+    cfg.api_tokens = api_tokens(&a)?;
     cfg.allow_unauthenticated = a.allow_unauthenticated;
     cfg.public_url = a.public_url.clone();
+    cfg.allowed_hosts = a
+        .allowed_hosts
+        .iter()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
     cfg.max_body_bytes = a.max_body_bytes;
     cfg.max_file_bytes = a.max_file_size;
     cfg.shutdown_timeout = Duration::from_secs(a.shutdown_timeout);
@@ -276,6 +325,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     cfg.webhook_allow_private = a.webhook_allow_private;
     cfg.header_read_timeout = Duration::from_secs(a.header_read_timeout.max(1));
     cfg.max_connections = a.max_connections;
+    cfg.max_connections_per_ip = a.max_connections_per_ip;
+    cfg.idle_timeout = Duration::from_secs(a.idle_timeout);
+    cfg.max_connection_age = Duration::from_secs(a.max_connection_age);
+    cfg.max_queued_per_client = a
+        .max_queued_per_client
+        .unwrap_or(((a.engine.max_num_seqs + a.engine.max_waiting) / 2).max(1));
     cfg.cog_max_concurrency = a.cog_max_concurrency.unwrap_or(a.engine.max_num_seqs);
     cfg.store = a.store.clone();
     cfg.replica_lease = Duration::from_secs(a.replica_lease);
@@ -315,4 +370,45 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         setup,
     ))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: super::ServeArgs,
+    }
+
+    fn tokens(args: &[&str]) -> anyhow::Result<Vec<String>> {
+        let cli = Cli::try_parse_from([&["hearth"][..], args].concat())?;
+        super::api_tokens(&cli.serve)
+    }
+
+    #[test]
+    fn a_comma_stays_inside_its_token() {
+        assert_eq!(tokens(&["--api-token", "ab,cd"]).unwrap(), vec!["ab,cd"]);
+        assert_eq!(
+            tokens(&["--api-token", "one two", "--api-token", "three"]).unwrap(),
+            vec!["one", "two", "three"]
+        );
+    }
+
+    #[test]
+    fn a_token_file_has_one_token_a_line() {
+        let dir = std::env::temp_dir().join(format!("hearth-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        std::fs::write(&path, "# team a\nfirst,one\n\nsecond\n").unwrap();
+        let p = path.to_str().unwrap();
+        assert_eq!(
+            tokens(&["--api-token-file", p, "--api-token", "x"]).unwrap(),
+            vec!["x", "first,one", "second"]
+        );
+        std::fs::write(&path, "# nothing\n").unwrap();
+        assert!(tokens(&["--api-token-file", p]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -108,6 +108,18 @@ impl OaiError {
         }
     }
 
+    /// A client at `--max-queued-per-client`.
+    pub fn rate_limited(message: String) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message,
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("rate_limit_exceeded"),
+            retry_after: Some(1),
+        }
+    }
+
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::{base_url, cog_stream, json_response};
+use crate::client_quota::Client;
 use crate::cog_shape;
 use crate::error::{ApiError, FieldError};
 use crate::prediction::Live;
@@ -253,7 +254,12 @@ impl Drop for SyncGuard {
 
 /// Validates (every field, in one 422), takes a Cog slot (409 when none is free),
 /// creates, and answers as `reply` says.
-async fn run(state: Arc<AppState>, headers: HeaderMap, req: CogRequest) -> Response {
+async fn run(
+    state: Arc<AppState>,
+    client: Client,
+    headers: HeaderMap,
+    req: CogRequest,
+) -> Response {
     let Some(model) = state.models.default_model().cloned() else {
         return failed(StatusCode::SERVICE_UNAVAILABLE, "no model is served");
     };
@@ -282,6 +288,7 @@ async fn run(state: Arc<AppState>, headers: HeaderMap, req: CogRequest) -> Respo
         base_url: base_url(&state, &headers),
         source: "cog",
         id: req.id,
+        client,
     };
     let live = match service::create(&state, &model, create, origin).await {
         Ok(l) => l,
@@ -338,6 +345,7 @@ async fn until_terminal(live: &Live) {
 
 pub async fn create(
     State(state): State<Arc<AppState>>,
+    client: Client,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -350,7 +358,7 @@ pub async fn create(
             return invalid(&[FieldError::new(&["id"], ID_RULE)]);
         }
     }
-    run(state, headers, req).await
+    run(state, client, headers, req).await
 }
 
 /// Cog's idempotent create. A Cog prediction in flight with this id answers 202 with
@@ -360,6 +368,7 @@ pub async fn create(
 /// reuses an id.
 pub async fn put(
     State(state): State<Arc<AppState>>,
+    client: Client,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -397,7 +406,7 @@ pub async fn put(
         };
     }
     req.id = Some(id);
-    run(state, headers, req).await
+    run(state, client, headers, req).await
 }
 
 /// Cancels a prediction in flight here, or (with a shared store) on the replica that

@@ -7,9 +7,10 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Multipart, Path, State};
+use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
+use base64::Engine as _;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -21,6 +22,32 @@ use crate::AppState;
 
 fn files_dir(state: &AppState) -> std::path::PathBuf {
     state.cfg.data_dir.join("files")
+}
+
+/// Uploads' temporary files (`.upload-*`) a stopped process left in `dir`: removed at
+/// start. With a shared store several replicas may share the folder, so only those
+/// untouched for an hour (an upload in progress writes to its file). Returns how many.
+pub fn sweep_temp_files(dir: &std::path::Path, shared: bool) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let idle = std::time::Duration::from_secs(3600);
+    let mut n = 0;
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(".upload-") {
+            continue;
+        }
+        let stale = !shared
+            || e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > idle);
+        if stale && std::fs::remove_file(e.path()).is_ok() {
+            n += 1;
+        }
+    }
+    n
 }
 
 async fn read_meta(state: &AppState, id: &str, base: &str) -> AppResult<Value> {
@@ -95,6 +122,32 @@ async fn receive(
     })
 }
 
+/// The largest `metadata` part: it is parsed in memory.
+pub const MAX_METADATA_BYTES: usize = 64 << 10;
+
+/// Uploads listed a page at a time.
+const PAGE_SIZE: usize = 100;
+
+/// The `metadata` part, read a chunk at a time up to `MAX_METADATA_BYTES`.
+async fn receive_metadata(mut field: axum::extract::multipart::Field<'_>) -> AppResult<Value> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("metadata: {e}")))?
+    {
+        if buf.len() + chunk.len() > MAX_METADATA_BYTES {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Request body too large",
+                format!("metadata: larger than {MAX_METADATA_BYTES} bytes"),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&buf).map_err(|e| ApiError::invalid(format!("metadata: not JSON: {e}")))
+}
+
 pub async fn upload(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -115,14 +168,7 @@ pub async fn upload(
     })? {
         match field.name() {
             Some("content") => content = Some(receive(&state, field).await?),
-            Some("metadata") => {
-                let text = field
-                    .text()
-                    .await
-                    .map_err(|e| ApiError::bad_request(format!("metadata: {e}")))?;
-                metadata = serde_json::from_str(&text)
-                    .map_err(|e| ApiError::invalid(format!("metadata: not JSON: {e}")))?;
-            }
+            Some("metadata") => metadata = receive_metadata(field).await?,
             _ => {}
         }
     }
@@ -144,16 +190,42 @@ pub async fn upload(
     ))
 }
 
-pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> AppResult<Response> {
+#[derive(serde::Deserialize)]
+pub struct ListQuery {
+    cursor: Option<String>,
+}
+
+/// Newest first, `PAGE_SIZE` a page, `next` the absolute URL of the next page (as
+/// predictions are listed).
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> AppResult<Response> {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let cursor = match &q.cursor {
+        Some(c) => Some(
+            b64.decode(c)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|c| c.contains('|'))
+                .ok_or_else(|| ApiError::bad_request("cursor: not a cursor this server issued"))?,
+        ),
+        None => None,
+    };
     let base = base_url(&state, &headers);
-    let mut results = state.store.file_list().await?;
+    let page = state.store.file_list(cursor.as_deref(), PAGE_SIZE).await?;
+    let mut results = page.files;
     for v in &mut results {
         let id = v["id"].as_str().unwrap_or("").to_string();
         v["urls"] = json!({"get": format!("{base}/v1/files/{id}/download")});
     }
+    let next = page
+        .next
+        .map(|c| format!("{base}/v1/files?cursor={}", b64.encode(c)));
     Ok(json_response(
         StatusCode::OK,
-        &json!({"next": null, "previous": null, "results": results}),
+        &json!({"next": next, "previous": null, "results": results}),
     ))
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP surface: which path goes to which handler, and what every request passes
 //! through (authentication, JSON errors, request metrics).
 
+pub mod browser_guard;
 pub mod cog;
 pub mod cog_stream;
 pub mod files;
@@ -245,6 +246,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.cfg.max_body_bytes;
     r.fallback(unknown_route)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(browser_guard::BrowserGuard::new(&state.cfg)),
+            browser_guard::check,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use super::json_response;
+use crate::client_quota::Client;
 use crate::models::ServedModel;
 use crate::openai::choices::{self, Piece, Running};
 use crate::openai::render::{
@@ -42,16 +43,24 @@ fn parse(body: &[u8]) -> OaiResult<Value> {
     })
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    client: Client,
+    body: Bytes,
+) -> Response {
     match parse(&body).and_then(|v| request::chat(&v)) {
-        Ok(job) => run(state, job, Kind::Chat).await,
+        Ok(job) => run(state, client, job, Kind::Chat).await,
         Err(e) => e.into_response(),
     }
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    client: Client,
+    body: Bytes,
+) -> Response {
     match parse(&body).and_then(|v| request::completion(&v)) {
-        Ok(job) => run(state, job, Kind::Completion).await,
+        Ok(job) => run(state, client, job, Kind::Completion).await,
         Err(e) => e.into_response(),
     }
 }
@@ -73,9 +82,15 @@ pub fn find_model(state: &AppState, id: &str) -> Option<Arc<ServedModel>> {
     }
 }
 
-async fn run(state: Arc<AppState>, job: Job, kind: Kind) -> Response {
+async fn run(state: Arc<AppState>, client: Client, job: Job, kind: Kind) -> Response {
     let Some(model) = find_model(&state, &job.model) else {
         return OaiError::model_not_found(&job.model).into_response();
+    };
+    // One slot of the client's quota for the request (all its choices), until its
+    // answer (or stream) ends.
+    let quota = match state.quotas.take(&client) {
+        Ok(slot) => slot,
+        Err(e) => return OaiError::rate_limited(e.0).into_response(),
     };
     let prefix = if kind == Kind::Chat {
         "chatcmpl"
@@ -97,6 +112,7 @@ async fn run(state: Arc<AppState>, job: Job, kind: Kind) -> Response {
         fingerprint: model.version.clone(),
         job,
         kind,
+        _quota: quota,
     };
     if ctx.job.stream {
         stream(ctx, running, span)
@@ -114,6 +130,7 @@ struct Ctx {
     fingerprint: String,
     job: Job,
     kind: Kind,
+    _quota: crate::client_quota::Slot,
 }
 
 impl Ctx {

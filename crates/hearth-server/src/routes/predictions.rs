@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{base_url, json_response, parse_json_body, AppResult};
+use crate::client_quota::Client;
 use crate::error::ApiError;
 use crate::models::ServedModel;
 use crate::service::{self, Origin};
@@ -60,6 +61,7 @@ pub fn cancel_after(headers: &HeaderMap) -> AppResult<Option<Duration>> {
 async fn respond_created(
     state: Arc<AppState>,
     model: Arc<ServedModel>,
+    client: Client,
     headers: HeaderMap,
     body: Bytes,
 ) -> AppResult<Response> {
@@ -70,6 +72,7 @@ async fn respond_created(
         base_url: base_url(&state, &headers),
         source: "api",
         id: None,
+        client,
     };
     let live = service::create(&state, &model, req, origin).await?;
     let record = match wait {
@@ -89,6 +92,7 @@ async fn respond_created(
 /// `POST /v1/predictions {"version": ...}`: a version id, `owner/name` or `owner/name:version`.
 pub async fn create(
     State(state): State<Arc<AppState>>,
+    client: Client,
     headers: HeaderMap,
     body: Bytes,
 ) -> AppResult<Response> {
@@ -113,7 +117,7 @@ pub async fn create(
             .cloned()
             .ok_or_else(|| ApiError::not_found(format!("version {version} not found")))?,
     };
-    respond_created(state, model, headers, body).await
+    respond_created(state, model, client, headers, body).await
 }
 
 /// The served model called `owner/name` (`kind` names it in the 404).
@@ -143,34 +147,37 @@ fn check_version(model: &ServedModel, version: &str) -> AppResult<()> {
 
 pub async fn create_for_model(
     State(state): State<Arc<AppState>>,
+    client: Client,
     Path((owner, name)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> AppResult<Response> {
     let model = find_model(&state, &owner, &name, "model")?;
-    respond_created(state, model, headers, body).await
+    respond_created(state, model, client, headers, body).await
 }
 
 pub async fn create_for_version(
     State(state): State<Arc<AppState>>,
+    client: Client,
     Path((owner, name, version)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> AppResult<Response> {
     let model = find_model(&state, &owner, &name, "model")?;
     check_version(&model, &version)?;
-    respond_created(state, model, headers, body).await
+    respond_created(state, model, client, headers, body).await
 }
 
 /// A deployment is served as the model of the same name.
 pub async fn create_for_deployment(
     State(state): State<Arc<AppState>>,
+    client: Client,
     Path((owner, name)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> AppResult<Response> {
     let model = find_model(&state, &owner, &name, "deployment")?;
-    respond_created(state, model, headers, body).await
+    respond_created(state, model, client, headers, body).await
 }
 
 pub async fn get_one(

@@ -38,7 +38,13 @@ pub fn router(gate: Arc<Gate>) -> Router {
         };
         r = r.route(spec.path, handler);
     }
-    r.fallback(unknown).with_state(gate)
+    let guard = Arc::new(super::browser_guard::BrowserGuard::new(&gate.cfg));
+    r.fallback(unknown)
+        .layer(middleware::from_fn_with_state(
+            guard,
+            super::browser_guard::check,
+        ))
+        .with_state(gate)
 }
 
 async fn authenticate(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {

@@ -22,14 +22,28 @@ use crate::AppState;
 /// Python's read timeout is 30 s; a comment every 15 s keeps it open.
 const HEARTBEAT: Duration = Duration::from_secs(15);
 
-fn resume_index(headers: &HeaderMap) -> usize {
-    headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(':').next())
-        .and_then(|n| n.parse::<usize>().ok())
-        .map(|n| n + 1)
-        .unwrap_or(0)
+/// Where a reconnecting client resumes: after the `n` of the `{created}:{n}` id it
+/// sent in `Last-Event-ID` (absent: from the start). The ids are ours, so one that is
+/// not of that form, or whose successor does not fit, is a 400 naming the header, not
+/// a silent replay of the whole stream.
+fn resume_index(headers: &HeaderMap) -> Result<usize, ApiError> {
+    let Some(v) = headers.get("last-event-id") else {
+        return Ok(0);
+    };
+    let bad = || {
+        ApiError::bad_request(
+            "Last-Event-ID: expected the id of an event this stream sent ({created}:{n})",
+        )
+    };
+    let text = v.to_str().map_err(|_| bad())?.trim();
+    if text.is_empty() {
+        return Ok(0);
+    }
+    let n = text.rsplit(':').next().unwrap_or(text);
+    n.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_add(1))
+        .ok_or_else(bad)
 }
 
 pub async fn sse(
@@ -41,8 +55,8 @@ pub async fn sse(
     if !secret_eq(&record.stream_token, &token) {
         return Err(ApiError::not_found(format!("prediction {id} not found")));
     }
+    let mut next = resume_index(&headers)?;
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    let mut next = resume_index(&headers);
     tokio::spawn(async move {
         // Polls while a prediction is neither live here nor finished. With a shared
         // store that is one another replica runs: its output arrives through the store

@@ -71,6 +71,13 @@ pub enum StoreError {
     Task(String),
     #[error("file storage: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "the webhook signing secret {}: {reason}. Receivers check signatures with it, so \
+         hearth will not replace it: fix its permissions or contents (whsec_ and base64), \
+         or remove it to have a new secret made (receivers then need the new one)",
+        path.display()
+    )]
+    Secret { path: PathBuf, reason: String },
     #[error("injected write failure")]
     Injected,
 }
@@ -156,9 +163,57 @@ pub struct OutboxRow {
 /// An uploaded file's description, as `/v1/files` answers it (without `urls`).
 pub type FileMeta = serde_json::Value;
 
+/// One page of uploaded files, newest first.
+#[derive(Default)]
+pub struct FilePage {
+    pub files: Vec<FileMeta>,
+    /// Cursor for the next (older) page: the last file's `created_at|id`.
+    pub next: Option<String>,
+}
+
+impl FilePage {
+    /// A page from `(created_at, id, description)` rows, newest first, fetched with
+    /// one row more than `limit`. A description that cannot be read is left out, not
+    /// the page.
+    pub(crate) fn from_rows(
+        rows: impl IntoIterator<Item = (String, String, Option<FileMeta>)>,
+        limit: usize,
+    ) -> Self {
+        let mut page = FilePage::default();
+        let mut last_key = None;
+        for (i, (created_at, id, meta)) in rows.into_iter().enumerate() {
+            if i == limit {
+                page.next = last_key;
+                break;
+            }
+            page.files.extend(meta);
+            last_key = Some(format!("{created_at}|{id}"));
+        }
+        page
+    }
+}
+
+/// A listing cursor `created_at|id`, or the start.
+pub(crate) fn split_cursor(cursor: Option<&str>) -> (String, String) {
+    match cursor.and_then(|c| c.split_once('|')) {
+        Some((a, b)) => (a.to_string(), b.to_string()),
+        None => ("\u{10FFFF}".to_string(), String::new()),
+    }
+}
+
 /// How long a claimed webhook delivery stays claimed. Past it (its replica died
 /// mid-attempt) another replica may claim it again: longer than an attempt can take.
 pub const CLAIM_FOR: Duration = Duration::from_secs(30);
+
+/// Deliveries to one host (`host:port`) out at once at most, so a few slow receivers
+/// cannot hold every dispatcher slot; hosts take turns for the rest.
+pub const PER_HOST_IN_FLIGHT: usize = 8;
+
+/// An intermediate delivery (output, logs) with this many newer ones of its
+/// prediction queued is dropped at the next claim: each carries the prediction's whole
+/// state so far, so a receiver far behind gets the latest state (and `completed`
+/// last), while one that keeps up still gets every chunk.
+pub const SUPERSEDED_AFTER: usize = 32;
 
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -225,8 +280,10 @@ pub trait Store: Send + Sync {
         now_ms: i64,
     ) -> Result<(), StoreError>;
     /// Claims up to `limit` due deliveries for `CLAIM_FOR`: only the oldest of each
-    /// prediction, and none of a prediction whose oldest is out. Claiming counts the
-    /// attempt. Across replicas a delivery is claimed by one at a time.
+    /// prediction, and none of a prediction whose oldest is out; hosts in turn, none
+    /// with more than `PER_HOST_IN_FLIGHT` out. First drops superseded intermediate
+    /// deliveries (`SUPERSEDED_AFTER`). Claiming counts the attempt. Across replicas a
+    /// delivery is claimed by one at a time.
     async fn outbox_claim(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxRow>, StoreError>;
     /// Delivered, or given up on.
     async fn outbox_remove(&self, seq: i64) -> Result<(), StoreError>;
@@ -248,8 +305,8 @@ pub trait Store: Send + Sync {
     /// `meta["id"]`.
     async fn file_put(&self, meta: &FileMeta, path: &std::path::Path) -> Result<(), StoreError>;
     async fn file_meta(&self, id: &str) -> Result<Option<FileMeta>, StoreError>;
-    /// Newest first.
-    async fn file_list(&self) -> Result<Vec<FileMeta>, StoreError>;
+    /// Newest first, `limit` a page; the cursor is the last file's `created_at|id`.
+    async fn file_list(&self, cursor: Option<&str>, limit: usize) -> Result<FilePage, StoreError>;
     /// The file's bytes in order, a piece at a time.
     async fn file_read(&self, id: &str) -> Result<Option<FileStream>, StoreError>;
     async fn file_delete(&self, id: &str) -> Result<bool, StoreError>;
@@ -310,6 +367,21 @@ impl StoreSpec {
     }
 }
 
+/// The outbox's `host` column: a delivery's destination as the dispatcher's per-host
+/// cap counts it (`host:port`).
+pub(crate) fn outbox_host(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| {
+            let host = u.host_str()?.to_ascii_lowercase();
+            Some(match u.port_or_known_default() {
+                Some(p) => format!("{host}:{p}"),
+                None => host,
+            })
+        })
+        .unwrap_or_default()
+}
+
 /// Opens (and migrates) the store; `data_dir` is where SQLite keeps uploads (`files/`)
 /// and the webhook secret.
 pub async fn open(spec: &StoreSpec, data_dir: &std::path::Path) -> Result<SharedStore, StoreError> {
@@ -335,6 +407,43 @@ pub(crate) fn write_private(path: &std::path::Path, contents: &str) -> std::io::
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(())
+}
+
+/// Writes a private file whole or not at all: a temporary file beside it, synced to
+/// disk, then renamed over it (and the folder synced), so a crash leaves the old
+/// contents or the new, never a truncated file.
+pub(crate) fn write_private_atomic(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", crate::record::new_id()));
+    let written = (|| {
+        write_private(&tmp, contents)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        #[cfg(unix)]
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// A webhook secret as Standard Webhooks has it: `whsec_` and the key in base64.
+pub(crate) fn check_secret(s: &str) -> Result<(), &'static str> {
+    use base64::Engine as _;
+    let Some(key) = s.strip_prefix("whsec_") else {
+        return Err("it does not start with whsec_");
+    };
+    match base64::engine::general_purpose::STANDARD.decode(key) {
+        Ok(k) if !k.is_empty() => Ok(()),
+        Ok(_) => Err("its key is empty"),
+        Err(_) => Err("its key after whsec_ is not base64"),
+    }
 }
 
 /// File ids are ours: 26 lowercase letters and digits (no path can hide in one).

@@ -1,5 +1,8 @@
-//! The one task that makes webhook deliveries from the outbox: up to 32 at once, each
-//! prediction's in order, retried with exponential backoff. At shutdown it goes on
+//! The one task that makes webhook deliveries from the outbox: up to 32 at once, at
+//! most `store::PER_HOST_IN_FLIGHT` to one host (hosts take turns, so a few slow
+//! receivers cannot hold every slot), each prediction's in order, retried with
+//! exponential backoff; a receiver far behind gets the latest state (the store drops
+//! superseded intermediate deliveries). At shutdown it goes on
 //! delivering what is due for a bounded time; what is left waits in the store for the
 //! next start.
 

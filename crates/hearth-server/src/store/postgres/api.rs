@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use super::PgStore;
 use crate::record::Record;
 use crate::store::{
-    valid_file_id, Delivery, FileMeta, FileStream, OutboxItem, OutboxRow, Page, Store, StoreError,
+    valid_file_id, Delivery, FileMeta, FilePage, FileStream, OutboxItem, OutboxRow, Page, Store,
+    StoreError,
 };
 
 #[async_trait]
@@ -118,8 +119,8 @@ impl Store for PgStore {
         }
         PgStore::file_meta(self, id).await
     }
-    async fn file_list(&self) -> Result<Vec<FileMeta>, StoreError> {
-        PgStore::file_list(self).await
+    async fn file_list(&self, cursor: Option<&str>, limit: usize) -> Result<FilePage, StoreError> {
+        PgStore::file_list(self, cursor, limit).await
     }
     async fn file_read(&self, id: &str) -> Result<Option<FileStream>, StoreError> {
         if !valid_file_id(id) {

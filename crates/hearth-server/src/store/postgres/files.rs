@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 
 use super::PgStore;
-use crate::store::{file_id, FileMeta, FileStream, StoreError};
+use crate::store::{file_id, FileMeta, FilePage, FileStream, StoreError};
 
 const CHUNK: usize = 1 << 20;
 
@@ -66,19 +66,30 @@ impl PgStore {
         }
     }
 
-    pub(super) async fn file_list(&self) -> Result<Vec<FileMeta>, StoreError> {
+    pub(super) async fn file_list(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<FilePage, StoreError> {
+        let (c_at, c_id) = crate::store::split_cursor(cursor);
         let rows = self
             .client()
             .await?
             .query(
-                "SELECT meta FROM files ORDER BY created_at DESC, id DESC",
-                &[],
+                "SELECT created_at, id, meta FROM files
+                 WHERE created_at < $1 OR (created_at = $1 AND id < $2 AND $2 != '')
+                 ORDER BY created_at DESC, id DESC LIMIT $3",
+                &[&c_at, &c_id, &((limit + 1) as i64)],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| serde_json::from_str(r.get::<_, &str>(0)).ok())
-            .collect())
+        let rows = rows.iter().map(|r| {
+            (
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                serde_json::from_str(r.get::<_, &str>(2)).ok(),
+            )
+        });
+        Ok(FilePage::from_rows(rows, limit))
     }
 
     pub(super) async fn file_read(&self, id: &str) -> Result<Option<FileStream>, StoreError> {

@@ -69,6 +69,10 @@ const MIGRATIONS: &[&str] = &[
         data BYTEA NOT NULL,
         PRIMARY KEY (file_id, n)
      );"#,
+    // 2: listing files a page at a time; each delivery's destination host, for the
+    // dispatcher's per-host cap.
+    r#"CREATE INDEX files_created ON files (created_at DESC, id DESC);
+     ALTER TABLE webhook_outbox ADD COLUMN host TEXT NOT NULL DEFAULT '';"#,
 ];
 
 /// Any number in the advisory-lock space, the same for every replica: the schema's.

@@ -2,11 +2,15 @@
 //! LOCKED`, so each is out with one replica at a time; a claim expires after
 //! `CLAIM_FOR`, so a delivery whose replica died mid-attempt is made by another.
 //! Per prediction, only the oldest delivery can be claimed: `completed` stays last.
+//! Hosts take turns, each with `PER_HOST_IN_FLIGHT` deliveries out at most (counted
+//! across replicas).
 
 use deadpool_postgres::GenericClient;
 
 use super::PgStore;
-use crate::store::{OutboxItem, OutboxRow, StoreError, CLAIM_FOR};
+use crate::store::{
+    outbox_host, OutboxItem, OutboxRow, StoreError, CLAIM_FOR, PER_HOST_IN_FLIGHT, SUPERSEDED_AFTER,
+};
 
 impl PgStore {
     pub(super) async fn outbox_push(
@@ -24,27 +28,64 @@ impl PgStore {
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<OutboxRow>, StoreError> {
+        let per_host = PER_HOST_IN_FLIGHT;
         let c = self.writer().await?;
+        // As SQLite's: intermediate deliveries with `SUPERSEDED_AFTER` newer ones of
+        // their prediction queued are dropped (the receiver gets the latest state).
+        let drop = c
+            .prepare_cached(
+                "DELETE FROM webhook_outbox WHERE seq IN (
+                    SELECT seq FROM (
+                        SELECT seq, event, claimed_until_ms,
+                               ROW_NUMBER() OVER (PARTITION BY prediction_id ORDER BY seq DESC) AS rn
+                        FROM webhook_outbox
+                        WHERE prediction_id IN (SELECT prediction_id FROM webhook_outbox
+                                                GROUP BY prediction_id HAVING COUNT(*) > $2)) x
+                    WHERE rn > $2 AND claimed_until_ms <= $1
+                      AND event IN ('output', 'logs', 'cog.output', 'cog.logs'))",
+            )
+            .await?;
+        c.execute(&drop, &[&now_ms, &(SUPERSEDED_AFTER as i64)])
+            .await?;
         let st = c
             .prepare_cached(
                 "WITH heads AS (
-                    SELECT o.seq FROM webhook_outbox o
+                    SELECT o.seq, o.host FROM webhook_outbox o
                     WHERE o.claimed_until_ms <= $1 AND o.due_unix_ms <= $1
                       AND o.seq = (SELECT MIN(i.seq) FROM webhook_outbox i
                                    WHERE i.prediction_id = o.prediction_id)
-                    ORDER BY o.seq LIMIT $2
-                    FOR UPDATE SKIP LOCKED
+                 ), busy AS (
+                    SELECT host, COUNT(*) AS n FROM webhook_outbox
+                    WHERE claimed_until_ms > $1 GROUP BY host
+                 ), ranked AS (
+                    SELECT h.seq, ROW_NUMBER() OVER (PARTITION BY h.host ORDER BY h.seq)
+                                  + COALESCE(b.n, 0) AS load
+                    FROM heads h LEFT JOIN busy b ON b.host = h.host
+                 ), picked AS (
+                    SELECT w.seq FROM webhook_outbox w JOIN ranked r ON r.seq = w.seq
+                    WHERE r.load <= $5
+                    ORDER BY r.load, w.seq LIMIT $2
+                    FOR UPDATE OF w SKIP LOCKED
                  )
                  UPDATE webhook_outbox w
                  SET claimed_until_ms = $3, claimed_by = $4, attempts = w.attempts + 1
-                 FROM heads WHERE w.seq = heads.seq
+                 FROM picked WHERE w.seq = picked.seq
                  RETURNING w.seq, w.prediction_id, w.msg_id, w.url, w.event, w.body,
                            w.attempts, w.max_attempts",
             )
             .await?;
         let until = now_ms + CLAIM_FOR.as_millis() as i64;
         let rows = c
-            .query(&st, &[&now_ms, &(limit as i64), &until, &self.replica])
+            .query(
+                &st,
+                &[
+                    &now_ms,
+                    &(limit as i64),
+                    &until,
+                    &self.replica,
+                    &(per_host as i64),
+                ],
+            )
             .await?;
         let mut out: Vec<OutboxRow> = rows
             .iter()
@@ -165,8 +206,8 @@ pub(super) async fn push_on(
     let st = c
         .prepare_cached(
             "INSERT INTO webhook_outbox
-                (prediction_id, msg_id, url, event, body, max_attempts, due_unix_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                (prediction_id, msg_id, url, event, body, max_attempts, due_unix_ms, host)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .await?;
     c.execute(
@@ -179,6 +220,7 @@ pub(super) async fn push_on(
             &item.body,
             &(item.max_attempts as i32),
             &now_ms,
+            &outbox_host(item.url),
         ],
     )
     .await?;

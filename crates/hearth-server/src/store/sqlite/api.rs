@@ -9,7 +9,8 @@ use futures_util::StreamExt;
 use super::SqliteStore;
 use crate::record::Record;
 use crate::store::{
-    valid_file_id, Delivery, FileMeta, FileStream, OutboxItem, OutboxRow, Page, Store, StoreError,
+    valid_file_id, Delivery, FileMeta, FilePage, FileStream, OutboxItem, OutboxRow, Page, Store,
+    StoreError,
 };
 
 #[async_trait]
@@ -151,8 +152,10 @@ impl Store for SqliteStore {
         let id = id.to_string();
         self.run(move |db| db.file_meta(&id)).await
     }
-    async fn file_list(&self) -> Result<Vec<FileMeta>, StoreError> {
-        self.run(|db| db.file_list()).await
+    async fn file_list(&self, cursor: Option<&str>, limit: usize) -> Result<FilePage, StoreError> {
+        let cursor = cursor.map(str::to_string);
+        self.run(move |db| db.file_list(cursor.as_deref(), limit))
+            .await
     }
     async fn file_read(&self, id: &str) -> Result<Option<FileStream>, StoreError> {
         if !valid_file_id(id) || self.file_meta(id).await?.is_none() {

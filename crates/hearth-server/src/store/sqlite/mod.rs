@@ -59,7 +59,19 @@ const MIGRATIONS: &[&str] = &[
         lease_until_ms INTEGER NOT NULL
      );
      ALTER TABLE webhook_outbox ADD COLUMN claimed_until_ms INTEGER NOT NULL DEFAULT 0;",
+    // 4: an index of uploaded files, so a listing reads a page, not every description
+    // (filled from the descriptions at the upgrade); each delivery's destination host,
+    // for the dispatcher's per-host cap.
+    "CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL
+     );
+     CREATE INDEX files_created ON files (created_at DESC, id DESC);
+     ALTER TABLE webhook_outbox ADD COLUMN host TEXT NOT NULL DEFAULT '';",
 ];
+
+/// The schema version that added the files index (`files::index_existing` fills it).
+const FILES_INDEXED: i64 = 4;
 
 /// The synchronous database; `SqliteStore` runs it on the blocking pool.
 pub(super) struct SqliteDb {
@@ -154,7 +166,10 @@ impl SqliteDb {
             .map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
-        migrate(&conn, path)?;
+        let found = migrate(&conn, path)?;
+        if found < FILES_INDEXED {
+            files::index_existing(&conn, &data_dir.join("files"))?;
+        }
         // We hold the lock: no replica but this one is alive, so whatever an earlier
         // process left in flight is an orphan now.
         conn.execute("DELETE FROM replicas", []).map_err(open_err)?;
@@ -200,7 +215,8 @@ fn current_version(conn: &Connection) -> rusqlite::Result<i64> {
     )
 }
 
-fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+/// Migrates forward; returns the version the database had.
+fn migrate(conn: &Connection, path: &Path) -> Result<i64, StoreError> {
     let open_err = |e: rusqlite::Error| StoreError::Open {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -238,7 +254,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         })?;
         tracing::info!(version, "predictions database migrated");
     }
-    Ok(())
+    Ok(found)
 }
 
 fn now_ms() -> i64 {

@@ -1,12 +1,15 @@
 //! The webhook outbox: deliveries written before they are attempted, so a restart
 //! loses none. Each prediction's deliveries go out one at a time in order (so
 //! `completed` is always last); an intermediate event not yet tried is replaced by a
-//! newer one rather than queued behind it, so a slow receiver never grows the queue.
+//! newer one rather than queued behind it (Replicate's style), or dropped once enough
+//! newer ones wait behind it (Cog's), so a slow receiver never grows the queue.
 
 use rusqlite::{params, Connection};
 
 use super::SqliteDb;
-use crate::store::{OutboxItem, OutboxRow, StoreError, CLAIM_FOR};
+use crate::store::{
+    outbox_host, OutboxItem, OutboxRow, StoreError, CLAIM_FOR, PER_HOST_IN_FLIGHT, SUPERSEDED_AFTER,
+};
 
 impl SqliteDb {
     pub(super) fn outbox_push(
@@ -23,17 +26,47 @@ impl SqliteDb {
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<OutboxRow>, StoreError> {
+        let per_host = PER_HOST_IN_FLIGHT;
         let conn = self.writer()?;
         let tx = conn.unchecked_transaction()?;
+        // A receiver far behind gets the latest state, not every state in between:
+        // intermediate deliveries with `SUPERSEDED_AFTER` newer ones of their prediction
+        // queued are dropped (each carries the whole output so far).
+        tx.execute(
+            "DELETE FROM webhook_outbox WHERE seq IN (
+                SELECT seq FROM (
+                    SELECT seq, event, claimed, claimed_until_ms,
+                           ROW_NUMBER() OVER (PARTITION BY prediction_id ORDER BY seq DESC) AS rn
+                    FROM webhook_outbox
+                    WHERE prediction_id IN (SELECT prediction_id FROM webhook_outbox
+                                            GROUP BY prediction_id HAVING COUNT(*) > ?2))
+                WHERE rn > ?2 AND (claimed = 0 OR claimed_until_ms <= ?1)
+                  AND event IN ('output', 'logs', 'cog.output', 'cog.logs'))",
+            params![now_ms, SUPERSEDED_AFTER as i64],
+        )?;
         let rows: Vec<OutboxRow> = {
+            // The oldest due delivery of each prediction; hosts take turns, and none
+            // has more than `per_host` out at once (counting what is out already).
             let mut stmt = tx.prepare(
-                "SELECT seq, prediction_id, msg_id, url, event, body, attempts, max_attempts
-                 FROM webhook_outbox o
-                 WHERE (claimed = 0 OR claimed_until_ms <= ?1) AND due_unix_ms <= ?1
-                   AND seq = (SELECT MIN(seq) FROM webhook_outbox WHERE prediction_id = o.prediction_id)
-                 ORDER BY seq LIMIT ?2",
+                "WITH heads AS (
+                    SELECT o.seq, o.host FROM webhook_outbox o
+                    WHERE (o.claimed = 0 OR o.claimed_until_ms <= ?1) AND o.due_unix_ms <= ?1
+                      AND o.seq = (SELECT MIN(seq) FROM webhook_outbox WHERE prediction_id = o.prediction_id)
+                 ), busy AS (
+                    SELECT host, COUNT(*) AS n FROM webhook_outbox
+                    WHERE claimed = 1 AND claimed_until_ms > ?1 GROUP BY host
+                 ), ranked AS (
+                    SELECT h.seq, ROW_NUMBER() OVER (PARTITION BY h.host ORDER BY h.seq)
+                                  + COALESCE(b.n, 0) AS load
+                    FROM heads h LEFT JOIN busy b ON b.host = h.host
+                 )
+                 SELECT w.seq, w.prediction_id, w.msg_id, w.url, w.event, w.body, w.attempts,
+                        w.max_attempts
+                 FROM webhook_outbox w JOIN ranked r ON r.seq = w.seq
+                 WHERE r.load <= ?3
+                 ORDER BY r.load, w.seq LIMIT ?2",
             )?;
-            let it = stmt.query_map(params![now_ms, limit as i64], |r| {
+            let it = stmt.query_map(params![now_ms, limit as i64, per_host as i64], |r| {
                 Ok(OutboxRow {
                     seq: r.get(0)?,
                     prediction_id: r.get(1)?,
@@ -56,6 +89,8 @@ impl SqliteDb {
             )?;
         }
         tx.commit()?;
+        let mut rows = rows;
+        rows.sort_by_key(|r| r.seq);
         Ok(rows)
     }
 
@@ -99,16 +134,28 @@ impl SqliteDb {
     }
 
     /// The secret is a file in the data dir (where it was before stores had
-    /// replicas to share it with): read it, or write `fresh` there.
+    /// replicas to share it with): read it, or write `fresh` there when there is none.
+    /// One that is there but cannot be read or is not a secret is an error naming the
+    /// file: replacing it would make receivers reject every signature from now on.
     pub(super) fn webhook_secret(&self, fresh: &str) -> Result<String, StoreError> {
         let path = self.data_dir.join("webhook_secret");
-        if let Ok(s) = std::fs::read_to_string(&path) {
-            if s.trim().starts_with("whsec_") {
-                return Ok(s.trim().to_string());
+        let bad = |reason: String| StoreError::Secret {
+            path: path.clone(),
+            reason,
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                let s = s.trim();
+                crate::store::check_secret(s).map_err(|why| bad(why.into()))?;
+                Ok(s.to_string())
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::store::write_private_atomic(&path, fresh)
+                    .map_err(|e| bad(format!("cannot write it: {e}")))?;
+                Ok(fresh.to_string())
+            }
+            Err(e) => Err(bad(format!("cannot read it: {e}"))),
         }
-        crate::store::write_private(&path, fresh)?;
-        Ok(fresh.to_string())
     }
 }
 
@@ -132,8 +179,8 @@ pub(super) fn push_on(
         }
     }
     conn.execute(
-        "INSERT INTO webhook_outbox (prediction_id, msg_id, url, event, body, max_attempts, due_unix_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO webhook_outbox (prediction_id, msg_id, url, event, body, max_attempts, due_unix_ms, host)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             item.prediction_id,
             item.msg_id,
@@ -141,7 +188,8 @@ pub(super) fn push_on(
             item.event,
             item.body,
             item.max_attempts,
-            now_ms
+            now_ms,
+            outbox_host(item.url)
         ],
     )?;
     Ok(())

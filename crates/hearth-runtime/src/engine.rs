@@ -3,7 +3,12 @@
 //! this thread waits for a batch to fill: a step runs as soon as there is work. A step
 //! is: schedule, one forward pass over the flattened batch, one sampling op over the
 //! logits that returns only token ids (and log-probs when asked); text, stop sequences
-//! and events are the output worker's (output.rs), off this thread.
+//! and events are the output worker's (output.rs), off this thread. The loop's work
+//! runs under a supervisor (engine/supervisor.rs): a fault fails the requests it hit,
+//! not the engine.
+
+pub(crate) mod fault;
+pub(crate) mod supervisor;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +27,7 @@ use crate::output::{OutToken, OutputMsg};
 use crate::request::{FinishReason, GenerationEvent, GenerationRequest};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::tokenizer::TextTokenizer;
+use supervisor::Supervision;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -82,6 +88,8 @@ struct Shared {
     /// Submitted but not yet admitted to a first step.
     pending: AtomicUsize,
     alive: AtomicBool,
+    /// Why the engine cannot serve again, once it cannot (supervisor.rs).
+    defunct: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// The public face of a running engine: cheap to clone, usable from any thread.
@@ -215,6 +223,9 @@ impl EngineHandle {
 
     pub fn submit(&self, req: GenerationRequest) -> Result<RequestStream> {
         self.validate(&req)?;
+        if let Some(reason) = self.defunct_reason() {
+            return Err(RuntimeError::EngineDefunct(reason));
+        }
         if !self.is_alive() {
             return Err(RuntimeError::EngineStopped);
         }
@@ -268,6 +279,7 @@ pub struct Engine {
     shared: Arc<Shared>,
     max_model_len: usize,
     stats: EngineStats,
+    sup: Supervision,
 }
 
 impl Engine {
@@ -329,6 +341,7 @@ impl Engine {
             stats: Mutex::new(initial_stats.clone()),
             pending: AtomicUsize::new(0),
             alive: AtomicBool::new(true),
+            defunct: tokio::sync::watch::Sender::new(None),
         });
         let limits = EngineLimits {
             max_model_len,
@@ -351,6 +364,7 @@ impl Engine {
             shared: shared.clone(),
             max_model_len,
             stats: initial_stats,
+            sup: Supervision::new(fault::Faults::new(tokenizer.clone())),
         };
         std::thread::Builder::new()
             .name("hearth-engine".into())
@@ -366,41 +380,35 @@ impl Engine {
     }
 
     fn run(&mut self) {
-        // Marks the engine dead however the loop ends, a panic included, so handles
-        // refuse new work and health checks report it.
-        struct AliveGuard(Arc<Shared>);
-        impl Drop for AliveGuard {
-            fn drop(&mut self) {
-                self.0.alive.store(false, Ordering::SeqCst);
-            }
+        let _guard = supervisor::AliveGuard(self.shared.clone());
+        if self.serve().is_err() {
+            self.refuse_all();
         }
-        let _guard = AliveGuard(self.shared.clone());
+    }
+
+    /// The loop, until every handle is gone (Ok) or the engine is DEFUNCT (Err).
+    fn serve(&mut self) -> std::result::Result<(), supervisor::Defunct> {
         loop {
-            // Idle: sleep until a command comes; the loop ends when every handle is gone.
+            // Idle: sleep until a command comes.
             if !self.scheduler.has_work() {
                 match self.rx.recv() {
-                    Ok(cmd) => self.handle(cmd),
-                    Err(_) => break,
+                    Ok(cmd) => self.supervise(|e| {
+                        e.handle(cmd);
+                        Ok(())
+                    })?,
+                    Err(_) => return Ok(()),
                 }
             }
-            while let Ok(cmd) = self.rx.try_recv() {
-                self.handle(cmd);
-            }
-            while let Ok(id) = self.stopped.try_recv() {
-                self.drop_seq(id);
-            }
-            self.reap_dropped();
-            if let Err(e) = self.step() {
-                tracing::error!(error = %e, "engine step failed; failing its requests");
-                let ids: Vec<SeqId> = self.active.keys().copied().collect();
-                for id in ids {
-                    self.finish(
-                        id,
-                        FinishReason::Error,
-                        Some(format!("engine step failed: {e}")),
-                    );
+            self.supervise(|e| {
+                while let Ok(cmd) = e.rx.try_recv() {
+                    e.handle(cmd);
                 }
-            }
+                while let Ok(id) = e.stopped.try_recv() {
+                    e.drop_seq(id);
+                }
+                e.reap_dropped();
+                e.step()
+            })?;
             self.publish_stats();
         }
     }
@@ -414,14 +422,9 @@ impl Engine {
                 arrived,
             } => {
                 let prompt_len = req.prompt.len();
-                let _ = self.output.send(OutputMsg::Open {
-                    id,
-                    events: events.clone(),
-                    prompt_tail: req.prompt[prompt_len.saturating_sub(8)..].to_vec(),
-                    prompt_len,
-                    stop: req.params.stop.clone(),
-                    arrived,
-                });
+                self.sup.submitting = Some(id);
+                let fault = self.sup.faults.on_submit(id, &req.prompt);
+                self.open_output(id, &req, events.clone(), arrived, fault);
                 let sampler = SamplerState::new(req.params, &req.prompt);
                 self.scheduler.add(id, req.prompt);
                 self.active.insert(
@@ -434,6 +437,7 @@ impl Engine {
                         admitted: false,
                     },
                 );
+                self.sup.submitting = None;
             }
             Command::Cancel(id) => {
                 if self.active.contains_key(&id) {
@@ -441,6 +445,26 @@ impl Engine {
                 }
             }
         }
+    }
+
+    fn open_output(
+        &self,
+        id: SeqId,
+        req: &GenerationRequest,
+        events: tokio_mpsc::UnboundedSender<GenerationEvent>,
+        arrived: Instant,
+        fault: fault::OutputFault,
+    ) {
+        let prompt_len = req.prompt.len();
+        let _ = self.output.send(OutputMsg::Open {
+            id,
+            events,
+            prompt_tail: req.prompt[prompt_len.saturating_sub(8)..].to_vec(),
+            prompt_len,
+            stop: req.params.stop.clone(),
+            arrived,
+            fault,
+        });
     }
 
     /// A caller that dropped its stream without cancelling still frees its blocks.
@@ -467,6 +491,7 @@ impl Engine {
         if plan.is_empty() {
             return Ok(());
         }
+        self.sup.current = plan.seqs.iter().map(|s| s.id).collect();
         let mut batch = ForwardBatch::new(self.scheduler.block_size());
         let mut sampled_ids = Vec::new();
         for s in &plan.seqs {
@@ -482,6 +507,7 @@ impl Engine {
         let logits = self.model.forward(&batch, &self.cache)?;
         self.scheduler.commit(&plan);
         self.stats.steps += 1;
+        self.sup.faults.in_step(&self.sup.current)?;
         let sampled = {
             let eos = &self.eos_ids;
             let mut by_id: HashMap<SeqId, &mut Active> = self

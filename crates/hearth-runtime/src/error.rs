@@ -36,6 +36,10 @@ pub enum RuntimeError {
     QueueFull(usize),
     #[error("the engine has stopped")]
     EngineStopped,
+    /// Faults the engine could not recover from (engine/supervisor.rs); the reason
+    /// names a log id. The process should be restarted.
+    #[error("the engine is DEFUNCT after an internal fault it could not recover from ({0}); the server must be restarted")]
+    EngineDefunct(String),
     #[error("device: {0}")]
     Device(String),
 }

@@ -49,6 +49,12 @@ impl KvCacheTensors {
         })
     }
 
+    /// Frees the tensors (before a rebuild allocates new ones, so the two never need
+    /// the device memory at once).
+    pub fn release(&mut self) {
+        self.layers.clear();
+    }
+
     pub fn layer(&self, i: usize) -> (&Tensor, &Tensor) {
         let (k, v) = &self.layers[i];
         (k, v)

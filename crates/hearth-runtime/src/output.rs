@@ -3,9 +3,12 @@
 //! message per step with every sampled token; the worker turns them into text and
 //! events. A stop sequence is found here, so the worker finishes that request itself
 //! and tells the engine to drop the sequence (the engine may have computed a token or
-//! two more by then; they are discarded).
+//! two more by then; they are discarded). A panic while handling one request's
+//! message or token fails that request (with a log id, as engine/supervisor.rs does)
+//! and the worker goes on with the others.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,6 +16,8 @@ use std::time::Instant;
 use tokio::sync::mpsc as tokio_mpsc;
 
 use crate::detokenizer::IncrementalDetokenizer;
+use crate::engine::fault::OutputFault;
+use crate::engine::supervisor::{new_log_id, panic_message};
 use crate::request::{Completion, FinishReason, GenerationEvent, Timings, TokenLogprobs};
 use crate::scheduler::SeqId;
 use crate::stop::{StopMatcher, StopOutcome};
@@ -35,6 +40,7 @@ pub(crate) enum OutputMsg {
         prompt_len: usize,
         stop: Vec<String>,
         arrived: Instant,
+        fault: OutputFault,
     },
     Started {
         id: SeqId,
@@ -68,6 +74,7 @@ struct Stream {
     output_tokens: usize,
     cached_prompt_tokens: usize,
     preemptions: u32,
+    fault: OutputFault,
 }
 
 impl Stream {
@@ -75,6 +82,10 @@ impl Stream {
         // Text held back for a stop sequence that never came is real output (after a
         // match the matcher holds nothing).
         let trailing_text = self.stop.flush();
+        self.end(reason, error, trailing_text);
+    }
+
+    fn end(self, reason: FinishReason, error: Option<String>, trailing_text: String) {
         let now = Instant::now();
         let completion = Completion {
             reason,
@@ -111,86 +122,149 @@ fn run(rx: mpsc::Receiver<OutputMsg>, tokenizer: &TextTokenizer, stopped: &mpsc:
     let mut streams: HashMap<SeqId, Stream> = HashMap::new();
     while let Ok(msg) = rx.recv() {
         match msg {
-            OutputMsg::Open {
-                id,
-                events,
-                prompt_tail,
-                prompt_len,
-                stop,
-                arrived,
-            } => {
-                streams.insert(
-                    id,
-                    Stream {
-                        events,
-                        detok: IncrementalDetokenizer::new(&prompt_tail, true),
-                        stop: StopMatcher::new(stop),
-                        prompt_len,
-                        arrived,
-                        started: None,
-                        first_token: None,
-                        output_tokens: 0,
-                        cached_prompt_tokens: 0,
-                        preemptions: 0,
-                    },
-                );
-            }
-            OutputMsg::Started {
-                id,
-                cached_prompt_tokens,
-                at,
-            } => {
-                if let Some(s) = streams.get_mut(&id) {
-                    s.started = Some(at);
-                    s.cached_prompt_tokens = cached_prompt_tokens;
-                    let _ = s.events.send(GenerationEvent::Started {
-                        cached_prompt_tokens,
-                    });
-                }
-            }
-            OutputMsg::Preempted { id } => {
-                if let Some(s) = streams.get_mut(&id) {
-                    s.preemptions += 1;
-                }
-            }
             OutputMsg::Tokens { at, tokens } => {
                 for t in tokens {
-                    let Some(s) = streams.get_mut(&t.id) else {
-                        continue; // already ended by a stop sequence
-                    };
-                    s.output_tokens += 1;
-                    s.first_token.get_or_insert(at);
-                    let piece = if t.eos {
-                        String::new()
-                    } else {
-                        s.detok.push(tokenizer.inner(), t.token)
-                    };
-                    let (text, hit) = match s.stop.push(&piece) {
-                        StopOutcome::Continue(text) => (text, false),
-                        StopOutcome::Stopped(text) => (text, true),
-                    };
-                    let _ = s.events.send(GenerationEvent::Token {
-                        id: t.token,
-                        text,
-                        logprobs: t.logprobs,
+                    let id = t.id;
+                    guarded(&mut streams, stopped, id, |streams| {
+                        on_token(streams, tokenizer, stopped, at, t)
                     });
-                    if hit {
-                        if let Some(s) = streams.remove(&t.id) {
-                            s.finish(FinishReason::Stop, None);
-                        }
-                        let _ = stopped.send(t.id);
-                    }
                 }
             }
-            OutputMsg::Finish { id, reason, error } => {
-                if let Some(s) = streams.remove(&id) {
-                    s.finish(reason, error);
-                }
+            other => {
+                let id = other.id();
+                guarded(&mut streams, stopped, id, |streams| {
+                    on_message(streams, other)
+                });
             }
         }
     }
     // The engine is gone: whatever is still open ends with an error, not silence.
     for (_, s) in streams.drain() {
         s.finish(FinishReason::Error, Some("the engine stopped".into()));
+    }
+}
+
+/// Runs one request's share of the work; a panic in it fails that request alone, and
+/// the engine is told to drop its sequence.
+fn guarded(
+    streams: &mut HashMap<SeqId, Stream>,
+    stopped: &mpsc::Sender<SeqId>,
+    id: SeqId,
+    work: impl FnOnce(&mut HashMap<SeqId, Stream>),
+) {
+    let Err(payload) = catch_unwind(AssertUnwindSafe(|| work(streams))) else {
+        return;
+    };
+    let log_id = new_log_id();
+    tracing::error!(log_id = %log_id, panic = %panic_message(&*payload), request = id, "output worker fault: failing the request");
+    if let Some(s) = streams.remove(&id) {
+        // No flush: the stop matcher may be what panicked.
+        let msg =
+            format!("internal fault in the output worker (log id {log_id}); see the server log");
+        s.end(FinishReason::Error, Some(msg), String::new());
+    }
+    let _ = stopped.send(id);
+}
+
+impl OutputMsg {
+    fn id(&self) -> SeqId {
+        match self {
+            OutputMsg::Open { id, .. }
+            | OutputMsg::Started { id, .. }
+            | OutputMsg::Preempted { id }
+            | OutputMsg::Finish { id, .. } => *id,
+            // Split into tokens by `run`; the first one's request is as good as any.
+            OutputMsg::Tokens { tokens, .. } => tokens.first().map(|t| t.id).unwrap_or(0),
+        }
+    }
+}
+
+fn on_message(streams: &mut HashMap<SeqId, Stream>, msg: OutputMsg) {
+    match msg {
+        OutputMsg::Open {
+            id,
+            events,
+            prompt_tail,
+            prompt_len,
+            stop,
+            arrived,
+            fault,
+        } => {
+            streams.insert(
+                id,
+                Stream {
+                    events,
+                    detok: IncrementalDetokenizer::new(&prompt_tail, true),
+                    stop: StopMatcher::new(stop),
+                    prompt_len,
+                    arrived,
+                    started: None,
+                    first_token: None,
+                    output_tokens: 0,
+                    cached_prompt_tokens: 0,
+                    preemptions: 0,
+                    fault,
+                },
+            );
+        }
+        OutputMsg::Started {
+            id,
+            cached_prompt_tokens,
+            at,
+        } => {
+            if let Some(s) = streams.get_mut(&id) {
+                s.started = Some(at);
+                s.cached_prompt_tokens = cached_prompt_tokens;
+                let _ = s.events.send(GenerationEvent::Started {
+                    cached_prompt_tokens,
+                });
+            }
+        }
+        OutputMsg::Preempted { id } => {
+            if let Some(s) = streams.get_mut(&id) {
+                s.preemptions += 1;
+            }
+        }
+        OutputMsg::Tokens { .. } => {}
+        OutputMsg::Finish { id, reason, error } => {
+            if let Some(s) = streams.remove(&id) {
+                s.finish(reason, error);
+            }
+        }
+    }
+}
+
+fn on_token(
+    streams: &mut HashMap<SeqId, Stream>,
+    tokenizer: &TextTokenizer,
+    stopped: &mpsc::Sender<SeqId>,
+    at: Instant,
+    t: OutToken,
+) {
+    let Some(s) = streams.get_mut(&t.id) else {
+        return; // already ended by a stop sequence
+    };
+    s.fault.on_token();
+    s.output_tokens += 1;
+    s.first_token.get_or_insert(at);
+    let piece = if t.eos {
+        String::new()
+    } else {
+        s.detok.push(tokenizer.inner(), t.token)
+    };
+    let (text, hit) = match s.stop.push(&piece) {
+        StopOutcome::Continue(text) => (text, false),
+        StopOutcome::Stopped(text) => (text, true),
+    };
+    let _ = s.events.send(GenerationEvent::Token {
+        id: t.token,
+        text,
+        logprobs: t.logprobs,
+    });
+    if hit {
+        if let Some(s) = streams.remove(&t.id) {
+            s.finish(FinishReason::Stop, None);
+        }
+        let _ = stopped.send(t.id);
     }
 }

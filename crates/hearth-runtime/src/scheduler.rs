@@ -7,7 +7,7 @@
 //!
 //! This file knows tokens and blocks, not tensors, so its policy is tested alone.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::block_allocator::{block_key, BlockAllocator, BlockId};
 
@@ -81,6 +81,47 @@ impl Scheduler {
             running: Vec::new(),
             num_preemptions: 0,
         }
+    }
+
+    /// An empty scheduler with these settings over a fresh allocator of as many
+    /// blocks: what a rebuild after repeated faults starts again from.
+    pub fn emptied(&self) -> Scheduler {
+        Scheduler::new(
+            self.cfg.clone(),
+            BlockAllocator::new(self.alloc.num_blocks(), self.alloc.block_size()),
+        )
+    }
+
+    /// Whether the bookkeeping agrees with itself: each sequence waits or runs exactly
+    /// once, each block's reference count is the number of block tables that hold it,
+    /// and exactly the unreferenced blocks are free. Checked after a fault, when a
+    /// panic may have left a change half made.
+    pub fn is_consistent(&self) -> bool {
+        let mut refs = vec![0u32; self.alloc.num_blocks()];
+        for s in self.seqs.values() {
+            for &b in &s.block_table {
+                match refs.get_mut(b as usize) {
+                    Some(r) => *r += 1,
+                    None => return false,
+                }
+            }
+        }
+        let waiting: HashSet<SeqId> = self.waiting.iter().copied().collect();
+        let running: HashSet<SeqId> = self.running.iter().copied().collect();
+        let placed = waiting.len() == self.waiting.len()
+            && running.len() == self.running.len()
+            && waiting.is_disjoint(&running)
+            && waiting.len() + running.len() == self.seqs.len()
+            && self
+                .seqs
+                .keys()
+                .all(|id| waiting.contains(id) || running.contains(id));
+        let counted = refs
+            .iter()
+            .enumerate()
+            .all(|(b, &r)| self.alloc.ref_count(b as BlockId) == r);
+        let unreferenced = refs.iter().filter(|&&r| r == 0).count();
+        placed && counted && unreferenced == self.alloc.num_free()
     }
 
     pub fn allocator(&self) -> &BlockAllocator {
@@ -445,5 +486,23 @@ mod tests {
         s.remove(3);
         assert_eq!(s.allocator().num_free(), 8);
         assert!(!s.has_work());
+    }
+
+    #[test]
+    fn consistency_check_holds_through_a_run_and_catches_a_leaked_block() {
+        let mut s = sched(8, 4, 6, 8);
+        s.add(1, vec![1; 12]);
+        s.add(2, vec![2; 4]);
+        assert!(s.is_consistent());
+        run(&mut s);
+        s.add(3, vec![3; 4]);
+        assert!(s.is_consistent());
+        // A sequence dropped from the maps without freeing its blocks: a half-made change.
+        s.seqs.remove(&1);
+        s.waiting.retain(|&w| w != 1);
+        s.running.retain(|&r| r != 1);
+        assert!(!s.is_consistent());
+        assert!(s.emptied().is_consistent());
+        assert_eq!(s.emptied().allocator().num_free(), 8);
     }
 }

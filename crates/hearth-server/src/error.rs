@@ -154,7 +154,9 @@ impl From<RuntimeError> for ApiError {
                 ApiError::invalid_at(&["input", field], reason.clone())
             }
             RuntimeError::QueueFull(_) => ApiError::throttled(1),
-            RuntimeError::EngineStopped => ApiError::unavailable(e.to_string()),
+            RuntimeError::EngineStopped | RuntimeError::EngineDefunct(_) => {
+                ApiError::unavailable(e.to_string())
+            }
             _ => ApiError::internal(e),
         }
     }

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod client_quota;
 pub mod cog_shape;
+pub mod engine_watch;
 pub mod error;
 pub mod go_duration;
 pub mod http;
@@ -232,6 +233,8 @@ pub enum ServerError {
     Serve(std::io::Error),
     #[error("setup failed: {0}")]
     Setup(String),
+    #[error("an engine is DEFUNCT ({0}); exiting so that the process is restarted")]
+    EngineDefunct(String),
 }
 
 fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
@@ -443,6 +446,7 @@ pub(crate) async fn serve_until_stopped(
     let saver = tokio::spawn(save_unsaved_periodically(state.clone()));
     let replica_stop = CancellationToken::new();
     let replica = tokio::spawn(replicas::run(state.clone(), replica_stop.clone()));
+    let watch = tokio::spawn(engine_watch::stop_when_defunct(state.clone()));
     let signals = {
         let stop = state.stop.clone();
         tokio::spawn(async move {
@@ -470,6 +474,7 @@ pub(crate) async fn serve_until_stopped(
     let _ = tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(1), dispatcher).await;
     saver.abort();
     signals.abort();
+    watch.abort();
     replica_stop.cancel();
     let _ = replica.await;
     let left = state.hub.save_unsaved(&state.store).await;
@@ -481,7 +486,10 @@ pub(crate) async fn serve_until_stopped(
     if let Err(e) = state.store.retire().await {
         tracing::warn!(error = %e, "could not end this replica's lease");
     }
-    Ok(())
+    match engine_watch::defunct_reason(&state) {
+        Some(reason) => Err(ServerError::EngineDefunct(reason)),
+        None => Ok(()),
+    }
 }
 
 async fn save_unsaved_periodically(state: Arc<AppState>) {

@@ -100,7 +100,9 @@ impl OaiError {
                 code: Some("rate_limit_exceeded"),
                 retry_after: Some(1),
             },
-            RuntimeError::EngineStopped => Self::unavailable(e.to_string()),
+            RuntimeError::EngineStopped | RuntimeError::EngineDefunct(_) => {
+                Self::unavailable(e.to_string())
+            }
             RuntimeError::Template(m) => {
                 Self::param(prompt_name, format!("the chat template failed: {m}"))
             }

@@ -32,18 +32,18 @@ pub async fn webhook_secret(State(state): State<Arc<AppState>>) -> AppResult<Res
 }
 
 /// `GET /health` (vLLM's): 200 while every engine runs and the server takes work;
-/// 503 while loading (the startup router answers), after a failed setup, with a dead
-/// engine, or while shutting down. Cog's `/health-check` always answers 200 and puts
+/// 503 while loading (the startup router answers), after a failed setup, with a
+/// DEFUNCT engine (engine_watch.rs: the detail says why), or while shutting down. Cog's `/health-check` always answers 200 and puts
 /// the state in the body, which an HTTP probe cannot read.
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let alive = state.models.all().iter().all(|m| m.engine.is_alive());
     if alive && !state.is_draining() {
         json_response(StatusCode::OK, &json!({"status": "ok"}))
     } else {
-        let why = if alive {
-            "shutting down"
-        } else {
-            "an engine has stopped"
+        let why = match crate::engine_watch::defunct_reason(&state) {
+            Some(reason) => format!("DEFUNCT: {reason}; the server is exiting to be restarted"),
+            None if !alive => "DEFUNCT: an engine has stopped".into(),
+            None => "shutting down".into(),
         };
         crate::error::ApiError::unavailable(why).into_response()
     }

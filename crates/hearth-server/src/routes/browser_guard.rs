@@ -80,7 +80,7 @@ impl HostPolicy {
         if literal.parse::<IpAddr>().is_ok() {
             return true;
         }
-        self.exact.iter().any(|e| *e == host)
+        self.exact.contains(&host)
             || self
                 .domains
                 .iter()

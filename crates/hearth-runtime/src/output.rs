@@ -71,10 +71,28 @@ struct Stream {
 }
 
 impl Stream {
-    fn finish(mut self, reason: FinishReason, error: Option<String>) {
-        // Text held back for a stop sequence that never came is real output (after a
-        // match the matcher holds nothing).
-        let trailing_text = self.stop.flush();
+    /// Ends the request for a reason other than a stop sequence. Bytes held back for
+    /// a character the sequence never completed are output too (U+FFFD, as a whole
+    /// decode shows them), through the stop matcher like any text; then what it held
+    /// back for a stop sequence that never came.
+    fn end(mut self, tokenizer: &TextTokenizer, reason: FinishReason, error: Option<String>) {
+        let tail = self.detok.flush(tokenizer.inner());
+        match self.stop.push(&tail) {
+            StopOutcome::Continue(text) => {
+                let trailing = text + &self.stop.flush();
+                self.finish(trailing, reason, error)
+            }
+            StopOutcome::Stopped(text) => {
+                let reason = match reason {
+                    FinishReason::Length => FinishReason::Stop,
+                    other => other,
+                };
+                self.finish(text, reason, error)
+            }
+        }
+    }
+
+    fn finish(self, trailing_text: String, reason: FinishReason, error: Option<String>) {
         let now = Instant::now();
         let completion = Completion {
             reason,
@@ -176,7 +194,9 @@ fn run(rx: mpsc::Receiver<OutputMsg>, tokenizer: &TextTokenizer, stopped: &mpsc:
                     });
                     if hit {
                         if let Some(s) = streams.remove(&t.id) {
-                            s.finish(FinishReason::Stop, None);
+                            // After a match nothing is held back for output: what
+                            // the detokenizer holds comes after the stop.
+                            s.finish(String::new(), FinishReason::Stop, None);
                         }
                         let _ = stopped.send(t.id);
                     }
@@ -184,13 +204,91 @@ fn run(rx: mpsc::Receiver<OutputMsg>, tokenizer: &TextTokenizer, stopped: &mpsc:
             }
             OutputMsg::Finish { id, reason, error } => {
                 if let Some(s) = streams.remove(&id) {
-                    s.finish(reason, error);
+                    s.end(tokenizer, reason, error);
                 }
             }
         }
     }
     // The engine is gone: whatever is still open ends with an error, not silence.
     for (_, s) in streams.drain() {
-        s.finish(FinishReason::Error, Some("the engine stopped".into()));
+        s.end(
+            tokenizer,
+            FinishReason::Error,
+            Some("the engine stopped".into()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo_tokenizer() -> Arc<TextTokenizer> {
+        let dir = crate::demo::ensure_demo_model(&crate::demo::default_cache_dir()).unwrap();
+        Arc::new(TextTokenizer::load(&dir.join("tokenizer.json"), None).unwrap())
+    }
+
+    /// Runs one request's tokens through the worker; returns its text (tokens' and
+    /// trailing) and how it finished.
+    fn generate(tok: &Arc<TextTokenizer>, ids: &[u32], stop: &[&str]) -> (String, FinishReason) {
+        let (stopped_tx, _stopped) = mpsc::channel();
+        let worker = spawn(tok.clone(), stopped_tx).unwrap();
+        let (events, mut rx) = tokio_mpsc::unbounded_channel();
+        let send = |m| worker.send(m).unwrap();
+        send(OutputMsg::Open {
+            id: 1,
+            events,
+            prompt_tail: Vec::new(),
+            prompt_len: 1,
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            arrived: Instant::now(),
+        });
+        let tokens = ids
+            .iter()
+            .map(|&token| OutToken {
+                id: 1,
+                token,
+                eos: false,
+                logprobs: None,
+            })
+            .collect();
+        send(OutputMsg::Tokens {
+            at: Instant::now(),
+            tokens,
+        });
+        send(OutputMsg::Finish {
+            id: 1,
+            reason: FinishReason::Length,
+            error: None,
+        });
+        let mut text = String::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                GenerationEvent::Token { text: t, .. } => text.push_str(&t),
+                GenerationEvent::Finished(c) => {
+                    text.push_str(&c.trailing_text);
+                    return (text, c.reason);
+                }
+                GenerationEvent::Started { .. } => {}
+            }
+        }
+        panic!("no Finished event");
+    }
+
+    /// A sequence that ends inside a character (max_tokens reached mid-character) shows
+    /// its bytes as U+FFFD, as the whole decode does, on every route: they were lost.
+    #[test]
+    fn bytes_of_an_unfinished_character_are_output_at_the_end() {
+        let tok = demo_tokenizer();
+        let ids = tok.encode("ok 🔥", false).unwrap();
+        let cut = &ids[..ids.len() - 1];
+        let whole = tok.inner().decode(cut, true).unwrap();
+        assert!(whole.ends_with('\u{FFFD}'), "{whole:?}");
+        assert_eq!(
+            generate(&tok, cut, &[]),
+            (whole.clone(), FinishReason::Length)
+        );
+        // The flushed text still passes the stop matcher: held back, then released.
+        assert_eq!(generate(&tok, cut, &["🔥"]), (whole, FinishReason::Length));
     }
 }

@@ -129,7 +129,7 @@ pub async fn create(
             return Err(conflict(id));
         }
     }
-    let parsed = crate::schema::parse_input(&req.input, &model.defaults)?;
+    let parsed = crate::schema::parse_input(&req.input, &model.defaults, Some(&model.limits()))?;
     let prompt = model.engine.tokenizer().prompt_tokens(&parsed.prompt)?;
     // Dropping the stream cancels the request in the engine, so every early return
     // below leaves nothing running.

@@ -55,6 +55,7 @@ class Predictor(BasePredictor):
             description="Sample from the top_k most likely tokens; 0 (or -1) turns it off.",
             default=50,
             ge=-1,
+            le=512,  # hearth/demo's vocabulary: hearth bounds top_k by the model's
         ),
         min_p: float = Input(
             description="Drop tokens less likely than min_p times the most likely one.",
@@ -75,7 +76,10 @@ class Predictor(BasePredictor):
             default="",
         ),
         seed: Optional[int] = Input(
-            description="Random seed. Leave blank to randomize the seed.", default=None, ge=0
+            description="Random seed. Leave blank to randomize the seed.",
+            default=None,
+            ge=0,
+            le=9223372036854775807,  # hearth_runtime::limits::SEED_MAX, on every API
         ),
         ignore_eos: bool = Input(
             description="Keep generating past end-of-sequence tokens (for benchmarks).",

@@ -38,21 +38,7 @@ impl IncrementalDetokenizer {
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset]);
         let full = decode(&self.ids[self.prefix_offset..]);
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
-            // Some tokenizers normalise the prefix differently once more text follows;
-            // fall back to the common prefix rather than slicing inside a character.
-            let text = match full.get(prefix.len()..) {
-                Some(t) if full.starts_with(&prefix) => t.to_string(),
-                _ => {
-                    let common = full
-                        .char_indices()
-                        .zip(prefix.chars())
-                        .take_while(|((_, a), b)| a == b)
-                        .last()
-                        .map(|((i, c), _)| i + c.len_utf8())
-                        .unwrap_or(0);
-                    full[common..].to_string()
-                }
-            };
+            let text = new_suffix(&full, &prefix);
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
             // Keep the window small: drop what no later decode needs.
@@ -64,6 +50,47 @@ impl IncrementalDetokenizer {
             text
         } else {
             String::new()
+        }
+    }
+
+    /// At the end of the sequence: the text still held back for a character that will
+    /// never be completed, with U+FFFD for its bytes (as a whole decode shows them).
+    pub fn flush(&mut self, tokenizer: &Tokenizer) -> String {
+        if self.read_offset >= self.ids.len() {
+            return String::new();
+        }
+        let decode = |ids: &[u32]| {
+            tokenizer
+                .decode(ids, self.skip_special_tokens)
+                .unwrap_or_default()
+        };
+        let prefix = decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = decode(&self.ids[self.prefix_offset..]);
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        if full.len() > prefix.len() {
+            new_suffix(&full, &prefix)
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// What `full` adds to `prefix`. Some tokenizers normalise the prefix differently once
+/// more text follows; then the common prefix is used rather than slicing inside a
+/// character.
+fn new_suffix(full: &str, prefix: &str) -> String {
+    match full.get(prefix.len()..) {
+        Some(t) if full.starts_with(prefix) => t.to_string(),
+        _ => {
+            let common = full
+                .char_indices()
+                .zip(prefix.chars())
+                .take_while(|((_, a), b)| a == b)
+                .last()
+                .map(|((i, c), _)| i + c.len_utf8())
+                .unwrap_or(0);
+            full[common..].to_string()
         }
     }
 }
@@ -93,5 +120,30 @@ mod tests {
             out.push_str(&piece);
         }
         assert_eq!(out, text);
+        assert_eq!(
+            d.flush(&tok),
+            "",
+            "nothing is held back after whole characters"
+        );
+    }
+
+    /// A sequence that ends inside a character: its bytes come out as U+FFFD, as a
+    /// whole decode shows them, rather than vanishing.
+    #[test]
+    fn flush_releases_an_incomplete_character() {
+        let dir = crate::demo::ensure_demo_model(&crate::demo::default_cache_dir()).unwrap();
+        let tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        let ids = tok.encode("ok 🔥", false).unwrap().get_ids().to_vec();
+        let cut = ids.len() - 1;
+        let expected = tok.decode(&ids[..cut], false).unwrap();
+        assert!(expected.ends_with('\u{FFFD}'), "{expected:?}");
+        let mut d = IncrementalDetokenizer::new(&[], false);
+        let mut out: String = ids[..cut].iter().map(|&i| d.push(&tok, i)).collect();
+        assert!(
+            out.starts_with("ok") && !out.contains('\u{FFFD}'),
+            "the partial character is held back while it may complete: {out:?}"
+        );
+        out.push_str(&d.flush(&tok));
+        assert_eq!(out, expected);
     }
 }

@@ -289,6 +289,9 @@ fn by_value(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
 /// The `n` largest finite entries, sorted, without sorting the row: a bounded set
 /// refilled by a threshold scan.
 fn top_n(v: &[f32], n: usize) -> Vec<(u32, f32)> {
+    // The engine refuses a top_k above the vocabulary; this keeps the reservation
+    // bounded by the row whoever calls it.
+    let n = n.min(v.len());
     if n == 0 {
         return Vec::new();
     }

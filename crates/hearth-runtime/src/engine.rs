@@ -174,51 +174,10 @@ impl EngineHandle {
     }
 
     /// Checks a request against the model and the cache before it is queued, so a
-    /// request that could never run is refused now rather than stuck later.
+    /// request that could never run (or whose sizes no allocation should take) is
+    /// refused now rather than stuck or fatal later. The rules are `limits.rs`'s.
     pub fn validate(&self, req: &GenerationRequest) -> Result<()> {
-        let l = &self.limits;
-        req.params.validate()?;
-        if req.prompt.is_empty() {
-            return Err(RuntimeError::invalid("prompt", "the prompt has no tokens"));
-        }
-        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= l.vocab_size) {
-            return Err(RuntimeError::invalid(
-                "prompt",
-                format!(
-                    "token id {bad} is outside the vocabulary of {}",
-                    l.vocab_size
-                ),
-            ));
-        }
-        let total = req.prompt.len() + req.params.max_tokens;
-        if req.prompt.len() >= l.max_model_len {
-            return Err(RuntimeError::invalid(
-                "prompt",
-                format!(
-                    "the prompt has {} tokens; the model's context is {} tokens",
-                    req.prompt.len(),
-                    l.max_model_len
-                ),
-            ));
-        }
-        if total > l.max_model_len {
-            return Err(RuntimeError::invalid(
-                "max_tokens",
-                format!(
-                    "prompt tokens ({}) + max_tokens ({}) = {total} exceeds the model's context of {} tokens",
-                    req.prompt.len(),
-                    req.params.max_tokens,
-                    l.max_model_len
-                ),
-            ));
-        }
-        if total > l.kv_capacity_tokens {
-            return Err(RuntimeError::invalid(
-                "max_tokens",
-                format!("prompt + max_tokens = {total} tokens can never fit in the KV cache of {} tokens", l.kv_capacity_tokens),
-            ));
-        }
-        Ok(())
+        self.limits.request().check(req)
     }
 
     pub fn submit(&self, req: GenerationRequest) -> Result<RequestStream> {

@@ -18,6 +18,7 @@ pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hub;
 pub mod kv_cache;
+pub mod limits;
 pub mod linear;
 pub mod loader;
 pub mod model;
@@ -35,6 +36,7 @@ pub mod weights;
 
 pub use engine::{EngineConfig, EngineHandle, EngineLimits, EngineStats, RequestStream};
 pub use error::{Result, RuntimeError};
+pub use limits::RequestLimits;
 pub use loader::{load, LoadFormat, LoadedModel, ModelSpec, TokenizerSource};
 pub use request::{
     Completion, FinishReason, GenerationEvent, GenerationRequest, Timings, TokenLogprobs,

@@ -78,11 +78,25 @@ struct Stream {
 }
 
 impl Stream {
-    fn finish(mut self, reason: FinishReason, error: Option<String>) {
-        // Text held back for a stop sequence that never came is real output (after a
-        // match the matcher holds nothing).
-        let trailing_text = self.stop.flush();
-        self.end(reason, error, trailing_text);
+    /// Ends the request for a reason other than a stop sequence. Bytes held back for
+    /// a character the sequence never completed are output too (U+FFFD, as a whole
+    /// decode shows them), through the stop matcher like any text; then what it held
+    /// back for a stop sequence that never came.
+    fn finish(mut self, tokenizer: &TextTokenizer, reason: FinishReason, error: Option<String>) {
+        let tail = self.detok.flush(tokenizer.inner());
+        match self.stop.push(&tail) {
+            StopOutcome::Continue(text) => {
+                let trailing = text + &self.stop.flush();
+                self.end(reason, error, trailing)
+            }
+            StopOutcome::Stopped(text) => {
+                let reason = match reason {
+                    FinishReason::Length => FinishReason::Stop,
+                    other => other,
+                };
+                self.end(reason, error, text)
+            }
+        }
     }
 
     fn end(self, reason: FinishReason, error: Option<String>, trailing_text: String) {
@@ -133,14 +147,93 @@ fn run(rx: mpsc::Receiver<OutputMsg>, tokenizer: &TextTokenizer, stopped: &mpsc:
             other => {
                 let id = other.id();
                 guarded(&mut streams, stopped, id, |streams| {
-                    on_message(streams, other)
+                    on_message(streams, tokenizer, other)
                 });
             }
         }
     }
     // The engine is gone: whatever is still open ends with an error, not silence.
     for (_, s) in streams.drain() {
-        s.finish(FinishReason::Error, Some("the engine stopped".into()));
+        s.finish(
+            tokenizer,
+            FinishReason::Error,
+            Some("the engine stopped".into()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo_tokenizer() -> Arc<TextTokenizer> {
+        let dir = crate::demo::ensure_demo_model(&crate::demo::default_cache_dir()).unwrap();
+        Arc::new(TextTokenizer::load(&dir.join("tokenizer.json"), None).unwrap())
+    }
+
+    /// Runs one request's tokens through the worker; returns its text (tokens' and
+    /// trailing) and how it finished.
+    fn generate(tok: &Arc<TextTokenizer>, ids: &[u32], stop: &[&str]) -> (String, FinishReason) {
+        let (stopped_tx, _stopped) = mpsc::channel();
+        let worker = spawn(tok.clone(), stopped_tx).unwrap();
+        let (events, mut rx) = tokio_mpsc::unbounded_channel();
+        let send = |m| worker.send(m).unwrap();
+        send(OutputMsg::Open {
+            id: 1,
+            events,
+            prompt_tail: Vec::new(),
+            prompt_len: 1,
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            arrived: Instant::now(),
+            fault: OutputFault::default(),
+        });
+        let tokens = ids
+            .iter()
+            .map(|&token| OutToken {
+                id: 1,
+                token,
+                eos: false,
+                logprobs: None,
+            })
+            .collect();
+        send(OutputMsg::Tokens {
+            at: Instant::now(),
+            tokens,
+        });
+        send(OutputMsg::Finish {
+            id: 1,
+            reason: FinishReason::Length,
+            error: None,
+        });
+        let mut text = String::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                GenerationEvent::Token { text: t, .. } => text.push_str(&t),
+                GenerationEvent::Finished(c) => {
+                    text.push_str(&c.trailing_text);
+                    return (text, c.reason);
+                }
+                GenerationEvent::Started { .. } => {}
+            }
+        }
+        panic!("no Finished event");
+    }
+
+    /// A sequence that ends inside a character (max_tokens reached mid-character) shows
+    /// its bytes as U+FFFD, as the whole decode does, on every route: they were lost.
+    #[test]
+    fn bytes_of_an_unfinished_character_are_output_at_the_end() {
+        let tok = demo_tokenizer();
+        let ids = tok.encode("ok 🔥", false).unwrap();
+        let cut = &ids[..ids.len() - 1];
+        let whole = tok.inner().decode(cut, true).unwrap();
+        assert!(whole.ends_with('\u{FFFD}'), "{whole:?}");
+        assert_eq!(
+            generate(&tok, cut, &[]),
+            (whole.clone(), FinishReason::Length)
+        );
+        // The flushed text still passes the stop matcher: held back, then released.
+        assert_eq!(generate(&tok, cut, &["🔥"]), (whole, FinishReason::Length));
     }
 }
 
@@ -179,7 +272,7 @@ impl OutputMsg {
     }
 }
 
-fn on_message(streams: &mut HashMap<SeqId, Stream>, msg: OutputMsg) {
+fn on_message(streams: &mut HashMap<SeqId, Stream>, tokenizer: &TextTokenizer, msg: OutputMsg) {
     match msg {
         OutputMsg::Open {
             id,
@@ -228,7 +321,7 @@ fn on_message(streams: &mut HashMap<SeqId, Stream>, msg: OutputMsg) {
         OutputMsg::Tokens { .. } => {}
         OutputMsg::Finish { id, reason, error } => {
             if let Some(s) = streams.remove(&id) {
-                s.finish(reason, error);
+                s.finish(tokenizer, reason, error);
             }
         }
     }
@@ -263,7 +356,9 @@ fn on_token(
     });
     if hit {
         if let Some(s) = streams.remove(&t.id) {
-            s.finish(FinishReason::Stop, None);
+            // After a match nothing is held back for output: what the detokenizer
+            // holds comes after the stop.
+            s.end(FinishReason::Stop, None, String::new());
         }
         let _ = stopped.send(t.id);
     }

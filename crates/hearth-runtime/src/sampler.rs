@@ -121,10 +121,13 @@ impl SamplingParams {
                 ),
             ));
         }
-        if self.stop.iter().any(|s| s.is_empty()) {
+        if let Some(why) = crate::limits::stop_list_error(&self.stop) {
+            return Err(RuntimeError::invalid("stop_sequences", why));
+        }
+        if self.seed.is_some_and(|s| s > crate::limits::SEED_MAX) {
             return Err(RuntimeError::invalid(
-                "stop_sequences",
-                "must not contain an empty string",
+                "seed",
+                format!("must be in [0, {}]", crate::limits::SEED_MAX),
             ));
         }
         Ok(())

@@ -216,6 +216,26 @@ impl TextTokenizer {
                     "must contain {prompt}",
                 ));
             }
+            // A template may repeat its placeholders: the expansion's size is known
+            // before it is built, and bounded.
+            let system = spec.system_prompt.as_deref().unwrap_or("");
+            let expanded = t
+                .matches("{prompt}")
+                .count()
+                .saturating_mul(spec.prompt.len())
+                .saturating_add(
+                    t.matches("{system_prompt}")
+                        .count()
+                        .saturating_mul(system.len()),
+                )
+                .saturating_add(t.len());
+            let max = crate::limits::MAX_TEMPLATED_PROMPT_BYTES;
+            if expanded > max {
+                return Err(RuntimeError::invalid(
+                    "prompt_template",
+                    format!("the templated prompt would be {expanded} bytes; at most {max}"),
+                ));
+            }
             let text = t
                 .replace(
                     "{system_prompt}",
@@ -372,6 +392,25 @@ mod tests {
             text,
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn prompt_template_expansion_is_bounded_before_it_is_built() {
+        let t = demo();
+        // 64 Ki placeholders × 64 KiB: 4 GiB if it were built.
+        let spec = PromptSpec {
+            prompt: "x".repeat(64 << 10),
+            prompt_template: Some("{prompt}".repeat(64 << 10)),
+            ..Default::default()
+        };
+        let e = t.prompt_tokens(&spec).unwrap_err();
+        assert!(e.to_string().contains("prompt_template"), "{e}");
+        let ok = PromptSpec {
+            prompt: "hi".into(),
+            prompt_template: Some("{prompt} {prompt}".into()),
+            ..Default::default()
+        };
+        assert!(t.prompt_tokens(&ok).is_ok());
     }
 
     #[test]

@@ -253,6 +253,44 @@ fn a_full_queue_refuses_at_once_and_bad_requests_name_the_field() {
     );
 }
 
+/// `top_k` past the vocabulary reached the sampler, which reserves 2 × top_k entries
+/// on the engine thread: 2^61 panicked it ("capacity overflow"), 10^17 aborted the
+/// process. Refused at submit now, naming the field, and the engine serves on.
+#[test]
+fn top_k_past_the_vocabulary_is_refused_and_the_engine_serves_on() {
+    let e = engine(EngineConfig {
+        kv_cache_memory: Some(1 << 20),
+        ..Default::default()
+    });
+    let vocab = e.limits().vocab_size;
+    let sampled = |top_k: usize| GenerationRequest {
+        prompt: vec![1, 2, 3],
+        params: SamplingParams {
+            temperature: 1.0,
+            top_k,
+            seed: Some(1),
+            ignore_eos: true,
+            ..SamplingParams::greedy(3)
+        },
+    };
+    for top_k in [vocab + 1, 1 << 61] {
+        match e.submit(sampled(top_k)) {
+            Err(RuntimeError::InvalidRequest { field, reason }) => {
+                assert_eq!(field, "top_k");
+                assert!(reason.contains(&vocab.to_string()), "{reason}");
+            }
+            Err(other) => panic!("top_k {top_k}: {other}"),
+            Ok(s) => {
+                drain(s);
+                panic!("top_k {top_k} was accepted");
+            }
+        }
+    }
+    let (ids, reason) = drain(e.submit(sampled(vocab)).unwrap());
+    assert_eq!((ids.len(), reason), (3, FinishReason::Length));
+    assert!(e.is_alive());
+}
+
 #[test]
 fn stop_sequences_end_generation_and_are_not_emitted_and_seeds_repeat() {
     let e = engine(EngineConfig {

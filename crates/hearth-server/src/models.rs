@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use hearth_runtime::EngineHandle;
+use hearth_runtime::{EngineHandle, RequestLimits};
 
 use crate::schema;
 
@@ -37,9 +37,13 @@ impl ServedModel {
         v == self.version || self.version_aliases.iter().any(|a| a == v)
     }
 
+    /// What a request to this model may ask for (every API checks against these).
+    pub fn limits(&self) -> RequestLimits {
+        self.engine.limits().request()
+    }
+
     pub fn openapi_schema(&self) -> Value {
-        let limits = self.engine.limits();
-        schema::openapi_schema(&self.defaults, limits.max_model_len.saturating_sub(1))
+        schema::openapi_schema(&self.defaults, &self.limits())
     }
 }
 
@@ -113,7 +117,8 @@ impl ModelCard {
             let json = serde_json::to_value(v).map_err(|e| format!("defaults.{k}: {e}"))?;
             d.insert(k.clone(), json);
         }
-        schema::parse_input(&Value::Object(Map::new()), &d)
+        // Before the model loads: its own bounds are checked on every request.
+        schema::parse_input(&Value::Object(Map::new()), &d, None)
             .map_err(|e| format!("defaults: {e}"))?;
         Ok(d)
     }

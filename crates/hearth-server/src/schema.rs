@@ -3,7 +3,8 @@
 
 use serde_json::{json, Map, Value};
 
-use hearth_runtime::{PromptSpec, SamplingParams};
+use hearth_runtime::limits::SEED_MAX;
+use hearth_runtime::{PromptSpec, RequestLimits, SamplingParams};
 
 use crate::error::{ApiError, FieldError};
 
@@ -15,12 +16,25 @@ enum Kind {
     Bool,
 }
 
+/// An upper bound: fixed, or the served model's (from `RequestLimits`).
+#[derive(Clone, Copy)]
+enum Max {
+    None,
+    Num(f64),
+    Int(u64),
+    /// The vocabulary size.
+    Vocab,
+    /// The most tokens one request can generate.
+    Tokens,
+}
+
 struct Field {
     name: &'static str,
     kind: Kind,
     description: &'static str,
+    /// Small numbers, exact in an f64 and an i128 alike.
     min: Option<f64>,
-    max: Option<f64>,
+    max: Max,
 }
 
 const fn f(
@@ -28,7 +42,7 @@ const fn f(
     kind: Kind,
     description: &'static str,
     min: Option<f64>,
-    max: Option<f64>,
+    max: Max,
 ) -> Field {
     Field {
         name,
@@ -39,23 +53,43 @@ const fn f(
     }
 }
 
+/// A bound's value for a model; None where it depends on a model and none is given.
+#[derive(Clone, Copy)]
+enum Bound {
+    Num(f64),
+    Int(i128),
+}
+
+impl Max {
+    fn resolve(self, limits: Option<&RequestLimits>) -> Option<Bound> {
+        match (self, limits) {
+            (Max::None, _) => None,
+            (Max::Num(x), _) => Some(Bound::Num(x)),
+            (Max::Int(n), _) => Some(Bound::Int(n.into())),
+            (Max::Vocab, Some(l)) => Some(Bound::Int(l.max_top_k() as i128)),
+            (Max::Tokens, Some(l)) => Some(Bound::Int(l.max_tokens() as i128)),
+            (Max::Vocab | Max::Tokens, None) => None,
+        }
+    }
+}
+
 /// In `x-order` order.
 const FIELDS: &[Field] = &[
-    f("prompt", Kind::Str, "Prompt", None, None),
-    f("system_prompt", Kind::Str, "System prompt to send to the model (through its chat template).", None, None),
-    f("max_tokens", Kind::Int, "The maximum number of tokens the model should generate as output.", Some(1.0), None),
-    f("min_tokens", Kind::Int, "The minimum number of tokens the model should generate as output.", Some(0.0), None),
-    f("temperature", Kind::Num, "The value used to modulate the next token probabilities. 0 is greedy.", Some(0.0), Some(5.0)),
-    f("top_p", Kind::Num, "Sample from the smallest set of tokens whose cumulative probability reaches top_p.", Some(0.0), Some(1.0)),
-    f("top_k", Kind::Int, "Sample from the top_k most likely tokens; 0 (or -1) turns it off.", Some(-1.0), None),
-    f("min_p", Kind::Num, "Drop tokens less likely than min_p times the most likely one.", Some(0.0), Some(1.0)),
-    f("presence_penalty", Kind::Num, "Presence penalty", Some(-2.0), Some(2.0)),
-    f("frequency_penalty", Kind::Num, "Frequency penalty", Some(-2.0), Some(2.0)),
-    f("repetition_penalty", Kind::Num, "Repetition penalty (1 is off).", Some(0.01), Some(10.0)),
-    f("stop_sequences", Kind::Str, "A comma-separated list of sequences to stop generation at. For example, '<end>,<stop>' will stop generation at the first instance of 'end' or '<stop>'.", None, None),
-    f("prompt_template", Kind::Str, "A template to format the prompt with: {prompt} and {system_prompt} are substituted. Empty uses the model's chat template.", None, None),
-    f("seed", Kind::Int, "Random seed. Leave blank to randomize the seed.", Some(0.0), None),
-    f("ignore_eos", Kind::Bool, "Keep generating past end-of-sequence tokens (for benchmarks).", None, None),
+    f("prompt", Kind::Str, "Prompt", None, Max::None),
+    f("system_prompt", Kind::Str, "System prompt to send to the model (through its chat template).", None, Max::None),
+    f("max_tokens", Kind::Int, "The maximum number of tokens the model should generate as output.", Some(1.0), Max::Tokens),
+    f("min_tokens", Kind::Int, "The minimum number of tokens the model should generate as output.", Some(0.0), Max::None),
+    f("temperature", Kind::Num, "The value used to modulate the next token probabilities. 0 is greedy.", Some(0.0), Max::Num(5.0)),
+    f("top_p", Kind::Num, "Sample from the smallest set of tokens whose cumulative probability reaches top_p.", Some(0.0), Max::Num(1.0)),
+    f("top_k", Kind::Int, "Sample from the top_k most likely tokens; 0 (or -1) turns it off.", Some(-1.0), Max::Vocab),
+    f("min_p", Kind::Num, "Drop tokens less likely than min_p times the most likely one.", Some(0.0), Max::Num(1.0)),
+    f("presence_penalty", Kind::Num, "Presence penalty", Some(-2.0), Max::Num(2.0)),
+    f("frequency_penalty", Kind::Num, "Frequency penalty", Some(-2.0), Max::Num(2.0)),
+    f("repetition_penalty", Kind::Num, "Repetition penalty (1 is off).", Some(0.01), Max::Num(10.0)),
+    f("stop_sequences", Kind::Str, "A comma-separated list of sequences to stop generation at. For example, '<end>,<stop>' will stop generation at the first instance of 'end' or '<stop>'.", None, Max::None),
+    f("prompt_template", Kind::Str, "A template to format the prompt with: {prompt} and {system_prompt} are substituted. Empty uses the model's chat template.", None, Max::None),
+    f("seed", Kind::Int, "Random seed. Leave blank to randomize the seed.", Some(0.0), Max::Int(SEED_MAX)),
+    f("ignore_eos", Kind::Bool, "Keep generating past end-of-sequence tokens (for benchmarks).", None, Max::None),
 ];
 
 /// Aliases from the Llama 2 era.
@@ -111,39 +145,101 @@ fn kind_name(kind: Kind) -> &'static str {
     }
 }
 
+/// Why a JSON value is not an exact integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntError {
+    NotNumber,
+    Fraction,
+    /// An integer written as a float beyond 2^53, where floats skip integers: no
+    /// bound hearth has is that large, so it is too large (or too small) for any.
+    TooLarge,
+    TooSmall,
+}
+
+/// An integer from JSON, exactly: every i64 and u64 as written (never through an f64,
+/// which changes integers above 2^53), and a float only where it is a whole number an
+/// f64 holds exactly (`5.0`, `1e3`).
+pub fn exact_integer(v: &Value) -> Result<i128, IntError> {
+    if let Some(i) = v.as_i64() {
+        return Ok(i.into());
+    }
+    if let Some(u) = v.as_u64() {
+        return Ok(u.into());
+    }
+    const EXACT: f64 = (1u64 << 53) as f64;
+    match v.as_f64() {
+        None => Err(IntError::NotNumber),
+        Some(x) if x.fract() != 0.0 => Err(IntError::Fraction),
+        Some(x) if x > EXACT => Err(IntError::TooLarge),
+        Some(x) if x < -EXACT => Err(IntError::TooSmall),
+        Some(x) => Ok(x as i128),
+    }
+}
+
+fn show(x: f64) -> String {
+    num(x).to_string()
+}
+
 /// Why `v` is not a valid value for `field`, if it is not.
-fn check_field(field: &Field, v: &Value) -> Option<String> {
-    let n = match field.kind {
+fn check_field(field: &Field, v: &Value, limits: Option<&RequestLimits>) -> Option<String> {
+    let max = field.max.resolve(limits);
+    match field.kind {
         Kind::Str | Kind::Bool => {
             let ok = matches!(
                 (field.kind, v),
                 (Kind::Str, Value::String(_)) | (Kind::Bool, Value::Bool(_))
             );
-            return (!ok)
-                .then(|| format!("expected {}, got {}", kind_name(field.kind), type_name(v)));
+            (!ok).then(|| format!("expected {}, got {}", kind_name(field.kind), type_name(v)))
         }
-        Kind::Int => match v
-            .as_i64()
-            .or_else(|| v.as_f64().filter(|x| x.fract() == 0.0).map(|x| x as i64))
-        {
-            Some(n) => n as f64,
-            None if v.is_number() => {
-                return Some("expected an integer, got a fractional number".into())
+        Kind::Int => {
+            let too_small =
+                |min: f64| format!("must be greater than or equal to {}, got {v}", show(min));
+            let too_large = |max: i128| format!("must be less than or equal to {max}, got {v}");
+            let n = match exact_integer(v) {
+                Ok(n) => n,
+                Err(IntError::NotNumber) => {
+                    return Some(format!("expected an integer, got {}", type_name(v)))
+                }
+                Err(IntError::Fraction) => {
+                    return Some("expected an integer, got a fractional number".into())
+                }
+                Err(IntError::TooLarge) => {
+                    return Some(match max {
+                        Some(Bound::Int(m)) => too_large(m),
+                        _ => format!("{v} is too large to be an exact integer; write it without a fraction or exponent"),
+                    })
+                }
+                Err(IntError::TooSmall) => {
+                    return Some(too_small(field.min.unwrap_or(f64::MIN)))
+                }
+            };
+            if let Some(min) = field.min.filter(|m| n < *m as i128) {
+                return Some(too_small(min));
             }
-            None => return Some(format!("expected an integer, got {}", type_name(v))),
-        },
-        Kind::Num => match v.as_f64() {
-            Some(x) => x,
-            None => return Some(format!("expected a number, got {}", type_name(v))),
-        },
-    };
-    if let Some(min) = field.min.filter(|min| n < *min) {
-        return Some(format!("must be greater than or equal to {min}, got {n}"));
+            match max {
+                Some(Bound::Int(m)) if n > m => Some(too_large(m)),
+                _ => None,
+            }
+        }
+        Kind::Num => {
+            let Some(x) = v.as_f64() else {
+                return Some(format!("expected a number, got {}", type_name(v)));
+            };
+            if let Some(min) = field.min.filter(|min| x < *min) {
+                return Some(format!(
+                    "must be greater than or equal to {}, got {v}",
+                    show(min)
+                ));
+            }
+            match max {
+                Some(Bound::Num(m)) if x > m => Some(format!(
+                    "must be less than or equal to {}, got {v}",
+                    show(m)
+                )),
+                _ => None,
+            }
+        }
     }
-    if let Some(max) = field.max.filter(|max| n > *max) {
-        return Some(format!("must be less than or equal to {max}, got {n}"));
-    }
-    None
 }
 
 /// Cog's rule for `null`: only a `nullable` input may be null. (Replicate's routes
@@ -168,8 +264,14 @@ pub fn null_errors(input: &Value) -> Vec<FieldError> {
 }
 
 /// Checks `input` against the schema (types, bounds), fills defaults, and builds the
-/// engine's parameters. A 422 names every invalid field and why.
-pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<ParsedInput, ApiError> {
+/// engine's parameters. A 422 names every invalid field and why. `limits`: the served
+/// model's; None checks only what no model decides (a card's defaults, before its
+/// model is loaded).
+pub fn parse_input(
+    input: &Value,
+    defaults: &Map<String, Value>,
+    limits: Option<&RequestLimits>,
+) -> Result<ParsedInput, ApiError> {
     let obj = match input {
         Value::Object(o) => o.clone(),
         Value::Null => Map::new(),
@@ -194,7 +296,7 @@ pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<Parse
     let errors: Vec<FieldError> = FIELDS
         .iter()
         .filter_map(|field| {
-            let why = check_field(field, merged.get(field.name)?)?;
+            let why = check_field(field, merged.get(field.name)?, limits)?;
             let name = sent_as
                 .iter()
                 .find(|(c, _)| c == field.name)
@@ -213,7 +315,10 @@ pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<Parse
             .unwrap_or("")
             .to_string()
     };
-    let i = |k: &str| merged.get(k).and_then(|v| v.as_f64()).map(|x| x as i64);
+    // In range by now (checked above): exact, and within what each type holds.
+    let i = |k: &str| merged.get(k).and_then(|v| exact_integer(v).ok());
+    let size =
+        |k: &str, d: usize| i(k).map_or(d, |n| usize::try_from(n.max(0)).unwrap_or(usize::MAX));
     let x = |k: &str, d: f64| merged.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
     let prompt_template = s("prompt_template");
     let system_prompt = s("system_prompt");
@@ -223,7 +328,7 @@ pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<Parse
         .filter(|p| !p.is_empty())
         .map(str::to_string)
         .collect();
-    let top_k = i("top_k").unwrap_or(0).max(0) as usize;
+    let top_k = size("top_k", 0);
     let mut top_p = x("top_p", 1.0);
     if top_p <= 0.0 {
         // Replicate's models accept 0; it means "no nucleus" there in practice.
@@ -237,9 +342,9 @@ pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<Parse
         repetition_penalty: x("repetition_penalty", 1.0),
         presence_penalty: x("presence_penalty", 0.0),
         frequency_penalty: x("frequency_penalty", 0.0),
-        seed: i("seed").map(|s| s as u64),
-        max_tokens: i("max_tokens").unwrap_or(512) as usize,
-        min_tokens: i("min_tokens").unwrap_or(0) as usize,
+        seed: i("seed").map(|s| u64::try_from(s).unwrap_or(u64::MAX)),
+        max_tokens: size("max_tokens", 512),
+        min_tokens: size("min_tokens", 0),
         stop,
         ignore_eos: merged
             .get("ignore_eos")
@@ -247,7 +352,11 @@ pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<Parse
             .unwrap_or(false),
         logprobs: None,
     };
-    params.validate().map_err(|e| match e {
+    let checked = match limits {
+        Some(l) => l.check_params(&params),
+        None => params.validate(),
+    };
+    checked.map_err(|e| match e {
         hearth_runtime::RuntimeError::InvalidRequest { field, reason } => {
             ApiError::invalid_at(&["input", field], reason)
         }
@@ -269,7 +378,7 @@ pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<Parse
 pub const COG_VERSION: &str = "0.23.1";
 
 /// The `Input` schema: every field in `x-order` order, `defaults` as the defaults.
-fn input_schema(defaults: &Map<String, Value>, max_tokens_limit: usize) -> Value {
+fn input_schema(defaults: &Map<String, Value>, limits: &RequestLimits) -> Value {
     let mut props = Map::new();
     for (order, field) in FIELDS.iter().enumerate() {
         let mut p = Map::new();
@@ -286,11 +395,14 @@ fn input_schema(defaults: &Map<String, Value>, max_tokens_limit: usize) -> Value
         if let Some(min) = field.min {
             p.insert("minimum".into(), num(min));
         }
-        if let Some(max) = field.max {
-            p.insert("maximum".into(), num(max));
-        }
-        if field.name == "max_tokens" {
-            p.insert("maximum".into(), max_tokens_limit.into());
+        match field.max.resolve(Some(limits)) {
+            Some(Bound::Num(max)) => {
+                p.insert("maximum".into(), num(max));
+            }
+            Some(Bound::Int(max)) => {
+                p.insert("maximum".into(), int_value(max));
+            }
+            None => {}
         }
         if let Some(d) = defaults.get(field.name) {
             p.insert("default".into(), d.clone());
@@ -311,7 +423,7 @@ fn ok_response(schema: Value) -> Value {
 
 /// The OpenAPI document a Cog build (0.23.1) writes for a text model that streams a
 /// concatenate iterator: Cog's paths and components, `defaults` as the inputs' defaults.
-pub fn openapi_schema(defaults: &Map<String, Value>, max_tokens_limit: usize) -> Value {
+pub fn openapi_schema(defaults: &Map<String, Value>, limits: &RequestLimits) -> Value {
     let s = |title: &str| json!({"title": title, "type": "string"});
     let time = |title: &str| json!({"title": title, "type": "string", "format": "date-time"});
     let invalid = json!({"description": "Validation Error", "content": {"application/json": {
@@ -338,7 +450,7 @@ pub fn openapi_schema(defaults: &Map<String, Value>, max_tokens_limit: usize) ->
             }},
         },
         "components": {"schemas": {
-            "Input": input_schema(defaults, max_tokens_limit),
+            "Input": input_schema(defaults, limits),
             "Output": {"type": "array", "title": "Output", "items": {"type": "string"},
                        "x-cog-array-type": "iterator", "x-cog-array-display": "concatenate"},
             "PredictionRequest": {"type": "object", "title": "PredictionRequest", "properties": {
@@ -368,6 +480,13 @@ fn num(x: f64) -> Value {
     }
 }
 
+fn int_value(n: i128) -> Value {
+    i64::try_from(n)
+        .map(Value::from)
+        .or_else(|_| u64::try_from(n).map(Value::from))
+        .unwrap_or(Value::Null)
+}
+
 fn title_case(s: &str) -> String {
     s.split('_')
         .map(|w| {
@@ -385,8 +504,14 @@ fn title_case(s: &str) -> String {
 mod tests {
     use super::*;
 
+    const LIMITS: RequestLimits = RequestLimits {
+        vocab_size: 512,
+        max_model_len: 4096,
+        kv_capacity_tokens: 2048,
+    };
+
     fn err(input: Value) -> String {
-        match parse_input(&input, &default_inputs()) {
+        match parse_input(&input, &default_inputs(), Some(&LIMITS)) {
             Err(ApiError::Problem { status, detail, .. }) => {
                 assert_eq!(status.as_u16(), 422);
                 detail
@@ -413,6 +538,7 @@ mod tests {
         let e = parse_input(
             &json!({"max_new_tokens": "x", "temperature": 9, "prompt": 5, "bogus": 1}),
             &default_inputs(),
+            Some(&LIMITS),
         )
         .err()
         .unwrap();
@@ -426,6 +552,7 @@ mod tests {
         let e = parse_input(
             &json!({"min_tokens": 10, "max_tokens": 5}),
             &default_inputs(),
+            Some(&LIMITS),
         )
         .err()
         .unwrap();
@@ -442,6 +569,7 @@ mod tests {
         let p = parse_input(
             &json!({"prompt": "hi", "max_new_tokens": 7, "stop_sequences": "<end>, <stop>"}),
             &default_inputs(),
+            Some(&LIMITS),
         )
         .unwrap();
         assert_eq!(p.params.max_tokens, 7);
@@ -454,10 +582,13 @@ mod tests {
 
     #[test]
     fn schema_lists_inputs_in_order_with_iterator_output() {
-        let s = openapi_schema(&default_inputs(), 2048);
+        let s = openapi_schema(&default_inputs(), &LIMITS);
         let input = &s["components"]["schemas"]["Input"]["properties"];
         assert_eq!(input["prompt"]["x-order"], 0);
-        assert_eq!(input["max_tokens"]["maximum"], 2048);
+        // The model's bounds: context and cache less one prompt token, the vocabulary.
+        assert_eq!(input["max_tokens"]["maximum"], 2047);
+        assert_eq!(input["top_k"]["maximum"], 512);
+        assert_eq!(input["seed"]["maximum"], json!(i64::MAX));
         assert_eq!(input["temperature"]["default"], 0.6);
         assert_eq!(
             s["components"]["schemas"]["Output"]["x-cog-array-type"],
@@ -483,5 +614,87 @@ mod tests {
             json!(["loc", "msg", "type"])
         );
         assert!(schemas["HTTPValidationError"]["properties"]["detail"].is_object());
+    }
+
+    /// `top_k: 1e17` aborted the process and 2^61 killed the engine thread: both
+    /// reached the sampler. Refused here with the vocabulary named, as the schema says.
+    #[test]
+    fn top_k_is_bounded_by_the_vocabulary() {
+        for k in [
+            json!(513),
+            json!(1e17),
+            json!(2305843009213693952u64),
+            json!(u64::MAX),
+        ] {
+            let e = err(json!({"top_k": k, "temperature": 1}));
+            assert!(
+                e.contains("input.top_k: must be less than or equal to 512"),
+                "{k}: {e}"
+            );
+        }
+        let p = parse_input(&json!({"top_k": 512}), &default_inputs(), Some(&LIMITS)).unwrap();
+        assert_eq!(p.params.top_k, 512);
+        let p = parse_input(&json!({"top_k": -1}), &default_inputs(), Some(&LIMITS)).unwrap();
+        assert_eq!(p.params.top_k, 0);
+    }
+
+    /// Integers went through f64: 2^53 + 1 became 2^53, and 2^64 was accepted as a seed.
+    #[test]
+    fn integers_are_exact_and_seeds_signed_64_bit() {
+        let p = parse_input(
+            &json!({"seed": 9007199254740993u64}),
+            &default_inputs(),
+            Some(&LIMITS),
+        )
+        .unwrap();
+        assert_eq!(p.params.seed, Some(9007199254740993));
+        let p = parse_input(&json!({"seed": i64::MAX}), &default_inputs(), Some(&LIMITS)).unwrap();
+        assert_eq!(p.params.seed, Some(i64::MAX as u64));
+        for bad in [
+            json!(1u64 << 63),
+            json!(u64::MAX),
+            json!(18446744073709551616.0),
+        ] {
+            let e = err(json!({"seed": bad}));
+            assert!(
+                e.contains("input.seed: must be less than or equal to 9223372036854775807"),
+                "{e}"
+            );
+        }
+        assert!(err(json!({"seed": -1})).contains("input.seed: must be greater than or equal to 0"));
+        assert!(err(json!({"max_tokens": 1.5})).contains("fractional"));
+        assert!(err(json!({"max_tokens": 2048}))
+            .contains("input.max_tokens: must be less than or equal to 2047"));
+        assert!(err(json!({"max_tokens": -1e300}))
+            .contains("input.max_tokens: must be greater than or equal to 1"));
+        let p = parse_input(
+            &json!({"max_tokens": 5.0}),
+            &default_inputs(),
+            Some(&LIMITS),
+        )
+        .unwrap();
+        assert_eq!(p.params.max_tokens, 5);
+        assert_eq!(
+            exact_integer(&json!(9007199254740993u64)),
+            Ok(9007199254740993)
+        );
+        assert_eq!(exact_integer(&json!(1e300)), Err(IntError::TooLarge));
+        assert_eq!(exact_integer(&json!(-9.1e15)), Err(IntError::TooSmall));
+    }
+
+    #[test]
+    fn stop_sequences_are_bounded_in_count_and_length() {
+        let many = vec!["s"; 17].join(",");
+        assert!(err(json!({"stop_sequences": many})).contains("input.stop_sequences: at most 16"));
+        let long = "x".repeat(257);
+        assert!(err(json!({"stop_sequences": long})).contains("input.stop_sequences"));
+        let ok = vec!["y".repeat(256); 16].join(",");
+        let p = parse_input(
+            &json!({"stop_sequences": ok}),
+            &default_inputs(),
+            Some(&LIMITS),
+        )
+        .unwrap();
+        assert_eq!(p.params.stop.len(), 16);
     }
 }

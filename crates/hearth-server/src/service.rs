@@ -132,7 +132,7 @@ pub async fn create(
             return Err(conflict(id));
         }
     }
-    let parsed = crate::schema::parse_input(&req.input, &model.defaults)?;
+    let parsed = crate::schema::parse_input(&req.input, &model.defaults, Some(&model.limits()))?;
     let prompt = model.engine.tokenizer().prompt_tokens(&parsed.prompt)?;
     // Held until the prediction ends (its runner drops it).
     let quota = state.quotas.take(&origin.client)?;

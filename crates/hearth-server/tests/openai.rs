@@ -472,3 +472,89 @@ async fn completion_logprobs_whole_and_streamed() {
     assert_eq!(s_tokens, tokens);
     assert_eq!(s_offsets, offsets);
 }
+
+/// Chat without `max_tokens` asked for the whole remaining context; with a KV cache
+/// smaller than the context (the CPU default) every such request was refused.
+#[tokio::test]
+async fn chat_without_max_tokens_fits_a_cache_smaller_than_the_context() {
+    // The demo keeps 2 KiB per token: a 128-token cache, a 8,192-token context.
+    let s = start_with(
+        1 << 20,
+        EngineConfig {
+            kv_cache_memory: Some(128 * 2048),
+            ..engine_default()
+        },
+    )
+    .await;
+    let limits = s.state.models.all()[0].engine.limits();
+    assert!(
+        limits.kv_capacity_tokens < limits.max_model_len,
+        "{limits:?}"
+    );
+    let body = json!({"model": "hearth/demo", "messages": [{"role": "user", "content": "hi"}],
+                      "temperature": 0, "ignore_eos": true});
+    let (st, v) = post(&s, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(
+        v["usage"]["total_tokens"].as_u64(),
+        Some(limits.kv_capacity_tokens as u64),
+        "the default fills the cache: {v}"
+    );
+    // An explicit max_tokens the cache cannot hold is still an error.
+    let mut too_many = body;
+    too_many["max_tokens"] = json!(limits.kv_capacity_tokens);
+    let (st, e) = post(&s, "/v1/chat/completions", too_many).await;
+    assert_eq!(
+        (st, e["error"]["param"].as_str()),
+        (400, Some("max_tokens")),
+        "{e}"
+    );
+}
+
+/// A sequence that ends inside a character lost the character's bytes on OpenAI's
+/// routes (`text: ""` with 6 completion tokens for greedy "Once upon" on the demo);
+/// they come out as U+FFFD now, as a whole decode shows them. Per choice, the text is
+/// the lossy decode of its tokens' bytes.
+#[tokio::test]
+async fn a_character_cut_off_at_the_end_is_output_not_dropped() {
+    let s = start(1 << 20).await;
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "hearth/demo", "prompt": "Once upon", "max_tokens": 6, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    if v["usage"]["completion_tokens"] == 6 {
+        assert_ne!(v["choices"][0]["text"], "", "{v}");
+    }
+    let mut cut = 0;
+    for seed in 0..8 {
+        let (st, v) = post(
+            &s,
+            "/v1/chat/completions",
+            chat_body(json!({"seed": seed, "max_tokens": 5, "logprobs": true})),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        let bytes: Vec<u8> = v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            // Special tokens show as written in log-probs and as nothing in the text.
+            .filter(|t| {
+                !hearth_runtime::demo::SPECIAL_TOKENS.contains(&t["token"].as_str().unwrap())
+            })
+            .flat_map(|t| t["bytes"].as_array().unwrap().clone())
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        cut += usize::from(std::str::from_utf8(&bytes).is_err());
+        assert_eq!(
+            v["choices"][0]["message"]["content"].as_str().unwrap(),
+            String::from_utf8_lossy(&bytes),
+            "seed {seed}: {v}"
+        );
+    }
+    eprintln!("{cut} of 8 outputs were not whole UTF-8");
+}

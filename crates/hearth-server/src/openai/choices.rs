@@ -125,6 +125,8 @@ pub async fn start(
     if state.is_draining() {
         return Err(OaiError::unavailable("the server is shutting down"));
     }
+    let limits = model.limits();
+    super::request::check_model(job, &limits)?;
     let tok = model.engine.tokenizer();
     let prompt_name = match job.prompts.first() {
         Some(PromptInput::Chat(_)) => "messages",
@@ -154,13 +156,13 @@ pub async fn start(
         prompt_tokens.push(ids.map_err(|e| OaiError::from_runtime(e, prompt_name))?);
         prompt_texts.push(text);
     }
-    let limit = model.engine.limits().max_model_len;
     let mut streams: Vec<Pieces> = Vec::new();
     for (pi, prompt) in prompt_tokens.iter().enumerate() {
         let max_tokens = match job.max_tokens {
             Some(m) => m,
-            // Chat without a limit: whatever the context leaves.
-            None => limit.saturating_sub(prompt.len()).max(1),
+            // Chat without a limit: whatever the context and the KV cache leave (the
+            // cache can be smaller than the context: the CPU default).
+            None => limits.default_max_tokens(prompt.len()),
         };
         let request = |i: usize| GenerationRequest {
             prompt: prompt.clone(),

@@ -83,10 +83,11 @@ impl OaiError {
     pub fn from_runtime(e: RuntimeError, prompt_name: &str) -> Self {
         match e {
             RuntimeError::InvalidRequest { field, reason } => {
-                let param = if field == "prompt" {
-                    prompt_name
-                } else {
-                    field
+                let param = match field {
+                    "prompt" => prompt_name,
+                    // The runtime names it as Replicate's input does.
+                    "stop_sequences" => "stop",
+                    other => other,
                 };
                 Self::param(param, reason)
             }

@@ -3,16 +3,15 @@
 //! (`response_format`, `tools`, `logit_bias`, `suffix`), is a 400 naming it, never
 //! silently dropped.
 
+use hearth_runtime::limits::{stop_list_error, MAX_CHOICES, MAX_TOP_LOGPROBS, SEED_MAX};
 use hearth_runtime::{ChatMessage, SamplingParams};
 use serde_json::{Map, Value};
 
 use super::{OaiError, OaiResult};
+use crate::schema::{exact_integer, IntError};
 
-/// Most choices one request may ask for.
-pub const MAX_N: usize = 128;
-/// Most alternatives per token (OpenAI's limit for `top_logprobs`).
-pub const MAX_TOP_LOGPROBS: usize = 20;
-const MAX_STOPS: usize = 16;
+/// Most choices one request may ask for (prompts × `n`).
+pub const MAX_N: usize = MAX_CHOICES;
 
 /// One prompt to complete.
 #[derive(Debug, Clone)]
@@ -68,13 +67,18 @@ fn integer(o: &Map<String, Value>, k: &str, min: i64, max: i64) -> OaiResult<Opt
     let Some(v) = present(o, k) else {
         return Ok(None);
     };
-    let x = v
-        .as_i64()
-        .ok_or_else(|| OaiError::param(k, format!("expected an integer, got {v}")))?;
-    if !(min..=max).contains(&x) {
-        return Err(OaiError::param(k, format!("{x} is not in [{min}, {max}]")));
+    let out_of_range = || OaiError::param(k, format!("{v} is not in [{min}, {max}]"));
+    let x = match exact_integer(v) {
+        Ok(x) => x,
+        Err(IntError::TooLarge | IntError::TooSmall) => return Err(out_of_range()),
+        Err(IntError::NotNumber | IntError::Fraction) => {
+            return Err(OaiError::param(k, format!("expected an integer, got {v}")))
+        }
+    };
+    match i64::try_from(x) {
+        Ok(x) if (min..=max).contains(&x) => Ok(Some(x)),
+        _ => Err(out_of_range()),
     }
-    Ok(Some(x))
 }
 
 fn boolean(o: &Map<String, Value>, k: &str) -> OaiResult<bool> {
@@ -104,19 +108,10 @@ fn stops(o: &Map<String, Value>) -> OaiResult<Vec<String>> {
             ))
         }
     };
-    if list.len() > MAX_STOPS {
-        return Err(OaiError::param(
-            "stop",
-            format!("at most {MAX_STOPS} sequences"),
-        ));
+    match stop_list_error(&list) {
+        Some(why) => Err(OaiError::param("stop", why)),
+        None => Ok(list),
     }
-    if list.iter().any(|s| s.is_empty()) {
-        return Err(OaiError::param(
-            "stop",
-            "an empty stop sequence would end every completion",
-        ));
-    }
-    Ok(list)
 }
 
 /// Fields every generation takes, shared by both endpoints.
@@ -145,12 +140,13 @@ fn common(
             "must be greater than 0",
         ));
     }
-    p.top_k = match integer(o, "top_k", -1, i64::from(u32::MAX))? {
+    // Bounded by the model's vocabulary once the model is known (`check_model`).
+    p.top_k = match integer(o, "top_k", -1, i64::MAX)? {
         None | Some(-1) | Some(0) => 0,
-        Some(k) => k as usize,
+        Some(k) => usize::try_from(k).unwrap_or(usize::MAX),
     };
-    // Any 64-bit integer is a seed, as in OpenAI's API.
-    p.seed = integer(o, "seed", i64::MIN, i64::MAX)?.map(|s| s as u64);
+    // One rule for seeds on every API (hearth_runtime::limits::SEED_MAX).
+    p.seed = integer(o, "seed", 0, SEED_MAX as i64)?.map(|s| s as u64);
     let n = integer(o, "n", 1, MAX_N as i64)?.unwrap_or(1) as usize;
     let stream = boolean(o, "stream")?;
     let include_usage = match present(o, "stream_options") {
@@ -281,6 +277,19 @@ fn messages(o: &Map<String, Value>) -> OaiResult<Vec<ChatMessage>> {
             })
         })
         .collect()
+}
+
+/// The checks that need the model: `top_k` against its vocabulary, `max_tokens`
+/// against its context and KV cache, with the runtime's rules (the engine checks again
+/// at submit, with the prompt).
+pub fn check_model(job: &Job, limits: &hearth_runtime::RequestLimits) -> OaiResult<()> {
+    let params = SamplingParams {
+        max_tokens: job.max_tokens.unwrap_or(1),
+        ..job.params.clone()
+    };
+    limits
+        .check_params(&params)
+        .map_err(|e| OaiError::from_runtime(e, "prompt"))
 }
 
 /// `POST /v1/chat/completions`.
@@ -545,5 +554,47 @@ mod tests {
             )),
             "best_of"
         );
+    }
+
+    /// OpenAI's API took `top_k: 4294967295`, which reached the sampler and killed
+    /// the engine; seeds took any i64 where Replicate's took any u64 (and 2^64).
+    #[test]
+    fn top_k_and_seed_follow_the_runtime_limits() {
+        let limits = hearth_runtime::RequestLimits {
+            vocab_size: 512,
+            max_model_len: 8192,
+            kv_capacity_tokens: 8192,
+        };
+        let with = |extra: Value| {
+            let mut b = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+            for (k, v) in extra.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            chat(&b)
+        };
+        for k in [json!(513), json!(4294967295u64), json!(i64::MAX)] {
+            let job = with(json!({"top_k": k})).unwrap();
+            let e = check_model(&job, &limits).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("top_k"), "{k}");
+            assert!(e.message.contains("512"), "{}", e.message);
+        }
+        let job = with(json!({"top_k": 512, "max_tokens": 8191})).unwrap();
+        assert!(check_model(&job, &limits).is_ok());
+        let job = with(json!({"max_tokens": 8192})).unwrap();
+        assert_eq!(
+            check_model(&job, &limits).unwrap_err().param.as_deref(),
+            Some("max_tokens")
+        );
+        let raw = |text: &str| chat(&serde_json::from_str(text).unwrap());
+        for seed in ["-1", "9223372036854775808", "18446744073709551616", "1e300"] {
+            let body = format!(
+                r#"{{"model": "m", "messages": [{{"role": "user", "content": "x"}}], "seed": {seed}}}"#
+            );
+            assert_eq!(param_of(raw(&body)), "seed", "{seed}");
+        }
+        let big = r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 9007199254740993}"#;
+        assert_eq!(raw(big).unwrap().params.seed, Some(9007199254740993));
+        assert_eq!(param_of(with(json!({"stop": vec!["s"; 17]}))), "stop");
+        assert_eq!(param_of(with(json!({"stop": "x".repeat(257)}))), "stop");
     }
 }

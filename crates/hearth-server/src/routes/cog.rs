@@ -264,7 +264,7 @@ async fn run(
         return failed(StatusCode::SERVICE_UNAVAILABLE, "no model is served");
     };
     let mut errors = schema::null_errors(&req.input);
-    if let Err(e) = schema::parse_input(&req.input, &model.defaults) {
+    if let Err(e) = schema::parse_input(&req.input, &model.defaults, Some(&model.limits())) {
         errors.extend(e.fields().iter().cloned());
     }
     if let Some(url) = &req.webhook {

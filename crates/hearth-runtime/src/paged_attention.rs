@@ -22,8 +22,12 @@ use crate::threads;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+mod emulated;
 mod kernel;
+mod launch;
+pub use emulated::paged_attention_emulated;
 use kernel::BlockMath;
+pub use launch::{LaunchLimits, SM90_LIMITS};
 
 /// Queries per CPU work item: with GQA 3 that is 48 rows of scores and accumulators,
 /// which stay in L1 next to one block of keys and values.

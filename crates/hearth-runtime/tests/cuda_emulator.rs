@@ -6,7 +6,7 @@
 
 use candle_core::DType;
 use hearth_runtime::cuda_emulator::{kernel_names, Emulator, Schedule, Source};
-use hearth_runtime::paged_attention::{paged_attention, paged_attention_emulated};
+use hearth_runtime::paged_attention::{paged_attention, paged_attention_emulated, HEAD_DIMS};
 
 mod attention_cases;
 use attention_cases::{build, cpu_tensors, max_diff, random_seqs, reference, seeded, values, Case};
@@ -48,22 +48,24 @@ fn describe(c: &Case) -> String {
     )
 }
 
-/// The cases: every GQA ratio and head dim the kernel takes, both block sizes, ragged
-/// batches with contexts up to 80 keys (so crossing 16- and 32-key blocks).
+/// The cases: every head dim the kernel takes, each with two of the GQA ratios (1, 3, 4,
+/// 8, 16: a block holds at most 8 heads of a group, so 16 takes two blocks) and a block
+/// size of 16 or 32, in ragged batches with contexts up to 80 keys (so crossing blocks).
 fn cases() -> Vec<Case> {
     let mut rng = seeded(19);
+    let ratios = [(4, 4), (9, 3), (8, 2), (16, 2), (16, 1)];
     let mut out = Vec::new();
-    for &(heads, kv_heads) in &[(4, 4), (9, 3), (8, 2), (16, 2)] {
-        for &head_dim in &[64, 128, 256] {
-            for &block_size in &[16, 32] {
-                out.push(Case {
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    block_size,
-                    seqs: random_seqs(&mut rng, block_size, 80),
-                });
-            }
+    for (i, &head_dim) in HEAD_DIMS.iter().enumerate() {
+        for j in 0..2 {
+            let (heads, kv_heads) = ratios[(2 * i + j) % ratios.len()];
+            let block_size = [16, 32][(i + j) % 2];
+            out.push(Case {
+                heads,
+                kv_heads,
+                head_dim,
+                block_size,
+                seqs: random_seqs(&mut rng, block_size, 80),
+            });
         }
     }
     out
@@ -196,11 +198,29 @@ fn a_missing_syncthreads_is_caught_under_every_schedule() {
 fn every_entry_point_of_the_source_is_compiled() {
     let names = kernel_names(Source::Original);
     for dtype in ["f32", "f16", "bf16"] {
-        for epl in [2, 4, 8] {
-            let want = format!("hearth_paged_attention_{dtype}_{epl}");
+        for d in HEAD_DIMS {
+            let want = format!("hearth_paged_attention_{dtype}_d{d}");
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
     }
+}
+
+#[test]
+fn a_head_dim_without_a_kernel_is_refused_naming_the_value() {
+    // Through the emulated launch, which plans exactly as the CUDA path does (and as
+    // check_supported asks at load time for a CUDA device).
+    let c = Case {
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 72,
+        block_size: 16,
+        seqs: vec![(1, 3)],
+    };
+    let b = build(&c, &mut seeded(1));
+    let err = emulate(&c, &b, DType::F32, &Emulator::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("head_dim 72") && err.contains("CUDA"), "{err}");
 }
 
 #[test]
@@ -214,7 +234,7 @@ fn launches_outside_the_device_limits_or_the_signature_are_refused() {
         .map(|_| DeviceBuffer::from_bytes(&[0; 64], "u32"))
         .collect();
     let geometry = |threads: u32, shared: u32| LaunchGeometry {
-        kernel: "hearth_paged_attention_f32_2",
+        kernel: "hearth_paged_attention_f32_d64",
         grid: [1, 1, 1],
         block: [threads, 1, 1],
         dynamic_shared_bytes: shared,

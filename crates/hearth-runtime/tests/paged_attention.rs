@@ -1,5 +1,6 @@
 //! The paged-attention op against a naive reference (f64, dense, causal by position)
-//! on random ragged batches: GQA ratios 1, 3, 4, 8; head_dim 64 and 128; block sizes
+//! on random ragged batches: GQA ratios 1, 3, 4, 8 (and 16); head_dim 64 and 128 (and
+//! every head dim the CUDA kernel takes, 16 to 256, in a smaller test); block sizes
 //! 16 and 32; decodes and prefill chunks in one call; contexts crossing block
 //! boundaries up to 4,096+ keys; blocks scattered through the cache; f32, f16, bf16.
 //! With HEARTH_TEST_DEVICE=cuda (scripts/gpu-tests.sh) every case also runs on the GPU
@@ -95,6 +96,26 @@ fn ragged_batches_of_decodes_and_prefill_chunks_match_the_reference() {
                 n += 1;
             }
         }
+    }
+}
+
+#[test]
+fn every_head_dim_of_the_supported_families_with_gqa_up_to_16() {
+    let mut rng = seeded(77);
+    for (i, &head_dim) in hearth_runtime::paged_attention::HEAD_DIMS
+        .iter()
+        .enumerate()
+    {
+        let (heads, kv_heads) = [(16, 1), (8, 2), (12, 4)][i % 3];
+        let block_size = [16, 32][i % 2];
+        let case = Case {
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            seqs: random_seqs(&mut rng, block_size, 100),
+        };
+        check(&case, 3000 + i as u64, ALL);
     }
 }
 

@@ -165,14 +165,20 @@ pub(crate) fn shapes(ql: &Layout, kl: &Layout, vl: &Layout) -> Result<Shapes> {
     })
 }
 
+/// The head sizes the kernel is compiled for (kernels/paged_attention.cu's HEAD_DIMS):
+/// every one of the supported families (16 and 32 in the test fixtures, 64/128 for
+/// Llama, Mistral, Qwen, 80 and 96 for Phi-style models, 256 for Gemma).
+pub const HEAD_DIMS: [usize; 7] = [16, 32, 64, 80, 96, 128, 256];
+
 /// Whether the kernel takes this head size and GQA group (query heads per kv head).
+/// Any group size is taken: a block holds up to MAX_GROUP heads of one group, and
+/// larger groups get more blocks (grid y = kv_heads × ceil(group / MAX_GROUP)).
 pub(crate) fn supports(head_dim: usize, group: usize) -> Result<()> {
-    let epl = head_dim / 32;
-    if !head_dim.is_multiple_of(32) || !matches!(epl, 2 | 4 | 8) || group == 0 || group > MAX_GROUP
-    {
-        candle_core::bail!(
-            "paged attention on CUDA takes head_dim 64, 128 or 256 and at most {MAX_GROUP} query heads per kv head (got head_dim {head_dim}, {group} query heads per kv head)"
-        );
+    if !HEAD_DIMS.contains(&head_dim) {
+        candle_core::bail!("head_dim {head_dim} (the kernel takes {HEAD_DIMS:?})");
+    }
+    if group == 0 {
+        candle_core::bail!("no query heads per kv head");
     }
     Ok(())
 }
@@ -221,7 +227,10 @@ pub(crate) fn plan(
     scale: f32,
 ) -> Result<Launch> {
     let g = s.heads / s.kv_heads;
-    supports(s.head_dim, g)?;
+    supports(s.head_dim, g)
+        .map_err(|e| candle_core::Error::Msg(format!("paged attention on CUDA: {e}")))?;
+    let groups = g.div_ceil(MAX_GROUP);
+    let per_block = g.min(MAX_GROUP);
     let name = match dtype {
         DType::F32 => "f32",
         DType::F16 => "f16",
@@ -229,10 +238,11 @@ pub(crate) fn plan(
         _ => candle_core::bail!("paged attention: q and caches must be f32, f16 or bf16"),
     };
     let launch = Launch {
-        kernel: format!("hearth_paged_attention_{name}_{}", s.head_dim / 32),
-        grid: [s.tokens as u32, s.kv_heads as u32, 1],
+        kernel: format!("hearth_paged_attention_{name}_d{}", s.head_dim),
+        grid: [s.tokens as u32, (s.kv_heads * groups) as u32, 1],
         block: [WARPS * 32, 1, 1],
-        dynamic_shared_bytes: WARPS * (g * (s.head_dim + 2) * 4) as u32,
+        // Each warp's (accumulator, max, sum) per head it holds, in f32.
+        dynamic_shared_bytes: WARPS * (per_block * (s.head_dim + 2) * 4) as u32,
         shared_opt_in: false,
         args: vec![
             Arg::Buffer(Buffer::Q),

@@ -11,6 +11,8 @@ use std::process::Command;
 
 /// The kernel sources, each one translation unit for nvcc and the emulator.
 const KERNELS: &[&str] = &["paged_attention"];
+/// Sources for the emulator alone (kernels/emu/): kernels that test the emulator.
+const EMULATOR_ONLY: &[&str] = &["emu/selftest"];
 
 /// Broken copies the emulator must reject: (kernel, name, replaced text, replacement).
 /// Every occurrence is replaced; build.rs fails if the text is not there, so a mutant
@@ -78,11 +80,12 @@ fn emu_build() -> cc::Build {
 /// `host_text`), inside its own namespace, and a table of its entry points.
 fn build_emulator(out_dir: &Path) {
     let mut units = Vec::new();
-    for kernel in KERNELS {
-        let text = std::fs::read_to_string(format!("kernels/{kernel}.cu"))
-            .unwrap_or_else(|e| panic!("kernels/{kernel}.cu: {e}"));
+    for path in KERNELS.iter().chain(EMULATOR_ONLY) {
+        let text = std::fs::read_to_string(format!("kernels/{path}.cu"))
+            .unwrap_or_else(|e| panic!("kernels/{path}.cu: {e}"));
+        let kernel = path.rsplit('/').next().unwrap_or(path);
         units.push((kernel.to_string(), "original".to_string(), text.clone()));
-        for (k, name, from, to) in MUTANTS.iter().filter(|m| m.0 == *kernel) {
+        for (k, name, from, to) in MUTANTS.iter().filter(|m| m.0 == kernel) {
             assert!(
                 text.contains(from),
                 "mutant {k}/{name}: `{from}` is not in the source"

@@ -90,21 +90,34 @@ extern "C" {
     fn hearth_emu_kernels_paged_attention_original(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_paged_attention_block_table_off_by_one(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_paged_attention_no_syncthreads(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_selftest_original(i: usize) -> *const KernelEntry;
 }
 
 type Table = unsafe extern "C" fn(usize) -> *const KernelEntry;
 
-fn table(source: Source) -> Table {
+/// The kernel tables of a source variant: the originals hold every kernel source and
+/// the emulator's self-tests (kernels/emu/selftest.cu); a mutant, its own source only.
+fn tables(source: Source) -> &'static [Table] {
     match source {
-        Source::Original => hearth_emu_kernels_paged_attention_original,
-        Source::BlockTableOffByOne => hearth_emu_kernels_paged_attention_block_table_off_by_one,
-        Source::NoSyncthreads => hearth_emu_kernels_paged_attention_no_syncthreads,
+        Source::Original => &[
+            hearth_emu_kernels_paged_attention_original,
+            hearth_emu_kernels_selftest_original,
+        ],
+        Source::BlockTableOffByOne => &[hearth_emu_kernels_paged_attention_block_table_off_by_one],
+        Source::NoSyncthreads => &[hearth_emu_kernels_paged_attention_no_syncthreads],
     }
 }
 
 /// The names of the entry points compiled from `source`.
 pub fn kernel_names(source: Source) -> Vec<String> {
-    let t = table(source);
+    let mut names = Vec::new();
+    for &t in tables(source) {
+        names.extend(table_names(t));
+    }
+    names
+}
+
+fn table_names(t: Table) -> Vec<String> {
     let mut names = Vec::new();
     for i in 0.. {
         // SAFETY: the table returns valid entries for 0..len, then null.
@@ -123,16 +136,17 @@ pub fn kernel_names(source: Source) -> Vec<String> {
 }
 
 fn find(source: Source, name: &str) -> Option<*const KernelEntry> {
-    let t = table(source);
-    for i in 0.. {
-        // SAFETY: as in kernel_names.
-        let k = unsafe { t(i) };
-        if k.is_null() {
-            return None;
-        }
-        // SAFETY: as in kernel_names.
-        if unsafe { CStr::from_ptr(hearth_emu_kernel_name(k)) }.to_bytes() == name.as_bytes() {
-            return Some(k);
+    for &t in tables(source) {
+        for i in 0.. {
+            // SAFETY: as in table_names.
+            let k = unsafe { t(i) };
+            if k.is_null() {
+                break;
+            }
+            // SAFETY: as in table_names.
+            if unsafe { CStr::from_ptr(hearth_emu_kernel_name(k)) }.to_bytes() == name.as_bytes() {
+                return Some(k);
+            }
         }
     }
     None

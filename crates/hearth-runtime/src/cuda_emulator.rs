@@ -228,6 +228,7 @@ pub enum KernelArg<'a> {
     Buffer(&'a mut DeviceBuffer),
     I32(i32),
     U32(u32),
+    I64(i64),
     F32(f32),
 }
 
@@ -245,7 +246,7 @@ pub struct LaunchGeometry<'a> {
 impl Emulator {
     /// Runs one launch to completion. Errors: an unknown kernel, arguments that do not
     /// match its signature, launch limits, divergence at barriers or warp collectives,
-    /// writes past a buffer's end.
+    /// writes past a buffer's end, invalid memory accesses (the process survives them).
     pub fn launch(&self, g: &LaunchGeometry<'_>, args: &mut [KernelArg<'_>]) -> Result<()> {
         let k = find(self.source, g.kernel).ok_or_else(|| {
             candle_core::Error::Msg(format!(
@@ -259,6 +260,7 @@ impl Emulator {
                 KernelArg::Buffer(b) => format!("{}*", b.elem),
                 KernelArg::I32(_) => "i32".into(),
                 KernelArg::U32(_) => "u32".into(),
+                KernelArg::I64(_) => "i64".into(),
                 KernelArg::F32(_) => "f32".into(),
             });
         }
@@ -279,6 +281,7 @@ impl Emulator {
                 KernelArg::Buffer(b) => v = (b.ptr() as usize as u64).to_ne_bytes(),
                 KernelArg::I32(x) => v[..4].copy_from_slice(&x.to_ne_bytes()),
                 KernelArg::U32(x) => v[..4].copy_from_slice(&x.to_ne_bytes()),
+                KernelArg::I64(x) => v = x.to_ne_bytes(),
                 KernelArg::F32(x) => v[..4].copy_from_slice(&x.to_ne_bytes()),
             }
             values.push(v);

@@ -124,3 +124,24 @@ fn a_write_past_a_buffer_is_reported() {
         "{err}"
     );
 }
+
+#[test]
+fn an_invalid_memory_access_fails_the_launch_not_the_process() {
+    let mut p = f32_buffer(&[1.0; 32]);
+    let mut out = DeviceBuffer::uninit(32 * 4, "f32");
+    let err = emulator(Schedule::InOrder)
+        .launch(
+            &geometry("selftest_wild_read", 1, 32),
+            &mut [
+                KernelArg::Buffer(&mut p),
+                KernelArg::Buffer(&mut out),
+                KernelArg::I64(1 << 42),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("invalid memory access"), "{err}");
+    // The emulator still works on this thread afterwards.
+    let (got, want) = block_sums("selftest_block_sum", Schedule::Reversed);
+    assert_eq!(got, want);
+}

@@ -15,14 +15,20 @@
 //   read of shared data no thread has written yet - a missing barrier - poisons the
 //   result in every order, and a write racing a read gives different results under
 //   different orders (the tests compare them bit for bit);
-// - the shared memory a block uses (dynamic + static) is held to the launch's limit.
+// - the shared memory a block uses (dynamic + static) is held to the launch's limit;
+// - a kernel's invalid memory access (SIGSEGV/SIGBUS while a launch runs on this
+//   thread) fails the launch with the address, as the GPU's illegal-address error
+//   would, instead of killing the process.
 #include "cuda_emu.h"
 
+#include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -176,6 +182,36 @@ thread_local Block* blk = nullptr;
 thread_local Stacks stacks;
 
 const char* const POLICY[] = {"in order", "reversed", "shuffled"};
+
+// Invalid memory accesses inside a launch jump back to it; elsewhere the signal goes
+// to the handler that was there before (Rust's stack-overflow report, or the default).
+thread_local sigjmp_buf* fault_env = nullptr;
+thread_local void* fault_addr = nullptr;
+struct sigaction old_segv, old_bus;
+std::once_flag fault_handler_installed;
+
+void on_fault(int sig, siginfo_t* info, void*) {
+    if (fault_env) {
+        sigjmp_buf* env = fault_env;
+        fault_env = nullptr;
+        fault_addr = info->si_addr;
+        siglongjmp(*env, sig);
+    }
+    // Returning re-runs the faulting instruction under the previous handler.
+    sigaction(sig, sig == SIGSEGV ? &old_segv : &old_bus, nullptr);
+}
+
+void install_fault_handler() {
+    std::call_once(fault_handler_installed, [] {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &old_segv);
+        sigaction(SIGBUS, &sa, &old_bus);
+    });
+}
 
 uint64_t splitmix(uint64_t& s) {
     uint64_t z = (s += 0x9e3779b97f4a7c15ull);
@@ -416,8 +452,24 @@ int hearth_emu_launch(const KernelEntry* k, const HearthEmuLaunch* d, void** arg
         for (uint64_t i = 0; i < nblocks; ++i) blocks[i] = o[i];
     }
     blk = &b;
+    install_fault_handler();
+    sigjmp_buf env;
+    // The block being run, for the message after a fault (volatile: read after the jump).
+    static thread_local volatile uint64_t running_block;
     int rc = 0;
+    if (const int sig = sigsetjmp(env, 1)) {
+        const uint64_t lin = running_block;
+        rc = fail(fmt("invalid memory access at %p (signal %d) in block (%llu,%llu,%llu), schedule %s",
+                      fault_addr, sig, (unsigned long long)(lin % d->grid[0]),
+                      (unsigned long long)(lin / d->grid[0] % d->grid[1]),
+                      (unsigned long long)(lin / ((uint64_t)d->grid[0] * d->grid[1])), POLICY[d->policy]));
+        blk = nullptr;
+        current = nullptr;
+        return rc;
+    }
+    fault_env = &env;
     for (uint64_t lin : blocks) {
+        running_block = lin;
         const uint3 bi{(unsigned)(lin % d->grid[0]), (unsigned)(lin / d->grid[0] % d->grid[1]),
                        (unsigned)(lin / ((uint64_t)d->grid[0] * d->grid[1]))};
         memset(b.shared.data(), 0xff, std::max(b.static_top, b.dynamic_bytes));
@@ -452,6 +504,7 @@ int hearth_emu_launch(const KernelEntry* k, const HearthEmuLaunch* d, void** arg
             break;
         }
     }
+    fault_env = nullptr;
     blk = nullptr;
     current = nullptr;
     return rc;

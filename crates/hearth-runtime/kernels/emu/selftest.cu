@@ -57,3 +57,8 @@ extern "C" __global__ void selftest_votes(uint32_t* out) {
 extern "C" __global__ void selftest_out_of_bounds(float* out, int n) {
     if (threadIdx.x == 0) out[n] = 1.f;
 }
+
+// Reads `offset` elements past `p`: far outside any allocation when offset is huge.
+extern "C" __global__ void selftest_wild_read(const float* p, float* out, int64_t offset) {
+    out[threadIdx.x] = p[offset + threadIdx.x];
+}

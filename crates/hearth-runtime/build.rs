@@ -32,7 +32,15 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    build_emulator(&out_dir);
+    // The emulator's coroutine switch is x86-64 assembly; elsewhere the crate builds
+    // without it (and without its tests).
+    println!("cargo::rustc-check-cfg=cfg(hearth_cuda_emulator)");
+    let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    if os == "linux" && arch == "x86_64" {
+        println!("cargo:rustc-cfg=hearth_cuda_emulator");
+        build_emulator(&out_dir);
+    }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         for k in KERNELS {
             build_ptx(k, &out_dir);

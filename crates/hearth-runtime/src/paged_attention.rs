@@ -25,9 +25,11 @@ use crate::threads;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(hearth_cuda_emulator)]
 mod emulated;
 mod kernel;
 mod launch;
+#[cfg(hearth_cuda_emulator)]
 pub use emulated::paged_attention_emulated;
 use kernel::BlockMath;
 pub use launch::{LaunchLimits, HEAD_DIMS, SM90_LIMITS};

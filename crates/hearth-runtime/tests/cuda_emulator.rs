@@ -3,6 +3,7 @@
 //! reference on random ragged batches (GQA ratios, head dims, block sizes, contexts
 //! crossing blocks, f32/f16/bf16), under adversarial schedules; and the emulator shown
 //! to catch broken copies of the same source (build.rs's MUTANTS).
+#![cfg(hearth_cuda_emulator)]
 
 use candle_core::DType;
 use hearth_runtime::cuda_emulator::{kernel_names, Emulator, Schedule, Source};

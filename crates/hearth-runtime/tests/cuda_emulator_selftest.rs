@@ -2,6 +2,7 @@
 //! shuffles and votes with CUDA's results, and the faults it must report rather than
 //! run through: a race on shared memory (different results under different schedules),
 //! a shuffle only part of a warp reaches, a write past a buffer's end.
+#![cfg(hearth_cuda_emulator)]
 
 use hearth_runtime::cuda_emulator::{
     DeviceBuffer, Emulator, KernelArg, LaunchGeometry, Schedule, Source,

@@ -32,8 +32,8 @@
 #include <string>
 #include <vector>
 
-#if !defined(__x86_64__)
-#include <ucontext.h>
+#if !defined(__x86_64__) || !defined(__linux__)
+#error "the emulator's coroutines are written for x86-64 Linux (build.rs compiles it only there)"
 #endif
 
 namespace hearth_emu {
@@ -48,14 +48,9 @@ constexpr size_t STACK_BYTES = 128 * 1024;
 enum class St : uint8_t { Ready, Collective, Barrier, Exited };
 
 struct Ctx {
-#if defined(__x86_64__)
     void* sp = nullptr;
-#else
-    ucontext_t uc;
-#endif
 };
 
-#if defined(__x86_64__)
 // A coroutine switch saves what the SysV ABI says a call preserves (rbx, rbp, r12-r15,
 // the SSE and x87 control words) and swaps stacks: no system call, unlike swapcontext.
 extern "C" void hearth_emu_switch(void** save_sp, void* new_sp);
@@ -113,22 +108,6 @@ void ctx_make(Ctx* c, char* stack, size_t size, void (*fn)(void*), void* arg) {
     top[-8] = 0x1f80ull | (0x037full << 32);                  // mxcsr, x87 control word
     c->sp = &top[-8];
 }
-#else
-void (*make_fn)(void*);
-void* make_arg;
-void make_entry() { make_fn(make_arg); }
-void ctx_switch(Ctx* from, Ctx* to) { swapcontext(&from->uc, &to->uc); }
-void ctx_make(Ctx* c, char* stack, size_t size, void (*fn)(void*), void* arg) {
-    getcontext(&c->uc);
-    c->uc.uc_stack.ss_sp = stack;
-    c->uc.uc_stack.ss_size = size;
-    c->uc.uc_link = nullptr;
-    // Every lane of a block starts the same function with the same argument.
-    make_fn = fn;
-    make_arg = arg;
-    makecontext(&c->uc, make_entry, 0);
-}
-#endif
 
 struct Lane {
     Ctx ctx;

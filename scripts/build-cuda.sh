@@ -22,8 +22,29 @@
 # The first build compiles candle's kernels with nvcc: 10+ minutes on 2 cores (28 min
 # seen here with other builds beside it). Later builds are incremental: ~1 min
 # for a change in crates/, plus ~2 min of xz.
+#
+# `scripts/build-cuda.sh --check` builds nothing: it says whether target/gpu-bundle is
+# current, i.e. was built from exactly the sources here (every tracked or unignored file
+# under crates/, Cargo.toml, Cargo.lock, this script and cuda-toolchain.sh, and
+# CUDA_COMPUTE_CAP), by a digest recorded in MANIFEST.txt. Exit 0 current, 1 stale,
+# 2 no bundle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+inputs_digest() {
+  { echo "CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}"
+    git ls-files -co --exclude-standard -- crates Cargo.toml Cargo.lock scripts/build-cuda.sh scripts/cuda-toolchain.sh |
+      LC_ALL=C sort | while IFS= read -r f; do [ -f "$f" ] && sha256sum "$f"; done
+  } | sha256sum | cut -c1-32
+}
+if [ "${1:-}" = "--check" ]; then
+  m=target/gpu-bundle/MANIFEST.txt
+  [ -f target/gpu-bundle/bundle.tar.xz ] && [ -f "$m" ] || { echo "build-cuda: no bundle in target/gpu-bundle"; exit 2; }
+  built=$(sed -n 's/^inputs: //p' "$m")
+  now=$(inputs_digest)
+  if [ "$built" = "$now" ]; then echo "build-cuda: target/gpu-bundle is current ($(head -n 1 "$m"))"; exit 0; fi
+  echo "build-cuda: target/gpu-bundle is STALE: $(head -n 1 "$m"); its inputs ${built:-(not recorded)}, now $now"
+  exit 1
+fi
 t0=$(date +%s)
 eval "$(bash scripts/cuda-toolchain.sh | tail -n 1)"
 export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-target/cuda}
@@ -89,6 +110,7 @@ tar -C "$log.d" -cf - hearth test-goldens test-engine test-paged-attention | xz 
   (cd "$log.d" && for f in hearth test-goldens test-engine test-paged-attention; do
      echo "$(sha256sum "$f" | cut -c1-16)  $(stat -c %s "$f") bytes  $f"; done)
   echo "bundle.tar.xz: $(stat -c %s "$B/bundle.tar.xz") bytes"
+  echo "inputs: $(inputs_digest)"
 } >"$B/MANIFEST.txt"
 cat "$B/MANIFEST.txt"
 size=$(stat -c %s "$B/bundle.tar.xz")

@@ -1,24 +1,50 @@
 #!/usr/bin/env bash
 # Runs ON the GPU machine (driver 580 / CUDA 13, PyTorch's pip-installed CUDA libraries,
 # no Rust), from the repo root, with the executables that scripts/build-cuda.sh packed
-# into target/gpu-bundle/ on a machine with Rust.
+# into target/gpu-bundle/ on a machine with Rust (`scripts/build-cuda.sh --check` says
+# whether that bundle is current).
 #
 # target/ is git-ignored, so the device tool does not send it by itself: name the bundle
 # in `carry`:
-#     run(command="bash scripts/gpu-tests.sh", carry=["target/gpu-bundle"])
+#     run(command="bash scripts/gpu-tests.sh", carry=["target/gpu-bundle"], timeout_s=450)
 # (the bundle is ~11 MB of xz; the tool's limit is 64 MiB with the working tree, and the
-# three executables unpacked come to ~170 MB, which is why they travel packed).
+# executables unpacked come to ~170 MB, which is why they travel packed; dummy weights
+# are generated on the device, never carried).
 #
-#  1. the fixture goldens and the engine tests on CUDA in f32: tokens exact, logits 1e-4;
-#  2. the goldens on CUDA in bf16: logits within 0.25 (goldens.rs says why no tokens);
+# A GPU slot is 15 minutes of device time, machine start included, and a hang must not
+# eat it: every phase runs under `timeout` with a budget in seconds, and the budgets of
+# one whole run add up to 420 s (7 min), so a rerun fits in the same slot:
+#     phase                                   budget (s)  override
+#     unpack the bundle                           20      GPU_T_UNPACK
+#     device and compute-capability check         10      (fixed)
+#     kernel tests: paged attention, CPU+CUDA     30      GPU_T_KERNEL
+#     compute-sanitizer probe (when present)      10      (fixed)
+#     memcheck on the kernel tests                45      GPU_T_SANITIZER
+#     racecheck on the kernel tests               45      GPU_T_SANITIZER
+#     goldens f32                                 30      GPU_T_GOLDENS
+#     engine f32                                  45      GPU_T_ENGINE
+#     goldens bf16                                30      GPU_T_GOLDENS
+#     engine bf16 (reported, not counted)         30      GPU_T_ENGINE_BF16
+#     soak                                       120      GPU_T_SOAK
+# The small kernel tests run first: when the kernel is wrong, they say so in seconds,
+# before the goldens' whole-model failures.
+#
+#  1. the kernel tests, then compute-sanitizer memcheck and racecheck on them when the
+#     machine has compute-sanitizer (probed with a short timeout: some machines refuse
+#     it; skipped with a note when so);
+#  2. the fixture goldens and the engine tests on CUDA in f32: tokens exact, logits 1e-4;
+#  3. the goldens on CUDA in bf16: logits within 0.25 (goldens.rs says why no tokens);
 #     the engine tests in bf16 too, reported but not counted (batched-vs-alone token
 #     equality is not promised in bf16);
-#  3. a soak: SOAK_N (3000) predictions over the HTTP API, SOAK_CONCURRENCY (64) at a
-#     time, max_tokens 32..128 with ignore_eos, a fifth cancelled mid-flight; device
-#     memory (nvidia-smi) after the soak must not exceed memory after a warm-up by more
-#     than 5%. The KV cache is fixed at SOAK_KV (1GiB) so that 5% means ~100 MiB: with
-#     the default --gpu-memory-utilization 0.9 the cache takes 90% of the card and a
-#     leak would need gigabytes to show.
+#  4. a soak: SOAK_N (600) predictions over the HTTP API, SOAK_CONCURRENCY (64) at a
+#     time after SOAK_WARMUP (100), max_tokens 32..128 with ignore_eos, a fifth cancelled
+#     mid-flight; device memory (nvidia-smi) after the soak must not exceed memory after
+#     the warm-up by more than 5%. The KV cache is fixed at SOAK_KV (1GiB) so that 5%
+#     means ~100 MiB: with the default --gpu-memory-utilization 0.9 the cache takes 90%
+#     of the card and a leak would need gigabytes to show.
+# The PTX that CUDA JIT-compiles for the GPU is cached under target/cuda-jit-cache
+# (CUDA_CACHE_MAXSIZE 4 GiB, so candle's kernels fit) and reused by every phase and by a
+# rerun on the same machine.
 # Exits non-zero on any failure. With $OUT set (the device tool), logs land there too.
 #
 # Fixtures: the test executables were compiled on another machine, and the fixtures
@@ -45,7 +71,7 @@ die() { echo "gpu-tests: $*" >&2; exit 1; }
 [ -n "${GPU_BIN:-}" ] || [ -f "$B/bundle.tar.xz" ] || die "no $B/bundle.tar.xz: run scripts/build-cuda.sh on a machine with Rust and carry target/gpu-bundle"
 if [ -z "${GPU_BIN:-}" ] && { [ ! -x "$BIN/hearth" ] || [ "$B/bundle.tar.xz" -nt "$BIN/.unpacked" ]; }; then
   rm -rf "$BIN" && mkdir -p "$BIN"
-  python3 - "$B/bundle.tar.xz" "$BIN" <<'PY' || die "could not unpack the bundle"
+  timeout "${GPU_T_UNPACK:-20}" python3 - "$B/bundle.tar.xz" "$BIN" <<'PY' || die "could not unpack the bundle (or not within ${GPU_T_UNPACK:-20} s)"
 import sys, tarfile
 with tarfile.open(sys.argv[1]) as t:
     t.extractall(sys.argv[2], **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
@@ -65,33 +91,67 @@ export LD_LIBRARY_PATH
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 ldd "$BIN/hearth" | grep -E 'libcuda|libcublas|libcurand|libcudart|not found'
 ldd "$BIN/hearth" | grep -q 'not found' && die "a library the binary needs was not found (above)"
-nvidia-smi || die "nvidia-smi failed"
+timeout 10 nvidia-smi || die "nvidia-smi failed (or hung for 10 s)"
+# The bundle's PTX is for CUDA_COMPUTE_CAP (MANIFEST.txt); an older GPU cannot JIT it.
+want_cap=$(sed -n 's/.*CUDA_COMPUTE_CAP=\([0-9]*\).*/\1/p' "$B/MANIFEST.txt" 2>/dev/null | head -n 1)
+have_cap=$(timeout 10 nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' .')
+[ -n "$have_cap" ] || die "nvidia-smi reports no compute capability"
+echo "compute capability: device ${have_cap}, bundle built for ${want_cap:-?}"
+[ -z "$want_cap" ] || [ "$have_cap" -ge "$want_cap" ] ||
+  die "the bundle's kernels need compute capability >= $want_cap; this GPU is $have_cap"
+export CUDA_CACHE_PATH=${CUDA_CACHE_PATH:-$PWD/target/cuda-jit-cache} CUDA_CACHE_MAXSIZE=${CUDA_CACHE_MAXSIZE:-4294967296}
+mkdir -p "$CUDA_CACHE_PATH"
 
 export HEARTH_FIXTURES=$PWD/models/fixtures HEARTH_TEST_DEVICE=$DEVICE
 status=0
 failed=()
-run() { # label, command...
-  local label=$1; shift
-  echo; echo "== $label"
-  if "$@"; then echo "== $label: ok"; else echo "== $label: FAILED"; status=1; failed+=("$label"); fi
+run() { # label, budget in seconds, command...
+  local label=$1 budget=$2; shift 2
+  echo; echo "== $label (budget ${budget}s)"
+  local t0=$SECONDS rc
+  timeout --kill-after=5 "$budget" "$@"; rc=$?
+  if [ $rc -eq 0 ]; then echo "== $label: ok in $((SECONDS - t0))s"
+  else
+    [ $rc -eq 124 ] && echo "== $label: stopped at its budget of ${budget}s"
+    echo "== $label: FAILED (exit $rc)"; status=1; failed+=("$label")
+  fi
 }
+# compute-sanitizer, when the machine has one that answers within 10 s.
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 || true)
+if [ -n "$SAN" ] && ! timeout 10 "$SAN" --version >/dev/null 2>&1; then
+  echo "compute-sanitizer at $SAN did not answer within 10 s: skipped"; SAN=
+fi
 
 # -- 1, 2: the test executables (each test loads its own model; one thread at a time
 # keeps the device memory of one test at a time)
 if [[ " $STEPS " == *" tests "* ]]; then
 grep -q HEARTH_FIXTURES "$BIN/test-goldens" ||
   die "these test executables predate HEARTH_FIXTURES: rebuild with scripts/build-cuda.sh"
-run "goldens f32"  env HEARTH_TEST_DTYPE=f32  "$BIN/test-goldens" --test-threads 1
-run "engine f32"   env HEARTH_TEST_DTYPE=f32  "$BIN/test-engine"  --test-threads 1
-run "goldens bf16" env HEARTH_TEST_DTYPE=bf16 "$BIN/test-goldens" --test-threads 1
-# hearth's CUDA paged-attention kernel against the same float64 reference as the CPU op.
-[ -x "$BIN/test-paged-attention" ] && run "paged attention (CPU and CUDA)" "$BIN/test-paged-attention" --test-threads 1
-echo; echo "== engine bf16 (informational, not counted)"
-HEARTH_TEST_DTYPE=bf16 "$BIN/test-engine" --test-threads 1 && echo "== engine bf16: ok" ||
-  echo "== engine bf16: failed (not counted)"
+# 1: hearth's CUDA paged-attention kernel against the same float64 reference as the
+# CPU op, first alone, then under compute-sanitizer (the ragged-batch test only: the
+# sanitizers slow kernels 10-100x).
+K=${GPU_T_KERNEL:-30} S=${GPU_T_SANITIZER:-45}
+run "kernel tests (CPU and CUDA)" "$K" "$BIN/test-paged-attention" --test-threads 1
+if [ -n "$SAN" ]; then
+  run "memcheck: kernel tests" "$S" "$SAN" --tool memcheck --error-exitcode 1 \
+    "$BIN/test-paged-attention" --test-threads 1 ragged_batches
+  run "racecheck: kernel tests" "$S" "$SAN" --tool racecheck --error-exitcode 1 \
+    "$BIN/test-paged-attention" --test-threads 1 ragged_batches
+else
+  echo; echo "== compute-sanitizer: not on this machine; memcheck and racecheck skipped"
+fi
+# 2, 3: each test loads its own model; one thread at a time keeps the device memory of
+# one test at a time.
+G=${GPU_T_GOLDENS:-30} E=${GPU_T_ENGINE:-45}
+run "goldens f32"  "$G" env HEARTH_TEST_DTYPE=f32  "$BIN/test-goldens" --test-threads 1
+run "engine f32"   "$E" env HEARTH_TEST_DTYPE=f32  "$BIN/test-engine"  --test-threads 1
+run "goldens bf16" "$G" env HEARTH_TEST_DTYPE=bf16 "$BIN/test-goldens" --test-threads 1
+echo; echo "== engine bf16 (informational, not counted; budget ${GPU_T_ENGINE_BF16:-30}s)"
+timeout --kill-after=5 "${GPU_T_ENGINE_BF16:-30}" env HEARTH_TEST_DTYPE=bf16 "$BIN/test-engine" --test-threads 1 &&
+  echo "== engine bf16: ok" || echo "== engine bf16: failed or over budget (not counted)"
 fi
 
-# -- 3: the soak
+# -- 4: the soak
 soak() {
   local data=/tmp/soak port=${SOAK_PORT:-18080}
   rm -rf "$data" && mkdir -p "$data"
@@ -103,9 +163,9 @@ import collections, json, os, queue, random, subprocess, sys, threading, time, u
 
 BASE = "http://127.0.0.1:%s" % os.environ["SOAK_PORT"]
 MODEL = "/v1/models/hearth/dummy-bench-small/predictions"
-N = int(os.environ.get("SOAK_N", "3000"))
+N = int(os.environ.get("SOAK_N", "600"))
 CONC = int(os.environ.get("SOAK_CONCURRENCY", "64"))
-WARM = int(os.environ.get("SOAK_WARMUP", "300"))
+WARM = int(os.environ.get("SOAK_WARMUP", "100"))
 TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
 
 def mem():
@@ -245,7 +305,10 @@ PY
   [ -n "${OUT:-}" ] && cp "$data/server.log" "$OUT/soak-server.log"
   return $rc
 }
-[[ " $STEPS " == *" soak "* ]] && run "soak" soak
+if [[ " $STEPS " == *" soak "* ]]; then
+  echo "soak sizes: SOAK_N=${SOAK_N:-600} SOAK_CONCURRENCY=${SOAK_CONCURRENCY:-64} SOAK_WARMUP=${SOAK_WARMUP:-100} SOAK_KV=${SOAK_KV:-1GiB}"
+  run "soak" "${GPU_T_SOAK:-120}" bash -c "$(declare -f soak); BIN='$BIN' DEVICE='$DEVICE' OUT='${OUT:-}' soak"
+fi
 
 echo
 if [ $status -eq 0 ]; then echo "gpu-tests: all passed"; else echo "gpu-tests: FAILED: ${failed[*]}"; fi

@@ -1,13 +1,15 @@
 // hearth's paged attention on CUDA: the same op as the CPU one (paged_attention.rs),
 // for the flattened ragged batch of one engine step. One thread block per (query token,
-// kv head); its warps split the keys the token may see (positions 0..=its own), each
-// lane holding head_dim/32 elements of the GQA group's queries and accumulators, with
+// kv head, group of up to MAX_GROUP of that kv head's query heads); its warps split the
+// keys the token may see (positions 0..=its own), each lane holding ceil(head_dim/32)
+// consecutive elements of the queries and accumulators (lanes past head_dim idle), with
 // an online softmax in f32; the warps' partial results are merged in shared memory.
 // Keys and values are read in place through the sequence's block table from caches
-// laid out [num_blocks, block_size, kv_heads, head_dim].
+// laid out [num_blocks, block_size, kv_heads, head_dim]. gridDim.y is kv_heads times
+// the number of head groups, ceil((heads / kv_heads) / MAX_GROUP).
 //
-// Compiled to PTX by build.rs (feature `cuda`); entry points
-// hearth_paged_attention_{f32,f16,bf16}_{2,4,8}, the suffix being head_dim / 32.
+// Compiled to PTX by build.rs (feature `cuda`), and for the CPU emulator in every build;
+// entry points hearth_paged_attention_{f32,f16,bf16}_d{16,32,64,80,96,128,256}.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,8 +34,8 @@ __device__ __forceinline__ float warp_sum(float x) {
     return x;
 }
 
-// EPL = head_dim / 32 elements per lane.
-template <typename T, int EPL>
+// D = head_dim; each lane holds EPL = ceil(D / 32) elements, lane * EPL + e.
+template <typename T, int D>
 __device__ void paged_attention(
     const T* __restrict__ q,                  // [tokens, heads, head_dim]
     const T* __restrict__ k_cache,            // [blocks, block_size, kv_heads, head_dim]
@@ -44,11 +46,14 @@ __device__ void paged_attention(
     const uint32_t* __restrict__ seq_lens,    // [seqs]
     const uint32_t* __restrict__ block_tables,// [seqs, max_blocks]
     int max_blocks, int num_heads, int num_kv_heads, int block_size, float scale) {
-    constexpr int D = EPL * 32;
+    constexpr int EPL = (D + 31) / 32;
     extern __shared__ float smem[];
     const int t = blockIdx.x;
-    const int kvh = blockIdx.y;
-    const int g = num_heads / num_kv_heads;
+    const int groups = gridDim.y / num_kv_heads;
+    const int kvh = blockIdx.y / groups;
+    const int group = num_heads / num_kv_heads;
+    const int h0 = (blockIdx.y % groups) * MAX_GROUP;  // this block's first head of the group
+    const int g = min(MAX_GROUP, group - h0);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
     const uint32_t s = token_seq[t];
     const int qlen = (int)(query_start[s + 1] - query_start[s]);
@@ -63,8 +68,10 @@ __device__ void paged_attention(
 #pragma unroll
         for (int e = 0; e < EPL; ++e) {
             acc[h][e] = 0.f;
-            qr[h][e] = h < g ? to_f32(q[((size_t)t * num_heads + kvh * g + h) * D + lane * EPL + e]) * scale
-                             : 0.f;
+            const int i = lane * EPL + e;
+            qr[h][e] = h < g && i < D
+                           ? to_f32(q[((size_t)t * num_heads + kvh * group + h0 + h) * D + i]) * scale
+                           : 0.f;
         }
     }
     for (int j = warp; j <= pos; j += nwarps) {
@@ -73,8 +80,9 @@ __device__ void paged_attention(
         float kv[EPL], vv[EPL];
 #pragma unroll
         for (int e = 0; e < EPL; ++e) {
-            kv[e] = to_f32(k_cache[row + e]);
-            vv[e] = to_f32(v_cache[row + e]);
+            const bool in = lane * EPL + e < D;
+            kv[e] = in ? to_f32(k_cache[row + e]) : 0.f;
+            vv[e] = in ? to_f32(v_cache[row + e]) : 0.f;
         }
 #pragma unroll
         for (int h = 0; h < MAX_GROUP; ++h) {
@@ -97,7 +105,8 @@ __device__ void paged_attention(
     for (int h = 0; h < g; ++h) {
         float* w = smem + ((size_t)warp * g + h) * stride;
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) w[lane * EPL + e] = acc[h][e];
+        for (int e = 0; e < EPL; ++e)
+            if (lane * EPL + e < D) w[lane * EPL + e] = acc[h][e];
         if (lane == 0) {
             w[D] = m[h];
             w[D + 1] = l[h];
@@ -116,25 +125,23 @@ __device__ void paged_attention(
             num += p[dim] * f;
             den += p[D + 1] * f;
         }
-        out[((size_t)t * num_heads + kvh * g + h) * D + dim] = from_f32<T>(num / den);
+        out[((size_t)t * num_heads + kvh * group + h0 + h) * D + dim] = from_f32<T>(num / den);
     }
 }
 
-#define ENTRY(TYPE, NAME, EPL)                                                                     \
-    extern "C" __global__ void hearth_paged_attention_##NAME##_##EPL(                              \
+#define ENTRY(TYPE, NAME, D)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128) hearth_paged_attention_##NAME##_d##D(        \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, const uint32_t* token_seq,         \
         const uint32_t* query_start, const uint32_t* seq_lens, const uint32_t* block_tables,       \
         int max_blocks, int num_heads, int num_kv_heads, int block_size, float scale) {            \
-        paged_attention<TYPE, EPL>(q, k, v, out, token_seq, query_start, seq_lens, block_tables,   \
-                                   max_blocks, num_heads, num_kv_heads, block_size, scale);        \
+        paged_attention<TYPE, D>(q, k, v, out, token_seq, query_start, seq_lens, block_tables,     \
+                                 max_blocks, num_heads, num_kv_heads, block_size, scale);          \
     }
+// Every head size of the supported families (launch.rs's HEAD_DIMS).
+#define HEAD_DIMS(TYPE, NAME) \
+    ENTRY(TYPE, NAME, 16) ENTRY(TYPE, NAME, 32) ENTRY(TYPE, NAME, 64) ENTRY(TYPE, NAME, 80) \
+    ENTRY(TYPE, NAME, 96) ENTRY(TYPE, NAME, 128) ENTRY(TYPE, NAME, 256)
 
-ENTRY(float, f32, 2)
-ENTRY(float, f32, 4)
-ENTRY(float, f32, 8)
-ENTRY(__half, f16, 2)
-ENTRY(__half, f16, 4)
-ENTRY(__half, f16, 8)
-ENTRY(__nv_bfloat16, bf16, 2)
-ENTRY(__nv_bfloat16, bf16, 4)
-ENTRY(__nv_bfloat16, bf16, 8)
+HEAD_DIMS(float, f32)
+HEAD_DIMS(__half, f16)
+HEAD_DIMS(__nv_bfloat16, bf16)

@@ -275,6 +275,13 @@ impl Engine {
             )));
         }
         let cache = KvCacheTensors::new(&mcfg, num_blocks, bs, model.dtype(), model.device())?;
+        // The weights were uploaded and the cache zeroed on this (the loader's) thread's
+        // CUDA stream; the engine thread works on its own. Wait for this thread's work
+        // before the engine can run a step that reads it (a no-op on the CPU).
+        model
+            .device()
+            .synchronize()
+            .map_err(|e| RuntimeError::Device(format!("waiting for the model upload: {e}")))?;
         tracing::info!(
             num_blocks,
             block_size = bs,

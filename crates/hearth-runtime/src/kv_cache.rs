@@ -27,7 +27,12 @@ impl KvCacheTensors {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        crate::paged_attention::check_supported(cfg.head_dim, block_size, device)?;
+        crate::paged_attention::check_supported(
+            cfg.head_dim,
+            cfg.num_attention_heads / cfg.num_key_value_heads.max(1),
+            block_size,
+            device,
+        )?;
         let shape = (
             num_blocks,
             block_size,

@@ -7,6 +7,8 @@ pub mod block_allocator;
 pub mod config;
 pub mod cpu_matmul;
 pub mod cpu_ops;
+#[cfg(hearth_cuda_emulator)]
+pub mod cuda_emulator;
 pub mod demo;
 pub mod detokenizer;
 pub mod device;

@@ -11,7 +11,10 @@
 //! CPU: work items are (sequence, kv-head, tile of ≤ 16 queries), spread over candle's
 //! barrier pool; the query heads of a GQA group share each key and value row they load.
 //! CUDA (feature `cuda`): hearth's own kernel (kernels/paged_attention.cu), one thread
-//! block per (token, kv head), with this CPU op as its reference.
+//! block per (token, kv head, up to 8 heads of its GQA group), head dims
+//! [`HEAD_DIMS`], with this CPU op as its reference; launched as launch.rs describes,
+//! which the CPU emulator (crate::cuda_emulator, `paged_attention_emulated`) shares, so
+//! `cargo test` runs the kernel's source without a GPU.
 
 use std::cell::RefCell;
 
@@ -22,8 +25,14 @@ use crate::threads;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(hearth_cuda_emulator)]
+mod emulated;
 mod kernel;
+mod launch;
+#[cfg(hearth_cuda_emulator)]
+pub use emulated::paged_attention_emulated;
 use kernel::BlockMath;
+pub use launch::{LaunchLimits, HEAD_DIMS, SM90_LIMITS};
 
 /// Queries per CPU work item: with GQA 3 that is 48 rows of scores and accumulators,
 /// which stay in L1 next to one block of keys and values.
@@ -513,12 +522,38 @@ unsafe fn item_kernel<T: Element, M: BlockMath>(
 pub const MAX_HEAD_DIM: usize = 512;
 pub const MAX_BLOCK_SIZE: usize = 64;
 
-/// Checks a model/cache shape against what the op supports, once at start-up.
-pub fn check_supported(head_dim: usize, block_size: usize, device: &Device) -> Result<()> {
-    if device.is_cpu() && (head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK_SIZE) {
-        candle_core::bail!(
-            "paged attention on the CPU takes head_dim <= {MAX_HEAD_DIM} and block_size <= {MAX_BLOCK_SIZE} (got {head_dim}, {block_size})"
-        );
+/// Checks a model/cache shape against what the op supports on the device it will run
+/// on, once at start-up: a model the kernel cannot serve fails to load, naming the value
+/// and the device, rather than failing every request.
+pub fn check_supported(
+    head_dim: usize,
+    group: usize,
+    block_size: usize,
+    device: &Device,
+) -> Result<()> {
+    match device {
+        Device::Cpu => {
+            if head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK_SIZE {
+                candle_core::bail!(
+                    "paged attention on the CPU takes head_dim <= {MAX_HEAD_DIM} and block_size <= {MAX_BLOCK_SIZE} (got {head_dim}, {block_size})"
+                );
+            }
+            Ok(())
+        }
+        Device::Cuda(_) => launch::supports(head_dim, group).map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "paged attention on {}: the model's {e}",
+                device_name(device)
+            ))
+        }),
+        _ => candle_core::bail!("paged attention has no kernel for {}", device_name(device)),
     }
-    Ok(())
+}
+
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "the CPU".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("CUDA device {gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("Metal device {gpu_id}"),
+    }
 }

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Roofline model of one hearth decode step for Llama-3.1-8B in bf16 on H100 SXM and H200.
+
+For each kernel of a step at batch 1, 8, 64 and 256 with every sequence at context 128, 2k
+or 8k (decode rows only), the bytes it moves (weights, KV, activations), its FLOPs, and
+its expected time from the design, counting launch gaps and per-kernel latency floors, not
+bytes alone; then the step's time and the fraction of HBM bandwidth it reaches (all bytes,
+weights and KV, over step time x peak bandwidth). Two designs:
+
+  today   the CUDA path as merged: candle ops (~18 launches per layer, launched eagerly),
+          paged attention with one block per (token, kv head) and one key row in flight
+          per warp, KV written by candle's scatter, per-step metadata in ~8 uploads;
+  target  issue 19's design: fused residual+norm, the three projections as GEMV/GEMM
+          through cuBLAS, a fused RoPE + reshape-and-cache kernel, split-key
+          (flash-decoding) attention with a combine kernel, one packed metadata upload,
+          decode steps replayed as CUDA graphs.
+
+Every constant below says where it comes from; the ones marked ASSUMPTION are what a GPU
+run should replace (benches/RESULTS-gpu-template.md has the measured columns to fill).
+
+    python3 benches/roofline.py > benches/ROOFLINE.md
+"""
+
+import math
+import sys
+
+# --- the model: Llama-3.1-8B config.json (hidden_size 4096, intermediate_size 14336,
+# 32 layers, 32 heads, 8 KV heads, head_dim 128, vocab 128256, tied embeddings: no).
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 14336, 32, 32, 8, 128, 128256
+BF16 = 2
+PARAMS = (VOCAB * HIDDEN * 2 + LAYERS * (HIDDEN * (HEADS + 2 * KV_HEADS) * HEAD_DIM
+          + HEADS * HEAD_DIM * HIDDEN + 3 * HIDDEN * INTER + 2 * HIDDEN) + HIDDEN)
+KV_BYTES_PER_TOKEN_LAYER = 2 * KV_HEADS * HEAD_DIM * BF16  # K and V: 4 KiB
+
+# --- the GPUs: NVIDIA datasheets (H100 SXM5: 3.35 TB/s HBM3, 989 TFLOPS dense bf16,
+# 132 SMs, 80 GB; H200 SXM: 4.8 TB/s HBM3e, same compute, 141 GB).
+GPUS = {
+    "H100 SXM": dict(bw=3.35e12, flops=989e12, sms=132, mem=80e9),
+    "H200": dict(bw=4.8e12, flops=989e12, sms=132, mem=141e9),
+}
+# ASSUMPTION: streaming kernels (cuBLAS GEMV, well-fed elementwise) reach ~90% of peak
+# bandwidth on Hopper (STREAM-like copies are reported at 90-93%).
+BW_EFF = 0.90
+# ASSUMPTION: cuBLAS bf16 GEMM at these shapes reaches ~70% of dense peak.
+FLOP_EFF = 0.70
+# ASSUMPTION: the shortest a kernel takes on the GPU however little it does (grid
+# launch, one DRAM round trip, the tail): 2 us.
+KERNEL_FLOOR = 2.0e-6
+# ASSUMPTION: the gap between two dependent kernels. Eager launches through candle
+# (an allocation, event bookkeeping and cuLaunchKernel per op, engine-notes.md) cost the
+# host ~5 us each, which the GPU waits for whenever its kernels are shorter; a CUDA
+# graph replays at ~1 us per node (NVIDIA's CUDA graphs blog measures 2-3 us eager vs
+# under 1 us in graphs per short kernel).
+GAP_EAGER, GAP_GRAPH = 5.0e-6, 1.0e-6
+# ASSUMPTION: loaded DRAM latency ~0.7 us (Hopper microbenchmarks report 0.5-0.8 us);
+# a kernel limited by bytes in flight reaches in_flight / latency (Little's law).
+DRAM_LATENCY = 0.7e-6
+# A host-to-device copy of a few KiB: ~5 us from pageable memory, ~2.5 us pinned.
+H2D_PAGEABLE, H2D_PINNED = 5.0e-6, 2.5e-6
+
+
+def kernel(name, bytes_, flops, gap, in_flight=None, gpu=None, floor=KERNEL_FLOOR, count=1):
+    """One kernel (or `count` identical ones): its bytes, FLOPs and expected time."""
+    bw = BW_EFF * gpu["bw"]
+    if in_flight is not None:  # limited by the bytes it keeps in flight
+        bw = min(bw, in_flight / DRAM_LATENCY)
+    t = gap + max(floor, bytes_ / bw, flops / (FLOP_EFF * gpu["flops"]))
+    return dict(name=name, bytes=bytes_ * count, flops=flops * count, time=t * count, count=count)
+
+
+def matmul(name, b, n_in, n_out, gap, gpu, count=1):
+    w = n_in * n_out * BF16
+    act = b * (n_in + n_out) * BF16
+    return kernel(name, w + act, 2 * b * n_in * n_out, gap, gpu=gpu, count=count)
+
+
+def step(design, b, ctx, gpu):
+    """Kernels of one decode step: b sequences, each with ctx keys."""
+    graph = design == "target"
+    gap = GAP_GRAPH if graph else GAP_EAGER
+    act = b * HIDDEN * BF16
+    kv = b * ctx * KV_BYTES_PER_TOKEN_LAYER  # per layer
+    qkv = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    ks = []
+    L = LAYERS
+    if design == "today":
+        ks.append(kernel("metadata uploads (8, pageable)", 8 * 4096, 0, 0, gpu=gpu, floor=H2D_PAGEABLE, count=8))
+        ks.append(kernel("embedding gather", 2 * act, 0, gap, gpu=gpu))
+        ks.append(kernel("rms_norm + add (2 ops)", 3 * act, 0, gap, gpu=gpu, count=2 * L))
+        ks.append(matmul("q/k/v projections (3 GEMM)", b, HIDDEN, qkv, gap, gpu, count=L))
+        ks[-1]["time"] += 2 * L * (gap + KERNEL_FLOOR)  # three launches, not one
+        ks[-1]["count"] = 3 * L
+        ks.append(kernel("rope: cos/sin gather, contiguous, rope q and k", 4 * b * qkv * BF16, 0, gap, gpu=gpu, count=5 * L))
+        # candle's scatter: one block, serial over rows (issue 19): ~b x 1 us per call.
+        ks.append(kernel("KV write (scatter, K and V)", 2 * b * KV_HEADS * HEAD_DIM * BF16, 0, gap, gpu=gpu,
+                         floor=KERNEL_FLOOR + b * 1.0e-6, count=2 * L))
+        # One block per (token, kv head), 4 warps, one K and one V row in flight per warp:
+        # 4 x 2 x 256 B = 2 KiB in flight per block.
+        blocks = b * KV_HEADS
+        ks.append(kernel("paged attention (1 block per token x kv head)", kv + 2 * b * HEADS * HEAD_DIM * BF16,
+                         4 * b * HEADS * ctx * HEAD_DIM, gap, in_flight=min(blocks, gpu["sms"] * 8) * 2048,
+                         gpu=gpu, count=L))
+        ks.append(matmul("o_proj", b, HEADS * HEAD_DIM, HIDDEN, gap, gpu, count=L))
+        ks.append(matmul("gate + up (2 GEMM)", b, HIDDEN, 2 * INTER, gap, gpu, count=L))
+        ks[-1]["time"] += L * (gap + KERNEL_FLOOR)
+        ks[-1]["count"] = 2 * L
+        ks.append(kernel("silu, mul (2 ops)", 3 * b * INTER * BF16, 0, gap, gpu=gpu, count=2 * L))
+        ks.append(matmul("down_proj", b, INTER, HIDDEN, gap, gpu, count=L))
+    else:
+        ks.append(kernel("metadata upload (1, pinned, packed)", 64 * 1024, 0, 0, gpu=gpu, floor=H2D_PINNED))
+        ks.append(kernel("embedding gather", 2 * act, 0, gap, gpu=gpu))
+        ks.append(kernel("fused residual add + rms_norm", 3 * act, 0, gap, gpu=gpu, count=2 * L))
+        ks.append(matmul("q/k/v projections (3 GEMV/GEMM)", b, HIDDEN, qkv, gap, gpu, count=L))
+        ks[-1]["time"] += 2 * L * (gap + KERNEL_FLOOR)
+        ks[-1]["count"] = 3 * L
+        ks.append(kernel("fused RoPE + reshape_and_cache (slot ids)", 3 * b * qkv * BF16, 0, gap, gpu=gpu, count=L))
+        # Split keys in partitions of 256: b x kv_heads x ceil(ctx/256) blocks, each with
+        # 4 warps x 4 rows x 32 lanes x 16 B = 8 KiB of K and V in flight.
+        parts = math.ceil(ctx / 256)
+        blocks = b * KV_HEADS * parts
+        ks.append(kernel("split-key attention (256-key partitions)", kv + 2 * b * HEADS * HEAD_DIM * BF16,
+                         4 * b * HEADS * ctx * HEAD_DIM, gap, in_flight=min(blocks, gpu["sms"] * 8) * 8192,
+                         gpu=gpu, count=L))
+        ks.append(kernel("attention combine", b * HEADS * parts * (HEAD_DIM + 2) * 4 + act, 0, gap, gpu=gpu, count=L))
+        ks.append(matmul("o_proj", b, HEADS * HEAD_DIM, HIDDEN, gap, gpu, count=L))
+        ks.append(matmul("gate + up (2 GEMV/GEMM)", b, HIDDEN, 2 * INTER, gap, gpu, count=L))
+        ks[-1]["time"] += L * (gap + KERNEL_FLOOR)
+        ks[-1]["count"] = 2 * L
+        ks.append(kernel("fused silu * mul", 3 * b * INTER * BF16, 0, gap, gpu=gpu, count=L))
+        ks.append(matmul("down_proj", b, INTER, HIDDEN, gap, gpu, count=L))
+    ks.append(kernel("final norm", 2 * act, 0, gap, gpu=gpu))
+    ks.append(matmul("lm_head", b, HIDDEN, VOCAB, gap, gpu))
+    if design == "today":
+        ks.append(kernel("greedy argmax + ids to host", b * VOCAB * 4, 0, gap, gpu=gpu, floor=KERNEL_FLOOR + H2D_PAGEABLE))
+    else:
+        ks.append(kernel("device sampling + ids to host", b * VOCAB * 4, 0, gap, gpu=gpu, floor=KERNEL_FLOOR + H2D_PINNED, count=2))
+    return ks
+
+
+def fmt_bytes(x):
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if x >= f:
+            return f"{x / f:.2f} {unit}"
+    return f"{x:.0f} B"
+
+
+def main():
+    out = sys.stdout
+    p = print
+    p("# Roofline: one decode step of Llama-3.1-8B (bf16) on H100 SXM and H200", file=out)
+    p("", file=out)
+    p("Written by `python3 benches/roofline.py > benches/ROOFLINE.md`; the model, its constants and where each "
+      "comes from are in the script's header. Decode rows only (every sequence has `context` keys and one new "
+      "token). *Bandwidth fraction* = all bytes the step moves (weights, KV, activations) / (step time x peak HBM "
+      "bandwidth). Time per kernel = launch gap + max(latency floor, bytes / achievable bandwidth, FLOPs / "
+      "achievable FLOP rate), where attention's achievable bandwidth is also capped by the bytes its blocks keep in "
+      "flight (Little's law). Estimates, not measurements: the measured columns come from `scripts/gpu-bench.sh`.", file=out)
+    p("", file=out)
+    p(f"Parameters: {PARAMS / 1e9:.2f} B ({fmt_bytes(PARAMS * BF16)} in bf16); KV per token "
+      f"{KV_BYTES_PER_TOKEN_LAYER * LAYERS // 1024} KiB.", file=out)
+    for gname, gpu in GPUS.items():
+        p("", file=out)
+        p(f"## {gname}: {gpu['bw'] / 1e12:.2f} TB/s, {gpu['flops'] / 1e12:.0f} TFLOPS bf16", file=out)
+        p("", file=out)
+        p("| batch | context | fits | bytes/step (KV share) | today: step ms | today: tok/s | today: BW fraction "
+          "| target: step ms | target: tok/s | target: BW fraction | target launches/step |", file=out)
+        p("|---|---|---|---|---|---|---|---|---|---|---|", file=out)
+        for b in (1, 8, 64, 256):
+            for ctx in (128, 2048, 8192):
+                kv_total = b * ctx * KV_BYTES_PER_TOKEN_LAYER * LAYERS
+                fits = PARAMS * BF16 + kv_total < 0.9 * gpu["mem"]
+                row = [str(b), str(ctx), "yes" if fits else f"no (KV {fmt_bytes(kv_total)})"]
+                for design in ("today", "target"):
+                    ks = step(design, b, ctx, gpu)
+                    t = sum(k["time"] for k in ks)
+                    by = sum(k["bytes"] for k in ks)
+                    if design == "today":
+                        row.append(f"{fmt_bytes(by)} ({100 * kv_total / by:.0f}%)")
+                    row += [f"{t * 1e3:.2f}", f"{b / t:.0f}", f"{100 * by / (t * gpu['bw']):.0f}%"]
+                    if design == "target":
+                        row.append(str(sum(k["count"] for k in ks)))
+                p("| " + " | ".join(row) + " |", file=out)
+        for design in ("today", "target"):
+            for b, ctx in ((1, 128), (1, 2048), (1, 8192), (8, 2048), (64, 2048), (256, 2048)):
+                ks = step(design, b, ctx, gpu)
+                t = sum(k["time"] for k in ks)
+                p("", file=out)
+                p(f"### {gname}, {design}, batch {b}, context {ctx}: {t * 1e3:.2f} ms per step", file=out)
+                p("", file=out)
+                p("| kernel | launches | bytes | GFLOP | time (us) | share |", file=out)
+                p("|---|---|---|---|---|---|", file=out)
+                for k in ks:
+                    p(f"| {k['name']} | {k['count']} | {fmt_bytes(k['bytes'])} | {k['flops'] / 1e9:.2f} | "
+                      f"{k['time'] * 1e6:.0f} | {100 * k['time'] / t:.1f}% |", file=out)
+    p("", file=out)
+    p("Reading it: at batch 1 the step is the weights' 16 GB plus launch gaps and floors; today's attention, "
+      "limited by the 2 KiB its 8 blocks keep in flight, turns 2k of context into more time than the weights. "
+      "The target design's goal (issue 19) is batch-1 decode at 2k context at or above 80% of HBM bandwidth; "
+      "the floors and gaps of ~400 small kernels are what stand between this model's estimate and that.", file=out)
+
+
+if __name__ == "__main__":
+    main()

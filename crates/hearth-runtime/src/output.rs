@@ -162,81 +162,6 @@ fn run(rx: mpsc::Receiver<OutputMsg>, tokenizer: &TextTokenizer, stopped: &mpsc:
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn demo_tokenizer() -> Arc<TextTokenizer> {
-        let dir = crate::demo::ensure_demo_model(&crate::demo::default_cache_dir()).unwrap();
-        Arc::new(TextTokenizer::load(&dir.join("tokenizer.json"), None).unwrap())
-    }
-
-    /// Runs one request's tokens through the worker; returns its text (tokens' and
-    /// trailing) and how it finished.
-    fn generate(tok: &Arc<TextTokenizer>, ids: &[u32], stop: &[&str]) -> (String, FinishReason) {
-        let (stopped_tx, _stopped) = mpsc::channel();
-        let worker = spawn(tok.clone(), stopped_tx).unwrap();
-        let (events, mut rx) = tokio_mpsc::unbounded_channel();
-        let send = |m| worker.send(m).unwrap();
-        send(OutputMsg::Open {
-            id: 1,
-            events,
-            prompt_tail: Vec::new(),
-            prompt_len: 1,
-            stop: stop.iter().map(|s| s.to_string()).collect(),
-            arrived: Instant::now(),
-            fault: OutputFault::default(),
-        });
-        let tokens = ids
-            .iter()
-            .map(|&token| OutToken {
-                id: 1,
-                token,
-                eos: false,
-                logprobs: None,
-            })
-            .collect();
-        send(OutputMsg::Tokens {
-            at: Instant::now(),
-            tokens,
-        });
-        send(OutputMsg::Finish {
-            id: 1,
-            reason: FinishReason::Length,
-            error: None,
-        });
-        let mut text = String::new();
-        while let Some(ev) = rx.blocking_recv() {
-            match ev {
-                GenerationEvent::Token { text: t, .. } => text.push_str(&t),
-                GenerationEvent::Finished(c) => {
-                    text.push_str(&c.trailing_text);
-                    return (text, c.reason);
-                }
-                GenerationEvent::Started { .. } => {}
-            }
-        }
-        panic!("no Finished event");
-    }
-
-    /// A sequence that ends inside a character (max_tokens reached mid-character) shows
-    /// its bytes as U+FFFD, as the whole decode does, on every route: they were lost.
-    #[test]
-    fn bytes_of_an_unfinished_character_are_output_at_the_end() {
-        let tok = demo_tokenizer();
-        let ids = tok.encode("ok 🔥", false).unwrap();
-        let cut = &ids[..ids.len() - 1];
-        let whole = tok.inner().decode(cut, true).unwrap();
-        assert!(whole.ends_with('\u{FFFD}'), "{whole:?}");
-        assert_eq!(
-            generate(&tok, cut, &[]),
-            (whole.clone(), FinishReason::Length)
-        );
-        // The flushed text still passes the stop matcher: held back, then released.
-        assert_eq!(generate(&tok, cut, &["🔥"]), (whole, FinishReason::Length));
-    }
-}
-
 /// Runs one request's share of the work; a panic in it fails that request alone, and
 /// the engine is told to drop its sequence.
 fn guarded(
@@ -361,5 +286,80 @@ fn on_token(
             s.end(FinishReason::Stop, None, String::new());
         }
         let _ = stopped.send(t.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo_tokenizer() -> Arc<TextTokenizer> {
+        let dir = crate::demo::ensure_demo_model(&crate::demo::default_cache_dir()).unwrap();
+        Arc::new(TextTokenizer::load(&dir.join("tokenizer.json"), None).unwrap())
+    }
+
+    /// Runs one request's tokens through the worker; returns its text (tokens' and
+    /// trailing) and how it finished.
+    fn generate(tok: &Arc<TextTokenizer>, ids: &[u32], stop: &[&str]) -> (String, FinishReason) {
+        let (stopped_tx, _stopped) = mpsc::channel();
+        let worker = spawn(tok.clone(), stopped_tx).unwrap();
+        let (events, mut rx) = tokio_mpsc::unbounded_channel();
+        let send = |m| worker.send(m).unwrap();
+        send(OutputMsg::Open {
+            id: 1,
+            events,
+            prompt_tail: Vec::new(),
+            prompt_len: 1,
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            arrived: Instant::now(),
+            fault: OutputFault::default(),
+        });
+        let tokens = ids
+            .iter()
+            .map(|&token| OutToken {
+                id: 1,
+                token,
+                eos: false,
+                logprobs: None,
+            })
+            .collect();
+        send(OutputMsg::Tokens {
+            at: Instant::now(),
+            tokens,
+        });
+        send(OutputMsg::Finish {
+            id: 1,
+            reason: FinishReason::Length,
+            error: None,
+        });
+        let mut text = String::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                GenerationEvent::Token { text: t, .. } => text.push_str(&t),
+                GenerationEvent::Finished(c) => {
+                    text.push_str(&c.trailing_text);
+                    return (text, c.reason);
+                }
+                GenerationEvent::Started { .. } => {}
+            }
+        }
+        panic!("no Finished event");
+    }
+
+    /// A sequence that ends inside a character (max_tokens reached mid-character) shows
+    /// its bytes as U+FFFD, as the whole decode does, on every route: they were lost.
+    #[test]
+    fn bytes_of_an_unfinished_character_are_output_at_the_end() {
+        let tok = demo_tokenizer();
+        let ids = tok.encode("ok 🔥", false).unwrap();
+        let cut = &ids[..ids.len() - 1];
+        let whole = tok.inner().decode(cut, true).unwrap();
+        assert!(whole.ends_with('\u{FFFD}'), "{whole:?}");
+        assert_eq!(
+            generate(&tok, cut, &[]),
+            (whole.clone(), FinishReason::Length)
+        );
+        // The flushed text still passes the stop matcher: held back, then released.
+        assert_eq!(generate(&tok, cut, &["🔥"]), (whole, FinishReason::Length));
     }
 }

@@ -194,7 +194,13 @@ fn check_field(field: &Field, v: &Value, limits: Option<&RequestLimits>) -> Opti
         Kind::Int => {
             let too_small =
                 |min: f64| format!("must be greater than or equal to {}, got {v}", show(min));
-            let too_large = |max: i128| format!("must be less than or equal to {max}, got {v}");
+            let why = match field.max {
+                Max::Vocab => " (the model's vocabulary size)",
+                Max::Tokens => " (what the model's context and KV cache hold)",
+                _ => "",
+            };
+            let too_large =
+                |max: i128| format!("must be less than or equal to {max}{why}, got {v}");
             let n = match exact_integer(v) {
                 Ok(n) => n,
                 Err(IntError::NotNumber) => {

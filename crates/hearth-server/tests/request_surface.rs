@@ -270,6 +270,13 @@ impl Case {
     }
 }
 
+/// A case's description, its answer, and the (field, edge) pairs it sent.
+type Outcome = (
+    String,
+    Result<u16, String>,
+    Vec<(Api, &'static str, &'static str)>,
+);
+
 /// Sends one case; Ok(status) or Err(why it broke the rule).
 async fn send(s: &Server, case: &Case) -> Result<u16, String> {
     let (path, body) = case.request();
@@ -362,18 +369,17 @@ async fn every_edge_of_every_field_gets_a_bounded_answer_and_the_server_serves_o
     }
     cases.shuffle(&mut rng);
 
-    let results: Vec<(String, Result<u16, String>, Vec<(Api, &str, &str)>)> =
-        stream::iter(cases.iter())
-            .map(|c| {
-                let s = &s;
-                async move {
-                    let sent = c.set.iter().map(|(f, e, _)| (c.api, *f, *e)).collect();
-                    (c.describe(), send(s, c).await, sent)
-                }
-            })
-            .buffer_unordered(IN_FLIGHT)
-            .collect()
-            .await;
+    let results: Vec<Outcome> = stream::iter(cases.iter())
+        .map(|c| {
+            let s = &s;
+            async move {
+                let sent = c.set.iter().map(|(f, e, _)| (c.api, *f, *e)).collect();
+                (c.describe(), send(s, c).await, sent)
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
 
     let mut sent = BTreeSet::new();
     let (mut ok, mut refused) = (0, 0);

@@ -155,7 +155,7 @@ mod tests {
                 let sum: i16 = q.qs[16..32].iter().map(|&v| v as i16).sum();
                 assert_eq!(q.bsums[1], sum);
                 // The signed largest value maps to -127 (ggml's convention).
-                assert!(q.qs.iter().any(|&v| v == -127));
+                assert!(q.qs.contains(&-127));
             }
         }
     }

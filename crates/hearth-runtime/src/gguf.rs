@@ -53,8 +53,13 @@ fn as_f64(v: &Value) -> Option<f64> {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let mut f = File::open(path).map_err(|e| RuntimeError::io(path, e))?;
-        let content =
-            Content::read(&mut f).map_err(|e| bad(path, format!("not a GGUF file: {e}")))?;
+        let content = Content::read(&mut f).map_err(|e| match unsupported_tensor(path) {
+            Some((name, ty)) => bad(
+                path,
+                format!("tensor {name} is stored as ggml type {ty} ({}), which hearth cannot load (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)", ggml_type_name(ty)),
+            ),
+            None => bad(path, format!("not a GGUF file: {e}")),
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             content,
@@ -273,6 +278,106 @@ impl GgufFile {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// llama.cpp's names for the ggml types candle does not know.
+fn ggml_type_name(ty: u32) -> &'static str {
+    match ty {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
+    }
+}
+
+/// The first tensor whose ggml type candle cannot read (Q2_K/Q3_K files put IQ4_NL on
+/// rows not divisible by 256), by walking the GGUF header: candle's reader fails on it
+/// without naming the tensor. None when the header is fine or unreadable another way.
+fn unsupported_tensor(path: &Path) -> Option<(String, u32)> {
+    use std::io::BufReader;
+    let mut r = BufReader::new(File::open(path).ok()?);
+    let mut b4 = [0u8; 4];
+    let mut b8 = [0u8; 8];
+    let mut u32_ = |r: &mut BufReader<File>| -> Option<u32> {
+        r.read_exact(&mut b4).ok()?;
+        Some(u32::from_le_bytes(b4))
+    };
+    let u64_ = |r: &mut BufReader<File>, b8: &mut [u8; 8]| -> Option<u64> {
+        r.read_exact(b8).ok()?;
+        Some(u64::from_le_bytes(*b8))
+    };
+    if u32_(&mut r)? != 0x4655_4747 || u32_(&mut r)? < 2 {
+        return None;
+    }
+    let n_tensors = u64_(&mut r, &mut b8)?;
+    let n_kv = u64_(&mut r, &mut b8)?;
+    fn skip(r: &mut BufReader<File>, n: u64) -> Option<()> {
+        r.seek_relative(i64::try_from(n).ok()?).ok()
+    }
+    fn string(r: &mut BufReader<File>) -> Option<String> {
+        let mut b8 = [0u8; 8];
+        r.read_exact(&mut b8).ok()?;
+        let n = u64::from_le_bytes(b8);
+        if n > 1 << 20 {
+            return None;
+        }
+        let mut s = vec![0u8; n as usize];
+        r.read_exact(&mut s).ok()?;
+        String::from_utf8(s).ok()
+    }
+    fn value(r: &mut BufReader<File>, ty: u32, depth: u32) -> Option<()> {
+        let fixed = |ty: u32| match ty {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        match ty {
+            8 => string(r).map(|_| ()),
+            9 if depth < 4 => {
+                let mut b4 = [0u8; 4];
+                r.read_exact(&mut b4).ok()?;
+                let inner = u32::from_le_bytes(b4);
+                let mut b8 = [0u8; 8];
+                r.read_exact(&mut b8).ok()?;
+                let n = u64::from_le_bytes(b8);
+                match fixed(inner) {
+                    Some(size) => skip(r, n.checked_mul(size)?),
+                    None => (0..n).try_for_each(|_| value(r, inner, depth + 1)),
+                }
+            }
+            _ => skip(r, fixed(ty)?),
+        }
+    }
+    for _ in 0..n_kv {
+        string(&mut r)?;
+        let ty = u32_(&mut r)?;
+        value(&mut r, ty, 0)?;
+    }
+    for _ in 0..n_tensors {
+        let name = string(&mut r)?;
+        let dims = u32_(&mut r)?;
+        if dims > 8 {
+            return None;
+        }
+        skip(&mut r, 8 * dims as u64)?;
+        let ty = u32_(&mut r)?;
+        if !matches!(ty, 0..=3 | 6..=15 | 30) {
+            return Some((name, ty));
+        }
+        skip(&mut r, 8)?;
+    }
+    None
 }
 
 fn read_raw(path: &Path, content: &Content, name: &str) -> Result<Vec<u8>> {
@@ -507,6 +612,50 @@ mod tests {
             Some("output.weight")
         );
         assert_eq!(gguf_name("model.layers.0.bogus.weight"), None);
+    }
+
+    /// A Q2_K-style file whose narrow rows are IQ4_NL: the error names the tensor and type.
+    #[test]
+    fn unsupported_tensor_type_is_named() {
+        let mut b = Vec::new();
+        let string = |b: &mut Vec<u8>, s: &str| {
+            b.extend((s.len() as u64).to_le_bytes());
+            b.extend(s.as_bytes());
+        };
+        b.extend(b"GGUF");
+        b.extend(3u32.to_le_bytes());
+        b.extend(2u64.to_le_bytes()); // tensors
+        b.extend(2u64.to_le_bytes()); // metadata
+        string(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        string(&mut b, "llama");
+        string(&mut b, "tokenizer.ggml.scores");
+        b.extend(9u32.to_le_bytes());
+        b.extend(6u32.to_le_bytes());
+        b.extend(3u64.to_le_bytes());
+        b.extend([0u8; 12]);
+        for (name, ty) in [("token_embd.weight", 0u32), ("blk.0.ffn_down.weight", 20)] {
+            string(&mut b, name);
+            b.extend(2u32.to_le_bytes());
+            b.extend(32u64.to_le_bytes());
+            b.extend(2u64.to_le_bytes());
+            b.extend(ty.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+        }
+        b.extend([0u8; 512]);
+        let dir = std::env::temp_dir().join(format!("hearth-iq4nl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.gguf");
+        std::fs::write(&path, &b).unwrap();
+        let err = GgufFile::open(&path)
+            .err()
+            .expect("must not load")
+            .to_string();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(
+            err.contains("blk.0.ffn_down.weight") && err.contains("IQ4_NL"),
+            "{err}"
+        );
     }
 
     #[test]

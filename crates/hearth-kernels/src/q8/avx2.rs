@@ -1,0 +1,271 @@
+//! AVX2 kernels: one weight row against a tile of activation rows, each weight block
+//! decoded once per tile into bytes and multiplied with `vpmaddubsw` (unsigned weight
+//! bytes × signed activation bytes, exact in 16 bits for every type here), the block's
+//! integer sum scaled once in f32 — the same arithmetic as ggml's AVX2 `vec_dot`s.
+
+use std::arch::x86_64::*;
+
+use super::acts::QuantizedActs;
+use super::reference::k4_scales;
+use super::{WeightType, TILE};
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16(p: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*p, *p.add(1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Unsigned bytes × signed bytes, summed in fours into eight i32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_us(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load(p: *const u8) -> __m256i {
+    _mm256_loadu_si256(p as *const __m256i)
+}
+
+/// 16 bytes of nibble pairs as 32 bytes: low nibbles first, then high ones.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles_32(p: *const u8) -> __m256i {
+    let t = _mm_loadu_si128(p as *const __m128i);
+    let both = _mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// Byte `i` is 0xFF where bit `i` of the 32-bit word at `p` is set.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bits_32(p: *const u8) -> __m256i {
+    let x = (p as *const i32).read_unaligned();
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// Q6_K's two high bits (the low two of each byte of `v`) moved above the nibble.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn high2(v: __m256i) -> __m256i {
+    _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi8(3)), 4)
+}
+
+/// Dot products of weight row `w` (`nb` blocks) with activation rows `t0..t0 + tn`.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `w` holds `nb` blocks of `wt`; the rows exist in `a`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn row_tile(
+    wt: WeightType,
+    w: &[u8],
+    a: &QuantizedActs,
+    t0: usize,
+    tn: usize,
+    out: &mut [f32; TILE],
+) {
+    match wt {
+        WeightType::Q8_0 | WeightType::Q5_0 | WeightType::Q5_1 => tile_32(wt, w, a, t0, tn, out),
+        WeightType::Q4K | WeightType::Q5K => tile_q45k(wt, w, a, t0, tn, out),
+        WeightType::Q6K => tile_q6k(w, a, t0, tn, out),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_32(
+    wt: WeightType,
+    w: &[u8],
+    a: &QuantizedActs,
+    t0: usize,
+    tn: usize,
+    out: &mut [f32; TILE],
+) {
+    let k = a.k;
+    let nb = k / 32;
+    let bb = wt.block_bytes();
+    let mut acc = [_mm256_setzero_ps(); TILE];
+    let mut offs = [0f32; TILE];
+    let (xq, xd) = (a.qs.as_ptr() as *const u8, a.d.as_ptr());
+    for i in 0..nb {
+        let b = w.as_ptr().add(i * bb);
+        // The block's weights as bytes; signed ones become |w| with w's sign moved onto x.
+        let (wv, signed, dw, mw) = match wt {
+            WeightType::Q8_0 => (load(b.add(2)), true, f16(b), 0.0),
+            WeightType::Q5_0 => {
+                // Fifth bit clear: the nibble minus 16 is the nibble with 0xF0 set.
+                let hi = _mm256_andnot_si256(bits_32(b.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+                (_mm256_or_si256(nibbles_32(b.add(6)), hi), true, f16(b), 0.0)
+            }
+            _ => {
+                let hi = _mm256_and_si256(bits_32(b.add(4)), _mm256_set1_epi8(0x10));
+                (
+                    _mm256_or_si256(nibbles_32(b.add(8)), hi),
+                    false,
+                    f16(b),
+                    f16(b.add(2)),
+                )
+            }
+        };
+        let uw = if signed { _mm256_sign_epi8(wv, wv) } else { wv };
+        for t in 0..tn {
+            let row = t0 + t;
+            let x = load(xq.add(row * k + i * 32));
+            let sx = if signed { _mm256_sign_epi8(x, wv) } else { x };
+            let p = dot_us(uw, sx);
+            let ab = row * nb + i;
+            let scale = _mm256_set1_ps(dw * *xd.add(ab));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
+            if !signed {
+                offs[t] += mw * *a.s.get_unchecked(ab);
+            }
+        }
+    }
+    for t in 0..tn {
+        out[t] = hsum(acc[t]) + offs[t];
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q45k(
+    wt: WeightType,
+    w: &[u8],
+    a: &QuantizedActs,
+    t0: usize,
+    tn: usize,
+    out: &mut [f32; TILE],
+) {
+    let k = a.k;
+    let nb = k / 256;
+    let bb = wt.block_bytes();
+    let five = wt == WeightType::Q5K;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let mut acc = [_mm256_setzero_ps(); TILE];
+    let mut offs = [0f32; TILE];
+    let xq = a.qs.as_ptr() as *const u8;
+    for i in 0..nb {
+        let b = w.as_ptr().add(i * bb);
+        let (d, dmin) = (f16(b), f16(b.add(2)));
+        let (sc, mn) = k4_scales(std::slice::from_raw_parts(b.add(4), 12));
+        let qs = if five { b.add(48) } else { b.add(16) };
+        let qh = if five {
+            load(b.add(16))
+        } else {
+            _mm256_setzero_si256()
+        };
+        let mut sumi = [_mm256_setzero_si256(); TILE];
+        for j in 0..4 {
+            let q = load(qs.add(32 * j));
+            let mut lo = _mm256_and_si256(q, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if five {
+                let sh_lo = _mm_cvtsi32_si128(2 * j as i32);
+                let sh_hi = _mm_cvtsi32_si128(2 * j as i32 + 1);
+                let b_lo = _mm256_and_si256(_mm256_srl_epi16(qh, sh_lo), one);
+                let b_hi = _mm256_and_si256(_mm256_srl_epi16(qh, sh_hi), one);
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(b_lo, 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(b_hi, 4));
+            }
+            let s_lo = _mm256_set1_epi16(sc[2 * j] as i16);
+            let s_hi = _mm256_set1_epi16(sc[2 * j + 1] as i16);
+            for t in 0..tn {
+                let x = xq.add((t0 + t) * k + i * 256 + 64 * j);
+                let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(x)), s_lo);
+                let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(x.add(32))), s_hi);
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(p_lo, p_hi));
+            }
+        }
+        for t in 0..tn {
+            let ab = (t0 + t) * nb + i;
+            let d8 = *a.d.get_unchecked(ab);
+            let bs = a.bsums.get_unchecked(ab * 16..ab * 16 + 16);
+            let summ: i32 = (0..8)
+                .map(|j| mn[j] as i32 * (bs[2 * j] as i32 + bs[2 * j + 1] as i32))
+                .sum();
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+            offs[t] -= dmin * d8 * summ as f32;
+        }
+    }
+    for t in 0..tn {
+        out[t] = hsum(acc[t]) + offs[t];
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q6k(w: &[u8], a: &QuantizedActs, t0: usize, tn: usize, out: &mut [f32; TILE]) {
+    let k = a.k;
+    let nb = k / 256;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); TILE];
+    let xq = a.qs.as_ptr() as *const u8;
+    for i in 0..nb {
+        let b = w.as_ptr().add(i * 210);
+        let d = f16(b.add(208));
+        let sc = std::slice::from_raw_parts(b.add(192) as *const i8, 16);
+        let mut sumi = [_mm256_setzero_si256(); TILE];
+        for n in 0..2 {
+            let ql0 = load(b.add(64 * n));
+            let ql1 = load(b.add(64 * n + 32));
+            let qh = load(b.add(128 + 32 * n));
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(ql0, m4), high2(qh)),
+                _mm256_or_si256(_mm256_and_si256(ql1, m4), high2(_mm256_srli_epi16(qh, 2))),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    high2(_mm256_srli_epi16(qh, 4)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    high2(_mm256_srli_epi16(qh, 6)),
+                ),
+            ];
+            // Values 0..16 of each 32 take one scale, 16..32 the next.
+            let mut s = [_mm256_setzero_si256(); 4];
+            for (g, s) in s.iter_mut().enumerate() {
+                *s = _mm256_inserti128_si256(
+                    _mm256_set1_epi16(sc[8 * n + 2 * g] as i16),
+                    _mm_set1_epi16(sc[8 * n + 2 * g + 1] as i16),
+                    1,
+                );
+            }
+            for t in 0..tn {
+                let x = xq.add((t0 + t) * k + i * 256 + 128 * n);
+                for g in 0..4 {
+                    let p = _mm256_maddubs_epi16(q[g], load(x.add(32 * g)));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, s[g]));
+                }
+            }
+        }
+        for t in 0..tn {
+            let ab = (t0 + t) * nb + i;
+            let d8 = *a.d.get_unchecked(ab);
+            let bs = a.bsums.get_unchecked(ab * 16..ab * 16 + 16);
+            // The weights are stored +32: subtract 32·Σ scale·(sum of x) per 16 values.
+            let off: i32 = (0..16).map(|g| sc[g] as i32 * bs[g] as i32).sum();
+            let total = _mm256_sub_epi32(sumi[t], _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(total), acc[t]);
+        }
+    }
+    for t in 0..tn {
+        out[t] = hsum(acc[t]);
+    }
+}

@@ -1,0 +1,187 @@
+//! `x · Wᵀ` on the CPU for the block types of llama.cpp's K-quant files — Q4_K, Q5_K,
+//! Q6_K and the Q5_0/Q5_1/Q8_0 fallbacks `llama-quantize` writes for rows not divisible
+//! by 256 — reading the GGUF's blocks in place (no repacking: resident weights are the
+//! file's bytes). Activations are quantized once per row to 8 bits in llama.cpp's own
+//! format for each weight type (`acts`), so products match llama.cpp's on the same file
+//! up to the order of float sums; the integer inner loops run on AVX2 where the CPU has
+//! it, on the scalar definition (`reference`) otherwise.
+
+// Tile loops index several per-row arrays (accumulators, sums, outputs) by the same row.
+#![allow(clippy::needless_range_loop)]
+
+pub mod acts;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub mod reference;
+
+use candle_core::quantized::GgmlDType;
+
+use crate::quant_matmul::Parallel;
+use acts::{ActFormat, QuantizedActs};
+
+/// The weight block types with a kernel here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightType {
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl WeightType {
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q5_1 => Self::Q5_1,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q5K => Self::Q5K,
+            GgmlDType::Q6K => Self::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Values per block.
+    pub fn block(self) -> usize {
+        match self {
+            Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
+            _ => 256,
+        }
+    }
+
+    /// Bytes per block (ggml's `block_*` structs).
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
+            Self::Q8_0 => 34,
+            Self::Q4K => 144,
+            Self::Q5K => 176,
+            Self::Q6K => 210,
+        }
+    }
+
+    /// The activation format llama.cpp pairs with this weight type (`vec_dot_type`).
+    pub fn act_format(self) -> ActFormat {
+        match self {
+            Self::Q5_0 | Self::Q8_0 => ActFormat::Q8_0,
+            Self::Q5_1 => ActFormat::Q8_1,
+            _ => ActFormat::Q8K,
+        }
+    }
+}
+
+/// Activation rows per pass over a weight row: each decoded weight block is reused this
+/// many times.
+pub(crate) const TILE: usize = 4;
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
+}
+
+/// One weight row against activation rows `t0..t0 + tn`.
+fn row_tile(
+    wt: WeightType,
+    w: &[u8],
+    a: &QuantizedActs,
+    t0: usize,
+    tn: usize,
+    out: &mut [f32; TILE],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the features were detected; the caller checked the lengths.
+        unsafe { avx2::row_tile(wt, w, a, t0, tn, out) };
+        return;
+    }
+    for t in 0..tn {
+        out[t] = reference::dot(wt, w, a, t0 + t);
+    }
+}
+
+/// Why a product cannot be taken.
+pub fn check(
+    wt: WeightType,
+    w_len: usize,
+    n: usize,
+    k: usize,
+    x_len: usize,
+) -> Result<usize, String> {
+    if !k.is_multiple_of(wt.block()) {
+        return Err(format!(
+            "{wt:?} rows of {k} values are not whole blocks of {}",
+            wt.block()
+        ));
+    }
+    let row_bytes = k / wt.block() * wt.block_bytes();
+    if w_len != n * row_bytes {
+        return Err(format!(
+            "{wt:?} weight of {w_len} bytes is not {n} rows of {row_bytes}"
+        ));
+    }
+    if !x_len.is_multiple_of(k) {
+        return Err(format!("{x_len} activations are not rows of {k}"));
+    }
+    Ok(x_len / k)
+}
+
+/// `dst[m×n] = x[m×k] · Wᵀ` where `w` holds `n` rows of `k/block` blocks of `wt`, weight
+/// rows split over `parallel`. Panics when `check` fails.
+pub fn matmul(
+    wt: WeightType,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    parallel: Parallel<'_>,
+) -> Vec<f32> {
+    let m = match check(wt, w.len(), n, k, x.len()) {
+        Ok(m) => m,
+        Err(e) => panic!("q8::matmul: {e}"),
+    };
+    let row_bytes = k / wt.block() * wt.block_bytes();
+    let acts = acts::quantize(wt.act_format(), x, k);
+    let mut dst = vec![0f32; m * n];
+    let dst_ptr = dst.as_mut_ptr() as usize;
+    let work = |rows: std::ops::Range<usize>| {
+        // SAFETY: each weight row's outputs (column r of every dst row) are written by
+        // exactly one work range; dst outlives the pool call.
+        let dst = dst_ptr as *mut f32;
+        for t0 in (0..m).step_by(TILE) {
+            let tn = TILE.min(m - t0);
+            for r in rows.clone() {
+                let mut out = [0f32; TILE];
+                row_tile(
+                    wt,
+                    &w[r * row_bytes..(r + 1) * row_bytes],
+                    &acts,
+                    t0,
+                    tn,
+                    &mut out,
+                );
+                for (t, v) in out.iter().enumerate().take(tn) {
+                    unsafe { *dst.add((t0 + t) * n + r) = *v };
+                }
+            }
+        }
+    };
+    // Small products are not worth waking the pool.
+    if n * k * m < 64 * 1024 {
+        work(0..n);
+    } else {
+        parallel(n, &work);
+    }
+    dst
+}
+
+#[cfg(test)]
+mod tests;

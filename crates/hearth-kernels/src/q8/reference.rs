@@ -1,0 +1,126 @@
+//! Scalar dot products of one weight row (ggml blocks as stored in the GGUF file) with one
+//! row of 8-bit activations: the definition the SIMD kernels are tested against and the
+//! fallback on CPUs without AVX2. Integer sums per block are exact; the float scale
+//! arithmetic follows ggml's generic `ggml_vec_dot_*` functions.
+
+use half::f16;
+
+use super::acts::QuantizedActs;
+use super::WeightType;
+
+#[inline]
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// Q4_K/Q5_K's eight 6-bit scales and eight 6-bit mins (ggml's `get_scale_min_k4`).
+pub(crate) fn k4_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = s[j] & 63;
+            mn[j] = s[j + 4] & 63;
+        } else {
+            sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    }
+    (sc, mn)
+}
+
+/// The 32 values of a Q5_0/Q5_1 block without offset (0..=31): low nibbles are values
+/// 0..16, high nibbles 16..32, bit `i` of `qh` is value `i`'s fifth bit.
+fn q5_values(qh: u32, qs: &[u8]) -> [i32; 32] {
+    let mut v = [0i32; 32];
+    for j in 0..16 {
+        v[j] = (qs[j] & 0xF) as i32 | ((((qh >> j) & 1) as i32) << 4);
+        v[j + 16] = (qs[j] >> 4) as i32 | ((((qh >> (j + 16)) & 1) as i32) << 4);
+    }
+    v
+}
+
+/// The dot product of weight row `w` (`a.k` values) with activation row `row` of `a`.
+pub fn dot(wt: WeightType, w: &[u8], a: &QuantizedActs, row: usize) -> f32 {
+    let nb = a.k / wt.block();
+    let bb = wt.block_bytes();
+    let xq = &a.qs[row * a.k..(row + 1) * a.k];
+    let ab = a.blocks_per_row();
+    let xd = &a.d[row * ab..(row + 1) * ab];
+    let mut sumf = 0f32;
+    for i in 0..nb {
+        let b = &w[i * bb..(i + 1) * bb];
+        match wt {
+            WeightType::Q8_0 | WeightType::Q5_0 | WeightType::Q5_1 => {
+                let x = &xq[i * 32..(i + 1) * 32];
+                let vals: [i32; 32] = match wt {
+                    WeightType::Q8_0 => std::array::from_fn(|j| b[2 + j] as i8 as i32),
+                    WeightType::Q5_0 => {
+                        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                        q5_values(qh, &b[6..22]).map(|v| v - 16)
+                    }
+                    _ => {
+                        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                        q5_values(qh, &b[8..24])
+                    }
+                };
+                let sumi: i32 = vals.iter().zip(x).map(|(v, &q)| v * q as i32).sum();
+                sumf += f16_at(b, 0) * xd[i] * sumi as f32;
+                if wt == WeightType::Q5_1 {
+                    sumf += f16_at(b, 2) * a.s[row * ab + i];
+                }
+            }
+            WeightType::Q4K | WeightType::Q5K => {
+                let x = &xq[i * 256..(i + 1) * 256];
+                let bsums = &a.bsums[(row * ab + i) * 16..(row * ab + i + 1) * 16];
+                let (sc, mn) = k4_scales(&b[4..16]);
+                let (qh, qs) = if wt == WeightType::Q5K {
+                    (Some(&b[16..48]), &b[48..176])
+                } else {
+                    (None, &b[16..144])
+                };
+                let mut sumi = 0i32;
+                for j in 0..4 {
+                    for l in 0..32 {
+                        let mut lo = (qs[32 * j + l] & 0xF) as i32;
+                        let mut hi = (qs[32 * j + l] >> 4) as i32;
+                        if let Some(qh) = qh {
+                            lo |= (((qh[l] >> (2 * j)) & 1) as i32) << 4;
+                            hi |= (((qh[l] >> (2 * j + 1)) & 1) as i32) << 4;
+                        }
+                        sumi += sc[2 * j] as i32 * lo * x[64 * j + l] as i32;
+                        sumi += sc[2 * j + 1] as i32 * hi * x[64 * j + 32 + l] as i32;
+                    }
+                }
+                let summ: i32 = (0..8)
+                    .map(|j| mn[j] as i32 * (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32))
+                    .sum();
+                let d = f16_at(b, 0) * xd[i];
+                let dmin = f16_at(b, 2) * xd[i];
+                sumf += d * sumi as f32 - dmin * summ as f32;
+            }
+            WeightType::Q6K => {
+                let x = &xq[i * 256..(i + 1) * 256];
+                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+                let mut sumi = 0i32;
+                for n in 0..2 {
+                    let (ql, qh, sc, x) =
+                        (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..], &x[128 * n..]);
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q = [
+                            (ql[l] & 0xF) as i32 | (((qh[l] & 3) as i32) << 4),
+                            (ql[l + 32] & 0xF) as i32 | ((((qh[l] >> 2) & 3) as i32) << 4),
+                            (ql[l] >> 4) as i32 | ((((qh[l] >> 4) & 3) as i32) << 4),
+                            (ql[l + 32] >> 4) as i32 | ((((qh[l] >> 6) & 3) as i32) << 4),
+                        ];
+                        for (g, q) in q.iter().enumerate() {
+                            sumi += sc[is + 2 * g] as i8 as i32 * (q - 32) * x[l + 32 * g] as i32;
+                        }
+                    }
+                }
+                sumf += f16_at(b, 208) * xd[i] * sumi as f32;
+            }
+        }
+    }
+    sumf
+}

@@ -13,6 +13,8 @@ enum Kind {
     Int,
     Num,
     Bool,
+    /// A JSON document: a string holding JSON, or the value itself (`json_schema`).
+    Json,
 }
 
 struct Field {
@@ -56,6 +58,9 @@ const FIELDS: &[Field] = &[
     f("prompt_template", Kind::Str, "A template to format the prompt with: {prompt} and {system_prompt} are substituted. Empty uses the model's chat template.", None, None),
     f("seed", Kind::Int, "Random seed. Leave blank to randomize the seed.", Some(0.0), None),
     f("ignore_eos", Kind::Bool, "Keep generating past end-of-sequence tokens (for benchmarks).", None, None),
+    f("json_schema", Kind::Json, "Structured output: a JSON Schema (as an object, or a string holding one) the output must match. Keywords hearth cannot enforce are refused (422), never ignored; see the README.", None, None),
+    f("regex", Kind::Str, "Structured output: a regular expression (Rust regex syntax) the whole output must match.", None, None),
+    f("grammar", Kind::Str, "Structured output: a grammar in llguidance's Lark syntax the output must match.", None, None),
 ];
 
 /// Aliases from the Llama 2 era.
@@ -70,6 +75,7 @@ pub fn default_inputs() -> Map<String, Value> {
         "prompt": "", "system_prompt": "", "max_tokens": 512, "min_tokens": 0, "temperature": 0.6,
         "top_p": 0.9, "top_k": 50, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
         "repetition_penalty": 1.0, "stop_sequences": "", "prompt_template": "", "ignore_eos": false,
+        "json_schema": "", "regex": "", "grammar": "",
     });
     v.as_object().cloned().unwrap_or_default()
 }
@@ -78,6 +84,8 @@ pub fn default_inputs() -> Map<String, Value> {
 pub struct ParsedInput {
     pub prompt: PromptSpec,
     pub params: SamplingParams,
+    /// A structured-output constraint and its input's name, compiled at create.
+    pub constraint: Option<(hearth_runtime::ConstraintSpec, &'static str)>,
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -108,12 +116,17 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Int => "an integer",
         Kind::Num => "a number",
         Kind::Bool => "a boolean",
+        Kind::Json => "a JSON Schema (an object or a string)",
     }
 }
 
 /// Why `v` is not a valid value for `field`, if it is not.
 fn check_field(field: &Field, v: &Value) -> Option<String> {
     let n = match field.kind {
+        Kind::Json => {
+            return (!matches!(v, Value::String(_) | Value::Object(_) | Value::Bool(_)))
+                .then(|| format!("expected {}, got {}", kind_name(field.kind), type_name(v)));
+        }
         Kind::Str | Kind::Bool => {
             let ok = matches!(
                 (field.kind, v),
@@ -246,6 +259,7 @@ pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<Parse
             .and_then(|v| v.as_bool())
             .unwrap_or(false),
         logprobs: None,
+        constraint: None,
     };
     params.validate().map_err(|e| match e {
         hearth_runtime::RuntimeError::InvalidRequest { field, reason } => {
@@ -261,6 +275,7 @@ pub fn parse_input(input: &Value, defaults: &Map<String, Value>) -> Result<Parse
             ..Default::default()
         },
         params,
+        constraint: crate::constraint_input::requested(&merged)?,
     })
 }
 
@@ -274,7 +289,7 @@ fn input_schema(defaults: &Map<String, Value>, max_tokens_limit: usize) -> Value
     for (order, field) in FIELDS.iter().enumerate() {
         let mut p = Map::new();
         let t = match field.kind {
-            Kind::Str => "string",
+            Kind::Str | Kind::Json => "string",
             Kind::Int => "integer",
             Kind::Num => "number",
             Kind::Bool => "boolean",

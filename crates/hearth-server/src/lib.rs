@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod cog_shape;
+pub mod constraint_input;
 pub mod error;
 pub mod go_duration;
 pub mod http;

@@ -131,12 +131,11 @@ pub async fn create(
     }
     let parsed = crate::schema::parse_input(&req.input, &model.defaults)?;
     let prompt = model.engine.tokenizer().prompt_tokens(&parsed.prompt)?;
+    let mut params = parsed.params;
+    params.constraint = crate::constraint_input::compile(model, parsed.constraint).await?;
     // Dropping the stream cancels the request in the engine, so every early return
     // below leaves nothing running.
-    let stream = model.engine.submit(GenerationRequest {
-        prompt,
-        params: parsed.params,
-    })?;
+    let stream = model.engine.submit(GenerationRequest { prompt, params })?;
     let now = chrono::Utc::now();
     let deadline = req.cancel_after.map(|d| {
         let at = now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);

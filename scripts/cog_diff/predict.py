@@ -85,6 +85,19 @@ class Predictor(BasePredictor):
             description="Keep generating past end-of-sequence tokens (for benchmarks).",
             default=False,
         ),
+        # hearth's structured-output inputs; the mirror only declares them.
+        json_schema: str = Input(
+            description="Structured output: a JSON Schema (as an object, or a string holding one) the output must match. Keywords hearth cannot enforce are refused (422), never ignored; see the README.",
+            default="",
+        ),
+        regex: str = Input(
+            description="Structured output: a regular expression (Rust regex syntax) the whole output must match.",
+            default="",
+        ),
+        grammar: str = Input(
+            description="Structured output: a grammar in llguidance's Lark syntax the output must match.",
+            default="",
+        ),
     ) -> ConcatenateIterator[str]:
         delay = float(os.environ.get("MIRROR_TOKEN_SECONDS", "0.02"))
         for i in range(max_tokens):

@@ -75,7 +75,9 @@ impl SamplerState {
             seen: (p.repetition_penalty != 1.0).then_some(&self.seen),
             output_counts: (p.presence_penalty != 0.0 || p.frequency_penalty != 0.0)
                 .then_some(&self.output_counts),
-            banned: if self.generated < p.min_tokens {
+            allowed: None,
+            // Under a constraint the grammar decides when EOS may come (min_tokens yields).
+            banned: if self.generated < p.min_tokens && p.constraint.is_none() {
                 eos_ids
             } else {
                 &[]
@@ -104,6 +106,9 @@ pub struct RowSampling<'a> {
     pub output_counts: Option<&'a HashMap<u32, u32>>,
     /// Masked for this step (EOS while under `min_tokens`).
     pub banned: &'a [u32],
+    /// A structured-output constraint's bitmask (bit `i % 32` of word `i / 32`: token
+    /// `i` allowed); everything else is masked before sampling and log-probs.
+    pub allowed: Option<&'a [u32]>,
 }
 
 impl RowSampling<'_> {
@@ -117,6 +122,7 @@ impl RowSampling<'_> {
             || self.output_counts.is_some()
             || !self.banned.is_empty()
             || self.params.logprobs.is_some()
+            || self.allowed.is_some()
     }
 }
 
@@ -209,6 +215,15 @@ impl CustomOp1 for SampleOp<'_, '_> {
 
 fn sample_one(raw: &[f32], r: &RowSampling) -> Vec<u32> {
     let p = r.params;
+    // A constraint's mask comes first: log-probs are then the masked distribution's.
+    let masked;
+    let raw: &[f32] = match r.allowed {
+        Some(mask) => {
+            masked = crate::constraint::apply_mask(raw, mask);
+            &masked
+        }
+        None => raw,
+    };
     // Penalties and bans change a few entries: only then is the row copied.
     let adjusted;
     let row: &[f32] = if r.seen.is_some() || r.output_counts.is_some() || !r.banned.is_empty() {

@@ -19,6 +19,7 @@ use std::time::Instant;
 use tokio::sync::mpsc as tokio_mpsc;
 
 use crate::block_allocator::BlockAllocator;
+use crate::constraint::{ConstraintCompiler, Progress, SeqConstraint};
 use crate::device_sampler::{sample_rows, SamplerState};
 use crate::error::{Result, RuntimeError};
 use crate::kv_cache::KvCacheTensors;
@@ -100,6 +101,7 @@ pub struct EngineHandle {
     next_id: Arc<AtomicU64>,
     tokenizer: Arc<TextTokenizer>,
     limits: EngineLimits,
+    constraints: Arc<ConstraintCompiler>,
 }
 
 /// What a request must fit in.
@@ -161,6 +163,11 @@ impl EngineHandle {
         self.limits
     }
 
+    /// Compiles structured-output constraints for this model (blocking; off the engine).
+    pub fn constraints(&self) -> &Arc<ConstraintCompiler> {
+        &self.constraints
+    }
+
     pub fn stats(&self) -> EngineStats {
         self.shared
             .stats
@@ -220,6 +227,8 @@ struct Active {
     /// Kept to notice a caller that went away; events go through the output worker.
     events: tokio_mpsc::UnboundedSender<GenerationEvent>,
     sampler: SamplerState,
+    /// The structured-output matcher, when the request has a constraint.
+    constraint: Option<SeqConstraint>,
     prompt_len: usize,
     output_tokens: usize,
     admitted: bool,
@@ -315,6 +324,11 @@ impl Engine {
             vocab_size: mcfg.vocab_size,
             max_waiting: cfg.max_waiting,
         };
+        let constraints = Arc::new(ConstraintCompiler::new(
+            tokenizer.clone(),
+            mcfg.vocab_size,
+            &eos_ids,
+        ));
         let (stopped_tx, stopped) = mpsc::channel();
         let output = crate::output::spawn(tokenizer.clone(), stopped_tx)
             .map_err(|e| RuntimeError::Device(format!("cannot start the output thread: {e}")))?;
@@ -342,6 +356,7 @@ impl Engine {
             next_id: Arc::new(AtomicU64::new(1)),
             tokenizer,
             limits,
+            constraints,
         })
     }
 
@@ -391,6 +406,22 @@ impl Engine {
                 self.sup.submitting = Some(id);
                 let fault = self.sup.faults.on_submit(id, &req.prompt);
                 self.open_output(id, &req, events.clone(), arrived, fault);
+                let constraint = match req.params.constraint.as_ref() {
+                    Some(c) => match SeqConstraint::new(c, &self.eos_ids) {
+                        Ok(sc) => Some(sc),
+                        Err(e) => {
+                            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                            self.sup.submitting = None;
+                            let _ = self.output.send(OutputMsg::Finish {
+                                id,
+                                reason: FinishReason::Error,
+                                error: Some(e),
+                            });
+                            return;
+                        }
+                    },
+                    None => None,
+                };
                 let sampler = SamplerState::new(req.params, &req.prompt);
                 self.scheduler.add(id, req.prompt);
                 self.active.insert(
@@ -398,6 +429,7 @@ impl Engine {
                     Active {
                         events,
                         sampler,
+                        constraint,
                         prompt_len,
                         output_tokens: 0,
                         admitted: false,
@@ -484,7 +516,15 @@ impl Engine {
                 .collect();
             let rows: Vec<_> = sampled_ids
                 .iter()
-                .filter_map(|id| by_id.remove(id).map(|a| a.sampler.row(eos)))
+                .filter_map(|id| {
+                    by_id.remove(id).map(|a| {
+                        let mut row = a.sampler.row(eos);
+                        if let Some(c) = a.constraint.as_mut() {
+                            row.allowed = Some(c.compute_mask());
+                        }
+                        row
+                    })
+                })
                 .collect();
             if rows.len() != sampled_ids.len() {
                 return Err(RuntimeError::Device(
@@ -496,6 +536,7 @@ impl Engine {
         let now = Instant::now();
         let mut tokens = Vec::with_capacity(sampled.len());
         let mut ended = Vec::new();
+        let mut by_grammar = Vec::new();
         for (id, s) in sampled_ids.into_iter().zip(sampled) {
             let Some(a) = self.active.get_mut(&id) else {
                 continue;
@@ -504,9 +545,14 @@ impl Engine {
             a.output_tokens += 1;
             self.stats.generation_tokens_total += 1;
             self.scheduler.append_token(id, s.token);
-            let eos = !a.sampler.params.ignore_eos && self.eos_ids.contains(&s.token);
+            let mut eos = !a.sampler.params.ignore_eos && self.eos_ids.contains(&s.token);
             let total = a.prompt_len + a.output_tokens;
-            if eos {
+            let progress = a.constraint.as_mut().map(|c| c.advance(s.token));
+            if let Some(p) = progress.filter(|p| *p != Progress::Continue) {
+                // The grammar's accept state ends the sequence, whatever ignore_eos says.
+                eos = self.eos_ids.contains(&s.token);
+                by_grammar.push((id, p));
+            } else if eos {
                 ended.push((id, FinishReason::Stop));
             } else if a.output_tokens >= a.sampler.params.max_tokens || total >= self.max_model_len
             {
@@ -522,6 +568,12 @@ impl Engine {
         let _ = self.output.send(OutputMsg::Tokens { at: now, tokens });
         for (id, reason) in ended {
             self.finish(id, reason, None);
+        }
+        for (id, p) in by_grammar {
+            match p {
+                Progress::Failed(e) => self.finish(id, FinishReason::Error, Some(e)),
+                _ => self.finish(id, FinishReason::Stop, None),
+            }
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 pub mod baseline;
 pub mod block_allocator;
 pub mod config;
+pub mod constraint;
 pub mod cpu_matmul;
 pub mod cpu_ops;
 #[cfg(hearth_cuda_emulator)]
@@ -31,11 +32,14 @@ pub mod request;
 pub mod rope;
 pub mod sampler;
 pub mod scheduler;
+pub mod schema_check;
 pub mod stop;
 pub mod threads;
 pub mod tokenizer;
+pub mod toktrie;
 pub mod weights;
 
+pub use constraint::{Constraint, ConstraintCompiler, ConstraintSpec};
 pub use engine::{EngineConfig, EngineHandle, EngineLimits, EngineStats, RequestStream};
 pub use error::{Result, RuntimeError};
 pub use limits::RequestLimits;

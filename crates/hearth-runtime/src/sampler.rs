@@ -34,6 +34,8 @@ pub struct SamplingParams {
     /// Return each sampled token's log-prob and this many most likely alternatives
     /// (0 to 20); None: no log-probs.
     pub logprobs: Option<usize>,
+    /// A compiled structured-output constraint (`ConstraintCompiler::compile`).
+    pub constraint: Option<crate::constraint::Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -52,6 +54,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            constraint: None,
         }
     }
 }

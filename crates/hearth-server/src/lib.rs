@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod client_quota;
 pub mod cog_shape;
+pub mod constraint_input;
 pub mod engine_watch;
 pub mod error;
 pub mod go_duration;

@@ -181,6 +181,13 @@ impl RunContext {
 /// other replicas read it (their SSE readers and GETs poll at the same pace).
 pub const OUTPUT_FLUSH: Duration = Duration::from_millis(100);
 
+/// hearth's flag beside Replicate's metrics: the constrained output is incomplete.
+fn m_incomplete(p: &mut crate::record::Prediction) {
+    if let Some(m) = p.metrics.as_mut() {
+        m["output_incomplete"] = serde_json::json!(true);
+    }
+}
+
 fn seconds(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e6
 }
@@ -335,6 +342,13 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                     c.reason.as_str(),
                     if c.preemptions > 0 { format!(" Preempted {} times.", c.preemptions) } else { String::new() },
                 ));
+                if let Some(note) = crate::constraint_input::incomplete_note(&p.input, c.reason) {
+                    p.logs.push_str(note);
+                    // hearth's own flag beside Replicate's metrics.
+                    if let Some(m) = p.metrics.as_mut() {
+                        m["output_incomplete"] = json!(true);
+                    }
+                }
             }
             End::EngineGone => {
                 p.finish(Status::Failed, &now);

@@ -14,6 +14,8 @@ enum Kind {
     Int,
     Num,
     Bool,
+    /// A JSON document: a string holding JSON, or the value itself (`json_schema`).
+    Json,
 }
 
 /// An upper bound: fixed, or the served model's (from `RequestLimits`).
@@ -90,6 +92,9 @@ const FIELDS: &[Field] = &[
     f("prompt_template", Kind::Str, "A template to format the prompt with: {prompt} and {system_prompt} are substituted. Empty uses the model's chat template.", None, Max::None),
     f("seed", Kind::Int, "Random seed. Leave blank to randomize the seed.", Some(0.0), Max::Int(SEED_MAX)),
     f("ignore_eos", Kind::Bool, "Keep generating past end-of-sequence tokens (for benchmarks).", None, Max::None),
+    f("json_schema", Kind::Json, "Structured output: a JSON Schema (as an object, or a string holding one) the output must match. Keywords hearth cannot enforce are refused (422), never ignored; see the README.", None, Max::None),
+    f("regex", Kind::Str, "Structured output: a regular expression (Rust regex syntax) the whole output must match.", None, Max::None),
+    f("grammar", Kind::Str, "Structured output: a grammar in llguidance's Lark syntax the output must match.", None, Max::None),
 ];
 
 /// Aliases from the Llama 2 era.
@@ -104,6 +109,7 @@ pub fn default_inputs() -> Map<String, Value> {
         "prompt": "", "system_prompt": "", "max_tokens": 512, "min_tokens": 0, "temperature": 0.6,
         "top_p": 0.9, "top_k": 50, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
         "repetition_penalty": 1.0, "stop_sequences": "", "prompt_template": "", "ignore_eos": false,
+        "json_schema": "", "regex": "", "grammar": "",
     });
     v.as_object().cloned().unwrap_or_default()
 }
@@ -112,6 +118,8 @@ pub fn default_inputs() -> Map<String, Value> {
 pub struct ParsedInput {
     pub prompt: PromptSpec,
     pub params: SamplingParams,
+    /// A structured-output constraint and its input's name, compiled at create.
+    pub constraint: Option<(hearth_runtime::ConstraintSpec, &'static str)>,
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -142,6 +150,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Int => "an integer",
         Kind::Num => "a number",
         Kind::Bool => "a boolean",
+        Kind::Json => "a JSON Schema (an object or a string)",
     }
 }
 
@@ -184,6 +193,8 @@ fn show(x: f64) -> String {
 fn check_field(field: &Field, v: &Value, limits: Option<&RequestLimits>) -> Option<String> {
     let max = field.max.resolve(limits);
     match field.kind {
+        Kind::Json => (!matches!(v, Value::String(_) | Value::Object(_) | Value::Bool(_)))
+            .then(|| format!("expected {}, got {}", kind_name(field.kind), type_name(v))),
         Kind::Str | Kind::Bool => {
             let ok = matches!(
                 (field.kind, v),
@@ -357,6 +368,7 @@ pub fn parse_input(
             .and_then(|v| v.as_bool())
             .unwrap_or(false),
         logprobs: None,
+        constraint: None,
     };
     let checked = match limits {
         Some(l) => l.check_params(&params),
@@ -376,6 +388,7 @@ pub fn parse_input(
             ..Default::default()
         },
         params,
+        constraint: crate::constraint_input::requested(&merged)?,
     })
 }
 
@@ -389,7 +402,7 @@ fn input_schema(defaults: &Map<String, Value>, limits: &RequestLimits) -> Value 
     for (order, field) in FIELDS.iter().enumerate() {
         let mut p = Map::new();
         let t = match field.kind {
-            Kind::Str => "string",
+            Kind::Str | Kind::Json => "string",
             Kind::Int => "integer",
             Kind::Num => "number",
             Kind::Bool => "boolean",

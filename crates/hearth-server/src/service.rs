@@ -134,14 +134,13 @@ pub async fn create(
     }
     let parsed = crate::schema::parse_input(&req.input, &model.defaults, Some(&model.limits()))?;
     let prompt = model.engine.tokenizer().prompt_tokens(&parsed.prompt)?;
+    let mut params = parsed.params;
+    params.constraint = crate::constraint_input::compile(model, parsed.constraint).await?;
     // Held until the prediction ends (its runner drops it).
     let quota = state.quotas.take(&origin.client)?;
     // Dropping the stream cancels the request in the engine, so every early return
     // below leaves nothing running.
-    let stream = model.engine.submit(GenerationRequest {
-        prompt,
-        params: parsed.params,
-    })?;
+    let stream = model.engine.submit(GenerationRequest { prompt, params })?;
     let now = chrono::Utc::now();
     let deadline = req.cancel_after.map(|d| {
         let at = now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);

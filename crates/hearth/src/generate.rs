@@ -52,6 +52,38 @@ pub struct GenerateArgs {
     pub stop: Vec<String>,
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Constrain the output to the JSON Schema in this file.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["regex", "grammar"])]
+    pub json_schema: Option<std::path::PathBuf>,
+    /// Constrain the output to match this regular expression.
+    #[arg(long, conflicts_with = "grammar")]
+    pub regex: Option<String>,
+    /// Constrain the output to the Lark grammar (llguidance's syntax) in this file.
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<std::path::PathBuf>,
+}
+
+/// The constraint the flags ask for, compiled for the engine's vocabulary.
+fn constraint(
+    a: &GenerateArgs,
+    engine: &hearth_runtime::EngineHandle,
+) -> anyhow::Result<Option<hearth_runtime::Constraint>> {
+    use hearth_runtime::ConstraintSpec;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let (spec, field) = if let Some(p) = &a.json_schema {
+        let schema = serde_json::from_str(&read(p)?)
+            .with_context(|| format!("{}: not JSON", p.display()))?;
+        (ConstraintSpec::JsonSchema(schema), "json_schema")
+    } else if let Some(rx) = &a.regex {
+        (ConstraintSpec::Regex(rx.clone()), "regex")
+    } else if let Some(p) = &a.grammar {
+        (ConstraintSpec::Lark(read(p)?), "grammar")
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(engine.constraints().compile(&spec, field)?))
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -79,6 +111,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
         logprobs: None,
+        constraint: constraint(&a, &engine)?,
     };
     let mut stream = engine.submit(GenerationRequest { prompt, params })?;
     let mut out = std::io::stdout().lock();

@@ -14,8 +14,10 @@ import signal
 import sys
 import time
 import traceback
+import typing
 
 import openai
+import pydantic
 from openai import OpenAI
 
 MODEL = os.environ.get("HEARTH_MODEL_NAME", "hearth/demo")
@@ -163,6 +165,34 @@ def _():
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         reasons = list(pool.map(one, range(32)))
     assert len(reasons) == 32 and all(r in ("stop", "length") for r in reasons), reasons
+
+
+class Sky(pydantic.BaseModel):
+    sky: typing.Literal["clear", "cloudy", "stormy"]
+    windy: bool
+    temperature_band: typing.Literal["cold", "mild", "hot"]
+
+
+@check("chat.completions.parse with a Pydantic model (structured outputs)")
+def _():
+    r = client.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=Sky, max_tokens=64, seed=3)
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "stop", r.choices[0]
+    assert isinstance(m.parsed, Sky), m
+    assert Sky.model_validate_json(m.content) == m.parsed
+
+
+@check("response_format: an unsupported keyword is a 400 naming it")
+def _():
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    try:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+        raise AssertionError("no error")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "response_format.json_schema.schema", e.body
+        assert "uniqueItems" in e.body["message"] and "/properties/tags" in e.body["message"], e.body
 
 
 print(f"openai: {len(passed)} passed, {len(failed)} failed", flush=True)

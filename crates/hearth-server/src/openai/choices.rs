@@ -156,6 +156,7 @@ pub async fn start(
         prompt_tokens.push(ids.map_err(|e| OaiError::from_runtime(e, prompt_name))?);
         prompt_texts.push(text);
     }
+    let constraint = super::constrained::compile(model, &job.constraint).await?;
     let mut streams: Vec<Pieces> = Vec::new();
     for (pi, prompt) in prompt_tokens.iter().enumerate() {
         let max_tokens = match job.max_tokens {
@@ -171,6 +172,7 @@ pub async fn start(
                 // Distinct samples per choice, reproducible from the request's seed.
                 seed: job.params.seed.map(|s| s.wrapping_add(i as u64)),
                 logprobs: job.logprobs,
+                constraint: constraint.clone(),
                 ..job.params.clone()
             },
         };

@@ -4,6 +4,7 @@
 //! predictions; they are timed into the same metrics.
 
 pub mod choices;
+pub mod constrained;
 pub mod render;
 pub mod request;
 

@@ -1,7 +1,7 @@
 //! OpenAI request bodies to engine requests. Unknown fields are ignored, as OpenAI
 //! does; a known field with a bad value, or one hearth cannot honour yet
-//! (`response_format`, `tools`, `logit_bias`, `suffix`), is a 400 naming it, never
-//! silently dropped.
+//! (`tools`, `logit_bias`, `suffix`), is a 400 naming it, never silently dropped.
+//! Structured outputs (`response_format`, `guided_*`) are parsed in constrained.rs.
 
 use hearth_runtime::limits::{stop_list_error, MAX_CHOICES, MAX_TOP_LOGPROBS, SEED_MAX};
 use hearth_runtime::{ChatMessage, SamplingParams};
@@ -37,6 +37,8 @@ pub struct Job {
     pub echo: bool,
     /// Return log-probs with this many alternatives per token.
     pub logprobs: Option<usize>,
+    /// Structured output, compiled when the model is known.
+    pub constraint: super::constrained::Requested,
 }
 
 fn obj(body: &Value) -> OaiResult<&Map<String, Value>> {
@@ -297,15 +299,7 @@ pub fn chat(body: &Value) -> OaiResult<Job> {
     let o = obj(body)?;
     let model = model(o)?;
     let msgs = messages(o)?;
-    if let Some(rf) = present(o, "response_format") {
-        let kind = rf.get("type").and_then(Value::as_str).unwrap_or("");
-        if kind != "text" {
-            return Err(OaiError::unsupported(
-                "response_format",
-                format!("{kind:?} needs constrained decoding, which this server does not have yet; only \"text\""),
-            ));
-        }
-    }
+    let constraint = super::constrained::response_format(o)?;
     for k in ["tools", "functions"] {
         if present(o, k).is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty())) {
             return Err(OaiError::unsupported(
@@ -338,6 +332,7 @@ pub fn chat(body: &Value) -> OaiResult<Job> {
         include_usage,
         echo: false,
         logprobs: want_logprobs.then(|| top.unwrap_or(0) as usize),
+        constraint,
     })
 }
 
@@ -398,6 +393,7 @@ pub fn completion(body: &Value) -> OaiResult<Job> {
             ));
         }
     }
+    let constraint = super::constrained::guided(o)?;
     let echo = boolean(o, "echo")?;
     let logprobs = integer(o, "logprobs", 0, MAX_TOP_LOGPROBS as i64)?.map(|n| n as usize);
     if echo && logprobs.is_some() {
@@ -423,6 +419,7 @@ pub fn completion(body: &Value) -> OaiResult<Job> {
         include_usage,
         echo,
         logprobs,
+        constraint,
     })
 }
 
@@ -485,15 +482,19 @@ mod tests {
             param_of(with("stream_options", json!({"include_usage": true}))),
             "stream_options"
         );
-        assert_eq!(
-            param_of(with("response_format", json!({"type": "json_object"}))),
-            "response_format"
-        );
+        assert!(with("response_format", json!({"type": "json_object"}))
+            .unwrap()
+            .constraint
+            .is_some());
         assert_eq!(
             param_of(with(
                 "response_format",
                 json!({"type": "json_schema", "json_schema": {}})
             )),
+            "response_format.json_schema.name"
+        );
+        assert_eq!(
+            param_of(with("response_format", json!({"type": "xml"}))),
             "response_format"
         );
         assert_eq!(

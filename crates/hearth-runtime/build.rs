@@ -1,5 +1,5 @@
 //! Two builds of hearth's own kernels (kernels/*.cu):
-//! - always: the CPU emulator's (kernels/emu/), the very same source compiled by the
+//! - with the `cuda-emulator` feature (test builds only): the CPU emulator's (kernels/emu/), the very same source compiled by the
 //!   host C++ compiler through `cc`, plus deliberately broken copies of it that the
 //!   test suite runs to show the emulator catches such bugs (see MUTANTS);
 //! - with the `cuda` feature: PTX with nvcc, for the compute capability in
@@ -37,7 +37,10 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(hearth_cuda_emulator)");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
-    if os == "linux" && arch == "x86_64" {
+    // Only test builds want it (this crate's dev-dependency on itself switches the
+    // feature on), so release binaries carry no emulator.
+    let wanted = std::env::var_os("CARGO_FEATURE_CUDA_EMULATOR").is_some();
+    if wanted && os == "linux" && arch == "x86_64" {
         println!("cargo:rustc-cfg=hearth_cuda_emulator");
         build_emulator(&out_dir);
     }

@@ -76,7 +76,7 @@ fn run(
                 temperature: 1.0,
                 seed: Some(seed),
                 max_tokens,
-                min_tokens: 1000,
+                min_tokens: max_tokens,
                 logprobs: Some(0),
                 constraint: Some(constraint),
                 ..Default::default()

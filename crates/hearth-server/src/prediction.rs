@@ -181,13 +181,6 @@ impl RunContext {
 /// other replicas read it (their SSE readers and GETs poll at the same pace).
 pub const OUTPUT_FLUSH: Duration = Duration::from_millis(100);
 
-/// hearth's flag beside Replicate's metrics: the constrained output is incomplete.
-fn m_incomplete(p: &mut crate::record::Prediction) {
-    if let Some(m) = p.metrics.as_mut() {
-        m["output_incomplete"] = serde_json::json!(true);
-    }
-}
-
 fn seconds(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e6
 }

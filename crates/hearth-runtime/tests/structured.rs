@@ -134,7 +134,7 @@ fn smollm2_output_matches_every_schema_of_the_corpus() {
             streams.push((
                 name.clone(),
                 schema.clone(),
-                run(&engine, &user, &spec, seed, 160),
+                run(&engine, &user, &spec, seed, 320),
             ));
         }
     }

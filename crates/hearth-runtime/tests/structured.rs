@@ -139,7 +139,7 @@ fn smollm2_output_matches_every_schema_of_the_corpus() {
         }
     }
     let total = streams.len();
-    let (mut by_grammar, mut failures) = (0, Vec::new());
+    let (mut by_grammar, mut failures, mut ran_out) = (0, Vec::new(), Vec::new());
     for (name, schema, stream) in streams {
         let o = collect(stream);
         assert!(o.error.is_none(), "{name}: {:?}", o.error);
@@ -148,6 +148,16 @@ fn smollm2_output_matches_every_schema_of_the_corpus() {
         assert!(o.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0));
         if o.reason != FinishReason::Stop {
             assert_eq!(o.reason, FinishReason::Length, "{name}");
+            let tail: String = o
+                .text
+                .chars()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            ran_out.push(format!("{name}: …{tail}"));
             continue;
         }
         by_grammar += 1;
@@ -178,7 +188,8 @@ fn smollm2_output_matches_every_schema_of_the_corpus() {
     );
     assert!(
         by_grammar * 100 >= total * 95,
-        "{by_grammar} of {total} samples finished by the grammar"
+        "{by_grammar} of {total} samples finished by the grammar; ran out:\n{}",
+        ran_out.join("\n")
     );
 }
 

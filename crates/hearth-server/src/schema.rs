@@ -579,7 +579,8 @@ mod tests {
         // Cog's rule for null: only a nullable input may be null.
         let nulls =
             null_errors(&json!({"seed": null, "prompt": null, "max_new_tokens": null, "x": null}));
-        let locs: Vec<String> = nulls.iter().map(|f| f.loc.join(".")).collect();
+        let mut locs: Vec<String> = nulls.iter().map(|f| f.loc.join(".")).collect();
+        locs.sort();
         assert_eq!(locs, ["input.max_new_tokens", "input.prompt"]);
     }
 

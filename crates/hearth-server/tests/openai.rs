@@ -145,7 +145,7 @@ async fn errors_name_the_param_in_openai_shape() {
         (chat_body(json!({"temperature": 9})), "temperature"),
         (chat_body(json!({"max_tokens": 1_000_000})), "max_tokens"),
         (
-            chat_body(json!({"response_format": {"type": "json_object"}})),
+            chat_body(json!({"response_format": {"type": "xml"}})),
             "response_format",
         ),
         (

@@ -63,7 +63,10 @@ impl PgStore {
                     FROM heads h LEFT JOIN busy b ON b.host = h.host
                  ), picked AS (
                     SELECT w.seq FROM webhook_outbox w JOIN ranked r ON r.seq = w.seq
+                    -- Repeated at the locking level: only here does PostgreSQL
+                    -- recheck a row another replica claimed since our snapshot.
                     WHERE r.load <= $5
+                      AND w.claimed_until_ms <= $1 AND w.due_unix_ms <= $1
                     ORDER BY r.load, w.seq LIMIT $2
                     FOR UPDATE OF w SKIP LOCKED
                  )

@@ -135,10 +135,10 @@ def _():
     except openai.BadRequestError as e:
         assert e.body["param"] == "temperature", e.body
     try:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format={"type": "json_object"})
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[{"type": "function", "function": {"name": "f"}}])
         raise AssertionError("no error")
     except openai.BadRequestError as e:
-        assert e.body["param"] == "response_format", e.body
+        assert e.body["param"] == "tools", e.body
     try:
         client.chat.completions.create(model="nobody/nothing", messages=MESSAGES)
         raise AssertionError("no error")

@@ -102,12 +102,24 @@ impl ConstraintSpec {
                 if choices.is_empty() {
                     return Err("the list of choices is empty".into());
                 }
+                if choices.len() > MAX_CHOICES {
+                    return Err(format!("{} choices; at most {MAX_CHOICES}", choices.len()));
+                }
                 let alts: Vec<String> = choices.iter().map(|c| json!(c).to_string()).collect();
+                let bytes: usize = alts.iter().map(|a| a.len() + 3).sum();
+                if bytes > MAX_SOURCE_BYTES {
+                    return Err(format!(
+                        "the choices make a {bytes}-byte grammar; at most {MAX_SOURCE_BYTES}"
+                    ));
+                }
                 TopLevelGrammar::from_lark(format!("start: {}", alts.join(" | ")))
             }
         })
     }
 }
+
+/// Most alternatives a choice constraint may list.
+pub const MAX_CHOICES: usize = 1024;
 
 /// Largest regex or grammar source accepted.
 pub const MAX_SOURCE_BYTES: usize = 64 * 1024;

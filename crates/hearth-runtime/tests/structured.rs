@@ -252,6 +252,11 @@ fn what_cannot_be_enforced_is_refused_naming_the_keyword() {
     refused(ConstraintSpec::Regex("(unclosed".into()));
     refused(ConstraintSpec::Lark("start: undefined_rule".into()));
     refused(ConstraintSpec::Choice(Vec::new()));
+    // Bounded before any grammar is built from them: count, then bytes.
+    let many = refused(ConstraintSpec::Choice(vec!["a".into(); 5000]));
+    assert!(many.contains("at most 1024"), "{many}");
+    let long = refused(ConstraintSpec::Choice(vec!["x".repeat(70_000)]));
+    assert!(long.contains("byte grammar"), "{long}");
     // The same source compiles once.
     let spec = ConstraintSpec::Regex("[a-z]+".into());
     let a = engine.constraints().compile(&spec, "regex").unwrap();

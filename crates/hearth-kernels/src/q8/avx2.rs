@@ -8,22 +8,8 @@ use std::arch::x86_64::*;
 use super::acts::QuantizedActs;
 use super::reference::k4_scales;
 use super::{WeightType, TILE};
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16(p: *const u8) -> f32 {
-    let bits = u16::from_le_bytes([*p, *p.add(1)]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
-}
+// The 16-bit kernel's helpers: the same f16 read and horizontal sum.
+use crate::quant_matmul::avx2::{f16, hsum};
 
 /// Unsigned bytes × signed bytes, summed in fours into eight i32.
 #[inline]

@@ -1,5 +1,7 @@
-//! `x · Wᵀ` on the CPU for the quantized types small models ship in (Q4_0, Q4_1, Q8_0),
-//! reading candle's blocks in place. candle 0.11's x86 kernels cover these only through a
+//! `x · Wᵀ` on the CPU for Q4_0, Q4_1 and Q8_0 with 16-bit activations. No longer routed
+//! (q8/ takes these types with llama.cpp's 8-bit activations, as the issue-22 goldens
+//! require): kept as the more accurate product the q8 kernels are measured against
+//! (examples/q8_ratio.rs) and for its AVX2 helpers. Reads candle's blocks in place. candle 0.11's x86 kernels cover these only through a
 //! scalar Q4_1 dot product (about 2 tok/s on SmolLM2-135M here) and quantize activations
 //! to 8 bits, which is enough to turn SmolLM2's Q4_1 answer to "What is the capital of
 //! France?" from Paris into a poem (llama.cpp's output on that file too).

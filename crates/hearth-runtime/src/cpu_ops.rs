@@ -356,7 +356,10 @@ pub fn write_cache(
     rope: Option<Rope>,
     slot_index: impl FnOnce() -> Result<Tensor>,
 ) -> Result<()> {
-    if is_cpu_f32(&[cache, new]) {
+    // f32 keys and values into an f32 cache, or into a half-precision one (rounded as
+    // they are stored: `--kv-cache-dtype`).
+    let cache_dtype_ok = matches!(cache.dtype(), DType::F32 | DType::F16 | DType::BF16);
+    if is_cpu_f32(&[new]) && cache.device().is_cpu() && cache_dtype_ok {
         return cache.inplace_op2(&new.contiguous()?, &WriteCache { slots, rope });
     }
     let (t, kvh, d) = new.dims3()?;
@@ -387,14 +390,28 @@ impl InplaceOp2 for WriteCache<'_> {
         sl: &Layout,
     ) -> Result<()> {
         let x = f32_slice(src, sl, "new keys/values")?;
-        let (t, kvh, d) = sl.shape().dims3()?;
-        let CpuStorage::F32(cache) = dst else {
-            candle_core::bail!("write_cache: the cache must be f32");
-        };
         let Some((c0, c1)) = dl.contiguous_offsets() else {
             candle_core::bail!("write_cache: the cache must be contiguous");
         };
-        let cache = &mut cache[c0..c1];
+        match dst {
+            CpuStorage::F32(cache) => self.write(x, sl, &mut cache[c0..c1]),
+            CpuStorage::F16(cache) => self.write(x, sl, &mut cache[c0..c1]),
+            CpuStorage::BF16(cache) => self.write(x, sl, &mut cache[c0..c1]),
+            _ => candle_core::bail!("write_cache: the cache must be f32, f16 or bf16"),
+        }
+    }
+}
+
+impl WriteCache<'_> {
+    /// Rows of `x` (`[T, kv_heads, head_dim]`) into their slots of `cache`, through an
+    /// f32 row (rotated there for keys) converted once on the way in.
+    fn write<C: crate::paged_attention::Element>(
+        &self,
+        x: &[f32],
+        sl: &Layout,
+        cache: &mut [C],
+    ) -> Result<()> {
+        let (t, kvh, d) = sl.shape().dims3()?;
         let row = kvh * d;
         if self.slots.len() != t {
             candle_core::bail!("write_cache: {t} tokens but {} slots", self.slots.len());
@@ -409,16 +426,25 @@ impl InplaceOp2 for WriteCache<'_> {
         if let Some(r) = &self.rope {
             r.check(t, d)?;
         }
+        let mut buf = vec![0f32; row];
         for (tok, &slot) in self.slots.iter().enumerate() {
             let dst = &mut cache[slot as usize * row..][..row];
             let src = &x[tok * row..][..row];
+            // f32 caches are written in place, others through `buf`.
+            let out = match C::as_f32_mut(dst) {
+                Some(f) => f,
+                None => &mut buf[..],
+            };
             match &self.rope {
                 Some(r) => {
                     for head in 0..kvh {
-                        r.rotate(tok, &src[head * d..][..d], &mut dst[head * d..][..d]);
+                        r.rotate(tok, &src[head * d..][..d], &mut out[head * d..][..d]);
                     }
                 }
-                None => dst.copy_from_slice(src),
+                None => out.copy_from_slice(src),
+            }
+            if C::as_f32_mut(dst).is_none() {
+                C::store(&buf, dst);
             }
         }
         Ok(())

@@ -42,6 +42,9 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     pub max_model_len: Option<usize>,
     pub enable_prefix_caching: bool,
+    /// The KV cache's element type; None: the compute dtype. f16/bf16 under f32
+    /// activations on the CPU halve the cache's bytes (llama.cpp's default is f16).
+    pub kv_cache_dtype: Option<candle_core::DType>,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +58,7 @@ impl Default for EngineConfig {
             max_waiting: 1024,
             max_model_len: None,
             enable_prefix_caching: true,
+            kv_cache_dtype: None,
         }
     }
 }
@@ -264,7 +268,10 @@ impl Engine {
             .max_model_len
             .unwrap_or(mcfg.max_position_embeddings)
             .min(mcfg.max_position_embeddings);
-        let per_token = crate::kv_cache::bytes_per_token(&mcfg, model.dtype());
+        let kv_dtype =
+            crate::kv_cache::resolve_dtype(cfg.kv_cache_dtype, model.dtype(), model.device())
+                .map_err(RuntimeError::Device)?;
+        let per_token = crate::kv_cache::bytes_per_token(&mcfg, kv_dtype);
         let budget = match cfg.kv_cache_memory {
             Some(b) => b,
             None => crate::device::default_kv_budget(
@@ -283,7 +290,7 @@ impl Engine {
                 per_token * bs
             )));
         }
-        let cache = KvCacheTensors::new(&mcfg, num_blocks, bs, model.dtype(), model.device())?;
+        let cache = KvCacheTensors::new(&mcfg, num_blocks, bs, kv_dtype, model.device())?;
         // The weights were uploaded and the cache zeroed on this (the loader's) thread's
         // CUDA stream; the engine thread works on its own. Wait for this thread's work
         // before the engine can run a step that reads it (a no-op on the CPU).

@@ -10,8 +10,48 @@ use crate::config::ModelConfig;
 
 pub struct KvCacheTensors {
     layers: Vec<(Tensor, Tensor)>,
+    dtype: DType,
     pub num_blocks: usize,
     pub block_size: usize,
+}
+
+/// `--kv-cache-dtype`: `auto` (None: the compute dtype), f32, f16, bf16.
+pub fn parse_dtype(name: &str) -> Result<Option<DType>, String> {
+    match name {
+        "auto" => Ok(None),
+        "f32" => Ok(Some(DType::F32)),
+        "f16" => Ok(Some(DType::F16)),
+        "bf16" => Ok(Some(DType::BF16)),
+        other => Err(format!(
+            "kv_cache_dtype {other:?} is not one of auto, f32, f16, bf16"
+        )),
+    }
+}
+
+/// The cache's element type: `requested` (`--kv-cache-dtype`) or, when None, the
+/// model's compute dtype. A cache narrower than the compute dtype is for the CPU with f32
+/// activations only (the CPU attention and cache write convert; the CUDA kernels read
+/// one dtype).
+pub fn resolve_dtype(
+    requested: Option<DType>,
+    compute: DType,
+    device: &Device,
+) -> Result<DType, String> {
+    let Some(want) = requested else {
+        return Ok(compute);
+    };
+    if !matches!(want, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(format!(
+            "kv_cache_dtype {want:?} is not one of f32, f16, bf16"
+        ));
+    }
+    if want == compute || (device.is_cpu() && compute == DType::F32 && want != DType::F32) {
+        return Ok(want);
+    }
+    Err(format!(
+        "kv_cache_dtype {want:?} with compute dtype {compute:?} on {}: a cache dtype other than the compute dtype needs f32 on the CPU",
+        if device.is_cpu() { "the CPU" } else { "this device" }
+    ))
 }
 
 /// Bytes one token's keys and values take across all layers.
@@ -49,6 +89,7 @@ impl KvCacheTensors {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             layers,
+            dtype,
             num_blocks,
             block_size,
         })
@@ -60,8 +101,46 @@ impl KvCacheTensors {
         self.layers.clear();
     }
 
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     pub fn layer(&self, i: usize) -> (&Tensor, &Tensor) {
         let (k, v) = &self.layers[i];
         (k, v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_dtypes_narrower_than_the_compute_dtype_are_cpu_f32_only() {
+        let cpu = Device::Cpu;
+        assert_eq!(resolve_dtype(None, DType::F32, &cpu), Ok(DType::F32));
+        assert_eq!(resolve_dtype(None, DType::BF16, &cpu), Ok(DType::BF16));
+        assert_eq!(
+            resolve_dtype(Some(DType::F16), DType::F32, &cpu),
+            Ok(DType::F16)
+        );
+        assert_eq!(
+            resolve_dtype(Some(DType::BF16), DType::F32, &cpu),
+            Ok(DType::BF16)
+        );
+        assert_eq!(
+            resolve_dtype(Some(DType::F16), DType::F16, &cpu),
+            Ok(DType::F16)
+        );
+        let wider = resolve_dtype(Some(DType::F32), DType::F16, &cpu).unwrap_err();
+        assert!(
+            wider.contains("kv_cache_dtype F32") && wider.contains("F16"),
+            "{wider}"
+        );
+        let odd = resolve_dtype(Some(DType::U8), DType::F32, &cpu).unwrap_err();
+        assert!(odd.contains("not one of"), "{odd}");
+        assert_eq!(parse_dtype("auto"), Ok(None));
+        assert_eq!(parse_dtype("f16"), Ok(Some(DType::F16)));
+        assert!(parse_dtype("q8").unwrap_err().contains("\"q8\""));
     }
 }

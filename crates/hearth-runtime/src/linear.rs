@@ -49,11 +49,7 @@ impl Module for Linear {
             Self::Dense(l) => crate::cpu_matmul::linear(x, l.weight(), l.bias()),
             Self::Quantized { weight, bias } => {
                 if let QMatMul::QTensor(q) = weight {
-                    // Q8_0 stays on the 16-bit kernel with Q4_0/Q4_1 until those move to
-                    // 8-bit activations together (a Q4_1 file's Q8_0 output layer alone on
-                    // 8 bits turns SmolLM2's Paris into French verse).
-                    let legacy = hearth_kernels::quant_matmul::supported(q.dtype());
-                    if x.device().is_cpu() && !legacy {
+                    if x.device().is_cpu() {
                         if let Some(wt) = hearth_kernels::q8::WeightType::from_ggml(q.dtype()) {
                             let y = cpu_q8_forward(wt, q, x)?;
                             return match bias {
@@ -61,13 +57,6 @@ impl Module for Linear {
                                 None => Ok(y),
                             };
                         }
-                    }
-                    if x.device().is_cpu() && hearth_kernels::quant_matmul::supported(q.dtype()) {
-                        let y = cpu_quantized_forward(q, x)?;
-                        return match bias {
-                            Some(b) => y.broadcast_add(b),
-                            None => Ok(y),
-                        };
                     }
                 }
                 let dtype = x.dtype();
@@ -90,7 +79,8 @@ impl Module for Linear {
 }
 
 /// hearth's 8-bit-activation kernels (hearth-kernels' q8) over the tensor's blocks in
-/// place: the K-quants and their legacy fallbacks, computed as llama.cpp computes them.
+/// place: Q4_0/Q4_1/Q8_0, the K-quants and their legacy fallbacks, computed as llama.cpp
+/// computes them.
 fn cpu_q8_forward(
     wt: hearth_kernels::q8::WeightType,
     q: &QTensor,
@@ -118,36 +108,6 @@ fn cpu_q8_forward(
         let start = layout.start_offset();
         let xs = &cpu.as_slice::<f32>()?[start..start + m * k];
         hearth_kernels::q8::matmul(wt, &data, n, k, xs, &|n, work| {
-            crate::threads::parallel_chunks(n, 1, work)
-        })
-    };
-    if let Some(last) = dims.last_mut() {
-        *last = n;
-    }
-    Tensor::from_vec(out, dims, &Device::Cpu)?.to_dtype(x.dtype())
-}
-
-/// hearth's own CPU kernel (hearth-kernels' quant_matmul.rs) over the tensor's blocks in place.
-fn cpu_quantized_forward(q: &QTensor, x: &Tensor) -> candle_core::Result<Tensor> {
-    let (n, k) = q.shape().dims2()?;
-    let mut dims = x.dims().to_vec();
-    if dims.last() != Some(&k) {
-        candle_core::bail!(
-            "quantized matmul: input {:?} against weight {:?}",
-            x.dims(),
-            q.shape()
-        );
-    }
-    let m = x.elem_count() / k;
-    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-    let out = {
-        let (storage, layout) = x32.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("quantized matmul: input not on the CPU");
-        };
-        let start = layout.start_offset();
-        let xs = &cpu.as_slice::<f32>()?[start..start + m * k];
-        hearth_kernels::quant_matmul::matmul_on(q.dtype(), &q.data()?, n, k, xs, m, &|n, work| {
             crate::threads::parallel_chunks(n, 1, work)
         })
     };
@@ -208,8 +168,8 @@ pub const QUANTIZE_NAMES: &str = "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k
 mod tests {
     use super::*;
 
-    /// Every quantized type through `Linear` (hearth's kernel for Q4_0/Q4_1/Q8_0, candle's
-    /// for the rest), with a bias and a 3-D input, against the dequantized weights.
+    /// Every quantized type through `Linear` (hearth's q8 kernels for Q4_0/Q4_1/Q5_x/Q8_0
+    /// and Q4_K–Q6_K, candle's for Q2_K/Q3_K), with a bias and a 3-D input, against the dequantized weights.
     #[test]
     fn every_quantized_type_matches_its_dequantized_weights() {
         let dev = Device::Cpu;

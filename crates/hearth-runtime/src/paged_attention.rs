@@ -199,12 +199,17 @@ impl CustomOp3 for PagedAttention<'_> {
         }
         match (qs, ks, vs) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => run!(q, k, v, F32),
+            // A half-precision cache under f32 activations (`--kv-cache-dtype`).
+            (CpuStorage::F32(q), CpuStorage::F16(k), CpuStorage::F16(v)) => run!(q, k, v, F32),
+            (CpuStorage::F32(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => run!(q, k, v, F32),
             (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => run!(q, k, v, F16),
             (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
                 run!(q, k, v, BF16)
             }
             _ => {
-                candle_core::bail!("paged attention: q and caches must share one of f32, f16, bf16")
+                candle_core::bail!(
+                    "paged attention: q and caches must share one of f32, f16, bf16 (or f32 q with a half cache)"
+                )
             }
         }
     }
@@ -239,6 +244,9 @@ pub(crate) trait Element: Copy + Send + Sync + 'static {
     fn as_f32(_src: &[Self]) -> Option<&[f32]> {
         None
     }
+    fn as_f32_mut(_src: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
 }
 
 impl Element for f32 {
@@ -249,6 +257,9 @@ impl Element for f32 {
         dst.copy_from_slice(src)
     }
     fn as_f32(src: &[f32]) -> Option<&[f32]> {
+        Some(src)
+    }
+    fn as_f32_mut(src: &mut [f32]) -> Option<&mut [f32]> {
         Some(src)
     }
 }
@@ -289,16 +300,17 @@ struct Item {
     q_end: u32,
 }
 
-fn attend<T: Element>(
-    q: &[T],
+/// Queries and output in `Q`, the caches in `T`.
+fn attend<Q: Element, T: Element>(
+    q: &[Q],
     k: &[T],
     v: &[T],
     meta: &AttentionMetadata,
     dims: Dims,
     scale: f32,
-) -> Vec<T> {
+) -> Vec<Q> {
     let t = meta.num_tokens();
-    let mut out: Vec<T> = Vec::with_capacity(t * dims.h * dims.d);
+    let mut out: Vec<Q> = Vec::with_capacity(t * dims.h * dims.d);
     let mut items = Vec::new();
     for s in 0..meta.num_seqs() {
         let (a, b) = (meta.query_start[s], meta.query_start[s + 1]);
@@ -337,21 +349,21 @@ thread_local! {
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn run_item<T: Element>(
-    q: &[T],
+unsafe fn run_item<Q: Element, T: Element>(
+    q: &[Q],
     k: &[T],
     v: &[T],
     meta: &AttentionMetadata,
     dims: Dims,
     scale: f32,
     it: Item,
-    out: *mut T,
+    out: *mut Q,
 ) {
     SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
         #[cfg(target_arch = "x86_64")]
         if threads::has_avx2_fma() && dims.d.is_multiple_of(8) {
-            return item_kernel::<T, kernel::Avx2>(
+            return item_kernel::<Q, T, kernel::Avx2>(
                 q,
                 k,
                 v,
@@ -363,7 +375,7 @@ unsafe fn run_item<T: Element>(
                 &mut scratch,
             );
         }
-        item_kernel::<T, kernel::Scalar>(q, k, v, meta, dims, scale, it, out, &mut scratch)
+        item_kernel::<Q, T, kernel::Scalar>(q, k, v, meta, dims, scale, it, out, &mut scratch)
     })
 }
 
@@ -393,15 +405,15 @@ fn prefetch_rows<T>(k: &[T], v: &[T], base: usize, stride: usize, d: usize, n: u
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn item_kernel<T: Element, M: BlockMath>(
-    q: &[T],
+unsafe fn item_kernel<Q: Element, T: Element, M: BlockMath>(
+    q: &[Q],
     k: &[T],
     v: &[T],
     meta: &AttentionMetadata,
     dims: Dims,
     scale: f32,
     it: Item,
-    out: *mut T,
+    out: *mut Q,
     scratch: &mut Vec<f32>,
 ) {
     let Dims { h, kvh, d, bs } = dims;
@@ -439,7 +451,7 @@ unsafe fn item_kernel<T: Element, M: BlockMath>(
         let tok = t0 + r / g;
         let head = kv_head * g + r % g;
         let dst = &mut qbuf[r * d..(r + 1) * d];
-        T::load(&q[(tok * h + head) * d..][..d], dst);
+        Q::load(&q[(tok * h + head) * d..][..d], dst);
         dst.iter_mut().for_each(|x| *x *= scale);
     }
     acc.fill(0.0);
@@ -514,7 +526,7 @@ unsafe fn item_kernel<T: Element, M: BlockMath>(
             *x = a * inv;
         }
         let dst = std::slice::from_raw_parts_mut(out.add((tok * h + head) * d), d);
-        T::store(tmp, dst);
+        Q::store(tmp, dst);
     }
 }
 

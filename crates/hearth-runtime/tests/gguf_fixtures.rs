@@ -208,38 +208,32 @@ fn qwen3_gguf_with_qk_norm_matches_transformers() {
     check_exact("qwen3");
 }
 
-/// hearth's CPU kernel for Q4_0/Q4_1/Q8_0 quantizes activations to 16 bits: top logits of
-/// size ~5 stay within 1.3e-3 of the reference (measured). candle's kernels for the other
-/// types (Q5_0, Q5_1 in the llama mix; all types on CUDA) use 8 bits, which on these
-/// random-weight models (std 0.2 amplifies noise through the layers) moved them by up to
-/// 0.11. A kernel reading blocks wrongly moves them by whole units.
-fn tolerance(fine: bool) -> f32 {
-    let cpu = std::env::var("HEARTH_TEST_DEVICE").map_or(true, |d| d == "cpu");
-    if fine && cpu {
-        0.01
-    } else {
-        0.25
-    }
-}
+/// Every quantized kernel quantizes activations to 8 bits inside the matmuls (hearth's
+/// CPU kernels as llama.cpp does, candle's on CUDA). On these random-weight models (std
+/// 0.2 amplifies noise through the layers) that moves top logits of size ~5 by up to 0.26
+/// (measured on the CPU: qwen2 Q8_0 0.26, llama mix 0.23, qwen3 Q4_1 0.13, mistral Q8_0
+/// 0.09; with 16-bit activations, before issue 22, Q4_0/Q4_1/Q8_0 stayed within 1.3e-3).
+/// A kernel reading blocks wrongly moves them by whole units.
+const QUANTIZED_TOLERANCE: f32 = 0.4;
 
 #[test]
 fn llama_gguf_q4_0_q4_1_q5_0_q5_1_q8_0_matches_reference() {
-    check_quantized("llama", tolerance(false));
+    check_quantized("llama", QUANTIZED_TOLERANCE);
 }
 
 #[test]
 fn mistral_gguf_f16_bf16_q8_0_matches_reference() {
-    check_quantized("mistral", tolerance(true));
+    check_quantized("mistral", QUANTIZED_TOLERANCE);
 }
 
 #[test]
 fn qwen2_gguf_q8_0_matches_reference() {
-    check_quantized("qwen2", tolerance(true));
+    check_quantized("qwen2", QUANTIZED_TOLERANCE);
 }
 
 #[test]
 fn qwen3_gguf_q4_1_matches_reference() {
-    check_quantized("qwen3", tolerance(true));
+    check_quantized("qwen3", QUANTIZED_TOLERANCE);
 }
 
 /// `--quantize q8_0` on the qwen2 safetensors makes the model llama.cpp's quantizer made
@@ -250,7 +244,13 @@ fn quantize_q8_0_at_load_equals_llama_cpp_quantization() {
     let golden = json(fixtures().join("gguf/qwen2-q.golden.json"));
     let mut s = spec(fixtures().join("qwen2"));
     s.quantize = Some("q8_0".into());
-    check_top5("qwen2 --quantize q8_0", &golden, &s, tolerance(true), false);
+    check_top5(
+        "qwen2 --quantize q8_0",
+        &golden,
+        &s,
+        QUANTIZED_TOLERANCE,
+        false,
+    );
 }
 
 #[test]

@@ -168,3 +168,58 @@ fn metadata_that_does_not_fit_the_cache_is_an_error_not_a_crash() {
     meta.push(2, 20, &[1, 2]); // two queries for a one-token batch
     assert!(paged_attention(&q, &k, &k, &meta, 1.0).is_err());
 }
+
+/// f32 queries over an f16 or bf16 cache (`--kv-cache-dtype` on the CPU): exactly the
+/// f32 op on the rounded keys and values (only storage is narrower: the op converts them
+/// back and computes in f32), and within the storage rounding of the exact reference.
+#[test]
+fn f32_queries_over_a_half_precision_cache() {
+    let mut rng = seeded(91);
+    for (i, &(heads, kv_heads, head_dim)) in [(9, 3, 64), (8, 2, 128)].iter().enumerate() {
+        let block_size = 16;
+        let c = Case {
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            seqs: random_seqs(&mut rng, block_size, 150),
+        };
+        let b = build(&c, &mut seeded(5000 + i as u64));
+        let want = reference(&c, &b);
+        let t = b.meta.num_tokens();
+        let shape = (b.num_blocks, c.block_size, c.kv_heads, c.head_dim);
+        let dev = Device::Cpu;
+        let q = Tensor::from_slice(&b.q, (t, c.heads, c.head_dim), &dev).unwrap();
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        // Storage rounding: 2^-11 (f16) and 2^-8 (bf16) relative on values in [-1, 1].
+        for (dtype, tol) in [(DType::F16, 2e-3), (DType::BF16, 2e-2)] {
+            let cache = |x: &[f32]| {
+                Tensor::from_slice(x, shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (k, v) = (cache(&b.k_cache), cache(&b.v_cache));
+            let o = paged_attention(&q, &k, &v, &b.meta, scale).unwrap();
+            assert_eq!(o.dtype(), DType::F32);
+            let got: Vec<f32> = o.flatten_all().unwrap().to_vec1().unwrap();
+            let (k32, v32) = (
+                k.to_dtype(DType::F32).unwrap(),
+                v.to_dtype(DType::F32).unwrap(),
+            );
+            let rounded = paged_attention(&q, &k32, &v32, &b.meta, scale)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let same = max_diff(&got, &rounded);
+            assert!(
+                same < 1e-6,
+                "{dtype:?}: {same} from the f32 op on rounded caches"
+            );
+            let diff = max_diff(&got, &want);
+            assert!(diff < tol, "{dtype:?}: max diff {diff} (tolerance {tol})");
+        }
+    }
+}

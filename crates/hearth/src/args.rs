@@ -63,6 +63,10 @@ pub struct EngineArgs {
     /// Turn off sharing of cached prompt prefixes.
     #[arg(long, env = "HEARTH_NO_PREFIX_CACHING")]
     pub no_prefix_caching: bool,
+    /// KV cache element type: auto (the compute dtype), f32, f16, bf16. f16/bf16 under
+    /// f32 on the CPU halve the cache (llama.cpp's default is f16).
+    #[arg(long, env = "HEARTH_KV_CACHE_DTYPE", default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
+    pub kv_cache_dtype: String,
 }
 
 impl ModelArgs {
@@ -95,6 +99,9 @@ impl EngineArgs {
             max_waiting: self.max_waiting,
             max_model_len: self.max_model_len,
             enable_prefix_caching: !self.no_prefix_caching,
+            // clap admits only the names parse_dtype knows.
+            kv_cache_dtype: hearth_runtime::kv_cache::parse_dtype(&self.kv_cache_dtype)
+                .unwrap_or(None),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Activations quantized to 8 bits once per row, exactly as llama.cpp's CPU backend does
 //! for the weight type they meet (`vec_dot_type` in ggml-cpu): Q8_0 blocks of 32 for
-//! Q5_0/Q8_0 weights, Q8_1 (Q8_0 plus the block sum) for Q5_1, Q8_K blocks of 256 with
+//! Q4_0/Q5_0/Q8_0 weights, Q8_1 (Q8_0 plus the block sum) for Q4_1/Q5_1, Q8_K blocks of 256 with
 //! 16-value sums for the K-quants. Matching llama.cpp here, to the bit, is what makes
 //! greedy tokens agree with llama.cpp on the same file: the integer products that follow
 //! are exact on both sides, only the order of the float sums differs.

@@ -1,7 +1,10 @@
 //! AVX2 kernels: one weight row against a tile of activation rows, each weight block
 //! decoded once per tile into bytes and multiplied with `vpmaddubsw` (unsigned weight
 //! bytes × signed activation bytes, exact in 16 bits for every type here), the block's
-//! integer sum scaled once in f32 — the same arithmetic as ggml's AVX2 `vec_dot`s.
+//! integer sum scaled once in f32 — the same arithmetic as ggml's AVX2 `vec_dot`s. The
+//! blocks of 32 also come in an AVX512-VNNI build (`vpdpbusd` on 256-bit registers: one
+//! instruction for `vpmaddubsw` + `vpmaddwd`); the K-quants' per-16 scales ride on
+//! `vpmaddwd`, which VNNI would not save.
 
 use std::arch::x86_64::*;
 
@@ -56,12 +59,15 @@ unsafe fn high2(v: __m256i) -> __m256i {
     _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi8(3)), 4)
 }
 
-/// Dot products of weight row `w` (`nb` blocks) with activation rows `t0..t0 + tn`.
+/// Dot products of weight row `w` (`nb` blocks) with activation rows `t0..t0 + tn`; with
+/// `vnni`, the blocks of 32 take `vpdpbusd`.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; `w` holds `nb` blocks of `wt`; the rows exist in `a`.
+/// The CPU has AVX2, FMA and F16C (and AVX512-VNNI with AVX512VL when `vnni`); `w` holds
+/// `nb` blocks of `wt`; the rows exist in `a`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn row_tile(
+    vnni: bool,
     wt: WeightType,
     w: &[u8],
     a: &QuantizedActs,
@@ -69,65 +75,124 @@ pub unsafe fn row_tile(
     tn: usize,
     out: &mut [f32; TILE],
 ) {
+    // `$i` is the type's position in TYPES_32.
+    macro_rules! t32 {
+        ($i:literal) => {
+            if vnni {
+                tile_32_vnni::<$i>(w, a, t0, tn, out)
+            } else {
+                tile_32::<$i>(w, a, t0, tn, out)
+            }
+        };
+    }
     match wt {
-        WeightType::Q8_0 | WeightType::Q5_0 | WeightType::Q5_1 => tile_32(wt, w, a, t0, tn, out),
+        WeightType::Q4_0 => t32!(0),
+        WeightType::Q4_1 => t32!(1),
+        WeightType::Q5_0 => t32!(2),
+        WeightType::Q5_1 => t32!(3),
+        WeightType::Q8_0 => t32!(4),
         WeightType::Q4K | WeightType::Q5K => tile_q45k(wt, w, a, t0, tn, out),
         WeightType::Q6K => tile_q6k(w, a, t0, tn, out),
     }
 }
 
+/// The block of 32 at `b` as bytes, with its scale and offset: signed types (Q4_0, Q5_0,
+/// Q8_0) come back with `signed` set and offset 0; Q4_1/Q5_1 as unsigned values plus
+/// the offset `m` that multiplies the activations' block sum.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_32(
-    wt: WeightType,
-    w: &[u8],
-    a: &QuantizedActs,
-    t0: usize,
-    tn: usize,
-    out: &mut [f32; TILE],
-) {
-    let k = a.k;
-    let nb = k / 32;
-    let bb = wt.block_bytes();
-    let mut acc = [_mm256_setzero_ps(); TILE];
-    let mut offs = [0f32; TILE];
-    let (xq, xd) = (a.qs.as_ptr() as *const u8, a.d.as_ptr());
-    for i in 0..nb {
-        let b = w.as_ptr().add(i * bb);
-        // The block's weights as bytes; signed ones become |w| with w's sign moved onto x.
-        let (wv, signed, dw, mw) = match wt {
-            WeightType::Q8_0 => (load(b.add(2)), true, f16(b), 0.0),
-            WeightType::Q5_0 => {
-                // Fifth bit clear: the nibble minus 16 is the nibble with 0xF0 set.
-                let hi = _mm256_andnot_si256(bits_32(b.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
-                (_mm256_or_si256(nibbles_32(b.add(6)), hi), true, f16(b), 0.0)
-            }
-            _ => {
-                let hi = _mm256_and_si256(bits_32(b.add(4)), _mm256_set1_epi8(0x10));
-                (
-                    _mm256_or_si256(nibbles_32(b.add(8)), hi),
-                    false,
-                    f16(b),
-                    f16(b.add(2)),
-                )
-            }
-        };
-        let uw = if signed { _mm256_sign_epi8(wv, wv) } else { wv };
-        for t in 0..tn {
-            let row = t0 + t;
-            let x = load(xq.add(row * k + i * 32));
-            let sx = if signed { _mm256_sign_epi8(x, wv) } else { x };
-            let p = dot_us(uw, sx);
-            let ab = row * nb + i;
-            let scale = _mm256_set1_ps(dw * *xd.add(ab));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
-            if !signed {
-                offs[t] += mw * *a.s.get_unchecked(ab);
-            }
+unsafe fn block_32(wt: WeightType, b: *const u8) -> (__m256i, bool, f32, f32) {
+    match wt {
+        WeightType::Q8_0 => (load(b.add(2)), true, f16(b), 0.0),
+        WeightType::Q4_0 => {
+            let v = _mm256_sub_epi8(nibbles_32(b.add(2)), _mm256_set1_epi8(8));
+            (v, true, f16(b), 0.0)
+        }
+        WeightType::Q4_1 => (nibbles_32(b.add(4)), false, f16(b), f16(b.add(2))),
+        WeightType::Q5_0 => {
+            // Fifth bit clear: the nibble minus 16 is the nibble with 0xF0 set.
+            let hi = _mm256_andnot_si256(bits_32(b.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+            (_mm256_or_si256(nibbles_32(b.add(6)), hi), true, f16(b), 0.0)
+        }
+        _ => {
+            let hi = _mm256_and_si256(bits_32(b.add(4)), _mm256_set1_epi8(0x10));
+            (
+                _mm256_or_si256(nibbles_32(b.add(8)), hi),
+                false,
+                f16(b),
+                f16(b.add(2)),
+            )
         }
     }
-    for t in 0..tn {
-        out[t] = hsum(acc[t]) + offs[t];
-    }
+}
+
+/// The types with blocks of 32, by index, so each gets its own monomorphized loop (no
+/// per-block branch on the type).
+pub(crate) const TYPES_32: [WeightType; 5] = [
+    WeightType::Q4_0,
+    WeightType::Q4_1,
+    WeightType::Q5_0,
+    WeightType::Q5_1,
+    WeightType::Q8_0,
+];
+
+/// A tile loop over blocks of 32, once per instruction set: the integer dot product of a
+/// block (`$dot`, unsigned weight bytes × signed activation bytes into eight i32) is all
+/// that differs.
+macro_rules! tile_32 {
+    ($name:ident, $features:literal, $dot:ident) => {
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name<const T: usize>(
+            w: &[u8],
+            a: &QuantizedActs,
+            t0: usize,
+            tn: usize,
+            out: &mut [f32; TILE],
+        ) {
+            let wt = TYPES_32[T];
+            let k = a.k;
+            let nb = k / 32;
+            let bb = wt.block_bytes();
+            let mut acc = [_mm256_setzero_ps(); TILE];
+            let mut offs = [0f32; TILE];
+            let (xq, xd) = (a.qs.as_ptr() as *const u8, a.d.as_ptr());
+            for i in 0..nb {
+                // Signed weights become |w| with w's sign moved onto x.
+                let (wv, signed, dw, mw) = block_32(wt, w.as_ptr().add(i * bb));
+                let uw = if signed { _mm256_sign_epi8(wv, wv) } else { wv };
+                for t in 0..tn {
+                    let row = t0 + t;
+                    let x = load(xq.add(row * k + i * 32));
+                    let sx = if signed { _mm256_sign_epi8(x, wv) } else { x };
+                    let p = $dot(uw, sx);
+                    let ab = row * nb + i;
+                    let scale = _mm256_set1_ps(dw * *xd.add(ab));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
+                    if !signed {
+                        offs[t] += mw * *a.s.get_unchecked(ab);
+                    }
+                }
+            }
+            for t in 0..tn {
+                out[t] = hsum(acc[t]) + offs[t];
+            }
+        }
+    };
+}
+
+tile_32!(tile_32, "avx2,fma,f16c", dot_us);
+tile_32!(
+    tile_32_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    dot_us_vnni
+);
+
+/// `dot_us` in one instruction (`vpdpbusd`), without `vpmaddubsw`'s 16-bit saturation
+/// (which no type here reaches either).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn dot_us_vnni(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -1,10 +1,11 @@
-//! `x · Wᵀ` on the CPU for the block types of llama.cpp's K-quant files — Q4_K, Q5_K,
-//! Q6_K and the Q5_0/Q5_1/Q8_0 fallbacks `llama-quantize` writes for rows not divisible
-//! by 256 — reading the GGUF's blocks in place (no repacking: resident weights are the
+//! `x · Wᵀ` on the CPU for the GGUF block types small models ship in: the legacy Q4_0,
+//! Q4_1 and Q8_0 (SmolLM2's demo file is Q4_1), and llama.cpp's K-quant files — Q4_K,
+//! Q5_K, Q6_K and the Q5_0/Q5_1/Q8_0 fallbacks `llama-quantize` writes for rows not
+//! divisible by 256 — reading the GGUF's blocks in place (no repacking: resident weights are the
 //! file's bytes). Activations are quantized once per row to 8 bits in llama.cpp's own
 //! format for each weight type (`acts`), so products match llama.cpp's on the same file
-//! up to the order of float sums; the integer inner loops run on AVX2 where the CPU has
-//! it, on the scalar definition (`reference`) otherwise.
+//! up to the order of float sums; the integer inner loops run on AVX2 (and AVX512-VNNI for
+//! blocks of 32) where the CPU has it, on the scalar definition (`reference`) otherwise.
 
 // Tile loops index several per-row arrays (accumulators, sums, outputs) by the same row.
 #![allow(clippy::needless_range_loop)]
@@ -22,6 +23,8 @@ use acts::{ActFormat, QuantizedActs};
 /// The weight block types with a kernel here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightType {
+    Q4_0,
+    Q4_1,
     Q5_0,
     Q5_1,
     Q8_0,
@@ -33,6 +36,8 @@ pub enum WeightType {
 impl WeightType {
     pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
         Some(match dtype {
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
             GgmlDType::Q5_0 => Self::Q5_0,
             GgmlDType::Q5_1 => Self::Q5_1,
             GgmlDType::Q8_0 => Self::Q8_0,
@@ -46,7 +51,7 @@ impl WeightType {
     /// Values per block.
     pub fn block(self) -> usize {
         match self {
-            Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
             _ => 256,
         }
     }
@@ -54,6 +59,8 @@ impl WeightType {
     /// Bytes per block (ggml's `block_*` structs).
     pub fn block_bytes(self) -> usize {
         match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
             Self::Q8_0 => 34,
@@ -66,8 +73,8 @@ impl WeightType {
     /// The activation format llama.cpp pairs with this weight type (`vec_dot_type`).
     pub fn act_format(self) -> ActFormat {
         match self {
-            Self::Q5_0 | Self::Q8_0 => ActFormat::Q8_0,
-            Self::Q5_1 => ActFormat::Q8_1,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => ActFormat::Q8_0,
+            Self::Q4_1 | Self::Q5_1 => ActFormat::Q8_1,
             _ => ActFormat::Q8K,
         }
     }
@@ -77,19 +84,53 @@ impl WeightType {
 /// many times.
 pub(crate) const TILE: usize = 4;
 
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    use std::sync::OnceLock;
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    })
+/// The instruction sets the kernels come in, each a superset of the one before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// `reference`: any CPU.
+    Scalar,
+    /// AVX2 with FMA and F16C.
+    Avx2,
+    /// AVX2 plus AVX512-VNNI/VL for the blocks of 32 (`vpdpbusd`).
+    Avx512Vnni,
 }
 
-/// One weight row against activation rows `t0..t0 + tn`.
+impl Isa {
+    /// The best this CPU runs, detected once.
+    pub fn detected() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::sync::OnceLock;
+            static ISA: OnceLock<Isa> = OnceLock::new();
+            *ISA.get_or_init(|| {
+                let avx2 = is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c");
+                let vnni =
+                    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+                match (avx2, vnni) {
+                    (true, true) => Isa::Avx512Vnni,
+                    (true, false) => Isa::Avx2,
+                    _ => Isa::Scalar,
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Scalar
+    }
+
+    /// Every set this CPU runs, the scalar one first.
+    pub fn available() -> Vec<Self> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|&i| i <= Self::detected())
+            .collect()
+    }
+}
+
+/// One weight row against activation rows `t0..t0 + tn`, on `isa` (which the CPU has).
 fn row_tile(
+    isa: Isa,
     wt: WeightType,
     w: &[u8],
     a: &QuantizedActs,
@@ -98,11 +139,12 @@ fn row_tile(
     out: &mut [f32; TILE],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the features were detected; the caller checked the lengths.
-        unsafe { avx2::row_tile(wt, w, a, t0, tn, out) };
+    if isa >= Isa::Avx2 {
+        // SAFETY: `isa` is at most what was detected; the caller checked the lengths.
+        unsafe { avx2::row_tile(isa == Isa::Avx512Vnni, wt, w, a, t0, tn, out) };
         return;
     }
+    let _ = isa;
     for t in 0..tn {
         out[t] = reference::dot(wt, w, a, t0 + t);
     }
@@ -135,7 +177,8 @@ pub fn check(
 }
 
 /// `dst[m×n] = x[m×k] · Wᵀ` where `w` holds `n` rows of `k/block` blocks of `wt`, weight
-/// rows split over `parallel`. Panics when `check` fails.
+/// rows split over `parallel`, on the best instruction set the CPU has. Panics when
+/// `check` fails.
 pub fn matmul(
     wt: WeightType,
     w: &[u8],
@@ -144,6 +187,21 @@ pub fn matmul(
     x: &[f32],
     parallel: Parallel<'_>,
 ) -> Vec<f32> {
+    matmul_on_isa(Isa::detected(), wt, w, n, k, x, parallel)
+}
+
+/// `matmul` on a chosen instruction set (tests and benchmarks compare them), lowered to
+/// what the CPU has.
+pub fn matmul_on_isa(
+    isa: Isa,
+    wt: WeightType,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    parallel: Parallel<'_>,
+) -> Vec<f32> {
+    let isa = isa.min(Isa::detected());
     let m = match check(wt, w.len(), n, k, x.len()) {
         Ok(m) => m,
         Err(e) => panic!("q8::matmul: {e}"),
@@ -161,6 +219,7 @@ pub fn matmul(
             for r in rows.clone() {
                 let mut out = [0f32; TILE];
                 row_tile(
+                    isa,
                     wt,
                     &w[r * row_bytes..(r + 1) * row_bytes],
                     &acts,

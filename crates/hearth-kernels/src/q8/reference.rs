@@ -28,6 +28,18 @@ pub(crate) fn k4_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
+/// The 32 values of a Q4_0/Q4_1 block without offset (0..=15): low nibbles are values
+/// 0..16, high nibbles 16..32.
+fn q4_values(qs: &[u8]) -> [i32; 32] {
+    std::array::from_fn(|j| {
+        if j < 16 {
+            (qs[j] & 0xF) as i32
+        } else {
+            (qs[j - 16] >> 4) as i32
+        }
+    })
+}
+
 /// The 32 values of a Q5_0/Q5_1 block without offset (0..=31): low nibbles are values
 /// 0..16, high nibbles 16..32, bit `i` of `qh` is value `i`'s fifth bit.
 fn q5_values(qh: u32, qs: &[u8]) -> [i32; 32] {
@@ -50,10 +62,16 @@ pub fn dot(wt: WeightType, w: &[u8], a: &QuantizedActs, row: usize) -> f32 {
     for i in 0..nb {
         let b = &w[i * bb..(i + 1) * bb];
         match wt {
-            WeightType::Q8_0 | WeightType::Q5_0 | WeightType::Q5_1 => {
+            WeightType::Q4_0
+            | WeightType::Q4_1
+            | WeightType::Q8_0
+            | WeightType::Q5_0
+            | WeightType::Q5_1 => {
                 let x = &xq[i * 32..(i + 1) * 32];
                 let vals: [i32; 32] = match wt {
                     WeightType::Q8_0 => std::array::from_fn(|j| b[2 + j] as i8 as i32),
+                    WeightType::Q4_0 => q4_values(&b[2..18]).map(|v| v - 8),
+                    WeightType::Q4_1 => q4_values(&b[4..20]),
                     WeightType::Q5_0 => {
                         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                         q5_values(qh, &b[6..22]).map(|v| v - 16)
@@ -65,7 +83,7 @@ pub fn dot(wt: WeightType, w: &[u8], a: &QuantizedActs, row: usize) -> f32 {
                 };
                 let sumi: i32 = vals.iter().zip(x).map(|(v, &q)| v * q as i32).sum();
                 sumf += f16_at(b, 0) * xd[i] * sumi as f32;
-                if wt == WeightType::Q5_1 {
+                if matches!(wt, WeightType::Q4_1 | WeightType::Q5_1) {
                     sumf += f16_at(b, 2) * a.s[row * ab + i];
                 }
             }

@@ -212,13 +212,14 @@ impl Engine {
     fn rebuild(&mut self) -> Result<()> {
         self.sup.faults.on_rebuild()?;
         self.scheduler = self.scheduler.emptied();
+        let kv_dtype = self.cache.dtype();
         self.cache.release();
         let m = &self.model;
         self.cache = KvCacheTensors::new(
             m.config(),
             self.scheduler.allocator().num_blocks(),
             self.scheduler.block_size(),
-            m.dtype(),
+            kv_dtype,
             m.device(),
         )?;
         if !self.scheduler.is_consistent() {

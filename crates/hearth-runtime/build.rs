@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel sources, each one translation unit for nvcc and the emulator.
-const KERNELS: &[&str] = &["paged_attention"];
+const KERNELS: &[&str] = &["paged_attention", "rope_cache"];
 /// Sources for the emulator alone (kernels/emu/): kernels that test the emulator.
 const EMULATOR_ONLY: &[&str] = &["emu/selftest"];
 
@@ -25,6 +25,12 @@ const MUTANTS: &[(&str, &str, &str, &str)] = &[
         "table[(j + 1) / block_size]",
     ),
     ("paged_attention", "no_syncthreads", "__syncthreads();", ";"),
+    (
+        "paged_attention",
+        "combine_drops_partition",
+        "combine_parts = (keys + partition_keys - 1) / partition_keys",
+        "combine_parts = keys / partition_keys",
+    ),
 ];
 
 fn main() {
@@ -51,9 +57,27 @@ fn main() {
     }
 }
 
+/// Removes `path` if it is there, so what is written next is a new file. A target
+/// directory copied with hard links (as worktrees sharing a warmed one are) shares
+/// OUT_DIR's files between copies: writing one in place (as `fs::write` and compilers'
+/// `-o` do) would change every copy's.
+fn unlink(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("{}: {e}", path.display()),
+    }
+}
+
+fn write_new(path: &Path, text: &str) {
+    unlink(path);
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
 fn build_ptx(kernel: &str, out_dir: &Path) {
     let src = format!("kernels/{kernel}.cu");
     let out = out_dir.join(format!("{kernel}.ptx"));
+    unlink(&out);
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let cap = cap.trim().trim_start_matches("sm_").replace('.', "");
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
@@ -90,6 +114,17 @@ fn emu_build() -> cc::Build {
 /// sees it, with only what C++ linkage and host shared memory need changed (see
 /// `host_text`), inside its own namespace, and a table of its entry points.
 fn build_emulator(out_dir: &Path) {
+    // Objects and the archive from an earlier run, possibly hard links shared with
+    // another copy of the target directory (see `unlink`).
+    for entry in std::fs::read_dir(out_dir).expect("OUT_DIR").flatten() {
+        let path = entry.path();
+        if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("o" | "a" | "cpp")
+        ) {
+            unlink(&path);
+        }
+    }
     let mut units = Vec::new();
     for path in KERNELS.iter().chain(EMULATOR_ONLY) {
         let text = std::fs::read_to_string(format!("kernels/{path}.cu"))
@@ -113,7 +148,7 @@ fn build_emulator(out_dir: &Path) {
             "#include \"cuda_emu.h\"\n{includes}\nnamespace {ns} {{\n#line 1 \"{kernel}.cu\"\n{body}\n}}\n"
         );
         let listed = out_dir.join(format!("emu_{kernel}_{variant}_list.cpp"));
-        std::fs::write(&listed, &unit).expect("write emulator source");
+        write_new(&listed, &unit);
         let expanded = emu_build()
             .define("HEARTH_EMU_LIST_KERNELS", None)
             .file(&listed)
@@ -134,7 +169,7 @@ fn build_emulator(out_dir: &Path) {
             len = names.len()
         ));
         let path = out_dir.join(format!("emu_{kernel}_{variant}.cpp"));
-        std::fs::write(&path, table).expect("write emulator source");
+        write_new(&path, &table);
         build.file(path);
     }
     build.compile("hearth_cuda_emu");

@@ -24,6 +24,8 @@ pub enum Source {
     BlockTableOffByOne,
     /// Every `__syncthreads()` removed.
     NoSyncthreads,
+    /// The split-key combine drops a decode row's last, partial partition.
+    CombineDropsPartition,
 }
 
 /// The order in which blocks, the warps of a block (between two barriers) and the lanes
@@ -90,6 +92,8 @@ extern "C" {
     fn hearth_emu_kernels_paged_attention_original(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_paged_attention_block_table_off_by_one(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_paged_attention_no_syncthreads(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_paged_attention_combine_drops_partition(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_rope_cache_original(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_selftest_original(i: usize) -> *const KernelEntry;
 }
 
@@ -101,10 +105,14 @@ fn tables(source: Source) -> &'static [Table] {
     match source {
         Source::Original => &[
             hearth_emu_kernels_paged_attention_original,
+            hearth_emu_kernels_rope_cache_original,
             hearth_emu_kernels_selftest_original,
         ],
         Source::BlockTableOffByOne => &[hearth_emu_kernels_paged_attention_block_table_off_by_one],
         Source::NoSyncthreads => &[hearth_emu_kernels_paged_attention_no_syncthreads],
+        Source::CombineDropsPartition => {
+            &[hearth_emu_kernels_paged_attention_combine_drops_partition]
+        }
     }
 }
 

@@ -117,6 +117,18 @@ struct StepTensors<'a> {
     /// each new token's slot repeated across a K/V row for `scatter_set`.
     generic: Option<(Tensor, Tensor, Tensor)>,
     attention: &'a AttentionMetadata,
+    /// CUDA: the fused norm + RoPE + cache-write kernel's tables and the step's
+    /// positions and slots on the device (one upload per step).
+    #[cfg(feature = "cuda")]
+    fused: Option<FusedRope<'a>>,
+}
+
+#[cfg(feature = "cuda")]
+struct FusedRope<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    positions: Tensor,
+    slots: Tensor,
 }
 
 impl Transformer {
@@ -247,6 +259,21 @@ impl Transformer {
             sin: &self.rotary.sin_host,
             positions: &batch.positions,
         };
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() {
+            let (dev, t) = (&self.device, batch.num_tokens());
+            return Ok(StepTensors {
+                rope,
+                generic: None,
+                attention: &batch.attention,
+                fused: Some(FusedRope {
+                    cos: &self.rotary.cos,
+                    sin: &self.rotary.sin,
+                    positions: Tensor::from_slice(&batch.positions, t, dev)?,
+                    slots: Tensor::from_slice(&batch.attention.slots, t, dev)?,
+                }),
+            });
+        }
         let generic = if self.device.is_cpu() && self.dtype == DType::F32 {
             None
         } else {
@@ -265,6 +292,8 @@ impl Transformer {
             rope,
             generic,
             attention: &batch.attention,
+            #[cfg(feature = "cuda")]
+            fused: None,
         })
     }
 }
@@ -298,6 +327,34 @@ impl Attention {
         let mut q = self.q_proj.forward(x)?.reshape((t, h, d))?;
         let mut k = self.k_proj.forward(x)?.reshape((t, kvh, d))?;
         let v = self.v_proj.forward(x)?.reshape((t, kvh, d))?;
+        let (k_cache, v_cache) = cache.layer(layer);
+        let scale = 1.0 / (d as f32).sqrt();
+        #[cfg(feature = "cuda")]
+        if let Some(f) = &step.fused {
+            let norms = match (&self.q_norm, &self.k_norm) {
+                (Some(qn), Some(kn)) => Some((qn.weight(), kn.weight(), qn.eps())),
+                _ => None,
+            };
+            let inputs = crate::paged_attention::RopeCacheInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                cos: f.cos,
+                sin: f.sin,
+                norms,
+                positions: step.rope.positions,
+                slots: &step.attention.slots,
+            };
+            let q = crate::paged_attention::rope_cache(
+                &inputs,
+                &f.positions,
+                &f.slots,
+                k_cache,
+                v_cache,
+            )?;
+            let o = paged_attention(&q, k_cache, v_cache, step.attention, scale)?;
+            return self.o_proj.forward(&o.reshape((t, h * d))?);
+        }
         if let Some(n) = &self.q_norm {
             q = norm(n, &q)?;
         }
@@ -306,7 +363,6 @@ impl Attention {
         }
         // New keys and values go straight into their slots of the paged cache (keys
         // rotated on the way); the attention op then reads every key where it lies.
-        let (k_cache, v_cache) = cache.layer(layer);
         let slots = &step.attention.slots;
         let q = match &step.generic {
             None => {
@@ -324,7 +380,6 @@ impl Attention {
                 rope(&q)?
             }
         };
-        let scale = 1.0 / (d as f32).sqrt();
         let o = paged_attention(&q, k_cache, v_cache, step.attention, scale)?;
         self.o_proj.forward(&o.reshape((t, h * d))?)
     }

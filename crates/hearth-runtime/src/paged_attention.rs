@@ -10,11 +10,13 @@
 //!
 //! CPU: work items are (sequence, kv-head, tile of ≤ 16 queries), spread over candle's
 //! barrier pool; the query heads of a GQA group share each key and value row they load.
-//! CUDA (feature `cuda`): hearth's own kernel (kernels/paged_attention.cu), one thread
-//! block per (token, kv head, up to 8 heads of its GQA group), head dims
-//! [`HEAD_DIMS`], with this CPU op as its reference; launched as launch.rs describes,
-//! which the CPU emulator (crate::cuda_emulator, `paged_attention_emulated`) shares, so
-//! `cargo test` runs the kernel's source without a GPU.
+//! CUDA (feature `cuda`): hearth's own kernels (kernels/paged_attention.cu): prefill
+//! rows one thread block per (token, kv head, up to 8 heads of its GQA group); decode
+//! rows split-key (partitions of [`DECODE_PARTITION_KEYS`] keys) and a combine; head
+//! dims [`HEAD_DIMS`], with this CPU op as their reference; launched as launch.rs
+//! describes, which the CPU emulator (crate::cuda_emulator, `paged_attention_emulated`)
+//! shares, so `cargo test` runs the kernels' source without a GPU. The fused RoPE +
+//! cache write (rope_cache.rs, kernels/rope_cache.cu) is planned the same way.
 
 use std::cell::RefCell;
 
@@ -29,10 +31,14 @@ mod cuda;
 mod emulated;
 mod kernel;
 mod launch;
+mod rope_cache;
 #[cfg(hearth_cuda_emulator)]
-pub use emulated::paged_attention_emulated;
+pub use emulated::{paged_attention_emulated, rope_cache_emulated};
 use kernel::BlockMath;
-pub use launch::{LaunchLimits, HEAD_DIMS, SM90_LIMITS};
+pub use launch::{LaunchLimits, DECODE_PARTITION_KEYS, HEAD_DIMS, SM90_LIMITS};
+#[cfg(feature = "cuda")]
+pub use rope_cache::rope_cache;
+pub use rope_cache::RopeCacheInputs;
 
 /// Queries per CPU work item: with GQA 3 that is 48 rows of scores and accumulators,
 /// which stay in L1 next to one block of keys and values.

@@ -7,7 +7,9 @@
 
 use candle_core::DType;
 use hearth_runtime::cuda_emulator::{kernel_names, Emulator, Schedule, Source};
-use hearth_runtime::paged_attention::{paged_attention, paged_attention_emulated, HEAD_DIMS};
+use hearth_runtime::paged_attention::{
+    paged_attention, paged_attention_emulated, DECODE_PARTITION_KEYS, HEAD_DIMS,
+};
 
 mod attention_cases;
 use attention_cases::{build, cpu_tensors, max_diff, random_seqs, reference, seeded, values, Case};
@@ -175,15 +177,25 @@ fn an_off_by_one_in_the_block_table_index_is_caught() {
 
 #[test]
 fn a_missing_syncthreads_is_caught_under_every_schedule() {
-    let c = crossing_case();
-    let b = build(&c, &mut seeded(12));
-    let want = reference(&c, &b);
+    // The crossing case has both kinds of rows; the second, decode rows alone (the
+    // split-key kernel and its combine, each with barriers of its own).
+    for (n, c) in [crossing_case(), long_decode_case(64, 8, 2)]
+        .iter()
+        .enumerate()
+    {
+        missing_syncthreads_caught(c, 12 + n as u64);
+    }
+}
+
+fn missing_syncthreads_caught(c: &Case, seed: u64) {
+    let b = build(c, &mut seeded(seed));
+    let want = reference(c, &b);
     for schedule in Schedule::ADVERSARIAL {
         let emu = Emulator {
             source: Source::NoSyncthreads,
             schedule,
         };
-        let got = emulate(&c, &b, DType::F32, &emu).expect("the mutant runs");
+        let got = emulate(c, &b, DType::F32, &emu).expect("the mutant runs");
         let diff = max_diff(&got, &want);
         // NaN (poisoned shared memory read before it was written) compares as no
         // difference in max_diff's fold, so count it separately.
@@ -195,13 +207,87 @@ fn a_missing_syncthreads_is_caught_under_every_schedule() {
     }
 }
 
+/// Decode rows (one query each) with contexts on both sides of the partition size and
+/// across several partitions, beside a prefill chunk, so both kernels run in one call.
+fn long_decode_case(head_dim: usize, heads: usize, kv_heads: usize) -> Case {
+    let p = DECODE_PARTITION_KEYS;
+    Case {
+        heads,
+        kv_heads,
+        head_dim,
+        block_size: 32,
+        seqs: vec![
+            (1, 1),
+            (1, p),
+            (1, p + 1),
+            (1, 2 * p + 37),
+            (5, 40),
+            (1, p - 3),
+        ],
+    }
+}
+
+#[test]
+fn split_key_decode_matches_the_reference_across_partitions() {
+    let dtypes = [DType::F32, DType::F16, DType::BF16];
+    // Every head dim, GQA ratios up to 16 (two head groups per kv head).
+    let shapes = [(8, 2), (16, 1), (4, 4), (12, 4)];
+    for (n, &head_dim) in HEAD_DIMS.iter().enumerate() {
+        let (heads, kv_heads) = shapes[n % shapes.len()];
+        let c = long_decode_case(head_dim, heads, kv_heads);
+        let b = build(&c, &mut seeded(300 + n as u64));
+        let want = reference(&c, &b);
+        let dtype = dtypes[n % 3];
+        let schedule = Schedule::ADVERSARIAL[n % Schedule::ADVERSARIAL.len()];
+        let emu = Emulator {
+            source: Source::Original,
+            schedule,
+        };
+        let got = emulate(&c, &b, dtype, &emu).unwrap_or_else(|e| panic!("{}: {e}", describe(&c)));
+        let tol = tolerance(dtype);
+        let diff = max_diff(&got, &want);
+        assert!(
+            diff < tol,
+            "{dtype:?} {schedule:?} {}: max diff {diff} from the reference",
+            describe(&c)
+        );
+        let diff = max_diff(&got, &cpu_op(&c, &b, dtype));
+        assert!(
+            diff < tol,
+            "{dtype:?} {schedule:?} {}: max diff {diff} from the CPU op",
+            describe(&c)
+        );
+    }
+}
+
+#[test]
+fn a_combine_that_drops_a_partition_is_caught() {
+    let c = long_decode_case(64, 4, 2);
+    let b = build(&c, &mut seeded(13));
+    let want = reference(&c, &b);
+    for schedule in Schedule::ADVERSARIAL {
+        let emu = Emulator {
+            source: Source::CombineDropsPartition,
+            schedule,
+        };
+        let got = emulate(&c, &b, DType::F32, &emu).expect("the mutant runs");
+        let diff = max_diff(&got, &want);
+        assert!(
+            diff > 1e-2,
+            "{schedule:?}: the combine dropping a partition passed (max diff {diff})"
+        );
+    }
+}
+
 #[test]
 fn every_entry_point_of_the_source_is_compiled() {
     let names = kernel_names(Source::Original);
     for dtype in ["f32", "f16", "bf16"] {
         for d in HEAD_DIMS {
-            let want = format!("hearth_paged_attention_{dtype}_d{d}");
-            assert!(names.contains(&want), "{want} missing from {names:?}");
+            for kind in ["", "split_", "combine_"] {
+                let want = format!("hearth_paged_attention_{kind}{dtype}_d{d}");
+                assert!(names.contains(&want), "{want} missing from {names:?}");
+            }
         }
     }
 }
@@ -231,7 +317,7 @@ fn launches_outside_the_device_limits_or_the_signature_are_refused() {
     let mut bufs: Vec<DeviceBuffer> = (0..4)
         .map(|_| DeviceBuffer::from_bytes(&[0; 256], "f32"))
         .collect();
-    let mut metas: Vec<DeviceBuffer> = (0..4)
+    let mut metas: Vec<DeviceBuffer> = (0..5)
         .map(|_| DeviceBuffer::from_bytes(&[0; 64], "u32"))
         .collect();
     let geometry = |threads: u32, shared: u32| LaunchGeometry {

@@ -1,7 +1,7 @@
-//! The op's CUDA path: hearth's own kernel (kernels/paged_attention.cu, compiled to PTX
-//! by build.rs) launched through candle's custom-op API, as launch.rs describes it. The
-//! step's metadata is uploaded once, on the first layer's call, and reused by the
-//! others.
+//! The op's CUDA path: hearth's own kernels (kernels/paged_attention.cu, compiled to PTX
+//! by build.rs) launched through candle's custom-op API, as launch.rs plans them
+//! (per-token kernel for prefill rows, split-key + combine for decode rows). The step's
+//! metadata is uploaded once, on the first layer's call, and reused by the others.
 
 use std::sync::{Arc, OnceLock};
 
@@ -9,10 +9,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::launch::{self, Arg, Buffer, HostMeta};
+use super::rope_cache::{self, RopeCacheInputs, RopeCacheShapes};
 use super::AttentionMetadata;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
@@ -23,6 +24,8 @@ pub(super) struct DeviceMeta {
     query_start: CudaSlice<u32>,
     seq_lens: CudaSlice<u32>,
     block_tables: CudaSlice<u32>,
+    decode_rows: CudaSlice<u32>,
+    prefill_rows: CudaSlice<u32>,
 }
 
 impl DeviceMeta {
@@ -32,6 +35,8 @@ impl DeviceMeta {
             Buffer::QueryStart => Some(&self.query_start),
             Buffer::SeqLens => Some(&self.seq_lens),
             Buffer::BlockTables => Some(&self.block_tables),
+            Buffer::DecodeRows => Some(&self.decode_rows),
+            Buffer::PrefillRows => Some(&self.prefill_rows),
             _ => None,
         }
     }
@@ -63,6 +68,8 @@ fn device_meta(meta: &AttentionMetadata, dev: &CudaDevice) -> Result<Arc<DeviceM
         query_start: dev.clone_htod(&host.query_start)?,
         seq_lens: dev.clone_htod(&host.seq_lens)?,
         block_tables: dev.clone_htod(&host.block_tables)?,
+        decode_rows: dev.clone_htod(&host.decode_rows)?,
+        prefill_rows: dev.clone_htod(&host.prefill_rows)?,
     });
     Ok(meta.device.0.get_or_init(|| m).clone())
 }
@@ -88,41 +95,61 @@ pub(super) fn forward(
     let dtype = qs.dtype();
     let plan = launch::plan(meta, &s, dtype, scale)?;
     let dm = device_meta(meta, &dev)?;
+    // The split-key kernel reads key and value rows with 16-byte loads.
+    for (what, l) in [("k", kl), ("v", vl)] {
+        if (l.start_offset() * dtype.size_in_bytes()) % 16 != 0 {
+            candle_core::bail!("paged attention: the {what} cache is not 16-byte aligned");
+        }
+    }
+    // f32 scratch of the split-key kernel, shared by its launches.
+    let mut scratch: Vec<(Buffer, CudaSlice<f32>)> = Vec::with_capacity(plan.scratch.len());
+    for &(b, n) in &plan.scratch {
+        // SAFETY: the combine kernel reads only partitions the split kernel wrote.
+        scratch.push((b, unsafe { dev.alloc::<f32>(n)? }));
+    }
     macro_rules! launch {
         ($ty:ty) => {{
             let q: CudaView<$ty> = qs.as_cuda_slice::<$ty>()?.slice(ql.start_offset()..);
             let k: CudaView<$ty> = ks.as_cuda_slice::<$ty>()?.slice(kl.start_offset()..);
             let v: CudaView<$ty> = vs.as_cuda_slice::<$ty>()?.slice(vl.start_offset()..);
-            // SAFETY: every element is written by the kernel.
+            // SAFETY: every row is written by one of the kernels (prefill rows by the
+            // per-token kernel, decode rows by the combine).
             let out: CudaSlice<$ty> = unsafe { dev.alloc::<$ty>(s.tokens * s.heads * s.head_dim)? };
-            let func = dev.get_or_load_custom_func(&plan.kernel, "hearth_paged_attention", PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: (plan.grid[0], plan.grid[1], plan.grid[2]),
-                block_dim: (plan.block[0], plan.block[1], plan.block[2]),
-                shared_mem_bytes: plan.dynamic_shared_bytes,
-            };
-            if plan.shared_opt_in {
-                candle_core::bail!("{}: shared-memory opt-in is not wired up", plan.kernel);
-            }
-            let mut b = func.builder();
-            for a in &plan.args {
-                match a {
-                    Arg::Buffer(Buffer::Q) => b.arg(&q),
-                    Arg::Buffer(Buffer::KCache) => b.arg(&k),
-                    Arg::Buffer(Buffer::VCache) => b.arg(&v),
-                    Arg::Buffer(Buffer::Out) => b.arg(&out),
-                    Arg::Buffer(m) => match dm.get(*m) {
-                        Some(slice) => b.arg(slice),
-                        None => candle_core::bail!("{}: no device buffer for {m:?}", plan.kernel),
-                    },
-                    Arg::I32(x) => b.arg(x),
-                    Arg::F32(x) => b.arg(x),
+            for l in &plan.launches {
+                let func = dev.get_or_load_custom_func(&l.kernel, "hearth_paged_attention", PTX)?;
+                let cfg = LaunchConfig {
+                    grid_dim: (l.grid[0], l.grid[1], l.grid[2]),
+                    block_dim: (l.block[0], l.block[1], l.block[2]),
+                    shared_mem_bytes: l.dynamic_shared_bytes,
                 };
+                if l.shared_opt_in {
+                    candle_core::bail!("{}: shared-memory opt-in is not wired up", l.kernel);
+                }
+                let mut b = func.builder();
+                for a in &l.args {
+                    match a {
+                        Arg::Buffer(Buffer::Q) => b.arg(&q),
+                        Arg::Buffer(Buffer::KCache) => b.arg(&k),
+                        Arg::Buffer(Buffer::VCache) => b.arg(&v),
+                        Arg::Buffer(Buffer::Out) => b.arg(&out),
+                        Arg::Buffer(m) => {
+                            if let Some(slice) = dm.get(*m) {
+                                b.arg(slice)
+                            } else if let Some((_, slice)) = scratch.iter().find(|(x, _)| x == m) {
+                                b.arg(slice)
+                            } else {
+                                candle_core::bail!("{}: no device buffer for {m:?}", l.kernel)
+                            }
+                        }
+                        Arg::I32(x) => b.arg(x),
+                        Arg::F32(x) => b.arg(x),
+                    };
+                }
+                // SAFETY: launch.rs's argument lists are the kernels' signatures (the
+                // emulator's tests check them against the compiled source); the metadata
+                // was validated against the shapes above.
+                unsafe { b.launch(cfg) }.w()?;
             }
-            // SAFETY: launch.rs's argument list is the kernel's signature (the emulator's
-            // tests check it against the compiled source); the metadata was validated
-            // against the shapes above.
-            unsafe { b.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
         }};
     }
@@ -131,5 +158,142 @@ pub(super) fn forward(
         DType::F16 => launch!(f16),
         DType::BF16 => launch!(bf16),
         _ => candle_core::bail!("paged attention: q and caches must be f32, f16 or bf16"),
+    }
+}
+
+const ROPE_CACHE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope_cache.ptx"));
+
+/// The fused RoPE + cache write on q's device: `rope_cache.rs` plans it, this launches
+/// it as a custom op on q (whose output is the rotated q); the caches are written in
+/// place through their device pointers, as candle's own in-place ops do.
+pub(super) struct RopeCacheOp<'a> {
+    pub x: &'a RopeCacheInputs<'a>,
+    /// `x.positions` and `x.slots` on the device (U32), uploaded once per step.
+    pub positions: &'a Tensor,
+    pub slots: &'a Tensor,
+    pub k_cache: &'a Tensor,
+    pub v_cache: &'a Tensor,
+    pub shapes: RopeCacheShapes,
+}
+
+impl candle_core::CustomOp1 for RopeCacheOp<'_> {
+    fn name(&self) -> &'static str {
+        "hearth-rope-cache"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("rope + cache write: the fused kernel is CUDA only")
+    }
+
+    fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout) -> Result<(CudaStorage, Shape)> {
+        let s = &self.shapes;
+        let dtype = qs.dtype();
+        let dev = qs.device().clone();
+        let plan = rope_cache::plan(s, dtype, self.x.norms.map(|n| n.2))?;
+        for (what, t) in [("positions", self.positions), ("slots", self.slots)] {
+            if t.dtype() != DType::U32 || t.dims() != [s.tokens] || !t.is_contiguous() {
+                candle_core::bail!(
+                    "rope + cache write: device {what} must be U32 [{}]",
+                    s.tokens
+                );
+            }
+        }
+        let mut others: Vec<(Buffer, &Tensor)> = vec![
+            (Buffer::K, self.x.k),
+            (Buffer::V, self.x.v),
+            (Buffer::KCache, self.k_cache),
+            (Buffer::VCache, self.v_cache),
+            (Buffer::Cos, self.x.cos),
+            (Buffer::Sin, self.x.sin),
+            (Buffer::Positions, self.positions),
+            (Buffer::Slots, self.slots),
+        ];
+        if let Some((qn, kn, _)) = self.x.norms {
+            others.extend([(Buffer::QNorm, qn), (Buffer::KNorm, kn)]);
+        }
+        // Read guards for the launch's duration (the caches' included: the kernel writes
+        // them on the device, where no host reference reaches).
+        let guards: Vec<(Buffer, _)> = others
+            .iter()
+            .map(|(b, t)| (*b, t.storage_and_layout()))
+            .collect();
+        let storage = |b: Buffer| -> Result<(&CudaStorage, usize)> {
+            match guards.iter().find(|(x, _)| *x == b) {
+                Some((_, (g, l))) => match &**g {
+                    candle_core::Storage::Cuda(c) => Ok((c, l.start_offset())),
+                    _ => candle_core::bail!("rope + cache write: {b:?} is not on the GPU"),
+                },
+                None => candle_core::bail!("rope + cache write: no tensor for {b:?}"),
+            }
+        };
+        let (pos, pos_at) = storage(Buffer::Positions)?;
+        let (slots, slots_at) = storage(Buffer::Slots)?;
+        let pos = pos.as_cuda_slice::<u32>()?.slice(pos_at..);
+        let slots = slots.as_cuda_slice::<u32>()?.slice(slots_at..);
+        let cfg = LaunchConfig {
+            grid_dim: (plan.grid[0], plan.grid[1], plan.grid[2]),
+            block_dim: (plan.block[0], plan.block[1], plan.block[2]),
+            shared_mem_bytes: plan.dynamic_shared_bytes,
+        };
+        macro_rules! launch {
+            ($ty:ty) => {{
+                let view = |b: Buffer| -> Result<CudaView<'_, $ty>> {
+                    let (st, at) = storage(b)?;
+                    Ok(st.as_cuda_slice::<$ty>()?.slice(at..))
+                };
+                let q: CudaView<$ty> = qs.as_cuda_slice::<$ty>()?.slice(ql.start_offset()..);
+                // SAFETY: every element is written by the kernel.
+                let out: CudaSlice<$ty> =
+                    unsafe { dev.alloc::<$ty>(s.tokens * s.heads * s.head_dim)? };
+                let mut views: Vec<(Buffer, CudaView<'_, $ty>)> = Vec::new();
+                for a in &plan.args {
+                    if let Arg::Buffer(b) = a {
+                        if !matches!(
+                            b,
+                            Buffer::Q | Buffer::QOut | Buffer::Positions | Buffer::Slots
+                        ) {
+                            views.push((*b, view(*b)?));
+                        }
+                    }
+                }
+                let func =
+                    dev.get_or_load_custom_func(&plan.kernel, "hearth_rope_cache", ROPE_CACHE_PTX)?;
+                let mut b = func.builder();
+                for a in &plan.args {
+                    match a {
+                        Arg::Buffer(Buffer::Q) => b.arg(&q),
+                        Arg::Buffer(Buffer::QOut) => b.arg(&out),
+                        Arg::Buffer(Buffer::Positions) => b.arg(&pos),
+                        Arg::Buffer(Buffer::Slots) => b.arg(&slots),
+                        Arg::Buffer(m) => match views.iter().find(|(x, _)| x == m) {
+                            Some((_, v)) => b.arg(v),
+                            None => {
+                                candle_core::bail!("{}: no device buffer for {m:?}", plan.kernel)
+                            }
+                        },
+                        Arg::I32(x) => b.arg(x),
+                        Arg::F32(x) => b.arg(x),
+                    };
+                }
+                // SAFETY: the argument list is the kernel's signature (checked against the
+                // source by the emulator's tests); positions and slots were checked
+                // against the tables and the cache on the host (rope_cache::check).
+                unsafe { b.launch(cfg) }.w()?;
+                Ok((
+                    CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                    Shape::from((s.tokens, s.heads, s.head_dim)),
+                ))
+            }};
+        }
+        match dtype {
+            DType::F32 => launch!(f32),
+            DType::F16 => launch!(f16),
+            DType::BF16 => launch!(bf16),
+            _ => candle_core::bail!("rope + cache write: tensors must be f32, f16 or bf16"),
+        }
     }
 }

@@ -4,7 +4,8 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::launch::{self, Arg, Buffer, HostMeta, SM90_LIMITS};
+use super::launch::{self, Arg, Buffer, HostMeta, Launch, SM90_LIMITS};
+use super::rope_cache::{self, RopeCacheInputs};
 use super::AttentionMetadata;
 use crate::cuda_emulator::{DeviceBuffer, Emulator, KernelArg, LaunchGeometry};
 
@@ -30,7 +31,7 @@ fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
     })
 }
 
-fn from_bytes(b: &[u8], dtype: DType, shape: (usize, usize, usize)) -> Result<Tensor> {
+fn from_bytes(b: &[u8], dtype: DType, shape: impl Into<candle_core::Shape>) -> Result<Tensor> {
     let dev = Device::Cpu;
     match dtype {
         DType::F32 => {
@@ -57,7 +58,80 @@ fn from_bytes(b: &[u8], dtype: DType, shape: (usize, usize, usize)) -> Result<Te
     }
 }
 
-/// [`super::paged_attention`] as the CUDA kernel computes it, run by `emu` on the CPU.
+/// The device buffers of one emulated call, by role: each launch takes the ones it
+/// names (a buffer named twice in one launch is an error, as aliasing `&mut` would be)
+/// and gives them back.
+pub(crate) struct Pool(Vec<(Buffer, DeviceBuffer)>);
+
+impl Pool {
+    pub(crate) fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    pub(crate) fn add(&mut self, b: Buffer, d: DeviceBuffer) {
+        self.0.push((b, d));
+    }
+
+    pub(crate) fn take(&mut self, b: Buffer) -> Option<DeviceBuffer> {
+        let i = self.0.iter().position(|(x, _)| *x == b)?;
+        Some(self.0.swap_remove(i).1)
+    }
+
+    /// Runs `launches` in order, as the CUDA path would on one stream.
+    pub(crate) fn run(&mut self, launches: &[Launch], emu: &Emulator) -> Result<()> {
+        for l in launches {
+            let mut taken: Vec<(Buffer, DeviceBuffer)> = Vec::new();
+            let mut missing = None;
+            for a in &l.args {
+                if let Arg::Buffer(b) = a {
+                    match self.take(*b) {
+                        Some(d) => taken.push((*b, d)),
+                        None => missing = Some(*b),
+                    }
+                }
+            }
+            let result = match missing {
+                Some(b) => Err(candle_core::Error::Msg(format!(
+                    "{}: buffer {b:?} passed twice or missing",
+                    l.kernel
+                ))),
+                None => launch_one(l, &mut taken, emu),
+            };
+            self.0.extend(taken);
+            result?;
+        }
+        Ok(())
+    }
+}
+
+fn launch_one(l: &Launch, taken: &mut [(Buffer, DeviceBuffer)], emu: &Emulator) -> Result<()> {
+    let mut bufs = taken.iter_mut();
+    let mut args = Vec::with_capacity(l.args.len());
+    for a in &l.args {
+        args.push(match a {
+            Arg::Buffer(_) => match bufs.next() {
+                Some((_, d)) => KernelArg::Buffer(d),
+                None => candle_core::bail!("{}: fewer buffers than arguments", l.kernel),
+            },
+            Arg::I32(x) => KernelArg::I32(*x),
+            Arg::F32(x) => KernelArg::F32(*x),
+        });
+    }
+    let geometry = LaunchGeometry {
+        kernel: &l.kernel,
+        grid: l.grid,
+        block: l.block,
+        dynamic_shared_bytes: l.dynamic_shared_bytes,
+        shared_limit_bytes: l.shared_limit(&SM90_LIMITS),
+    };
+    emu.launch(&geometry, &mut args)
+}
+
+pub(crate) fn u32_bytes(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_ne_bytes()).collect()
+}
+
+/// [`super::paged_attention`] as the CUDA kernels compute it, run by `emu` on the CPU.
 pub fn paged_attention_emulated(
     q: &Tensor,
     k_cache: &Tensor,
@@ -80,64 +154,121 @@ pub fn paged_attention_emulated(
     let plan = launch::plan(meta, &s, dtype, scale)?;
     let host = HostMeta::new(meta);
     let code = Buffer::Q.elem_code(dtype);
-    let mut qb = DeviceBuffer::from_bytes(&to_bytes(&q)?, code);
-    let mut kb = DeviceBuffer::from_bytes(&to_bytes(k_cache)?, code);
-    let mut vb = DeviceBuffer::from_bytes(&to_bytes(v_cache)?, code);
-    let mut ob = DeviceBuffer::uninit(
-        s.tokens * s.heads * s.head_dim * dtype.size_in_bytes(),
-        code,
+    let mut pool = Pool::new();
+    pool.add(Buffer::Q, DeviceBuffer::from_bytes(&to_bytes(&q)?, code));
+    pool.add(
+        Buffer::KCache,
+        DeviceBuffer::from_bytes(&to_bytes(k_cache)?, code),
     );
-    let u32_bytes = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_ne_bytes()).collect() };
-    let mut metas: Vec<(Buffer, DeviceBuffer)> = [
+    pool.add(
+        Buffer::VCache,
+        DeviceBuffer::from_bytes(&to_bytes(v_cache)?, code),
+    );
+    pool.add(
+        Buffer::Out,
+        DeviceBuffer::uninit(
+            s.tokens * s.heads * s.head_dim * dtype.size_in_bytes(),
+            code,
+        ),
+    );
+    for b in [
         Buffer::TokenSeq,
         Buffer::QueryStart,
         Buffer::SeqLens,
         Buffer::BlockTables,
-    ]
-    .into_iter()
-    .filter_map(|b| {
-        host.get(b)
-            .map(|v| (b, DeviceBuffer::from_bytes(&u32_bytes(v), "u32")))
-    })
-    .collect();
-    {
-        let (mut qr, mut kr, mut vr, mut or) =
-            (Some(&mut qb), Some(&mut kb), Some(&mut vb), Some(&mut ob));
-        let mut mr: Vec<(Buffer, Option<&mut DeviceBuffer>)> =
-            metas.iter_mut().map(|(b, d)| (*b, Some(d))).collect();
-        let mut args = Vec::with_capacity(plan.args.len());
-        for a in &plan.args {
-            let taken = match a {
-                Arg::Buffer(Buffer::Q) => qr.take(),
-                Arg::Buffer(Buffer::KCache) => kr.take(),
-                Arg::Buffer(Buffer::VCache) => vr.take(),
-                Arg::Buffer(Buffer::Out) => or.take(),
-                Arg::Buffer(m) => mr
-                    .iter_mut()
-                    .find(|(b, _)| b == m)
-                    .and_then(|(_, d)| d.take()),
-                Arg::I32(x) => {
-                    args.push(KernelArg::I32(*x));
-                    continue;
-                }
-                Arg::F32(x) => {
-                    args.push(KernelArg::F32(*x));
-                    continue;
-                }
-            };
-            match taken {
-                Some(b) => args.push(KernelArg::Buffer(b)),
-                None => candle_core::bail!("{}: buffer {a:?} passed twice or missing", plan.kernel),
-            }
+        Buffer::DecodeRows,
+        Buffer::PrefillRows,
+    ] {
+        if let Some(v) = host.get(b) {
+            pool.add(b, DeviceBuffer::from_bytes(&u32_bytes(v), "u32"));
         }
-        let geometry = LaunchGeometry {
-            kernel: &plan.kernel,
-            grid: plan.grid,
-            block: plan.block,
-            dynamic_shared_bytes: plan.dynamic_shared_bytes,
-            shared_limit_bytes: plan.shared_limit(&SM90_LIMITS),
-        };
-        emu.launch(&geometry, &mut args)?;
     }
-    from_bytes(ob.bytes(), dtype, shape)
+    for &(b, n) in &plan.scratch {
+        pool.add(b, DeviceBuffer::uninit(n * 4, "f32"));
+    }
+    pool.run(&plan.launches, emu)?;
+    let out = pool
+        .take(Buffer::Out)
+        .ok_or_else(|| candle_core::Error::Msg("paged attention: output buffer lost".into()))?;
+    from_bytes(out.bytes(), dtype, shape)
+}
+
+/// The fused RoPE + cache write (kernels/rope_cache.cu) as the CUDA path launches it,
+/// run by `emu` on the CPU: returns the rotated q and the caches after the write (the
+/// inputs are left alone).
+pub fn rope_cache_emulated(
+    x: &RopeCacheInputs<'_>,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    emu: &Emulator,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let contiguous = |t: &Tensor| t.contiguous();
+    let (q, k, v, cos, sin) = (
+        contiguous(x.q)?,
+        contiguous(x.k)?,
+        contiguous(x.v)?,
+        contiguous(x.cos)?,
+        contiguous(x.sin)?,
+    );
+    let norms = match x.norms {
+        Some((qn, kn, eps)) => Some((contiguous(qn)?, contiguous(kn)?, eps)),
+        None => None,
+    };
+    let inputs = RopeCacheInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        cos: &cos,
+        sin: &sin,
+        norms: norms.as_ref().map(|(a, b, e)| (a, b, *e)),
+        positions: x.positions,
+        slots: x.slots,
+    };
+    let s = inputs.check(k_cache, v_cache)?;
+    let dtype = q.dtype();
+    if s.tokens == 0 {
+        return Ok((q, k_cache.clone(), v_cache.clone()));
+    }
+    let plan = rope_cache::plan(&s, dtype, norms.as_ref().map(|n| n.2))?;
+    let code = Buffer::Q.elem_code(dtype);
+    let mut pool = Pool::new();
+    let mut add = |b: Buffer, t: &Tensor| -> Result<()> {
+        pool.add(b, DeviceBuffer::from_bytes(&to_bytes(t)?, code));
+        Ok(())
+    };
+    add(Buffer::Q, &q)?;
+    add(Buffer::K, &k)?;
+    add(Buffer::V, &v)?;
+    add(Buffer::KCache, k_cache)?;
+    add(Buffer::VCache, v_cache)?;
+    add(Buffer::Cos, &cos)?;
+    add(Buffer::Sin, &sin)?;
+    if let Some((qn, kn, _)) = &norms {
+        add(Buffer::QNorm, qn)?;
+        add(Buffer::KNorm, kn)?;
+    }
+    pool.add(
+        Buffer::QOut,
+        DeviceBuffer::uninit(q.elem_count() * dtype.size_in_bytes(), code),
+    );
+    pool.add(
+        Buffer::Positions,
+        DeviceBuffer::from_bytes(&u32_bytes(x.positions), "u32"),
+    );
+    pool.add(
+        Buffer::Slots,
+        DeviceBuffer::from_bytes(&u32_bytes(x.slots), "u32"),
+    );
+    pool.run(std::slice::from_ref(&plan), emu)?;
+    let mut get = |b: Buffer, shape: &[usize]| -> Result<Tensor> {
+        let d = pool
+            .take(b)
+            .ok_or_else(|| candle_core::Error::Msg(format!("rope + cache write: {b:?} lost")))?;
+        from_bytes(d.bytes(), dtype, shape)
+    };
+    Ok((
+        get(Buffer::QOut, q.dims())?,
+        get(Buffer::KCache, k_cache.dims())?,
+        get(Buffer::VCache, v_cache.dims())?,
+    ))
 }

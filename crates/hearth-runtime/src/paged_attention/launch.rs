@@ -1,14 +1,23 @@
-//! How hearth's paged-attention kernel is launched, described once for the two places
-//! that launch it: the CUDA path (cuda.rs) and the CPU emulator (emulated.rs), so the
+//! How hearth's paged-attention kernels are launched, described once for the two places
+//! that launch them: the CUDA path (cuda.rs) and the CPU emulator (emulated.rs), so the
 //! emulator's tests exercise the grid, block, shared memory and argument order the GPU
 //! gets. Shape checks and the launch limits live here too.
+//!
+//! A step's rows split in two: rows of sequences with one query (decodes) go through
+//! the split-key kernel, a block per (row, kv head, partition of
+//! [`DECODE_PARTITION_KEYS`] keys), and its combine kernel; the others (prefill chunks)
+//! through the per-token kernel. Each kernel is launched only when it has rows.
 
 use candle_core::{DType, Layout, Result};
 
 use super::AttentionMetadata;
 
 /// Warps per block.
-const WARPS: u32 = 4;
+pub(crate) const WARPS: u32 = 4;
+/// Keys per partition of a decode row (vLLM's PagedAttention v2 uses 512, flash-decoding
+/// 256-ish): at batch 1 with 8 kv heads and a 2k context, 8 × 8 = 64 blocks, and the
+/// combine reads one accumulator per partition.
+pub const DECODE_PARTITION_KEYS: usize = 256;
 /// Query heads of a GQA group one block holds in registers (kernels/paged_attention.cu's
 /// MAX_GROUP).
 pub(crate) const MAX_GROUP: usize = 8;
@@ -47,18 +56,48 @@ pub(crate) enum Buffer {
     QueryStart,
     SeqLens,
     BlockTables,
+    /// Tokens of single-query sequences (the split-key kernel's rows).
+    DecodeRows,
+    /// The other tokens (the per-token kernel's rows).
+    PrefillRows,
+    /// The split-key kernel's partial results, f32 scratch for one call.
+    PartAcc,
+    PartMax,
+    PartSum,
+    // The fused RoPE + cache write's (rope_cache.rs).
+    K,
+    V,
+    QOut,
+    Cos,
+    Sin,
+    QNorm,
+    KNorm,
+    Positions,
+    Slots,
 }
 
 impl Buffer {
     /// The element type of the buffer's pointer in the kernel's signature, for a
-    /// launch in `dtype`.
+    /// launch in `dtype` (the emulator's check; the CUDA path has typed slices).
+    #[cfg_attr(not(hearth_cuda_emulator), allow(dead_code))]
     pub(crate) fn elem_code(self, dtype: DType) -> &'static str {
         match self {
-            Buffer::Q | Buffer::KCache | Buffer::VCache | Buffer::Out => match dtype {
+            Buffer::Q
+            | Buffer::KCache
+            | Buffer::VCache
+            | Buffer::Out
+            | Buffer::K
+            | Buffer::V
+            | Buffer::QOut
+            | Buffer::Cos
+            | Buffer::Sin
+            | Buffer::QNorm
+            | Buffer::KNorm => match dtype {
                 DType::F16 => "f16",
                 DType::BF16 => "bf16",
                 _ => "f32",
             },
+            Buffer::PartAcc | Buffer::PartMax | Buffer::PartSum => "f32",
             _ => "u32",
         }
     }
@@ -183,21 +222,55 @@ pub(crate) fn supports(head_dim: usize, group: usize) -> Result<()> {
     Ok(())
 }
 
-/// The step's metadata as the kernel reads it (never empty: a zero-length allocation is
-/// not a valid kernel argument).
+/// How the step's rows divide between the kernels: single-query sequences' tokens are
+/// decode rows, the rest prefill rows.
+pub(crate) struct RowSplit {
+    pub decode: usize,
+    pub prefill: usize,
+    /// Partitions of the longest decode row.
+    pub max_parts: usize,
+}
+
+impl RowSplit {
+    pub(crate) fn new(meta: &AttentionMetadata) -> Self {
+        let (mut decode, mut max_keys) = (0, 0);
+        for s in 0..meta.num_seqs() {
+            if meta.query_start[s + 1] - meta.query_start[s] == 1 {
+                decode += 1;
+                max_keys = max_keys.max(meta.seq_lens[s] as usize);
+            }
+        }
+        Self {
+            decode,
+            prefill: meta.num_tokens() - decode,
+            max_parts: max_keys.div_ceil(DECODE_PARTITION_KEYS),
+        }
+    }
+}
+
+/// The step's metadata as the kernels read it (never empty: a zero-length allocation
+/// is not a valid kernel argument).
 pub(crate) struct HostMeta {
     pub token_seq: Vec<u32>,
     pub query_start: Vec<u32>,
     pub seq_lens: Vec<u32>,
     pub block_tables: Vec<u32>,
+    pub decode_rows: Vec<u32>,
+    pub prefill_rows: Vec<u32>,
 }
 
 impl HostMeta {
     pub(crate) fn new(meta: &AttentionMetadata) -> Self {
         let mut token_seq = Vec::with_capacity(meta.num_tokens());
+        let (mut decode_rows, mut prefill_rows) = (Vec::new(), Vec::new());
         for s in 0..meta.num_seqs() {
-            let n = (meta.query_start[s + 1] - meta.query_start[s]) as usize;
-            token_seq.extend(std::iter::repeat_n(s as u32, n));
+            let (a, b) = (meta.query_start[s], meta.query_start[s + 1]);
+            token_seq.extend(std::iter::repeat_n(s as u32, (b - a) as usize));
+            if b - a == 1 {
+                decode_rows.push(a);
+            } else {
+                prefill_rows.extend(a..b);
+            }
         }
         let nonempty = |v: &[u32]| if v.is_empty() { vec![0] } else { v.to_vec() };
         Self {
@@ -205,27 +278,34 @@ impl HostMeta {
             query_start: nonempty(&meta.query_start),
             seq_lens: nonempty(&meta.seq_lens),
             block_tables: nonempty(&meta.block_tables),
+            decode_rows: nonempty(&decode_rows),
+            prefill_rows: nonempty(&prefill_rows),
         }
     }
 
+    #[cfg_attr(not(hearth_cuda_emulator), allow(dead_code))]
     pub(crate) fn get(&self, b: Buffer) -> Option<&[u32]> {
         match b {
             Buffer::TokenSeq => Some(&self.token_seq),
             Buffer::QueryStart => Some(&self.query_start),
             Buffer::SeqLens => Some(&self.seq_lens),
             Buffer::BlockTables => Some(&self.block_tables),
+            Buffer::DecodeRows => Some(&self.decode_rows),
+            Buffer::PrefillRows => Some(&self.prefill_rows),
             _ => None,
         }
     }
 }
 
-/// The launch for one call (shapes already checked, `s.tokens > 0`).
-pub(crate) fn plan(
-    meta: &AttentionMetadata,
-    s: &Shapes,
-    dtype: DType,
-    scale: f32,
-) -> Result<Launch> {
+/// One call's launches, in order, and the f32 scratch buffers they share (elements).
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub launches: Vec<Launch>,
+    pub scratch: Vec<(Buffer, usize)>,
+}
+
+/// The launches for one call (shapes already checked, `s.tokens > 0`).
+pub(crate) fn plan(meta: &AttentionMetadata, s: &Shapes, dtype: DType, scale: f32) -> Result<Plan> {
     let g = s.heads / s.kv_heads;
     supports(s.head_dim, g)
         .map_err(|e| candle_core::Error::Msg(format!("paged attention on CUDA: {e}")))?;
@@ -237,29 +317,105 @@ pub(crate) fn plan(
         DType::BF16 => "bf16",
         _ => candle_core::bail!("paged attention: q and caches must be f32, f16 or bf16"),
     };
-    let launch = Launch {
-        kernel: format!("hearth_paged_attention_{name}_d{}", s.head_dim),
-        grid: [s.tokens as u32, (s.kv_heads * groups) as u32, 1],
-        block: [WARPS * 32, 1, 1],
-        // Each warp's (accumulator, max, sum) per head it holds, in f32.
-        dynamic_shared_bytes: WARPS * (per_block * (s.head_dim + 2) * 4) as u32,
-        shared_opt_in: false,
-        args: vec![
-            Arg::Buffer(Buffer::Q),
-            Arg::Buffer(Buffer::KCache),
-            Arg::Buffer(Buffer::VCache),
-            Arg::Buffer(Buffer::Out),
-            Arg::Buffer(Buffer::TokenSeq),
-            Arg::Buffer(Buffer::QueryStart),
-            Arg::Buffer(Buffer::SeqLens),
-            Arg::Buffer(Buffer::BlockTables),
-            Arg::I32(meta.max_blocks as i32),
-            Arg::I32(s.heads as i32),
-            Arg::I32(s.kv_heads as i32),
-            Arg::I32(s.block_size as i32),
-            Arg::F32(scale),
-        ],
+    let d = s.head_dim;
+    let rows = RowSplit::new(meta);
+    let mut plan = Plan {
+        launches: Vec::with_capacity(3),
+        scratch: Vec::new(),
     };
-    launch.check(&SM90_LIMITS)?;
-    Ok(launch)
+    // Each warp's (accumulator, max, sum) per head it holds, in f32.
+    let warp_partials = WARPS * (per_block * (d + 2) * 4) as u32;
+    let [max_blocks, heads, kv_heads, block_size] =
+        [meta.max_blocks, s.heads, s.kv_heads, s.block_size].map(|x| Arg::I32(x as i32));
+    if rows.prefill > 0 {
+        plan.launches.push(Launch {
+            kernel: format!("hearth_paged_attention_{name}_d{d}"),
+            grid: [rows.prefill as u32, (s.kv_heads * groups) as u32, 1],
+            block: [WARPS * 32, 1, 1],
+            dynamic_shared_bytes: warp_partials,
+            shared_opt_in: false,
+            args: vec![
+                Arg::Buffer(Buffer::Q),
+                Arg::Buffer(Buffer::KCache),
+                Arg::Buffer(Buffer::VCache),
+                Arg::Buffer(Buffer::Out),
+                Arg::Buffer(Buffer::PrefillRows),
+                Arg::Buffer(Buffer::TokenSeq),
+                Arg::Buffer(Buffer::QueryStart),
+                Arg::Buffer(Buffer::SeqLens),
+                Arg::Buffer(Buffer::BlockTables),
+                max_blocks,
+                heads,
+                kv_heads,
+                block_size,
+                Arg::F32(scale),
+            ],
+        });
+    }
+    if rows.decode > 0 {
+        let parts = rows.max_parts;
+        let partition = Arg::I32(DECODE_PARTITION_KEYS as i32);
+        let slots = rows.decode * s.heads * parts;
+        plan.scratch = vec![
+            (Buffer::PartAcc, slots * d),
+            (Buffer::PartMax, slots),
+            (Buffer::PartSum, slots),
+        ];
+        plan.launches.push(Launch {
+            kernel: format!("hearth_paged_attention_split_{name}_d{d}"),
+            grid: [
+                rows.decode as u32,
+                (s.kv_heads * groups) as u32,
+                parts as u32,
+            ],
+            block: [WARPS * 32, 1, 1],
+            dynamic_shared_bytes: warp_partials,
+            shared_opt_in: false,
+            args: vec![
+                Arg::Buffer(Buffer::Q),
+                Arg::Buffer(Buffer::KCache),
+                Arg::Buffer(Buffer::VCache),
+                Arg::Buffer(Buffer::PartAcc),
+                Arg::Buffer(Buffer::PartMax),
+                Arg::Buffer(Buffer::PartSum),
+                Arg::Buffer(Buffer::DecodeRows),
+                Arg::Buffer(Buffer::TokenSeq),
+                Arg::Buffer(Buffer::QueryStart),
+                Arg::Buffer(Buffer::SeqLens),
+                Arg::Buffer(Buffer::BlockTables),
+                max_blocks,
+                heads,
+                kv_heads,
+                block_size,
+                partition,
+                Arg::I32(parts as i32),
+                Arg::F32(scale),
+            ],
+        });
+        plan.launches.push(Launch {
+            kernel: format!("hearth_paged_attention_combine_{name}_d{d}"),
+            grid: [rows.decode as u32, s.heads as u32, 1],
+            block: [WARPS * 32, 1, 1],
+            // A weight per partition, then one float per warp of scratch.
+            dynamic_shared_bytes: ((parts + 32) * 4) as u32,
+            shared_opt_in: false,
+            args: vec![
+                Arg::Buffer(Buffer::PartAcc),
+                Arg::Buffer(Buffer::PartMax),
+                Arg::Buffer(Buffer::PartSum),
+                Arg::Buffer(Buffer::Out),
+                Arg::Buffer(Buffer::DecodeRows),
+                Arg::Buffer(Buffer::TokenSeq),
+                Arg::Buffer(Buffer::QueryStart),
+                Arg::Buffer(Buffer::SeqLens),
+                heads,
+                partition,
+                Arg::I32(parts as i32),
+            ],
+        });
+    }
+    for l in &plan.launches {
+        l.check(&SM90_LIMITS)?;
+    }
+    Ok(plan)
 }

@@ -37,7 +37,8 @@ impl Client {
             }
         }
         match addr {
-            Some(a) => Client(format!("addr:{}", a.0.ip())),
+            // An IPv6 /64 is one client, as for the connection cap.
+            Some(a) => Client(format!("addr:{}", crate::http::client_of(a.0.ip()))),
             None => Client("addr:unknown".into()),
         }
     }

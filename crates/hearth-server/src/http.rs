@@ -48,9 +48,26 @@ impl Connections {
     }
 }
 
-/// Open connections per client address.
+/// Open connections per client (`client_of` its address).
 #[derive(Default)]
 struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
+
+/// The client an address is counted as: an IPv4 address itself (also when it comes
+/// IPv4-mapped), an IPv6 address its /64. One host or site is handed a whole /64 and
+/// picks addresses in it freely, so counting exact IPv6 addresses would let one
+/// client open connections without limit.
+pub fn client_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
 
 /// One connection counted against its address until dropped.
 struct AddressSlot {
@@ -60,6 +77,7 @@ struct AddressSlot {
 
 impl PerAddress {
     fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<AddressSlot> {
+        let ip = client_of(ip);
         let mut m = self.0.lock().ok()?;
         let n = m.entry(ip).or_insert(0);
         if *n >= cap {
@@ -224,8 +242,8 @@ pub async fn accept_until(
                 stream,
                 "429 Too Many Requests",
                 format!(
-                    "too many open connections from {} (--max-connections-per-ip {}); \
-                     reuse the open ones or retry shortly",
+                    "too many open connections from {} (--max-connections-per-ip {}, an \
+                     IPv6 /64 counting as one address); reuse the open ones or retry shortly",
                     peer.ip(),
                     cfg.max_connections_per_ip
                 ),
@@ -287,4 +305,52 @@ async fn refuse(mut stream: TcpStream, status: &str, detail: String) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    use super::{client_of, PerAddress};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_client_and_ipv4_is_per_address() {
+        assert_eq!(client_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            client_of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            client_of(ip("2001:db8:1:2::1"))
+        );
+        assert_ne!(
+            client_of(ip("2001:db8:1:3::1")),
+            client_of(ip("2001:db8:1:2::1"))
+        );
+        assert_eq!(client_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(client_of(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_ne!(client_of(ip("192.0.2.8")), client_of(ip("192.0.2.7")));
+    }
+
+    #[test]
+    fn addresses_of_one_64_share_the_cap() {
+        let table = Arc::new(PerAddress::default());
+        let a = table.take(ip("2001:db8::1"), 2).unwrap();
+        let _b = table.take(ip("2001:db8::2"), 2).unwrap();
+        assert!(
+            table.take(ip("2001:db8::3"), 2).is_none(),
+            "a third address of the /64"
+        );
+        assert!(
+            table.take(ip("2001:db8:0:1::1"), 2).is_some(),
+            "another /64"
+        );
+        drop(a);
+        assert!(
+            table.take(ip("2001:db8::3"), 2).is_some(),
+            "a slot came free"
+        );
+    }
 }

@@ -359,12 +359,14 @@ pub async fn build_state_on(
         .collect();
     let cfg_slots = cfg.cog_max_concurrency;
     let cfg_quota = cfg.max_queued_per_client;
+    let hub = Arc::new(prediction::Hub::default());
+    webhooks.render_from(hub.clone());
     Ok(Arc::new(AppState {
         auth: auth::Auth::new(&cfg.api_tokens),
         cfg,
         models: registry,
         store,
-        hub: Arc::new(prediction::Hub::default()),
+        hub,
         webhooks,
         metrics,
         http_metrics: metrics::Metrics::new(String::new()),

@@ -388,7 +388,7 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
         {
             Ok(()) => {
                 if let Some(w) = &ctx.webhook {
-                    w.queued();
+                    w.queued(&hooks);
                 }
             }
             Err(StoreError::NotOwner(_)) => return taken_over(&live, &ctx).await,

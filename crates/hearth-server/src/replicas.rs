@@ -62,7 +62,7 @@ pub async fn end_orphans(
                 Err(e) => return Err(e),
             }
             if let Some(s) = &sender {
-                s.queued();
+                s.queued(&hooks);
             }
             tracing::warn!(prediction = %id, "ended a prediction left in flight by a replica that stopped");
             n += 1;

@@ -272,7 +272,7 @@ async fn fail_stored(state: &AppState, mut record: Record, webhook: Option<&Webh
     {
         Ok(()) => {
             if let Some(w) = webhook {
-                w.queued();
+                w.queued(&hooks);
             }
         }
         Err(e) => {

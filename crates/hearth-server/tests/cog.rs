@@ -414,3 +414,72 @@ async fn cog_webhooks_come_per_chunk_in_cogs_shape_with_logs() {
         logs[0]
     );
 }
+
+/// Each output webhook of a Cog prediction carries the whole output so far: queued
+/// as bodies, a long prediction would write O(tokens²) bytes to the outbox. The rows
+/// hold how far it had got instead, rendered at delivery: the receiver still sees
+/// the output grow chunk by chunk and the full output last.
+#[tokio::test]
+async fn a_long_cog_prediction_queues_small_webhook_rows_and_its_receiver_sees_it_grow() {
+    let s = start(1 << 20).await;
+    let rx = receiver(0, 200).await;
+    let (rows_before, bytes_before) = s.state.webhooks.queued_totals();
+    let tokens = 300;
+    let input =
+        json!({"prompt": "a long one", "max_tokens": tokens, "ignore_eos": true, "temperature": 0});
+    let r = s
+        .post("/predictions")
+        .json(&json!({"input": input, "webhook": rx.url}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let done: Value = r.json().await.unwrap();
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while rx
+        .bodies()
+        .last()
+        .is_none_or(|b| b["status"] != "succeeded")
+    {
+        assert!(std::time::Instant::now() < deadline, "no completed webhook");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bodies = rx.bodies();
+    let last = bodies.last().unwrap();
+    assert_eq!(last["output"], done["output"]);
+    let chunks = last["output"].as_array().unwrap().len();
+    assert!(chunks >= tokens / 2, "{chunks} chunks");
+    // Every delivery a prefix of the next (output and logs), the completed one last.
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    for w in bodies.windows(2) {
+        let (a, b) = (strings(&w[0]["output"]), strings(&w[1]["output"]));
+        assert!(b.starts_with(&a), "output shrank: {} then {}", w[0], w[1]);
+        let (la, lb) = (
+            w[0]["logs"].as_str().unwrap(),
+            w[1]["logs"].as_str().unwrap(),
+        );
+        assert!(lb.starts_with(la), "logs shrank: {la:?} then {lb:?}");
+    }
+    for b in &bodies[..bodies.len() - 1] {
+        assert_eq!(b["status"], "processing", "{b}");
+    }
+    let outputs = bodies
+        .iter()
+        .filter(|b| b["status"] == "processing" && b.get("output").is_some())
+        .count();
+    assert!(outputs >= 1, "no output webhook: {bodies:?}");
+    // What went to the outbox: a row an event, each small but the start and the end.
+    let (rows_after, bytes_after) = s.state.webhooks.queued_totals();
+    let (rows, bytes) = (rows_after - rows_before, bytes_after - bytes_before);
+    let final_body = last.to_string().len() as u64;
+    assert!(rows <= chunks as u64 + 4, "{rows} rows for {chunks} chunks");
+    assert!(
+        bytes <= 2 * final_body + 64 * rows,
+        "{bytes} bytes queued in {rows} rows for a final body of {final_body} bytes"
+    );
+}

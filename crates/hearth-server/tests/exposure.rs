@@ -514,3 +514,88 @@ async fn a_token_an_authorization_header_cannot_carry_is_refused_at_startup() {
         );
     }
 }
+
+/// A webhook receiver that accepts connections and never answers: counts the
+/// connections it was sent and those the sender has given up on (closed).
+struct Tarpit {
+    url: String,
+    opened: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn tarpit() -> Tarpit {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (o, c) = (opened.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            o.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                // Reads the request and says nothing, until the sender hangs up.
+                let mut buf = [0u8; 4096];
+                while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+                c.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    Tarpit {
+        url,
+        opened,
+        closed,
+    }
+}
+
+/// Receivers that never answer hold at most their host's share of the dispatcher
+/// (each attempt waits out its 10 s timeout): another receiver's webhook goes out
+/// while every attempt at the tarpit is still waiting.
+#[tokio::test]
+async fn a_tarpit_receiver_does_not_hold_back_other_receivers_webhooks() {
+    use std::sync::atomic::Ordering;
+    let s = start(1 << 20).await;
+    let pit = tarpit().await;
+    let healthy = support::receiver(0, 200).await;
+    let create = |hook: &str| {
+        s.post("/v1/predictions")
+            .header("prefer", "wait=30")
+            .json(&json!({
+                "version": "hearth/demo",
+                "input": {"prompt": "x", "max_tokens": 1},
+                "webhook": hook,
+                "webhook_events_filter": ["completed"],
+            }))
+            .send()
+    };
+    // More deliveries to the tarpit than the dispatcher has slots in all.
+    for _ in 0..40 {
+        let r = create(&pit.url).await.unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pit.opened.load(Ordering::SeqCst) < hearth_server::store::PER_HOST_IN_FLIGHT {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tarpit got no deliveries"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = create(&healthy.url).await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while healthy.calls.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no webhook at all");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Not one attempt at the tarpit had timed out yet: the healthy receiver did not
+    // wait for a slot the tarpit held.
+    assert_eq!(
+        pit.closed.load(Ordering::SeqCst),
+        0,
+        "the healthy webhook came only once tarpit attempts timed out"
+    );
+    assert!(pit.opened.load(Ordering::SeqCst) <= hearth_server::store::PER_HOST_IN_FLIGHT);
+    assert_eq!(healthy.bodies()[0]["status"], "succeeded");
+}

@@ -2,7 +2,8 @@
 //! most `store::PER_HOST_IN_FLIGHT` to one host (hosts take turns, so a few slow
 //! receivers cannot hold every slot), each prediction's in order, retried with
 //! exponential backoff; a receiver far behind gets the latest state (the store drops
-//! superseded intermediate deliveries). At shutdown it goes on
+//! superseded intermediate deliveries). Cog's intermediate bodies are rendered here,
+//! from the prediction's latest state (`deferred`). At shutdown it goes on
 //! delivering what is due for a bounded time; what is left waits in the store for the
 //! next start.
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::deferred::Point;
 use super::{guard, redact, WebhookStyle, Webhooks};
 use crate::store::{OutboxRow, SharedStore};
 
@@ -88,7 +90,10 @@ pub async fn run(hooks: Arc<Webhooks>, stop: CancellationToken, flush: Duration)
 }
 
 async fn deliver(hooks: Arc<Webhooks>, store: SharedStore, row: OutboxRow) {
-    let outcome = attempt(&hooks, &row).await;
+    let outcome = match body(&hooks, &row).await {
+        Ok(body) => attempt(&hooks, &row, &body).await,
+        Err(why) => Outcome::Retry(why),
+    };
     let target = redact(&row.url);
     let result = match outcome {
         Outcome::Delivered => store.outbox_remove(row.seq).await,
@@ -118,7 +123,20 @@ fn backoff(attempts: u32) -> Duration {
     Duration::from_millis(ms.min(30_000))
 }
 
-async fn attempt(hooks: &Webhooks, row: &OutboxRow) -> Outcome {
+/// The row's body: as stored, or rendered now when it holds how far a Cog prediction
+/// had got (`deferred`).
+async fn body(hooks: &Webhooks, row: &OutboxRow) -> Result<String, String> {
+    let Some(point) = Point::from_row_body(&row.body) else {
+        return Ok(row.body.clone());
+    };
+    match hooks.render(&row.prediction_id, point).await {
+        Ok(Some(body)) => Ok(body),
+        Ok(None) => Err("the prediction's state has not reached this event yet".into()),
+        Err(e) => Err(format!("could not read the prediction: {e}")),
+    }
+}
+
+async fn attempt(hooks: &Webhooks, row: &OutboxRow, body: &str) -> Outcome {
     let url = match reqwest::Url::parse(&row.url) {
         Ok(u) => u,
         Err(e) => return Outcome::GiveUp(format!("not a URL: {e}")),
@@ -135,8 +153,8 @@ async fn attempt(hooks: &Webhooks, row: &OutboxRow) -> Outcome {
         .header("content-type", "application/json")
         .header("webhook-id", &row.msg_id)
         .header("webhook-timestamp", ts.to_string())
-        .header("webhook-signature", hooks.sign(&row.msg_id, ts, &row.body))
-        .body(row.body.clone())
+        .header("webhook-signature", hooks.sign(&row.msg_id, ts, body))
+        .body(body.to_string())
         .send()
         .await;
     match res {

@@ -3,18 +3,22 @@
 //! one of two styles (`WebhookStyle`): Replicate's for the `/v1` routes (output and
 //! logs at most every 500 ms, the newest state winning) and Cog's for the container
 //! API (Cog's body, one `output` webhook per chunk, `logs` dropped within 500 ms of
-//! the last webhook, `user-agent: coglet/...`). Deliveries go through a durable outbox
+//! the last webhook, `user-agent: coglet/...`; their outbox rows hold how far the
+//! prediction had got, the body rendered at delivery: `deferred`). Deliveries go
+//! through a durable outbox
 //! in the store (`sender`), and one dispatcher task per replica makes them
 //! (`dispatcher`), retrying with backoff on network errors, 429 and 5xx, with the same
 //! `webhook-id` on every attempt, after a restart too.
 //! Targets on loopback, private, link-local or multicast addresses are refused at
 //! creation and again at every connection (`guard`), unless the operator allows them.
 
+mod deferred;
 pub mod dispatcher;
 pub mod guard;
 mod sender;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -23,7 +27,8 @@ use rand::Rng;
 use sha2::Sha256;
 use tokio::sync::Notify;
 
-use crate::store::{SharedStore, StoreError};
+use crate::prediction::Hub;
+use crate::store::{Delivery, SharedStore, StoreError};
 pub use sender::WebhookSender;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +130,12 @@ pub struct Webhooks {
     store: Option<SharedStore>,
     /// Wakes the dispatcher when a delivery is queued.
     wake: Notify,
+    /// This process's predictions in flight: where deferred Cog bodies are rendered
+    /// from (the store's copy when not here).
+    hub: OnceLock<Arc<Hub>>,
+    /// Deliveries handed to the outbox, and the bytes of their bodies.
+    queued_rows: AtomicU64,
+    queued_bytes: AtomicU64,
 }
 
 impl Webhooks {
@@ -172,7 +183,52 @@ impl Webhooks {
             allow_private,
             store: None,
             wake: Notify::new(),
+            hub: OnceLock::new(),
+            queued_rows: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// Where this process's predictions in flight are (set once, when the server is
+    /// built): deferred Cog bodies render from them.
+    pub fn render_from(&self, hub: Arc<Hub>) {
+        let _ = self.hub.set(hub);
+    }
+
+    /// Deliveries this process handed to the outbox so far, and the bytes of their
+    /// bodies (what a long prediction costs the store).
+    pub fn queued_totals(&self) -> (u64, u64) {
+        (
+            self.queued_rows.load(Ordering::Relaxed),
+            self.queued_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    fn count_queued(&self, due: &[Delivery]) {
+        let bytes: usize = due.iter().map(|d| d.body.len()).sum();
+        self.queued_rows
+            .fetch_add(due.len() as u64, Ordering::Relaxed);
+        self.queued_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// A deferred Cog body: the prediction at `point`, rendered from its state in
+    /// this process (in flight, or finished and not yet stored), else the store's.
+    /// `None` while neither has got that far: with a shared store another replica may
+    /// own it, and the store's copy is up to `OUTPUT_FLUSH` behind; at the end the
+    /// store has the final state before the runner's copy does.
+    async fn render(&self, id: &str, point: deferred::Point) -> Result<Option<String>, StoreError> {
+        if let Some(hub) = self.hub.get() {
+            let here = hub.get(id).and_then(|l| l.snapshot());
+            for r in [here, hub.unsaved(id)].into_iter().flatten() {
+                if let Some(body) = point.render(&r) {
+                    return Ok(Some(body));
+                }
+            }
+        }
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        Ok(store.get(id).await?.and_then(|r| point.render(&r)))
     }
 
     /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::deferred::Point;
 use super::{WebhookEvent, WebhookStyle, Webhooks};
 use crate::record::Record;
 use crate::store::Delivery;
@@ -94,6 +95,11 @@ impl WebhookSender {
                 WebhookStyle::Replicate => {
                     self.decide(&mut st, event, &|| record.to_json().to_string())
                 }
+                // Cog's output and logs events queue how far the prediction had got,
+                // rendered at delivery (`deferred`): each carries the whole output.
+                WebhookStyle::Cog if event.is_intermediate() => {
+                    self.decide_cog(&mut st, event, &|| Point::of(record).to_row_body())
+                }
                 WebhookStyle::Cog => self.decide_cog(&mut st, event, &|| {
                     crate::cog_shape::response(record).to_string()
                 }),
@@ -128,7 +134,7 @@ impl WebhookSender {
                 .outbox_push(&d.item(), d.coalesce, super::dispatcher::now_ms())
                 .await
             {
-                Ok(()) => self.queued(),
+                Ok(()) => self.queued(std::slice::from_ref(d)),
                 Err(e) => tracing::error!(
                     error = %e,
                     target_host = %super::redact(&self.url),
@@ -139,8 +145,10 @@ impl WebhookSender {
         }
     }
 
-    /// Deliveries were queued (by `push` or with the final state): wake the dispatcher.
-    pub fn queued(&self) {
+    /// Deliveries were queued (by `push` or with the final state): counted, and the
+    /// dispatcher woken.
+    pub fn queued(&self, due: &[Delivery]) {
+        self.hooks.count_queued(due);
         self.hooks.wake.notify_one();
     }
 

@@ -5,6 +5,8 @@
 import { ApiError, api, el, localPath, outputText, statusBadge, terminal } from "./api.js";
 import { schemaForm } from "./form.js";
 
+const FLUSH_MS = 50;
+
 function metricsTable(m) {
   const t = el("table", { class: "metrics" });
   for (const [k, v] of Object.entries(m || {})) {
@@ -38,7 +40,7 @@ export async function modelPage(main, owner, name, ctx) {
 
   let current = null; // {id, source}
   const f = schemaForm(version.openapi_schema, run);
-  f.form.append(el("div", { class: "actions" }, resetBtn, cancelBtn, runBtn));
+  f.form.append(el("div", { class: "actions" }, resetBtn, runBtn));
   resetBtn.addEventListener("click", () => ctx.rerender());
 
   function show(p) {
@@ -83,8 +85,20 @@ export async function modelPage(main, owner, name, ctx) {
     // The stream URL is a capability URL: EventSource needs no header for it.
     const src = new EventSource(localPath(p.urls.stream));
     current.source = src;
-    let text = "";
-    src.addEventListener("output", (e) => { text += e.data; out.textContent = text; out.scrollTop = out.scrollHeight; });
+    // Chunks are appended at most every FLUSH_MS: one layout per batch, not per token
+    // (a long output redrawn per token starves the page).
+    let pending = "", timer = null;
+    const flush = () => {
+      timer = null;
+      if (!current || current.id !== p.id || !pending) return;
+      out.append(pending);
+      pending = "";
+      out.scrollTop = out.scrollHeight;
+    };
+    src.addEventListener("output", (e) => {
+      pending += e.data;
+      if (timer === null) timer = setTimeout(flush, FLUSH_MS);
+    });
     src.addEventListener("error", (e) => { if (e.data) { errBox.hidden = false; errBox.textContent = e.data; } });
     src.addEventListener("done", () => { src.close(); finish(p.id).catch(() => {}); });
     // Status changes (starting → processing) are not events: poll them meanwhile.
@@ -112,6 +126,7 @@ export async function modelPage(main, owner, name, ctx) {
 
   main.append(el("div", { class: "split" },
     el("section", { class: "panel" }, el("h2", {}, "Input"), f.form),
-    el("section", { class: "panel" }, el("h2", {}, "Output ", status),
+    // Cancel beside the output it stops, where the eye is while it streams.
+    el("section", { class: "panel" }, el("div", { class: "output-head" }, el("h2", {}, "Output"), status, cancelBtn),
       el("div", { class: "sub" }, idText, " ", link), errBox, out, metrics)));
 }

@@ -2,8 +2,10 @@
 # The prediction page at `urls.web`, in a real browser: headless Chromium (Debian's
 # package, installed if missing), driven by playwright-core (tests/web), loads it
 # without any API token, runs its script and renders a finished prediction (status,
-# output, metrics) and a running one (output arriving over the stream URL).
-# Screenshots land in $OUT_DIR (default: a temp dir, removed).
+# output, metrics) and a running one (output arriving over the stream URL). Then the
+# console at /ui (tests/web/check-console.mjs): token, form, streaming run, cancel,
+# chat, the predictions list, the operations charts under load.
+# Screenshots land in $OUT_DIR (default: target/web-check, kept; the path is printed).
 #
 # Env: HEARTH_BIN (default target/debug/hearth, built if missing), OUT_DIR.
 set -euo pipefail
@@ -23,12 +25,12 @@ bin=${HEARTH_BIN:-target/debug/hearth}
 [ -x "$bin" ] || cargo build --bin hearth
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/hearth-web.XXXXXX")
-out=${OUT_DIR:-$work}
+out=${OUT_DIR:-target/web-check}
 mkdir -p "$out"
 server=
 cleanup() {
   [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
-  if [ -z "${OUT_DIR:-}" ]; then rm -rf "$work"; else rm -rf "$work/data"; fi
+  rm -rf "$work"
 }
 trap cleanup EXIT
 
@@ -45,3 +47,5 @@ for _ in $(seq 300); do
 done
 
 node "$web/check-page.mjs" "$base" "$token" "$out" || { echo "--- server log"; tail -30 "$work/server.log"; exit 1; }
+node "$web/check-console.mjs" "$base" "$token" "$out" || { echo "--- server log"; tail -30 "$work/server.log"; exit 1; }
+echo "screenshots: $(cd "$out" && pwd)"

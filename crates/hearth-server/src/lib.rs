@@ -14,6 +14,7 @@ pub mod http;
 pub mod metrics;
 pub mod models;
 pub mod openai;
+pub mod ops_history;
 pub mod prediction;
 pub mod record;
 pub mod replicas;
@@ -194,6 +195,8 @@ pub struct AppState {
     pub cog_slots: Arc<tokio::sync::Semaphore>,
     /// Work queued or running per client (`--max-queued-per-client`).
     pub quotas: Arc<client_quota::Quotas>,
+    /// The last minutes of each model's gauges and rates, for the console.
+    pub ops: ops_history::OpsHistory,
 }
 
 impl AppState {
@@ -376,6 +379,7 @@ pub async fn build_state_on(
         setup,
         cog_slots: Arc::new(tokio::sync::Semaphore::new(cfg_slots)),
         quotas: client_quota::Quotas::new(cfg_quota),
+        ops: ops_history::OpsHistory::default(),
     }))
 }
 
@@ -450,6 +454,7 @@ pub(crate) async fn serve_until_stopped(
     let replica_stop = CancellationToken::new();
     let replica = tokio::spawn(replicas::run(state.clone(), replica_stop.clone()));
     let watch = tokio::spawn(engine_watch::stop_when_defunct(state.clone()));
+    tokio::spawn(ops_history::run(state.clone()));
     let signals = {
         let stop = state.stop.clone();
         tokio::spawn(async move {

@@ -52,6 +52,22 @@ impl Histogram {
         }
     }
 
+    /// The upper bounds and the count at or below each (cumulative), the sum and the
+    /// count: what the console's history diffs between samples.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let (cumulative, sum, count) = self
+            .state
+            .lock()
+            .map(|s| (s.0.clone(), s.1, s.2))
+            .unwrap_or_else(|_| (vec![0; self.buckets.len()], 0.0, 0));
+        HistogramSnapshot {
+            bounds: self.buckets,
+            cumulative,
+            sum,
+            count,
+        }
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
         let Ok(s) = self.state.lock() else { return };
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -62,6 +78,14 @@ impl Histogram {
         let _ = writeln!(out, "{name}_sum{{{labels}}} {}", s.1);
         let _ = writeln!(out, "{name}_count{{{labels}}} {}", s.2);
     }
+}
+
+#[derive(Debug, Clone)]
+pub struct HistogramSnapshot {
+    pub bounds: &'static [f64],
+    pub cumulative: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
 }
 
 pub struct Metrics {
@@ -147,6 +171,11 @@ impl Metrics {
         if let Ok(mut m) = self.finished.lock() {
             *m.entry(status.to_string()).or_default() += 1;
         }
+    }
+
+    /// Finished predictions so far, by status.
+    pub fn finished_counts(&self) -> BTreeMap<String, u64> {
+        self.finished.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// `method` from a fixed set and `route` a registered pattern: bounded labels.

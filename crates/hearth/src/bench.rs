@@ -62,9 +62,16 @@ pub struct BenchArgs {
     /// Also time a plain single-sequence forward loop of the same model.
     #[arg(long)]
     pub baseline: bool,
-    /// Print one JSON object last on stdout.
+    /// Print one JSON object last on stdout (with --sweep, one a line per run).
     #[arg(long)]
     pub json: bool,
+    /// Run once per concurrency listed (`1,2,4,8,16`), each with --num-prompts requests.
+    #[arg(long, value_delimiter = ',', conflicts_with = "max_concurrency")]
+    pub sweep: Vec<usize>,
+    /// Write an SVG of output throughput against concurrency and TTFT and TPOT p50/p99
+    /// (of the run, or of each --sweep run).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -291,6 +298,48 @@ async fn offline_request(
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if a.sweep.contains(&0) {
+        bail!("--sweep: every concurrency must be at least 1");
+    }
+    let runs: Vec<Option<usize>> = if a.sweep.is_empty() {
+        vec![a.max_concurrency]
+    } else {
+        a.sweep.iter().map(|c| Some(*c)).collect()
+    };
+    let mut points = Vec::with_capacity(runs.len());
+    for max_concurrency in runs {
+        let r = run_once(&a, max_concurrency)?;
+        points.push(crate::bench_plot::Point {
+            concurrency: r.max_concurrency,
+            output_throughput: r.output_throughput,
+            median_ttft_ms: r.median_ttft_ms,
+            p99_ttft_ms: r.p99_ttft_ms,
+            median_tpot_ms: r.median_tpot_ms,
+            p99_tpot_ms: r.p99_tpot_ms,
+        });
+    }
+    if let Some(path) = &a.plot {
+        let title = format!(
+            "hearth bench: {} via {}, {} prompts, {} in / {} out tokens",
+            a.model.model,
+            if a.url.is_some() {
+                a.backend.as_str()
+            } else {
+                "offline"
+            },
+            a.num_prompts,
+            a.input_len,
+            a.output_len
+        );
+        std::fs::write(path, crate::bench_plot::svg(&title, &points))
+            .with_context(|| format!("--plot {}", path.display()))?;
+        eprintln!("plot written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// One run at `max_concurrency` (None: every request at once).
+fn run_once(a: &BenchArgs, max_concurrency: Option<usize>) -> anyhow::Result<Report> {
     if !a.offline && a.url.is_none() {
         bail!("choose --offline (the engine in this process) or --url http://HOST:PORT (a running server)");
     }
@@ -323,7 +372,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             let engine = loaded.engine;
             let vocab = (engine.tokenizer().inner().get_vocab_size(true) as u32)
                 .min(engine.limits().vocab_size as u32);
-            let work = workload(&a, engine.tokenizer(), vocab, false, 0)?;
+            let work = workload(a, engine.tokenizer(), vocab, false, 0)?;
             (Some(engine), None, work)
         }
         Some(url) => {
@@ -346,7 +395,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             } else {
                 0
             };
-            let work = workload(&a, &tok, vocab, true, reserve)?;
+            let work = workload(a, &tok, vocab, true, reserve)?;
             let target = bench_http::HttpTarget {
                 api: bench_http::Api::parse(&a.backend),
                 client: reqwest::Client::builder()
@@ -363,7 +412,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let n = work.len();
-    let concurrency = a.max_concurrency.unwrap_or(n).max(1);
+    let concurrency = max_concurrency.unwrap_or(n).max(1);
     let bar = indicatif::ProgressBar::new(n as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -486,7 +535,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if report.completed == 0 {
         bail!("no request completed");
     }
-    Ok(())
+    Ok(report)
 }
 
 #[cfg(test)]

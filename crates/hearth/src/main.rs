@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod bench_http;
+mod bench_plot;
 mod generate;
 mod serve;
 

@@ -4,6 +4,7 @@
 pub mod browser_guard;
 pub mod cog;
 pub mod cog_stream;
+pub mod console;
 pub mod files;
 pub mod metrics;
 pub mod misc;
@@ -207,6 +208,16 @@ fn entries(cfg: &ServerConfig) -> Vec<Entry> {
             get(metrics::prometheus),
         ),
     ];
+    // The console's files are the same for everyone; its data needs the token.
+    for (path, content_type, body) in console::ASSETS {
+        v.push(e(
+            Method::GET,
+            path,
+            Public,
+            get(move || async move { console::asset(content_type, body) }),
+        ));
+    }
+    v.push(e(Method::GET, "/v1/console/ops", Token, get(console::ops)));
     if cfg.cog_api {
         v.extend([
             e(Method::GET, "/", Token, get(cog::index)),
@@ -245,6 +256,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     }
     let limit = state.cfg.max_body_bytes;
     r.fallback(unknown_route)
+        .layer(middleware::from_fn(console::redirect_browsers))
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(
             Arc::new(browser_guard::BrowserGuard::new(&state.cfg)),

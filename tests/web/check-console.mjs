@@ -1,0 +1,203 @@
+// The console (/ui) in headless Chromium: the token asked for and kept out of URLs,
+// the form generated from the demo model's schema, a run streaming before it ends, a
+// long one canceled, the chat, the predictions list filtered and searched, model
+// output shown as text, and the operations charts moving under a short load.
+// Usage: node check-console.mjs BASE_URL API_TOKEN OUT_DIR
+import { chromium } from "playwright-core";
+
+const [base, token, outDir] = process.argv.slice(2);
+let failed = 0;
+const check = (name, ok, detail = "") => {
+  console.log(`${ok ? "ok  " : "FAIL"} console: ${name}${ok ? "" : "  " + detail}`);
+  if (!ok) failed++;
+};
+// Generous: CI shares its cores; every wait ends as soon as its condition holds.
+const WAIT = 90000;
+const auth = { Authorization: `Bearer ${token}` };
+
+async function create(input) {
+  const r = await fetch(`${base}/v1/models/hearth/demo/predictions`, {
+    method: "POST", headers: { ...auth, "Content-Type": "application/json" }, body: JSON.stringify({ input }),
+  });
+  if (r.status !== 201) throw new Error(`create: ${r.status} ${await r.text()}`);
+  return r.json();
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 1000 } });
+  const requests = [];
+  page.on("request", (r) => requests.push(r));
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  // Chromium logs every 4xx; the two the check provokes (no token, an unknown id) are expected.
+  page.on("console", (m) => {
+    const expected = /status of 401/.test(m.text()) || (/status of 404/.test(m.text()) && /nosuchpredictionid/.test(m.location().url));
+    if (m.type() === "error" && !expected) errors.push(m.text() + " " + m.location().url);
+  });
+  const shot = (name) => page.screenshot({ path: `${outDir}/console-${name}.png`, fullPage: true });
+  const text = (sel) => page.textContent(sel);
+
+  // `/` from a browser lands on the console, which asks for the token.
+  await page.goto(base + "/");
+  check("/ sends a browser to /ui", new URL(page.url()).pathname === "/ui", page.url());
+  await page.waitForSelector("#token-panel:not([hidden])", { timeout: WAIT });
+  await page.waitForSelector("#page-error", { timeout: WAIT });
+  check("without a token nothing is shown but the prompt", (await page.$$(".card")).length === 0);
+  await shot("token");
+  await page.fill("#token-input", "not-the-token");
+  await page.click("#token-form button[type=submit]");
+  await page.waitForSelector("#token-panel:not([hidden])", { timeout: WAIT });
+  check("a wrong token is refused", (await text("#token-note")).includes("refused"), await text("#token-note"));
+  await page.fill("#token-input", token);
+  await page.click("#token-form button[type=submit]");
+  await page.waitForSelector('.card[data-model="hearth/demo"]', { timeout: WAIT });
+  check("token kept in sessionStorage only", await page.evaluate((t) =>
+    sessionStorage.getItem("hearth.console.token") === t && localStorage.length === 0 && document.cookie === "", token));
+  await shot("models");
+
+  // The form, from the version's schema.
+  await page.click('.card[data-model="hearth/demo"]');
+  await page.waitForSelector("#in-prompt", { timeout: WAIT });
+  const form = await page.evaluate(() => {
+    const q = (id) => document.getElementById(id);
+    return {
+      prompt: q("in-prompt").tagName, maxType: q("in-max_tokens").type, maxMin: q("in-max_tokens").min,
+      maxMax: q("in-max_tokens").max, temp: q("in-temperature").value, tempMax: q("in-temperature").max,
+      eos: q("in-ignore_eos").type, structured: !!document.querySelector("details.structured #in-json_schema"),
+      desc: document.querySelector('[data-field="temperature"] .desc').textContent,
+    };
+  });
+  check("form: prompt is a text area", form.prompt === "TEXTAREA", JSON.stringify(form));
+  check("form: integer with its bounds", form.maxType === "number" && form.maxMin === "1" && Number(form.maxMax) > 1, JSON.stringify(form));
+  check("form: defaults and maxima from the schema", form.temp === "0.6" && form.tempMax === "5", JSON.stringify(form));
+  check("form: boolean as a checkbox", form.eos === "checkbox");
+  check("form: structured-output inputs grouped", form.structured);
+  check("form: descriptions shown", form.desc.includes("greedy"), form.desc);
+  await page.fill("#in-temperature", "9");
+  await page.click("#run");
+  check("form: a value past its maximum is refused in the page", (await text("#err-temperature")).includes("at most 5"));
+  await page.fill("#in-temperature", "0.6");
+
+  // Run: text arrives while the prediction is still running.
+  await page.evaluate(() => {
+    window.__seen = [];
+    new MutationObserver(() => window.__seen.push({
+      len: document.getElementById("run-output").textContent.length,
+      status: document.getElementById("run-status").textContent,
+    })).observe(document.getElementById("run-output"), { childList: true, characterData: true, subtree: true });
+  });
+  await page.fill("#in-prompt", "<b>bold?</b> Tell me a story");
+  await page.fill("#in-max_tokens", "600");
+  await page.check("#in-ignore_eos");
+  await page.click("#run");
+  await page.waitForFunction(() => document.getElementById("run-output").textContent.length > 0, null, { timeout: WAIT });
+  await shot("running");
+  await page.waitForFunction(() => document.querySelector("#run-status .status")?.dataset.status === "succeeded", null, { timeout: WAIT });
+  const seen = await page.evaluate(() => window.__seen);
+  check("run: streamed text before completion", seen.some((s) => s.len > 0 && !/succeeded/.test(s.status)), JSON.stringify(seen.slice(0, 3)));
+  check("run: output updated several times", seen.length > 2, String(seen.length));
+  const runId = await text("#run-id");
+  const stored = await (await fetch(`${base}/v1/predictions/${runId}`, { headers: auth })).json();
+  check("run: the page ends with the stored output", (await text("#run-output")) === stored.output.join(""));
+  check("run: link to the prediction page", (await page.getAttribute("#run-link", "href")) === new URL(stored.urls.web).pathname);
+  check("run: metrics shown", (await text("#run-metrics")).includes("predict_time"));
+  await shot("finished");
+
+  // A long one, canceled.
+  await page.fill("#in-max_tokens", "6000");
+  await page.click("#run");
+  await page.waitForFunction(() => document.getElementById("run-output").textContent.length > 0, null, { timeout: WAIT });
+  await page.click("#cancel");
+  await page.waitForFunction(() => document.querySelector("#run-status .status")?.dataset.status === "canceled", null, { timeout: WAIT });
+  const canceledId = await text("#run-id");
+  const c = await (await fetch(`${base}/v1/predictions/${canceledId}`, { headers: auth })).json();
+  check("cancel: the server canceled it", c.status === "canceled", c.status);
+
+  // Chat over the OpenAI endpoint.
+  await page.goto(base + "/ui#/models/hearth/demo/chat");
+  await page.waitForSelector("#chat-input", { timeout: WAIT });
+  await page.fill("#chat-max-tokens", "40");
+  await page.fill("#chat-input", "<script>alert(1)</script> hello");
+  await page.click("#chat-send");
+  await page.waitForFunction(() => /first token/.test(document.getElementById("chat-info").textContent), null, { timeout: WAIT });
+  const chat = await page.evaluate(() => ({
+    user: document.querySelector(".msg.user .content").textContent,
+    userChildren: document.querySelector(".msg.user .content").childElementCount,
+    reply: document.querySelector(".msg.assistant .content").textContent,
+    scripts: document.querySelectorAll("main script").length,
+  }));
+  check("chat: the message shown as text", chat.user === "<script>alert(1)</script> hello" && chat.userChildren === 0 && chat.scripts === 0, JSON.stringify(chat));
+  check("chat: a streamed reply", chat.reply.length > 0, JSON.stringify(chat));
+  await shot("chat");
+
+  // Output that looks like markup stays text on every page (the demo's output is
+  // random tokens, so the markup goes in through the input the list previews).
+  const marked = await create({ prompt: '<img src=x id="injected">', max_tokens: 4 });
+  await page.goto(base + "/ui#/predictions");
+  await page.waitForSelector(`tr[data-id="${marked.id}"]`, { timeout: WAIT });
+  check("list: markup shown as text", (await page.$("#injected")) === null && (await text(`tr[data-id="${marked.id}"]`)).includes("<img"));
+  for (const s of ["canceled", "succeeded"]) {
+    await page.selectOption("#status-filter", s);
+    await page.waitForFunction((st) => [...document.querySelectorAll("#predictions-body tr[data-id]")].every((r) => r.dataset.status === st), s, { timeout: WAIT });
+    const rows = await page.$$eval("#predictions-body tr[data-id]", (rs) => rs.map((r) => r.dataset.status));
+    check(`list: filter ${s}`, rows.length > 0 && rows.every((x) => x === s), JSON.stringify(rows));
+  }
+  await page.selectOption("#status-filter", "");
+  await page.fill("#id-search", canceledId);
+  await page.click("form.inline button[type=submit]");
+  await page.waitForFunction((id) => {
+    const rows = document.querySelectorAll("#predictions-body tr[data-id]");
+    return rows.length === 1 && rows[0].dataset.id === id;
+  }, canceledId, { timeout: WAIT });
+  check("list: search by id", true);
+  await page.fill("#id-search", "nosuchpredictionid");
+  await page.click("form.inline button[type=submit]");
+  await page.waitForFunction(() => /No prediction/.test(document.getElementById("predictions-body").textContent), null, { timeout: WAIT });
+  check("list: an unknown id says so", true);
+  await page.fill("#id-search", "");
+  await page.click("form.inline button[type=submit]");
+  await page.waitForSelector(`tr[data-id="${marked.id}"]`, { timeout: WAIT });
+  await shot("predictions");
+
+  // Operations: charts present, and moving under a short load.
+  await page.goto(base + "/ui#/ops");
+  await page.waitForSelector('.ops-model[data-model="hearth/demo"] svg.chart', { timeout: WAIT });
+  const charts = await page.$$eval(".ops-model svg.chart", (s) => s.length);
+  check("ops: charts drawn", charts >= 5, String(charts));
+  const tps = () => page.$eval('[data-series="tokens/s"]', (p) => p.getAttribute("d"));
+  const before = await tps();
+  const load = [];
+  for (let i = 0; i < 4; i++) load.push(create({ prompt: `load ${i}`, max_tokens: 800, ignore_eos: true }));
+  await Promise.all(load);
+  await page.waitForFunction(() => {
+    const v = document.querySelector('[data-stat="tps"]');
+    return v && v.textContent !== "0" && v.textContent !== "–";
+  }, null, { timeout: WAIT });
+  await page.waitForFunction(() => Number(document.querySelector('[data-stat="running"]').textContent) > 0, null, { timeout: WAIT }).catch(() => {});
+  await shot("ops");
+  const after = await tps();
+  check("ops: tokens/s chart moved under load", before !== after && /L/.test(after), `${before} -> ${after}`);
+  check("ops: state shown", (await text('.ops-model[data-model="hearth/demo"] .state')) === "READY");
+  await page.waitForFunction(() => !/no requests/.test(document.querySelector(".ops-model figure:nth-of-type(6) figcaption")?.textContent || "no requests"), null, { timeout: WAIT });
+  check("ops: TTFT distribution has the requests", /p50/.test(await page.textContent(".ops-model figure:nth-of-type(6) figcaption")));
+
+  // The token: only ever in a header, and only to this origin.
+  const all = await Promise.all(requests.map(async (r) => ({ url: r.url(), h: await r.allHeaders() })));
+  check("token never in a URL", all.every((r) => !r.url.includes(token)));
+  check("every request to this server", all.every((r) => r.url.startsWith(base) || r.url.startsWith("data:")), all.map((r) => r.url).filter((u) => !u.startsWith(base)).join(" "));
+  check("API calls carry the token header", all.filter((r) => new URL(r.url).pathname.startsWith("/v1/")).every((r) => !r.h.authorization || r.h.authorization === `Bearer ${token}` || r.h.authorization === "Bearer not-the-token"));
+  check("no script errors (CSP included)", errors.length === 0, errors.join(" | "));
+} catch (e) {
+  failed++;
+  console.log("FAIL console: " + (e && e.message ? e.message.split("\n").slice(0, 6).join(" | ") : e));
+  try { await browser.contexts()[0]?.pages()[0]?.screenshot({ path: `${outDir}/console-failure.png`, fullPage: true }); } catch { /* the page may be gone */ }
+} finally {
+  await browser.close();
+}
+console.log(`console: ${failed ? "FAILED" : "passed"}; screenshots in ${outDir}`);
+process.exit(failed ? 1 : 0);

@@ -17,6 +17,7 @@ pub mod device_sampler;
 pub mod digest;
 pub mod engine;
 pub mod error;
+pub mod fused;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hub;

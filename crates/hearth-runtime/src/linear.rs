@@ -30,6 +30,13 @@ impl Linear {
         })
     }
 
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Dense(l) => l.bias(),
+            Self::Quantized { bias, .. } => bias.as_ref(),
+        }
+    }
+
     /// The quantized type of the weight, or None for a dense one.
     pub fn ggml_dtype(&self) -> Option<GgmlDType> {
         match self {
@@ -287,6 +294,8 @@ pub struct WeightLoader {
     prefix: String,
     dtype: DType,
     device: Device,
+    /// Whether Q/K/V and gate/up are fused into one matmul each (fused.rs).
+    fuse: bool,
 }
 
 impl WeightLoader {
@@ -305,6 +314,7 @@ impl WeightLoader {
             prefix: String::new(),
             dtype,
             device,
+            fuse: true,
         }
     }
 
@@ -319,6 +329,7 @@ impl WeightLoader {
             prefix: String::new(),
             dtype,
             device,
+            fuse: true,
         }
     }
 
@@ -333,6 +344,16 @@ impl WeightLoader {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Loads Q/K/V and gate/up as separate matmuls (to compare against the fused model).
+    pub fn without_fusion(mut self) -> Self {
+        self.fuse = false;
+        self
+    }
+
+    pub fn fuses(&self) -> bool {
+        self.fuse
     }
 
     pub fn device(&self) -> &Device {

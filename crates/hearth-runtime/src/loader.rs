@@ -492,10 +492,18 @@ pub fn load(spec: &ModelSpec, engine_cfg: &EngineConfig) -> Result<LoadedModel> 
 
 /// Just the model, without an engine: for baselines and tools.
 pub fn load_model(spec: &ModelSpec) -> Result<(ModelFiles, Transformer)> {
+    load_model_fused(spec, true)
+}
+
+/// `load_model` with Q/K/V and gate/up fused or not (fused.rs), to compare the two.
+pub fn load_model_fused(spec: &ModelSpec, fuse: bool) -> Result<(ModelFiles, Transformer)> {
     let files = resolve(spec)?;
     let device = crate::device::select_device(&spec.device)?;
     let dtype = crate::device::resolve_dtype(&spec.dtype, &device)?;
-    let weights = weight_loader(spec, &files, dtype, &device)?;
+    let mut weights = weight_loader(spec, &files, dtype, &device)?;
+    if !fuse {
+        weights = weights.without_fusion();
+    }
     let model = Transformer::load(&files.config, weights)
         .map_err(|e| RuntimeError::Weights(e.to_string()))?;
     Ok((files, model))

@@ -10,6 +10,7 @@ use candle_nn::RmsNorm;
 
 use crate::config::ModelConfig;
 use crate::cpu_ops::{self, Rope};
+use crate::fused::FusedLinear;
 use crate::kv_cache::KvCacheTensors;
 use crate::linear::{Embedding, Linear, WeightLoader};
 use crate::paged_attention::{paged_attention, AttentionMetadata};
@@ -65,9 +66,8 @@ impl ForwardBatch {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// Q, K and V in that order, one matmul where the weights allow (fused.rs).
+    qkv_proj: FusedLinear,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -77,8 +77,8 @@ struct Attention {
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// Gate and up, one matmul where the weights allow.
+    gate_up_proj: FusedLinear,
     down_proj: Linear,
 }
 
@@ -145,10 +145,14 @@ impl Transformer {
             let vb_l = vb_m.pp(format!("layers.{i}"));
             let vb_a = vb_l.pp("self_attn");
             let bias = cfg.attention_bias;
+            let (q_width, kv_width) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+            let qkv = vec![
+                linear(h, q_width, bias, vb_a.pp("q_proj"))?,
+                linear(h, kv_width, bias, vb_a.pp("k_proj"))?,
+                linear(h, kv_width, bias, vb_a.pp("v_proj"))?,
+            ];
             let attn = Attention {
-                q_proj: linear(h, cfg.num_attention_heads * d, bias, vb_a.pp("q_proj"))?,
-                k_proj: linear(h, cfg.num_key_value_heads * d, bias, vb_a.pp("k_proj"))?,
-                v_proj: linear(h, cfg.num_key_value_heads * d, bias, vb_a.pp("v_proj"))?,
+                qkv_proj: FusedLinear::new(qkv, vb.fuses())?,
                 o_proj: linear(cfg.num_attention_heads * d, h, false, vb_a.pp("o_proj"))?,
                 q_norm: if cfg.qk_norm {
                     Some(vb_a.pp("q_norm").rms_norm(d, cfg.rms_norm_eps)?)
@@ -166,8 +170,13 @@ impl Transformer {
             };
             let vb_mlp = vb_l.pp("mlp");
             let mlp = Mlp {
-                gate_proj: linear(h, cfg.intermediate_size, false, vb_mlp.pp("gate_proj"))?,
-                up_proj: linear(h, cfg.intermediate_size, false, vb_mlp.pp("up_proj"))?,
+                gate_up_proj: FusedLinear::new(
+                    vec![
+                        linear(h, cfg.intermediate_size, false, vb_mlp.pp("gate_proj"))?,
+                        linear(h, cfg.intermediate_size, false, vb_mlp.pp("up_proj"))?,
+                    ],
+                    vb.fuses(),
+                )?,
                 down_proj: linear(cfg.intermediate_size, h, false, vb_mlp.pp("down_proj"))?,
             };
             layers.push(Layer {
@@ -200,6 +209,16 @@ impl Transformer {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// How many of the Q/K/V and gate/up groups run as one matmul (two per layer at most).
+    pub fn fused_projections(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                usize::from(l.attn.qkv_proj.is_fused()) + usize::from(l.mlp.gate_up_proj.is_fused())
+            })
+            .sum()
     }
 
     pub fn device(&self) -> &Device {
@@ -308,8 +327,11 @@ fn add_norm(x: &Tensor, delta: &Tensor, n: &RmsNorm) -> candle_core::Result<(Ten
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
+        let [gate, up]: [Tensor; 2] = self
+            .gate_up_proj
+            .forward(x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("mlp: gate/up split".into()))?;
         self.down_proj.forward(&cpu_ops::silu_mul(&gate, &up)?)
     }
 }
@@ -324,9 +346,14 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let t = x.dim(0)?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = self.q_proj.forward(x)?.reshape((t, h, d))?;
-        let mut k = self.k_proj.forward(x)?.reshape((t, kvh, d))?;
-        let v = self.v_proj.forward(x)?.reshape((t, kvh, d))?;
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv_proj
+            .forward(x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("attention: q/k/v split".into()))?;
+        let mut q = q.reshape((t, h, d))?;
+        let mut k = k.reshape((t, kvh, d))?;
+        let v = v.reshape((t, kvh, d))?;
         let (k_cache, v_cache) = cache.layer(layer);
         let scale = 1.0 / (d as f32).sqrt();
         #[cfg(feature = "cuda")]

@@ -33,6 +33,8 @@ pub enum ConstraintSpec {
     Lark(String),
     /// Exactly one of these strings (vLLM's `guided_choice`).
     Choice(Vec<String>),
+    /// Tool calls (OpenAI's `tools`), or text when the model may choose.
+    ToolCalls(crate::tool_grammar::ToolCallGrammar),
 }
 
 impl ConstraintSpec {
@@ -43,6 +45,7 @@ impl ConstraintSpec {
             ConstraintSpec::Regex(_) => "regex",
             ConstraintSpec::Lark(_) => "grammar",
             ConstraintSpec::Choice(_) => "choice",
+            ConstraintSpec::ToolCalls(_) => "tools",
         }
     }
 
@@ -52,6 +55,10 @@ impl ConstraintSpec {
             ConstraintSpec::JsonObject => String::new(),
             ConstraintSpec::Regex(s) | ConstraintSpec::Lark(s) => s.clone(),
             ConstraintSpec::Choice(c) => json!(c).to_string(),
+            ConstraintSpec::ToolCalls(t) => json!({
+                "functions": t.functions, "allow_text": t.allow_text, "parallel": t.parallel,
+            })
+            .to_string(),
         };
         let mut h = Sha256::new();
         h.update(self.kind().as_bytes());
@@ -114,6 +121,16 @@ impl ConstraintSpec {
                 }
                 TopLevelGrammar::from_lark(format!("start: {}", alts.join(" | ")))
             }
+            ConstraintSpec::ToolCalls(t) => {
+                let src = t.lark(&hearth_json_options())?;
+                if src.len() > MAX_TOOLS_GRAMMAR_BYTES {
+                    return Err(format!(
+                        "the functions make a {}-byte grammar; at most {MAX_TOOLS_GRAMMAR_BYTES}",
+                        src.len()
+                    ));
+                }
+                TopLevelGrammar::from_lark(src)
+            }
         })
     }
 }
@@ -124,21 +141,25 @@ pub const MAX_CHOICES: usize = 1024;
 /// Largest regex or grammar source accepted.
 pub const MAX_SOURCE_BYTES: usize = 64 * 1024;
 
+/// Largest grammar a request's functions may make (their schemas, mostly).
+pub const MAX_TOOLS_GRAMMAR_BYTES: usize = 256 * 1024;
+
 /// Compact JSON with one space after `,` and `:` (bounded whitespace: a model cannot
 /// pad forever), strict about keywords; replaces any `x-guidance` the caller sent.
 fn with_hearth_options(mut schema: Value) -> Value {
     if let Value::Object(o) = &mut schema {
-        o.insert(
-            "x-guidance".into(),
-            json!({
-                "whitespace_flexible": false,
-                "item_separator": ", ",
-                "key_separator": ": ",
-                "lenient": false,
-            }),
-        );
+        o.insert("x-guidance".into(), hearth_json_options());
     }
     schema
+}
+
+fn hearth_json_options() -> Value {
+    json!({
+        "whitespace_flexible": false,
+        "item_separator": ", ",
+        "key_separator": ": ",
+        "lenient": false,
+    })
 }
 
 /// A compiled grammar, shared by every sequence that uses it.

@@ -76,6 +76,10 @@ pub struct EngineStats {
     pub prompt_tokens_total: u64,
     pub generation_tokens_total: u64,
     pub steps: u64,
+    /// Token masks computed for constrained rows, and the time they took on the
+    /// engine thread (`hearth bench --json-schema` reports it per token).
+    pub constraint_masks: u64,
+    pub constraint_mask_secs: f64,
 }
 
 enum Command {
@@ -521,6 +525,7 @@ impl Engine {
                 .filter(|(id, _)| sampled_ids.contains(id))
                 .map(|(id, a)| (*id, a))
                 .collect();
+            let (mut masks, mask_started) = (0u64, Instant::now());
             let rows: Vec<_> = sampled_ids
                 .iter()
                 .filter_map(|id| {
@@ -528,11 +533,16 @@ impl Engine {
                         let mut row = a.sampler.row(eos);
                         if let Some(c) = a.constraint.as_mut() {
                             row.allowed = Some(c.compute_mask());
+                            masks += 1;
                         }
                         row
                     })
                 })
                 .collect();
+            if masks > 0 {
+                self.stats.constraint_masks += masks;
+                self.stats.constraint_mask_secs += mask_started.elapsed().as_secs_f64();
+            }
             if rows.len() != sampled_ids.len() {
                 return Err(RuntimeError::Device(
                     "a scheduled sequence has no request".into(),

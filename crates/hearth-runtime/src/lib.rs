@@ -38,6 +38,7 @@ pub mod stop;
 pub mod threads;
 pub mod tokenizer;
 pub mod toktrie;
+pub mod tool_grammar;
 pub mod weights;
 
 pub use constraint::{Constraint, ConstraintCompiler, ConstraintSpec};

@@ -30,7 +30,11 @@ mod cuda;
 #[cfg(hearth_cuda_emulator)]
 mod emulated;
 mod kernel;
+// The launch plans and shape checks are read by the CUDA path and the emulator only;
+// a plain CPU build (e.g. a lone `-p hearth-server` build) compiles them unused.
+#[cfg_attr(not(any(feature = "cuda", hearth_cuda_emulator)), allow(dead_code))]
 mod launch;
+#[cfg_attr(not(any(feature = "cuda", hearth_cuda_emulator)), allow(dead_code))]
 mod rope_cache;
 #[cfg(hearth_cuda_emulator)]
 pub use emulated::{paged_attention_emulated, rope_cache_emulated};

@@ -149,8 +149,8 @@ async fn errors_name_the_param_in_openai_shape() {
             "response_format",
         ),
         (
-            chat_body(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
-            "tools",
+            chat_body(json!({"tools": [{"type": "function", "function": {"name": "f g"}}]})),
+            "tools[0].function.name",
         ),
         (chat_body(json!({"messages": "hi"})), "messages"),
     ] {

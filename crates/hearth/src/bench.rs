@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use hearth_runtime::{
-    EngineHandle, FinishReason, GenerationEvent, GenerationRequest, SamplingParams, TextTokenizer,
+    Constraint, ConstraintSpec, EngineHandle, FinishReason, GenerationEvent, GenerationRequest,
+    SamplingParams, TextTokenizer,
 };
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -72,6 +73,11 @@ pub struct BenchArgs {
     /// (of the run, or of each --sweep run).
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Run the workload twice, unconstrained and then with every output constrained to
+    /// this JSON Schema, and compare: output tok/s, TTFT, and the time the token masks
+    /// took per constrained token (with --offline).
+    #[arg(long, requires = "offline", conflicts_with_all = ["sweep", "plot"])]
+    pub json_schema: Option<PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -113,6 +119,9 @@ struct Report {
     preemptions: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     baseline_steps_per_s: Option<f64>,
+    /// Token masks computed in the run, and their mean time on the engine thread.
+    constraint_masks: u64,
+    mean_mask_us: f64,
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -136,6 +145,7 @@ fn percentile(v: &[f64], p: f64) -> f64 {
 }
 
 /// One request of the workload: prompt tokens (offline) or text (HTTP).
+#[derive(Clone)]
 enum Prompt {
     Tokens(Vec<u32>),
     Text(String, usize),
@@ -254,11 +264,14 @@ async fn offline_request(
     engine: EngineHandle,
     prompt: Vec<u32>,
     output_len: usize,
+    constraint: Option<Constraint>,
 ) -> RequestResult {
     let prompt_len = prompt.len();
+    // EOS is ignored; a constrained output still ends where its grammar accepts.
     let params = SamplingParams {
         max_tokens: output_len,
         ignore_eos: true,
+        constraint,
         ..SamplingParams::default()
     };
     let start = Instant::now();
@@ -411,6 +424,75 @@ fn run_once(a: &BenchArgs, max_concurrency: Option<usize>) -> anyhow::Result<Rep
             (None, Some(Arc::new(target)), work)
         }
     };
+    let Some(schema_path) = &a.json_schema else {
+        let report = measure(&rt, a, &engine, &http, work, None, max_concurrency)?;
+        return finish(a, report, baseline_steps_per_s, engine.is_some());
+    };
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(schema_path)
+            .with_context(|| format!("reading {}", schema_path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", schema_path.display()))?;
+    let Some(engine_ref) = engine.as_ref() else {
+        bail!("--json-schema needs --offline");
+    };
+    let spec = ConstraintSpec::JsonSchema(schema);
+    let compiler = engine_ref.constraints();
+    let t = Instant::now();
+    let constraint = compiler.compile(&spec, "json_schema")?;
+    let first_compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    compiler.compile(&spec, "json_schema")?;
+    let cached_compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let plain = measure(&rt, a, &engine, &http, work.clone(), None, max_concurrency)?;
+    eprint!("unconstrained: ");
+    summary(&plain, None, true);
+    let constrained = measure(
+        &rt,
+        a,
+        &engine,
+        &http,
+        work,
+        Some(constraint),
+        max_concurrency,
+    )?;
+    eprint!("constrained:   ");
+    summary(&constrained, None, true);
+    let ratio = constrained.output_throughput / plain.output_throughput.max(f64::MIN_POSITIVE);
+    eprintln!(
+        "constrained/unconstrained output tok/s: {ratio:.3}; TTFT p50 {:+.1} ms; mask {:.1} µs per constrained token ({} masks); schema compile {first_compile_ms:.1} ms first (vocabulary trie included), {cached_compile_ms:.3} ms cached",
+        constrained.median_ttft_ms - plain.median_ttft_ms,
+        constrained.mean_mask_us,
+        constrained.constraint_masks,
+    );
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "unconstrained": plain, "constrained": constrained,
+                "output_throughput_ratio": ratio,
+                "first_compile_ms": first_compile_ms, "cached_compile_ms": cached_compile_ms,
+            })
+        );
+    }
+    if plain.completed == 0 || constrained.completed == 0 {
+        bail!("no request completed");
+    }
+    Ok(constrained)
+}
+
+type Work = Vec<(Prompt, usize)>;
+
+/// Runs the workload once and reports it.
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    a: &BenchArgs,
+    engine: &Option<EngineHandle>,
+    http: &Option<Arc<bench_http::HttpTarget>>,
+    work: Work,
+    constraint: Option<Constraint>,
+    max_concurrency: Option<usize>,
+) -> anyhow::Result<Report> {
     let n = work.len();
     let concurrency = max_concurrency.unwrap_or(n).max(1);
     let bar = indicatif::ProgressBar::new(n as u64);
@@ -420,7 +502,7 @@ fn run_once(a: &BenchArgs, max_concurrency: Option<usize>) -> anyhow::Result<Rep
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let steps_before = engine.as_ref().map(|e| e.stats().steps).unwrap_or(0);
+    let before = engine.as_ref().map(|e| e.stats()).unwrap_or_default();
     let started = Instant::now();
     let results: Vec<RequestResult> = rt.block_on(async {
         let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
@@ -434,13 +516,16 @@ fn run_once(a: &BenchArgs, max_concurrency: Option<usize>) -> anyhow::Result<Rep
                 arrival += Duration::from_secs_f64(-u.ln() / a.request_rate);
             }
             let (engine, http, sem, bar) = (engine.clone(), http.clone(), sem.clone(), bar.clone());
+            let constraint = constraint.clone();
             let at = arrival;
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
                 let _permit = sem.acquire_owned().await;
                 let len = prompt.len();
                 let r = match (prompt, engine, http) {
-                    (Prompt::Tokens(p), Some(e), _) => offline_request(e, p, out_len).await,
+                    (Prompt::Tokens(p), Some(e), _) => {
+                        offline_request(e, p, out_len, constraint).await
+                    }
                     (Prompt::Text(p, _), _, Some(h)) => bench_http::request(h, p, out_len)
                         .await
                         .unwrap_or_else(|e| {
@@ -478,7 +563,11 @@ fn run_once(a: &BenchArgs, max_concurrency: Option<usize>) -> anyhow::Result<Rep
         .iter()
         .flat_map(|r| r.itls.iter().map(|x| x * 1e3))
         .collect();
-    let steps = stats.steps.saturating_sub(steps_before);
+    let steps = stats.steps.saturating_sub(before.steps);
+    let masks = stats
+        .constraint_masks
+        .saturating_sub(before.constraint_masks);
+    let mask_secs = stats.constraint_mask_secs - before.constraint_mask_secs;
     let report = Report {
         backend: match &a.url {
             None => "offline".into(),
@@ -511,24 +600,44 @@ fn run_once(a: &BenchArgs, max_concurrency: Option<usize>) -> anyhow::Result<Rep
         p99_itl_ms: percentile(&itls, 99.0),
         engine_steps: steps,
         engine_steps_per_s: steps as f64 / duration,
-        preemptions: stats.num_preemptions,
-        baseline_steps_per_s,
+        preemptions: stats.num_preemptions.saturating_sub(before.num_preemptions),
+        baseline_steps_per_s: None,
+        constraint_masks: masks,
+        mean_mask_us: if masks > 0 {
+            mask_secs / masks as f64 * 1e6
+        } else {
+            0.0
+        },
     };
+    Ok(report)
+}
+
+fn summary(report: &Report, baseline_steps_per_s: Option<f64>, offline: bool) {
     eprintln!(
         "{} requests ({} failed) in {:.2}s: {:.1} output tok/s, {:.1} req/s, TTFT p50 {:.1} ms, TPOT p50 {:.2} ms{}{}",
         report.completed,
         report.failed,
-        duration,
+        report.duration,
         report.output_throughput,
         report.request_throughput,
         report.median_ttft_ms,
         report.median_tpot_ms,
-        if engine.is_some() { format!(", {:.1} steps/s", report.engine_steps_per_s) } else { String::new() },
+        if offline { format!(", {:.1} steps/s", report.engine_steps_per_s) } else { String::new() },
         match baseline_steps_per_s {
             Some(b) => format!(" (plain single-sequence loop: {b:.1} steps/s)"),
             None => String::new(),
         }
     );
+}
+
+fn finish(
+    a: &BenchArgs,
+    mut report: Report,
+    baseline_steps_per_s: Option<f64>,
+    offline: bool,
+) -> anyhow::Result<Report> {
+    report.baseline_steps_per_s = baseline_steps_per_s;
+    summary(&report, baseline_steps_per_s, offline);
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     }

@@ -9,6 +9,7 @@ line is `openai: N passed, N failed`, and the exit status is non-zero if any fai
 Each check runs under a SIGALRM deadline, and the client has its own timeout.
 """
 import concurrent.futures
+import json
 import os
 import signal
 import sys
@@ -135,10 +136,15 @@ def _():
     except openai.BadRequestError as e:
         assert e.body["param"] == "temperature", e.body
     try:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[{"type": "function", "function": {"name": "f"}}])
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, logit_bias={"5": 10})
         raise AssertionError("no error")
     except openai.BadRequestError as e:
-        assert e.body["param"] == "tools", e.body
+        assert e.body["param"] == "logit_bias", e.body
+    try:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[{"type": "function", "function": {"name": "has space"}}])
+        raise AssertionError("no error")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "tools[0].function.name", e.body
     try:
         client.chat.completions.create(model="nobody/nothing", messages=MESSAGES)
         raise AssertionError("no error")
@@ -193,6 +199,42 @@ def _():
     except openai.BadRequestError as e:
         assert e.body["param"] == "response_format.json_schema.schema", e.body
         assert "uniqueItems" in e.body["message"] and "/properties/tags" in e.body["message"], e.body
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "minLength": 1, "maxLength": 16},
+        "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def _check_weather_call(call):
+    assert call.type == "function" and call.function.name == "get_weather", call
+    assert call.id.startswith("call_"), call
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city", "unit"}, args
+    assert args["unit"] in ("celsius", "fahrenheit") and 1 <= len(args["city"]) <= 16, args
+
+
+@check("tools: a forced call, whole and streamed (the client's stream helper), then its result")
+def _():
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model=MODEL, tools=[WEATHER_TOOL], parallel_tool_calls=False, max_tokens=128, seed=3)
+    r = client.chat.completions.create(messages=ask, tool_choice="required", **kw)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    assert len(c.message.tool_calls) == 1, c.message
+    _check_weather_call(c.message.tool_calls[0])
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    with client.chat.completions.stream(messages=ask, tool_choice=named, **kw) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls", final.choices[0]
+    _check_weather_call(final.choices[0].message.tool_calls[0])
+    call = c.message.tool_calls[0]
+    history = ask + [c.message, {"role": "tool", "tool_call_id": call.id, "content": "21 degrees, clear"}]
+    r2 = client.chat.completions.create(messages=history, tool_choice="none", **kw)
+    assert r2.choices[0].message.content is not None and not r2.choices[0].message.tool_calls, r2
 
 
 print(f"openai: {len(passed)} passed, {len(failed)} failed", flush=True)

@@ -7,6 +7,7 @@ pub mod choices;
 pub mod constrained;
 pub mod render;
 pub mod request;
+pub mod tools;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

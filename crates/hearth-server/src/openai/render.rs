@@ -14,6 +14,8 @@ pub struct Collected {
     pub logprobs: Option<Vec<TokenLogprob>>,
     /// Characters before the first generated token (the echoed prompt).
     pub offset: usize,
+    /// The answer parsed as tool calls (`message.tool_calls`, in place of content).
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 /// One generated token's log-prob and the most likely alternatives at its step.
@@ -107,9 +109,15 @@ impl Header<'_> {
             .iter()
             .enumerate()
             .map(|(i, c)| {
+                let message = match &c.tool_calls {
+                    Some(calls) => {
+                        json!({"role": "assistant", "content": null, "tool_calls": calls})
+                    }
+                    None => json!({"role": "assistant", "content": c.text}),
+                };
                 json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": c.logprobs.as_deref().map(chat_logprobs),
                     "finish_reason": c.finish_reason.unwrap_or("stop"),
                 })

@@ -1,7 +1,8 @@
 //! OpenAI request bodies to engine requests. Unknown fields are ignored, as OpenAI
 //! does; a known field with a bad value, or one hearth cannot honour yet
-//! (`tools`, `logit_bias`, `suffix`), is a 400 naming it, never silently dropped.
-//! Structured outputs (`response_format`, `guided_*`) are parsed in constrained.rs.
+//! (`logit_bias`, `suffix`), is a 400 naming it, never silently dropped.
+//! Structured outputs (`response_format`, `guided_*`) are parsed in constrained.rs,
+//! tools in tools.rs.
 
 use hearth_runtime::limits::{stop_list_error, MAX_CHOICES, MAX_TOP_LOGPROBS, SEED_MAX};
 use hearth_runtime::{ChatMessage, SamplingParams};
@@ -39,6 +40,8 @@ pub struct Job {
     pub logprobs: Option<usize>,
     /// Structured output, compiled when the model is known.
     pub constraint: super::constrained::Requested,
+    /// Chat's tools, when the model is to see them; their grammar is `constraint`.
+    pub tools: Option<super::tools::ToolUse>,
 }
 
 fn obj(body: &Value) -> OaiResult<&Map<String, Value>> {
@@ -247,12 +250,17 @@ fn messages(o: &Map<String, Value>) -> OaiResult<Vec<ChatMessage>> {
                 Some(r @ ("system" | "user" | "assistant")) => r,
                 // OpenAI's newer name for system instructions.
                 Some("developer") => "system",
-                Some(r @ ("tool" | "function")) => {
+                Some("tool") => {
+                    let content = text_content(
+                        m.get("content").unwrap_or(&Value::Null),
+                        &format!("{at}.content"),
+                    )?;
+                    return Ok(super::tools::tool_result(&content));
+                }
+                Some("function") => {
                     return Err(OaiError::unsupported(
                         &format!("{at}.role"),
-                        format!(
-                            "{r:?} messages need tool calling, which this server does not support"
-                        ),
+                        "the deprecated functions API is not supported; use tools and \"tool\" messages",
                     ))
                 }
                 Some(r) => {
@@ -263,19 +271,20 @@ fn messages(o: &Map<String, Value>) -> OaiResult<Vec<ChatMessage>> {
                 }
                 None => return Err(OaiError::param(format!("{at}.role"), "required")),
             };
-            if present(m, "tool_calls").is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()))
-            {
-                return Err(OaiError::unsupported(
-                    &format!("{at}.tool_calls"),
-                    "tool calling is not supported",
-                ));
+            let mut content = text_content(
+                m.get("content").unwrap_or(&Value::Null),
+                &format!("{at}.content"),
+            )?;
+            if let Some(calls) = present(m, "tool_calls") {
+                let at = format!("{at}.tool_calls");
+                if role != "assistant" {
+                    return Err(OaiError::param(at, "only assistant messages have tool calls"));
+                }
+                super::tools::assistant_calls(&mut content, calls, &at)?;
             }
             Ok(ChatMessage {
                 role: role.into(),
-                content: text_content(
-                    m.get("content").unwrap_or(&Value::Null),
-                    &format!("{at}.content"),
-                )?,
+                content,
             })
         })
         .collect()
@@ -298,23 +307,18 @@ pub fn check_model(job: &Job, limits: &hearth_runtime::RequestLimits) -> OaiResu
 pub fn chat(body: &Value) -> OaiResult<Job> {
     let o = obj(body)?;
     let model = model(o)?;
-    let msgs = messages(o)?;
-    let constraint = super::constrained::response_format(o)?;
-    for k in ["tools", "functions"] {
-        if present(o, k).is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(OaiError::unsupported(
-                k,
-                "tool calling is not supported by this server yet",
+    let mut msgs = messages(o)?;
+    let mut constraint = super::constrained::response_format(o)?;
+    let tools = super::tools::parse(o)?;
+    if let Some(t) = &tools {
+        if constraint.is_some() {
+            return Err(OaiError::param(
+                "response_format",
+                "cannot be combined with tools unless tool_choice is \"none\"",
             ));
         }
-    }
-    if let Some(tc) = present(o, "tool_choice") {
-        if tc.as_str() != Some("none") && tc.as_str() != Some("auto") {
-            return Err(OaiError::unsupported(
-                "tool_choice",
-                "tool calling is not supported by this server yet",
-            ));
-        }
+        t.add_preamble(&mut msgs);
+        constraint = Some((t.constraint(), "tools"));
     }
     let (params, n, stream, include_usage) = common(o, 1.0)?;
     let want_logprobs = boolean(o, "logprobs")?;
@@ -333,6 +337,7 @@ pub fn chat(body: &Value) -> OaiResult<Job> {
         echo: false,
         logprobs: want_logprobs.then(|| top.unwrap_or(0) as usize),
         constraint,
+        tools,
     })
 }
 
@@ -420,6 +425,7 @@ pub fn completion(body: &Value) -> OaiResult<Job> {
         echo,
         logprobs,
         constraint,
+        tools: None,
     })
 }
 
@@ -498,17 +504,24 @@ mod tests {
             "response_format"
         );
         assert_eq!(
-            param_of(with(
-                "tools",
-                json!([{"type": "function", "function": {"name": "f"}}])
-            )),
-            "tools"
+            param_of(with("tools", json!([{"type": "function", "function": {}}]))),
+            "tools[0].function.name"
         );
         assert_eq!(param_of(with("logit_bias", json!({"5": 10}))), "logit_bias");
         assert_eq!(param_of(with("messages", json!([]))), "messages");
         assert_eq!(
-            param_of(with("messages", json!([{"role": "tool", "content": "x"}]))),
+            param_of(with(
+                "messages",
+                json!([{"role": "function", "content": "x"}])
+            )),
             "messages[0].role"
+        );
+        assert_eq!(
+            param_of(with(
+                "messages",
+                json!([{"role": "user", "content": "x", "tool_calls": []}])
+            )),
+            "messages[0].tool_calls"
         );
         assert_eq!(
             param_of(with(

@@ -26,6 +26,7 @@ use crate::openai::render::{
     chat_logprobs, completion_logprobs, usage, Collected, Header, TokenLogprob,
 };
 use crate::openai::request::{self, Job};
+use crate::openai::tools;
 use crate::openai::{OaiError, OaiResult};
 use crate::record::new_id;
 use crate::AppState;
@@ -187,6 +188,14 @@ async fn collect(ctx: &Ctx, mut running: Running) -> OaiResult<Value> {
             Piece::Failed(e) => return Err(OaiError::internal(e)),
         }
     }
+    if ctx.kind == Kind::Chat && ctx.job.tools.is_some() {
+        for c in out.iter_mut().filter(|c| c.finish_reason == Some("stop")) {
+            if let Some(calls) = tools::parse_calls(&c.text) {
+                c.tool_calls = Some(tools::render_calls(&calls, false));
+                c.finish_reason = Some("tool_calls");
+            }
+        }
+    }
     let prompt: usize = running.prompt_tokens.iter().map(Vec::len).sum();
     let completion: usize = out.iter().map(|c| c.tokens.len()).sum();
     let h = ctx.header();
@@ -210,6 +219,7 @@ fn stream(ctx: Ctx, mut running: Running, span: tracing::Span) -> Response {
         let h = ctx.header();
         let include_usage = ctx.job.include_usage;
         let mut lp = StreamLogprobs::new(ctx.job.logprobs.is_some(), ctx.choices());
+        let mut hold = tools::CallHold::new(ctx.job.tools.is_some(), ctx.choices());
         let chunk = |i: usize, text: &str, finish: Option<&str>, logprobs: Value| match ctx.kind {
             Kind::Chat => {
                 h.chat_chunk(i, json!({"content": text}), logprobs, finish, include_usage)
@@ -248,30 +258,36 @@ fn stream(ctx: Ctx, mut running: Running, span: tracing::Span) -> Response {
                 Piece::Text { text, logprobs, .. } => {
                     completion_tokens += 1;
                     lp.pending[i].extend(logprobs);
+                    let text = hold.push(i, &text);
                     text.is_empty() || send(chunk(i, &text, None, lp.take(ctx.kind, i))).await
                 }
                 Piece::Done {
                     finish_reason,
                     trailing,
                 } => match ctx.kind {
-                    // Held-back text and its tokens' log-probs first, then the finish.
-                    Kind::Chat if !trailing.is_empty() || !lp.pending[i].is_empty() => {
-                        send(chunk(i, &trailing, None, lp.take(ctx.kind, i))).await
-                            && send(h.chat_chunk(
-                                i,
-                                json!({}),
-                                Value::Null,
-                                Some(finish_reason),
-                                include_usage,
-                            ))
-                            .await
-                    }
+                    // Held-back text (or the calls) and its tokens' log-probs first,
+                    // then the finish.
                     Kind::Chat => {
-                        send(h.chat_chunk(
+                        let (text, calls) = hold.finish(i, &trailing, finish_reason);
+                        let (sent, finish) = match calls {
+                            Some(calls) => {
+                                let delta =
+                                    json!({"tool_calls": tools::render_calls(&calls, true)});
+                                let logprobs = lp.take(ctx.kind, i);
+                                let c = h.chat_chunk(i, delta, logprobs, None, include_usage);
+                                (send(c).await, "tool_calls")
+                            }
+                            None if !text.is_empty() || !lp.pending[i].is_empty() => {
+                                let logprobs = lp.take(ctx.kind, i);
+                                (send(chunk(i, &text, None, logprobs)).await, finish_reason)
+                            }
+                            None => (true, finish_reason),
+                        };
+                        sent && send(h.chat_chunk(
                             i,
                             json!({}),
                             Value::Null,
-                            Some(finish_reason),
+                            Some(finish),
                             include_usage,
                         ))
                         .await

@@ -1,0 +1,145 @@
+//! The grammar of a tool call, Hermes-style as Qwen2/3 and Hermes models write it:
+//!
+//! ```text
+//! <tool_call>
+//! {"name": "get_weather", "arguments": {"city": "Paris"}}
+//! </tool_call>
+//! ```
+//!
+//! the arguments constrained by the function's JSON Schema. When the call is forced
+//! the output is nothing but calls; when the model may choose (`tool_choice: "auto"`)
+//! it is either free text that does not start with `<tool_call>`, or calls: once the
+//! trigger is written, the rest is held to the grammar, so a call the model starts is
+//! always one that parses and validates.
+
+use serde_json::{json, Value};
+
+/// The opening and closing tags of one call.
+pub const CALL_OPEN: &str = "<tool_call>";
+pub const CALL_CLOSE: &str = "</tool_call>";
+
+/// Most calls one answer may make when parallel calls are allowed.
+pub const MAX_PARALLEL_CALLS: usize = 16;
+
+/// The functions a model may call and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCallGrammar {
+    /// Each function's name and the JSON Schema of its arguments.
+    pub functions: Vec<(String, Value)>,
+    /// Text in place of calls is allowed (`auto`).
+    pub allow_text: bool,
+    /// More than one call is allowed (up to `MAX_PARALLEL_CALLS`).
+    pub parallel: bool,
+}
+
+/// A function name as OpenAI allows it: it is spliced into the grammar.
+pub fn valid_function_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl ToolCallGrammar {
+    /// llguidance's Lark source; an error names the function whose schema cannot be
+    /// enforced (and the keyword and its path).
+    pub fn lark(&self, json_options: &Value) -> Result<String, String> {
+        if self.functions.is_empty() {
+            return Err("no functions to call".into());
+        }
+        let mut rules = Vec::with_capacity(self.functions.len());
+        let mut alts = Vec::with_capacity(self.functions.len());
+        for (i, (name, params)) in self.functions.iter().enumerate() {
+            if !valid_function_name(name) {
+                return Err(format!(
+                    "function name {name:?} is not [a-zA-Z0-9_-]{{1,64}}"
+                ));
+            }
+            crate::schema_check::check_schema(params)
+                .map_err(|e| format!("function {name:?}: {e}"))?;
+            let mut schema = match params {
+                Value::Bool(true) => json!({}),
+                Value::Bool(false) => {
+                    return Err(format!(
+                        "function {name:?}: the schema `false` matches nothing"
+                    ))
+                }
+                other => other.clone(),
+            };
+            if let Value::Object(o) = &mut schema {
+                o.insert("x-guidance".into(), json_options.clone());
+            }
+            let head = format!("{{\"name\": \"{name}\", \"arguments\": ");
+            rules.push(format!(
+                "fn_{i}: {} %json {schema} \"}}\"",
+                lark_string(&head)
+            ));
+            alts.push(format!("fn_{i}"));
+        }
+        let mut src = String::new();
+        src.push_str(if self.allow_text {
+            "start: TEXT | calls\n"
+        } else {
+            "start: calls\n"
+        });
+        if self.parallel {
+            src.push_str(&format!(
+                "calls: call (\"\\n\" call){{0,{}}}\n",
+                MAX_PARALLEL_CALLS - 1
+            ));
+        } else {
+            src.push_str("calls: call\n");
+        }
+        src.push_str(&format!(
+            "call: {} ({}) {}\n",
+            lark_string(&format!("{CALL_OPEN}\n")),
+            alts.join(" | "),
+            lark_string(&format!("\n{CALL_CLOSE}")),
+        ));
+        for r in rules {
+            src.push_str(&r);
+            src.push('\n');
+        }
+        if self.allow_text {
+            // Any text but one that starts the call syntax: a started call is held to
+            // the call's grammar.
+            src.push_str("TEXT: /(?s:.+)/ & ~/(?s:<tool_call>.*)/\n");
+        }
+        Ok(src)
+    }
+}
+
+/// A Lark string literal (its escapes are JSON's).
+fn lark_string(s: &str) -> String {
+    Value::String(s.into()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_and_schemas_refused_with_the_function() {
+        let g = |name: &str, params: Value| ToolCallGrammar {
+            functions: vec![(name.into(), params)],
+            allow_text: false,
+            parallel: false,
+        };
+        assert!(g("get weather", json!({})).lark(&json!({})).is_err());
+        let e = g(
+            "f",
+            json!({"type": "object", "properties": {"t": {"type": "array", "uniqueItems": true}}}),
+        )
+        .lark(&json!({}))
+        .unwrap_err();
+        assert!(e.contains("\"f\"") && e.contains("uniqueItems"), "{e}");
+        let src = g("get_weather", json!({"type": "object"}))
+            .lark(&json!({}))
+            .unwrap();
+        assert!(
+            src.contains("get_weather") && !src.contains("TEXT"),
+            "{src}"
+        );
+    }
+}

@@ -1,0 +1,592 @@
+//! OpenAI's tool calling on chat: `tools`, `tool_choice`, `parallel_tool_calls`, and
+//! tool calls and results in the conversation.
+//!
+//! The model is told about the functions in a system message (Hermes-style, as
+//! Qwen2/3's templates write it: signatures in `<tools>`, each call as
+//! `<tool_call>{"name", "arguments"}</tool_call>`), which works for any chat template,
+//! SmolLM2's included, which has no tool syntax of its own. Decoding is constrained
+//! (tool_grammar.rs in the runtime): a forced call (`required`, a named function) is
+//! nothing but calls whose arguments match the function's schema; with `auto` the
+//! model answers in text or starts a call, and a started call is held to the grammar.
+//! The output is parsed back into `message.tool_calls`.
+
+use hearth_runtime::tool_grammar::{
+    valid_function_name, ToolCallGrammar, CALL_CLOSE, CALL_OPEN, MAX_PARALLEL_CALLS,
+};
+use hearth_runtime::{ChatMessage, ConstraintSpec};
+use serde_json::{json, Map, Value};
+
+use super::{OaiError, OaiResult};
+
+/// Most functions one request may offer.
+pub const MAX_TOOLS: usize = 128;
+/// Largest `tools` list, as JSON.
+pub const MAX_TOOLS_BYTES: usize = 256 * 1024;
+
+/// What `tool_choice` asks for, when the model is to see the tools at all.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolChoice {
+    Auto,
+    Required,
+    Named(String),
+}
+
+/// The request's tools, validated.
+#[derive(Debug, Clone)]
+pub struct ToolUse {
+    /// `{"type": "function", "function": {...}}` per tool, as the preamble lists them.
+    pub tools: Vec<Value>,
+    pub choice: ToolChoice,
+    pub parallel: bool,
+    /// The constraint decoding follows.
+    pub grammar: ToolCallGrammar,
+}
+
+fn present<'a>(o: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
+    o.get(k).filter(|v| !v.is_null())
+}
+
+fn function(tool: &Value, at: &str) -> OaiResult<(String, Value, Value)> {
+    let t = tool
+        .as_object()
+        .ok_or_else(|| OaiError::param(at, "expected an object"))?;
+    match t.get("type").and_then(Value::as_str) {
+        Some("function") => {}
+        Some(other) => {
+            return Err(OaiError::unsupported(
+                &format!("{at}.type"),
+                format!("tools of type {other:?} are not supported; only \"function\""),
+            ))
+        }
+        None => {
+            return Err(OaiError::param(
+                format!("{at}.type"),
+                "required: \"function\"",
+            ))
+        }
+    }
+    let f = t
+        .get("function")
+        .and_then(Value::as_object)
+        .ok_or_else(|| OaiError::param(format!("{at}.function"), "required: an object"))?;
+    let name = f
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| OaiError::param(format!("{at}.function.name"), "required: a string"))?;
+    if !valid_function_name(name) {
+        return Err(OaiError::param(
+            format!("{at}.function.name"),
+            format!("{name:?} must be 1 to 64 of a-z, A-Z, 0-9, _ and -"),
+        ));
+    }
+    if present(f, "description").is_some_and(|d| !d.is_string()) {
+        return Err(OaiError::param(
+            format!("{at}.function.description"),
+            "expected a string",
+        ));
+    }
+    if present(f, "strict").is_some_and(|d| !d.is_boolean()) {
+        return Err(OaiError::param(
+            format!("{at}.function.strict"),
+            "expected a boolean",
+        ));
+    }
+    // Absent: a function without arguments, as OpenAI has it.
+    let params = match present(f, "parameters") {
+        None => json!({"type": "object", "properties": {}}),
+        Some(p @ (Value::Object(_) | Value::Bool(_))) => p.clone(),
+        Some(_) => {
+            return Err(OaiError::param(
+                format!("{at}.function.parameters"),
+                "expected a JSON Schema object",
+            ))
+        }
+    };
+    // Checked here too so that the refusal names the tool; compiling checks again.
+    if let Err(e) = hearth_runtime::schema_check::check_schema(&params) {
+        return Err(OaiError::param(format!("{at}.function.parameters"), e));
+    }
+    let mut listed = Map::new();
+    listed.insert("name".into(), json!(name));
+    if let Some(d) = present(f, "description") {
+        listed.insert("description".into(), d.clone());
+    }
+    listed.insert("parameters".into(), params.clone());
+    Ok((
+        name.to_string(),
+        params,
+        json!({"type": "function", "function": listed}),
+    ))
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls`; `None` when the model is not to
+/// see tools (none given, or `tool_choice: "none"`).
+pub fn parse(o: &Map<String, Value>) -> OaiResult<Option<ToolUse>> {
+    for k in ["functions", "function_call"] {
+        if present(o, k).is_some() {
+            return Err(OaiError::unsupported(
+                k,
+                "the deprecated functions API is not supported; use tools and tool_choice",
+            ));
+        }
+    }
+    let list = match present(o, "tools") {
+        None => &Vec::new(),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(OaiError::param("tools", "expected a list of tools")),
+    };
+    if list.len() > MAX_TOOLS {
+        return Err(OaiError::param(
+            "tools",
+            format!("{} tools; at most {MAX_TOOLS}", list.len()),
+        ));
+    }
+    let size = present(o, "tools").map_or(0, |t| t.to_string().len());
+    if size > MAX_TOOLS_BYTES {
+        return Err(OaiError::param(
+            "tools",
+            format!("{size} bytes of tools; at most {MAX_TOOLS_BYTES}"),
+        ));
+    }
+    let mut functions: Vec<(String, Value)> = Vec::with_capacity(list.len());
+    let mut listed = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let (name, params, shown) = function(t, &format!("tools[{i}]"))?;
+        if functions.iter().any(|(n, _)| *n == name) {
+            return Err(OaiError::param(
+                format!("tools[{i}].function.name"),
+                format!("{name:?} is given twice"),
+            ));
+        }
+        functions.push((name, params));
+        listed.push(shown);
+    }
+    let choice = match present(o, "tool_choice") {
+        None if functions.is_empty() => return Ok(None),
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => return Ok(None),
+            "auto" if functions.is_empty() => return Ok(None),
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(OaiError::param(
+                    "tool_choice",
+                    format!(
+                        "{other:?} is not \"none\", \"auto\", \"required\" or a named function"
+                    ),
+                ))
+            }
+        },
+        Some(Value::Object(c)) => {
+            if c.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(OaiError::param(
+                    "tool_choice.type",
+                    "expected \"function\"",
+                ));
+            }
+            let name = c
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| OaiError::param("tool_choice.function.name", "required"))?;
+            ToolChoice::Named(name.to_string())
+        }
+        Some(_) => {
+            return Err(OaiError::param(
+                "tool_choice",
+                "expected \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+            ))
+        }
+    };
+    if functions.is_empty() {
+        return Err(OaiError::param(
+            "tool_choice",
+            "a call is required but no tools are given",
+        ));
+    }
+    let parallel = match present(o, "parallel_tool_calls") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(OaiError::param("parallel_tool_calls", "expected a boolean")),
+    };
+    let grammar = match &choice {
+        ToolChoice::Named(name) => {
+            let Some(f) = functions.iter().find(|(n, _)| n == name) else {
+                return Err(OaiError::param(
+                    "tool_choice.function.name",
+                    format!("{name:?} is not one of the tools"),
+                ));
+            };
+            ToolCallGrammar {
+                functions: vec![f.clone()],
+                allow_text: false,
+                parallel: false,
+            }
+        }
+        c => ToolCallGrammar {
+            functions,
+            allow_text: *c == ToolChoice::Auto,
+            parallel,
+        },
+    };
+    Ok(Some(ToolUse {
+        tools: listed,
+        choice,
+        parallel,
+        grammar,
+    }))
+}
+
+impl ToolUse {
+    pub fn constraint(&self) -> ConstraintSpec {
+        ConstraintSpec::ToolCalls(self.grammar.clone())
+    }
+
+    /// The system message's text that describes the tools.
+    pub fn preamble(&self) -> String {
+        let mut s = String::from(
+            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
+             You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
+        );
+        for t in &self.tools {
+            s.push('\n');
+            s.push_str(&t.to_string());
+        }
+        s.push_str(
+            "\n</tools>\n\nFor each function call, return a json object with function name and \
+             arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n\
+             {\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>",
+        );
+        match &self.choice {
+            ToolChoice::Auto => {}
+            ToolChoice::Required => s.push_str("\n\nCall a function now."),
+            ToolChoice::Named(n) => s.push_str(&format!("\n\nCall the function {n:?} now.")),
+        }
+        s
+    }
+
+    /// The preamble in the conversation: appended to a leading system message, or one
+    /// of its own before the first.
+    pub fn add_preamble(&self, messages: &mut Vec<ChatMessage>) {
+        let preamble = self.preamble();
+        match messages.first_mut() {
+            Some(m) if m.role == "system" => {
+                if !m.content.is_empty() {
+                    m.content.push_str("\n\n");
+                }
+                m.content.push_str(&preamble);
+            }
+            _ => messages.insert(
+                0,
+                ChatMessage {
+                    role: "system".into(),
+                    content: preamble,
+                },
+            ),
+        }
+    }
+}
+
+/// One call as the model wrote it.
+fn call_text(name: &str, arguments: &Value) -> String {
+    format!(
+        "{CALL_OPEN}\n{}\n{CALL_CLOSE}",
+        json!({"name": name, "arguments": arguments})
+    )
+}
+
+/// An assistant message's `tool_calls` as the model writes them, after its content.
+pub fn assistant_calls(content: &mut String, calls: &Value, at: &str) -> OaiResult<()> {
+    let list = calls
+        .as_array()
+        .ok_or_else(|| OaiError::param(at, "expected a list of tool calls"))?;
+    if list.len() > MAX_PARALLEL_CALLS * 4 {
+        return Err(OaiError::param(
+            at,
+            format!(
+                "{} tool calls; at most {}",
+                list.len(),
+                MAX_PARALLEL_CALLS * 4
+            ),
+        ));
+    }
+    for (j, c) in list.iter().enumerate() {
+        let at = format!("{at}[{j}]");
+        let f = c
+            .get("function")
+            .and_then(Value::as_object)
+            .ok_or_else(|| OaiError::param(format!("{at}.function"), "required: an object"))?;
+        let name = f
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| OaiError::param(format!("{at}.function.name"), "required: a string"))?;
+        let arguments = match f.get("arguments") {
+            Some(Value::String(s)) => serde_json::from_str::<Value>(s).map_err(|e| {
+                OaiError::param(format!("{at}.function.arguments"), format!("not JSON: {e}"))
+            })?,
+            _ => {
+                return Err(OaiError::param(
+                    format!("{at}.function.arguments"),
+                    "required: a string of JSON",
+                ))
+            }
+        };
+        if !content.is_empty() {
+            content.push('\n');
+        }
+        content.push_str(&call_text(name, &arguments));
+    }
+    Ok(())
+}
+
+/// A `tool` message's result as the model reads it (Hermes-style, in a user turn).
+pub fn tool_result(content: &str) -> ChatMessage {
+    ChatMessage {
+        role: "user".into(),
+        content: format!("<tool_response>\n{content}\n</tool_response>"),
+    }
+}
+
+/// The calls in a finished answer: `(name, arguments as JSON text)`; `None` when the
+/// text is not calls (an answer in text, or one cut short).
+pub fn parse_calls(text: &str) -> Option<Vec<(String, String)>> {
+    let mut rest = text.trim_end();
+    if !rest.starts_with(CALL_OPEN) {
+        return None;
+    }
+    let mut calls = Vec::new();
+    while !rest.is_empty() {
+        let body = rest.strip_prefix(CALL_OPEN)?;
+        let end = body.find(CALL_CLOSE)?;
+        let v: Value = serde_json::from_str(body[..end].trim()).ok()?;
+        let name = v.get("name")?.as_str()?.to_string();
+        let arguments = v.get("arguments")?.to_string();
+        calls.push((name, arguments));
+        rest = body[end + CALL_CLOSE.len()..].trim_start();
+    }
+    Some(calls)
+}
+
+/// Whether `text` may yet become a call: it is a prefix of the opening tag, or starts
+/// with it. A stream holds such text back until it knows.
+pub fn may_be_call(text: &str) -> bool {
+    CALL_OPEN.starts_with(text) || text.starts_with(CALL_OPEN)
+}
+
+/// The calls as `message.tool_calls` (or a stream's delta, with `index`), each with a
+/// fresh id.
+pub fn render_calls(calls: &[(String, String)], with_index: bool) -> Vec<Value> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(k, (name, arguments))| {
+            let mut v = json!({
+                "id": format!("call_{}", crate::record::new_id()),
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            });
+            if with_index {
+                v["index"] = json!(k);
+            }
+            v
+        })
+        .collect()
+}
+
+/// A stream's text held back per choice while it may still become tool calls (with
+/// tools on the request): the calls go out whole once the choice finishes, text as
+/// soon as it cannot be a call.
+pub struct CallHold {
+    /// Per choice: the text held back, or `None` once the choice is known to be text.
+    held: Vec<Option<String>>,
+}
+
+impl CallHold {
+    pub fn new(active: bool, choices: usize) -> Self {
+        Self {
+            held: (0..choices).map(|_| active.then(String::new)).collect(),
+        }
+    }
+
+    /// The text of choice `i` to send now.
+    pub fn push(&mut self, i: usize, text: &str) -> String {
+        let Some(buf) = self.held.get_mut(i).and_then(Option::as_mut) else {
+            return text.to_string();
+        };
+        buf.push_str(text);
+        if may_be_call(buf) {
+            return String::new();
+        }
+        let out = std::mem::take(buf);
+        self.held[i] = None;
+        out
+    }
+
+    /// At the choice's end: the text still to send, or the calls when the answer is
+    /// calls that finished (not cut short by length).
+    pub fn finish(
+        &mut self,
+        i: usize,
+        trailing: &str,
+        finish_reason: &str,
+    ) -> (String, Option<Vec<(String, String)>>) {
+        let Some(mut buf) = self.held.get_mut(i).and_then(Option::take) else {
+            return (trailing.to_string(), None);
+        };
+        buf.push_str(trailing);
+        match parse_calls(&buf).filter(|_| finish_reason == "stop") {
+            Some(calls) => (String::new(), Some(calls)),
+            None => (buf, None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_body(v: Value) -> OaiResult<Option<ToolUse>> {
+        parse(v.as_object().unwrap())
+    }
+
+    fn weather() -> Value {
+        json!({"type": "function", "function": {"name": "get_weather", "description": "d",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}})
+    }
+
+    fn param(r: OaiResult<Option<ToolUse>>) -> String {
+        r.unwrap_err().param.unwrap_or_default()
+    }
+
+    #[test]
+    fn choices_and_their_grammars() {
+        let t = parse_body(json!({"tools": [weather()]})).unwrap().unwrap();
+        assert_eq!(t.choice, ToolChoice::Auto);
+        assert!(t.grammar.allow_text && t.grammar.parallel);
+        let t = parse_body(
+            json!({"tools": [weather()], "tool_choice": "required", "parallel_tool_calls": false}),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!t.grammar.allow_text && !t.grammar.parallel);
+        let t = parse_body(
+            json!({"tools": [weather(), {"type": "function", "function": {"name": "noop"}}],
+            "tool_choice": {"type": "function", "function": {"name": "noop"}}}),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(t.grammar.functions.len(), 1);
+        assert_eq!(t.grammar.functions[0].0, "noop");
+        assert!(
+            parse_body(json!({"tools": [weather()], "tool_choice": "none"}))
+                .unwrap()
+                .is_none()
+        );
+        assert!(parse_body(json!({"tools": [], "tool_choice": "auto"}))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn bad_tools_name_their_param() {
+        assert_eq!(param(parse_body(json!({"tools": {}}))), "tools");
+        assert_eq!(
+            param(parse_body(json!({"tools": [{"type": "code_interpreter"}]}))),
+            "tools[0].type"
+        );
+        assert_eq!(
+            param(parse_body(
+                json!({"tools": [{"type": "function", "function": {"name": "a b"}}]})
+            )),
+            "tools[0].function.name"
+        );
+        assert_eq!(
+            param(parse_body(json!({"tools": [weather(), weather()]}))),
+            "tools[1].function.name"
+        );
+        assert_eq!(
+            param(parse_body(
+                json!({"tools": [{"type": "function", "function": {"name": "f",
+                "parameters": {"type": "object", "properties": {"t": {"type": "array", "uniqueItems": true}}}}}]})
+            )),
+            "tools[0].function.parameters"
+        );
+        assert_eq!(
+            param(parse_body(
+                json!({"tools": [weather()], "tool_choice": "always"})
+            )),
+            "tool_choice"
+        );
+        assert_eq!(
+            param(parse_body(json!({"tools": [weather()],
+                "tool_choice": {"type": "function", "function": {"name": "nope"}}}))),
+            "tool_choice.function.name"
+        );
+        assert_eq!(
+            param(parse_body(json!({"tool_choice": "required"}))),
+            "tool_choice"
+        );
+        assert_eq!(
+            param(parse_body(
+                json!({"tools": [weather()], "parallel_tool_calls": "yes"})
+            )),
+            "parallel_tool_calls"
+        );
+        assert_eq!(param(parse_body(json!({"functions": []}))), "functions");
+        let many: Vec<Value> = (0..=MAX_TOOLS)
+            .map(|i| json!({"type": "function", "function": {"name": format!("f{i}")}}))
+            .collect();
+        assert_eq!(param(parse_body(json!({"tools": many}))), "tools");
+    }
+
+    #[test]
+    fn calls_round_trip_through_text() {
+        let mut content = String::new();
+        assistant_calls(
+            &mut content,
+            &json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}},
+                    {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]),
+            "messages[1].tool_calls",
+        )
+        .unwrap();
+        let calls = parse_calls(&content).unwrap();
+        assert_eq!(
+            calls,
+            vec![("f".into(), "{\"a\":1}".into()), ("g".into(), "{}".into())]
+        );
+        assert!(parse_calls("Hello").is_none());
+        assert!(parse_calls("<tool_call>\n{\"name\": \"f\", \"argu").is_none());
+        assert!(may_be_call("<tool") && may_be_call("<tool_call>\n{") && !may_be_call("Hi"));
+        let mut hold = CallHold::new(true, 2);
+        assert_eq!(hold.push(0, "<tool_"), "");
+        assert_eq!(hold.push(1, "<b"), "<b");
+        assert_eq!(hold.push(1, "<tool_call>"), "<tool_call>");
+        assert_eq!(
+            hold.push(0, "call>\n{\"name\": \"f\", \"arguments\": {}}"),
+            ""
+        );
+        let (text, calls) = hold.finish(0, "\n</tool_call>", "stop");
+        assert_eq!(
+            (text.as_str(), calls),
+            ("", Some(vec![("f".into(), "{}".into())]))
+        );
+        let mut hold = CallHold::new(true, 1);
+        hold.push(
+            0,
+            "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>",
+        );
+        let (text, calls) = hold.finish(0, "", "length");
+        assert!(calls.is_none() && text.starts_with("<tool_call>"));
+        let e = assistant_calls(
+            &mut String::new(),
+            &json!([{"function": {"name": "f", "arguments": "{"}}]),
+            "messages[1].tool_calls",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.param.as_deref(),
+            Some("messages[1].tool_calls[0].function.arguments")
+        );
+    }
+}

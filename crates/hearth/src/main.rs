@@ -5,6 +5,7 @@ mod bench;
 mod bench_http;
 mod generate;
 mod serve;
+mod upstream_args;
 
 use clap::{Parser, Subcommand};
 

@@ -59,6 +59,7 @@ mod tests {
                 data_removed: false,
                 source: "cog".into(),
                 metrics: None,
+                hearth: None,
             },
             base_url: "http://h".into(),
             stream_token: "t".into(),

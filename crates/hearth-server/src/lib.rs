@@ -23,6 +23,7 @@ pub mod schema;
 pub mod service;
 pub mod startup;
 pub mod store;
+pub mod upstream;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -86,6 +87,12 @@ pub struct ServerConfig {
     /// How long a replica's predictions stay its own without a renewal; past it
     /// another replica sharing the store ends them.
     pub replica_lease: Duration,
+    /// Replicate-compatible APIs models can be routed to (`--upstream`).
+    pub upstreams: Vec<upstream::UpstreamSpec>,
+    /// Models that do not simply run here (`--route`).
+    pub routes: Vec<upstream::ModelRoute>,
+    /// Each upstream's circuit breaker.
+    pub upstream_breaker: upstream::BreakerConfig,
 }
 
 impl ServerConfig {
@@ -113,6 +120,9 @@ impl ServerConfig {
             cog_max_concurrency: 256,
             store: None,
             replica_lease: Duration::from_secs(15),
+            upstreams: Vec::new(),
+            routes: Vec::new(),
+            upstream_breaker: upstream::BreakerConfig::default(),
         }
     }
 
@@ -172,6 +182,13 @@ impl ServerConfig {
                 "--cog-max-concurrency: must be at least 1".into(),
             ));
         }
+        if self.upstream_breaker.failures == 0 || self.upstream_breaker.cooldown.is_zero() {
+            return Err(ServerError::Config(
+                "--upstream-failures and --upstream-cooldown: must be at least 1".into(),
+            ));
+        }
+        upstream::Hybrid::new(&self.upstreams, &self.routes, self.upstream_breaker)
+            .map_err(ServerError::Config)?;
         Ok(())
     }
 }
@@ -197,6 +214,10 @@ pub struct AppState {
     pub quotas: Arc<client_quota::Quotas>,
     /// The last minutes of each model's gauges and rates, for the console.
     pub ops: ops_history::OpsHistory,
+    /// Upstreams and model routes.
+    pub upstream: Arc<upstream::Hybrid>,
+    /// Upstream predictions an earlier process left in flight, resumed once serving.
+    resume: std::sync::Mutex<Vec<replicas::Resumable>>,
 }
 
 impl AppState {
@@ -277,6 +298,8 @@ pub async fn build_state_after_setup(
 pub struct Backing {
     pub store: store::SharedStore,
     pub webhooks: Arc<webhook::Webhooks>,
+    /// Upstream predictions left in flight, to resume rather than end.
+    pub resume: Vec<replicas::Resumable>,
 }
 
 /// Opens the data dir and the store, registers this replica, opens the webhook
@@ -302,20 +325,24 @@ pub async fn open_backing(cfg: &ServerConfig) -> Result<Backing, ServerError> {
         store.heartbeat(cfg.replica_lease).await?;
         let webhooks =
             Arc::new(webhook::Webhooks::open(store.clone(), cfg.webhook_allow_private).await?);
-        let ended = replicas::end_orphans(&store, &webhooks).await?;
-        if ended > 0 {
+        let orphans = replicas::end_orphans(&store, &webhooks).await?;
+        if orphans.ended > 0 {
             tracing::warn!(
-                ended,
+                ended = orphans.ended,
                 "predictions left in flight by a stopped process were marked failed"
             );
         }
-        Ok::<_, ServerError>(webhooks)
+        Ok::<_, ServerError>((webhooks, orphans.resume))
     }
     .await;
     match opened {
-        Ok(webhooks) => {
+        Ok((webhooks, resume)) => {
             tracing::info!(store = %store.describe(), replica = %store.replica_id(), "store open");
-            Ok(Backing { store, webhooks })
+            Ok(Backing {
+                store,
+                webhooks,
+                resume,
+            })
         }
         Err(e) => {
             let _ = store.retire().await;
@@ -331,7 +358,11 @@ pub async fn build_state_on(
     setup: startup::SetupReport,
     backing: Backing,
 ) -> Result<Arc<AppState>, ServerError> {
-    let Backing { store, webhooks } = backing;
+    let Backing {
+        store,
+        webhooks,
+        resume,
+    } = backing;
     let built = async {
         // The lease may have run out while the models loaded: this replica owns
         // predictions from the next request on.
@@ -340,10 +371,25 @@ pub async fn build_state_on(
         if registry.default_model().is_none() {
             return Err(ServerError::Config("no model to serve".into()));
         }
-        Ok(registry)
+        for r in &cfg.routes {
+            let served = crate::models::split_name(&r.model)
+                .ok()
+                .and_then(|(o, n)| registry.by_name(&o, &n));
+            if r.route.needs_local_model() && served.is_none() {
+                return Err(ServerError::Config(format!(
+                    "--route {}={}: that route runs the model here first, and no model called {} is served here",
+                    r.model,
+                    r.route.describe(),
+                    r.model
+                )));
+            }
+        }
+        let hybrid = upstream::Hybrid::new(&cfg.upstreams, &cfg.routes, cfg.upstream_breaker)
+            .map_err(ServerError::Config)?;
+        Ok((registry, hybrid))
     }
     .await;
-    let registry = match built {
+    let (registry, hybrid) = match built {
         Ok(r) => r,
         Err(e) => {
             let _ = store.retire().await;
@@ -380,6 +426,8 @@ pub async fn build_state_on(
         cog_slots: Arc::new(tokio::sync::Semaphore::new(cfg_slots)),
         quotas: client_quota::Quotas::new(cfg_quota),
         ops: ops_history::OpsHistory::default(),
+        upstream: Arc::new(hybrid),
+        resume: std::sync::Mutex::new(resume),
     }))
 }
 
@@ -452,6 +500,14 @@ pub(crate) async fn serve_until_stopped(
     ));
     let saver = tokio::spawn(save_unsaved_periodically(state.clone()));
     let replica_stop = CancellationToken::new();
+    let left: Vec<replicas::Resumable> = state
+        .resume
+        .lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default();
+    for r in left {
+        upstream::create::resume(&state, r.record, r.link).await;
+    }
     let replica = tokio::spawn(replicas::run(state.clone(), replica_stop.clone()));
     let watch = tokio::spawn(engine_watch::stop_when_defunct(state.clone()));
     tokio::spawn(ops_history::run(state.clone()));

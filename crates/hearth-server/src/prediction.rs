@@ -53,7 +53,12 @@ impl Live {
         self.cancel.notify_one();
     }
 
-    fn update(&self, f: impl FnOnce(&mut Record)) -> Option<Record> {
+    /// Completes when a cancel is asked (one waiter at a time: the runner).
+    pub(crate) fn cancel_requested(&self) -> tokio::sync::futures::Notified<'_> {
+        self.cancel.notified()
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Record)) -> Option<Record> {
         let snapshot = {
             let mut r = self.record.lock().ok()?;
             f(&mut r);
@@ -92,7 +97,7 @@ impl Hub {
         Some(live)
     }
 
-    fn remove(&self, id: &str) {
+    pub(crate) fn remove(&self, id: &str) {
         if let Ok(mut m) = self.live.lock() {
             m.remove(id);
         }
@@ -100,7 +105,7 @@ impl Hub {
 
     /// A finished prediction the store did not take: kept (bounded) for readers and
     /// for `save_unsaved`.
-    fn keep_unsaved(&self, r: Record) {
+    pub(crate) fn keep_unsaved(&self, r: Record) {
         if let Ok(mut q) = self.unsaved.lock() {
             q.retain(|x| x.prediction.id != r.prediction.id);
             if q.len() >= MAX_UNSAVED {
@@ -170,7 +175,7 @@ pub struct RunContext {
 }
 
 impl RunContext {
-    async fn notify(&self, event: WebhookEvent, r: &Record) {
+    pub(crate) async fn notify(&self, event: WebhookEvent, r: &Record) {
         if let Some(w) = &self.webhook {
             w.send(event, r).await;
         }

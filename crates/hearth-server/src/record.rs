@@ -53,6 +53,10 @@ pub struct Prediction {
     pub source: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Value>,
+    /// hearth's own key, beside Replicate's fields: for a model with a route, which
+    /// side ran the prediction (`{"side": "upstream", "upstream": NAME, ...}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hearth: Option<Value>,
 }
 
 impl Prediction {

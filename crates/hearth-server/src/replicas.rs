@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::record::{now_rfc3339, Record, Status};
-use crate::store::{SharedStore, StoreError};
+use crate::store::{SharedStore, StoreError, UpstreamLink};
 use crate::webhook::{WebhookEvent, WebhookStyle, Webhooks};
 use crate::AppState;
 
@@ -24,19 +24,37 @@ pub const CANCEL_POLL: Duration = Duration::from_millis(100);
 /// Orphans ended per query.
 const ORPHAN_BATCH: usize = 100;
 
+/// An orphan that ran upstream: resumed (polled to its end), not failed.
+pub struct Resumable {
+    pub record: Record,
+    pub link: UpstreamLink,
+}
+
+/// What `end_orphans` did.
+#[derive(Default)]
+pub struct Orphans {
+    pub ended: usize,
+    pub resume: Vec<Resumable>,
+}
+
 /// Ends every orphan the store hands this replica: `failed`, stored, `completed`
-/// webhook queued. Returns how many.
+/// webhook queued. Those running upstream (with a stored link) are handed back to
+/// resume instead: they are still running there.
 pub async fn end_orphans(
     store: &SharedStore,
     webhooks: &Arc<Webhooks>,
-) -> Result<usize, StoreError> {
-    let mut n = 0;
+) -> Result<Orphans, StoreError> {
+    let mut out = Orphans::default();
     loop {
         let batch = store.claim_orphans(ORPHAN_BATCH).await?;
         if batch.is_empty() {
-            return Ok(n);
+            return Ok(out);
         }
         for mut r in batch {
+            if let Some(link) = store.upstream_link(&r.prediction.id).await? {
+                out.resume.push(Resumable { record: r, link });
+                continue;
+            }
             end_orphan(&mut r, store.is_shared());
             let id = r.prediction.id.clone();
             let sender = r.webhook.clone().map(|url| {
@@ -65,7 +83,7 @@ pub async fn end_orphans(
                 s.queued(&hooks);
             }
             tracing::warn!(prediction = %id, "ended a prediction left in flight by a replica that stopped");
-            n += 1;
+            out.ended += 1;
         }
     }
 }
@@ -119,8 +137,13 @@ pub async fn run(state: Arc<AppState>, stop: CancellationToken) {
                     tracing::error!(error = %e, "could not renew this replica's lease");
                 }
                 if shared {
-                    if let Err(e) = end_orphans(&state.store, &state.webhooks).await {
-                        tracing::error!(error = %e, "could not end the predictions of a stopped replica");
+                    match end_orphans(&state.store, &state.webhooks).await {
+                        Ok(o) => {
+                            for r in o.resume {
+                                crate::upstream::create::resume(&state, r.record, r.link).await;
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "could not end the predictions of a stopped replica"),
                     }
                 }
             }

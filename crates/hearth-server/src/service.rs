@@ -23,15 +23,19 @@ use crate::AppState;
 pub type ServiceResult<T> = Result<T, ApiError>;
 
 /// What a create request carries besides the model.
+#[derive(Clone)]
 pub struct CreateRequest {
     pub input: Value,
     pub webhook: Option<String>,
     pub webhook_events_filter: Vec<String>,
     /// `Cancel-After`, from creation.
     pub cancel_after: Option<Duration>,
+    /// The record's `hearth` key (which side of a route runs it).
+    pub side: Option<Value>,
 }
 
 /// Where a create came from.
+#[derive(Clone)]
 pub struct Origin {
     /// Absolute base of the URLs handed out.
     pub base_url: String,
@@ -97,6 +101,7 @@ pub fn parse_create(body: &Value, input_required: bool) -> ServiceResult<CreateR
         webhook,
         webhook_events_filter,
         cancel_after: None,
+        side: None,
     })
 }
 
@@ -163,6 +168,7 @@ pub async fn create(
             data_removed: false,
             source: origin.source.into(),
             metrics: None,
+            hearth: req.side,
         },
         base_url: origin.base_url,
         stream_token: new_token(),

@@ -294,7 +294,8 @@ async fn an_undecodable_row_is_skipped_and_interrupted_rows_get_metrics() {
     s.state.store.put(&r).await.unwrap();
     let ended = hearth_server::replicas::end_orphans(&s.state.store, &s.state.webhooks)
         .await
-        .unwrap();
+        .unwrap()
+        .ended;
     assert_eq!(ended, 1);
     let got = s
         .state

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_server::record::{new_id, now_rfc3339, Status};
-use hearth_server::store::{Delivery, OutboxItem, PgStore, SharedStore, SqliteStore, StoreError};
+use hearth_server::store::{
+    Delivery, OutboxItem, PgStore, SharedStore, SqliteStore, StoreError, UpstreamLink,
+};
 use serde_json::json;
 use support::{postgres, record, TempDir};
 
@@ -83,6 +85,7 @@ both!(
     files_round_trip_in_pieces,
     injected_faults_fail_writes_not_reads,
     schema_is_current,
+    upstream_links_are_written_and_replaced,
     finish_stores_the_end_and_its_webhooks_together_or_neither,
 );
 
@@ -549,6 +552,23 @@ async fn injected_faults_fail_writes_not_reads(b: Backend) {
     assert!(s.get("before").await.unwrap().is_some());
     s.inject_write_failures(false);
     s.put(&r).await.unwrap();
+}
+
+async fn upstream_links_are_written_and_replaced(b: Backend) {
+    let s = &b.store;
+    assert_eq!(s.upstream_link("p1").await.unwrap(), None);
+    let mut link = UpstreamLink {
+        prediction_id: "p1".into(),
+        upstream: "hosted".into(),
+        upstream_id: None,
+        create_sent_ms: 1_700_000_000_123,
+    };
+    s.upstream_link_put(&link).await.unwrap();
+    assert_eq!(s.upstream_link("p1").await.unwrap().as_ref(), Some(&link));
+    link.upstream_id = Some("up-1".into());
+    s.upstream_link_put(&link).await.unwrap();
+    assert_eq!(s.upstream_link("p1").await.unwrap(), Some(link));
+    assert_eq!(s.upstream_link("p2").await.unwrap(), None);
 }
 
 async fn schema_is_current(b: Backend) {

@@ -86,7 +86,7 @@ async fn a_database_of_the_previous_release_migrates_and_its_interrupted_rows_ar
     )
     .unwrap();
     let s = SqliteStore::open(&path, &dir.0).await.unwrap();
-    assert_eq!(s.schema_version().await.unwrap(), 4);
+    assert_eq!(s.schema_version().await.unwrap(), 5);
     let files = s.file_list(None, 10).await.unwrap().files;
     assert_eq!(files.len(), 1);
     assert_eq!(files[0]["id"], fid.as_str());

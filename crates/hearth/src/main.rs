@@ -6,6 +6,7 @@ mod bench_http;
 mod bench_plot;
 mod generate;
 mod serve;
+mod upstream_args;
 
 use clap::{Parser, Subcommand};
 

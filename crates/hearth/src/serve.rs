@@ -20,6 +20,8 @@ pub struct ServeArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub upstream: crate::upstream_args::UpstreamArgs,
     #[arg(long, env = "HEARTH_HOST", default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, env = "HEARTH_PORT", default_value_t = 8080)]
@@ -334,6 +336,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     cfg.cog_max_concurrency = a.cog_max_concurrency.unwrap_or(a.engine.max_num_seqs);
     cfg.store = a.store.clone();
     cfg.replica_lease = Duration::from_secs(a.replica_lease);
+    (cfg.upstreams, cfg.routes, cfg.upstream_breaker) =
+        a.upstream.resolve(|k| std::env::var(k).ok())?;
     // Before loading models (minutes for big ones): a refused configuration says so now.
     cfg.check()?;
     let exit_on_failure = a.exit_on_setup_failure;

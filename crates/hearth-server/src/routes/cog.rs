@@ -283,6 +283,7 @@ async fn run(
         webhook: req.webhook,
         webhook_events_filter: req.filter,
         cancel_after: None,
+        side: None,
     };
     let origin = Origin {
         base_url: base_url(&state, &headers),

@@ -38,7 +38,12 @@ pub async fn webhook_secret(State(state): State<Arc<AppState>>) -> AppResult<Res
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let alive = state.models.all().iter().all(|m| m.engine.is_alive());
     if alive && !state.is_draining() {
-        json_response(StatusCode::OK, &json!({"status": "ok"}))
+        let mut body = json!({"status": "ok"});
+        // The front is healthy whatever its upstreams do; their circuits are detail.
+        if !state.upstream.is_empty() {
+            body["upstreams"] = state.upstream.health();
+        }
+        json_response(StatusCode::OK, &body)
     } else {
         let why = match crate::engine_watch::defunct_reason(&state) {
             Some(reason) => format!("DEFUNCT: {reason}; the server is exiting to be restarted"),

@@ -69,11 +69,49 @@ pub async fn get_by_id(
     }
 }
 
+/// For a model that runs upstream and is not served here: the upstream's document at
+/// `path` (cached), its errors relayed with their status. None for any other model.
+async fn from_upstream(
+    state: &AppState,
+    owner: &str,
+    name: &str,
+    path: &str,
+) -> Option<AppResult<Response>> {
+    let full = format!("{owner}/{name}");
+    if state.models.by_name(owner, name).is_some() {
+        return None;
+    }
+    let up = state.upstream.route(&full)?.upstream()?.to_string();
+    let client = state.upstream.upstream(&up)?;
+    Some(match state.upstream.models.get(client, &full, path).await {
+        Ok(v) => Ok(json_response(StatusCode::OK, &v)),
+        Err(crate::upstream::client::CallError::Status { status, body }) if status < 500 => {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::NOT_FOUND);
+            let detail = serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v["detail"].as_str().map(str::to_string))
+                .unwrap_or(body);
+            Err(ApiError::new(code, "Upstream error", detail))
+        }
+        Err(e) => Err(ApiError::Problem {
+            status: StatusCode::BAD_GATEWAY,
+            title: "Upstream error",
+            detail: format!("model {full} runs on upstream {up}, which did not answer: {e}"),
+            retry_after: None,
+            fields: Vec::new(),
+        }),
+    })
+}
+
 pub async fn get_one(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path((owner, name)): Path<(String, String)>,
 ) -> AppResult<Response> {
+    let path = format!("/v1/models/{owner}/{name}");
+    if let Some(r) = from_upstream(&state, &owner, &name, &path).await {
+        return r;
+    }
     let m = find(&state, &owner, &name)?;
     Ok(json_response(
         StatusCode::OK,
@@ -85,6 +123,10 @@ pub async fn versions(
     State(state): State<Arc<AppState>>,
     Path((owner, name)): Path<(String, String)>,
 ) -> AppResult<Response> {
+    let path = format!("/v1/models/{owner}/{name}/versions");
+    if let Some(r) = from_upstream(&state, &owner, &name, &path).await {
+        return r;
+    }
     let m = find(&state, &owner, &name)?;
     Ok(json_response(
         StatusCode::OK,
@@ -96,6 +138,15 @@ pub async fn version(
     State(state): State<Arc<AppState>>,
     Path((owner, name, version)): Path<(String, String, String)>,
 ) -> AppResult<Response> {
+    if !crate::upstream::normalize::valid_id(&version) {
+        return Err(ApiError::not_found(format!(
+            "version {version} of {owner}/{name} not found"
+        )));
+    }
+    let path = format!("/v1/models/{owner}/{name}/versions/{version}");
+    if let Some(r) = from_upstream(&state, &owner, &name, &path).await {
+        return r;
+    }
     let m = find(&state, &owner, &name)?;
     if !m.has_version(&version) {
         return Err(ApiError::not_found(format!(

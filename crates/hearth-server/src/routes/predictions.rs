@@ -16,6 +16,10 @@ use crate::client_quota::Client;
 use crate::error::ApiError;
 use crate::models::ServedModel;
 use crate::service::{self, Origin};
+use crate::upstream::{
+    self,
+    create::{Created, Routed},
+};
 use crate::AppState;
 
 const PAGE_SIZE: usize = 100;
@@ -58,9 +62,45 @@ pub fn cancel_after(headers: &HeaderMap) -> AppResult<Option<Duration>> {
     })
 }
 
+/// What a create names: a model served here, or one with a route.
+pub enum Target {
+    Local(Arc<ServedModel>),
+    Routed(Routed),
+}
+
+/// The target for `owner/name` (at `version`, when named): a model with a route
+/// (served here or not), else a served model.
+pub fn find_target(
+    state: &AppState,
+    owner: &str,
+    name: &str,
+    version: Option<&str>,
+    kind: &str,
+) -> AppResult<Target> {
+    let full = format!("{owner}/{name}");
+    let local = state.models.by_name(owner, name).cloned();
+    if let Some(route) = state.upstream.route(&full) {
+        // A version of the local model is hearth's own id: not one to send upstream.
+        let version = version
+            .filter(|v| !local.as_ref().is_some_and(|m| m.has_version(v)))
+            .map(str::to_string);
+        return Ok(Target::Routed(Routed {
+            model: full,
+            version,
+            route: route.clone(),
+            local,
+        }));
+    }
+    let m = local.ok_or_else(|| ApiError::not_found(format!("{kind} {owner}/{name} not found")))?;
+    if let Some(v) = version {
+        check_version(&m, v)?;
+    }
+    Ok(Target::Local(m))
+}
+
 async fn respond_created(
     state: Arc<AppState>,
-    model: Arc<ServedModel>,
+    target: Target,
     client: Client,
     headers: HeaderMap,
     body: Bytes,
@@ -74,7 +114,26 @@ async fn respond_created(
         id: None,
         client,
     };
-    let live = service::create(&state, &model, req, origin).await?;
+    let live = match target {
+        Target::Local(model) => service::create(&state, &model, req, origin).await?,
+        Target::Routed(routed) => {
+            match upstream::create::create(&state, routed, req, origin).await? {
+                Created::Live(live) => live,
+                Created::Relayed {
+                    status,
+                    body,
+                    content_type,
+                } => {
+                    let mut r = Response::new(axum::body::Body::from(body));
+                    *r.status_mut() = status;
+                    if let Ok(v) = HeaderValue::from_str(&content_type) {
+                        r.headers_mut().insert(axum::http::header::CONTENT_TYPE, v);
+                    }
+                    return Ok(r);
+                }
+            }
+        }
+    };
     let record = match wait {
         Some(secs) => service::wait_for(&live, secs).await,
         None => live.snapshot(),
@@ -100,24 +159,34 @@ pub async fn create(
     let version = v.get("version").and_then(|x| x.as_str()).ok_or_else(|| {
         ApiError::invalid("version: required (a version id, owner/name or owner/name:version)")
     })?;
-    let model = match version.split_once(':') {
+    let target = match version.split_once(':') {
         Some((name, ver)) => {
             let (o, n) = crate::models::split_name(name).map_err(ApiError::invalid)?;
-            let m = find_model(&state, &o, &n, "model")?;
-            check_version(&m, ver)?;
-            m
+            find_target(&state, &o, &n, Some(ver), "model")?
         }
         None if version.contains('/') => {
             let (o, n) = crate::models::split_name(version).map_err(ApiError::invalid)?;
-            find_model(&state, &o, &n, "model")?
+            find_target(&state, &o, &n, None, "model")?
         }
-        None => state
-            .models
-            .by_version(version)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(format!("version {version} not found")))?,
+        None => match state.models.by_version(version).cloned() {
+            Some(m) => {
+                let (o, n) = (m.owner.clone(), m.name.clone());
+                match find_target(&state, &o, &n, None, "model")? {
+                    Target::Local(_) => Target::Local(m),
+                    routed => routed,
+                }
+            }
+            // A version an upstream-only model's document showed.
+            None => match state.upstream.models.model_of_version(version) {
+                Some(full) => {
+                    let (o, n) = crate::models::split_name(&full).map_err(ApiError::invalid)?;
+                    find_target(&state, &o, &n, Some(version), "model")?
+                }
+                None => return Err(ApiError::not_found(format!("version {version} not found"))),
+            },
+        },
     };
-    respond_created(state, model, client, headers, body).await
+    respond_created(state, target, client, headers, body).await
 }
 
 /// The served model called `owner/name` (`kind` names it in the 404).
@@ -152,8 +221,8 @@ pub async fn create_for_model(
     headers: HeaderMap,
     body: Bytes,
 ) -> AppResult<Response> {
-    let model = find_model(&state, &owner, &name, "model")?;
-    respond_created(state, model, client, headers, body).await
+    let target = find_target(&state, &owner, &name, None, "model")?;
+    respond_created(state, target, client, headers, body).await
 }
 
 pub async fn create_for_version(
@@ -163,9 +232,8 @@ pub async fn create_for_version(
     headers: HeaderMap,
     body: Bytes,
 ) -> AppResult<Response> {
-    let model = find_model(&state, &owner, &name, "model")?;
-    check_version(&model, &version)?;
-    respond_created(state, model, client, headers, body).await
+    let target = find_target(&state, &owner, &name, Some(&version), "model")?;
+    respond_created(state, target, client, headers, body).await
 }
 
 /// A deployment is served as the model of the same name.
@@ -176,8 +244,8 @@ pub async fn create_for_deployment(
     headers: HeaderMap,
     body: Bytes,
 ) -> AppResult<Response> {
-    let model = find_model(&state, &owner, &name, "deployment")?;
-    respond_created(state, model, client, headers, body).await
+    let target = find_target(&state, &owner, &name, None, "deployment")?;
+    respond_created(state, target, client, headers, body).await
 }
 
 pub async fn get_one(

@@ -160,6 +160,21 @@ pub struct OutboxRow {
     pub max_attempts: u32,
 }
 
+/// Where a prediction routed to an upstream runs there: written before its create is
+/// sent (`upstream_id` None: the create may be in flight) and again once the upstream
+/// has named it, so a restart resumes polling it (or resolves a create whose answer
+/// was lost) instead of failing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamLink {
+    pub prediction_id: String,
+    /// The upstream's name (`--upstream NAME=URL`), never its URL or token.
+    pub upstream: String,
+    pub upstream_id: Option<String>,
+    /// Unix milliseconds when the create was (about to be) sent: the window an
+    /// ambiguous create is looked for in.
+    pub create_sent_ms: i64,
+}
+
 /// An uploaded file's description, as `/v1/files` answers it (without `urls`).
 pub type FileMeta = serde_json::Value;
 
@@ -300,6 +315,10 @@ pub trait Store: Send + Sync {
     /// The webhook signing secret every replica shares: the stored one, or `fresh`
     /// stored now when there is none.
     async fn webhook_secret(&self, fresh: &str) -> Result<String, StoreError>;
+
+    /// Writes (or replaces) a prediction's link to the upstream that runs it.
+    async fn upstream_link_put(&self, link: &UpstreamLink) -> Result<(), StoreError>;
+    async fn upstream_link(&self, prediction_id: &str) -> Result<Option<UpstreamLink>, StoreError>;
 
     /// Keeps an uploaded file (its bytes at `path`, which the store may move) under
     /// `meta["id"]`.

@@ -272,6 +272,7 @@ pub fn record(
             data_removed: false,
             source: "api".into(),
             metrics: None,
+            hearth: None,
         },
         base_url: "http://x".into(),
         stream_token: "t".into(),

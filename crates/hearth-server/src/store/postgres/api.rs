@@ -9,7 +9,7 @@ use super::PgStore;
 use crate::record::Record;
 use crate::store::{
     valid_file_id, Delivery, FileMeta, FilePage, FileStream, OutboxItem, OutboxRow, Page, Store,
-    StoreError,
+    StoreError, UpstreamLink,
 };
 
 #[async_trait]
@@ -105,6 +105,13 @@ impl Store for PgStore {
 
     async fn webhook_secret(&self, fresh: &str) -> Result<String, StoreError> {
         PgStore::webhook_secret(self, fresh).await
+    }
+
+    async fn upstream_link_put(&self, link: &UpstreamLink) -> Result<(), StoreError> {
+        PgStore::upstream_link_put(self, link).await
+    }
+    async fn upstream_link(&self, prediction_id: &str) -> Result<Option<UpstreamLink>, StoreError> {
+        PgStore::upstream_link(self, prediction_id).await
     }
 
     async fn file_put(&self, meta: &FileMeta, path: &std::path::Path) -> Result<(), StoreError> {

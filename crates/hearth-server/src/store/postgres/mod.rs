@@ -8,6 +8,7 @@ mod api;
 mod files;
 mod outbox;
 mod predictions;
+mod upstream;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -73,6 +74,13 @@ const MIGRATIONS: &[&str] = &[
     // dispatcher's per-host cap.
     r#"CREATE INDEX files_created ON files (created_at DESC, id DESC);
      ALTER TABLE webhook_outbox ADD COLUMN host TEXT NOT NULL DEFAULT '';"#,
+    // 3: which upstream runs a prediction routed there, and its id there.
+    r#"CREATE TABLE upstream_links (
+        prediction_id TEXT COLLATE "C" PRIMARY KEY,
+        upstream TEXT NOT NULL,
+        upstream_id TEXT,
+        create_sent_ms BIGINT NOT NULL
+     );"#,
 ];
 
 /// Any number in the advisory-lock space, the same for every replica: the schema's.

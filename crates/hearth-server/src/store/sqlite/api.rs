@@ -10,7 +10,7 @@ use super::SqliteStore;
 use crate::record::Record;
 use crate::store::{
     valid_file_id, Delivery, FileMeta, FilePage, FileStream, OutboxItem, OutboxRow, Page, Store,
-    StoreError,
+    StoreError, UpstreamLink,
 };
 
 #[async_trait]
@@ -139,6 +139,15 @@ impl Store for SqliteStore {
     async fn webhook_secret(&self, fresh: &str) -> Result<String, StoreError> {
         let fresh = fresh.to_string();
         self.run(move |db| db.webhook_secret(&fresh)).await
+    }
+
+    async fn upstream_link_put(&self, link: &UpstreamLink) -> Result<(), StoreError> {
+        let link = link.clone();
+        self.run(move |db| db.upstream_link_put(&link)).await
+    }
+    async fn upstream_link(&self, prediction_id: &str) -> Result<Option<UpstreamLink>, StoreError> {
+        let id = prediction_id.to_string();
+        self.run(move |db| db.upstream_link(&id)).await
     }
 
     async fn file_put(&self, meta: &FileMeta, path: &std::path::Path) -> Result<(), StoreError> {

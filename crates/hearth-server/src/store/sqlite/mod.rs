@@ -12,6 +12,7 @@ mod api;
 mod files;
 mod outbox;
 mod predictions;
+mod upstream;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,6 +69,13 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX files_created ON files (created_at DESC, id DESC);
      ALTER TABLE webhook_outbox ADD COLUMN host TEXT NOT NULL DEFAULT '';",
+    // 5: which upstream runs a prediction routed there, and its id there.
+    "CREATE TABLE upstream_links (
+        prediction_id TEXT PRIMARY KEY,
+        upstream TEXT NOT NULL,
+        upstream_id TEXT,
+        create_sent_ms INTEGER NOT NULL
+     );",
 ];
 
 /// The schema version that added the files index (`files::index_existing` fills it).

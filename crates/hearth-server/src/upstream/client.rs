@@ -1,0 +1,278 @@
+//! One upstream's HTTP client: Replicate's API at a base URL with a bearer token.
+//! Every call is bounded (connect and whole-request timeouts) and classified so the
+//! runner can tell a throttle (retry after the delay), a refusal (relay it), a
+//! server fault and a network failure apart — and, for a create, whether the request
+//! may have reached the upstream (`Ambiguous`), which is never resent blindly.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::breaker::Breaker;
+use super::Secret;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most of an error body kept for a message.
+const DETAIL_MAX: usize = 2000;
+/// A `Retry-After` longer than this is taken as this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+
+/// Why a call did not return what was asked.
+#[derive(Debug)]
+pub enum CallError {
+    /// 429: try again after this.
+    Throttled(Duration),
+    /// Any other non-success status, with the body's text.
+    Status {
+        status: u16,
+        body: String,
+    },
+    Network(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Throttled(d) => write!(f, "throttled (retry after {}s)", d.as_secs()),
+            CallError::Status { status, body } => write!(f, "HTTP {status}: {body}"),
+            CallError::Network(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// What became of a create.
+#[derive(Debug)]
+pub enum CreateOutcome {
+    Created(Value),
+    /// 429: not processed; send it again after the delay.
+    Throttled(Duration),
+    /// A 4xx other than 429: the upstream's answer, to relay unchanged.
+    Rejected {
+        status: u16,
+        body: Vec<u8>,
+        content_type: String,
+    },
+    /// A 5xx: it may have been received; never resent.
+    ServerError {
+        status: u16,
+        detail: String,
+    },
+    /// The connection was never made: nothing was sent, so it may be sent again.
+    NotSent(String),
+    /// The request went out but its answer was lost: it may be running upstream.
+    Ambiguous(String),
+}
+
+/// Counts by outcome, for `/metrics`.
+#[derive(Default)]
+pub struct CallCounts {
+    pub ok: AtomicU64,
+    pub throttled: AtomicU64,
+    pub rejected: AtomicU64,
+    pub server_error: AtomicU64,
+    pub network: AtomicU64,
+    pub ambiguous: AtomicU64,
+}
+
+pub struct UpstreamClient {
+    pub name: String,
+    base: String,
+    token: Option<Secret>,
+    http: reqwest::Client,
+    pub breaker: Breaker,
+    pub counts: CallCounts,
+}
+
+fn retry_after(h: &reqwest::header::HeaderMap) -> Duration {
+    h.get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1))
+        .clamp(Duration::from_millis(100), MAX_RETRY_AFTER)
+}
+
+fn truncate(s: &str) -> String {
+    let mut end = s.len().min(DETAIL_MAX);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+impl UpstreamClient {
+    pub fn new(
+        name: String,
+        base: &str,
+        token: Option<Secret>,
+        breaker: Breaker,
+    ) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            // Redirects could carry the token elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("hearth/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("upstream {name}: {e}"))?;
+        Ok(Self {
+            name,
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+            breaker,
+            counts: CallCounts::default(),
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t.expose()),
+            None => r,
+        }
+    }
+
+    /// Sends a create for `model` (`owner/name`), at `version` when given.
+    pub async fn create(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        input: &Value,
+        cancel_after: Option<Duration>,
+    ) -> CreateOutcome {
+        let (path, body) = match version {
+            Some(v) => (
+                "/v1/predictions".to_string(),
+                json!({"version": format!("{model}:{v}"), "input": input}),
+            ),
+            None => (
+                format!("/v1/models/{model}/predictions"),
+                json!({"input": input}),
+            ),
+        };
+        let mut req = self.request(reqwest::Method::POST, &path).json(&body);
+        if let Some(d) = cancel_after {
+            // The hosted API's minimum is 5 s.
+            req = req.header("Cancel-After", format!("{}s", d.as_secs().max(5)));
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => {
+                self.counts.network.fetch_add(1, Ordering::Relaxed);
+                return CreateOutcome::NotSent(e.to_string());
+            }
+            Err(e) => {
+                self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);
+                return CreateOutcome::Ambiguous(e.to_string());
+            }
+        };
+        let status = resp.status().as_u16();
+        if status == 429 {
+            self.counts.throttled.fetch_add(1, Ordering::Relaxed);
+            return CreateOutcome::Throttled(retry_after(resp.headers()));
+        }
+        let content_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_string();
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                // The status line came back, the body did not: it was received.
+                self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);
+                return CreateOutcome::Ambiguous(format!("reading the answer: {e}"));
+            }
+        };
+        match status {
+            200..=299 => match serde_json::from_slice::<Value>(&bytes) {
+                Ok(v) => {
+                    self.counts.ok.fetch_add(1, Ordering::Relaxed);
+                    CreateOutcome::Created(v)
+                }
+                Err(e) => {
+                    self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);
+                    CreateOutcome::Ambiguous(format!("its answer is not JSON: {e}"))
+                }
+            },
+            400..=499 => {
+                self.counts.rejected.fetch_add(1, Ordering::Relaxed);
+                CreateOutcome::Rejected {
+                    status,
+                    body: bytes.to_vec(),
+                    content_type,
+                }
+            }
+            _ => {
+                self.counts.server_error.fetch_add(1, Ordering::Relaxed);
+                CreateOutcome::ServerError {
+                    status,
+                    detail: truncate(&String::from_utf8_lossy(&bytes)),
+                }
+            }
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str) -> Result<Value, CallError> {
+        let resp = match self.request(method, path).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.counts.network.fetch_add(1, Ordering::Relaxed);
+                return Err(CallError::Network(e.to_string()));
+            }
+        };
+        let status = resp.status().as_u16();
+        if status == 429 {
+            self.counts.throttled.fetch_add(1, Ordering::Relaxed);
+            return Err(CallError::Throttled(retry_after(resp.headers())));
+        }
+        let bytes = resp.bytes().await.map_err(|e| {
+            self.counts.network.fetch_add(1, Ordering::Relaxed);
+            CallError::Network(e.to_string())
+        })?;
+        if !(200..300).contains(&status) {
+            if status >= 500 {
+                self.counts.server_error.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.counts.rejected.fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(CallError::Status {
+                status,
+                body: truncate(&String::from_utf8_lossy(&bytes)),
+            });
+        }
+        self.counts.ok.fetch_add(1, Ordering::Relaxed);
+        serde_json::from_slice(&bytes).map_err(|e| CallError::Status {
+            status,
+            body: format!("the answer is not JSON: {e}"),
+        })
+    }
+
+    pub async fn get_prediction(&self, id: &str) -> Result<Value, CallError> {
+        self.call(reqwest::Method::GET, &format!("/v1/predictions/{id}"))
+            .await
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<Value, CallError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/predictions/{id}/cancel"),
+        )
+        .await
+    }
+
+    /// The newest page of the upstream's predictions.
+    pub async fn recent_predictions(&self) -> Result<Vec<Value>, CallError> {
+        let page = self.call(reqwest::Method::GET, "/v1/predictions").await?;
+        Ok(page["results"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// A model or version document (`/v1/models/...`).
+    pub async fn get_path(&self, path: &str) -> Result<Value, CallError> {
+        self.call(reqwest::Method::GET, path).await
+    }
+}

@@ -1,0 +1,632 @@
+//! Drives one prediction that runs upstream, from the create to its end: sends the
+//! create (after 429s, again after the delay, within the deadline), writes the
+//! upstream's id to the store before awaiting anything else, then polls with backoff
+//! and turns what changed into hearth's events — `start`, output deltas, logs — and
+//! the end into a stored record with its `completed` webhook, exactly as a local
+//! prediction's runner does. A create whose answer was lost is resolved from the
+//! upstream's list (exactly one match: adopted; otherwise failed, saying why); a
+//! restart resumes from the stored link.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use super::client::{CallError, CreateOutcome, UpstreamClient};
+use super::normalize::{self, Change};
+use crate::client_quota::Slot;
+use crate::prediction::{Live, RunContext};
+use crate::record::{now_rfc3339, Record, Status};
+use crate::store::{Delivery, StoreError, UpstreamLink};
+use crate::webhook::WebhookEvent;
+
+const POLL_MIN: Duration = Duration::from_millis(200);
+const POLL_MAX: Duration = Duration::from_secs(5);
+/// Polls failing for this long in a row end the prediction (the upstream is gone).
+const UNREACHABLE_LIMIT: Duration = Duration::from_secs(600);
+/// No prediction is polled longer than this (hosted ones are deleted after an hour).
+const MAX_RUN: Duration = Duration::from_secs(86400);
+/// Without `Cancel-After`, how long a throttled create is retried.
+const CREATE_WINDOW: Duration = Duration::from_secs(600);
+/// After a cancel is forwarded, how long the upstream gets to end the prediction.
+const CANCEL_GRACE: Duration = Duration::from_secs(30);
+/// Creates that could not connect are tried this many times.
+const CONNECT_ATTEMPTS: u32 = 3;
+/// Before reading the upstream's list for a lost create: time for it to show there.
+const LIST_SETTLE: Duration = Duration::from_secs(1);
+/// A lost create's candidates were created this long before it was sent at most
+/// (clock skew) ...
+const WINDOW_BEFORE_MS: i64 = 5_000;
+/// ... and this long after.
+const WINDOW_AFTER_MS: i64 = 120_000;
+
+/// What the create handler is told after the first attempt.
+pub enum First {
+    /// The upstream took it, or will be asked again after a throttle: answer 201.
+    Accepted,
+    /// The upstream refused it (a 4xx): relay its answer unchanged.
+    Rejected {
+        status: u16,
+        body: Vec<u8>,
+        content_type: String,
+    },
+}
+
+/// One upstream prediction to drive.
+pub struct Job {
+    pub live: Arc<Live>,
+    pub client: Arc<UpstreamClient>,
+    pub ctx: RunContext,
+    pub model: String,
+    pub version: Option<String>,
+    pub input: Value,
+    pub cancel_after: Option<Duration>,
+    pub link: UpstreamLink,
+    /// Held until the prediction ends (none for one resumed after a restart).
+    pub quota: Option<Slot>,
+    pub created: Instant,
+}
+
+/// How a prediction ended without the upstream's final record.
+enum End {
+    /// Failed here, with this error.
+    Failed(String),
+    /// Canceled before the upstream had it.
+    Canceled(String),
+    /// The upstream refused the create and the caller was told so: no webhook.
+    Refused(String),
+    /// Another replica owns it now.
+    TakenOver,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Job {
+    fn id(&self) -> String {
+        self.link.prediction_id.clone()
+    }
+
+    fn note(&self, line: String) {
+        self.live.update(|r| {
+            r.prediction.logs.push_str(&line);
+            r.prediction.logs.push('\n');
+        });
+    }
+}
+
+/// Runs the job to its end. `first` hears how the first create attempt went;
+/// `resumed`: the job comes from the store after a restart.
+pub async fn run(mut job: Job, mut first: Option<oneshot::Sender<First>>) {
+    let upstream_id = match job.link.upstream_id.clone() {
+        Some(u) => Ok(u),
+        None if first.is_none() => {
+            job.note(format!(
+                "Resumed after a restart: the create sent to upstream {} had no recorded answer; looking for it in the upstream's list.",
+                job.client.name
+            ));
+            resolve_lost_create(&job).await.map_err(End::Failed)
+        }
+        None => create(&mut job, &mut first).await,
+    };
+    if let Some(tx) = first.take() {
+        let _ = tx.send(First::Accepted);
+    }
+    let end = match upstream_id {
+        Ok(uid) => {
+            job.link.upstream_id = Some(uid.clone());
+            match job.ctx.store.upstream_link_put(&job.link).await {
+                Ok(()) => poll(&job, &uid).await,
+                Err(e) => {
+                    tracing::error!(error = %e, "could not store the upstream id; canceling it upstream");
+                    let _ = job.client.cancel(&uid).await;
+                    Err(End::Failed(
+                        "the server could not save this prediction's upstream id (a storage error; see the server log); it was canceled upstream: create it again"
+                            .into(),
+                    ))
+                }
+            }
+        }
+        Err(end) => Err(end),
+    };
+    match end {
+        Ok(final_record) => finish(&job, final_record, true).await,
+        Err(End::TakenOver) => taken_over(&job).await,
+        Err(end) => {
+            let Some(mut r) = job.live.snapshot() else {
+                return;
+            };
+            let (status, error, webhook) = match end {
+                End::Failed(e) => (Status::Failed, Some(e), true),
+                End::Canceled(note) => {
+                    r.prediction.logs.push_str(&note);
+                    r.prediction.logs.push('\n');
+                    (Status::Canceled, None, true)
+                }
+                End::Refused(e) => (Status::Failed, Some(e), false),
+                End::TakenOver => unreachable_end(),
+            };
+            let now = now_rfc3339();
+            r.prediction.finish(status, &now);
+            r.prediction.error = error;
+            let total = r.prediction.seconds_since_created(&now);
+            r.prediction.metrics = Some(json!({"predict_time": 0.0, "total_time": total}));
+            finish(&job, r, webhook).await
+        }
+    }
+    drop(job.quota.take());
+}
+
+/// `End::TakenOver` is handled before the match that would need this.
+fn unreachable_end() -> (Status, Option<String>, bool) {
+    (
+        Status::Failed,
+        Some("internal: unexpected end".into()),
+        false,
+    )
+}
+
+/// Awaits `fut` to its end even when a cancel is asked meanwhile (dropping a create
+/// in flight would make it ambiguous); says whether one was.
+async fn uninterrupted<T>(live: &Live, fut: impl std::future::Future<Output = T>) -> (T, bool) {
+    tokio::pin!(fut);
+    let mut canceled = false;
+    loop {
+        tokio::select! {
+            out = &mut fut => return (out, canceled),
+            _ = live.cancel_requested(), if !canceled => canceled = true,
+        }
+    }
+}
+
+/// Sends the create until the upstream names the prediction: its id, or how it ended.
+async fn create(job: &mut Job, first: &mut Option<oneshot::Sender<First>>) -> Result<String, End> {
+    let deadline = Instant::now() + job.cancel_after.unwrap_or(CREATE_WINDOW).min(CREATE_WINDOW);
+    let name = job.client.name.clone();
+    let mut connect_failures = 0;
+    loop {
+        job.link.create_sent_ms = now_ms();
+        // The link first: a restart from here on looks for this create upstream.
+        if let Err(e) = job.ctx.store.upstream_link_put(&job.link).await {
+            tracing::error!(error = %e, "could not store the upstream link; not sending the create");
+            return Err(End::Failed(
+                "the server could not save this prediction (a storage error; see the server log); create it again".into(),
+            ));
+        }
+        let sent = job.client.create(
+            &job.model,
+            job.version.as_deref(),
+            &job.input,
+            job.cancel_after,
+        );
+        let (outcome, canceled) = uninterrupted(&job.live, sent).await;
+        let uid = match outcome {
+            CreateOutcome::Created(v) => {
+                job.client.breaker.success();
+                match v["id"].as_str().filter(|id| normalize::valid_id(id)) {
+                    Some(id) => id.to_string(),
+                    None => {
+                        return Err(End::Failed(format!(
+                            "upstream {name} answered the create without a usable prediction id"
+                        )))
+                    }
+                }
+            }
+            CreateOutcome::Throttled(wait) => {
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(First::Accepted);
+                }
+                if canceled {
+                    return Err(End::Canceled(format!(
+                        "Canceled while upstream {name} was throttling its create (never created there)."
+                    )));
+                }
+                if Instant::now() + wait > deadline {
+                    return Err(End::Failed(format!(
+                        "upstream {name} kept throttling the create (429) past its deadline; it was never created there"
+                    )));
+                }
+                job.note(format!(
+                    "Upstream {name} throttled the create (429): sending it again in {:.1}s.",
+                    wait.as_secs_f64()
+                ));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = job.live.cancel_requested() => return Err(End::Canceled(format!(
+                        "Canceled while upstream {name} was throttling its create (never created there)."
+                    ))),
+                }
+            }
+            CreateOutcome::Rejected {
+                status,
+                body,
+                content_type,
+            } => {
+                let detail = String::from_utf8_lossy(&body)
+                    .chars()
+                    .take(2000)
+                    .collect::<String>();
+                let error = format!("upstream {name} refused the input ({status}): {detail}");
+                return Err(match first.take() {
+                    Some(tx) => {
+                        let _ = tx.send(First::Rejected {
+                            status,
+                            body,
+                            content_type,
+                        });
+                        End::Refused(error)
+                    }
+                    None => End::Failed(error),
+                });
+            }
+            CreateOutcome::ServerError { status, detail } => {
+                job.client.breaker.failure();
+                return Err(End::Failed(format!(
+                    "upstream {name} answered the create with {status} ({detail}); not sent again, since it may have been received"
+                )));
+            }
+            CreateOutcome::NotSent(e) => {
+                job.client.breaker.failure();
+                connect_failures += 1;
+                if canceled {
+                    return Err(End::Canceled(format!(
+                        "Canceled before upstream {name} could be reached (never created there)."
+                    )));
+                }
+                let backoff = Duration::from_millis(500 << connect_failures.min(4));
+                if connect_failures >= CONNECT_ATTEMPTS || Instant::now() + backoff > deadline {
+                    return Err(End::Failed(format!("upstream {name} is unreachable: {e}")));
+                }
+                job.note(format!(
+                    "Upstream {name} could not be reached ({e}): trying again."
+                ));
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+            CreateOutcome::Ambiguous(e) => {
+                job.client.breaker.failure();
+                tracing::warn!(upstream = %name, error = %e, "a create's answer was lost; looking for it in the upstream's list");
+                job.note(format!(
+                    "The answer to the create sent to upstream {name} was lost ({e}); looking for the prediction in the upstream's list instead of sending it again."
+                ));
+                resolve_lost_create(job).await.map_err(End::Failed)?
+            }
+        };
+        if canceled {
+            job.live.request_cancel();
+        }
+        return Ok(uid);
+    }
+}
+
+/// Finds the upstream prediction a lost create made: exactly one of the upstream's
+/// recent predictions with the same model, identical input and a creation time in
+/// the window around the send. None or several: an error that says so.
+async fn resolve_lost_create(job: &Job) -> Result<String, String> {
+    let name = &job.client.name;
+    let sent = job.link.create_sent_ms;
+    let mut last_err = String::new();
+    for attempt in 0..3u32 {
+        tokio::time::sleep(LIST_SETTLE * (attempt + 1)).await;
+        let list = match job.client.recent_predictions().await {
+            Ok(l) => l,
+            Err(e) => {
+                last_err = e.to_string();
+                continue;
+            }
+        };
+        let matches: Vec<String> = list
+            .iter()
+            .filter(|p| same_request(job, p, sent))
+            .filter_map(|p| p["id"].as_str().filter(|i| normalize::valid_id(i)))
+            .map(str::to_string)
+            .collect();
+        match matches.len() {
+            1 => {
+                job.note(format!(
+                    "Found it upstream: {} (the only prediction there with this model and input from that time).",
+                    matches[0]
+                ));
+                return Ok(matches[0].clone());
+            }
+            0 => last_err = "no prediction with this model and input from that time is listed there".into(),
+            n => {
+                return Err(format!(
+                    "the answer to this prediction's create from upstream {name} was lost, and {n} predictions there have the same model and identical input from that time ({}): hearth cannot tell which one is this, so it adopted none and sent nothing again; check them upstream and create this one again if needed",
+                    matches.join(", ")
+                ))
+            }
+        }
+    }
+    Err(format!(
+        "the answer to this prediction's create from upstream {name} was lost and it could not be found there ({last_err}); it may or may not run there, so it was not sent again: check upstream and create it again if needed"
+    ))
+}
+
+fn same_request(job: &Job, p: &Value, sent_ms: i64) -> bool {
+    let model_ok = p["model"].as_str() == Some(job.model.as_str())
+        || (job.version.is_some() && p["version"].as_str() == job.version.as_deref());
+    let created = p["created_at"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.timestamp_millis());
+    let in_window =
+        created.is_some_and(|c| c >= sent_ms - WINDOW_BEFORE_MS && c <= sent_ms + WINDOW_AFTER_MS);
+    model_ok && in_window && p["input"] == job.input
+}
+
+/// Polls the upstream prediction to its end; the final record, or how it ended here.
+async fn poll(job: &Job, uid: &str) -> Result<Record, End> {
+    let name = &job.client.name;
+    let live = &job.live;
+    live.update(|r| {
+        if let Some(h) = r.prediction.hearth.as_mut() {
+            h["upstream_id"] = json!(uid);
+        }
+    });
+    let shared = job.ctx.store.is_shared();
+    let started_at = Instant::now();
+    let mut interval = Duration::ZERO;
+    let mut last_ok = Instant::now();
+    let mut cancel_sent: Option<Instant> = None;
+    let far = tokio::time::Instant::now() + MAX_RUN;
+    let deadline = job.ctx.deadline.unwrap_or(far);
+    let mut deadline_passed = false;
+    let mut started = live
+        .snapshot()
+        .is_some_and(|r| r.prediction.status != Status::Starting);
+    let mut upstream_logs = String::new();
+    let base_logs = live
+        .snapshot()
+        .map(|r| r.prediction.logs)
+        .unwrap_or_default();
+    loop {
+        let mut forward_cancel = false;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = live.cancel_requested(), if cancel_sent.is_none() => forward_cancel = true,
+            _ = tokio::time::sleep_until(deadline), if !deadline_passed => {
+                deadline_passed = true;
+                forward_cancel = cancel_sent.is_none();
+                if job.ctx.deadline.is_none() {
+                    return Err(End::Failed(format!(
+                        "upstream {name} did not finish prediction {uid} within {} hours",
+                        MAX_RUN.as_secs() / 3600
+                    )));
+                }
+            }
+        }
+        if forward_cancel {
+            cancel_sent = Some(Instant::now());
+            match job.client.cancel(uid).await {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(upstream = %name, error = %e, "forwarding a cancel failed; polling on")
+                }
+            }
+        }
+        if let Some(at) = cancel_sent {
+            if at.elapsed() > CANCEL_GRACE {
+                return Err(End::Canceled(format!(
+                    "Canceled here; upstream {name} had not confirmed the cancel of {uid} within {}s.",
+                    CANCEL_GRACE.as_secs()
+                )));
+            }
+        }
+        let u = match job.client.get_prediction(uid).await {
+            Ok(u) => {
+                job.client.breaker.success();
+                last_ok = Instant::now();
+                u
+            }
+            Err(CallError::Throttled(wait)) => {
+                interval = wait.min(Duration::from_secs(60));
+                continue;
+            }
+            Err(CallError::Status { status: 404, .. }) => {
+                return Err(End::Failed(format!(
+                    "upstream {name} no longer has prediction {uid} (deleted or expired there)"
+                )))
+            }
+            Err(CallError::Status { status, body }) if status < 500 => {
+                return Err(End::Failed(format!(
+                    "upstream {name} refused to show prediction {uid} ({status}): {body}"
+                )))
+            }
+            Err(e) => {
+                job.client.breaker.failure();
+                if last_ok.elapsed() > UNREACHABLE_LIMIT {
+                    return Err(End::Failed(format!(
+                        "lost contact with upstream {name} for {} minutes ({e}); prediction {uid} may still be running there",
+                        UNREACHABLE_LIMIT.as_secs() / 60
+                    )));
+                }
+                interval = (interval * 2).clamp(POLL_MIN, POLL_MAX);
+                continue;
+            }
+        };
+        let status = normalize::status(&u);
+        let mut changed = false;
+        if !started && status != Status::Starting {
+            started = true;
+            changed = true;
+            let at = u["started_at"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(now_rfc3339);
+            let Some(r) = live.update(|r| {
+                r.prediction.status = Status::Processing;
+                r.prediction.started_at = Some(at);
+            }) else {
+                return Err(End::Failed(
+                    "internal: the prediction's state was lost".into(),
+                ));
+            };
+            match job.ctx.store.put(&r).await {
+                Ok(()) => {}
+                Err(StoreError::NotOwner(_)) => return Err(End::TakenOver),
+                Err(e) => tracing::warn!(error = %e, "could not store the started prediction"),
+            }
+            job.ctx.notify(WebhookEvent::Start, &r).await;
+        }
+        if status.is_terminal() {
+            let Some(r) = live.snapshot() else {
+                return Err(End::Failed(
+                    "internal: the prediction's state was lost".into(),
+                ));
+            };
+            return Ok(final_record(
+                job, r, uid, &u, status, &base_logs, started_at,
+            ));
+        }
+        let current = live
+            .snapshot()
+            .and_then(|r| r.prediction.output)
+            .unwrap_or_default();
+        match normalize::change(&current, &u["output"]) {
+            Change::None => {}
+            Change::Append(new) => {
+                changed = true;
+                for chunk in new {
+                    if let Some(r) = live
+                        .update(|r| r.prediction.output.get_or_insert_with(Vec::new).push(chunk))
+                    {
+                        job.ctx.notify(WebhookEvent::Output, &r).await;
+                    }
+                }
+            }
+            Change::Replace(all) => {
+                changed = true;
+                if let Some(r) = live.update(|r| r.prediction.output = Some(all)) {
+                    job.ctx.notify(WebhookEvent::Output, &r).await;
+                }
+            }
+        }
+        if let Some(logs) = u["logs"].as_str().filter(|l| *l != upstream_logs) {
+            upstream_logs = logs.to_string();
+            changed = true;
+            if let Some(r) = live.update(|r| r.prediction.logs = format!("{base_logs}{logs}")) {
+                job.ctx.notify(WebhookEvent::Logs, &r).await;
+            }
+        }
+        if changed && shared {
+            if let Some(r) = live.snapshot() {
+                match job.ctx.store.put(&r).await {
+                    Ok(()) => {}
+                    Err(StoreError::NotOwner(_)) => return Err(End::TakenOver),
+                    Err(e) => tracing::warn!(error = %e, "could not write streamed output"),
+                }
+            }
+        }
+        interval = if changed {
+            POLL_MIN
+        } else {
+            (interval * 3 / 2).clamp(POLL_MIN, POLL_MAX)
+        };
+    }
+}
+
+/// The end as the upstream reports it: its output (normalized), error, timestamps and
+/// metrics — the side that ran it is the one that timed it.
+fn final_record(
+    job: &Job,
+    mut r: Record,
+    uid: &str,
+    u: &Value,
+    status: Status,
+    base_logs: &str,
+    polled_since: Instant,
+) -> Record {
+    let p = &mut r.prediction;
+    let completed = u["completed_at"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(now_rfc3339);
+    p.output = Some(normalize::chunks(&u["output"]));
+    if let Some(logs) = u["logs"].as_str() {
+        p.logs = format!("{base_logs}{logs}");
+    }
+    if p.started_at.is_none() {
+        p.started_at = u["started_at"].as_str().map(str::to_string);
+    }
+    p.finish(status, &completed);
+    p.error = if status == Status::Failed {
+        Some(
+            normalize::error(u).unwrap_or_else(|| format!("failed upstream ({})", job.client.name)),
+        )
+    } else {
+        None
+    };
+    let mut m = match &u["metrics"] {
+        Value::Object(o) => Value::Object(o.clone()),
+        _ => json!({}),
+    };
+    if m.get("predict_time").is_none() {
+        let t = |s: Option<&str>| s.and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
+        let predict = match (t(p.started_at.as_deref()), t(Some(&completed))) {
+            (Some(a), Some(b)) => (b - a).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6,
+            _ => polled_since.elapsed().as_secs_f64(),
+        };
+        m["predict_time"] = json!(predict);
+    }
+    if m.get("total_time").is_none() {
+        m["total_time"] = json!(job.created.elapsed().as_secs_f64());
+    }
+    p.metrics = Some(m);
+    if let Some(h) = p.hearth.as_mut() {
+        h["upstream_id"] = json!(uid);
+    }
+    r
+}
+
+/// Stores the end (with the `completed` webhook when `webhook`), then shows it.
+async fn finish(job: &Job, r: Record, webhook: bool) {
+    let ctx = &job.ctx;
+    ctx.metrics.finished(r.prediction.status.as_str());
+    ctx.metrics.e2e.observe(job.created.elapsed().as_secs_f64());
+    let hooks: Vec<Delivery> = match (&ctx.webhook, webhook) {
+        (Some(w), true) => w.prepare(WebhookEvent::Completed, &r),
+        _ => Vec::new(),
+    };
+    match ctx
+        .store
+        .finish(&r, &hooks, crate::webhook::dispatcher::now_ms())
+        .await
+    {
+        Ok(()) => {
+            if let (Some(w), false) = (&ctx.webhook, hooks.is_empty()) {
+                w.queued(&hooks);
+            }
+        }
+        Err(StoreError::NotOwner(_)) => return taken_over(job).await,
+        Err(e) => {
+            tracing::error!(error = %e, "could not store the finished prediction; keeping it in memory and retrying");
+            ctx.hub.keep_unsaved(r.clone());
+            if let Some(w) = &ctx.webhook {
+                w.push(&hooks).await;
+            }
+        }
+    }
+    job.live.update(|x| *x = r.clone());
+    ctx.hub.remove(&r.prediction.id);
+    tracing::info!(
+        status = r.prediction.status.as_str(),
+        "upstream prediction finished"
+    );
+}
+
+/// Another replica took the prediction over (this one's lease ran out): it polls it
+/// now; this one lets go.
+async fn taken_over(job: &Job) {
+    tracing::warn!("another replica took this upstream prediction over; stopping here");
+    let id = job.id();
+    let stored = job.ctx.store.get(&id).await.ok().flatten();
+    job.live.update(|r| {
+        if let Some(s) = stored {
+            *r = s;
+        }
+    });
+    job.ctx.hub.remove(&id);
+}

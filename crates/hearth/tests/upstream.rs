@@ -1,0 +1,630 @@
+//! Hybrid serving with real processes: a front `hearth serve` routing models to an
+//! upstream that is another `hearth serve` (the demo model), through a
+//! fault-injecting proxy of our own (`support::fault_proxy`). Covers an `upstream`
+//! route end to end (create, wait, stream, cancel, webhooks, the model document, a
+//! relayed 422), throttled creates, a 5xx, creates whose answer is lost (resolved by
+//! the upstream's list, or failed when two identical ones are in flight), `fallback`
+//! with the local engine unable to take work and its circuit breaker, and a front
+//! killed with SIGKILL during an upstream prediction that finishes after a restart.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::fault_proxy::FaultProxy;
+
+const UP_TOKEN: &str = "upstream-secret-7f3a";
+const FRONT_TOKEN: &str = "front-token";
+
+struct Proc {
+    child: Child,
+    base: String,
+    log: PathBuf,
+}
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn temp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "hearth-up-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+async fn spawn(port: u16, args: &[String], env: &[(&str, &str)], log: &Path) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+    cmd.args(["serve", "--port", &port.to_string()])
+        .args(args)
+        .env("HEARTH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        );
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let p = Proc {
+        child: cmd.spawn().unwrap(),
+        base: format!("http://127.0.0.1:{port}"),
+        log: log.to_path_buf(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(r) = reqwest::get(format!("{}/health-check", p.base)).await {
+            if r.json::<Value>()
+                .await
+                .is_ok_and(|h| h["status"] == "READY")
+            {
+                return p;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server on {port} did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The upstream: the demo model as acme/remote and as hearth/demo.
+async fn upstream(dir: &Path) -> Proc {
+    let cards = dir.join("cards");
+    std::fs::create_dir_all(&cards).unwrap();
+    std::fs::write(
+        cards.join("a.toml"),
+        "name = \"acme/remote\"\nmodel = \"demo\"\n[defaults]\nmax_tokens = 129\n",
+    )
+    .unwrap();
+    std::fs::write(
+        cards.join("b.toml"),
+        "name = \"hearth/demo\"\nmodel = \"demo\"\n",
+    )
+    .unwrap();
+    let args: Vec<String> = vec![
+        "--models".into(),
+        cards.display().to_string(),
+        "--data-dir".into(),
+        dir.join("data").display().to_string(),
+        "--api-token".into(),
+        UP_TOKEN.into(),
+    ];
+    spawn(free_port(), &args, &[], &dir.join("upstream.log")).await
+}
+
+async fn front(port: u16, data: &Path, upstream_url: &str, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "--data-dir".into(),
+        data.join("front-data").display().to_string(),
+        "--api-token".into(),
+        FRONT_TOKEN.into(),
+        "--webhook-allow-private".into(),
+        "--upstream".into(),
+        format!("up={upstream_url}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    spawn(
+        port,
+        &args,
+        &[("HEARTH_UPSTREAM_TOKEN_UP", UP_TOKEN)],
+        &data.join("front.log"),
+    )
+    .await
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: &'static str,
+}
+
+impl Api {
+    fn new(base: &str, token: &'static str) -> Self {
+        Api {
+            http: reqwest::Client::new(),
+            base: base.into(),
+            token,
+        }
+    }
+    async fn create(&self, model: &str, body: Value, prefer: Option<&str>) -> (u16, Value) {
+        let mut r = self
+            .http
+            .post(format!("{}/v1/models/{model}/predictions", self.base))
+            .bearer_auth(self.token)
+            .json(&body);
+        if let Some(p) = prefer {
+            r = r.header("Prefer", p);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+    async fn get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+    async fn text(&self, path: &str) -> String {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(self.token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+    async fn wait_terminal(&self, id: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let p = self.get(&format!("/v1/predictions/{id}")).await;
+            if ["succeeded", "failed", "canceled"].contains(&p["status"].as_str().unwrap_or("")) {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "not terminal: {p}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    async fn wait_status(&self, id: &str, status: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let p = self.get(&format!("/v1/predictions/{id}")).await;
+            if p["status"] == status {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "never {status}: {p}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A webhook receiver recording bodies.
+async fn receiver() -> (String, Arc<Mutex<Vec<(axum::http::HeaderMap, Value)>>>) {
+    use axum::routing::post;
+    let calls: Arc<Mutex<Vec<(axum::http::HeaderMap, Value)>>> = Default::default();
+    let sink = calls.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |h: axum::http::HeaderMap, body: String| {
+            let sink = sink.clone();
+            async move {
+                sink.lock()
+                    .unwrap()
+                    .push((h, serde_json::from_str(&body).unwrap_or(Value::Null)));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, calls)
+}
+
+fn input(tag: &str, max_tokens: u32) -> Value {
+    json!({"prompt": format!("{tag} {}", rand::random::<u64>()), "max_tokens": max_tokens, "temperature": 0})
+}
+
+/// The upstream's predictions with this input.
+async fn upstream_runs(up: &Api, input: &Value) -> Vec<Value> {
+    let page = up.get("/v1/predictions").await;
+    page["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["input"] == *input)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_route_serves_every_verb_and_survives_faults() {
+    let dir = temp("e2e");
+    let u = upstream(&dir).await;
+    let proxy = FaultProxy::start(&u.base).await;
+    let f = front(
+        free_port(),
+        &dir,
+        &proxy.url,
+        &[
+            "--route",
+            "acme/remote=upstream:up",
+            "--upstream-failures",
+            "100",
+        ],
+    )
+    .await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let up = Api::new(&u.base, UP_TOKEN);
+
+    // The model document comes from the upstream: the clients' run() finds its version.
+    let doc = api.get("/v1/models/acme/remote").await;
+    assert_eq!(doc["name"], "remote", "{doc}");
+    let version = doc["latest_version"]["id"].as_str().unwrap().to_string();
+    assert!(doc["latest_version"]["openapi_schema"].is_object());
+    let v = api
+        .get(&format!("/v1/models/acme/remote/versions/{version}"))
+        .await;
+    assert_eq!(v["id"], version.as_str());
+
+    // Create and wait: hearth's id and URLs, the upstream's output and timings.
+    let inp = input("wait", 12);
+    let (code, p) = api
+        .create("acme/remote", json!({"input": inp}), Some("wait=60"))
+        .await;
+    assert_eq!(code, 201, "{p}");
+    assert_eq!(p["status"], "succeeded", "{p}");
+    assert_eq!(p["hearth"]["side"], "upstream", "{p}");
+    assert_eq!(p["hearth"]["upstream"], "up");
+    let uid = p["hearth"]["upstream_id"].as_str().unwrap();
+    assert_ne!(p["id"], uid);
+    assert!(
+        p["urls"]["get"].as_str().unwrap().starts_with(&f.base),
+        "{p}"
+    );
+    let theirs = up.get(&format!("/v1/predictions/{uid}")).await;
+    assert_eq!(p["output"], theirs["output"]);
+    assert_eq!(
+        p["metrics"]["predict_time"],
+        theirs["metrics"]["predict_time"]
+    );
+    assert_eq!(p["completed_at"], theirs["completed_at"]);
+    assert!(!p["output"].as_array().unwrap().is_empty());
+    let id = p["id"].as_str().unwrap();
+    assert_eq!(
+        api.get(&format!("/v1/predictions/{id}")).await["output"],
+        p["output"]
+    );
+    let list = api.get("/v1/predictions").await;
+    assert!(list["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["id"] == id));
+
+    // A stream synthesized from polling: output deltas, then done last; a webhook
+    // receiver gets hearth's own signed webhooks, completed last.
+    let (hook, calls) = receiver().await;
+    let inp = input("stream", 60);
+    let (code, p) = api
+        .create("acme/remote", json!({"input": inp, "webhook": hook}), None)
+        .await;
+    assert_eq!(code, 201, "{p}");
+    let sse = api
+        .http
+        .get(p["urls"]["stream"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<(String, String)> = sse
+        .split("\n\n")
+        .filter_map(|b| {
+            let ev = b
+                .lines()
+                .find_map(|l| l.strip_prefix("event:"))?
+                .trim()
+                .to_string();
+            let data: Vec<&str> = b
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect();
+            Some((ev, data.join("\n")))
+        })
+        .collect();
+    assert_eq!(events.last().unwrap().0, "done", "{sse}");
+    assert!(
+        events[..events.len() - 1]
+            .iter()
+            .all(|(e, _)| e == "output"),
+        "{sse}"
+    );
+    let streamed: String = events
+        .iter()
+        .filter(|(e, _)| e == "output")
+        .map(|(_, d)| d.as_str())
+        .collect();
+    let done = api.wait_terminal(p["id"].as_str().unwrap(), 60).await;
+    let joined: String = done["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, joined);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = calls.lock().unwrap().clone();
+        if got.last().is_some_and(|(_, b)| b["status"] == "succeeded") {
+            assert_eq!(got.last().unwrap().1["id"], done["id"]);
+            assert!(got.iter().all(|(h, _)| h.contains_key("webhook-signature")));
+            assert!(
+                got.iter().any(|(_, b)| b["status"] == "processing"),
+                "a start webhook"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no completed webhook: {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Cancel is forwarded: both sides end canceled.
+    let long = json!({"prompt": format!("cancel {}", rand::random::<u64>()), "max_tokens": 8000, "ignore_eos": true});
+    let (_, p) = api
+        .create("acme/remote", json!({"input": long}), None)
+        .await;
+    let id = p["id"].as_str().unwrap();
+    let running = api.wait_status(id, "processing", 60).await;
+    let uid = running["hearth"]["upstream_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let c: Value = api
+        .http
+        .post(format!("{}/v1/predictions/{id}/cancel", f.base))
+        .bearer_auth(FRONT_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let c = if c["status"] == "canceled" {
+        c
+    } else {
+        api.wait_terminal(id, 60).await
+    };
+    assert_eq!(c["status"], "canceled", "{c}");
+    assert_eq!(
+        up.get(&format!("/v1/predictions/{uid}")).await["status"],
+        "canceled"
+    );
+
+    // The upstream's 422 reaches the caller unchanged; nothing runs.
+    let (code, body) = api
+        .create(
+            "acme/remote",
+            json!({"input": {"prompt": "x", "max_tokens": "many"}}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body.to_string().contains("max_tokens"), "{body}");
+
+    // Two 429s with Retry-After: the create is sent again after the delay and runs once.
+    let before = proxy.creates.load(std::sync::atomic::Ordering::SeqCst);
+    proxy.set(|p| p.throttle_creates = 2);
+    let inp = input("throttled", 8);
+    let (code, p) = api.create("acme/remote", json!({"input": inp}), None).await;
+    assert_eq!(code, 201, "{p}");
+    let done = api.wait_terminal(p["id"].as_str().unwrap(), 60).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(
+        done["logs"].as_str().unwrap().contains("throttled"),
+        "{done}"
+    );
+    assert_eq!(
+        proxy.creates.load(std::sync::atomic::Ordering::SeqCst) - before,
+        3
+    );
+    assert_eq!(upstream_runs(&up, &inp).await.len(), 1);
+
+    // A 5xx on create: failed, saying it was not sent again.
+    proxy.set(|p| p.fail_creates = 1);
+    let inp = input("fivexx", 8);
+    let (_, p) = api.create("acme/remote", json!({"input": inp}), None).await;
+    let done = api.wait_terminal(p["id"].as_str().unwrap(), 60).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let err = done["error"].as_str().unwrap();
+    assert!(
+        err.contains("503") && err.contains("not sent again"),
+        "{err}"
+    );
+    assert!(upstream_runs(&up, &inp).await.is_empty());
+
+    // The connection dies after the upstream took the create: found by its list,
+    // adopted, never sent twice.
+    proxy.set(|p| p.reset_after_creates = 1);
+    let inp = input("reset", 8);
+    let (code, p) = api.create("acme/remote", json!({"input": inp}), None).await;
+    assert_eq!(code, 201, "{p}");
+    let done = api.wait_terminal(p["id"].as_str().unwrap(), 60).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let runs = upstream_runs(&up, &inp).await;
+    assert_eq!(runs.len(), 1, "ran once upstream");
+    assert_eq!(done["hearth"]["upstream_id"], runs[0]["id"]);
+    assert_eq!(done["output"], runs[0]["output"]);
+
+    // Two identical inputs in flight, both answers lost: neither is guessed.
+    proxy.set(|p| p.reset_after_creates = 2);
+    let inp = input("twins", 8);
+    let body = json!({"input": inp});
+    let ((_, a), (_, b)) = tokio::join!(
+        api.create("acme/remote", body.clone(), None),
+        api.create("acme/remote", body.clone(), None)
+    );
+    for p in [a, b] {
+        let done = api.wait_terminal(p["id"].as_str().unwrap(), 60).await;
+        assert_eq!(done["status"], "failed", "{done}");
+        let err = done["error"].as_str().unwrap();
+        assert!(
+            err.contains("2 predictions there have the same model and identical input"),
+            "{err}"
+        );
+    }
+    assert_eq!(upstream_runs(&up, &inp).await.len(), 2, "nothing resent");
+
+    // The upstream token is never shown or logged by the front.
+    let metrics = api.text("/metrics").await;
+    assert!(
+        metrics.contains("hearth_upstream_calls_total{upstream=\"up\",outcome=\"throttled\"} 2"),
+        "{metrics}"
+    );
+    let health = api.text("/health").await;
+    let log = std::fs::read_to_string(&f.log).unwrap();
+    for text in [&metrics, &health, &log, &list.to_string()] {
+        assert!(!text.contains(UP_TOKEN));
+    }
+    drop(f);
+    drop(u);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_goes_upstream_when_local_cannot_take_work_until_the_breaker_opens() {
+    let dir = temp("fallback");
+    let u = upstream(&dir).await;
+    let proxy = FaultProxy::start(&u.base).await;
+    // No waiting room: every local create finds the engine's queue full.
+    let f = front(
+        free_port(),
+        &dir,
+        &proxy.url,
+        &[
+            "--max-waiting",
+            "0",
+            "--route",
+            "hearth/demo=fallback:up",
+            "--upstream-failures",
+            "2",
+            "--upstream-cooldown",
+            "600",
+        ],
+    )
+    .await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let (code, p) = api
+        .create(
+            "hearth/demo",
+            json!({"input": input("fallback", 8)}),
+            Some("wait=60"),
+        )
+        .await;
+    assert_eq!(code, 201, "{p}");
+    assert_eq!(p["status"], "succeeded", "{p}");
+    assert_eq!(p["hearth"]["side"], "upstream", "{p}");
+    assert_eq!(p["hearth"]["reason"], "local create failed");
+    assert_eq!(
+        api.get("/health").await["upstreams"]["up"]["circuit"],
+        "closed"
+    );
+
+    // The upstream fails twice: its circuit opens, and the route stays local (whose
+    // queue is full: the caller gets the local 429, nothing is sent upstream).
+    proxy.set(|p| p.fail_all = true);
+    for _ in 0..2 {
+        let (_, p) = api
+            .create("hearth/demo", json!({"input": input("down", 8)}), None)
+            .await;
+        let done = api.wait_terminal(p["id"].as_str().unwrap(), 60).await;
+        assert_eq!(done["status"], "failed", "{done}");
+    }
+    let health = api.get("/health").await;
+    assert_eq!(health["upstreams"]["up"]["circuit"], "open", "{health}");
+    let sent = proxy.creates.load(std::sync::atomic::Ordering::SeqCst);
+    let (code, body) = api
+        .create("hearth/demo", json!({"input": input("local", 8)}), None)
+        .await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(
+        proxy.creates.load(std::sync::atomic::Ordering::SeqCst),
+        sent
+    );
+    let metrics = api.text("/metrics").await;
+    assert!(
+        metrics.contains("hearth_upstream_circuit_open{upstream=\"up\"} 1"),
+        "{metrics}"
+    );
+    drop(f);
+    drop(u);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_front_killed_mid_prediction_resumes_polling_after_restart() {
+    let dir = temp("restart");
+    let u = upstream(&dir).await;
+    let port = free_port();
+    let route = ["--route", "acme/remote=upstream:up"];
+    let mut f = front(port, &dir, &u.base, &route).await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let (hook, calls) = receiver().await;
+    let long = json!({"prompt": format!("restart {}", rand::random::<u64>()), "max_tokens": 3000, "ignore_eos": true});
+    let (code, p) = api
+        .create(
+            "acme/remote",
+            json!({"input": long, "webhook": hook, "webhook_events_filter": ["completed"]}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 201, "{p}");
+    let id = p["id"].as_str().unwrap().to_string();
+    let running = api.wait_status(&id, "processing", 60).await;
+    let uid = running["hearth"]["upstream_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    f.child.kill().unwrap(); // SIGKILL
+    f.child.wait().unwrap();
+    drop(f);
+
+    let _f = front(port, &dir, &u.base, &route).await;
+    let done = api.wait_terminal(&id, 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["hearth"]["upstream_id"], uid.as_str());
+    let up = Api::new(&u.base, UP_TOKEN);
+    let theirs = up.get(&format!("/v1/predictions/{uid}")).await;
+    assert_eq!(done["output"], theirs["output"]);
+    assert_eq!(
+        upstream_runs(&up, &long).await.len(),
+        1,
+        "not created again"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !calls
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, b)| b["id"] == id.as_str() && b["status"] == "succeeded")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no completed webhook after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(u);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -179,8 +179,16 @@ try {
     return v && v.textContent !== "0" && v.textContent !== "–";
   }, null, { timeout: WAIT });
   await page.waitForFunction(() => Number(document.querySelector('[data-stat="running"]').textContent) > 0, null, { timeout: WAIT }).catch(() => {});
+  // The tokens/s figure can already be non-zero from the runs above, so wait for the
+  // chart itself to redraw with a new sample (one a second) rather than reading it once.
+  const after = await page
+    .waitForFunction((b) => {
+      const d = document.querySelector('[data-series="tokens/s"]')?.getAttribute("d");
+      return d && d !== b && /L/.test(d) ? d : null;
+    }, before, { timeout: WAIT })
+    .then((h) => h.jsonValue())
+    .catch(async () => tps());
   await shot("ops");
-  const after = await tps();
   check("ops: tokens/s chart moved under load", before !== after && /L/.test(after), `${before} -> ${after}`);
   check("ops: state shown", (await text('.ops-model[data-model="hearth/demo"] .state')) === "READY");
   await page.waitForFunction(() => !/no requests/.test(document.querySelector(".ops-model figure:nth-of-type(6) figcaption")?.textContent || "no requests"), null, { timeout: WAIT });

@@ -13,8 +13,9 @@ use hearth_server::upstream::{self, BreakerConfig, ModelRoute, Secret, UpstreamS
 #[derive(Args, Debug)]
 pub struct UpstreamArgs {
     /// A Replicate-compatible API models can be routed to, NAME=URL (repeatable; e.g.
-    /// hosted=https://api.replicate.com or another hearth). Its token comes from
-    /// --upstream-token-file or HEARTH_UPSTREAM_TOKEN_<NAME>.
+    /// hosted=https://api.replicate.com or another hearth), or NAME=cog+URL for a plain
+    /// Cog container's /predictions API. Its token comes from --upstream-token-file or
+    /// HEARTH_UPSTREAM_TOKEN_<NAME>.
     #[arg(long = "upstream", env = "HEARTH_UPSTREAM", value_delimiter = ',', value_parser = parse_upstream)]
     pub upstreams: Vec<UpstreamSpec>,
     /// NAME=PATH: the file holding the upstream's API token (repeatable).

@@ -630,3 +630,201 @@ async fn a_front_killed_mid_prediction_resumes_polling_after_restart() {
     drop(u);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A plain Cog container as the upstream (`cog+URL`): the upstream hearth's own Cog
+/// API on the same port. The model's document comes from its `/openapi.json`; a
+/// prediction keeps hearth's id there; output streams; a 422 is relayed; a cancel is
+/// forwarded; a canary route reaches it too; and a front killed with SIGKILL during a
+/// prediction attaches to it again after a restart (it ran once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cog_container_upstream_serves_every_verb_and_reattaches_after_a_restart() {
+    let dir = temp("cog");
+    let u = upstream(&dir).await;
+    let token_file = dir.join("cog-token");
+    std::fs::write(&token_file, format!("{UP_TOKEN}\n")).unwrap();
+    let port = free_port();
+    let cog_up = format!("cogup=cog+{}", u.base);
+    let token_arg = format!("cogup={}", token_file.display());
+    let extra = [
+        "--upstream",
+        cog_up.as_str(),
+        "--upstream-token-file",
+        token_arg.as_str(),
+        "--route",
+        "acme/cogged=upstream:cogup",
+        "--route",
+        "hearth/demo=canary:cogup:100",
+    ];
+    let mut f = front(port, &dir, &u.base, &extra).await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let up = Api::new(&u.base, UP_TOKEN);
+
+    // The document and version come from the container's schema.
+    let doc = api.get("/v1/models/acme/cogged").await;
+    assert_eq!(doc["name"], "cogged", "{doc}");
+    let version = doc["latest_version"]["id"].as_str().unwrap().to_string();
+    assert_eq!(version.len(), 64);
+    assert!(
+        doc["latest_version"]["openapi_schema"]["components"]["schemas"]["Output"].is_object(),
+        "{doc}"
+    );
+    let v = api
+        .get(&format!("/v1/models/acme/cogged/versions/{version}"))
+        .await;
+    assert_eq!(v["id"], version.as_str());
+
+    // Create and wait: the container runs it under hearth's id, once.
+    let inp = input("cog", 12);
+    let (code, p) = api
+        .create("acme/cogged", json!({"input": inp}), Some("wait=60"))
+        .await;
+    assert_eq!(code, 201, "{p}");
+    assert_eq!(p["status"], "succeeded", "{p}");
+    assert_eq!(p["hearth"]["side"], "upstream", "{p}");
+    assert_eq!(p["hearth"]["upstream"], "cogup");
+    let id = p["id"].as_str().unwrap();
+    assert_eq!(p["hearth"]["upstream_id"], id);
+    let theirs = up.get(&format!("/v1/predictions/{id}")).await;
+    assert_eq!(theirs["source"], "cog", "{theirs}");
+    assert_eq!(p["output"], theirs["output"]);
+    assert!(!p["output"].as_array().unwrap().is_empty());
+    assert_eq!(upstream_runs(&up, &inp).await.len(), 1);
+
+    // Streamed: output deltas then done, equal to the stored output.
+    let (_, p) = api
+        .create(
+            "acme/cogged",
+            json!({"input": input("cogstream", 40)}),
+            None,
+        )
+        .await;
+    let sse = api
+        .http
+        .get(p["urls"]["stream"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<(String, String)> = sse
+        .split("\n\n")
+        .filter_map(|b| {
+            let ev = b.lines().find_map(|l| l.strip_prefix("event:"))?.trim();
+            let data: Vec<&str> = b
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect();
+            Some((ev.to_string(), data.join("\n")))
+        })
+        .collect();
+    assert_eq!(events.last().unwrap().0, "done", "{sse}");
+    let streamed: String = events
+        .iter()
+        .filter(|(e, _)| e == "output")
+        .map(|(_, d)| d.as_str())
+        .collect();
+    let done = api.wait_terminal(p["id"].as_str().unwrap(), 60).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let joined: String = done["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, joined, "{sse}");
+
+    // The container's 422 reaches the caller unchanged.
+    let (code, body) = api
+        .create(
+            "acme/cogged",
+            json!({"input": {"prompt": "x", "max_tokens": "many"}}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(
+        body["detail"][0]["loc"],
+        json!(["body", "input", "max_tokens"]),
+        "{body}"
+    );
+
+    // A canary at 100% sends the local model's creates there too.
+    let (code, p) = api
+        .create(
+            "hearth/demo",
+            json!({"input": input("cogcanary", 8)}),
+            Some("wait=60"),
+        )
+        .await;
+    assert_eq!(code, 201, "{p}");
+    assert_eq!(p["status"], "succeeded", "{p}");
+    assert_eq!(p["hearth"]["upstream"], "cogup", "{p}");
+
+    // Cancel is forwarded.
+    let long = json!({"prompt": format!("cogcancel {}", rand::random::<u64>()), "max_tokens": 8000, "ignore_eos": true});
+    let (_, p) = api
+        .create("acme/cogged", json!({"input": long}), None)
+        .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    api.wait_status(&id, "processing", 60).await;
+    api.http
+        .post(format!("{}/v1/predictions/{id}/cancel", f.base))
+        .bearer_auth(FRONT_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let c = api.wait_terminal(&id, 60).await;
+    assert_eq!(c["status"], "canceled", "{c}");
+    assert_eq!(up.wait_terminal(&id, 60).await["status"], "canceled");
+
+    // SIGKILL mid-prediction: the container runs on; after the restart hearth attaches
+    // to it again, and it completes once, with its completed webhook.
+    let (hook, calls) = receiver().await;
+    let long = json!({"prompt": format!("cogrestart {}", rand::random::<u64>()), "max_tokens": 3000, "ignore_eos": true});
+    let (code, p) = api
+        .create(
+            "acme/cogged",
+            json!({"input": long, "webhook": hook, "webhook_events_filter": ["completed"]}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 201, "{p}");
+    let id = p["id"].as_str().unwrap().to_string();
+    api.wait_status(&id, "processing", 60).await;
+    f.child.kill().unwrap();
+    f.child.wait().unwrap();
+    drop(f);
+    let f = front(port, &dir, &u.base, &extra).await;
+    let done = api.wait_terminal(&id, 180).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(
+        done["logs"]
+            .as_str()
+            .unwrap()
+            .contains("Resumed after a restart"),
+        "{done}"
+    );
+    let theirs = up.get(&format!("/v1/predictions/{id}")).await;
+    assert_eq!(done["output"], theirs["output"]);
+    assert_eq!(upstream_runs(&up, &long).await.len(), 1, "ran once");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !calls
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, b)| b["id"] == id.as_str() && b["status"] == "succeeded")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no completed webhook after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(&f.log).unwrap();
+    assert!(!log.contains(UP_TOKEN));
+    drop(f);
+    drop(u);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -83,6 +83,8 @@ pub struct UpstreamClient {
     http: reqwest::Client,
     pub breaker: Breaker,
     pub counts: CallCounts,
+    /// A plain Cog container (`cog+URL`) rather than a Replicate-compatible API.
+    pub cog: bool,
 }
 
 fn retry_after(h: &reqwest::header::HeaderMap) -> Duration {
@@ -124,10 +126,17 @@ impl UpstreamClient {
             http,
             breaker,
             counts: CallCounts::default(),
+            cog: false,
         })
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    /// Speaks Cog's container API (`super::cog`) when `cog`.
+    pub fn with_cog(mut self, cog: bool) -> Self {
+        self.cog = cog;
+        self
+    }
+
+    pub(super) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(method, format!("{}{path}", self.base));
         match &self.token {
             Some(t) => r.bearer_auth(t.expose()),
@@ -217,7 +226,11 @@ impl UpstreamClient {
         }
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str) -> Result<Value, CallError> {
+    pub(super) async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<Value, CallError> {
         let resp = match self.request(method, path).send().await {
             Ok(r) => r,
             Err(e) => {
@@ -273,6 +286,10 @@ impl UpstreamClient {
 
     /// A model or version document (`/v1/models/...`).
     pub async fn get_path(&self, path: &str) -> Result<Value, CallError> {
+        if self.cog {
+            let openapi = self.call(reqwest::Method::GET, "/openapi.json").await?;
+            return super::cog::document(path, &openapi);
+        }
         self.call(reqwest::Method::GET, path).await
     }
 }

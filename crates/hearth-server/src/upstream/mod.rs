@@ -1,5 +1,6 @@
 //! Hybrid serving: one Replicate-compatible endpoint in front of hearth's engine and
-//! any Replicate-compatible upstream (the hosted API, another hearth). Each model has
+//! any Replicate-compatible upstream (the hosted API, another hearth) or a plain Cog
+//! container (`cog`, `cog_runner`). Each model has
 //! a route (`route`): local, upstream, fallback or canary. A prediction that runs
 //! upstream is hearth's like any other — its id, record, stream, webhooks — and its
 //! link to the upstream's id is in the store before its result is awaited, so a
@@ -10,6 +11,8 @@
 
 pub mod breaker;
 pub mod client;
+pub mod cog;
+pub mod cog_runner;
 pub mod create;
 pub mod models;
 pub mod normalize;
@@ -46,13 +49,15 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// One `--upstream NAME=URL`, with its token.
+/// One `--upstream NAME=URL` (or `NAME=cog+URL`), with its token.
 #[derive(Debug, Clone)]
 pub struct UpstreamSpec {
     pub name: String,
     /// A Replicate-compatible API's base (`https://api.replicate.com`, another hearth).
     pub url: String,
     pub token: Option<Secret>,
+    /// `cog+URL`: a plain Cog container's `/predictions` API (`cog`).
+    pub cog: bool,
 }
 
 /// Upstream names: what routes, env variables and metrics labels use.
@@ -72,18 +77,16 @@ pub fn check_name(name: &str) -> Result<(), String> {
 }
 
 impl UpstreamSpec {
-    /// `NAME=URL`; the token comes separately.
+    /// `NAME=URL` or `NAME=cog+URL`; the token comes separately.
     pub fn parse(s: &str) -> Result<Self, String> {
         let (name, url) = s
             .split_once('=')
             .ok_or_else(|| format!("{s:?}: expected NAME=URL"))?;
         check_name(name)?;
-        if url.starts_with("cog+") {
-            return Err(format!(
-                "upstream {name}: cog+URL upstreams (a plain Cog container) are not yet \
-                 supported; give a Replicate-compatible API's base URL"
-            ));
-        }
+        let (cog, url) = match url.strip_prefix("cog+") {
+            Some(rest) => (true, rest),
+            None => (false, url),
+        };
         let u = url::Url::parse(url)
             .map_err(|e| format!("upstream {name}: {url:?} is not a URL: {e}"))?;
         if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
@@ -102,6 +105,7 @@ impl UpstreamSpec {
             name: name.to_string(),
             url: url.trim_end_matches('/').to_string(),
             token: None,
+            cog,
         })
     }
 }
@@ -131,7 +135,8 @@ impl Hybrid {
                 &s.url,
                 s.token.clone(),
                 breaker::Breaker::new(breaker),
-            )?;
+            )?
+            .with_cog(s.cog);
             if upstreams.insert(s.name.clone(), Arc::new(c)).is_some() {
                 return Err(format!("--upstream: two upstreams are called {}", s.name));
             }
@@ -252,9 +257,10 @@ mod tests {
         assert_eq!(s.url, "https://api.replicate.com");
         s.token = Some(Secret::new("r8_supersecret"));
         assert!(!format!("{s:?}").contains("supersecret"));
-        assert!(UpstreamSpec::parse("x=cog+http://h:5000")
-            .unwrap_err()
-            .contains("not yet supported"));
+        let c = UpstreamSpec::parse("x=cog+http://h:5000/").unwrap();
+        assert!(c.cog && c.url == "http://h:5000", "{c:?}");
+        assert!(!s.cog);
+        assert!(UpstreamSpec::parse("x=cog+ftp://h").is_err());
         assert!(UpstreamSpec::parse("x=ftp://h").is_err());
         assert!(UpstreamSpec::parse("bad name=http://h").is_err());
         assert!(UpstreamSpec::parse("x=http://u:p@h")

@@ -69,7 +69,7 @@ pub struct Job {
 }
 
 /// How a prediction ended without the upstream's final record.
-enum End {
+pub(super) enum End {
     /// Failed here, with this error.
     Failed(String),
     /// Canceled before the upstream had it.
@@ -85,11 +85,11 @@ fn now_ms() -> i64 {
 }
 
 impl Job {
-    fn id(&self) -> String {
+    pub(super) fn id(&self) -> String {
         self.link.prediction_id.clone()
     }
 
-    fn note(&self, line: String) {
+    pub(super) fn note(&self, line: String) {
         self.live.update(|r| {
             r.prediction.logs.push_str(&line);
             r.prediction.logs.push('\n');
@@ -102,6 +102,8 @@ impl Job {
 pub async fn run(mut job: Job, mut first: Option<oneshot::Sender<First>>) {
     let upstream_id = match job.link.upstream_id.clone() {
         Some(u) => Ok(u),
+        // Cog takes hearth's id: nothing to create or resolve before following it.
+        None if job.client.cog => Ok(job.id()),
         None if first.is_none() => {
             job.note(format!(
                 "Resumed after a restart: the create sent to upstream {} had no recorded answer; looking for it in the upstream's list.",
@@ -111,17 +113,22 @@ pub async fn run(mut job: Job, mut first: Option<oneshot::Sender<First>>) {
         }
         None => create(&mut job, &mut first).await,
     };
-    if let Some(tx) = first.take() {
-        let _ = tx.send(First::Accepted);
+    if !job.client.cog {
+        if let Some(tx) = first.take() {
+            let _ = tx.send(First::Accepted);
+        }
     }
     let end = match upstream_id {
         Ok(uid) => {
             job.link.upstream_id = Some(uid.clone());
             match job.ctx.store.upstream_link_put(&job.link).await {
+                Ok(()) if job.client.cog => super::cog_runner::follow(&job, &uid, &mut first).await,
                 Ok(()) => poll(&job, &uid).await,
                 Err(e) => {
                     tracing::error!(error = %e, "could not store the upstream id; canceling it upstream");
-                    let _ = job.client.cancel(&uid).await;
+                    if !job.client.cog {
+                        let _ = job.client.cancel(&uid).await;
+                    }
                     Err(End::Failed(
                         "the server could not save this prediction's upstream id (a storage error; see the server log); it was canceled upstream: create it again"
                             .into(),
@@ -170,7 +177,10 @@ fn unreachable_end() -> (Status, Option<String>, bool) {
 
 /// Awaits `fut` to its end even when a cancel is asked meanwhile (dropping a create
 /// in flight would make it ambiguous); says whether one was.
-async fn uninterrupted<T>(live: &Live, fut: impl std::future::Future<Output = T>) -> (T, bool) {
+pub(super) async fn uninterrupted<T>(
+    live: &Live,
+    fut: impl std::future::Future<Output = T>,
+) -> (T, bool) {
     tokio::pin!(fut);
     let mut canceled = false;
     loop {
@@ -530,7 +540,7 @@ async fn poll(job: &Job, uid: &str) -> Result<Record, End> {
 
 /// The end as the upstream reports it: its output (normalized), error, timestamps and
 /// metrics — the side that ran it is the one that timed it.
-fn final_record(
+pub(super) fn final_record(
     job: &Job,
     mut r: Record,
     uid: &str,

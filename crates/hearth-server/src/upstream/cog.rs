@@ -1,0 +1,323 @@
+//! A plain Cog container's `/predictions` API as an upstream (`--upstream NAME=cog+URL`).
+//! Cog has no `GET` for a prediction and forgets one once it ends, so hearth gives it
+//! hearth's own prediction id: `PUT /predictions/{id}` with `Prefer: respond-async`
+//! creates it (not tied to a connection, so it runs on if hearth dies), then the same
+//! `PUT` with `Accept: text/event-stream` attaches to it and reads its events to
+//! `completed`. The id is known before anything is sent, so a create whose answer was
+//! lost is simply sent again: Cog's `PUT` attaches to a prediction in flight with that
+//! id instead of running a second one. Cancel is `POST /predictions/{id}/cancel`; the
+//! model's document and version come from `GET /openapi.json` (the version id is a
+//! hash of that schema).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::client::{CallError, UpstreamClient};
+
+/// One event is at most this large (a `completed` event carries the whole output).
+const EVENT_MAX: usize = 64 << 20;
+/// Cog sends a comment every 15 s: this long with nothing read, the stream is dead.
+pub const STREAM_IDLE: Duration = Duration::from_secs(60);
+/// The longest one stream is held open.
+const STREAM_MAX: Duration = Duration::from_secs(86400);
+/// Cog's "busy" (409 at capacity, 503 not ready) carries no `Retry-After`.
+const BUSY_WAIT: Duration = Duration::from_secs(1);
+
+/// One event of Cog's prediction stream.
+#[derive(Debug, PartialEq)]
+pub enum CogEvent {
+    Start,
+    /// The chunk at `index` of the output.
+    Output {
+        chunk: String,
+        index: usize,
+    },
+    Log(String),
+    /// The finished prediction in Cog's shape (`{id, status, output, logs, metrics, error}`).
+    Completed(Value),
+}
+
+/// What became of a `PUT /predictions/{id}`.
+pub enum CogOpen {
+    /// The async create was taken (202).
+    Taken,
+    Stream(CogStream),
+    /// 409 "at capacity", 503 "not ready", 429: nothing was taken; ask again later.
+    Busy(Duration),
+    /// A 4xx (422 validation, or a 409 for an id Cog will not take): its answer.
+    Refused {
+        status: u16,
+        body: Vec<u8>,
+        content_type: String,
+    },
+    ServerError {
+        status: u16,
+        detail: String,
+    },
+    /// No connection was made.
+    NotSent(String),
+    /// Sent, answer lost: sending the same `PUT` again attaches to it if it runs.
+    Lost(String),
+}
+
+/// Reads Cog's server-sent events one at a time.
+pub struct CogStream {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+}
+
+impl CogStream {
+    /// The next event; `None` when the stream ended. Cancel-safe: bytes are taken
+    /// from the connection only when a read completes.
+    pub async fn next(&mut self) -> Result<Option<CogEvent>, String> {
+        loop {
+            while let Some((end, skip)) = block_end(&self.buf) {
+                let block: Vec<u8> = self.buf.drain(..end + skip).take(end).collect();
+                if let Some(ev) = parse_block(&String::from_utf8_lossy(&block))? {
+                    return Ok(Some(ev));
+                }
+            }
+            if self.buf.len() > EVENT_MAX {
+                return Err(format!("an event over {} MiB", EVENT_MAX >> 20));
+            }
+            match self.resp.chunk().await {
+                Ok(Some(bytes)) => self.buf.extend_from_slice(&bytes),
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
+
+/// Where the first event block in `buf` ends, and the length of its separator.
+fn block_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// One block (`event:` and `data:` lines; comments and unknown events are none).
+pub fn parse_block(block: &str) -> Result<Option<CogEvent>, String> {
+    let mut event = "message";
+    let mut data = Vec::new();
+    for line in block.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(e) = line.strip_prefix("event:") {
+            event = e.trim();
+        } else if let Some(d) = line.strip_prefix("data:") {
+            data.push(d.strip_prefix(' ').unwrap_or(d));
+        }
+    }
+    if data.is_empty() && event == "message" {
+        return Ok(None);
+    }
+    let data: Value = serde_json::from_str(&data.join("\n"))
+        .map_err(|e| format!("a {event} event whose data is not JSON: {e}"))?;
+    Ok(match event {
+        "start" => Some(CogEvent::Start),
+        "output" => Some(CogEvent::Output {
+            chunk: match &data["chunk"] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            },
+            index: data["index"]
+                .as_u64()
+                .and_then(|i| usize::try_from(i).ok())
+                .ok_or("an output event without an index")?,
+        }),
+        "log" => Some(CogEvent::Log(
+            data["data"].as_str().unwrap_or_default().to_string(),
+        )),
+        "completed" => Some(CogEvent::Completed(data)),
+        _ => None,
+    })
+}
+
+/// The version id of a Cog container's schema: stable while the schema is.
+pub fn version_id(openapi: &Value) -> String {
+    let d = Sha256::digest(openapi.to_string().as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Replicate's model and version documents for a model served by a Cog container,
+/// from its `/openapi.json`: what `GET /v1/models/{owner}/{name}[/versions[/{id}]]`
+/// answers, so the official clients find the version and its schema.
+pub fn document(path: &str, openapi: &Value) -> Result<Value, CallError> {
+    let not_found = |what: String| CallError::Status {
+        status: 404,
+        body: json!({"detail": format!("{what} not found")}).to_string(),
+    };
+    let rest = path
+        .strip_prefix("/v1/models/")
+        .ok_or_else(|| not_found(path.to_string()))?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let id = version_id(openapi);
+    let version = json!({
+        "id": id,
+        "created_at": "1970-01-01T00:00:00Z",
+        "cog_version": openapi["info"]["x-cog-version"].as_str().unwrap_or(crate::schema::COG_VERSION),
+        "openapi_schema": openapi,
+    });
+    match parts.as_slice() {
+        [owner, name] => Ok(json!({
+            "owner": owner, "name": name,
+            "description": openapi["info"]["description"].as_str().unwrap_or("a Cog container"),
+            "visibility": "public", "github_url": null, "paper_url": null, "license_url": null,
+            "run_count": 0, "cover_image_url": null, "default_example": null,
+            "latest_version": version,
+        })),
+        [_, _, "versions"] => Ok(json!({"next": null, "previous": null, "results": [version]})),
+        [owner, name, "versions", v] if *v == id => Ok(version),
+        [owner, name, "versions", v] => Err(not_found(format!("version {v} of {owner}/{name}"))),
+        _ => Err(not_found(path.to_string())),
+    }
+}
+
+impl UpstreamClient {
+    /// `PUT /predictions/{id}`: with `stream`, asking for its events (attaching to the
+    /// prediction in flight with this id, or creating it); without, an async create.
+    pub async fn cog_put(&self, id: &str, input: &Value, stream: bool) -> CogOpen {
+        let req = self
+            .request(reqwest::Method::PUT, &format!("/predictions/{id}"))
+            .json(&json!({"id": id, "input": input}));
+        let req = if stream {
+            req.header(reqwest::header::ACCEPT, "text/event-stream")
+                .timeout(STREAM_MAX)
+        } else {
+            req.header("Prefer", "respond-async")
+        };
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => {
+                self.counts.network.fetch_add(1, Ordering::Relaxed);
+                return CogOpen::NotSent(e.to_string());
+            }
+            Err(e) => {
+                self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);
+                return CogOpen::Lost(e.to_string());
+            }
+        };
+        let status = resp.status().as_u16();
+        let is_stream = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if (200..300).contains(&status) && !stream {
+            self.counts.ok.fetch_add(1, Ordering::Relaxed);
+            return CogOpen::Taken;
+        }
+        if (200..300).contains(&status) && is_stream {
+            self.counts.ok.fetch_add(1, Ordering::Relaxed);
+            return CogOpen::Stream(CogStream {
+                resp,
+                buf: Vec::new(),
+            });
+        }
+        let content_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_string();
+        let body = match tokio::time::timeout(Duration::from_secs(30), resp.bytes()).await {
+            Ok(Ok(b)) => b.to_vec(),
+            _ => Vec::new(),
+        };
+        let text = String::from_utf8_lossy(&body);
+        let busy =
+            status == 429 || status == 503 || (status == 409 && text.contains("At capacity"));
+        if busy {
+            self.counts.throttled.fetch_add(1, Ordering::Relaxed);
+            return CogOpen::Busy(BUSY_WAIT);
+        }
+        match status {
+            200..=299 => {
+                self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);
+                CogOpen::Lost(format!(
+                    "answered {status} without an event stream: {}",
+                    text.chars().take(500).collect::<String>()
+                ))
+            }
+            400..=499 => {
+                self.counts.rejected.fetch_add(1, Ordering::Relaxed);
+                CogOpen::Refused {
+                    status,
+                    body,
+                    content_type,
+                }
+            }
+            _ => {
+                self.counts.server_error.fetch_add(1, Ordering::Relaxed);
+                CogOpen::ServerError {
+                    status,
+                    detail: text.chars().take(2000).collect(),
+                }
+            }
+        }
+    }
+
+    /// `POST /predictions/{id}/cancel`.
+    pub async fn cog_cancel(&self, id: &str) -> Result<Value, CallError> {
+        self.call(reqwest::Method::POST, &format!("/predictions/{id}/cancel"))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cog_events_parse() {
+        assert_eq!(
+            parse_block("event: start\ndata: {\"id\":\"a\",\"status\":\"processing\"}").unwrap(),
+            Some(CogEvent::Start)
+        );
+        assert_eq!(
+            parse_block("event: output\r\ndata: {\"chunk\":\"hi\",\"index\":3}\r").unwrap(),
+            Some(CogEvent::Output {
+                chunk: "hi".into(),
+                index: 3
+            })
+        );
+        assert_eq!(
+            parse_block("event: log\ndata: {\"data\":\"x\\n\",\"source\":\"stdout\"}").unwrap(),
+            Some(CogEvent::Log("x\n".into()))
+        );
+        assert_eq!(parse_block(": keep-alive").unwrap(), None);
+        assert!(parse_block("event: output\ndata: {\"chunk\":\"a\"}").is_err());
+        assert!(parse_block("event: completed\ndata: nope").is_err());
+        assert_eq!(block_end(b"a\r\n\r\nb\n\n"), Some((1, 4)));
+        assert_eq!(block_end(b"a\n\nb"), Some((1, 2)));
+        assert_eq!(block_end(b"a\n"), None);
+    }
+
+    #[test]
+    fn documents_come_from_the_schema() {
+        let schema = json!({"info": {"title": "Cog"}, "components": {"schemas": {"Output": {"type": "string"}}}});
+        let id = version_id(&schema);
+        assert_eq!(id.len(), 64);
+        let m = document("/v1/models/acme/cogged", &schema).unwrap();
+        assert_eq!(m["name"], "cogged");
+        assert_eq!(m["latest_version"]["id"], id.as_str());
+        assert_eq!(m["latest_version"]["openapi_schema"], schema);
+        let v = document(&format!("/v1/models/acme/cogged/versions/{id}"), &schema).unwrap();
+        assert_eq!(v["id"], id.as_str());
+        let l = document("/v1/models/acme/cogged/versions", &schema).unwrap();
+        assert_eq!(l["results"][0]["id"], id.as_str());
+        assert!(matches!(
+            document("/v1/models/acme/cogged/versions/abc", &schema),
+            Err(CallError::Status { status: 404, .. })
+        ));
+    }
+}

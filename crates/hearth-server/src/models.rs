@@ -78,7 +78,9 @@ pub struct ModelCard {
     /// `owner/name` as clients will call it.
     pub name: String,
     /// What `--model` takes: a folder, a Hub id, `demo`, `dummy:SHAPE`. Relative
-    /// folders are relative to the card.
+    /// folders are relative to the card. Left out (empty) only when `route` is
+    /// `upstream:UP`: nothing is loaded here.
+    #[serde(default)]
     pub model: String,
     #[serde(default)]
     pub aliases: Vec<String>,
@@ -95,15 +97,41 @@ pub struct ModelCard {
     /// Input defaults shown in the schema and used when a request leaves them out.
     #[serde(default)]
     pub defaults: toml::Table,
+    /// Where this model's predictions run, as `--route` takes it (`crate::upstream::card`).
+    #[serde(default)]
+    pub route: Option<String>,
+    /// Upstreams this card declares (`[upstream.NAME]`, no token in the card).
+    #[serde(default)]
+    pub upstream: std::collections::BTreeMap<String, crate::upstream::card::CardUpstream>,
 }
 
 impl ModelCard {
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut card: ModelCard =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Messages name the line, never quote it: a card could hold a secret by mistake.
+        let table: toml::Table = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .and_then(|s| text.get(..s.start))
+                .map(|before| before.matches('\n').count() + 1);
+            format!(
+                "{}: line {}: {}",
+                path.display(),
+                line.unwrap_or(0),
+                e.message()
+            )
+        })?;
+        crate::upstream::card::refuse_tokens(&table)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut card: ModelCard = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("{}: {}", path.display(), e.message()))?;
         split_name(&card.name).map_err(|e| format!("{}: name: {e}", path.display()))?;
-        let candidate = path.parent().map(|d| d.join(&card.model));
+        crate::upstream::card::check_card(&card).map_err(|e| format!("{}: {e}", path.display()))?;
+        let candidate = path
+            .parent()
+            .filter(|_| !card.model.is_empty())
+            .map(|d| d.join(&card.model));
         if let Some(c) = candidate.filter(|c| c.is_dir() && !Path::new(&card.model).is_absolute()) {
             card.model = c.to_string_lossy().into_owned();
         }

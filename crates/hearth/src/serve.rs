@@ -250,6 +250,10 @@ fn load_models(a: &ServeArgs, log: &SetupLog) -> anyhow::Result<Vec<ServedModel>
     let mut out = Vec::new();
     for path in cards {
         let card = ModelCard::load(&path).map_err(anyhow::Error::msg)?;
+        if card.model.is_empty() {
+            // An upstream-only card (its route is upstream:UP): nothing to load here.
+            continue;
+        }
         let defaults = card
             .merged_defaults()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -336,8 +340,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     cfg.cog_max_concurrency = a.cog_max_concurrency.unwrap_or(a.engine.max_num_seqs);
     cfg.store = a.store.clone();
     cfg.replica_lease = Duration::from_secs(a.replica_lease);
+    let cards = match &a.models {
+        Some(dir) => crate::upstream_args::card_config(dir)?,
+        None => Default::default(),
+    };
     (cfg.upstreams, cfg.routes, cfg.upstream_breaker) =
-        a.upstream.resolve(|k| std::env::var(k).ok())?;
+        a.upstream.resolve(|k| std::env::var(k).ok(), &cards)?;
     // Before loading models (minutes for big ones): a refused configuration says so now.
     cfg.check()?;
     let exit_on_failure = a.exit_on_setup_failure;

@@ -1,6 +1,7 @@
 //! `hearth serve`'s upstream flags: `--upstream NAME=URL`, its token from
 //! `--upstream-token-file NAME=PATH` or `HEARTH_UPSTREAM_TOKEN_<NAME>`, and
-//! `--route OWNER/NAME=ROUTE`.
+//! `--route OWNER/NAME=ROUTE`; merged with what the model cards say (a flag wins,
+//! `hearth_server::upstream::card`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use hearth_server::upstream::card::CardConfig;
 use hearth_server::upstream::{self, BreakerConfig, ModelRoute, Secret, UpstreamSpec};
 
 #[derive(Args, Debug)]
@@ -53,14 +55,23 @@ fn parse_token_file(s: &str) -> Result<(String, PathBuf), String> {
 
 impl UpstreamArgs {
     /// The upstreams with their tokens (a file's first non-blank line, else the
-    /// env), the routes and the breaker settings.
+    /// env), the routes and the breaker settings: the flags', then the cards' that no
+    /// flag overrides.
     pub fn resolve(
         &self,
         env: impl Fn(&str) -> Option<String>,
+        cards: &CardConfig,
     ) -> anyhow::Result<(Vec<UpstreamSpec>, Vec<ModelRoute>, BreakerConfig)> {
+        let mut upstreams: Vec<(UpstreamSpec, Option<&PathBuf>)> =
+            self.upstreams.iter().map(|u| (u.clone(), None)).collect();
+        for c in &cards.upstreams {
+            if !upstreams.iter().any(|(u, _)| u.name == c.spec.name) {
+                upstreams.push((c.spec.clone(), c.token_file.as_ref()));
+            }
+        }
         let mut files: HashMap<&str, &PathBuf> = HashMap::new();
         for (name, path) in &self.token_files {
-            if !self.upstreams.iter().any(|u| &u.name == name) {
+            if !upstreams.iter().any(|(u, _)| &u.name == name) {
                 bail!("--upstream-token-file {name}=...: no --upstream called {name}");
             }
             if files.insert(name, path).is_some() {
@@ -68,18 +79,18 @@ impl UpstreamArgs {
             }
         }
         let mut out = Vec::new();
-        for u in &self.upstreams {
+        for (u, card_file) in upstreams {
             let mut u = u.clone();
-            let token = match files.get(u.name.as_str()) {
+            let token = match files.get(u.name.as_str()).copied().or(card_file) {
                 Some(path) => {
                     let text = std::fs::read_to_string(path).with_context(|| {
-                        format!("--upstream-token-file {}={}", u.name, path.display())
+                        format!("the token file of upstream {}: {}", u.name, path.display())
                     })?;
                     let t = text.lines().map(str::trim).find(|l| !l.is_empty());
                     match t {
                         Some(t) => Some(t.to_string()),
                         None => bail!(
-                            "--upstream-token-file {}={}: the file has no token",
+                            "the token file of upstream {}: {}: the file has no token",
                             u.name,
                             path.display()
                         ),
@@ -99,8 +110,30 @@ impl UpstreamArgs {
             failures: self.upstream_failures,
             cooldown: Duration::from_secs(self.upstream_cooldown),
         };
-        Ok((out, self.routes.clone(), breaker))
+        let mut routes = self.routes.clone();
+        for r in &cards.routes {
+            if !self.routes.iter().any(|f| f.model == r.model) {
+                routes.push(r.clone());
+            }
+        }
+        Ok((out, routes, breaker))
     }
+}
+
+/// The upstreams and routes the model cards in `dir` declare.
+pub fn card_config(dir: &std::path::Path) -> anyhow::Result<CardConfig> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    let mut cards = Vec::new();
+    for p in paths {
+        let card = hearth_server::ModelCard::load(&p).map_err(anyhow::Error::msg)?;
+        cards.push((p, card));
+    }
+    upstream::card::from_cards(&cards).map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]
@@ -133,7 +166,10 @@ mod tests {
         .unwrap();
         let (ups, routes, _) = cli
             .up
-            .resolve(|k| (k == "HEARTH_UPSTREAM_TOKEN_MY_PEER").then(|| "r8_env".to_string()))
+            .resolve(
+                |k| (k == "HEARTH_UPSTREAM_TOKEN_MY_PEER").then(|| "r8_env".to_string()),
+                &Default::default(),
+            )
             .unwrap();
         assert_eq!(
             ups[0].token.as_ref().map(|t| format!("{t:?}")),
@@ -148,7 +184,93 @@ mod tests {
             .to_string();
         assert!(e.contains("not yet supported"), "{e}");
         let cli = Cli::try_parse_from(["hearth", "--upstream-token-file", "nope=/x"]).unwrap();
-        assert!(cli.up.resolve(|_| None).is_err());
+        assert!(cli.up.resolve(|_| None, &Default::default()).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn cards_declare_upstreams_and_routes_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("hearth-cards-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tok"), "r8_cardfile\n").unwrap();
+        std::fs::write(dir.join("a.toml"), "name = \"hearth/demo\"\nmodel = \"demo\"\nroute = \"fallback:hosted\"\n[upstream.hosted]\nurl = \"https://api.example.com\"\ntoken_file = \"tok\"\n[upstream.box]\nurl = \"cog+http://127.0.0.1:5000\"\n").unwrap();
+        std::fs::write(
+            dir.join("b.toml"),
+            "name = \"acme/image\"\nroute = \"upstream:box\"\n",
+        )
+        .unwrap();
+        let cards = super::card_config(&dir).unwrap();
+        assert_eq!(cards.upstreams.len(), 2);
+        assert_eq!(cards.routes.len(), 2);
+
+        // Cards alone: the token from the card's file (relative to the card), or the env.
+        let cli = Cli::try_parse_from(["hearth"]).unwrap();
+        let (ups, routes, _) = cli
+            .up
+            .resolve(
+                |k| (k == "HEARTH_UPSTREAM_TOKEN_BOX").then(|| "r8_env".into()),
+                &cards,
+            )
+            .unwrap();
+        let hosted = ups.iter().find(|u| u.name == "hosted").unwrap();
+        assert_eq!(hosted.url, "https://api.example.com");
+        assert!(hosted.token.is_some());
+        let boxed = ups.iter().find(|u| u.name == "box").unwrap();
+        assert!(boxed.cog && boxed.token.is_some());
+        assert!(routes
+            .iter()
+            .any(|r| r.model == "acme/image" && r.route.describe() == "upstream:box"));
+
+        // A flag wins over the card: the upstream's URL and the model's route.
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "--upstream",
+            "hosted=https://other.example.com",
+            "--route",
+            "hearth/demo=local",
+        ])
+        .unwrap();
+        let (ups, routes, _) = cli.up.resolve(|_| None, &cards).unwrap();
+        let hosted = ups.iter().find(|u| u.name == "hosted").unwrap();
+        assert_eq!(hosted.url, "https://other.example.com");
+        assert!(
+            hosted.token.is_none(),
+            "the card's token file is the card's upstream's"
+        );
+        let demo: Vec<_> = routes.iter().filter(|r| r.model == "hearth/demo").collect();
+        assert_eq!(demo.len(), 1);
+        assert_eq!(demo[0].route.describe(), "local");
+
+        // A token in a card is refused without being quoted; a card without a model
+        // must route upstream only.
+        std::fs::write(dir.join("c.toml"), "name = \"x/y\"\nroute = \"upstream:z\"\n[upstream.z]\nurl = \"https://h\"\ntoken = \"r8_incard\"\n").unwrap();
+        let e = super::card_config(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("upstream.z.token") && !e.contains("r8_incard"),
+            "{e}"
+        );
+        std::fs::write(
+            dir.join("c.toml"),
+            "name = \"x/y\"\nroute = \"fallback:hosted\"\n",
+        )
+        .unwrap();
+        let e = super::card_config(&dir).unwrap_err().to_string();
+        assert!(e.contains("model: required"), "{e}");
+        std::fs::write(
+            dir.join("c.toml"),
+            "name = \"x/y\"\nmodel = \"demo\"\n[upstream.hosted]\nurl = \"https://h\"\n",
+        )
+        .unwrap();
+        let e = super::card_config(&dir).unwrap_err().to_string();
+        assert!(e.contains("also declared in"), "{e}");
+        std::fs::write(
+            dir.join("c.toml"),
+            "name = \"x/y\"\nmodel = \"demo\"\nroute = 'r8_\"broken\n",
+        )
+        .unwrap();
+        let e = super::card_config(&dir).unwrap_err().to_string();
+        assert!(e.contains("line 3") && !e.contains("r8_"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -828,3 +828,65 @@ async fn a_cog_container_upstream_serves_every_verb_and_reattaches_after_a_resta
     drop(u);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Upstreams and routes from the model cards alone: an upstream-only card (no
+/// weights) routed to an upstream a card declares, its token from the card's
+/// token file; never in the front's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_cards_declare_upstreams_and_routes() {
+    let dir = temp("cards");
+    let u = upstream(&dir).await;
+    let cards = dir.join("front-cards");
+    std::fs::create_dir_all(&cards).unwrap();
+    std::fs::write(cards.join("token"), format!("{UP_TOKEN}\n")).unwrap();
+    std::fs::write(
+        cards.join("a.toml"),
+        "name = \"hearth/demo\"\nmodel = \"demo\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        cards.join("b.toml"),
+        format!(
+            "name = \"acme/remote\"\nroute = \"upstream:carded\"\n[upstream.carded]\nurl = \"{}\"\ntoken_file = \"token\"\n",
+            u.base
+        ),
+    )
+    .unwrap();
+    let args: Vec<String> = vec![
+        "--models".into(),
+        cards.display().to_string(),
+        "--data-dir".into(),
+        dir.join("front-data").display().to_string(),
+        "--api-token".into(),
+        FRONT_TOKEN.into(),
+    ];
+    let f = spawn(free_port(), &args, &[], &dir.join("front.log")).await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let (code, p) = api
+        .create(
+            "acme/remote",
+            json!({"input": input("carded", 8)}),
+            Some("wait=60"),
+        )
+        .await;
+    assert_eq!(code, 201, "{p}");
+    assert_eq!(p["status"], "succeeded", "{p}");
+    assert_eq!(p["hearth"]["upstream"], "carded", "{p}");
+    let (code, p) = api
+        .create(
+            "hearth/demo",
+            json!({"input": input("local", 4)}),
+            Some("wait=60"),
+        )
+        .await;
+    assert_eq!(code, 201, "{p}");
+    assert!(
+        p.get("hearth").is_none() || p["hearth"]["side"] != "upstream",
+        "{p}"
+    );
+    let log = std::fs::read_to_string(&f.log).unwrap();
+    assert!(!log.contains(UP_TOKEN));
+    drop(f);
+    drop(u);
+    let _ = std::fs::remove_dir_all(&dir);
+}

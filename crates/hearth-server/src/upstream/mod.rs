@@ -10,6 +10,7 @@
 //! local while it is down (`breaker`).
 
 pub mod breaker;
+pub mod card;
 pub mod client;
 pub mod cog;
 pub mod cog_runner;

@@ -346,6 +346,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     };
     (cfg.upstreams, cfg.routes, cfg.upstream_breaker) =
         a.upstream.resolve(|k| std::env::var(k).ok(), &cards)?;
+    let mirror = a
+        .upstream
+        .mirror(cfg.data_dir.join("files"), a.webhook_allow_private);
+    for u in &mut cfg.upstreams {
+        u.mirror = mirror.clone();
+    }
     // Before loading models (minutes for big ones): a refused configuration says so now.
     cfg.check()?;
     let exit_on_failure = a.exit_on_setup_failure;

@@ -35,6 +35,14 @@ pub struct UpstreamArgs {
     /// Seconds an open circuit stays open before one probe is let through.
     #[arg(long, env = "HEARTH_UPSTREAM_COOLDOWN", default_value_t = 30)]
     pub upstream_cooldown: u64,
+    /// Copy upstream predictions' file outputs (http(s) URLs) into hearth's file store
+    /// and point the output there, so they outlive the upstream's expiry. Fetched
+    /// through the webhook guard: public addresses only unless --webhook-allow-private.
+    #[arg(long, env = "HEARTH_MIRROR_UPSTREAM_FILES")]
+    pub mirror_upstream_files: bool,
+    /// The largest file --mirror-upstream-files copies; larger ones keep their URL.
+    #[arg(long, env = "HEARTH_MIRROR_UPSTREAM_MAX_BYTES", default_value = "100MiB", value_parser = hearth_runtime::device::parse_bytes)]
+    pub mirror_upstream_max_bytes: u64,
 }
 
 fn parse_upstream(s: &str) -> Result<UpstreamSpec, String> {
@@ -117,6 +125,22 @@ impl UpstreamArgs {
             }
         }
         Ok((out, routes, breaker))
+    }
+}
+
+impl UpstreamArgs {
+    /// `--mirror-upstream-files`' settings, files staged in the store's `files_dir`.
+    pub fn mirror(
+        &self,
+        files_dir: PathBuf,
+        allow_private: bool,
+    ) -> Option<upstream::files::Mirror> {
+        self.mirror_upstream_files
+            .then_some(upstream::files::Mirror {
+                max_bytes: self.mirror_upstream_max_bytes,
+                allow_private,
+                temp_dir: files_dir,
+            })
     }
 }
 

@@ -890,3 +890,174 @@ async fn model_cards_declare_upstreams_and_routes() {
     drop(u);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A minimal Replicate-compatible upstream that answers every create with file
+/// outputs it serves itself (a small PNG and a file over the front's mirror limit),
+/// recording the inputs it was sent.
+async fn file_upstream() -> (String, Arc<Mutex<Vec<Value>>>) {
+    use axum::extract::State;
+    use axum::routing::{get, post};
+    let inputs: Arc<Mutex<Vec<Value>>> = Default::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let prediction = {
+        let base = base.clone();
+        move |id: &str| {
+            json!({"id": id, "model": "acme/files", "version": "v", "status": "succeeded",
+                "input": {}, "logs": "", "error": null,
+                "output": [format!("{base}/out/pic.png"), format!("{base}/out/big.bin")],
+                "created_at": "2026-01-01T00:00:00Z", "started_at": "2026-01-01T00:00:00Z",
+                "completed_at": "2026-01-01T00:00:01Z", "metrics": {"predict_time": 1.0}})
+        }
+    };
+    let p1 = prediction.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v1/models/acme/files/predictions",
+            post(
+                move |State(seen): State<Arc<Mutex<Vec<Value>>>>, body: axum::Json<Value>| {
+                    let p = p1("up1");
+                    async move {
+                        seen.lock().unwrap().push(body.0["input"].clone());
+                        (axum::http::StatusCode::CREATED, axum::Json(p))
+                    }
+                },
+            ),
+        )
+        .route(
+            "/v1/predictions/{id}",
+            get(
+                move |axum::extract::Path(id): axum::extract::Path<String>| {
+                    let p = prediction(&id);
+                    async move { axum::Json(p) }
+                },
+            ),
+        )
+        .route(
+            "/out/pic.png",
+            get(|| async {
+                (
+                    [("content-type", "image/png")],
+                    b"\x89PNG-not-really".to_vec(),
+                )
+            }),
+        )
+        .route(
+            "/out/big.bin",
+            get(|| async {
+                (
+                    [("content-type", "application/octet-stream")],
+                    vec![7u8; 300_000],
+                )
+            }),
+        )
+        .with_state(inputs.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, inputs)
+}
+
+/// File inputs reach the upstream inlined (a hearth file URL as a data URL; a data URL
+/// as it is); with --mirror-upstream-files the upstream's file outputs are copied into
+/// hearth's store (content type kept, over the size limit left as they are), and a
+/// front whose guard refuses private addresses leaves them as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_inputs_are_inlined_and_file_outputs_mirrored() {
+    let dir = temp("files");
+    let (up_base, inputs) = file_upstream().await;
+    let route = [
+        "--route",
+        "acme/files=upstream:up",
+        "--mirror-upstream-files",
+        "--mirror-upstream-max-bytes",
+        "200KB",
+    ];
+    let f = front(free_port(), &dir, &up_base, &route).await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let form = reqwest::multipart::Form::new().part(
+        "content",
+        reqwest::multipart::Part::bytes(b"hello pixels".to_vec())
+            .file_name("in.png")
+            .mime_str("image/png")
+            .unwrap(),
+    );
+    let file: Value = api
+        .http
+        .post(format!("{}/v1/files", f.base))
+        .bearer_auth(FRONT_TOKEN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let file_url = file["urls"]["get"].as_str().unwrap().to_string();
+    let data_url = "data:text/plain;base64,aGk=";
+    let (code, p) = api
+        .create(
+            "acme/files",
+            json!({"input": {"image": file_url, "mask": data_url, "n": 2}}),
+            Some("wait=60"),
+        )
+        .await;
+    assert_eq!(code, 201, "{p}");
+    assert_eq!(p["status"], "succeeded", "{p}");
+    // The upstream got the file's bytes, not a URL only hearth can read.
+    let sent = inputs.lock().unwrap()[0].clone();
+    assert_eq!(
+        sent["image"], "data:image/png;base64,aGVsbG8gcGl4ZWxz",
+        "{sent}"
+    );
+    assert_eq!(sent["mask"], data_url);
+    assert_eq!(sent["n"], 2);
+    // hearth's record keeps what the caller sent.
+    assert_eq!(p["input"]["image"], file_url.as_str());
+    // The small output is hearth's copy now; the big one kept its URL, saying why.
+    let out = p["output"].as_array().unwrap();
+    let copy = out[0].as_str().unwrap();
+    assert!(copy.starts_with(&format!("{}/v1/files/", f.base)), "{p}");
+    let resp = api
+        .http
+        .get(copy)
+        .bearer_auth(FRONT_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "image/png");
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), b"\x89PNG-not-really");
+    assert_eq!(out[1], format!("{up_base}/out/big.bin"));
+    assert!(
+        p["logs"]
+            .as_str()
+            .unwrap()
+            .contains("mirror-upstream-max-bytes"),
+        "{p}"
+    );
+    drop(f);
+
+    // The same with the guard on (no --webhook-allow-private): nothing private is fetched.
+    let args: Vec<String> = [
+        "--data-dir",
+        &dir.join("front2").display().to_string(),
+        "--api-token",
+        FRONT_TOKEN,
+        "--upstream",
+        &format!("up={up_base}"),
+        "--route",
+        "acme/files=upstream:up",
+        "--mirror-upstream-files",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let f = spawn(free_port(), &args, &[], &dir.join("front2.log")).await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let (_, p) = api
+        .create("acme/files", json!({"input": {"n": 1}}), Some("wait=60"))
+        .await;
+    assert_eq!(p["status"], "succeeded", "{p}");
+    assert_eq!(p["output"][0], format!("{up_base}/out/pic.png"), "{p}");
+    assert!(p["logs"].as_str().unwrap().contains("non-public"), "{p}");
+    drop(f);
+    let _ = std::fs::remove_dir_all(&dir);
+}

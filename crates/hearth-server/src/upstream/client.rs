@@ -85,6 +85,8 @@ pub struct UpstreamClient {
     pub counts: CallCounts,
     /// A plain Cog container (`cog+URL`) rather than a Replicate-compatible API.
     pub cog: bool,
+    /// Copies file outputs into hearth's store (`super::files`).
+    pub mirror: Option<super::files::Mirror>,
 }
 
 fn retry_after(h: &reqwest::header::HeaderMap) -> Duration {
@@ -127,7 +129,13 @@ impl UpstreamClient {
             breaker,
             counts: CallCounts::default(),
             cog: false,
+            mirror: None,
         })
+    }
+
+    pub fn with_mirror(mut self, mirror: Option<super::files::Mirror>) -> Self {
+        self.mirror = mirror;
+        self
     }
 
     /// Speaks Cog's container API (`super::cog`) when `cog`.

@@ -191,6 +191,17 @@ async fn upstream(
             .await
             .map_err(|e| ApiError::invalid(format!("webhook: {e}")))?;
     }
+    // What the upstream gets: hearth's own file URLs inlined (the record keeps them).
+    let bases: Vec<&str> = std::iter::once(origin.base_url.as_str())
+        .chain(
+            state
+                .cfg
+                .public_url
+                .as_deref()
+                .map(|u| u.trim_end_matches('/')),
+        )
+        .collect();
+    let sent_input = super::files::inline_inputs(&state.store, &req.input, &bases).await?;
     let quota = state.quotas.take(&origin.client)?;
     let now = chrono::Utc::now();
     let deadline = req.cancel_after.map(|d| {
@@ -272,7 +283,7 @@ async fn upstream(
             },
             model,
             version,
-            input: req.input,
+            input: sent_input,
             cancel_after: req.cancel_after,
             link,
             quota: Some(quota),
@@ -355,6 +366,13 @@ pub async fn resume(state: &Arc<AppState>, record: Record, link: UpstreamLink) {
         return;
     };
     let version = Some(record.prediction.version.clone()).filter(|v| !v.is_empty());
+    let input = super::files::inline_inputs(
+        &state.store,
+        &record.prediction.input,
+        &[record.base_url.as_str()],
+    )
+    .await
+    .unwrap_or_else(|_| record.prediction.input.clone());
     tracing::info!(prediction = %id, upstream = %c.name, "resuming an upstream prediction after a restart");
     let job = Job {
         live,
@@ -362,7 +380,7 @@ pub async fn resume(state: &Arc<AppState>, record: Record, link: UpstreamLink) {
         ctx,
         model: record.prediction.model.clone(),
         version,
-        input: record.prediction.input.clone(),
+        input,
         cancel_after: None,
         link,
         quota: None,

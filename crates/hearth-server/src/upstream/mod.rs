@@ -15,6 +15,7 @@ pub mod client;
 pub mod cog;
 pub mod cog_runner;
 pub mod create;
+pub mod files;
 pub mod models;
 pub mod normalize;
 pub mod route;
@@ -59,6 +60,8 @@ pub struct UpstreamSpec {
     pub token: Option<Secret>,
     /// `cog+URL`: a plain Cog container's `/predictions` API (`cog`).
     pub cog: bool,
+    /// `--mirror-upstream-files`: copy its file outputs into hearth's store.
+    pub mirror: Option<files::Mirror>,
 }
 
 /// Upstream names: what routes, env variables and metrics labels use.
@@ -107,6 +110,7 @@ impl UpstreamSpec {
             url: url.trim_end_matches('/').to_string(),
             token: None,
             cog,
+            mirror: None,
         })
     }
 }
@@ -137,7 +141,8 @@ impl Hybrid {
                 s.token.clone(),
                 breaker::Breaker::new(breaker),
             )?
-            .with_cog(s.cog);
+            .with_cog(s.cog)
+            .with_mirror(s.mirror.clone());
             if upstreams.insert(s.name.clone(), Arc::new(c)).is_some() {
                 return Err(format!("--upstream: two upstreams are called {}", s.name));
             }

@@ -139,7 +139,16 @@ pub async fn run(mut job: Job, mut first: Option<oneshot::Sender<First>>) {
         Err(end) => Err(end),
     };
     match end {
-        Ok(final_record) => finish(&job, final_record, true).await,
+        Ok(mut final_record) => {
+            if let Some(m) = &job.client.mirror {
+                for line in super::files::mirror_outputs(m, &job.ctx.store, &mut final_record).await
+                {
+                    final_record.prediction.logs.push_str(&line);
+                    final_record.prediction.logs.push('\n');
+                }
+            }
+            finish(&job, final_record, true).await
+        }
         Err(End::TakenOver) => taken_over(&job).await,
         Err(end) => {
             let Some(mut r) = job.live.snapshot() else {

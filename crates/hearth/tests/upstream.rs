@@ -295,6 +295,8 @@ async fn an_upstream_route_serves_every_verb_and_survives_faults() {
     );
     let theirs = up.get(&format!("/v1/predictions/{uid}")).await;
     assert_eq!(p["output"], theirs["output"]);
+    // Created by model name: the record names the version the upstream ran.
+    assert_eq!(p["version"], theirs["version"], "{p}");
     assert_eq!(
         p["metrics"]["predict_time"],
         theirs["metrics"]["predict_time"]

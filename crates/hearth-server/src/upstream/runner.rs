@@ -224,6 +224,15 @@ async fn create(job: &mut Job, first: &mut Option<oneshot::Sender<First>>) -> Re
         let uid = match outcome {
             CreateOutcome::Created(v) => {
                 job.client.breaker.success();
+                // Created by model name: the record names the version the upstream ran,
+                // as Replicate's records always do.
+                if let Some(ver) = v["version"].as_str().filter(|s| !s.is_empty()) {
+                    job.live.update(|r| {
+                        if r.prediction.version.is_empty() {
+                            r.prediction.version = ver.to_string();
+                        }
+                    });
+                }
                 match v["id"].as_str().filter(|id| normalize::valid_id(id)) {
                     Some(id) => id.to_string(),
                     None => {

@@ -149,6 +149,27 @@ def one_replica_on_sqlite_with_public_metrics():
     assert "authorization" not in by_kind(docs, "ServiceMonitor")["spec"]["endpoints"][0]
 
 
+def upstreams_with_tokens_from_secrets():
+    docs = render({**BASE,
+        "upstreams": [
+            {"name": "hosted", "url": "https://api.replicate.com", "tokenSecret": "replicate-token"},
+            {"name": "my-box", "url": "cog+http://cog:5000"},
+        ],
+        "routes": ["acme/image=upstream:hosted", "hearth/demo=fallback:my-box"],
+        "mirrorUpstreamFiles": True,
+    })
+    validate(docs)
+    c = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert env(c, "HEARTH_UPSTREAM")["value"] == "hosted=https://api.replicate.com,my-box=cog+http://cog:5000"
+    ref = env(c, "HEARTH_UPSTREAM_TOKEN_HOSTED")["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "replicate-token", "key": "token"}, ref
+    assert env(c, "HEARTH_UPSTREAM_TOKEN_MY_BOX") is None, "no tokenSecret: no token"
+    assert env(c, "HEARTH_ROUTE")["value"] == "acme/image=upstream:hosted,hearth/demo=fallback:my-box"
+    assert env(c, "HEARTH_MIRROR_UPSTREAM_FILES")["value"] == "true"
+    plain = by_kind(render(BASE), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert env(plain, "HEARTH_UPSTREAM") is None and env(plain, "HEARTH_ROUTE") is None
+
+
 def refused(values, words):
     def run():
         try:
@@ -213,6 +234,7 @@ check("render: autoscaled on the queue gauge, ServiceMonitor with the token, tri
       autoscaled_with_monitor_and_trial_postgres)
 check("render: one replica on SQLite, public metrics, tokens from an existing Secret",
       one_replica_on_sqlite_with_public_metrics)
+check("render: upstreams with tokens from Secrets, routes, mirrored files", upstreams_with_tokens_from_secrets)
 check("refused: replicas without a shared store",
       refused({"auth": {"tokens": ["t"]}, "replicaCount": 3}, ["shared store", "404"]))
 check("refused: no API token", refused({"store": {"url": "postgres://x@y/z"}}, ["API token"]))

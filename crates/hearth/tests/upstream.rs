@@ -684,6 +684,7 @@ async fn a_cog_container_upstream_serves_every_verb_and_reattaches_after_a_resta
     assert_eq!(p["status"], "succeeded", "{p}");
     assert_eq!(p["hearth"]["side"], "upstream", "{p}");
     assert_eq!(p["hearth"]["upstream"], "cogup");
+    assert_eq!(p["version"], version.as_str(), "{p}");
     let id = p["id"].as_str().unwrap();
     assert_eq!(p["hearth"]["upstream_id"], id);
     let theirs = up.get(&format!("/v1/predictions/{id}")).await;

@@ -202,6 +202,18 @@ async fn upstream(
         )
         .collect();
     let sent_input = super::files::inline_inputs(&state.store, &req.input, &bases).await?;
+    // A Cog container has one version, its schema's hash (from the cached document):
+    // the record names it, as Replicate's records always name one.
+    let version = match (&routed.version, c.cog) {
+        (None, true) => state
+            .upstream
+            .models
+            .get(&c, &routed.model, &format!("/v1/models/{}", routed.model))
+            .await
+            .ok()
+            .and_then(|d| d["latest_version"]["id"].as_str().map(str::to_string)),
+        (v, _) => v.clone(),
+    };
     let quota = state.quotas.take(&origin.client)?;
     let now = chrono::Utc::now();
     let deadline = req.cancel_after.map(|d| {
@@ -213,7 +225,7 @@ async fn upstream(
         prediction: Prediction {
             id: id.clone(),
             model: routed.model.clone(),
-            version: routed.version.clone().unwrap_or_default(),
+            version: version.unwrap_or_default(),
             input: req.input.clone(),
             logs: String::new(),
             output: None,

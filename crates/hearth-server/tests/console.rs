@@ -287,7 +287,7 @@ async fn predictions_list_filters_by_status_on_the_server() {
     );
 
     let (canceled, next) = list_page(&s, "/v1/predictions?status=canceled").await;
-    assert_eq!(canceled, [long_id.clone()]);
+    assert_eq!(canceled, std::slice::from_ref(&long_id));
     assert_eq!(next, None);
 
     let (first, next) = list_page(&s, "/v1/predictions?status=succeeded").await;
@@ -300,7 +300,7 @@ async fn predictions_list_filters_by_status_on_the_server() {
 
     // Several at once; an empty filter keeps all.
     let (ended, _) = list_page(&s, "/v1/predictions?status=failed,canceled").await;
-    assert_eq!(ended, [long_id.clone()]);
+    assert_eq!(ended, std::slice::from_ref(&long_id));
     let (none, _) = list_page(&s, "/v1/predictions?status=processing").await;
     assert!(none.is_empty());
     let (unfiltered, _) = list_page(&s, "/v1/predictions?status=").await;

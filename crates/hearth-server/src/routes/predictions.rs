@@ -352,12 +352,11 @@ pub async fn list(
         .records
         .iter()
         .map(|r| {
-            let current = state
+            state
                 .hub
                 .get(&r.prediction.id)
                 .and_then(|l| l.snapshot())
-                .unwrap_or_else(|| r.clone());
-            current
+                .unwrap_or_else(|| r.clone())
         })
         // One that has moved on since the store's copy (it ended meanwhile) no longer
         // matches the filter it was read for.

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The same load in-process and through each HTTP API (Replicate's predictions + SSE,
 # OpenAI's completions and chat completions, streamed), in one run: the HTTP front's
-# cost as a ratio of output throughput (goal: >= 0.95 for each).
+# cost as a ratio of output throughput (goal: >= 0.95 for each). Each run's figures are
+# also drawn by `hearth bench --plot` beside RESULTS.md as
+# benches/http-vs-offline-<mode>.svg (output tok/s, TTFT and TPOT p50/p99); PLOT=0 skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${HEARTH_BIN:-target/release/hearth}
@@ -16,11 +18,12 @@ trap 'kill $server 2>/dev/null; rm -rf "$data"' EXIT
 for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/health-check" | grep -q '"READY"' && break; sleep 0.1; done
 name=$(curl -sf "http://127.0.0.1:$port/v1/models" | python3 -c "import json,sys; m=json.load(sys.stdin)['results'][0]; print(m['owner']+'/'+m['name'])")
 common="--num-prompts $n --max-concurrency $c --input-len $in --output-len $out --seed 0 --json"
-offline=$("$bin" bench --offline --model "$model" $common | tail -n 1)
+plot() { [ "${PLOT:-1}" = 0 ] || echo "--plot benches/http-vs-offline-$1.svg"; }
+offline=$("$bin" bench --offline --model "$model" $common $(plot offline) | tail -n 1)
 echo "offline:     $offline"
 results=("$offline")
 for backend in replicate openai openai-chat; do
-  r=$("$bin" bench --url "http://127.0.0.1:$port" --backend "$backend" --model "$name" --tokenizer "$model" $common | tail -n 1)
+  r=$("$bin" bench --url "http://127.0.0.1:$port" --backend "$backend" --model "$name" --tokenizer "$model" $common $(plot "$backend") | tail -n 1)
   echo "$backend: $r"
   results+=("$r")
 done

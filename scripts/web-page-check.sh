@@ -4,7 +4,9 @@
 # without any API token, runs its script and renders a finished prediction (status,
 # output, metrics) and a running one (output arriving over the stream URL). Then the
 # console at /ui (tests/web/check-console.mjs): token, form, streaming run, cancel,
-# chat, the predictions list, the operations charts under load.
+# chat (on the demo, a chat model; absent for hearth/base, `dummy:demo` with no chat
+# template), the predictions list filtered on the server, the operations charts under
+# load.
 # Screenshots land in $OUT_DIR (default: target/web-check, kept; the path is printed).
 #
 # Env: HEARTH_BIN (default target/debug/hearth, built if missing), OUT_DIR.
@@ -37,8 +39,12 @@ trap cleanup EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 token=web-check-$RANDOM$RANDOM
 base="http://127.0.0.1:$port"
+# Two model cards: the demo (it has a chat template) and a base model without one.
+mkdir -p "$work/models"
+printf 'name = "hearth/demo"\nmodel = "demo"\ndescription = "The built-in demo (a chat model)."\n' >"$work/models/demo.toml"
+printf 'name = "hearth/base"\nmodel = "dummy:demo"\ndescription = "The demo shape, no chat template."\n' >"$work/models/base.toml"
 HEARTH_LOG=warn "$bin" serve --port "$port" --data-dir "$work/data" --api-token "$token" \
-  --max-num-seqs 4 >"$work/server.log" 2>&1 &
+  --models "$work/models" --max-num-seqs 4 >"$work/server.log" 2>&1 &
 server=$!
 for _ in $(seq 300); do
   curl -sf "$base/health-check" | grep -q '"READY"' && break

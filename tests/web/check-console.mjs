@@ -1,7 +1,9 @@
 // The console (/ui) in headless Chromium: the token asked for and kept out of URLs,
-// the form generated from the demo model's schema, a run streaming before it ends, a
-// long one canceled, the chat, the predictions list filtered and searched, model
-// output shown as text, and the operations charts moving under a short load.
+// the form generated from the demo model's schema (the seed's bound exact), a run
+// streaming before it ends, a long one canceled, the chat for the demo (a chat model)
+// and none for hearth/base (no chat template), the predictions list filtered on the
+// server and searched, model output shown as text, and the operations charts moving
+// under a short load.
 // Usage: node check-console.mjs BASE_URL API_TOKEN OUT_DIR
 import { chromium } from "playwright-core";
 
@@ -56,6 +58,8 @@ try {
   await page.fill("#token-input", token);
   await page.click("#token-form button[type=submit]");
   await page.waitForSelector('.card[data-model="hearth/demo"]', { timeout: WAIT });
+  const tags = await page.$$eval(".card[data-model]", (cs) => Object.fromEntries(cs.map((c) => [c.dataset.model, !!c.querySelector("[data-chat]")])));
+  check("models: the demo tagged chat, the base model not", tags["hearth/demo"] === true && tags["hearth/base"] === false, JSON.stringify(tags));
   check("token kept in sessionStorage only", await page.evaluate((t) =>
     sessionStorage.getItem("hearth.console.token") === t && localStorage.length === 0 && document.cookie === "", token));
   await shot("models");
@@ -78,6 +82,17 @@ try {
   check("form: boolean as a checkbox", form.eos === "checkbox");
   check("form: structured-output inputs grouped", form.structured);
   check("form: descriptions shown", form.desc.includes("greedy"), form.desc);
+  // The seed's maximum is 2^63 - 1: shown and checked exactly, not as a JS number.
+  const I64_MAX = "9223372036854775807";
+  const seed = await page.evaluate(() => ({
+    max: document.getElementById("in-seed").max,
+    range: document.querySelector('[data-field="seed"] .range').textContent,
+  }));
+  check("form: the seed's maximum exact", seed.max === I64_MAX && seed.range.includes(I64_MAX) && !seed.range.includes("6000"), JSON.stringify(seed));
+  await page.fill("#in-seed", "9223372036854775808");
+  await page.click("#run");
+  check("form: a seed past 2^63 - 1 refused in the page", (await text("#err-seed")).includes("at most " + I64_MAX), await text("#err-seed"));
+  await page.fill("#in-seed", I64_MAX);
   await page.fill("#in-temperature", "9");
   await page.click("#run");
   check("form: a value past its maximum is refused in the page", (await text("#err-temperature")).includes("at most 5"));
@@ -102,13 +117,16 @@ try {
   check("run: streamed text before completion", seen.some((s) => s.len > 0 && !/succeeded/.test(s.status)), JSON.stringify(seen.slice(0, 3)));
   check("run: output updated several times", seen.length > 2, String(seen.length));
   const runId = await text("#run-id");
-  const stored = await (await fetch(`${base}/v1/predictions/${runId}`, { headers: auth })).json();
+  const storedText = await (await fetch(`${base}/v1/predictions/${runId}`, { headers: auth })).text();
+  check("run: the seed sent digit for digit", storedText.includes(`"seed":${I64_MAX}`), storedText.slice(0, 300));
+  const stored = JSON.parse(storedText);
   check("run: the page ends with the stored output", (await text("#run-output")) === stored.output.join(""));
   check("run: link to the prediction page", (await page.getAttribute("#run-link", "href")) === new URL(stored.urls.web).pathname);
   check("run: metrics shown", (await text("#run-metrics")).includes("predict_time"));
   await shot("finished");
 
   // A long one, canceled.
+  await page.fill("#in-seed", "");
   await page.fill("#in-max_tokens", "6000");
   await page.click("#run");
   await page.waitForFunction(() => document.getElementById("run-output").textContent.length > 0, null, { timeout: WAIT });
@@ -134,6 +152,16 @@ try {
   check("chat: the message shown as text", chat.user === "<script>alert(1)</script> hello" && chat.userChildren === 0 && chat.scripts === 0, JSON.stringify(chat));
   check("chat: a streamed reply", chat.reply.length > 0, JSON.stringify(chat));
   await shot("chat");
+  check("chat: the demo's playground has a Chat tab", (await page.$("#tab-chat")) !== null);
+
+  // A base model (no chat template): no Chat tab, and its chat URL says why.
+  await page.goto(base + "/ui#/models/hearth/base");
+  await page.waitForSelector("#in-prompt", { timeout: WAIT });
+  check("chat: no Chat tab for a model without a chat template", (await page.$("#tab-playground")) !== null && (await page.$("#tab-chat")) === null);
+  await page.goto(base + "/ui#/models/hearth/base/chat");
+  await page.waitForSelector("#chat-unavailable", { timeout: WAIT });
+  check("chat: the base model's chat URL says it is not a chat model", (await page.$("#chat-input")) === null && /not a chat model/.test(await text("#chat-unavailable")));
+  await shot("chat-absent");
 
   // Output that looks like markup stays text on every page (the demo's output is
   // random tokens, so the markup goes in through the input the list previews).
@@ -141,11 +169,22 @@ try {
   await page.goto(base + "/ui#/predictions");
   await page.waitForSelector(`tr[data-id="${marked.id}"]`, { timeout: WAIT });
   check("list: markup shown as text", (await page.$("#injected")) === null && (await text(`tr[data-id="${marked.id}"]`)).includes("<img"));
+  // The filter is the server's: the page asks GET /v1/predictions?status=… and shows
+  // what comes back, so the canceled run is found behind 100 newer ones.
+  for (let i = 0; i < 100; i++) await create({ prompt: `filler ${i}`, max_tokens: 1 });
   for (const s of ["canceled", "succeeded"]) {
     await page.selectOption("#status-filter", s);
-    await page.waitForFunction((st) => [...document.querySelectorAll("#predictions-body tr[data-id]")].every((r) => r.dataset.status === st), s, { timeout: WAIT });
+    await page.waitForFunction((st) => document.getElementById("predictions-body").dataset.filter === st
+      && [...document.querySelectorAll("#predictions-body tr[data-id]")].every((r) => r.dataset.status === st), s, { timeout: WAIT });
     const rows = await page.$$eval("#predictions-body tr[data-id]", (rs) => rs.map((r) => r.dataset.status));
     check(`list: filter ${s}`, rows.length > 0 && rows.every((x) => x === s), JSON.stringify(rows));
+    check(`list: filter ${s} asked of the server`, requests.some((r) => new URL(r.url()).pathname === "/v1/predictions" && new URL(r.url()).searchParams.get("status") === s));
+    if (s === "canceled") {
+      check("list: the canceled run found behind 100 newer predictions", (await page.$(`tr[data-id="${canceledId}"]`)) !== null);
+      await shot("predictions-canceled");
+    } else {
+      check("list: a full page of succeeded ones, and More", rows.length === 100 && !(await page.$eval("#more", (b) => b.hidden)), String(rows.length));
+    }
   }
   await page.selectOption("#status-filter", "");
   await page.fill("#id-search", canceledId);
@@ -161,29 +200,31 @@ try {
   check("list: an unknown id says so", true);
   await page.fill("#id-search", "");
   await page.click("form.inline button[type=submit]");
-  await page.waitForSelector(`tr[data-id="${marked.id}"]`, { timeout: WAIT });
+  // Back to the whole list: a full first page (the marked one is behind the fillers now).
+  await page.waitForFunction(() => document.querySelectorAll("#predictions-body tr[data-id]").length === 100, null, { timeout: WAIT });
   await shot("predictions");
 
-  // Operations: charts present, and moving under a short load.
+  // Operations: charts present, and moving under a short load (the demo's: the base
+  // model has its own panel, idle).
   await page.goto(base + "/ui#/ops");
   await page.waitForSelector('.ops-model[data-model="hearth/demo"] svg.chart', { timeout: WAIT });
   const charts = await page.$$eval(".ops-model svg.chart", (s) => s.length);
   check("ops: charts drawn", charts >= 5, String(charts));
-  const tps = () => page.$eval('[data-series="tokens/s"]', (p) => p.getAttribute("d"));
+  const tps = () => page.$eval('.ops-model[data-model="hearth/demo"] [data-series="tokens/s"]', (p) => p.getAttribute("d"));
   const before = await tps();
   const load = [];
   for (let i = 0; i < 4; i++) load.push(create({ prompt: `load ${i}`, max_tokens: 800, ignore_eos: true }));
   await Promise.all(load);
   await page.waitForFunction(() => {
-    const v = document.querySelector('[data-stat="tps"]');
+    const v = document.querySelector('.ops-model[data-model="hearth/demo"] [data-stat="tps"]');
     return v && v.textContent !== "0" && v.textContent !== "–";
   }, null, { timeout: WAIT });
-  await page.waitForFunction(() => Number(document.querySelector('[data-stat="running"]').textContent) > 0, null, { timeout: WAIT }).catch(() => {});
+  await page.waitForFunction(() => Number(document.querySelector('.ops-model[data-model="hearth/demo"] [data-stat="running"]').textContent) > 0, null, { timeout: WAIT }).catch(() => {});
   // The tokens/s figure can already be non-zero from the runs above, so wait for the
   // chart itself to redraw with a new sample (one a second) rather than reading it once.
   const after = await page
     .waitForFunction((b) => {
-      const d = document.querySelector('[data-series="tokens/s"]')?.getAttribute("d");
+      const d = document.querySelector('.ops-model[data-model="hearth/demo"] [data-series="tokens/s"]')?.getAttribute("d");
       return d && d !== b && /L/.test(d) ? d : null;
     }, before, { timeout: WAIT })
     .then((h) => h.jsonValue())
@@ -191,8 +232,8 @@ try {
   await shot("ops");
   check("ops: tokens/s chart moved under load", before !== after && /L/.test(after), `${before} -> ${after}`);
   check("ops: state shown", (await text('.ops-model[data-model="hearth/demo"] .state')) === "READY");
-  await page.waitForFunction(() => !/no requests/.test(document.querySelector(".ops-model figure:nth-of-type(6) figcaption")?.textContent || "no requests"), null, { timeout: WAIT });
-  check("ops: TTFT distribution has the requests", /p50/.test(await page.textContent(".ops-model figure:nth-of-type(6) figcaption")));
+  await page.waitForFunction(() => !/no requests/.test(document.querySelector('.ops-model[data-model="hearth/demo"] figure:nth-of-type(6) figcaption')?.textContent || "no requests"), null, { timeout: WAIT });
+  check("ops: TTFT distribution has the requests", /p50/.test(await page.textContent('.ops-model[data-model="hearth/demo"] figure:nth-of-type(6) figcaption')));
 
   // The token: only ever in a header, and only to this origin.
   const all = await Promise.all(requests.map(async (r) => ({ url: r.url(), h: await r.allHeaders() })));

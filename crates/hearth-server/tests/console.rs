@@ -216,3 +216,166 @@ async fn ops_history_needs_the_token_and_records_generation() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Every id in a `GET /v1/predictions` page, and its `next` link.
+async fn list_page(s: &support::Server, path: &str) -> (Vec<String>, Option<String>) {
+    let r = s.get(path).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    let page: Value = r.json().await.unwrap();
+    // Replicate's page shape, filtered or not: nothing added for the filter.
+    let keys: BTreeSet<&str> = page
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["next", "previous", "results"]),
+        "{page}"
+    );
+    let ids = page["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    let next = page["next"].as_str().map(|n| {
+        let u = reqwest::Url::parse(n).unwrap();
+        format!("{}?{}", u.path(), u.query().unwrap_or(""))
+    });
+    (ids, next)
+}
+
+/// The console's list asks the server for one status (hearth's `status` parameter):
+/// a prediction older than the newest page is found, a page holds only that status,
+/// the `next` link keeps the filter, and a status that does not exist is refused by
+/// name. Runs on PostgreSQL too (HEARTH_TEST_STORE=postgres).
+#[tokio::test]
+async fn predictions_list_filters_by_status_on_the_server() {
+    let s = start(1 << 20).await;
+    // The oldest: canceled, so an unfiltered first page (100 newest) does not hold it.
+    let (code, long) = s.create(support::long_job(), None).await;
+    assert_eq!(code, 201, "{long}");
+    let long_id = long["id"].as_str().unwrap().to_string();
+    let r = s
+        .post(&format!("/v1/predictions/{long_id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.wait_terminal(&long_id).await["status"], "canceled");
+    let mut succeeded = Vec::new();
+    for i in 0..101 {
+        let (code, p) = s
+            .create(
+                json!({"prompt": format!("list {i}"), "max_tokens": 1}),
+                Some("wait"),
+            )
+            .await;
+        assert_eq!(code, 201, "{p}");
+        assert_eq!(p["status"], "succeeded", "{p}");
+        succeeded.push(p["id"].as_str().unwrap().to_string());
+    }
+    succeeded.reverse();
+
+    let (all, _) = list_page(&s, "/v1/predictions").await;
+    assert_eq!(all.len(), 100);
+    assert!(
+        !all.contains(&long_id),
+        "the canceled one is on a later page"
+    );
+
+    let (canceled, next) = list_page(&s, "/v1/predictions?status=canceled").await;
+    assert_eq!(canceled, std::slice::from_ref(&long_id));
+    assert_eq!(next, None);
+
+    let (first, next) = list_page(&s, "/v1/predictions?status=succeeded").await;
+    assert_eq!(first, succeeded[..100]);
+    let next = next.expect("a second page of succeeded ones");
+    assert!(next.contains("status=succeeded"), "{next}");
+    let (second, after) = list_page(&s, &next).await;
+    assert_eq!(second, succeeded[100..]);
+    assert_eq!(after, None);
+
+    // Several at once; an empty filter keeps all.
+    let (ended, _) = list_page(&s, "/v1/predictions?status=failed,canceled").await;
+    assert_eq!(ended, std::slice::from_ref(&long_id));
+    let (none, _) = list_page(&s, "/v1/predictions?status=processing").await;
+    assert!(none.is_empty());
+    let (unfiltered, _) = list_page(&s, "/v1/predictions?status=").await;
+    assert_eq!(unfiltered, all);
+
+    let r = s.get("/v1/predictions?status=done").send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("status: \\\"done\\\" is not a prediction status"),
+        "{body}"
+    );
+}
+
+/// The console shows a chat view for chat models only: the model document says
+/// whether the model has a chat template of its own (`hearth.chat`). The demo has
+/// one; `dummy:demo` (the same shape with a bare tokenizer) is a base model.
+#[tokio::test]
+async fn model_documents_say_which_models_are_chat_models() {
+    let engine = engine_default();
+    let (demo, base) = tokio::task::spawn_blocking(move || {
+        let demo = support::demo_model(engine.clone());
+        let loaded =
+            hearth_runtime::load(&hearth_runtime::ModelSpec::new("dummy:demo"), &engine).unwrap();
+        let base = hearth_server::ServedModel {
+            owner: "hearth".into(),
+            name: "base".into(),
+            aliases: Vec::new(),
+            version: "c".repeat(64),
+            version_aliases: Vec::new(),
+            description: "a base model".into(),
+            defaults: hearth_server::schema::default_inputs(),
+            engine: loaded.engine,
+            created_at: hearth_server::record::now_rfc3339(),
+        };
+        (demo, base)
+    })
+    .await
+    .unwrap();
+    let data = support::TempDir::new("console-chat");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut cfg = hearth_server::ServerConfig::new(addr, data.0.clone());
+    cfg.api_tokens = vec![TOKEN.into()];
+    let state = hearth_server::build_state(cfg, vec![demo, base])
+        .await
+        .unwrap();
+    tokio::spawn(hearth_server::serve_on(state, listener));
+    let c = reqwest::Client::new();
+    let get = |path: &str| {
+        let req = c
+            .get(format!("http://{addr}{path}"))
+            .bearer_auth(TOKEN)
+            .send();
+        async move { req.await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let list = get("/v1/models").await;
+    let chat: Vec<(String, Value)> = list["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_string(),
+                m["hearth"]["chat"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        chat,
+        [
+            ("hearth/demo".to_string(), json!(true)),
+            ("hearth/base".to_string(), json!(false))
+        ]
+    );
+    assert_eq!(get("/v1/models/hearth/base").await["hearth"]["chat"], false);
+    assert_eq!(get("/v1/models/hearth/demo").await["hearth"]["chat"], true);
+}

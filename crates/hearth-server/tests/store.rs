@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hearth_server::record::{new_id, now_rfc3339, Status};
 use hearth_server::store::{
-    Delivery, OutboxItem, PgStore, SharedStore, SqliteStore, StoreError, UpstreamLink,
+    Delivery, ListFilter, OutboxItem, PgStore, SharedStore, SqliteStore, StoreError, UpstreamLink,
 };
 use serde_json::json;
 use support::{postgres, record, TempDir};
@@ -75,6 +75,7 @@ both!(
     insert_is_atomic_and_never_overwrites,
     put_writes_changes_and_recreates_a_lost_row,
     list_pages_newest_first_with_filters,
+    list_filters_by_status_in_the_store,
     outbox_keeps_order_coalesces_and_claims_one_head_per_prediction,
     outbox_events_are_opaque_and_cog_events_never_coalesce,
     outbox_drops_superseded_cog_states_and_keeps_completed_last,
@@ -277,7 +278,10 @@ async fn list_pages_newest_first_with_filters(b: Backend) {
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let page = s.list(cursor.as_deref(), None, None, 3).await.unwrap();
+        let page = s
+            .list(cursor.as_deref(), &ListFilter::default(), 3)
+            .await
+            .unwrap();
         assert!(page.records.len() <= 3);
         seen.extend(page.records.iter().map(|r| r.prediction.id.clone()));
         match page.next {
@@ -292,8 +296,11 @@ async fn list_pages_newest_first_with_filters(b: Backend) {
     let mid = s
         .list(
             None,
-            Some("2026-01-01T00:00:01.000000Z"),
-            Some("2026-01-01T00:00:04.000000Z"),
+            &ListFilter {
+                created_after: Some("2026-01-01T00:00:01.000000Z".into()),
+                created_before: Some("2026-01-01T00:00:04.000000Z".into()),
+                ..ListFilter::default()
+            },
             100,
         )
         .await
@@ -305,6 +312,70 @@ async fn list_pages_newest_first_with_filters(b: Backend) {
         .collect();
     assert_eq!(ids, ["id3", "id2"]);
     assert!(mid.next.is_none());
+}
+
+/// The status filter is the store's: pages of the wanted statuses only, full pages
+/// (not a page of everything thinned out afterwards), the cursor across them, and
+/// with the time bounds at once.
+async fn list_filters_by_status_in_the_store(b: Backend) {
+    let s = b.store;
+    let statuses = [
+        Status::Succeeded,
+        Status::Failed,
+        Status::Processing,
+        Status::Canceled,
+        Status::Starting,
+    ];
+    for i in 0..20 {
+        let at = format!("2026-01-01T00:00:{i:02}.000000Z");
+        s.insert(&record(&format!("p{i:02}"), &at, statuses[i % 5]))
+            .await
+            .unwrap();
+    }
+    let pages = |wanted: Vec<Status>, after: Option<&str>| {
+        let s = s.clone();
+        let after = after.map(str::to_string);
+        async move {
+            let filter = ListFilter {
+                statuses: wanted,
+                created_after: after,
+                ..ListFilter::default()
+            };
+            let (mut seen, mut sizes, mut cursor) = (Vec::new(), Vec::new(), None::<String>);
+            loop {
+                let page = s.list(cursor.as_deref(), &filter, 3).await.unwrap();
+                sizes.push(page.records.len());
+                seen.extend(page.records.iter().map(|r| r.prediction.id.clone()));
+                match page.next {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            (seen, sizes)
+        }
+    };
+    let (failed, sizes) = pages(vec![Status::Failed], None).await;
+    assert_eq!(failed, ["p16", "p11", "p06", "p01"]);
+    assert_eq!(sizes, [3, 1], "full pages of failed ones only");
+    let (running, _) = pages(vec![Status::Starting, Status::Processing], None).await;
+    assert_eq!(
+        running,
+        ["p19", "p17", "p14", "p12", "p09", "p07", "p04", "p02"]
+    );
+    let (late, _) = pages(
+        vec![Status::Succeeded, Status::Canceled],
+        Some("2026-01-01T00:00:10.000000Z"),
+    )
+    .await;
+    assert_eq!(late, ["p18", "p15", "p13"]);
+    // A status changed by a later write is listed under the new one only.
+    let mut r = s.get("p16").await.unwrap().unwrap();
+    r.prediction.status = Status::Succeeded;
+    s.put(&r).await.unwrap();
+    let (failed, _) = pages(vec![Status::Failed], None).await;
+    assert_eq!(failed, ["p11", "p06", "p01"]);
+    let (all, _) = pages(Vec::new(), None).await;
+    assert_eq!(all.len(), 20);
 }
 
 async fn outbox_keeps_order_coalesces_and_claims_one_head_per_prediction(b: Backend) {

@@ -3,6 +3,8 @@
 // server-sent events read from a fetch body, and a small DOM builder that only ever
 // sets text (model output is data, never markup).
 
+import { parseJSON, toJSON } from "./json.js";
+
 const KEY = "hearth.console.token";
 
 export const token = {
@@ -41,7 +43,7 @@ export async function api(path, { method = "GET", json, body, signal, extraHeade
   const h = headers(extraHeaders);
   if (json !== undefined) {
     h.set("Content-Type", "application/json");
-    body = JSON.stringify(json);
+    body = toJSON(json);
   }
   const r = await fetch(path, { method, headers: h, body, signal, cache: "no-store", credentials: "omit", referrerPolicy: "no-referrer" });
   if (r.status === 401) {
@@ -50,7 +52,7 @@ export async function api(path, { method = "GET", json, body, signal, extraHeade
   }
   const text = await r.text();
   let data = null;
-  try { data = text ? JSON.parse(text) : null; } catch { data = null; }
+  try { data = text ? parseJSON(text) : null; } catch { data = null; }
   if (!r.ok) throw new ApiError(r.status, problemText(r.status, data, text), data);
   return data;
 }
@@ -60,7 +62,7 @@ export function problemText(status, data, text) {
   if (data && Array.isArray(data.detail)) {
     return data.detail.map((d) => (Array.isArray(d.loc) ? d.loc.join(".") + ": " : "") + d.msg).join("; ");
   }
-  if (data && data.error && typeof data.error === "object") return data.error.message || JSON.stringify(data.error);
+  if (data && data.error && typeof data.error === "object") return data.error.message || toJSON(data.error);
   if (data && (data.detail || data.title)) return String(data.detail || data.title);
   return `HTTP ${status}${text ? ": " + String(text).slice(0, 300) : ""}`;
 }
@@ -68,12 +70,12 @@ export function problemText(status, data, text) {
 /** POSTs and yields each server-sent event ({event, data}) of the response body. */
 export async function* postEvents(path, json, signal) {
   const h = headers({ "Content-Type": "application/json", Accept: "text/event-stream" });
-  const r = await fetch(path, { method: "POST", headers: h, body: JSON.stringify(json), signal, cache: "no-store", credentials: "omit" });
+  const r = await fetch(path, { method: "POST", headers: h, body: toJSON(json), signal, cache: "no-store", credentials: "omit" });
   if (r.status === 401) { onAuth(); throw new AuthError("this server needs an API token"); }
   if (!r.ok) {
     const text = await r.text();
     let data = null;
-    try { data = JSON.parse(text); } catch { data = null; }
+    try { data = parseJSON(text); } catch { data = null; }
     throw new ApiError(r.status, problemText(r.status, data, text), data);
   }
   const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -114,6 +116,24 @@ export function el(tag, attrs, ...children) {
   return e;
 }
 
+/**
+ * A chat model: one whose tokenizer has a chat template of its own (hearth's
+ * `hearth.chat` on the model). A base model gets no chat view: its replies through
+ * the generic ChatML wrapping would be noise. (Models served only upstream carry no
+ * such field, and /v1/chat/completions runs local models only.)
+ */
+export function isChatModel(model) {
+  return Boolean(model && model.hearth && model.hearth.chat === true);
+}
+
+/** A model page's tabs: Playground, and Chat for a chat model only. */
+export function modelTabs(model, active) {
+  const base = `#/models/${model.owner}/${model.name}`;
+  const tabs = [el("a", { href: base, class: active === "playground" ? "active" : null, id: "tab-playground" }, "Playground")];
+  if (isChatModel(model)) tabs.push(el("a", { href: base + "/chat", class: active === "chat" ? "active" : null, id: "tab-chat" }, "Chat"));
+  return el("nav", { class: "tabs" }, tabs);
+}
+
 export const terminal = (s) => s === "succeeded" || s === "failed" || s === "canceled";
 
 export function statusBadge(status) {
@@ -123,5 +143,5 @@ export function statusBadge(status) {
 export function outputText(p) {
   if (Array.isArray(p.output)) return p.output.join("");
   if (p.output === null || p.output === undefined) return "";
-  return typeof p.output === "string" ? p.output : JSON.stringify(p.output, null, 2);
+  return typeof p.output === "string" ? p.output : toJSON(p.output, 2);
 }

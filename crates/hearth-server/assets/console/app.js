@@ -2,7 +2,7 @@
 // fragment (#/models/owner/name, #/models/owner/name/chat, #/predictions, #/ops),
 // so every view is one shell the server serves without data.
 
-import { AuthError, api, el, onUnauthorized, token } from "./api.js";
+import { AuthError, api, el, isChatModel, onUnauthorized, token } from "./api.js";
 import { chatPage } from "./chat.js";
 import { opsPage } from "./ops.js";
 import { modelPage } from "./playground.js";
@@ -43,7 +43,7 @@ document.getElementById("token-forget").addEventListener("click", () => {
 async function modelsPage() {
   const list = await api("/v1/models");
   const cards = (list.results || []).map((m) => el("a", { class: "card", href: `#/models/${m.owner}/${m.name}`, "data-model": `${m.owner}/${m.name}` },
-    el("h2", {}, `${m.owner}/${m.name}`),
+    el("h2", {}, `${m.owner}/${m.name}`, isChatModel(m) ? el("span", { class: "tag", "data-chat": "" }, "chat") : null),
     el("p", {}, m.description || ""),
     el("p", { class: "sub" }, "version ", el("code", {}, String((m.latest_version || {}).id || "").slice(0, 12)),
       m.max_model_len ? ` · context ${m.max_model_len}` : "")));

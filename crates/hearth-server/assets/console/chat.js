@@ -2,11 +2,17 @@
 // the conversation stays in the page, each reply arrives token by token, Stop ends it
 // (closing the stream cancels the request on the server).
 
-import { api, el, postEvents } from "./api.js";
+import { api, el, isChatModel, modelTabs, postEvents } from "./api.js";
 
 export async function chatPage(main, owner, name) {
   const model = await api(`/v1/models/${encodeURIComponent(owner)}/${encodeURIComponent(name)}`);
   const full = `${model.owner}/${model.name}`;
+  if (!isChatModel(model)) {
+    main.replaceChildren(el("div", { class: "page-head" }, el("h1", {}, full), modelTabs(model, "chat")),
+      el("div", { class: "panel", id: "chat-unavailable" }, `${full} has no chat template: it is not a chat model. `,
+        el("a", { href: `#/models/${model.owner}/${model.name}` }, "Use its playground"), " to send it a prompt."));
+    return;
+  }
   const messages = [];
   const log = el("div", { id: "chat-log", class: "chat-log", "aria-live": "polite" });
   const system = el("input", { id: "chat-system", type: "text", placeholder: "System prompt (optional)" });
@@ -95,9 +101,7 @@ export async function chatPage(main, owner, name) {
   main.replaceChildren(
     el("div", { class: "page-head" },
       el("h1", {}, full),
-      el("nav", { class: "tabs" },
-        el("a", { href: `#/models/${model.owner}/${model.name}` }, "Playground"),
-        el("a", { href: `#/models/${model.owner}/${model.name}/chat`, class: "active" }, "Chat"))),
+      modelTabs(model, "chat")),
     el("p", { class: "sub" }, "OpenAI chat endpoint, streamed: POST /v1/chat/completions"),
     el("section", { class: "panel chat" },
       el("div", { class: "chat-settings" },

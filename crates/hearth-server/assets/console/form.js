@@ -5,6 +5,7 @@
 // the fields' errors.
 
 import { api, el, localPath } from "./api.js";
+import { parseJSON, toJSON } from "./json.js";
 
 /** Follows `$ref` and Cog's `allOf: [{$ref}]` wrapper for enums. */
 function resolve(prop, doc) {
@@ -30,9 +31,9 @@ function control(name, p) {
   if (Array.isArray(p.enum)) {
     const s = el("select", { id, name });
     if (p.nullable || dflt === null || dflt === undefined) s.append(el("option", { value: "" }, "(none)"));
-    for (const v of p.enum) s.append(el("option", { value: JSON.stringify(v) }, String(v)));
-    if (dflt !== undefined && dflt !== null) s.value = JSON.stringify(dflt);
-    return { input: s, read: () => (s.value === "" ? undefined : JSON.parse(s.value)) };
+    for (const v of p.enum) s.append(el("option", { value: toJSON(v) }, String(v)));
+    if (dflt !== undefined && dflt !== null) s.value = toJSON(dflt);
+    return { input: s, read: () => (s.value === "" ? undefined : parseJSON(s.value)) };
   }
   switch (p.type) {
     case "boolean": {
@@ -40,6 +41,7 @@ function control(name, p) {
       return { input: c, read: () => c.checked };
     }
     case "integer":
+      return integerControl(id, name, p);
     case "number": {
       const n = el("input", { id, name, type: "number", step: p.type === "integer" ? "1" : "any", inputmode: "decimal" });
       if (p.minimum !== undefined) n.min = String(p.minimum);
@@ -74,9 +76,42 @@ function control(name, p) {
       const v = t.value;
       if (v === "" && (dflt === "" || dflt === null || dflt === undefined)) return undefined;
       if (name === "json_schema" && v.trim() !== "") {
-        try { return JSON.parse(v); } catch (e) { throw new Error("not valid JSON: " + e.message); }
+        try { return parseJSON(v); } catch (e) { throw new Error("not valid JSON: " + e.message); }
       }
       return v;
+    },
+  };
+}
+
+const isNum = (v) => typeof v === "number" || typeof v === "bigint";
+
+/**
+ * An integer field, exact at any size: the text typed is read as a BigInt, checked
+ * against the schema's bounds (BigInts from json.js when past 2^53, as the seed's
+ * 2^63 - 1) and sent as a number when it fits one exactly, else as its digits.
+ */
+function integerControl(id, name, p) {
+  const dflt = p.default;
+  // A number input keeps the digits typed as they are (its value is a string); only
+  // its spinner would round past 2^53.
+  const n = el("input", { id, name, type: "number", step: "1", inputmode: "numeric" });
+  if (isNum(dflt)) n.value = String(dflt);
+  const bound = (b, up) => (typeof b === "bigint" ? b : BigInt(up ? Math.floor(b) : Math.ceil(b)));
+  const min = isNum(p.minimum) ? bound(p.minimum, false) : null;
+  const max = isNum(p.maximum) ? bound(p.maximum, true) : null;
+  if (min !== null) n.min = String(min);
+  if (max !== null) n.max = String(max);
+  n.placeholder = dflt === null || dflt === undefined ? "(unset)" : "";
+  return {
+    input: n,
+    read: () => {
+      const t = n.value.trim();
+      if (t === "") return undefined;
+      if (!/^[-+]?\d+$/.test(t)) throw new Error(/^[-+]?[\d.eE+-]+$/.test(t) ? "expected an integer" : "not a number");
+      const v = BigInt(t);
+      if (min !== null && v < min) throw new Error(`must be at least ${min}`);
+      if (max !== null && v > max) throw new Error(`must be at most ${max}`);
+      return v >= BigInt(Number.MIN_SAFE_INTEGER) && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v;
     },
   };
 }

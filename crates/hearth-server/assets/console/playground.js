@@ -2,7 +2,7 @@
 // output over the prediction's stream URL as it is generated, Cancel, and the link
 // to the prediction's own page.
 
-import { ApiError, api, el, localPath, outputText, statusBadge, terminal } from "./api.js";
+import { ApiError, api, el, localPath, modelTabs, outputText, statusBadge, terminal } from "./api.js";
 import { schemaForm } from "./form.js";
 
 const FLUSH_MS = 50;
@@ -22,9 +22,7 @@ export async function modelPage(main, owner, name, ctx) {
   main.replaceChildren(
     el("div", { class: "page-head" },
       el("h1", {}, full),
-      el("nav", { class: "tabs" },
-        el("a", { href: `#/models/${model.owner}/${model.name}`, class: "active" }, "Playground"),
-        el("a", { href: `#/models/${model.owner}/${model.name}/chat` }, "Chat"))),
+      modelTabs(model, "playground")),
     el("p", { class: "sub" }, model.description || "", " · version ", el("code", {}, String(version.id || "").slice(0, 12)),
       model.max_model_len ? ` · context ${model.max_model_len} tokens` : ""));
 

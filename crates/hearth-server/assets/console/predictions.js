@@ -1,12 +1,14 @@
 // The predictions list: newest first, a page at a time (the API's cursor), filtered
-// by status, with a search by id; each row links to the prediction's page and a
-// running one can be canceled from here.
+// by status on the server (hearth's `status` parameter of GET /v1/predictions, so a
+// filtered page is full and "More" reaches every match), with a search by id; each
+// row links to the prediction's page and a running one can be canceled from here.
 
 import { api, el, localPath, statusBadge, terminal } from "./api.js";
+import { toJSON } from "./json.js";
 
-const STATUSES = ["", "starting", "processing", "succeeded", "failed", "canceled"];
-/** Pages read ahead to fill a filtered view before asking for "More". */
-const READ_AHEAD = 5;
+/** [value of `status`, label]: "running" is both in-flight statuses. */
+const FILTERS = [["", "all statuses"], ["starting,processing", "running"], ["starting", "starting"],
+  ["processing", "processing"], ["succeeded", "succeeded"], ["failed", "failed"], ["canceled", "canceled"]];
 
 function duration(p) {
   const m = p.metrics || {};
@@ -17,20 +19,21 @@ function duration(p) {
 
 function preview(p) {
   const i = p.input || {};
-  const s = typeof i.prompt === "string" ? i.prompt : (Array.isArray(i.messages) ? "(chat)" : JSON.stringify(i));
+  const s = typeof i.prompt === "string" ? i.prompt : (Array.isArray(i.messages) ? "(chat)" : toJSON(i));
   return s.length > 80 ? s.slice(0, 79) + "…" : s;
 }
 
 export async function predictionsPage(main, params) {
   const filter = el("select", { id: "status-filter", "aria-label": "status" },
-    STATUSES.map((s) => el("option", { value: s }, s || "all statuses")));
-  filter.value = STATUSES.includes(params.get("status") || "") ? params.get("status") || "" : "";
+    FILTERS.map(([v, label]) => el("option", { value: v }, label)));
+  const wanted = params.get("status") || "";
+  filter.value = FILTERS.some(([v]) => v === wanted) ? wanted : "";
   const search = el("input", { id: "id-search", type: "search", placeholder: "Prediction id", "aria-label": "prediction id" });
   const searchBtn = el("button", { type: "submit" }, "Find");
   const body = el("tbody", { id: "predictions-body" });
   const more = el("button", { type: "button", id: "more", hidden: true }, "More");
   const note = el("div", { class: "sub", id: "list-note" });
-  let next = null, rows = [];
+  let next = null, rows = [], loading = 0;
 
   function row(p) {
     const cancel = terminal(p.status) ? "" : el("button", {
@@ -49,53 +52,48 @@ export async function predictionsPage(main, params) {
   }
 
   function render() {
-    const want = filter.value;
-    const shown = rows.filter((p) => !want || p.status === want);
-    body.replaceChildren(...shown.map(row));
-    if (!shown.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, rows.length ? "No prediction with this status among those loaded." : "No predictions yet.")));
+    body.replaceChildren(...rows.map(row));
+    if (!rows.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, filter.value ? "No prediction with this status." : "No predictions yet.")));
     more.hidden = !next;
-    note.textContent = `${shown.length} shown of ${rows.length} loaded${next ? " (more on the server)" : ""}`;
+    const which = filter.value ? FILTERS.find(([v]) => v === filter.value)[1] + " " : "";
+    note.textContent = `${rows.length} ${which}shown${next ? " (more on the server)" : ""}`;
+    body.dataset.filter = filter.value;
   }
 
-  async function load(url) {
+  /** Appends the page at `url`; a page that arrives after the view changed is dropped. */
+  async function load(url, mine) {
     const page = await api(url);
+    if (mine !== loading) return;
     rows = rows.concat(page.results || []);
     next = page.next ? localPath(page.next) : null;
-  }
-
-  /** Reads pages until the filter shows a screenful or READ_AHEAD pages were read. */
-  async function fill() {
-    for (let i = 0; i < READ_AHEAD && next; i++) {
-      if (rows.filter((p) => !filter.value || p.status === filter.value).length >= 25) break;
-      await load(next);
-    }
     render();
   }
 
   async function reload() {
+    const mine = ++loading;
     rows = [];
     next = null;
-    await load("/v1/predictions");
-    await fill();
+    const q = filter.value ? "?status=" + encodeURIComponent(filter.value) : "";
+    await load("/v1/predictions" + q, mine);
   }
 
   filter.addEventListener("change", () => {
-    const q = filter.value ? "?status=" + filter.value : "";
+    const q = filter.value ? "?status=" + encodeURIComponent(filter.value) : "";
     history.replaceState(null, "", "#/predictions" + q);
-    fill().catch((e) => { note.textContent = e.message; });
+    reload().catch((e) => { note.textContent = e.message; });
   });
-  more.addEventListener("click", async () => {
-    if (!next) return;
-    await load(next);
-    await fill();
+  more.addEventListener("click", () => {
+    if (next) load(next, loading).catch((e) => { note.textContent = e.message; });
   });
   const searchForm = el("form", {
     class: "inline", novalidate: true, onsubmit: async (e) => {
       e.preventDefault();
       const id = search.value.trim();
       if (!id) return reload();
+      const mine = ++loading;
       try {
         const p = await api(`/v1/predictions/${encodeURIComponent(id)}`);
+        if (mine !== loading) return;
         rows = [p];
         next = null;
         filter.value = "";

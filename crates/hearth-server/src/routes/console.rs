@@ -44,6 +44,11 @@ pub const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../../assets/console/api.js"),
     ),
     (
+        "/ui/json.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/console/json.js"),
+    ),
+    (
         "/ui/form.js",
         "text/javascript; charset=utf-8",
         include_str!("../../assets/console/form.js"),

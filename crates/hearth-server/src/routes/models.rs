@@ -21,7 +21,9 @@ pub fn version_json(m: &ServedModel, id: &str) -> Value {
 /// One object both clients read at the same URL: Replicate's model fields and
 /// OpenAI's (`id`, `object`, `created`, `owned_by`). Each client's parser takes its
 /// own fields and ignores the rest (replicate 1.0.7's pydantic `Model`, openai's
-/// `Model` with extra fields allowed); checked against both in CI.
+/// `Model` with extra fields allowed); checked against both in CI. `hearth.chat`: the
+/// model has a chat template of its own (a chat model; without one, chat requests
+/// still run, through ChatML), which the console's chat view goes by.
 fn model_json(m: &ServedModel, base: &str) -> Value {
     let created = chrono::DateTime::parse_from_rfc3339(&m.created_at)
         .map(|t| t.timestamp())
@@ -34,6 +36,7 @@ fn model_json(m: &ServedModel, base: &str) -> Value {
         "github_url": null, "paper_url": null, "license_url": null, "run_count": 0,
         "cover_image_url": null, "default_example": null,
         "latest_version": version_json(m, &m.version),
+        "hearth": {"chat": m.engine.tokenizer().has_chat_template()},
     })
 }
 

@@ -15,7 +15,9 @@ use super::{base_url, json_response, parse_json_body, AppResult};
 use crate::client_quota::Client;
 use crate::error::ApiError;
 use crate::models::ServedModel;
+use crate::record::Status;
 use crate::service::{self, Origin};
+use crate::store::ListFilter;
 use crate::upstream::{
     self,
     create::{Created, Routed},
@@ -273,7 +275,41 @@ pub struct ListQuery {
     cursor: Option<String>,
     created_after: Option<String>,
     created_before: Option<String>,
+    /// hearth's own: `status=succeeded` or `status=starting,processing` keeps only
+    /// those (Replicate's list has no such filter; its clients never send one).
+    status: Option<String>,
 }
+
+/// `status=a,b`: each a prediction status, none twice; empty or absent keeps all.
+fn parse_statuses(v: Option<&str>) -> AppResult<Vec<Status>> {
+    let mut out = Vec::new();
+    for part in v.unwrap_or("").split(',').map(str::trim) {
+        if part.is_empty() {
+            continue;
+        }
+        let s = ALL_STATUSES
+            .into_iter()
+            .find(|s| s.as_str() == part)
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "status: {part:?} is not a prediction status (starting, processing, \
+                     succeeded, failed or canceled, several separated by commas)"
+                ))
+            })?;
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+const ALL_STATUSES: [Status; 5] = [
+    Status::Starting,
+    Status::Processing,
+    Status::Succeeded,
+    Status::Failed,
+    Status::Canceled,
+];
 
 fn normalise_time(field: &str, v: Option<String>) -> AppResult<Option<String>> {
     v.map(|s| {
@@ -302,42 +338,47 @@ pub async fn list(
         ),
         None => None,
     };
-    let after = normalise_time("created_after", q.created_after)?;
-    let before = normalise_time("created_before", q.created_before)?;
+    let filter = ListFilter {
+        created_after: normalise_time("created_after", q.created_after)?,
+        created_before: normalise_time("created_before", q.created_before)?,
+        statuses: parse_statuses(q.status.as_deref())?,
+    };
     let page = state
         .store
-        .list(
-            cursor.as_deref(),
-            after.as_deref(),
-            before.as_deref(),
-            PAGE_SIZE,
-        )
+        .list(cursor.as_deref(), &filter, PAGE_SIZE)
         .await?;
     let base = base_url(&state, &headers);
     let results: Vec<Value> = page
         .records
         .iter()
         .map(|r| {
-            let current = state
+            state
                 .hub
                 .get(&r.prediction.id)
                 .and_then(|l| l.snapshot())
-                .unwrap_or_else(|| r.clone());
-            current.to_json()
+                .unwrap_or_else(|| r.clone())
         })
+        // One that has moved on since the store's copy (it ended meanwhile) no longer
+        // matches the filter it was read for.
+        .filter(|r| filter.statuses.is_empty() || filter.statuses.contains(&r.prediction.status))
+        .map(|r| r.to_json())
         .collect();
     let mut extra = String::new();
-    if let Some(a) = &after {
+    if let Some(a) = &filter.created_after {
         extra.push_str(&format!(
             "&created_after={}",
             a.replace('+', "%2B").replace(':', "%3A")
         ));
     }
-    if let Some(b) = &before {
+    if let Some(b) = &filter.created_before {
         extra.push_str(&format!(
             "&created_before={}",
             b.replace('+', "%2B").replace(':', "%3A")
         ));
+    }
+    if !filter.statuses.is_empty() {
+        let names: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        extra.push_str(&format!("&status={}", names.join("%2C")));
     }
     let next = page
         .next

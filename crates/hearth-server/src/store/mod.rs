@@ -102,6 +102,15 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     }
 }
 
+/// Which predictions a listing keeps: created strictly between the two times (RFC 3339
+/// as stored), with one of `statuses` (empty: any).
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub created_after: Option<String>,
+    pub created_before: Option<String>,
+    pub statuses: Vec<crate::record::Status>,
+}
+
 /// One page of a listing, newest first.
 pub struct Page {
     pub records: Vec<Record>,
@@ -261,13 +270,13 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     async fn exists(&self, id: &str) -> Result<bool, StoreError>;
     async fn get(&self, id: &str) -> Result<Option<Record>, StoreError>;
-    /// Newest first, `limit` a page; the cursor is the last row's `created_at|id`. A
-    /// row that cannot be decoded is skipped with a warning rather than failing the page.
+    /// Newest first, `limit` a page of those `filter` keeps; the cursor is the last
+    /// row's `created_at|id`. A row that cannot be decoded is skipped with a warning
+    /// rather than failing the page.
     async fn list(
         &self,
         cursor: Option<&str>,
-        created_after: Option<&str>,
-        created_before: Option<&str>,
+        filter: &ListFilter,
         limit: usize,
     ) -> Result<Page, StoreError>;
 

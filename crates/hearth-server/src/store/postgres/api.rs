@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use super::PgStore;
 use crate::record::Record;
 use crate::store::{
-    valid_file_id, Delivery, FileMeta, FilePage, FileStream, OutboxItem, OutboxRow, Page, Store,
-    StoreError, UpstreamLink,
+    valid_file_id, Delivery, FileMeta, FilePage, FileStream, ListFilter, OutboxItem, OutboxRow,
+    Page, Store, StoreError, UpstreamLink,
 };
 
 #[async_trait]
@@ -53,11 +53,10 @@ impl Store for PgStore {
     async fn list(
         &self,
         cursor: Option<&str>,
-        created_after: Option<&str>,
-        created_before: Option<&str>,
+        filter: &ListFilter,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        PgStore::list(self, cursor, created_after, created_before, limit).await
+        PgStore::list(self, cursor, filter, limit).await
     }
 
     async fn heartbeat(&self, lease: Duration) -> Result<(), StoreError> {

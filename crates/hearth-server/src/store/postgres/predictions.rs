@@ -6,7 +6,7 @@ use deadpool_postgres::GenericClient;
 
 use super::PgStore;
 use crate::record::Record;
-use crate::store::{Delivery, Page, StoreError};
+use crate::store::{Delivery, ListFilter, Page, StoreError};
 
 /// Writes a prediction this replica owns, on a connection or inside a transaction.
 async fn put_on(c: &impl GenericClient, replica: &str, r: &Record) -> Result<(), StoreError> {
@@ -104,14 +104,15 @@ impl PgStore {
     pub(super) async fn list(
         &self,
         cursor: Option<&str>,
-        created_after: Option<&str>,
-        created_before: Option<&str>,
+        filter: &ListFilter,
         limit: usize,
     ) -> Result<Page, StoreError> {
         let (c_at, c_id) = match cursor.and_then(|c| c.split_once('|')) {
             Some((a, b)) => (Some(a), Some(b)),
             None => (None, None),
         };
+        let statuses: Option<Vec<&str>> = (!filter.statuses.is_empty())
+            .then(|| filter.statuses.iter().map(|s| s.as_str()).collect());
         let c = self.client().await?;
         let st = c
             .prepare_cached(
@@ -119,6 +120,7 @@ impl PgStore {
                  WHERE ($1::text IS NULL OR created_at < $1 OR (created_at = $1 AND id < $2))
                    AND ($3::text IS NULL OR created_at > $3)
                    AND ($4::text IS NULL OR created_at < $4)
+                   AND ($6::text[] IS NULL OR status = ANY($6))
                  ORDER BY created_at DESC, id DESC LIMIT $5",
             )
             .await?;
@@ -128,9 +130,10 @@ impl PgStore {
                 &[
                     &c_at,
                     &c_id,
-                    &created_after,
-                    &created_before,
+                    &filter.created_after,
+                    &filter.created_before,
                     &((limit + 1) as i64),
+                    &statuses,
                 ],
             )
             .await?;

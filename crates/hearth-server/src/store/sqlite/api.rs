@@ -9,8 +9,8 @@ use futures_util::StreamExt;
 use super::SqliteStore;
 use crate::record::Record;
 use crate::store::{
-    valid_file_id, Delivery, FileMeta, FilePage, FileStream, OutboxItem, OutboxRow, Page, Store,
-    StoreError, UpstreamLink,
+    valid_file_id, Delivery, FileMeta, FilePage, FileStream, ListFilter, OutboxItem, OutboxRow,
+    Page, Store, StoreError, UpstreamLink,
 };
 
 #[async_trait]
@@ -59,17 +59,11 @@ impl Store for SqliteStore {
     async fn list(
         &self,
         cursor: Option<&str>,
-        created_after: Option<&str>,
-        created_before: Option<&str>,
+        filter: &ListFilter,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let (c, a, b) = (
-            cursor.map(str::to_string),
-            created_after.map(str::to_string),
-            created_before.map(str::to_string),
-        );
-        self.run(move |db| db.list(c.as_deref(), a.as_deref(), b.as_deref(), limit))
-            .await
+        let (c, f) = (cursor.map(str::to_string), filter.clone());
+        self.run(move |db| db.list(c.as_deref(), &f, limit)).await
     }
 
     async fn heartbeat(&self, lease: Duration) -> Result<(), StoreError> {

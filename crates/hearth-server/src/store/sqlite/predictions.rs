@@ -5,7 +5,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{now_ms, SqliteDb};
 use crate::record::Record;
-use crate::store::{Delivery, Page, StoreError};
+use crate::store::{Delivery, ListFilter, Page, StoreError};
 
 impl SqliteDb {
     pub(super) fn insert(&self, r: &Record) -> Result<(), StoreError> {
@@ -77,28 +77,38 @@ impl SqliteDb {
     pub(super) fn list(
         &self,
         cursor: Option<&str>,
-        created_after: Option<&str>,
-        created_before: Option<&str>,
+        filter: &ListFilter,
         limit: usize,
     ) -> Result<Page, StoreError> {
         let (c_at, c_id) = match cursor.and_then(|c| c.split_once('|')) {
             Some((a, b)) => (a.to_string(), b.to_string()),
             None => ("\u{10FFFF}".to_string(), String::new()),
         };
+        // ",succeeded,failed," (statuses hold no commas); empty keeps every status.
+        let statuses: String = if filter.statuses.is_empty() {
+            String::new()
+        } else {
+            filter
+                .statuses
+                .iter()
+                .fold(",".to_string(), |s, st| s + st.as_str() + ",")
+        };
         let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT created_at, id, record FROM predictions
              WHERE (created_at < ?1 OR (created_at = ?1 AND id < ?2 AND ?2 != ''))
                AND created_at > ?3 AND created_at < ?4
+               AND (?6 = '' OR instr(?6, ',' || status || ',') > 0)
              ORDER BY created_at DESC, id DESC LIMIT ?5",
         )?;
         let rows = stmt.query_map(
             params![
                 c_at,
                 c_id,
-                created_after.unwrap_or(""),
-                created_before.unwrap_or("\u{10FFFF}"),
-                (limit + 1) as i64
+                filter.created_after.as_deref().unwrap_or(""),
+                filter.created_before.as_deref().unwrap_or("\u{10FFFF}"),
+                (limit + 1) as i64,
+                statuses
             ],
             |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
         )?;

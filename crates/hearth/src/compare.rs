@@ -102,13 +102,13 @@ pub fn render(v: &Value) -> String {
                 "  {:<9} {:<13} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>8}",
                 side,
                 s["role"].as_str().unwrap_or(""),
-                s["count"],
-                s["succeeded"],
+                s["count"].to_string(),
+                s["succeeded"].to_string(),
                 pct(&s["failure_rate"]),
-                f["validation"],
-                f["timeout"],
-                f["upstream_5xx"],
-                f["engine"],
+                f["validation"].to_string(),
+                f["timeout"].to_string(),
+                f["upstream_5xx"].to_string(),
+                f["engine"].to_string(),
                 num(&l["p50"], 3),
                 num(&l["p95"], 3),
                 num(&l["p99"], 3),
@@ -170,6 +170,8 @@ mod tests {
         let t = render(&v);
         assert!(t.contains("acme/llm  (route shadow:up:50)"), "{t}");
         assert!(t.contains("primary") && t.contains("shadow "), "{t}");
+        // Columns line up: counts are padded like the headers.
+        assert!(t.contains("primary           10     10"), "{t}");
         assert!(t.contains("0.250") && t.contains("99.0"), "{t}");
         assert!(
             t.contains("5 eligible = 4 sent + 1 skipped (concurrency 1"),

@@ -694,7 +694,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
     use std::sync::atomic::Ordering;
 
     const N: usize = 240;
-    const MAX_CONCURRENT: usize = 2;
+    const MAX_CONCURRENT: usize = 4;
     let dir = temp("shadow");
     let u = upstream(&dir).await;
     let proxy = FaultProxy::start(&u.base).await;
@@ -802,12 +802,12 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .cloned()
                 .filter(|p| {
                     p["input"]["prompt"]
                         .as_str()
                         .is_some_and(|s| s.starts_with(&tag))
-                }),
+                })
+                .cloned(),
         );
         match page["next"].as_str() {
             Some(next) => url = next.trim_start_matches(&u.base).to_string(),

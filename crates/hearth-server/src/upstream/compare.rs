@@ -694,7 +694,7 @@ mod tests {
 
     #[test]
     fn counts_add_up_and_only_routed_models_are_kept() {
-        let routes = vec![
+        let routes = [
             ("a/shadow".to_string(), route("shadow:up:50")),
             ("a/canary".to_string(), route("canary:up:10")),
             ("a/plain".to_string(), route("upstream:up")),

@@ -967,6 +967,44 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
     assert!(n(&sh["copies"]) as u64 <= 5 * minutes, "{m}");
     assert!(n(&sh["copies"]) >= 1, "{m}");
     drop(f);
+
+    // A canary route is compared too: each create counted once, on the side that ran it.
+    let f = front(
+        free_port(),
+        &dir,
+        &proxy.url,
+        &["--route", "hearth/demo=canary:up:50"],
+    )
+    .await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let mut went_up = 0;
+    for i in 0..16 {
+        let (code, p) = api
+            .create(
+                "hearth/demo",
+                json!({"input": input(&format!("canary {i}"), 3)}),
+                Some("wait=60"),
+            )
+            .await;
+        assert_eq!(code, 201, "{p}");
+        let p = api.wait_terminal(p["id"].as_str().unwrap(), 120).await;
+        went_up += usize::from(p["hearth"]["side"] == "upstream");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let m = loop {
+        let c = api.get("/v1/hearth/compare").await;
+        let m = c["models"][0].clone();
+        let ended = n(&m["sides"]["local"]["count"]) + n(&m["sides"]["upstream"]["count"]);
+        if ended == 16 || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(m["route"], "canary:up:50", "{m}");
+    assert_eq!(n(&m["sides"]["upstream"]["count"]), went_up, "{m}");
+    assert_eq!(n(&m["sides"]["local"]["count"]), 16 - went_up, "{m}");
+    assert!(m.get("shadow").is_none(), "{m}");
+    drop(f);
     drop(u);
     let _ = std::fs::remove_dir_all(&dir);
 }

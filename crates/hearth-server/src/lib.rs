@@ -93,6 +93,8 @@ pub struct ServerConfig {
     pub routes: Vec<upstream::ModelRoute>,
     /// Each upstream's circuit breaker.
     pub upstream_breaker: upstream::BreakerConfig,
+    /// Shadow routes' bounds on copies sent upstream.
+    pub shadow_limits: upstream::shadow::ShadowLimits,
 }
 
 impl ServerConfig {
@@ -123,6 +125,7 @@ impl ServerConfig {
             upstreams: Vec::new(),
             routes: Vec::new(),
             upstream_breaker: upstream::BreakerConfig::default(),
+            shadow_limits: upstream::shadow::ShadowLimits::default(),
         }
     }
 
@@ -385,7 +388,8 @@ pub async fn build_state_on(
             }
         }
         let hybrid = upstream::Hybrid::new(&cfg.upstreams, &cfg.routes, cfg.upstream_breaker)
-            .map_err(ServerError::Config)?;
+            .map_err(ServerError::Config)?
+            .with_shadow_limits(cfg.shadow_limits);
         Ok((registry, hybrid))
     }
     .await;

@@ -4,8 +4,10 @@ mod args;
 mod bench;
 mod bench_http;
 mod bench_plot;
+mod compare;
 mod generate;
 mod serve;
+mod shadow_args;
 mod upstream_args;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +33,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure throughput and latency under load (vLLM's field names).
     Bench(bench::BenchArgs),
+    /// Print how the two sides of a server's canary and shadow routes compare.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Compare(a) => compare::run(a),
     }
 }

@@ -22,6 +22,8 @@ pub struct ServeArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub upstream: crate::upstream_args::UpstreamArgs,
+    #[command(flatten)]
+    pub shadow: crate::shadow_args::ShadowArgs,
     #[arg(long, env = "HEARTH_HOST", default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, env = "HEARTH_PORT", default_value_t = 8080)]
@@ -352,6 +354,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     for u in &mut cfg.upstreams {
         u.mirror = mirror.clone();
     }
+    cfg.shadow_limits = a.shadow.limits();
     // Before loading models (minutes for big ones): a refused configuration says so now.
     cfg.check()?;
     let exit_on_failure = a.exit_on_setup_failure;

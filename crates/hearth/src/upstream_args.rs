@@ -26,7 +26,8 @@ pub struct UpstreamArgs {
     /// Where a model's predictions run, OWNER/NAME=ROUTE (repeatable): local,
     /// upstream:UP (only there; no local weights needed), fallback:UP (here first;
     /// there when the engine is not running, its queue is full or the local create
-    /// fails), canary:UP:PCT (PCT% of creates, by prediction id, go there).
+    /// fails), canary:UP:PCT (PCT% of creates, by prediction id, go there),
+    /// shadow:UP:PCT (all run here; PCT% are also copied there, for the comparison).
     #[arg(long = "route", env = "HEARTH_ROUTE", value_delimiter = ',', value_parser = parse_route)]
     pub routes: Vec<ModelRoute>,
     /// Consecutive failed calls after which an upstream's circuit opens.
@@ -202,11 +203,11 @@ mod tests {
         assert!(!format!("{ups:?}").contains("r8_"));
         assert!(ups[1].token.is_some());
         assert_eq!(routes[0].model, "acme/llm");
-        let e = Cli::try_parse_from(["hearth", "--route", "a/b=shadow:x:10"])
+        let e = Cli::try_parse_from(["hearth", "--route", "a/b=shadow:local:10"])
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("not yet supported"), "{e}");
+        assert!(e.contains("not supported"), "{e}");
         let cli = Cli::try_parse_from(["hearth", "--upstream-token-file", "nope=/x"]).unwrap();
         assert!(cli.up.resolve(|_| None, &Default::default()).is_err());
         let _ = std::fs::remove_dir_all(&dir);

@@ -1062,5 +1062,380 @@ async fn file_inputs_are_inlined_and_file_outputs_mirrored() {
     assert_eq!(p["output"][0], format!("{up_base}/out/pic.png"), "{p}");
     assert!(p["logs"].as_str().unwrap().contains("non-public"), "{p}");
     drop(f);
+/// Every prediction of the front's list (following `next`) whose input's prompt starts
+/// with `tag`.
+async fn listed_with_tag(api: &Api, tag: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut url = format!("{}/v1/predictions", api.base);
+    for _ in 0..100 {
+        let page: Value = api
+            .http
+            .get(&url)
+            .bearer_auth(api.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        out.extend(
+            page["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| {
+                    p["input"]["prompt"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with(tag))
+                })
+                .cloned(),
+        );
+        match page["next"].as_str() {
+            Some(n) => url = n.to_string(),
+            None => break,
+        }
+    }
+    out
+}
+
+/// The comparison once no shadow copy is in flight.
+async fn settled_compare(api: &Api, model: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let c = api.get("/v1/hearth/compare").await;
+        let m = c["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["model"] == model)
+            .cloned()
+            .unwrap_or_else(|| panic!("{model} not compared: {c}"));
+        if m["shadow"]["in_flight"] == 0 {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "copies still in flight: {m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
+    use hearth_server::upstream::route::canary_goes_upstream;
+    use hearth_server::upstream::stats::text_similarity;
+    use std::sync::atomic::Ordering;
+
+    const N: usize = 240;
+    const MAX_CONCURRENT: usize = 4;
+    let dir = temp("shadow");
+    let u = upstream(&dir).await;
+    let proxy = FaultProxy::start(&u.base).await;
+    let f = front(
+        free_port(),
+        &dir,
+        &proxy.url,
+        &[
+            "--route",
+            "hearth/demo=shadow:up:50",
+            "--shadow-max-concurrent",
+            &MAX_CONCURRENT.to_string(),
+            "--shadow-max-per-minute",
+            "100000",
+        ],
+    )
+    .await;
+    let api = Arc::new(Api::new(&f.base, FRONT_TOKEN));
+    let up = Api::new(&u.base, UP_TOKEN);
+
+    // The comparison is for the token holder only.
+    for token in [None, Some("wrong")] {
+        let mut r = api.http.get(format!("{}/v1/hearth/compare", f.base));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        assert_eq!(r.send().await.unwrap().status(), 401);
+    }
+
+    // A few hundred creates from 12 callers, each with a webhook for its end.
+    let (hook, calls) = receiver().await;
+    let tag = format!("shadow{}", rand::random::<u32>());
+    let mut tasks = Vec::new();
+    for w in 0..12 {
+        let (api, hook, tag) = (api.clone(), hook.clone(), tag.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ended = Vec::new();
+            for i in (w..N).step_by(12) {
+                let mut inp = input(&format!("{tag} {i}"), 3);
+                inp["prompt"] = json!(format!("{tag} {i} {}", rand::random::<u32>()));
+                let (code, p) = api
+                    .create(
+                        "hearth/demo",
+                        json!({"input": inp, "webhook": hook, "webhook_events_filter": ["completed"]}),
+                        Some("wait=60"),
+                    )
+                    .await;
+                assert_eq!(code, 201, "{p}");
+                ended.push(api.wait_terminal(p["id"].as_str().unwrap(), 120).await);
+            }
+            ended
+        }));
+    }
+    let mut ended = Vec::new();
+    for t in tasks {
+        ended.extend(t.await.unwrap());
+    }
+    assert_eq!(ended.len(), N);
+    // Callers see their local prediction only.
+    for p in &ended {
+        assert_eq!(p["status"], "succeeded", "{p}");
+        assert_eq!(p["hearth"]["side"], "local", "{p}");
+        assert_eq!(p["hearth"]["reason"], "shadow", "{p}");
+        assert!(p["hearth"].get("upstream_id").is_none(), "{p}");
+        assert!(!p["output"].as_array().unwrap().is_empty(), "{p}");
+    }
+    let shadowed = ended
+        .iter()
+        .filter(|p| canary_goes_upstream(p["id"].as_str().unwrap(), 50))
+        .count();
+    assert!(shadowed > N / 4 && shadowed < 3 * N / 4, "{shadowed}");
+
+    let m = settled_compare(&api, "hearth/demo").await;
+    let local = &m["sides"]["local"];
+    let shadow_side = &m["sides"]["upstream"];
+    let sh = &m["shadow"];
+    let n = |v: &Value| v.as_u64().unwrap() as usize;
+    // Every create counted once on the primary side; the shadowed share is exactly
+    // the copies sent plus those skipped; every copy sent ended on the shadow side.
+    assert_eq!(n(&local["count"]), N, "{m}");
+    assert_eq!(n(&local["succeeded"]), N, "{m}");
+    assert_eq!(n(&sh["eligible"]), shadowed, "{m}");
+    assert_eq!(n(&sh["copies"]) + n(&sh["skipped_total"]), shadowed, "{m}");
+    assert_eq!(n(&shadow_side["count"]), n(&sh["copies"]), "{m}");
+    assert_eq!(n(&sh["agreement"]["pairs"]), n(&sh["copies"]), "{m}");
+    // The cap was reached (copies take at least a poll interval; callers come faster)
+    // and the skipped ones are counted as such.
+    assert!(n(&sh["skipped"]["concurrency"]) > 0, "{m}");
+    assert_eq!(
+        n(&sh["skipped_total"]),
+        n(&sh["skipped"]["concurrency"]),
+        "{m}"
+    );
+    assert!(n(&sh["copies"]) > 0, "{m}");
+    // The upstream got exactly the copies, with the callers' inputs, never more than
+    // the cap at once (a copy holds its place from before its create to its end).
+    let creates = proxy.creates.load(Ordering::SeqCst);
+    assert_eq!(creates, n(&sh["copies"]), "{m}");
+    let mut theirs = Vec::new();
+    let mut url = "/v1/predictions".to_string();
+    loop {
+        let page = up.get(&url).await;
+        theirs.extend(
+            page["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| {
+                    p["input"]["prompt"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with(&tag))
+                })
+                .cloned(),
+        );
+        match page["next"].as_str() {
+            Some(next) => url = next.trim_start_matches(&u.base).to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(theirs.len(), creates, "upstream runs vs copies");
+    let inputs: Vec<&Value> = ended.iter().map(|p| &p["input"]).collect();
+    assert!(theirs.iter().all(|t| inputs.contains(&&t["input"])));
+    // hearth writes every timestamp as RFC 3339 UTC with microseconds: as text they
+    // sort as times (an end before a start at the same instant).
+    let t = |s: &Value| s.as_str().unwrap().to_string();
+    let mut edges: Vec<(String, i32)> = theirs
+        .iter()
+        .flat_map(|p| [(t(&p["created_at"]), 1), (t(&p["completed_at"]), -1)])
+        .collect();
+    edges.sort();
+    let (mut now, mut most) = (0, 0);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    assert!(most as usize <= MAX_CONCURRENT, "{most} copies ran at once");
+
+    // Agreement: the listed pairs are the right ones (ours and theirs by id).
+    let pairs = sh["recent_pairs"].as_array().unwrap();
+    assert!(!pairs.is_empty(), "{m}");
+    for pair in pairs {
+        let ours = api
+            .get(&format!("/v1/predictions/{}", pair["id"].as_str().unwrap()))
+            .await;
+        let uid = pair["upstream_id"].as_str().unwrap();
+        let other = up.get(&format!("/v1/predictions/{uid}")).await;
+        assert_eq!(other["input"], ours["input"], "{pair}");
+        let text = |p: &Value| -> String {
+            p["output"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap())
+                .collect()
+        };
+        let (a, b) = (text(&ours), text(&other));
+        assert_eq!(pair["exact"], a == b, "{pair}");
+        let sim = pair["similarity"].as_f64().unwrap();
+        assert!((sim - text_similarity(&a, &b)).abs() < 1e-9, "{pair}");
+        // A copy is not a caller's prediction: the front does not know its id.
+        let r = api
+            .http
+            .get(format!("{}/v1/predictions/{uid}", f.base))
+            .bearer_auth(FRONT_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{pair}");
+    }
+    let ag = &sh["agreement"];
+    assert_eq!(n(&ag["compared"]), n(&ag["pairs"]), "{m}");
+    assert_eq!(n(&ag["text"]["pairs"]), n(&ag["compared"]), "{m}");
+    assert!(n(&ag["exact"]) <= n(&ag["compared"]));
+    assert!(local["latency_seconds"]["p50"].as_f64().unwrap() > 0.0);
+    assert!(shadow_side["latency_seconds"]["p99"].as_f64().unwrap() > 0.0);
+    assert!(local["output_tokens_per_second"]["p50"].as_f64().unwrap() > 0.0);
+
+    // Only the callers' predictions are listed, and each caller's webhook came once,
+    // for its own prediction.
+    let listed = listed_with_tag(&api, &tag).await;
+    assert_eq!(listed.len(), N);
+    assert!(listed.iter().all(|p| p["hearth"]["side"] == "local"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while calls.lock().unwrap().len() < N {
+        assert!(Instant::now() < deadline, "webhooks missing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let hooks = calls.lock().unwrap().clone();
+    assert_eq!(hooks.len(), N);
+    let mut ids: Vec<&str> = hooks
+        .iter()
+        .map(|(_, b)| b["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let mut want: Vec<&str> = ended.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    want.sort();
+    assert_eq!(ids, want);
+
+    // The same figures in /metrics (no token there) and from `hearth compare`.
+    let metrics = api.text("/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "hearth_compare_predictions_total{{model=\"hearth/demo\",side=\"local\",outcome=\"succeeded\"}} {N}"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!(
+        "hearth_compare_shadow_copies_total{{model=\"hearth/demo\",result=\"sent\"}} {creates}"
+    )));
+    assert!(!metrics.contains(UP_TOKEN) && !metrics.contains(FRONT_TOKEN));
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["compare", "--url", &f.base])
+        .env("HEARTH_API_TOKEN", FRONT_TOKEN)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("hearth/demo  (route shadow:up:50)"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "{shadowed} eligible = {creates} sent + {} skipped",
+            shadowed - creates
+        )),
+        "{text}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["compare", "--url", &f.base])
+        .env_remove("HEARTH_API_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    drop(f);
+
+    // A per-minute cap: at 100% and 5 a minute, the 6th copy of a minute is skipped.
+    let f = front(
+        free_port(),
+        &dir,
+        &proxy.url,
+        &[
+            "--route",
+            "hearth/demo=shadow:up:100",
+            "--shadow-max-per-minute",
+            "5",
+            "--shadow-max-concurrent",
+            "100",
+        ],
+    )
+    .await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let started = Instant::now();
+    for i in 0..20 {
+        let (code, p) = api
+            .create(
+                "hearth/demo",
+                json!({"input": input(&format!("minute {i}"), 3)}),
+                Some("wait=60"),
+            )
+            .await;
+        assert_eq!(code, 201, "{p}");
+        api.wait_terminal(p["id"].as_str().unwrap(), 120).await;
+    }
+    let minutes = started.elapsed().as_secs() / 60 + 1;
+    let m = settled_compare(&api, "hearth/demo").await;
+    let sh = &m["shadow"];
+    assert_eq!(n(&sh["eligible"]), 20, "{m}");
+    assert_eq!(n(&sh["copies"]) + n(&sh["skipped"]["rate"]), 20, "{m}");
+    assert!(n(&sh["copies"]) as u64 <= 5 * minutes, "{m}");
+    assert!(n(&sh["copies"]) >= 1, "{m}");
+    drop(f);
+
+    // A canary route is compared too: each create counted once, on the side that ran it.
+    let f = front(
+        free_port(),
+        &dir,
+        &proxy.url,
+        &["--route", "hearth/demo=canary:up:50"],
+    )
+    .await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let mut went_up = 0;
+    for i in 0..16 {
+        let (code, p) = api
+            .create(
+                "hearth/demo",
+                json!({"input": input(&format!("canary {i}"), 3)}),
+                Some("wait=60"),
+            )
+            .await;
+        assert_eq!(code, 201, "{p}");
+        let p = api.wait_terminal(p["id"].as_str().unwrap(), 120).await;
+        went_up += usize::from(p["hearth"]["side"] == "upstream");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let m = loop {
+        let c = api.get("/v1/hearth/compare").await;
+        let m = c["models"][0].clone();
+        let ended = n(&m["sides"]["local"]["count"]) + n(&m["sides"]["upstream"]["count"]);
+        if ended == 16 || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(m["route"], "canary:up:50", "{m}");
+    assert_eq!(n(&m["sides"]["upstream"]["count"]), went_up, "{m}");
+    assert_eq!(n(&m["sides"]["local"]["count"]), 16 - went_up, "{m}");
+    assert!(m.get("shadow").is_none(), "{m}");
+    drop(f);
+    drop(u);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,6 +4,7 @@
 
 import { AuthError, api, el, isChatModel, onUnauthorized, token } from "./api.js";
 import { chatPage } from "./chat.js";
+import { comparePage } from "./compare.js";
 import { opsPage } from "./ops.js";
 import { modelPage } from "./playground.js";
 import { predictionsPage } from "./predictions.js";
@@ -76,6 +77,9 @@ async function render() {
     } else if (parts[0] === "ops") {
       highlight("ops");
       await opsPage(main, ctx);
+    } else if (parts[0] === "compare") {
+      highlight("compare");
+      await comparePage(main, ctx);
     } else {
       highlight("models");
       await modelsPage();

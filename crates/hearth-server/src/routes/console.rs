@@ -78,6 +78,11 @@ pub const ASSETS: &[(&str, &str, &str)] = &[
         "text/javascript; charset=utf-8",
         include_str!("../../assets/console/chart.js"),
     ),
+    (
+        "/ui/compare.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/console/compare.js"),
+    ),
 ];
 
 /// One embedded file with the console's headers.

@@ -17,6 +17,7 @@ pub async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
     }
     state.http_metrics.render_http(&mut out);
     state.upstream.render_metrics(&mut out);
+    state.upstream.compare.render_metrics(&mut out);
     let mut r = out.into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -4,6 +4,7 @@
 pub mod browser_guard;
 pub mod cog;
 pub mod cog_stream;
+pub mod compare;
 pub mod console;
 pub mod files;
 pub mod metrics;
@@ -218,6 +219,12 @@ fn entries(cfg: &ServerConfig) -> Vec<Entry> {
         ));
     }
     v.push(e(Method::GET, "/v1/console/ops", Token, get(console::ops)));
+    v.push(e(
+        Method::GET,
+        "/v1/hearth/compare",
+        Token,
+        get(compare::compare),
+    ));
     if cfg.cog_api {
         v.extend([
             e(Method::GET, "/", Token, get(cog::index)),

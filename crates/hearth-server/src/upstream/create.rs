@@ -140,13 +140,26 @@ pub async fn create(
             let id = origin.id.clone().unwrap_or_else(new_id);
             origin.id = Some(id.clone());
             let c = client(state, up)?;
-            match local_model {
-                Some(m) if !canary_goes_upstream(&id, *percent) || !c.breaker.is_closed() => {
-                    local(state, &m, req, origin, side("local", None, Some("canary"))).await
-                }
-                _ => upstream(state, up, &routed, req, origin, Some("canary")).await,
-            }
+            let (side_ran, created) = match local_model {
+                Some(m) if !canary_goes_upstream(&id, *percent) || !c.breaker.is_closed() => (
+                    super::compare::Side::Local,
+                    local(state, &m, req, origin, side("local", None, Some("canary"))).await,
+                ),
+                _ => (
+                    super::compare::Side::Upstream,
+                    upstream(state, up, &routed, req, origin, Some("canary")).await,
+                ),
+            };
+            super::shadow::observe_create(state, &routed.model, side_ran, &created);
+            created
         }
+        (
+            Route::Shadow {
+                upstream: up,
+                percent,
+            },
+            Some(m),
+        ) => super::shadow::create(state, &routed, &m, up, *percent, req, origin).await,
         (_, None) => Err(ApiError::not_found(format!(
             "model {} has route {} but is not served here",
             routed.model,

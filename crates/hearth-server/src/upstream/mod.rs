@@ -14,12 +14,15 @@ pub mod card;
 pub mod client;
 pub mod cog;
 pub mod cog_runner;
+pub mod compare;
 pub mod create;
 pub mod files;
 pub mod models;
 pub mod normalize;
 pub mod route;
 pub mod runner;
+pub mod shadow;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -125,6 +128,10 @@ pub struct Hybrid {
     upstreams: HashMap<String, Arc<UpstreamClient>>,
     routes: HashMap<String, Route>,
     pub models: models::ModelCache,
+    /// The two sides of canary and shadow routes (`GET /v1/hearth/compare`).
+    pub compare: compare::Comparison,
+    /// Shadow routes' bounds on copies.
+    pub shadows: shadow::Shadows,
 }
 
 impl Hybrid {
@@ -164,9 +171,17 @@ impl Hybrid {
         }
         Ok(Self {
             upstreams,
+            compare: compare::Comparison::new(by_model.iter()),
+            shadows: shadow::Shadows::new(by_model.iter(), shadow::ShadowLimits::default()),
             routes: by_model,
             models: models::ModelCache::default(),
         })
+    }
+
+    /// `--shadow-max-concurrent` and `--shadow-max-per-minute`.
+    pub fn with_shadow_limits(mut self, limits: shadow::ShadowLimits) -> Self {
+        self.shadows = shadow::Shadows::new(self.routes.iter(), limits);
+        self
     }
 
     /// The route of `owner/name` when it is not plain local.

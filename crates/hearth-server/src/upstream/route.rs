@@ -16,6 +16,13 @@ pub enum Route {
         upstream: String,
         percent: u8,
     },
+    /// Every create runs here (the caller's prediction); `percent` of them (by the
+    /// same hash as a canary) are also copied to the upstream in the background, for
+    /// the comparison only (`shadow`).
+    Shadow {
+        upstream: String,
+        percent: u8,
+    },
 }
 
 impl Route {
@@ -38,12 +45,22 @@ impl Route {
                 upstream: name(up)?,
                 percent: percent(pct)?,
             }),
-            ["shadow", ..] => Err(format!(
-                "{s:?}: shadow routes are not yet supported by this hearth; use canary:UP:PCT \
-                 to send a share of the traffic upstream, or upstream:UP"
+            // The other direction (an upstream serving callers, copies run here) is not
+            // offered: the local engine would need a lower priority class for copies
+            // so they never delay local callers, and a copy here would bill nobody
+            // but still take the GPU from the models that are local.
+            ["shadow", "local", ..] => Err(format!(
+                "{s:?}: a shadow route's primary side is always this server's engine and its \
+                 copies go to an upstream: write shadow:UP:PCT with UP an --upstream name \
+                 (copying an upstream's traffic to the local engine is not supported)"
             )),
+            ["shadow", up, pct] => Ok(Route::Shadow {
+                upstream: name(up)?,
+                percent: percent(pct)?,
+            }),
             _ => Err(format!(
-                "{s:?} is not a route: expected local, upstream:UP, fallback:UP or canary:UP:PCT"
+                "{s:?} is not a route: expected local, upstream:UP, fallback:UP, canary:UP:PCT \
+                 or shadow:UP:PCT"
             )),
         }
     }
@@ -53,13 +70,16 @@ impl Route {
         match self {
             Route::Local => None,
             Route::Upstream(u) | Route::Fallback(u) => Some(u),
-            Route::Canary { upstream, .. } => Some(upstream),
+            Route::Canary { upstream, .. } | Route::Shadow { upstream, .. } => Some(upstream),
         }
     }
 
     /// Whether the model must also be served here.
     pub fn needs_local_model(&self) -> bool {
-        matches!(self, Route::Local | Route::Fallback(_))
+        matches!(
+            self,
+            Route::Local | Route::Fallback(_) | Route::Shadow { .. }
+        )
     }
 
     pub fn describe(&self) -> String {
@@ -68,6 +88,7 @@ impl Route {
             Route::Upstream(u) => format!("upstream:{u}"),
             Route::Fallback(u) => format!("fallback:{u}"),
             Route::Canary { upstream, percent } => format!("canary:{upstream}:{percent}"),
+            Route::Shadow { upstream, percent } => format!("shadow:{upstream}:{percent}"),
         }
     }
 }
@@ -94,7 +115,7 @@ impl ModelRoute {
     }
 }
 
-/// A canary's choice for one prediction: the same id always goes the same way, and
+/// A canary's (or a shadow's) choice for one prediction: the same id always goes the same way, and
 /// over many ids `percent` of them go upstream.
 pub fn canary_goes_upstream(prediction_id: &str, percent: u8) -> bool {
     let d = Sha256::digest(prediction_id.as_bytes());
@@ -121,8 +142,19 @@ mod tests {
                 percent: 25
             }
         );
-        let e = Route::parse("shadow:h:10").unwrap_err();
-        assert!(e.contains("not yet supported"), "{e}");
+        assert_eq!(
+            Route::parse("shadow:h:10").unwrap(),
+            Route::Shadow {
+                upstream: "h".into(),
+                percent: 10
+            }
+        );
+        let e = Route::parse("shadow:local:10").unwrap_err();
+        assert!(e.contains("not supported"), "{e}");
+        assert!(Route::parse("shadow:h").is_err());
+        assert!(Route::parse("shadow:h:200")
+            .unwrap_err()
+            .contains("percentage"));
         assert!(Route::parse("canary:h:101")
             .unwrap_err()
             .contains("percentage"));

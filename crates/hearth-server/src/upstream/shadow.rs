@@ -1,0 +1,510 @@
+//! `shadow:UP:PCT` routes: every create runs here as the caller's prediction, exactly
+//! as without a route; for PCT% of them (the canary's hash of the prediction id) a
+//! copy with the same input is sent to the upstream in the background. The copy is
+//! the comparison's alone: it is not stored, not listed, has no webhook and no
+//! stream, takes nothing from the caller's quota, and its result reaches only
+//! `compare` (the counts, and the last pairs with the upstream's id). Copies are
+//! bounded per route — at most `--shadow-max-concurrent` at once and
+//! `--shadow-max-per-minute` sent in any minute; past either a copy is skipped and
+//! counted, never queued — and each is bounded in time. A copy that an upstream
+//! throttles (429) is not sent again. Copies are not durable: a restart forgets the
+//! ones in flight (they may still run upstream). Canary routes are watched here too,
+//! for the comparison's per-side figures.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::client::{CallError, CreateOutcome, UpstreamClient};
+use super::compare::{Ended, FailKind, Observation, Outcome, Pair, Side, Skip};
+use super::create::{Created, Routed};
+use super::route::{canary_goes_upstream, Route};
+use super::{normalize, stats};
+use crate::error::ApiError;
+use crate::models::ServedModel;
+use crate::prediction::Live;
+use crate::record::{new_id, Record, Status};
+use crate::service::{self, CreateRequest, Origin, ServiceResult};
+use crate::AppState;
+
+/// A shadow copy runs upstream this long at most (or the caller's `Cancel-After`,
+/// when shorter); the upstream is told the same as its `Cancel-After`.
+const COPY_LIMIT: Duration = Duration::from_secs(600);
+/// Past its limit, how long a copy waits for the upstream to confirm the cancel.
+const COPY_GRACE: Duration = Duration::from_secs(30);
+/// Polls failing this long in a row end a copy (`upstream_5xx`).
+const COPY_UNREACHABLE: Duration = Duration::from_secs(60);
+const POLL_MIN: Duration = Duration::from_millis(250);
+const POLL_MAX: Duration = Duration::from_secs(2);
+/// A caller's prediction is watched this long at most.
+const WATCH_LIMIT: Duration = Duration::from_secs(86400 + 3600);
+
+/// `--shadow-max-concurrent` and `--shadow-max-per-minute`, per route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShadowLimits {
+    pub max_concurrent: usize,
+    pub max_per_minute: usize,
+}
+
+impl Default for ShadowLimits {
+    fn default() -> Self {
+        ShadowLimits {
+            max_concurrent: 8,
+            max_per_minute: 120,
+        }
+    }
+}
+
+/// One shadow route's bounds.
+struct Gate {
+    running: Arc<Semaphore>,
+    /// When the copies of the last minute were sent (at most `max_per_minute`).
+    sent: Mutex<VecDeque<Instant>>,
+}
+
+/// The bounds of every shadow route.
+pub struct Shadows {
+    limits: ShadowLimits,
+    gates: HashMap<String, Gate>,
+}
+
+impl Shadows {
+    pub fn new<'a>(
+        routes: impl Iterator<Item = (&'a String, &'a Route)>,
+        limits: ShadowLimits,
+    ) -> Self {
+        let gates = routes
+            .filter(|(_, r)| matches!(r, Route::Shadow { .. }))
+            .map(|(m, _)| {
+                (
+                    m.clone(),
+                    Gate {
+                        running: Arc::new(Semaphore::new(limits.max_concurrent)),
+                        sent: Mutex::new(VecDeque::new()),
+                    },
+                )
+            })
+            .collect();
+        Shadows { limits, gates }
+    }
+
+    pub fn limits(&self) -> ShadowLimits {
+        self.limits
+    }
+
+    /// A place for one more copy of `model`'s, held while it runs; or why not.
+    fn admit(&self, model: &str, now: Instant) -> Result<OwnedSemaphorePermit, Skip> {
+        let gate = self.gates.get(model).ok_or(Skip::Concurrency)?;
+        let permit = gate
+            .running
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Skip::Concurrency)?;
+        let mut sent = gate.sent.lock().map_err(|_| Skip::Rate)?;
+        while sent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            sent.pop_front();
+        }
+        if sent.len() >= self.limits.max_per_minute {
+            return Err(Skip::Rate);
+        }
+        sent.push_back(now);
+        Ok(permit)
+    }
+}
+
+/// How the comparison counts a create that was refused.
+fn refusal_kind(e: &ApiError, side: Side) -> FailKind {
+    let ApiError::Problem { status, .. } = e;
+    if status.is_client_error() && *status != StatusCode::TOO_MANY_REQUESTS {
+        FailKind::Validation
+    } else if side == Side::Upstream && status.is_server_error() {
+        FailKind::Upstream5xx
+    } else {
+        FailKind::Engine
+    }
+}
+
+/// For a canary route: counts how the create went on `side` and watches the
+/// prediction to its end in the background.
+pub fn observe_create(
+    state: &Arc<AppState>,
+    model: &str,
+    side: Side,
+    result: &ServiceResult<Created>,
+) {
+    let compare = &state.upstream.compare;
+    match result {
+        Ok(Created::Live(live)) => {
+            let (state, model, live) = (state.clone(), model.to_string(), live.clone());
+            tokio::spawn(async move {
+                if let Some(w) = watch(&live, Instant::now()).await {
+                    state
+                        .upstream
+                        .compare
+                        .observe(&model, side, &w.observation(side));
+                }
+            });
+        }
+        Ok(Created::Relayed { .. }) => {
+            compare.observe(model, side, &Observation::refused(FailKind::Validation))
+        }
+        Err(e) => compare.observe(model, side, &Observation::refused(refusal_kind(e, side))),
+    }
+}
+
+/// A shadow route's create: the caller's prediction here, and maybe a copy upstream.
+pub async fn create(
+    state: &Arc<AppState>,
+    routed: &Routed,
+    local: &Arc<ServedModel>,
+    upstream: &str,
+    percent: u8,
+    mut req: CreateRequest,
+    mut origin: Origin,
+) -> ServiceResult<Created> {
+    let id = origin.id.clone().unwrap_or_else(new_id);
+    origin.id = Some(id.clone());
+    req.side = Some(json!({"side": "local", "reason": "shadow"}));
+    let input = req.input.clone();
+    let limit = req.cancel_after.unwrap_or(COPY_LIMIT).min(COPY_LIMIT);
+    let created = Instant::now();
+    let compare = &state.upstream.compare;
+    let model = routed.model.clone();
+    let live = match service::create(state, local, req, origin).await {
+        Ok(live) => live,
+        Err(e) => {
+            compare.observe(
+                &model,
+                Side::Local,
+                &Observation::refused(refusal_kind(&e, Side::Local)),
+            );
+            return Err(e);
+        }
+    };
+    let copy = if canary_goes_upstream(&id, percent) {
+        compare.eligible(&model);
+        let admitted = match state.upstream.upstream(upstream) {
+            _ if state.is_draining() => Err(Skip::Draining),
+            Some(c) if !c.breaker.is_closed() => Err(Skip::Circuit),
+            Some(c) => state
+                .upstream
+                .shadows
+                .admit(&model, Instant::now())
+                .map(|p| (c.clone(), p)),
+            None => Err(Skip::Circuit),
+        };
+        match admitted {
+            Ok(a) => {
+                compare.copy_started(&model);
+                Some(a)
+            }
+            Err(why) => {
+                tracing::debug!(prediction = %id, model = %model, reason = ?why, "shadow copy skipped");
+                compare.skipped(&model, why);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let state = state.clone();
+    let watched = live.clone();
+    let version = routed.version.clone();
+    let span =
+        tracing::info_span!("shadow", prediction = %id, model = %model, upstream = %upstream);
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let compare = &state.upstream.compare;
+            let Some((client, permit)) = copy else {
+                if let Some(w) = watch(&watched, created).await {
+                    compare.observe(&model, Side::Local, &w.observation(Side::Local));
+                }
+                return;
+            };
+            let (primary, copy) = tokio::join!(
+                watch(&watched, created),
+                run_copy(&state, &client, &model, version.as_deref(), &input, limit)
+            );
+            drop(permit);
+            let Some(copy) = copy else {
+                compare.copy_throttled(&model);
+                if let Some(w) = primary {
+                    compare.observe(&model, Side::Local, &w.observation(Side::Local));
+                }
+                return;
+            };
+            let local_status = match &primary {
+                Some(w) => {
+                    compare.observe(&model, Side::Local, &w.observation(Side::Local));
+                    w.record.prediction.status
+                }
+                None => Status::Processing,
+            };
+            let agreement = match (&primary, &copy.output) {
+                (Some(w), Some(theirs))
+                    if local_status == Status::Succeeded
+                        && copy.observation.outcome == Outcome::Succeeded =>
+                {
+                    let ours = w.record.prediction.output.clone().unwrap_or_default();
+                    let theirs = theirs.clone();
+                    // The edit distance is quadratic: off the async workers.
+                    tokio::task::spawn_blocking(move || stats::agreement(&ours, &theirs))
+                        .await
+                        .ok()
+                }
+                _ => None,
+            };
+            compare.pair(
+                &model,
+                &copy.observation,
+                Pair {
+                    id: watched
+                        .snapshot()
+                        .map(|r| r.prediction.id)
+                        .unwrap_or_default(),
+                    upstream_id: copy.upstream_id,
+                    local: local_status,
+                    upstream: copy.observation.outcome,
+                    agreement,
+                },
+            );
+        },
+        span,
+    ));
+    Ok(Created::Live(live))
+}
+
+/// A prediction here, once ended.
+struct Watched {
+    record: Record,
+    observed: f64,
+    first_seen: Option<f64>,
+}
+
+impl Watched {
+    fn observation(&self, side: Side) -> Observation {
+        Observation::from_record(&self.record, side, self.observed, self.first_seen)
+    }
+}
+
+/// Waits for a prediction to end (None past `WATCH_LIMIT`), noting when its first
+/// output was seen.
+async fn watch(live: &Live, created: Instant) -> Option<Watched> {
+    let mut first_seen = None;
+    loop {
+        let changed = live.subscribe();
+        let r = live.snapshot()?;
+        if first_seen.is_none() && r.prediction.output.as_ref().is_some_and(|o| !o.is_empty()) {
+            first_seen = Some(created.elapsed().as_secs_f64());
+        }
+        if r.prediction.status.is_terminal() {
+            return Some(Watched {
+                record: r,
+                observed: created.elapsed().as_secs_f64(),
+                first_seen,
+            });
+        }
+        if created.elapsed() > WATCH_LIMIT {
+            return None;
+        }
+        // A change wakes this at once; the timeout only bounds a missed one.
+        let _ = tokio::time::timeout(Duration::from_secs(2), changed).await;
+    }
+}
+
+/// A copy's end.
+struct Copy {
+    observation: Observation,
+    upstream_id: Option<String>,
+    output: Option<Vec<String>>,
+}
+
+fn failed(kind: FailKind, upstream_id: Option<String>) -> Option<Copy> {
+    Some(Copy {
+        observation: Observation::refused(kind),
+        upstream_id,
+        output: None,
+    })
+}
+
+/// Sends one copy upstream and polls it to its end. None: the upstream throttled the
+/// create (it never ran there).
+async fn run_copy(
+    state: &AppState,
+    c: &UpstreamClient,
+    model: &str,
+    version: Option<&str>,
+    input: &Value,
+    limit: Duration,
+) -> Option<Copy> {
+    let sent = Instant::now();
+    let uid = match c.create(model, version, input, Some(limit)).await {
+        CreateOutcome::Created(v) => {
+            c.breaker.success();
+            match v["id"].as_str().filter(|id| normalize::valid_id(id)) {
+                Some(id) => id.to_string(),
+                None => return failed(FailKind::Upstream5xx, None),
+            }
+        }
+        CreateOutcome::Throttled(_) => return None,
+        CreateOutcome::Rejected { status, .. } => {
+            tracing::info!(status, "the upstream refused a shadow copy's input");
+            return failed(FailKind::Validation, None);
+        }
+        CreateOutcome::ServerError { .. } | CreateOutcome::NotSent(_) => {
+            c.breaker.failure();
+            return failed(FailKind::Upstream5xx, None);
+        }
+        CreateOutcome::Ambiguous(e) => {
+            // Never resent: a copy is not worth a second bill.
+            c.breaker.failure();
+            tracing::warn!(error = %e, "a shadow copy's create answer was lost; not sent again");
+            return failed(FailKind::Upstream5xx, None);
+        }
+    };
+    let some_uid = Some(uid.clone());
+    let deadline = sent + limit + Duration::from_secs(5);
+    let mut interval = POLL_MIN;
+    let mut last_ok = Instant::now();
+    let mut first_seen = None;
+    let mut seen_chunks = 0usize;
+    let mut cancel_sent: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = state.stop.cancelled(), if cancel_sent.is_none() => {
+                // Shutting down: a copy left running upstream would bill for nothing.
+                let _ = c.cancel(&uid).await;
+                return Some(Copy {
+                    observation: Observation {
+                        outcome: Outcome::Canceled,
+                        latency: None,
+                        first_output: None,
+                        tokens_per_second: None,
+                    },
+                    upstream_id: some_uid,
+                    output: None,
+                });
+            }
+        }
+        if cancel_sent.is_none() && Instant::now() > deadline {
+            let _ = c.cancel(&uid).await;
+            cancel_sent = Some(Instant::now());
+        }
+        if cancel_sent.is_some_and(|t| t.elapsed() > COPY_GRACE) {
+            return failed(FailKind::Timeout, some_uid);
+        }
+        let u = match c.get_prediction(&uid).await {
+            Ok(u) => {
+                last_ok = Instant::now();
+                u
+            }
+            Err(CallError::Throttled(wait)) => {
+                interval = wait.clamp(POLL_MIN, Duration::from_secs(30));
+                continue;
+            }
+            Err(CallError::Status { status, .. }) if status < 500 => {
+                return failed(FailKind::Upstream5xx, some_uid);
+            }
+            Err(_) => {
+                if last_ok.elapsed() > COPY_UNREACHABLE {
+                    return failed(FailKind::Upstream5xx, some_uid);
+                }
+                interval = (interval * 2).clamp(POLL_MIN, POLL_MAX);
+                continue;
+            }
+        };
+        let status = normalize::status(&u);
+        let output = normalize::chunks(&u["output"]);
+        if first_seen.is_none() && !output.is_empty() {
+            first_seen = Some(sent.elapsed().as_secs_f64());
+        }
+        if status.is_terminal() {
+            let status = if cancel_sent.is_some() && status == Status::Canceled {
+                // Canceled by its time limit here.
+                return failed(FailKind::Timeout, some_uid);
+            } else {
+                status
+            };
+            let error = normalize::error(&u);
+            let observation = Observation::from_parts(
+                Ended {
+                    status,
+                    error: error.as_deref(),
+                    logs: u["logs"].as_str().unwrap_or(""),
+                    created_at: u["created_at"].as_str().unwrap_or(""),
+                    completed_at: u["completed_at"].as_str(),
+                    metrics: Some(&u["metrics"]),
+                },
+                Side::Upstream,
+                sent.elapsed().as_secs_f64(),
+                first_seen,
+            );
+            return Some(Copy {
+                observation,
+                upstream_id: some_uid,
+                output: Some(output),
+            });
+        }
+        interval = if output.len() != seen_chunks {
+            POLL_MIN
+        } else {
+            (interval * 3 / 2).clamp(POLL_MIN, POLL_MAX)
+        };
+        seen_chunks = output.len();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_are_bounded_by_concurrency_and_by_the_minute() {
+        let routes = [
+            ("a/b".to_string(), Route::parse("shadow:up:100").unwrap()),
+            ("a/c".to_string(), Route::parse("canary:up:100").unwrap()),
+        ];
+        let s = Shadows::new(
+            routes.iter().map(|(m, r)| (m, r)),
+            ShadowLimits {
+                max_concurrent: 2,
+                max_per_minute: 3,
+            },
+        );
+        let t0 = Instant::now();
+        let p1 = s.admit("a/b", t0).unwrap();
+        let p2 = s.admit("a/b", t0).unwrap();
+        assert_eq!(s.admit("a/b", t0).unwrap_err(), Skip::Concurrency);
+        drop(p1);
+        let p3 = s.admit("a/b", t0).unwrap();
+        drop((p2, p3));
+        // Three sent this minute: the fourth waits for the minute to pass.
+        assert_eq!(s.admit("a/b", t0).unwrap_err(), Skip::Rate);
+        assert_eq!(
+            s.admit("a/b", t0 + Duration::from_secs(59)).unwrap_err(),
+            Skip::Rate
+        );
+        assert!(s.admit("a/b", t0 + Duration::from_secs(60)).is_ok());
+        // A rate refusal gives its concurrency place back.
+        let _held = s.admit("a/b", t0 + Duration::from_secs(120)).unwrap();
+        // Only shadow routes have gates.
+        assert!(s.admit("a/c", t0).is_err());
+    }
+
+    #[test]
+    fn refusals_are_counted_by_kind() {
+        let bad = ApiError::invalid("input.prompt: required");
+        assert_eq!(refusal_kind(&bad, Side::Local), FailKind::Validation);
+        let down = ApiError::unavailable("circuit open");
+        assert_eq!(refusal_kind(&down, Side::Upstream), FailKind::Upstream5xx);
+        assert_eq!(refusal_kind(&down, Side::Local), FailKind::Engine);
+    }
+}

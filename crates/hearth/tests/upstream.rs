@@ -1062,6 +1062,9 @@ async fn file_inputs_are_inlined_and_file_outputs_mirrored() {
     assert_eq!(p["output"][0], format!("{up_base}/out/pic.png"), "{p}");
     assert!(p["logs"].as_str().unwrap().contains("non-public"), "{p}");
     drop(f);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Every prediction of the front's list (following `next`) whose input's prompt starts
 /// with `tag`.
 async fn listed_with_tag(api: &Api, tag: &str) -> Vec<Value> {

@@ -42,6 +42,8 @@ pub mod tool_grammar;
 pub mod tool_syntax;
 
 #[cfg(test)]
+mod chat_template_tests;
+#[cfg(test)]
 mod constraint_tests;
 pub mod weights;
 

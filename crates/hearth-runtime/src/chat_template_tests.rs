@@ -118,6 +118,23 @@ fn mistral_template_renders_tools_calls_and_results() {
 }
 
 #[test]
+fn tojson_writes_what_python_writes() {
+    let mut tok = with_template("qwen2-tools.jinja");
+    tok.set_chat_template(
+        "{{ tools | tojson }}|{{ tools[0] | tojson(2) }}|{{ {} | tojson(indent=2) }}".into(),
+    );
+    let spec = PromptSpec {
+        messages: vec![ChatMessage::new("user", "x")],
+        tools: Some(vec![json!({"d": "<b> & 'é'", "n": [1, 2]})]),
+        ..Default::default()
+    };
+    assert_eq!(
+        tok.render_chat(&spec).unwrap(),
+        "[{\"d\": \"<b> & 'é'\", \"n\": [1, 2]}]|{\n  \"d\": \"<b> & 'é'\",\n  \"n\": [\n    1,\n    2\n  ]\n}|{}"
+    );
+}
+
+#[test]
 fn qwen3_template_thinks() {
     let tok = with_template("qwen3-think.jinja");
     assert_eq!(tok.tool_syntax(), Some(ToolSyntax::Hermes));

@@ -349,9 +349,13 @@ impl TextTokenizer {
 /// so the model sees its tools and calls as it was trained to.
 fn python_tojson(
     value: minijinja::Value,
+    indent: Option<usize>,
     kwargs: minijinja::value::Kwargs,
 ) -> std::result::Result<minijinja::Value, minijinja::Error> {
-    let indent: Option<usize> = kwargs.get("indent")?;
+    let indent: Option<usize> = match indent {
+        Some(n) => Some(n),
+        None => kwargs.get("indent")?,
+    };
     // Accepted and left as they are: the templates pass these.
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     let _: Option<bool> = kwargs.get("sort_keys")?;

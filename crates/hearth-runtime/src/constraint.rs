@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::api::{GrammarWithLexer, ParserLimits, TopLevelGrammar};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -35,6 +35,9 @@ pub enum ConstraintSpec {
     Choice(Vec<String>),
     /// Tool calls (OpenAI's `tools`), or text when the model may choose.
     ToolCalls(crate::tool_grammar::ToolCallGrammar),
+    /// The inner constraint after an optional `<think>…</think>` block that is left
+    /// free (Qwen3-style reasoning), and at most a few newlines after it.
+    AfterThinking(Box<ConstraintSpec>),
 }
 
 impl ConstraintSpec {
@@ -46,6 +49,7 @@ impl ConstraintSpec {
             ConstraintSpec::Lark(_) => "grammar",
             ConstraintSpec::Choice(_) => "choice",
             ConstraintSpec::ToolCalls(_) => "tools",
+            ConstraintSpec::AfterThinking(inner) => inner.kind(),
         }
     }
 
@@ -57,8 +61,12 @@ impl ConstraintSpec {
             ConstraintSpec::Choice(c) => json!(c).to_string(),
             ConstraintSpec::ToolCalls(t) => json!({
                 "functions": t.functions, "allow_text": t.allow_text, "parallel": t.parallel,
+                "syntax": t.syntax,
             })
             .to_string(),
+            ConstraintSpec::AfterThinking(inner) => {
+                format!("think:{}", hex(&inner.cache_key()))
+            }
         };
         let mut h = Sha256::new();
         h.update(self.kind().as_bytes());
@@ -67,8 +75,12 @@ impl ConstraintSpec {
         h.finalize().into()
     }
 
-    /// The llguidance grammar, after hearth's own checks.
-    fn grammar(&self) -> std::result::Result<TopLevelGrammar, String> {
+    /// The llguidance grammar, after hearth's own checks. `special` gives the id of a
+    /// text that is one special token of the vocabulary.
+    fn grammar(
+        &self,
+        special: &dyn Fn(&str) -> Option<u32>,
+    ) -> std::result::Result<TopLevelGrammar, String> {
         Ok(match self {
             ConstraintSpec::JsonSchema(schema) => {
                 crate::schema_check::check_schema(schema)?;
@@ -121,8 +133,24 @@ impl ConstraintSpec {
                 }
                 TopLevelGrammar::from_lark(format!("start: {}", alts.join(" | ")))
             }
+            ConstraintSpec::AfterThinking(inner) => {
+                if matches!(**inner, ConstraintSpec::AfterThinking(_)) {
+                    return Err("thinking is wrapped twice".into());
+                }
+                let mut body = inner.grammar(special)?;
+                let Some(first) = body.grammars.first_mut() else {
+                    return Err("an empty grammar".into());
+                };
+                first.name = Some("body".into());
+                let mut grammars = vec![GrammarWithLexer::from_lark(thinking_lark(special))];
+                grammars.append(&mut body.grammars);
+                TopLevelGrammar {
+                    grammars,
+                    max_tokens: body.max_tokens,
+                }
+            }
             ConstraintSpec::ToolCalls(t) => {
-                let src = t.lark(&hearth_json_options())?;
+                let src = t.lark(&hearth_json_options(), special)?;
                 if src.len() > MAX_TOOLS_GRAMMAR_BYTES {
                     return Err(format!(
                         "the functions make a {}-byte grammar; at most {MAX_TOOLS_GRAMMAR_BYTES}",
@@ -133,6 +161,34 @@ impl ConstraintSpec {
             }
         })
     }
+}
+
+/// A `<think>` block left free (it ends at the first `</think>`), up to 4 newlines
+/// after it, then the constrained body. The block is optional: a template that writes
+/// an empty one itself (thinking off) leaves the body to come first. A tag that is one
+/// special token of the vocabulary is written as that token.
+fn thinking_lark(special: &dyn Fn(&str) -> Option<u32>) -> String {
+    let tag = |t: &str| match special(t) {
+        Some(id) => format!("<[{id}]>"),
+        None => Value::String(t.into()).to_string(),
+    };
+    // A text closing tag ends the lazy lexeme at its first occurrence; a special-token
+    // one can never be part of the text before it.
+    let (close, thought) = match special("</think>") {
+        Some(id) => (format!("<[{id}]>"), "thought: /(?s:.*)/"),
+        None => (String::new(), "thought[lazy]: /(?s:.*)<\\/think>/"),
+    };
+    format!(
+        "start: thinking? @body\n\
+         thinking: {open} thought {close} newlines?\n\
+         {thought}\n\
+         newlines: /[\\r\\n]{{1,4}}/\n",
+        open = tag("<think>"),
+    )
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Most alternatives a choice constraint may list.
@@ -244,8 +300,12 @@ impl ConstraintCompiler {
         {
             return Ok(Constraint(hit));
         }
+        let special = |text: &str| {
+            let id = self.tokenizer.token_id(text)?;
+            crate::toktrie::is_special(&self.tokenizer, id).then_some(id)
+        };
         let grammar = spec
-            .grammar()
+            .grammar(&special)
             .map_err(|reason| RuntimeError::invalid(field, reason))?;
         let factory = self.factory()?;
         let parser = factory.create_parser(grammar).map_err(|e| {

@@ -39,6 +39,12 @@ pub mod threads;
 pub mod tokenizer;
 pub mod toktrie;
 pub mod tool_grammar;
+pub mod tool_syntax;
+
+#[cfg(test)]
+mod chat_template_tests;
+#[cfg(test)]
+mod constraint_tests;
 pub mod weights;
 
 pub use constraint::{Constraint, ConstraintCompiler, ConstraintSpec};

@@ -41,6 +41,9 @@ pub struct ModelSpec {
     pub quantize: Option<String>,
     /// Run a GGUF's weights dequantized to the compute dtype (for accuracy comparisons).
     pub dequantize: bool,
+    /// A file with a chat template (Jinja) in place of the model's own, as vLLM's
+    /// `--chat-template`.
+    pub chat_template: Option<PathBuf>,
 }
 
 impl ModelSpec {
@@ -56,6 +59,7 @@ impl ModelSpec {
             gguf_file: None,
             quantize: None,
             dequantize: false,
+            chat_template: None,
         }
     }
 }
@@ -450,7 +454,12 @@ pub fn load(spec: &ModelSpec, engine_cfg: &EngineConfig) -> Result<LoadedModel> 
     let files = resolve(spec)?;
     let device = crate::device::select_device(&spec.device)?;
     let dtype = crate::device::resolve_dtype(&spec.dtype, &device)?;
-    let tokenizer = Arc::new(files.load_tokenizer()?);
+    let mut tokenizer = files.load_tokenizer()?;
+    if let Some(path) = &spec.chat_template {
+        let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+        tokenizer.set_chat_template(text);
+    }
+    let tokenizer = Arc::new(tokenizer);
     let rss_before = resident_bytes();
     let weights = weight_loader(spec, &files, dtype, &device)?;
     let started = std::time::Instant::now();

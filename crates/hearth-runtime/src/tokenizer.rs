@@ -32,13 +32,35 @@ pub struct PromptSpec {
     /// A whole conversation (OpenAI's chat API): rendered with the chat template,
     /// in place of `prompt` and `system_prompt`.
     pub messages: Vec<ChatMessage>,
+    /// The functions the model may call, as the template's `tools` variable takes them
+    /// (`{"type": "function", "function": {...}}` each); for templates with a tool
+    /// syntax of their own.
+    pub tools: Option<Vec<serde_json::Value>>,
 }
 
 /// One turn of a conversation, as chat templates take it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls, as templates with tool syntax take them:
+    /// `{"id", "type": "function", "function": {"name", "arguments": {...}}}`, the
+    /// arguments an object (templates write them with `tojson`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` turn's call id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Self::default()
+        }
+    }
 }
 
 /// A token's bytes and their text (see `TextTokenizer::token_piece`).
@@ -132,6 +154,24 @@ impl TextTokenizer {
 
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
+    }
+
+    /// The chat template in place of the model's own (`--chat-template`).
+    pub fn set_chat_template(&mut self, template: String) {
+        self.chat_template = Some(template);
+    }
+
+    /// The tool-call syntax of the chat template; `None` when it has none.
+    pub fn tool_syntax(&self) -> Option<crate::tool_syntax::ToolSyntax> {
+        crate::tool_syntax::ToolSyntax::detect(self.chat_template.as_deref()?)
+    }
+
+    /// Whether the chat template has Qwen3-style `<think>` blocks: the model may
+    /// reason in one before its answer.
+    pub fn thinks(&self) -> bool {
+        self.chat_template
+            .as_deref()
+            .is_some_and(|t| t.contains("<think>") && t.contains("</think>"))
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -277,20 +317,15 @@ impl TextTokenizer {
                 ))
             },
         );
+        env.add_filter("tojson", python_tojson);
         env.add_template("chat", template)
             .map_err(|e| RuntimeError::Template(e.to_string()))?;
         let messages: Vec<ChatMessage> = if spec.messages.is_empty() {
             let mut m = Vec::new();
             if let Some(s) = spec.system_prompt.as_deref().filter(|s| !s.is_empty()) {
-                m.push(ChatMessage {
-                    role: "system".into(),
-                    content: s.into(),
-                });
+                m.push(ChatMessage::new("system", s));
             }
-            m.push(ChatMessage {
-                role: "user".into(),
-                content: spec.prompt.clone(),
-            });
+            m.push(ChatMessage::new("user", spec.prompt.clone()));
             m
         } else {
             spec.messages.clone()
@@ -300,11 +335,76 @@ impl TextTokenizer {
             .map_err(|e| RuntimeError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => minijinja::Value::from(minijinja::value::Serde(&messages)),
+            tools => spec.tools.as_ref().map(|t| minijinja::Value::from(minijinja::value::Serde(t))),
             add_generation_prompt => true,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         })
         .map_err(|e| RuntimeError::Template(e.to_string()))
+    }
+}
+
+/// Jinja's `tojson` as transformers renders chat templates: Python's `json.dumps`
+/// (`", "` and `": "` between items, `indent` when given, nothing escaped for HTML),
+/// so the model sees its tools and calls as it was trained to.
+fn python_tojson(
+    value: minijinja::Value,
+    indent: Option<usize>,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<minijinja::Value, minijinja::Error> {
+    let indent: Option<usize> = match indent {
+        Some(n) => Some(n),
+        None => kwargs.get("indent")?,
+    };
+    // Accepted and left as they are: the templates pass these.
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let v = serde_json::to_value(&value).map_err(|e| {
+        minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string())
+    })?;
+    let mut out = String::new();
+    write_python_json(&v, indent, 0, &mut out);
+    Ok(minijinja::Value::from_safe_string(out))
+}
+
+fn write_python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use serde_json::Value as V;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        V::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, depth + 1);
+                write_python_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        V::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, depth + 1);
+                out.push_str(&V::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_python_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
     }
 }
 
@@ -351,10 +451,7 @@ mod tests {
     #[test]
     fn a_conversation_renders_every_turn_in_order() {
         let t = demo();
-        let m = |role: &str, content: &str| ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        };
+        let m = |role: &str, content: &str| ChatMessage::new(role, content);
         let text = t
             .render_chat(&PromptSpec {
                 messages: vec![
@@ -381,10 +478,7 @@ mod tests {
         let t = TextTokenizer::load(&dir.join("tokenizer.json"), None).unwrap();
         let text = t
             .render_chat(&PromptSpec {
-                messages: vec![ChatMessage {
-                    role: "user".into(),
-                    content: "hi".into(),
-                }],
+                messages: vec![ChatMessage::new("user", "hi")],
                 ..Default::default()
             })
             .unwrap();

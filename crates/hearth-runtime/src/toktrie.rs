@@ -38,7 +38,7 @@ pub fn token_env(tokenizer: &TextTokenizer, vocab_size: usize, eos: u32) -> TokE
 }
 
 /// A token that decoding with special tokens skipped drops entirely (`<|im_end|>`).
-fn is_special(tokenizer: &TextTokenizer, id: u32) -> bool {
+pub(crate) fn is_special(tokenizer: &TextTokenizer, id: u32) -> bool {
     let inner = tokenizer.inner();
     inner.decode(&[id], true).unwrap_or_default().is_empty()
         && !inner.decode(&[id], false).unwrap_or_default().is_empty()

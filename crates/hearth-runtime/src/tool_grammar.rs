@@ -11,8 +11,15 @@
 //! it is either free text that does not start with `<tool_call>`, or calls: once the
 //! trigger is written, the rest is held to the grammar, so a call the model starts is
 //! always one that parses and validates.
+//!
+//! A model whose chat template has a tool syntax of its own (tool_syntax.rs) gets its
+//! calls in that syntax: Llama 3's `{"name", "parameters"}` after an optional
+//! `<|python_tag|>`, Mistral's `[TOOL_CALLS][...]`. A trigger that is one special
+//! token of the vocabulary is written as that token.
 
 use serde_json::{json, Value};
+
+use crate::tool_syntax::ToolSyntax;
 
 /// The opening and closing tags of one call.
 pub const CALL_OPEN: &str = "<tool_call>";
@@ -30,6 +37,8 @@ pub struct ToolCallGrammar {
     pub allow_text: bool,
     /// More than one call is allowed (up to `MAX_PARALLEL_CALLS`).
     pub parallel: bool,
+    /// How the calls are written.
+    pub syntax: ToolSyntax,
 }
 
 /// A function name as OpenAI allows it: it is spliced into the grammar.
@@ -43,11 +52,18 @@ pub fn valid_function_name(name: &str) -> bool {
 
 impl ToolCallGrammar {
     /// llguidance's Lark source; an error names the function whose schema cannot be
-    /// enforced (and the keyword and its path).
-    pub fn lark(&self, json_options: &Value) -> Result<String, String> {
+    /// enforced (and the keyword and its path). `special` gives the id of a text that
+    /// is one special token of the vocabulary.
+    pub fn lark(
+        &self,
+        json_options: &Value,
+        special: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<String, String> {
         if self.functions.is_empty() {
             return Err("no functions to call".into());
         }
+        let syntax = self.syntax;
+        let key = syntax.arguments_key();
         let mut rules = Vec::with_capacity(self.functions.len());
         let mut alts = Vec::with_capacity(self.functions.len());
         for (i, (name, params)) in self.functions.iter().enumerate() {
@@ -70,44 +86,89 @@ impl ToolCallGrammar {
             if let Value::Object(o) = &mut schema {
                 o.insert("x-guidance".into(), json_options.clone());
             }
-            let head = format!("{{\"name\": \"{name}\", \"arguments\": ");
+            let head = format!("{{\"name\": \"{name}\", \"{key}\": ");
             rules.push(format!(
                 "fn_{i}: {} %json {schema} \"}}\"",
                 lark_string(&head)
             ));
             alts.push(format!("fn_{i}"));
         }
+        // Further calls after the first, when parallel calls are allowed.
+        let more = |sep: &str| {
+            if self.parallel {
+                format!(
+                    " ({} call){{0,{}}}",
+                    lark_string(sep),
+                    MAX_PARALLEL_CALLS - 1
+                )
+            } else {
+                String::new()
+            }
+        };
+        let trigger = syntax.trigger();
+        let trigger_ref = match special(trigger) {
+            Some(id) => format!("<[{id}]>"),
+            None => lark_string(trigger),
+        };
         let mut src = String::new();
         src.push_str(if self.allow_text {
             "start: TEXT | calls\n"
         } else {
             "start: calls\n"
         });
-        if self.parallel {
-            src.push_str(&format!(
-                "calls: call (\"\\n\" call){{0,{}}}\n",
-                MAX_PARALLEL_CALLS - 1
-            ));
-        } else {
-            src.push_str("calls: call\n");
+        let one = format!("({})", alts.join(" | "));
+        match syntax {
+            ToolSyntax::Hermes => {
+                src.push_str(&format!("calls: call{}\n", more("\n")));
+                src.push_str(&format!(
+                    "call: {trigger_ref} \"\\n\" {one} {}\n",
+                    lark_string(&format!("\n{CALL_CLOSE}")),
+                ));
+            }
+            ToolSyntax::Llama3 => {
+                src.push_str(&format!("calls: {trigger_ref}? call{}\n", more("; ")));
+                src.push_str(&format!("call: {one}\n"));
+            }
+            ToolSyntax::Mistral => {
+                src.push_str(&format!(
+                    "calls: {trigger_ref} \"[\" call{} \"]\"\n",
+                    more(", ")
+                ));
+                src.push_str(&format!("call: {one}\n"));
+            }
         }
-        src.push_str(&format!(
-            "call: {} ({}) {}\n",
-            lark_string(&format!("{CALL_OPEN}\n")),
-            alts.join(" | "),
-            lark_string(&format!("\n{CALL_CLOSE}")),
-        ));
         for r in rules {
             src.push_str(&r);
             src.push('\n');
         }
         if self.allow_text {
             // Any text but one that starts the call syntax: a started call is held to
-            // the call's grammar.
-            src.push_str("TEXT: /(?s:.+)/ & ~/(?s:<tool_call>.*)/\n");
+            // the call's grammar. (A special-token trigger is never part of text.)
+            let starts = match syntax {
+                ToolSyntax::Hermes => vec![trigger],
+                ToolSyntax::Llama3 => vec![trigger, "{"],
+                ToolSyntax::Mistral => vec![trigger, "["],
+            };
+            let not: Vec<String> = starts
+                .iter()
+                .map(|s| format!(" & ~/(?s:{}.*)/", regex_escape(s)))
+                .collect();
+            src.push_str(&format!("TEXT: /(?s:.+)/{}\n", not.concat()));
         }
         Ok(src)
     }
+}
+
+/// A literal for a regex inside Lark's `/.../` (the slash too).
+fn regex_escape(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~/".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A Lark string literal (its escapes are JSON's).
@@ -125,17 +186,19 @@ mod tests {
             functions: vec![(name.into(), params)],
             allow_text: false,
             parallel: false,
+            syntax: ToolSyntax::Hermes,
         };
-        assert!(g("get weather", json!({})).lark(&json!({})).is_err());
+        let none = |_: &str| None;
+        assert!(g("get weather", json!({})).lark(&json!({}), &none).is_err());
         let e = g(
             "f",
             json!({"type": "object", "properties": {"t": {"type": "array", "uniqueItems": true}}}),
         )
-        .lark(&json!({}))
+        .lark(&json!({}), &none)
         .unwrap_err();
         assert!(e.contains("\"f\"") && e.contains("uniqueItems"), "{e}");
         let src = g("get_weather", json!({"type": "object"}))
-            .lark(&json!({}))
+            .lark(&json!({}), &none)
             .unwrap();
         assert!(
             src.contains("get_weather") && !src.contains("TEXT"),

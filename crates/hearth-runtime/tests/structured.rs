@@ -3,7 +3,8 @@
 //! and validate with an independent validator (the `jsonschema` crate), and nearly all
 //! samples must finish by the grammar rather than by length. Schemas and regexes that
 //! cannot be enforced are refused at compile time, naming the keyword and its path.
-//! HEARTH_STRUCTURED_SAMPLES raises the samples per schema (default 2).
+//! `cargo test` runs 2 samples per schema; the full run, 5 per schema, is
+//! `--ignored` (CI runs it: .ci/run). HEARTH_STRUCTURED_SAMPLES overrides either.
 
 mod common;
 
@@ -112,11 +113,23 @@ fn collect(mut s: hearth_runtime::RequestStream) -> Outcome {
 
 #[test]
 fn smollm2_output_matches_every_schema_of_the_corpus() {
+    check_corpus(2);
+}
+
+/// The figure: 5 samples per schema, >= 95% finished by the grammar, every
+/// finished output valid. Slow on 2 shared cores (CI runs it with `--ignored`).
+#[test]
+#[ignore]
+fn smollm2_five_samples_per_schema_of_the_corpus() {
+    check_corpus(5);
+}
+
+fn check_corpus(default_samples: u64) {
     let engine = engine();
     let samples: u64 = std::env::var("HEARTH_STRUCTURED_SAMPLES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
+        .unwrap_or(default_samples);
     let corpus = corpus();
     assert!(
         corpus.len() >= 30,
@@ -186,6 +199,7 @@ fn smollm2_output_matches_every_schema_of_the_corpus() {
         "invalid outputs:\n{}",
         failures.join("\n")
     );
+    eprintln!("{by_grammar} of {total} samples finished by the grammar, all valid");
     assert!(
         by_grammar * 100 >= total * 95,
         "{by_grammar} of {total} samples finished by the grammar; ran out:\n{}",

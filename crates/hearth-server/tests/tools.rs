@@ -35,9 +35,21 @@ fn smollm2() -> PathBuf {
 }
 
 async fn start_smollm2() -> Server {
-    let model = tokio::task::spawn_blocking(|| {
+    start_smollm2_with(None).await
+}
+
+/// SmolLM2 served with one of the test chat templates in models/fixtures/templates
+/// (`--chat-template`) in place of its own.
+async fn start_smollm2_with(template: Option<&str>) -> Server {
+    let template = template.map(|t| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/fixtures/templates")
+            .join(t)
+    });
+    let model = tokio::task::spawn_blocking(move || {
         let mut spec = ModelSpec::new(smollm2().to_string_lossy());
         spec.device = "cpu".into();
+        spec.chat_template = template;
         let loaded = hearth_runtime::load(
             &spec,
             &EngineConfig {
@@ -311,5 +323,145 @@ async fn forced_and_automatic_tool_calls_on_smollm2() {
         let (st, r) = post(&s, &b).await;
         assert_eq!(st, 400, "{param}: {r}");
         assert_eq!(r["error"]["param"], param, "{r}");
+    }
+}
+
+/// The answer's raw text, from its tokens' log-probs (a parsed call hides it).
+fn raw_text(choice: &Value) -> String {
+    choice["logprobs"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no logprobs: {choice}"))
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect()
+}
+
+fn sse_chunks(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter_map(|b| b.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_native_tool_syntax_end_to_end() {
+    // (template, how the raw answer starts: the template's own syntax)
+    for (template, opens) in [
+        (
+            "llama3-tools.jinja",
+            "{\"name\": \"get_weather\", \"parameters\": {",
+        ),
+        (
+            "qwen2-tools.jinja",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {",
+        ),
+        (
+            "mistral-tools.jinja",
+            "[TOOL_CALLS][{\"name\": \"get_weather\", \"arguments\": {",
+        ),
+        (
+            "qwen3-think.jinja",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {",
+        ),
+    ] {
+        let s = start_smollm2_with(Some(template)).await;
+        let named = json!({"type": "function", "function": {"name": "get_weather"}});
+        for seed in 0..2 {
+            let (st, r) = post(
+                &s,
+                &body(
+                    json!({"seed": seed, "parallel_tool_calls": false, "tool_choice": named,
+                    "logprobs": true}),
+                ),
+            )
+            .await;
+            assert_eq!(st, 200, "{template}: {r}");
+            let c = &r["choices"][0];
+            assert_eq!(c["finish_reason"], "tool_calls", "{template}: {c}");
+            assert_valid_calls(&c["message"]["tool_calls"], &["get_weather"]);
+            let raw = raw_text(c);
+            assert!(raw.starts_with(opens), "{template}: {raw:?}");
+        }
+
+        // `required`, streamed, after a finished call and its result in the history
+        // (rendered by the template: Mistral's refuses ids that are not 9 characters).
+        let mut b = body(
+            json!({"tool_choice": "required", "parallel_tool_calls": false,
+                "stream": true, "seed": 3, "messages": [
+                {"role": "user", "content": "What is the weather like in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"celsius\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "{\"temperature\": 21}"},
+                {"role": "user", "content": "And what is 2 plus 40?"},
+            ]}),
+        );
+        b["max_tokens"] = json!(96);
+        let resp = s
+            .post("/v1/chat/completions")
+            .json(&b)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{template}");
+        let text = resp.text().await.unwrap();
+        let chunks = sse_chunks(&text);
+        let (calls, finish) = assemble(&chunks);
+        assert_eq!(finish.as_deref(), Some("tool_calls"), "{template}: {text}");
+        assert_valid_calls(&calls, &["get_weather", "add"]);
+        assert!(
+            chunks.iter().all(|c| c["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .is_empty()),
+            "{template}: a forced call leaked as content: {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thinking_template_keeps_the_schema_after_the_block() {
+    let s = start_smollm2_with(Some("qwen3-think.jinja")).await;
+    let schema = json!({"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20}, "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["city", "days"], "additionalProperties": false});
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    for (seed, stream) in [(0, false), (1, false), (2, true)] {
+        let b = json!({"model": "hearth/smollm2", "seed": seed, "temperature": 1.0, "max_tokens": 64,
+            "stream": stream,
+            "messages": [{"role": "user", "content": "Plan a trip: a city and a number of days, as JSON."}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "trip", "schema": schema}}});
+        let resp = s
+            .post("/v1/chat/completions")
+            .json(&b)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let (content, finish) = if stream {
+            let chunks = sse_chunks(&resp.text().await.unwrap());
+            let content: String = chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+                .collect();
+            let finish = chunks.iter().find_map(|c| {
+                c["choices"][0]["finish_reason"]
+                    .as_str()
+                    .map(str::to_string)
+            });
+            (content, finish)
+        } else {
+            let r: Value = resp.json().await.unwrap();
+            let c = &r["choices"][0];
+            (
+                c["message"]["content"].as_str().unwrap().to_string(),
+                c["finish_reason"].as_str().map(str::to_string),
+            )
+        };
+        if finish.as_deref() == Some("stop") {
+            let v: Value = serde_json::from_str(&content)
+                .unwrap_or_else(|e| panic!("{content:?} is not JSON: {e}"));
+            assert!(validator.is_valid(&v), "{v}");
+        }
     }
 }

@@ -20,6 +20,10 @@ pub struct ModelArgs {
     /// Run a GGUF's weights dequantized to the compute dtype (accuracy comparisons).
     #[arg(long, env = "HEARTH_DEQUANTIZE")]
     pub dequantize: bool,
+    /// A file with a Jinja chat template to use in place of the model's own (its tool
+    /// syntax, if any, is what tool calls are written in).
+    #[arg(long, env = "HEARTH_CHAT_TEMPLATE")]
+    pub chat_template: Option<std::path::PathBuf>,
     /// `auto` reads the weights; `dummy` uses the config's shape with seeded random weights.
     #[arg(long, env = "HEARTH_LOAD_FORMAT", default_value = "auto", value_parser = ["auto", "dummy"])]
     pub load_format: String,
@@ -84,6 +88,7 @@ impl ModelArgs {
         s.gguf_file = self.gguf_file.clone();
         s.quantize = self.quantize.clone();
         s.dequantize = self.dequantize;
+        s.chat_template = self.chat_template.clone();
         s
     }
 }

@@ -398,10 +398,7 @@ fn run_once(a: &BenchArgs, max_concurrency: Option<usize>) -> anyhow::Result<Rep
             // number of prompt tokens as the other backends means less text here.
             let reserve = if a.backend == "openai-chat" {
                 tok.prompt_tokens(&hearth_runtime::PromptSpec {
-                    messages: vec![hearth_runtime::ChatMessage {
-                        role: "user".into(),
-                        content: String::new(),
-                    }],
+                    messages: vec![hearth_runtime::ChatMessage::new("user", "")],
                     ..Default::default()
                 })?
                 .len()

@@ -6,8 +6,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::stream::{self, Stream, StreamExt};
+use hearth_runtime::tool_syntax::ToolSyntax;
 use hearth_runtime::{
-    FinishReason, GenerationEvent, GenerationRequest, PromptSpec, SamplingParams, TextTokenizer,
+    ConstraintSpec, FinishReason, GenerationEvent, GenerationRequest, PromptSpec, SamplingParams,
+    TextTokenizer,
 };
 
 use super::render::TokenLogprob;
@@ -37,6 +39,10 @@ pub type Pieces = Pin<Box<dyn Stream<Item = (usize, Piece)> + Send>>;
 
 /// The prompts, tokenized, and the merged stream of every choice's pieces.
 pub struct Running {
+    /// With tools on the request: the syntax the calls are written in.
+    pub tool_syntax: Option<hearth_runtime::tool_syntax::ToolSyntax>,
+    /// The answer may open with a `<think>` block (chat on a template that has them).
+    pub thinks: bool,
     pub prompt_tokens: Vec<Vec<u32>>,
     /// The prompts as text, for `echo`.
     pub prompt_texts: Vec<String>,
@@ -132,13 +138,32 @@ pub async fn start(
         Some(PromptInput::Chat(_)) => "messages",
         _ => "prompt",
     };
+    let chat = matches!(job.prompts.first(), Some(PromptInput::Chat(_)));
+    // The template's own tool syntax, else the Hermes fallback in a system message.
+    let native = if chat { tok.tool_syntax() } else { None };
+    let tool_syntax = job
+        .tools
+        .as_ref()
+        .map(|_| native.unwrap_or(ToolSyntax::Hermes));
+    let thinks = chat && tok.thinks();
+    let mut requested = job.constraint.clone();
+    if let (Some(t), Some(syntax)) = (&job.tools, tool_syntax) {
+        requested = Some((t.constraint(syntax), "tools"));
+    }
+    if thinks {
+        requested =
+            requested.map(|(spec, field)| (ConstraintSpec::AfterThinking(Box::new(spec)), field));
+    }
     let mut prompt_tokens = Vec::with_capacity(job.prompts.len());
     let mut prompt_texts = Vec::with_capacity(job.prompts.len());
     for p in &job.prompts {
         let (ids, text) = match p {
             PromptInput::Chat(messages) => {
+                let (messages, tools) =
+                    super::tools::for_template(messages, job.tools.as_ref(), native);
                 let spec = PromptSpec {
-                    messages: messages.clone(),
+                    messages,
+                    tools,
                     ..Default::default()
                 };
                 (tok.prompt_tokens(&spec), String::new())
@@ -156,7 +181,7 @@ pub async fn start(
         prompt_tokens.push(ids.map_err(|e| OaiError::from_runtime(e, prompt_name))?);
         prompt_texts.push(text);
     }
-    let constraint = super::constrained::compile(model, &job.constraint).await?;
+    let constraint = super::constrained::compile(model, &requested).await?;
     let mut streams: Vec<Pieces> = Vec::new();
     for (pi, prompt) in prompt_tokens.iter().enumerate() {
         let max_tokens = match job.max_tokens {
@@ -203,6 +228,8 @@ pub async fn start(
         }
     }
     Ok(Running {
+        tool_syntax,
+        thinks,
         prompt_tokens,
         prompt_texts,
         pieces: Box::pin(stream::select_all(streams)),

@@ -5,6 +5,7 @@
 
 pub mod choices;
 pub mod constrained;
+pub mod reasoning;
 pub mod render;
 pub mod request;
 pub mod tools;

@@ -16,6 +16,8 @@ pub struct Collected {
     pub offset: usize,
     /// The answer parsed as tool calls (`message.tool_calls`, in place of content).
     pub tool_calls: Option<Vec<Value>>,
+    /// A `<think>` block the answer opened with (`message.reasoning_content`).
+    pub reasoning: Option<String>,
 }
 
 /// One generated token's log-prob and the most likely alternatives at its step.
@@ -109,12 +111,15 @@ impl Header<'_> {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let message = match &c.tool_calls {
+                let mut message = match &c.tool_calls {
                     Some(calls) => {
                         json!({"role": "assistant", "content": null, "tool_calls": calls})
                     }
                     None => json!({"role": "assistant", "content": c.text}),
                 };
+                if let Some(r) = &c.reasoning {
+                    message["reasoning_content"] = json!(r);
+                }
                 json!({
                     "index": i,
                     "message": message,

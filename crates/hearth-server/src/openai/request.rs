@@ -5,6 +5,7 @@
 //! tools in tools.rs.
 
 use hearth_runtime::limits::{stop_list_error, MAX_CHOICES, MAX_TOP_LOGPROBS, SEED_MAX};
+use hearth_runtime::tool_syntax::ToolSyntax;
 use hearth_runtime::{ChatMessage, SamplingParams};
 use serde_json::{Map, Value};
 
@@ -255,7 +256,20 @@ fn messages(o: &Map<String, Value>) -> OaiResult<Vec<ChatMessage>> {
                         m.get("content").unwrap_or(&Value::Null),
                         &format!("{at}.content"),
                     )?;
-                    return Ok(super::tools::tool_result(&content));
+                    let tool_call_id = match m.get("tool_call_id") {
+                        None | Some(Value::Null) => None,
+                        Some(Value::String(s)) => Some(s.clone()),
+                        Some(_) => {
+                            return Err(OaiError::param(
+                                format!("{at}.tool_call_id"),
+                                "expected a string",
+                            ))
+                        }
+                    };
+                    return Ok(ChatMessage {
+                        tool_call_id,
+                        ..ChatMessage::new("tool", content)
+                    });
                 }
                 Some("function") => {
                     return Err(OaiError::unsupported(
@@ -271,20 +285,21 @@ fn messages(o: &Map<String, Value>) -> OaiResult<Vec<ChatMessage>> {
                 }
                 None => return Err(OaiError::param(format!("{at}.role"), "required")),
             };
-            let mut content = text_content(
+            let content = text_content(
                 m.get("content").unwrap_or(&Value::Null),
                 &format!("{at}.content"),
             )?;
+            let mut tool_calls = None;
             if let Some(calls) = present(m, "tool_calls") {
                 let at = format!("{at}.tool_calls");
                 if role != "assistant" {
                     return Err(OaiError::param(at, "only assistant messages have tool calls"));
                 }
-                super::tools::assistant_calls(&mut content, calls, &at)?;
+                tool_calls = Some(super::tools::assistant_calls(calls, &at)?);
             }
             Ok(ChatMessage {
-                role: role.into(),
-                content,
+                tool_calls,
+                ..ChatMessage::new(role, content)
             })
         })
         .collect()
@@ -307,7 +322,7 @@ pub fn check_model(job: &Job, limits: &hearth_runtime::RequestLimits) -> OaiResu
 pub fn chat(body: &Value) -> OaiResult<Job> {
     let o = obj(body)?;
     let model = model(o)?;
-    let mut msgs = messages(o)?;
+    let msgs = messages(o)?;
     let mut constraint = super::constrained::response_format(o)?;
     let tools = super::tools::parse(o)?;
     if let Some(t) = &tools {
@@ -317,8 +332,8 @@ pub fn chat(body: &Value) -> OaiResult<Job> {
                 "cannot be combined with tools unless tool_choice is \"none\"",
             ));
         }
-        t.add_preamble(&mut msgs);
-        constraint = Some((t.constraint(), "tools"));
+        // In the model's own syntax when it is known (choices.rs).
+        constraint = Some((t.constraint(ToolSyntax::Hermes), "tools"));
     }
     let (params, n, stream, include_usage) = common(o, 1.0)?;
     let want_logprobs = boolean(o, "logprobs")?;

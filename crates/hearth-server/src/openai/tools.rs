@@ -1,18 +1,22 @@
 //! OpenAI's tool calling on chat: `tools`, `tool_choice`, `parallel_tool_calls`, and
 //! tool calls and results in the conversation.
 //!
-//! The model is told about the functions in a system message (Hermes-style, as
-//! Qwen2/3's templates write it: signatures in `<tools>`, each call as
-//! `<tool_call>{"name", "arguments"}</tool_call>`), which works for any chat template,
-//! SmolLM2's included, which has no tool syntax of its own. Decoding is constrained
-//! (tool_grammar.rs in the runtime): a forced call (`required`, a named function) is
-//! nothing but calls whose arguments match the function's schema; with `auto` the
-//! model answers in text or starts a call, and a started call is held to the grammar.
-//! The output is parsed back into `message.tool_calls`.
+//! When the model's chat template has a tool syntax of its own (Llama 3.x, Qwen2/3's
+//! `<tool_call>`, Mistral's `[TOOL_CALLS]`: runtime's tool_syntax.rs, detected from the
+//! template's text), the template renders the tools (its `tools` variable), the calls
+//! in history and the tool results, and the model's calls are written and parsed in
+//! that syntax. Otherwise (SmolLM2's template has none) the model is told about the
+//! functions in a system message, Hermes-style: signatures in `<tools>`, each call as
+//! `<tool_call>{"name", "arguments"}</tool_call>`, results in `<tool_response>`.
+//!
+//! Decoding is constrained (tool_grammar.rs in the runtime): a forced call
+//! (`required`, a named function) is nothing but calls whose arguments match the
+//! function's schema; with `auto` the model answers in text or starts a call, and a
+//! started call is held to the grammar. The output is parsed back into
+//! `message.tool_calls`.
 
-use hearth_runtime::tool_grammar::{
-    valid_function_name, ToolCallGrammar, CALL_CLOSE, CALL_OPEN, MAX_PARALLEL_CALLS,
-};
+use hearth_runtime::tool_grammar::{valid_function_name, ToolCallGrammar, MAX_PARALLEL_CALLS};
+use hearth_runtime::tool_syntax::ToolSyntax;
 use hearth_runtime::{ChatMessage, ConstraintSpec};
 use serde_json::{json, Map, Value};
 
@@ -222,12 +226,14 @@ pub fn parse(o: &Map<String, Value>) -> OaiResult<Option<ToolUse>> {
                 functions: vec![f.clone()],
                 allow_text: false,
                 parallel: false,
+                syntax: ToolSyntax::Hermes,
             }
         }
         c => ToolCallGrammar {
             functions,
             allow_text: *c == ToolChoice::Auto,
             parallel,
+            syntax: ToolSyntax::Hermes,
         },
     };
     Ok(Some(ToolUse {
@@ -239,8 +245,12 @@ pub fn parse(o: &Map<String, Value>) -> OaiResult<Option<ToolUse>> {
 }
 
 impl ToolUse {
-    pub fn constraint(&self) -> ConstraintSpec {
-        ConstraintSpec::ToolCalls(self.grammar.clone())
+    /// The calls' grammar in `syntax`.
+    pub fn constraint(&self, syntax: ToolSyntax) -> ConstraintSpec {
+        ConstraintSpec::ToolCalls(ToolCallGrammar {
+            syntax,
+            ..self.grammar.clone()
+        })
     }
 
     /// The system message's text that describes the tools.
@@ -277,27 +287,23 @@ impl ToolUse {
                 }
                 m.content.push_str(&preamble);
             }
-            _ => messages.insert(
-                0,
-                ChatMessage {
-                    role: "system".into(),
-                    content: preamble,
-                },
-            ),
+            _ => messages.insert(0, ChatMessage::new("system", preamble)),
         }
     }
 }
 
-/// One call as the model wrote it.
-fn call_text(name: &str, arguments: &Value) -> String {
+/// One call as the Hermes fallback writes it.
+fn hermes_call_text(name: &str, arguments: &Value) -> String {
     format!(
-        "{CALL_OPEN}\n{}\n{CALL_CLOSE}",
+        "<tool_call>\n{}\n</tool_call>",
         json!({"name": name, "arguments": arguments})
     )
 }
 
-/// An assistant message's `tool_calls` as the model writes them, after its content.
-pub fn assistant_calls(content: &mut String, calls: &Value, at: &str) -> OaiResult<()> {
+/// An assistant message's `tool_calls`, checked, as templates take them: each
+/// `{"id", "type": "function", "function": {"name", "arguments": {...}}}` with the
+/// arguments parsed from their JSON text.
+pub fn assistant_calls(calls: &Value, at: &str) -> OaiResult<Vec<Value>> {
     let list = calls
         .as_array()
         .ok_or_else(|| OaiError::param(at, "expected a list of tool calls"))?;
@@ -311,6 +317,7 @@ pub fn assistant_calls(content: &mut String, calls: &Value, at: &str) -> OaiResu
             ),
         ));
     }
+    let mut out = Vec::with_capacity(list.len());
     for (j, c) in list.iter().enumerate() {
         let at = format!("{at}[{j}]");
         let f = c
@@ -332,46 +339,74 @@ pub fn assistant_calls(content: &mut String, calls: &Value, at: &str) -> OaiResu
                 ))
             }
         };
-        if !content.is_empty() {
-            content.push('\n');
-        }
-        content.push_str(&call_text(name, &arguments));
+        let id = match c.get("id") {
+            None | Some(Value::Null) => format!("call_{j}"),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(OaiError::param(format!("{at}.id"), "expected a string")),
+        };
+        out.push(json!({
+            "id": id, "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }));
     }
-    Ok(())
+    Ok(out)
 }
 
-/// A `tool` message's result as the model reads it (Hermes-style, in a user turn).
-pub fn tool_result(content: &str) -> ChatMessage {
-    ChatMessage {
-        role: "user".into(),
-        content: format!("<tool_response>\n{content}\n</tool_response>"),
+/// The conversation and the template's `tools` as the model is to see them. With a
+/// template tool syntax (`native`) the template renders tools, calls and results
+/// itself; otherwise they are written out Hermes-style: the tools in a system
+/// message, calls after the assistant's text, results in a user turn.
+pub fn for_template(
+    messages: &[ChatMessage],
+    tools: Option<&ToolUse>,
+    native: Option<ToolSyntax>,
+) -> (Vec<ChatMessage>, Option<Vec<Value>>) {
+    if let Some(syntax) = native {
+        let id = |v: &str| syntax.template_call_id(v);
+        let out = messages
+            .iter()
+            .map(|m| {
+                let mut m = m.clone();
+                if let Some(calls) = m.tool_calls.as_mut() {
+                    for c in calls.iter_mut() {
+                        if let Some(v) = c.get("id").and_then(Value::as_str).map(id) {
+                            c["id"] = json!(v);
+                        }
+                    }
+                }
+                m.tool_call_id = m.tool_call_id.as_deref().map(id);
+                m
+            })
+            .collect();
+        return (out, tools.map(|t| t.tools.clone()));
     }
-}
-
-/// The calls in a finished answer: `(name, arguments as JSON text)`; `None` when the
-/// text is not calls (an answer in text, or one cut short).
-pub fn parse_calls(text: &str) -> Option<Vec<(String, String)>> {
-    let mut rest = text.trim_end();
-    if !rest.starts_with(CALL_OPEN) {
-        return None;
+    let mut out: Vec<ChatMessage> = messages
+        .iter()
+        .map(|m| {
+            if m.role == "tool" {
+                return ChatMessage::new(
+                    "user",
+                    format!("<tool_response>\n{}\n</tool_response>", m.content),
+                );
+            }
+            let mut content = m.content.clone();
+            for c in m.tool_calls.iter().flatten() {
+                let f = &c["function"];
+                if !content.is_empty() {
+                    content.push('\n');
+                }
+                content.push_str(&hermes_call_text(
+                    f["name"].as_str().unwrap_or_default(),
+                    &f["arguments"],
+                ));
+            }
+            ChatMessage::new(m.role.clone(), content)
+        })
+        .collect();
+    if let Some(t) = tools {
+        t.add_preamble(&mut out);
     }
-    let mut calls = Vec::new();
-    while !rest.is_empty() {
-        let body = rest.strip_prefix(CALL_OPEN)?;
-        let end = body.find(CALL_CLOSE)?;
-        let v: Value = serde_json::from_str(body[..end].trim()).ok()?;
-        let name = v.get("name")?.as_str()?.to_string();
-        let arguments = v.get("arguments")?.to_string();
-        calls.push((name, arguments));
-        rest = body[end + CALL_CLOSE.len()..].trim_start();
-    }
-    Some(calls)
-}
-
-/// Whether `text` may yet become a call: it is a prefix of the opening tag, or starts
-/// with it. A stream holds such text back until it knows.
-pub fn may_be_call(text: &str) -> bool {
-    CALL_OPEN.starts_with(text) || text.starts_with(CALL_OPEN)
+    (out, None)
 }
 
 /// The calls as `message.tool_calls` (or a stream's delta, with `index`), each with a
@@ -395,17 +430,21 @@ pub fn render_calls(calls: &[(String, String)], with_index: bool) -> Vec<Value> 
 }
 
 /// A stream's text held back per choice while it may still become tool calls (with
-/// tools on the request): the calls go out whole once the choice finishes, text as
-/// soon as it cannot be a call.
+/// tools on the request, in `syntax`): the calls go out whole once the choice
+/// finishes, text as soon as it cannot be a call.
 pub struct CallHold {
+    syntax: ToolSyntax,
     /// Per choice: the text held back, or `None` once the choice is known to be text.
     held: Vec<Option<String>>,
 }
 
 impl CallHold {
-    pub fn new(active: bool, choices: usize) -> Self {
+    pub fn new(syntax: Option<ToolSyntax>, choices: usize) -> Self {
         Self {
-            held: (0..choices).map(|_| active.then(String::new)).collect(),
+            syntax: syntax.unwrap_or(ToolSyntax::Hermes),
+            held: (0..choices)
+                .map(|_| syntax.is_some().then(String::new))
+                .collect(),
         }
     }
 
@@ -415,7 +454,7 @@ impl CallHold {
             return text.to_string();
         };
         buf.push_str(text);
-        if may_be_call(buf) {
+        if self.syntax.may_be_call(buf) {
             return String::new();
         }
         let out = std::mem::take(buf);
@@ -435,7 +474,11 @@ impl CallHold {
             return (trailing.to_string(), None);
         };
         buf.push_str(trailing);
-        match parse_calls(&buf).filter(|_| finish_reason == "stop") {
+        match self
+            .syntax
+            .parse_calls(&buf)
+            .filter(|_| finish_reason == "stop")
+        {
             Some(calls) => (String::new(), Some(calls)),
             None => (buf, None),
         }
@@ -542,23 +585,24 @@ mod tests {
 
     #[test]
     fn calls_round_trip_through_text() {
-        let mut content = String::new();
-        assistant_calls(
-            &mut content,
+        let calls = assistant_calls(
             &json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}},
                     {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]),
             "messages[1].tool_calls",
         )
         .unwrap();
-        let calls = parse_calls(&content).unwrap();
+        let history = vec![ChatMessage {
+            tool_calls: Some(calls),
+            ..ChatMessage::new("assistant", "")
+        }];
+        let (fallback, tools) = for_template(&history, None, None);
+        assert!(tools.is_none() && fallback[0].tool_calls.is_none());
+        let hermes = ToolSyntax::Hermes;
         assert_eq!(
-            calls,
+            hermes.parse_calls(&fallback[0].content).unwrap(),
             vec![("f".into(), "{\"a\":1}".into()), ("g".into(), "{}".into())]
         );
-        assert!(parse_calls("Hello").is_none());
-        assert!(parse_calls("<tool_call>\n{\"name\": \"f\", \"argu").is_none());
-        assert!(may_be_call("<tool") && may_be_call("<tool_call>\n{") && !may_be_call("Hi"));
-        let mut hold = CallHold::new(true, 2);
+        let mut hold = CallHold::new(Some(hermes), 2);
         assert_eq!(hold.push(0, "<tool_"), "");
         assert_eq!(hold.push(1, "<b"), "<b");
         assert_eq!(hold.push(1, "<tool_call>"), "<tool_call>");
@@ -571,7 +615,7 @@ mod tests {
             (text.as_str(), calls),
             ("", Some(vec![("f".into(), "{}".into())]))
         );
-        let mut hold = CallHold::new(true, 1);
+        let mut hold = CallHold::new(Some(hermes), 1);
         hold.push(
             0,
             "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>",
@@ -579,7 +623,6 @@ mod tests {
         let (text, calls) = hold.finish(0, "", "length");
         assert!(calls.is_none() && text.starts_with("<tool_call>"));
         let e = assistant_calls(
-            &mut String::new(),
             &json!([{"function": {"name": "f", "arguments": "{"}}]),
             "messages[1].tool_calls",
         )
@@ -588,5 +631,46 @@ mod tests {
             e.param.as_deref(),
             Some("messages[1].tool_calls[0].function.arguments")
         );
+    }
+
+    #[test]
+    fn native_templates_get_structured_history_and_mistral_ids() {
+        let calls = assistant_calls(
+            &json!([{"id": "call_abcdefghijklmnop", "type": "function",
+                     "function": {"name": "f", "arguments": "{\"a\": 1}"}}]),
+            "m",
+        )
+        .unwrap();
+        let history = vec![
+            ChatMessage {
+                tool_calls: Some(calls),
+                ..ChatMessage::new("assistant", "")
+            },
+            ChatMessage {
+                tool_call_id: Some("call_abcdefghijklmnop".into()),
+                ..ChatMessage::new("tool", "sunny")
+            },
+        ];
+        let t = parse(json!({"tools": [weather()]}).as_object().unwrap())
+            .unwrap()
+            .unwrap();
+        let (out, tools) = for_template(&history, Some(&t), Some(ToolSyntax::Mistral));
+        assert_eq!(tools.unwrap().len(), 1);
+        let id = out[0].tool_calls.as_ref().unwrap()[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(id.len(), 9);
+        assert_eq!(out[1].tool_call_id.as_deref(), Some(id.as_str()));
+        assert_eq!(
+            out[0].tool_calls.as_ref().unwrap()[0]["function"]["arguments"],
+            json!({"a": 1})
+        );
+        let (out, _) = for_template(&history, Some(&t), Some(ToolSyntax::Hermes));
+        assert_eq!(
+            out[1].tool_call_id.as_deref(),
+            Some("call_abcdefghijklmnop")
+        );
+        assert_eq!(out.len(), 2, "no preamble for a native template");
     }
 }

@@ -26,7 +26,7 @@ use crate::openai::render::{
     chat_logprobs, completion_logprobs, usage, Collected, Header, TokenLogprob,
 };
 use crate::openai::request::{self, Job};
-use crate::openai::tools;
+use crate::openai::{reasoning, tools};
 use crate::openai::{OaiError, OaiResult};
 use crate::record::new_id;
 use crate::AppState;
@@ -188,9 +188,16 @@ async fn collect(ctx: &Ctx, mut running: Running) -> OaiResult<Value> {
             Piece::Failed(e) => return Err(OaiError::internal(e)),
         }
     }
-    if ctx.kind == Kind::Chat && ctx.job.tools.is_some() {
+    if ctx.kind == Kind::Chat && running.thinks {
+        for c in out.iter_mut() {
+            let (reasoning, rest) = reasoning::split(&c.text);
+            c.reasoning = reasoning;
+            c.text = rest;
+        }
+    }
+    if let (Kind::Chat, Some(syntax)) = (ctx.kind, running.tool_syntax) {
         for c in out.iter_mut().filter(|c| c.finish_reason == Some("stop")) {
-            if let Some(calls) = tools::parse_calls(&c.text) {
+            if let Some(calls) = syntax.parse_calls(&c.text) {
                 c.tool_calls = Some(tools::render_calls(&calls, false));
                 c.finish_reason = Some("tool_calls");
             }
@@ -219,7 +226,9 @@ fn stream(ctx: Ctx, mut running: Running, span: tracing::Span) -> Response {
         let h = ctx.header();
         let include_usage = ctx.job.include_usage;
         let mut lp = StreamLogprobs::new(ctx.job.logprobs.is_some(), ctx.choices());
-        let mut hold = tools::CallHold::new(ctx.job.tools.is_some(), ctx.choices());
+        let mut hold = tools::CallHold::new(running.tool_syntax, ctx.choices());
+        let mut think =
+            reasoning::ReasoningSplit::new(ctx.kind == Kind::Chat && running.thinks, ctx.choices());
         let chunk = |i: usize, text: &str, finish: Option<&str>, logprobs: Value| match ctx.kind {
             Kind::Chat => {
                 h.chat_chunk(i, json!({"content": text}), logprobs, finish, include_usage)
@@ -258,8 +267,24 @@ fn stream(ctx: Ctx, mut running: Running, span: tracing::Span) -> Response {
                 Piece::Text { text, logprobs, .. } => {
                     completion_tokens += 1;
                     lp.pending[i].extend(logprobs);
-                    let text = hold.push(i, &text);
-                    text.is_empty() || send(chunk(i, &text, None, lp.take(ctx.kind, i))).await
+                    let (thought, text) = think.push(i, &text);
+                    let thought_sent = thought.is_empty()
+                        || send(h.chat_chunk(
+                            i,
+                            json!({"reasoning_content": thought}),
+                            Value::Null,
+                            None,
+                            include_usage,
+                        ))
+                        .await;
+                    let text = if text.is_empty() {
+                        text
+                    } else {
+                        hold.push(i, &text)
+                    };
+                    thought_sent
+                        && (text.is_empty()
+                            || send(chunk(i, &text, None, lp.take(ctx.kind, i))).await)
                 }
                 Piece::Done {
                     finish_reason,
@@ -268,7 +293,22 @@ fn stream(ctx: Ctx, mut running: Running, span: tracing::Span) -> Response {
                     // Held-back text (or the calls) and its tokens' log-probs first,
                     // then the finish.
                     Kind::Chat => {
-                        let (text, calls) = hold.finish(i, &trailing, finish_reason);
+                        let (thought, held) = think.push(i, &trailing);
+                        let (thought_end, held_end) = think.finish(i);
+                        let thought = thought + &thought_end;
+                        if !thought.is_empty()
+                            && !send(h.chat_chunk(
+                                i,
+                                json!({"reasoning_content": thought}),
+                                Value::Null,
+                                None,
+                                include_usage,
+                            ))
+                            .await
+                        {
+                            return;
+                        }
+                        let (text, calls) = hold.finish(i, &(held + &held_end), finish_reason);
                         let (sent, finish) = match calls {
                             Some(calls) => {
                                 let delta =

@@ -78,7 +78,7 @@ pub fn flush(x: f32) -> f32 {
 /// `e^d` for `d <= 0`; 0 below -87 (where the result would leave the normal range) and
 /// for NaN. Cody–Waite reduction by ln 2 and a degree-6 Taylor polynomial: within 2 ulp.
 pub fn exp_neg(d: f32) -> f32 {
-    if !(d >= -87.0) {
+    if d.is_nan() || d < -87.0 {
         return 0.0;
     }
     let k = (d * std::f32::consts::LOG2_E + 0.5).floor();

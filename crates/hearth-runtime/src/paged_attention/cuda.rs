@@ -18,27 +18,19 @@ use super::AttentionMetadata;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 
-/// The metadata on the device, made once per step.
+/// The metadata on the device, made once per step: every part in one allocation,
+/// uploaded with one copy (each part starts on a 16-byte boundary).
 pub(super) struct DeviceMeta {
-    token_seq: CudaSlice<u32>,
-    query_start: CudaSlice<u32>,
-    seq_lens: CudaSlice<u32>,
-    block_tables: CudaSlice<u32>,
-    decode_rows: CudaSlice<u32>,
-    prefill_rows: CudaSlice<u32>,
+    all: CudaSlice<u32>,
+    parts: Vec<(Buffer, std::ops::Range<usize>)>,
 }
 
 impl DeviceMeta {
-    fn get(&self, b: Buffer) -> Option<&CudaSlice<u32>> {
-        match b {
-            Buffer::TokenSeq => Some(&self.token_seq),
-            Buffer::QueryStart => Some(&self.query_start),
-            Buffer::SeqLens => Some(&self.seq_lens),
-            Buffer::BlockTables => Some(&self.block_tables),
-            Buffer::DecodeRows => Some(&self.decode_rows),
-            Buffer::PrefillRows => Some(&self.prefill_rows),
-            _ => None,
-        }
+    fn views(&self) -> Vec<(Buffer, CudaView<'_, u32>)> {
+        self.parts
+            .iter()
+            .map(|(b, r)| (*b, self.all.slice(r.clone())))
+            .collect()
     }
 }
 
@@ -63,13 +55,24 @@ fn device_meta(meta: &AttentionMetadata, dev: &CudaDevice) -> Result<Arc<DeviceM
         return Ok(m.clone());
     }
     let host = HostMeta::new(meta);
+    let mut packed: Vec<u32> = Vec::new();
+    let mut parts = Vec::new();
+    for b in [
+        Buffer::TokenSeq,
+        Buffer::QueryStart,
+        Buffer::SeqLens,
+        Buffer::BlockTables,
+        Buffer::DecodeRows,
+        Buffer::PrefillRows,
+    ] {
+        let at = packed.len();
+        packed.extend_from_slice(host.get(b).unwrap_or(&[0]));
+        parts.push((b, at..packed.len()));
+        packed.resize(packed.len().next_multiple_of(4), 0);
+    }
     let m = Arc::new(DeviceMeta {
-        token_seq: dev.clone_htod(&host.token_seq)?,
-        query_start: dev.clone_htod(&host.query_start)?,
-        seq_lens: dev.clone_htod(&host.seq_lens)?,
-        block_tables: dev.clone_htod(&host.block_tables)?,
-        decode_rows: dev.clone_htod(&host.decode_rows)?,
-        prefill_rows: dev.clone_htod(&host.prefill_rows)?,
+        all: dev.clone_htod(&packed)?,
+        parts,
     });
     Ok(meta.device.0.get_or_init(|| m).clone())
 }
@@ -115,6 +118,7 @@ pub(super) fn forward(
             // SAFETY: every row is written by one of the kernels (prefill rows by the
             // per-token kernel, decode rows by the combine).
             let out: CudaSlice<$ty> = unsafe { dev.alloc::<$ty>(s.tokens * s.heads * s.head_dim)? };
+            let meta_views = dm.views();
             for l in &plan.launches {
                 let func = dev.get_or_load_custom_func(&l.kernel, "hearth_paged_attention", PTX)?;
                 let cfg = LaunchConfig {
@@ -133,8 +137,8 @@ pub(super) fn forward(
                         Arg::Buffer(Buffer::VCache) => b.arg(&v),
                         Arg::Buffer(Buffer::Out) => b.arg(&out),
                         Arg::Buffer(m) => {
-                            if let Some(slice) = dm.get(*m) {
-                                b.arg(slice)
+                            if let Some((_, view)) = meta_views.iter().find(|(x, _)| x == m) {
+                                b.arg(view)
                             } else if let Some((_, slice)) = scratch.iter().find(|(x, _)| x == m) {
                                 b.arg(slice)
                             } else {

@@ -19,13 +19,52 @@ use super::AttentionMetadata;
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 
 /// The metadata on the device, made once per step: every part in one allocation,
-/// uploaded with one copy (each part starts on a 16-byte boundary).
+/// uploaded with one copy (each part starts on a 16-byte boundary). It also keeps the
+/// step's launch plans, so that the check of the metadata against the cache and the
+/// planning (kernel names included) run once per step, not once per layer.
 pub(super) struct DeviceMeta {
     all: CudaSlice<u32>,
     parts: Vec<(Buffer, std::ops::Range<usize>)>,
+    plans: std::sync::Mutex<Vec<(PlanKey, Arc<launch::Plan>)>>,
 }
 
+/// What a plan depends on besides the step's metadata.
+type PlanKey = ([usize; 6], DType, u32);
+
 impl DeviceMeta {
+    /// The validated plan for these shapes, made by the first layer that asks.
+    fn plan(
+        &self,
+        meta: &AttentionMetadata,
+        s: &launch::Shapes,
+        dtype: DType,
+        scale: f32,
+    ) -> Result<Arc<launch::Plan>> {
+        let key: PlanKey = (
+            [
+                s.tokens,
+                s.heads,
+                s.kv_heads,
+                s.head_dim,
+                s.num_blocks,
+                s.block_size,
+            ],
+            dtype,
+            scale.to_bits(),
+        );
+        let mut plans = self
+            .plans
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("paged attention: plan cache poisoned".into()))?;
+        if let Some((_, p)) = plans.iter().find(|(k, _)| *k == key) {
+            return Ok(p.clone());
+        }
+        meta.validate(s.tokens, s.num_blocks, s.block_size)?;
+        let p = Arc::new(launch::plan(meta, s, dtype, scale)?);
+        plans.push((key, p.clone()));
+        Ok(p)
+    }
+
     fn views(&self) -> Vec<(Buffer, CudaView<'_, u32>)> {
         self.parts
             .iter()
@@ -73,6 +112,7 @@ fn device_meta(meta: &AttentionMetadata, dev: &CudaDevice) -> Result<Arc<DeviceM
     let m = Arc::new(DeviceMeta {
         all: dev.clone_htod(&packed)?,
         parts,
+        plans: std::sync::Mutex::new(Vec::new()),
     });
     Ok(meta.device.0.get_or_init(|| m).clone())
 }
@@ -89,15 +129,15 @@ pub(super) fn forward(
     vl: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     let s = launch::shapes(ql, kl, vl)?;
-    meta.validate(s.tokens, s.num_blocks, s.block_size)?;
     let dev = qs.device().clone();
     let shape = Shape::from((s.tokens, s.heads, s.head_dim));
     if s.tokens == 0 {
+        meta.validate(s.tokens, s.num_blocks, s.block_size)?;
         return Ok((qs.try_clone(ql)?, shape));
     }
     let dtype = qs.dtype();
-    let plan = launch::plan(meta, &s, dtype, scale)?;
     let dm = device_meta(meta, &dev)?;
+    let plan = dm.plan(meta, &s, dtype, scale)?;
     // The split-key kernel reads key and value rows with 16-byte loads.
     for (what, l) in [("k", kl), ("v", vl)] {
         if (l.start_offset() * dtype.size_in_bytes()) % 16 != 0 {

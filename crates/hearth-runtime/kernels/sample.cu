@@ -266,13 +266,19 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
             floor_key = prefix;
         }
         // Top-p: bisection over e's bits for the largest floor whose mass reaches the
-        // target; each mass summed in the fixed order.
+        // target; each mass summed in the fixed order. Tokens top-k dropped get e = 0
+        // first, so that the passes read e alone (a zero changes no sum, and no floor
+        // the bisection tries is 0).
         unsigned floor_bits = 0;
         if (flags & FLAG_TOP_P) {
             float part = 0.0f;
             for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
                 float s = a[i];
-                if (s_finite(s) && s_key(s) >= floor_key) part = __fadd_rn(part, e[i]);
+                if (s_finite(s) && s_key(s) >= floor_key) {
+                    part = __fadd_rn(part, e[i]);
+                } else {
+                    e[i] = 0.0f;
+                }
             }
             const float total = s_block_sum(part, red_f);
             const float target = s_flush(__fmul_rn(__uint_as_float(h[3]), total));
@@ -281,9 +287,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
                 unsigned mid = lo + (hi - lo) / 2;
                 float p = 0.0f;
                 for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
-                    float s = a[i];
-                    if (s_finite(s) && s_key(s) >= floor_key && __float_as_uint(e[i]) >= mid)
-                        p = __fadd_rn(p, e[i]);
+                    float ei = e[i];
+                    if (__float_as_uint(ei) >= mid) p = __fadd_rn(p, ei);
                 }
                 if (s_block_sum(p, red_f) >= target) {
                     lo = mid;

@@ -57,6 +57,28 @@ GAP_EAGER, GAP_GRAPH = 5.0e-6, 1.0e-6
 DRAM_LATENCY = 0.7e-6
 # A host-to-device copy of a few KiB: ~5 us from pageable memory, ~2.5 us pinned.
 H2D_PAGEABLE, H2D_PINNED = 5.0e-6, 2.5e-6
+# The sampling kernel as built (kernels/sample.cu): one 256-thread block per row, every
+# stage a pass over the row's f32 logits or scratch. Bytes per vocabulary entry: load and
+# mask 8, argmax 4, scale and e 12, Gumbel draw 8 (32 for temperature/top-k/min-p); top-p
+# adds its total (8) and a 30-step bisection over e (120): 160. Replicate's defaults
+# (temperature 0.6, top_p 0.9) take the top-p path.
+SAMPLE_BYTES_PER_TOKEN = 160
+# ASSUMPTION: one block streams its row from L2 at ~100 GB/s (an SM's L2 bandwidth,
+# ~64 B/clk at ~1.7 GHz); the scratch (12 bytes per entry) stays in L2 (50 MB) up to ~32
+# rows, past that the passes go to HBM.
+SAMPLE_BLOCK_BW, L2_BYTES = 100e9, 50e6
+
+
+def sampling_kernel(b, gap, gpu):
+    """The sampling kernel plus its one upload and one small copy back."""
+    per_row = VOCAB * SAMPLE_BYTES_PER_TOKEN
+    t = math.ceil(b / gpu["sms"]) * per_row / SAMPLE_BLOCK_BW
+    if b * VOCAB * 12 > L2_BYTES:
+        t = max(t, b * per_row / (BW_EFF * gpu["bw"]))
+    k = kernel("sampling kernel (top-p) + ids to host", b * VOCAB * 4, 0, gap, gpu=gpu,
+               floor=KERNEL_FLOOR + 2 * H2D_PINNED, count=2)
+    k["time"] = max(k["time"], 2 * gap + 2 * H2D_PINNED + t)
+    return k
 
 
 def kernel(name, bytes_, flops, gap, in_flight=None, gpu=None, floor=KERNEL_FLOOR, count=1):
@@ -133,7 +155,7 @@ def step(design, b, ctx, gpu):
     if design == "today":
         ks.append(kernel("greedy argmax + ids to host", b * VOCAB * 4, 0, gap, gpu=gpu, floor=KERNEL_FLOOR + H2D_PAGEABLE))
     else:
-        ks.append(kernel("device sampling + ids to host", b * VOCAB * 4, 0, gap, gpu=gpu, floor=KERNEL_FLOOR + H2D_PINNED, count=2))
+        ks.append(sampling_kernel(b, gap, gpu))
     return ks
 
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel sources, each one translation unit for nvcc and the emulator.
-const KERNELS: &[&str] = &["paged_attention", "rope_cache"];
+const KERNELS: &[&str] = &["paged_attention", "rope_cache", "sample"];
 /// Sources for the emulator alone (kernels/emu/): kernels that test the emulator.
 const EMULATOR_ONLY: &[&str] = &["emu/selftest"];
 
@@ -30,6 +30,13 @@ const MUTANTS: &[(&str, &str, &str, &str)] = &[
         "combine_drops_partition",
         "combine_parts = (keys + partition_keys - 1) / partition_keys",
         "combine_parts = keys / partition_keys",
+    ),
+    ("sample", "no_syncthreads", "__syncthreads();", ";"),
+    (
+        "sample",
+        "gumbel_bound_too_low",
+        "#define GUMBEL_BOUND 17.0f",
+        "#define GUMBEL_BOUND 2.0f",
     ),
 ];
 

@@ -26,6 +26,10 @@ pub enum Source {
     NoSyncthreads,
     /// The split-key combine drops a decode row's last, partial partition.
     CombineDropsPartition,
+    /// The sampling kernel with every `__syncthreads()` removed.
+    SampleNoSyncthreads,
+    /// The sampling kernel skipping tokens whose Gumbel noise could still win.
+    SampleGumbelBoundTooLow,
 }
 
 /// The order in which blocks, the warps of a block (between two barriers) and the lanes
@@ -94,6 +98,9 @@ extern "C" {
     fn hearth_emu_kernels_paged_attention_no_syncthreads(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_paged_attention_combine_drops_partition(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_rope_cache_original(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_sample_original(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_sample_no_syncthreads(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_sample_gumbel_bound_too_low(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_selftest_original(i: usize) -> *const KernelEntry;
 }
 
@@ -106,6 +113,7 @@ fn tables(source: Source) -> &'static [Table] {
         Source::Original => &[
             hearth_emu_kernels_paged_attention_original,
             hearth_emu_kernels_rope_cache_original,
+            hearth_emu_kernels_sample_original,
             hearth_emu_kernels_selftest_original,
         ],
         Source::BlockTableOffByOne => &[hearth_emu_kernels_paged_attention_block_table_off_by_one],
@@ -113,6 +121,8 @@ fn tables(source: Source) -> &'static [Table] {
         Source::CombineDropsPartition => {
             &[hearth_emu_kernels_paged_attention_combine_drops_partition]
         }
+        Source::SampleNoSyncthreads => &[hearth_emu_kernels_sample_no_syncthreads],
+        Source::SampleGumbelBoundTooLow => &[hearth_emu_kernels_sample_gumbel_bound_too_low],
     }
 }
 

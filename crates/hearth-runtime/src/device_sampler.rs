@@ -3,34 +3,33 @@
 //! a draw) and, when a request asks, the token's log-prob and the top-N alternatives;
 //! only those few numbers come back to the engine, never the logits.
 //!
-//! Selection is partial: top-k keeps a k-sized set while scanning; top-p and min-p
-//! without top-k sort only a growing head of the distribution until the cut is
-//! known; plain temperature draws in vocabulary order. The math of each stage is the
-//! host sampler's (sampler.rs), so a seed gives the same token wherever the candidate
-//! set and its order are the same (greedy, top-k, small nuclei), and the same
-//! distribution otherwise.
+//! The draw is seeded_draw.rs's (Philox-keyed Gumbel-max, fixed-order sums, our own
+//! exp and ln), which kernels/sample.cu makes the same way: a seeded request gets the
+//! same tokens on the CPU and on a GPU for the same logits.
 //!
-//! CPU: rows in parallel on the barrier pool. CUDA: greedy rows without penalties or
-//! log-probs are an argmax on the device and only the ids are copied; other rows are
-//! copied to the host and sampled there until a CUDA kernel for this op exists.
+//! CPU: rows in parallel on the barrier pool. CUDA: greedy rows without penalties,
+//! masks or log-probs are an argmax on the device; every other step runs the sampling
+//! kernel (sample_kernel.rs): one upload of the rows' parameters, one small copy back.
 
 use std::collections::{HashMap, HashSet};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 use crate::request::TokenLogprobs;
 use crate::sampler::SamplingParams;
+use crate::seeded_draw::{self, flush, DrawParams};
 use crate::threads;
 
 /// Most alternatives a request may ask for (OpenAI's `top_logprobs` limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
-/// One request's sampling state across steps: its random generator and the token
-/// counts the penalties need.
+/// One request's sampling state across steps: its seed (drawn at random when the
+/// request gives none), the token counts the penalties need, and how many tokens it
+/// has drawn (the position its next draw is keyed by).
 pub struct SamplerState {
     pub params: SamplingParams,
-    rng: rand::rngs::StdRng,
+    seed: u64,
     output_counts: HashMap<u32, u32>,
     seen: HashSet<u32>,
     generated: usize,
@@ -38,10 +37,7 @@ pub struct SamplerState {
 
 impl SamplerState {
     pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
-        let rng = match params.seed {
-            Some(s) => rand::rngs::StdRng::seed_from_u64(s),
-            None => rand::rngs::StdRng::from_os_rng(),
-        };
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
         let seen = if params.repetition_penalty != 1.0 {
             prompt.iter().copied().collect()
         } else {
@@ -49,29 +45,20 @@ impl SamplerState {
         };
         Self {
             params,
-            rng,
+            seed,
             output_counts: HashMap::new(),
             seen,
             generated: 0,
         }
     }
 
-    fn is_greedy(&self) -> bool {
-        self.params.temperature <= 1e-5
-    }
-
-    /// What the op needs for this step's row; draws the step's random number (only
-    /// when sampling, as the host sampler does, so both consume the same stream).
+    /// What the op needs for this step's row.
     pub fn row<'a>(&'a mut self, eos_ids: &'a [u32]) -> RowSampling<'a> {
-        let uniform = if self.is_greedy() {
-            0.0
-        } else {
-            self.rng.random::<f32>()
-        };
         let p = &self.params;
         RowSampling {
             params: p,
-            uniform,
+            seed: self.seed,
+            position: self.generated as u64,
             seen: (p.repetition_penalty != 1.0).then_some(&self.seen),
             output_counts: (p.presence_penalty != 0.0 || p.frequency_penalty != 0.0)
                 .then_some(&self.output_counts),
@@ -100,8 +87,10 @@ impl SamplerState {
 /// One row's sampling inputs for one step.
 pub struct RowSampling<'a> {
     pub params: &'a SamplingParams,
-    /// The step's draw in [0, 1) (unused when greedy).
-    pub uniform: f32,
+    /// The request's seed and the output position of this draw: its Philox key and
+    /// counter (seeded_draw.rs).
+    pub seed: u64,
+    pub position: u64,
     pub seen: Option<&'a HashSet<u32>>,
     pub output_counts: Option<&'a HashMap<u32, u32>>,
     /// Masked for this step (EOS while under `min_tokens`).
@@ -112,11 +101,12 @@ pub struct RowSampling<'a> {
 }
 
 impl RowSampling<'_> {
-    fn top_n(&self) -> Option<usize> {
+    pub(crate) fn top_n(&self) -> Option<usize> {
         self.params.logprobs.map(|n| n.min(MAX_TOP_LOGPROBS))
     }
 
-    fn needs_host_row(&self) -> bool {
+    /// Whether the row needs more than a plain argmax.
+    pub(crate) fn needs_sampling_kernel(&self) -> bool {
         self.params.temperature > 1e-5
             || self.seen.is_some()
             || self.output_counts.is_some()
@@ -142,7 +132,7 @@ pub fn sample_rows(logits: &Tensor, rows: &[RowSampling]) -> Result<Vec<Sampled>
         return Ok(Vec::new());
     }
     if !logits.device().is_cpu() {
-        if rows.iter().all(|r| !r.needs_host_row()) {
+        if rows.iter().all(|r| !r.needs_sampling_kernel()) {
             let ids = logits.argmax_keepdim(1)?.flatten_all()?.to_vec1::<u32>()?;
             return Ok(ids
                 .into_iter()
@@ -152,15 +142,27 @@ pub fn sample_rows(logits: &Tensor, rows: &[RowSampling]) -> Result<Vec<Sampled>
                 })
                 .collect());
         }
+        #[cfg(feature = "cuda")]
+        if logits.device().is_cuda() {
+            return Ok(unpack(
+                &crate::sample_kernel::sample_cuda(logits, rows)?,
+                rows,
+            ));
+        }
         return sample_rows(&logits.to_device(&Device::Cpu)?, rows);
     }
-    let width = 2 + 2 * rows.iter().filter_map(|r| r.top_n()).max().unwrap_or(0);
+    let width = crate::sample_kernel::out_width(rows);
     let packed = logits
         .to_dtype(DType::F32)?
         .contiguous()?
         .apply_op1_no_bwd(&SampleOp { rows, width })?
         .to_vec2::<u32>()?;
-    Ok(packed
+    Ok(unpack(&packed, rows))
+}
+
+/// Rows of the packed output (see `SampleOp`) as tokens and log-probs.
+fn unpack(packed: &[Vec<u32>], rows: &[RowSampling]) -> Vec<Sampled> {
+    packed
         .iter()
         .zip(rows)
         .map(|(p, r)| Sampled {
@@ -172,7 +174,7 @@ pub fn sample_rows(logits: &Tensor, rows: &[RowSampling]) -> Result<Vec<Sampled>
                     .collect(),
             }),
         })
-        .collect())
+        .collect()
 }
 
 /// Output row: `[token, logprob bits, (alt token, alt logprob bits) × N]`.
@@ -213,66 +215,88 @@ impl CustomOp1 for SampleOp<'_, '_> {
     }
 }
 
-fn sample_one(raw: &[f32], r: &RowSampling) -> Vec<u32> {
+/// One row, as the kernel does it: the constraint's mask, then penalties and bans on a
+/// flushed copy, then argmax or the seeded draw; log-probs from the masked row.
+pub(crate) fn sample_one(x: &[f32], r: &RowSampling) -> Vec<u32> {
     let p = r.params;
     // A constraint's mask comes first: log-probs are then the masked distribution's.
-    let masked;
-    let raw: &[f32] = match r.allowed {
-        Some(mask) => {
-            masked = crate::constraint::apply_mask(raw, mask);
-            &masked
-        }
-        None => raw,
+    let raw: Vec<f32> = match r.allowed {
+        Some(mask) => crate::constraint::apply_mask(x, mask)
+            .into_iter()
+            .map(flush)
+            .collect(),
+        None => x.iter().map(|&v| flush(v)).collect(),
     };
-    // Penalties and bans change a few entries: only then is the row copied.
-    let adjusted;
-    let row: &[f32] = if r.seen.is_some() || r.output_counts.is_some() || !r.banned.is_empty() {
-        let mut x = raw.to_vec();
-        if let Some(seen) = r.seen {
-            for &t in seen {
-                if let Some(l) = x.get_mut(t as usize) {
-                    *l = if *l > 0.0 {
-                        *l / p.repetition_penalty
-                    } else {
-                        *l * p.repetition_penalty
-                    };
-                }
-            }
+    let mut row = raw.clone();
+    for (t, seen, count) in penalty_entries(r) {
+        let Some(l) = row.get_mut(t as usize) else {
+            continue;
+        };
+        if seen {
+            *l = flush(if *l > 0.0 {
+                *l / p.repetition_penalty
+            } else {
+                *l * p.repetition_penalty
+            });
         }
-        if let Some(counts) = r.output_counts {
-            for (&t, &c) in counts {
-                if let Some(l) = x.get_mut(t as usize) {
-                    *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
-                }
-            }
+        if count > 0 {
+            *l = flush(*l - (p.frequency_penalty * count as f32 + p.presence_penalty));
         }
-        for &b in r.banned {
-            if let Some(l) = x.get_mut(b as usize) {
-                *l = f32::NEG_INFINITY;
-            }
+    }
+    for &b in r.banned {
+        if let Some(l) = row.get_mut(b as usize) {
+            *l = f32::NEG_INFINITY;
         }
-        adjusted = x;
-        &adjusted
-    } else {
-        raw
-    };
+    }
     let token = if p.temperature <= 1e-5 {
-        argmax(row)
+        argmax(&row)
     } else {
-        sample_random(row, p, r.uniform)
+        seeded_draw::draw(&row, &draw_params(r))
     };
     let mut out = vec![token, 0];
     if let Some(n) = r.top_n() {
         // Log-probs of the model's own distribution (before penalties and temperature),
         // as vLLM and OpenAI report them.
-        let lse = log_sum_exp(raw);
-        out[1] = (raw[token as usize] - lse).to_bits();
-        for (id, l) in top_n(raw, n) {
+        let norm = seeded_draw::log_norm(&raw);
+        out[1] = seeded_draw::log_prob(raw[token as usize], norm).to_bits();
+        for (id, l) in top_n(&raw, n) {
             out.push(id);
-            out.push((l - lse).to_bits());
+            out.push(seeded_draw::log_prob(l, norm).to_bits());
         }
     }
     out
+}
+
+/// The draw's parameters, flushed as the kernel sees them.
+pub(crate) fn draw_params(r: &RowSampling) -> DrawParams {
+    let p = r.params;
+    DrawParams {
+        temperature: flush(p.temperature),
+        top_k: p.top_k,
+        top_p: flush(p.top_p),
+        min_p: flush(p.min_p),
+        seed: r.seed,
+        position: r.position,
+    }
+}
+
+/// The row's penalised tokens, each once, ascending: (token, seen by the repetition
+/// penalty, output count for the presence/frequency penalties).
+pub(crate) fn penalty_entries(r: &RowSampling) -> Vec<(u32, bool, u32)> {
+    let mut e: HashMap<u32, (bool, u32)> = HashMap::new();
+    if let Some(seen) = r.seen {
+        for &t in seen {
+            e.entry(t).or_default().0 = true;
+        }
+    }
+    if let Some(counts) = r.output_counts {
+        for (&t, &c) in counts {
+            e.entry(t).or_default().1 = c;
+        }
+    }
+    let mut v: Vec<(u32, bool, u32)> = e.into_iter().map(|(t, (s, c))| (t, s, c)).collect();
+    v.sort_unstable_by_key(|x| x.0);
+    v
 }
 
 /// Index of the largest value; the first one on ties.
@@ -288,14 +312,6 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-fn log_sum_exp(v: &[f32]) -> f32 {
-    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    if !m.is_finite() {
-        return m;
-    }
-    m + v.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
-}
-
 /// Highest first, lower id first on ties: the host sampler's candidate order.
 fn by_value(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
@@ -303,7 +319,7 @@ fn by_value(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
 
 /// The `n` largest finite entries, sorted, without sorting the row: a bounded set
 /// refilled by a threshold scan.
-fn top_n(v: &[f32], n: usize) -> Vec<(u32, f32)> {
+pub(crate) fn top_n(v: &[f32], n: usize) -> Vec<(u32, f32)> {
     // The engine refuses a top_k above the vocabulary; this keeps the reservation
     // bounded by the row whoever calls it.
     let n = n.min(v.len());
@@ -325,113 +341,6 @@ fn top_n(v: &[f32], n: usize) -> Vec<(u32, f32)> {
     best.sort_unstable_by(by_value);
     best.truncate(n);
     best
-}
-
-/// Temperature, top-k, top-p, min-p, then a draw with `u` in [0, 1).
-fn sample_random(row: &[f32], p: &SamplingParams, u: f32) -> u32 {
-    let t = p.temperature;
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return argmax(row);
-    }
-    let max_t = max / t;
-    let cand: Vec<(u32, f32)>;
-    let sum: f32;
-    if p.top_k > 0 {
-        cand = top_n(row, p.top_k)
-            .into_iter()
-            .map(|(i, l)| (i, l / t))
-            .collect();
-        sum = cand.iter().map(|c| (c.1 - max_t).exp()).sum();
-    } else if p.top_p < 1.0 || p.min_p > 0.0 {
-        sum = row
-            .iter()
-            .filter(|l| l.is_finite())
-            .map(|l| (l / t - max_t).exp())
-            .sum();
-        cand = nucleus_head(row, p, max_t, sum);
-    } else {
-        // Plain temperature: an inverse-CDF draw in vocabulary order, no sort at all.
-        let weights = row.iter().map(|l| {
-            if l.is_finite() {
-                (l / t - max_t).exp()
-            } else {
-                0.0
-            }
-        });
-        let total: f32 = weights.clone().sum();
-        let mut r = u * total;
-        let mut last = 0;
-        for (i, w) in weights.enumerate() {
-            if w > 0.0 {
-                last = i;
-                r -= w;
-                if r <= 0.0 {
-                    return i as u32;
-                }
-            }
-        }
-        return last as u32;
-    }
-    pick(&cand, sum, p, u)
-}
-
-/// The head of the sorted distribution that surely holds every token top-p and
-/// min-p keep: sort the best 64, then 256, ... until a cut falls inside.
-fn nucleus_head(row: &[f32], p: &SamplingParams, max_t: f32, sum: f32) -> Vec<(u32, f32)> {
-    let t = p.temperature;
-    let finite = row.iter().filter(|l| l.is_finite()).count();
-    let mut k = 64.min(finite);
-    loop {
-        let head: Vec<(u32, f32)> = top_n(row, k).into_iter().map(|(i, l)| (i, l / t)).collect();
-        if k >= finite {
-            return head;
-        }
-        let mut cum = 0f32;
-        let floor = p.min_p; // relative to the top token's probability (1/sum · sum)
-        for &(_, l) in &head {
-            let e = (l - max_t).exp();
-            cum += e / sum;
-            if (p.top_p < 1.0 && cum >= p.top_p) || (p.min_p > 0.0 && e < floor) {
-                return head;
-            }
-        }
-        k = (k * 4).min(finite);
-    }
-}
-
-/// The host sampler's tail: probabilities over the sorted candidates, the top-p and
-/// min-p cuts, and the draw.
-fn pick(cand: &[(u32, f32)], sum: f32, p: &SamplingParams, u: f32) -> u32 {
-    if cand.is_empty() {
-        return 0;
-    }
-    let max = cand[0].1;
-    let probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp() / sum).collect();
-    let mut keep = probs.len();
-    if p.top_p < 1.0 {
-        let mut cum = 0.0;
-        for (i, &pr) in probs.iter().enumerate() {
-            cum += pr;
-            if cum >= p.top_p {
-                keep = i + 1;
-                break;
-            }
-        }
-    }
-    if p.min_p > 0.0 {
-        let floor = p.min_p * probs[0];
-        keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
-    }
-    let total: f32 = probs[..keep].iter().sum();
-    let mut r = u * total;
-    for i in 0..keep {
-        r -= probs[i];
-        if r <= 0.0 {
-            return cand[i].0;
-        }
-    }
-    cand[keep - 1].0
 }
 
 #[cfg(test)]

@@ -2,10 +2,11 @@
 //! top-p and min-p over one row of logits copied to the host, each a stage that can be
 //! switched off on its own. The engine samples with the op in device_sampler.rs, which
 //! follows the same math without the row leaving the device; this one stays as its
-//! reference. Each request owns its random generator, so a seed gives the same tokens
-//! whatever else shares the batch.
+//! reference. The draw is seeded_draw.rs's, keyed by the request's seed and the
+//! token's output position (Philox), so a seed gives the same tokens whatever else
+//! shares the batch, and the same as the CUDA sampling kernel for the same logits.
 
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use std::collections::HashMap;
 
 use crate::error::{Result, RuntimeError};
@@ -140,7 +141,7 @@ impl SamplingParams {
 /// One request's sampling state.
 pub struct Sampler {
     params: SamplingParams,
-    rng: rand::rngs::StdRng,
+    seed: u64,
     /// Counts of generated tokens, for presence/frequency penalties.
     output_counts: HashMap<u32, u32>,
     /// Tokens seen in prompt or output, for the repetition penalty.
@@ -150,10 +151,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
-        let rng = match params.seed {
-            Some(s) => rand::rngs::StdRng::seed_from_u64(s),
-            None => rand::rngs::StdRng::from_os_rng(),
-        };
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
         let seen = if params.repetition_penalty != 1.0 {
             prompt.iter().map(|&t| (t, ())).collect()
         } else {
@@ -161,7 +159,7 @@ impl Sampler {
         };
         Self {
             params,
-            rng,
+            seed,
             output_counts: HashMap::new(),
             seen,
             generated: 0,
@@ -222,53 +220,19 @@ impl Sampler {
         }
     }
 
-    fn sample_random(&mut self, logits: &[f32]) -> u32 {
+    fn sample_random(&self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        // Candidates sorted by logit, highest first, cut to top_k early so the rest of
-        // the pipeline touches k entries rather than the vocabulary.
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l / p.temperature))
-            .collect();
-        if cand.is_empty() {
-            return argmax(logits);
-        }
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && p.top_k < cand.len() {
-            cand.select_nth_unstable_by(p.top_k - 1, by_logit);
-            cand.truncate(p.top_k);
-        }
-        cand.sort_unstable_by(by_logit);
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= sum);
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut cum = 0.0;
-            for (i, &pr) in probs.iter().enumerate() {
-                cum += pr;
-                if cum >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        if p.min_p > 0.0 {
-            let floor = p.min_p * probs[0];
-            keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
-        }
-        let total: f32 = probs[..keep].iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for i in 0..keep {
-            r -= probs[i];
-            if r <= 0.0 {
-                return cand[i].0;
-            }
-        }
-        cand[keep - 1].0
+        crate::seeded_draw::draw(
+            logits,
+            &crate::seeded_draw::DrawParams {
+                temperature: p.temperature,
+                top_k: p.top_k,
+                top_p: p.top_p,
+                min_p: p.min_p,
+                seed: self.seed,
+                position: self.generated as u64,
+            },
+        )
     }
 }
 

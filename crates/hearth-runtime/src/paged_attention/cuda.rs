@@ -18,27 +18,58 @@ use super::AttentionMetadata;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 
-/// The metadata on the device, made once per step.
+/// The metadata on the device, made once per step: every part in one allocation,
+/// uploaded with one copy (each part starts on a 16-byte boundary). It also keeps the
+/// step's launch plans, so that the check of the metadata against the cache and the
+/// planning (kernel names included) run once per step, not once per layer.
 pub(super) struct DeviceMeta {
-    token_seq: CudaSlice<u32>,
-    query_start: CudaSlice<u32>,
-    seq_lens: CudaSlice<u32>,
-    block_tables: CudaSlice<u32>,
-    decode_rows: CudaSlice<u32>,
-    prefill_rows: CudaSlice<u32>,
+    all: CudaSlice<u32>,
+    parts: Vec<(Buffer, std::ops::Range<usize>)>,
+    plans: std::sync::Mutex<Vec<(PlanKey, Arc<launch::Plan>)>>,
 }
 
+/// What a plan depends on besides the step's metadata.
+type PlanKey = ([usize; 6], DType, u32);
+
 impl DeviceMeta {
-    fn get(&self, b: Buffer) -> Option<&CudaSlice<u32>> {
-        match b {
-            Buffer::TokenSeq => Some(&self.token_seq),
-            Buffer::QueryStart => Some(&self.query_start),
-            Buffer::SeqLens => Some(&self.seq_lens),
-            Buffer::BlockTables => Some(&self.block_tables),
-            Buffer::DecodeRows => Some(&self.decode_rows),
-            Buffer::PrefillRows => Some(&self.prefill_rows),
-            _ => None,
+    /// The validated plan for these shapes, made by the first layer that asks.
+    fn plan(
+        &self,
+        meta: &AttentionMetadata,
+        s: &launch::Shapes,
+        dtype: DType,
+        scale: f32,
+    ) -> Result<Arc<launch::Plan>> {
+        let key: PlanKey = (
+            [
+                s.tokens,
+                s.heads,
+                s.kv_heads,
+                s.head_dim,
+                s.num_blocks,
+                s.block_size,
+            ],
+            dtype,
+            scale.to_bits(),
+        );
+        let mut plans = self
+            .plans
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("paged attention: plan cache poisoned".into()))?;
+        if let Some((_, p)) = plans.iter().find(|(k, _)| *k == key) {
+            return Ok(p.clone());
         }
+        meta.validate(s.tokens, s.num_blocks, s.block_size)?;
+        let p = Arc::new(launch::plan(meta, s, dtype, scale)?);
+        plans.push((key, p.clone()));
+        Ok(p)
+    }
+
+    fn views(&self) -> Vec<(Buffer, CudaView<'_, u32>)> {
+        self.parts
+            .iter()
+            .map(|(b, r)| (*b, self.all.slice(r.clone())))
+            .collect()
     }
 }
 
@@ -63,13 +94,25 @@ fn device_meta(meta: &AttentionMetadata, dev: &CudaDevice) -> Result<Arc<DeviceM
         return Ok(m.clone());
     }
     let host = HostMeta::new(meta);
+    let mut packed: Vec<u32> = Vec::new();
+    let mut parts = Vec::new();
+    for b in [
+        Buffer::TokenSeq,
+        Buffer::QueryStart,
+        Buffer::SeqLens,
+        Buffer::BlockTables,
+        Buffer::DecodeRows,
+        Buffer::PrefillRows,
+    ] {
+        let at = packed.len();
+        packed.extend_from_slice(host.get(b).unwrap_or(&[0]));
+        parts.push((b, at..packed.len()));
+        packed.resize(packed.len().next_multiple_of(4), 0);
+    }
     let m = Arc::new(DeviceMeta {
-        token_seq: dev.clone_htod(&host.token_seq)?,
-        query_start: dev.clone_htod(&host.query_start)?,
-        seq_lens: dev.clone_htod(&host.seq_lens)?,
-        block_tables: dev.clone_htod(&host.block_tables)?,
-        decode_rows: dev.clone_htod(&host.decode_rows)?,
-        prefill_rows: dev.clone_htod(&host.prefill_rows)?,
+        all: dev.clone_htod(&packed)?,
+        parts,
+        plans: std::sync::Mutex::new(Vec::new()),
     });
     Ok(meta.device.0.get_or_init(|| m).clone())
 }
@@ -86,15 +129,15 @@ pub(super) fn forward(
     vl: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     let s = launch::shapes(ql, kl, vl)?;
-    meta.validate(s.tokens, s.num_blocks, s.block_size)?;
     let dev = qs.device().clone();
     let shape = Shape::from((s.tokens, s.heads, s.head_dim));
     if s.tokens == 0 {
+        meta.validate(s.tokens, s.num_blocks, s.block_size)?;
         return Ok((qs.try_clone(ql)?, shape));
     }
     let dtype = qs.dtype();
-    let plan = launch::plan(meta, &s, dtype, scale)?;
     let dm = device_meta(meta, &dev)?;
+    let plan = dm.plan(meta, &s, dtype, scale)?;
     // The split-key kernel reads key and value rows with 16-byte loads.
     for (what, l) in [("k", kl), ("v", vl)] {
         if (l.start_offset() * dtype.size_in_bytes()) % 16 != 0 {
@@ -115,6 +158,7 @@ pub(super) fn forward(
             // SAFETY: every row is written by one of the kernels (prefill rows by the
             // per-token kernel, decode rows by the combine).
             let out: CudaSlice<$ty> = unsafe { dev.alloc::<$ty>(s.tokens * s.heads * s.head_dim)? };
+            let meta_views = dm.views();
             for l in &plan.launches {
                 let func = dev.get_or_load_custom_func(&l.kernel, "hearth_paged_attention", PTX)?;
                 let cfg = LaunchConfig {
@@ -133,8 +177,8 @@ pub(super) fn forward(
                         Arg::Buffer(Buffer::VCache) => b.arg(&v),
                         Arg::Buffer(Buffer::Out) => b.arg(&out),
                         Arg::Buffer(m) => {
-                            if let Some(slice) = dm.get(*m) {
-                                b.arg(slice)
+                            if let Some((_, view)) = meta_views.iter().find(|(x, _)| x == m) {
+                                b.arg(view)
                             } else if let Some((_, slice)) = scratch.iter().find(|(x, _)| x == m) {
                                 b.arg(slice)
                             } else {

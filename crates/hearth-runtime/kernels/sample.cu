@@ -1,0 +1,379 @@
+// Sampling on the device: one block of SAMPLE_THREADS per row of the step's [S, vocab]
+// logits picks the row's token (greedy, or penalties, temperature, top-k, top-p, min-p
+// and a seeded draw) and, when asked, its log-prob and the top-N alternatives. Only the
+// [S, out_width] result goes back to the host.
+//
+// The draw is src/seeded_draw.rs's, operation for operation, so that the CPU sampler
+// and this kernel give the same token for the same logits and seed: Philox4x32-10
+// keyed by the seed, counted by (token, position); Gumbel-max (an argmax, lowest id on
+// ties); the one sum (top-p's mass) added per thread in index order and then thread by
+// thread in order; exp and ln as our own polynomials of __fadd_rn-style operations (never
+// fused into FMAs, whatever --use_fast_math says); anything that could be subnormal
+// flushed, so flush-to-zero changes nothing.
+//
+// Per row, `meta` holds SAMPLE_ROW_WORDS words (src/sample_kernel.rs packs them):
+//   0 flags (1 greedy, 2 mask, 4 top-p, 8 log-probs)   1 temperature   2 top_k
+//   3 top_p   4 min_p   5 repetition   6 frequency   7 presence (f32 bits)
+//   8-9 seed (lo, hi)   10-11 position (lo, hi)   12 log-prob alternatives
+//   13-14 penalty entries (offset, count): pairs (token, output count | seen << 31)
+//   15-16 banned ids (offset, count)   17 mask offset (vocab/32 words, bit set: allowed)
+// `scratch` is [S, 2 * vocab] f32: the adjusted/scaled row, then e^(s - max).
+
+#include <stdint.h>
+
+#define SAMPLE_THREADS 256
+#define SAMPLE_ROW_WORDS 18
+#define FLAG_GREEDY 1u
+#define FLAG_MASK 2u
+#define FLAG_TOP_P 4u
+#define FLAG_LOGPROBS 8u
+#define GUMBEL_BOUND 17.0f
+
+__device__ __forceinline__ float s_flush(float x) {
+    return fabsf(x) < 1.17549435e-38f ? 0.0f : x;
+}
+
+__device__ __forceinline__ bool s_finite(float x) {
+    return x == x && fabsf(x) <= 3.40282347e38f;
+}
+
+__device__ __forceinline__ float s_exp_neg(float d) {
+    if (!(d >= -87.0f)) return 0.0f;
+    const float ln2_hi = __uint_as_float(0x3f317200u);
+    const float ln2_lo = __uint_as_float(0x35bfbe8eu);
+    const float log2e = __uint_as_float(0x3fb8aa3bu);
+    float k = floorf(__fadd_rn(__fmul_rn(d, log2e), 0.5f));
+    float r = __fsub_rn(__fsub_rn(d, __fmul_rn(k, ln2_hi)), __fmul_rn(k, ln2_lo));
+    float p = __uint_as_float(0x3ab60b61u);
+    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3c088889u));
+    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3d2aaaabu));
+    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3e2aaaabu));
+    p = __fadd_rn(__fmul_rn(p, r), 0.5f);
+    p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+    p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+    return __fmul_rn(p, __uint_as_float((unsigned)((int)k + 127) << 23));
+}
+
+__device__ __forceinline__ float s_ln(float y) {
+    unsigned bits = __float_as_uint(y);
+    int e = (int)((bits >> 23) & 0xffu) - 127;
+    float f = __uint_as_float((bits & 0x007fffffu) | 0x3f800000u);
+    if (f > __uint_as_float(0x3fb504f3u)) {
+        f = __fmul_rn(f, 0.5f);
+        e += 1;
+    }
+    float z = __fdiv_rn(__fsub_rn(f, 1.0f), __fadd_rn(f, 1.0f));
+    float z2 = __fmul_rn(z, z);
+    float p = __uint_as_float(0x3de38e39u);
+    p = __fadd_rn(__fmul_rn(p, z2), __uint_as_float(0x3e124925u));
+    p = __fadd_rn(__fmul_rn(p, z2), __uint_as_float(0x3e4ccccdu));
+    p = __fadd_rn(__fmul_rn(p, z2), __uint_as_float(0x3eaaaaabu));
+    p = __fadd_rn(__fmul_rn(p, z2), 1.0f);
+    float lf = __fmul_rn(__fmul_rn(2.0f, z), p);
+    float ef = (float)e;
+    return __fadd_rn(__fmul_rn(ef, __uint_as_float(0x3f317200u)),
+                     __fadd_rn(__fmul_rn(ef, __uint_as_float(0x35bfbe8eu)), lf));
+}
+
+// Philox4x32-10's first output word for (counter, key).
+__device__ __forceinline__ unsigned s_philox(unsigned c0, unsigned c1, unsigned c2, unsigned c3,
+                                             unsigned k0, unsigned k1) {
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) {
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        unsigned hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+        unsigned hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+        unsigned n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+        c0 = n0;
+        c1 = lo1;
+        c2 = n2;
+        c3 = lo0;
+    }
+    return c0;
+}
+
+__device__ __forceinline__ float s_gumbel(const unsigned* h, unsigned token) {
+    unsigned r = s_philox(token, h[10], h[11], 0x68656172u, h[8], h[9]);
+    float u = __fmul_rn((float)((r >> 9) * 2u + 1u), __uint_as_float(0x33800000u));
+    return s_flush(-s_ln(-s_ln(u)));
+}
+
+__device__ __forceinline__ float s_scaled(float a, float t) {
+    if (!s_finite(a)) return -INFINITY;
+    float s = s_flush(__fdiv_rn(a, t));
+    return fminf(fmaxf(s, -3.40282347e38f), 3.40282347e38f);
+}
+
+// (value, index) order of an argmax: larger first, lower index on ties; NaN never wins.
+__device__ __forceinline__ bool s_better(float v, unsigned i, float bv, unsigned bi) {
+    return v > bv || (v == bv && i < bi);
+}
+
+// The block's best (value, index) of each thread's candidate; every thread gets it.
+__device__ void s_block_argmax(float& v, unsigned& i, float* red_f, unsigned* red_u) {
+    red_f[threadIdx.x] = v;
+    red_u[threadIdx.x] = i;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float bv = red_f[0];
+        unsigned bi = red_u[0];
+        for (int t = 1; t < SAMPLE_THREADS; ++t) {
+            if (s_better(red_f[t], red_u[t], bv, bi)) {
+                bv = red_f[t];
+                bi = red_u[t];
+            }
+        }
+        red_f[0] = bv;
+        red_u[0] = bi;
+    }
+    __syncthreads();
+    v = red_f[0];
+    i = red_u[0];
+    __syncthreads();
+}
+
+// The fixed-order sum of each thread's partial: thread 0 adds them in turn.
+__device__ float s_block_sum(float partial, float* red_f) {
+    red_f[threadIdx.x] = partial;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float acc = 0.0f;
+        for (int t = 0; t < SAMPLE_THREADS; ++t) acc = __fadd_rn(acc, red_f[t]);
+        red_f[0] = acc;
+    }
+    __syncthreads();
+    float total = red_f[0];
+    __syncthreads();
+    return total;
+}
+
+__device__ unsigned s_block_count(unsigned n, unsigned* red_u) {
+    red_u[threadIdx.x] = n;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned acc = 0;
+        for (int t = 0; t < SAMPLE_THREADS; ++t) acc += red_u[t];
+        red_u[0] = acc;
+    }
+    __syncthreads();
+    unsigned total = red_u[0];
+    __syncthreads();
+    return total;
+}
+
+// A finite float's bits as an unsigned that orders the same way.
+__device__ __forceinline__ unsigned s_key(float x) {
+    unsigned b = __float_as_uint(x);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    hearth_sample(const float* logits, const unsigned* meta, float* scratch, unsigned* out,
+                  int vocab, int out_width) {
+    __shared__ float red_f[SAMPLE_THREADS];
+    __shared__ unsigned red_u[SAMPLE_THREADS];
+    __shared__ unsigned hist[256];
+    const unsigned row = blockIdx.x;
+    const unsigned tid = threadIdx.x;
+    const unsigned n = (unsigned)vocab;
+    const unsigned* h = meta + (size_t)row * SAMPLE_ROW_WORDS;
+    const unsigned flags = h[0];
+    const float* x = logits + (size_t)row * n;
+    float* a = scratch + (size_t)row * 2 * n;
+    float* e = a + n;
+    const unsigned* mask = (flags & FLAG_MASK) ? meta + h[17] : nullptr;
+
+    // The masked, flushed row; then penalties on the listed tokens; then bans.
+    for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+        float v = s_flush(x[i]);
+        if (mask && !((mask[i >> 5] >> (i & 31)) & 1u)) v = -INFINITY;
+        a[i] = v;
+    }
+    __syncthreads();
+    const float rep = __uint_as_float(h[5]), freq = __uint_as_float(h[6]),
+                pres = __uint_as_float(h[7]);
+    for (unsigned j = tid; j < h[14]; j += SAMPLE_THREADS) {
+        unsigned tok = meta[h[13] + 2 * j], packed = meta[h[13] + 2 * j + 1];
+        if (tok >= n) continue;
+        float v = a[tok];
+        if (packed >> 31) v = s_flush(v > 0.0f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep));
+        unsigned c = packed & 0x7fffffffu;
+        if (c > 0)
+            v = s_flush(__fsub_rn(v, __fadd_rn(__fmul_rn(freq, (float)c), pres)));
+        a[tok] = v;
+    }
+    __syncthreads();
+    for (unsigned j = tid; j < h[16]; j += SAMPLE_THREADS) {
+        unsigned tok = meta[h[15] + j];
+        if (tok < n) a[tok] = -INFINITY;
+    }
+    __syncthreads();
+
+    float top_v = -INFINITY;
+    unsigned top = 0;
+    for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+        if (s_better(a[i], i, top_v, top)) {
+            top_v = a[i];
+            top = i;
+        }
+    }
+    s_block_argmax(top_v, top, red_f, red_u);
+    unsigned token = top;
+
+    if (!(flags & FLAG_GREEDY) && s_finite(top_v)) {
+        const float t = __uint_as_float(h[1]);
+        const float m = s_scaled(top_v, t);
+        unsigned finite = 0;
+        for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+            float s = s_scaled(a[i], t);
+            a[i] = s;
+            e[i] = s_finite(s) ? s_exp_neg(s_flush(__fsub_rn(s, m))) : 0.0f;
+            finite += s_finite(s) ? 1u : 0u;
+        }
+        finite = s_block_count(finite, red_u);
+        // Top-k: the key of the k-th largest scaled logit, by radix selection.
+        unsigned floor_key = 0;
+        const unsigned top_k = h[2];
+        if (top_k > 0 && top_k < finite) {
+            unsigned prefix = 0, known = 0, remaining = top_k;
+            for (int shift = 24; shift >= 0; shift -= 8) {
+                hist[tid] = 0;
+                __syncthreads();
+                for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+                    float s = a[i];
+                    if (!s_finite(s)) continue;
+                    unsigned k = s_key(s);
+                    if ((k & known) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1u);
+                }
+                __syncthreads();
+                if (tid == 0) {
+                    unsigned b = 255;
+                    for (;; --b) {
+                        if (hist[b] >= remaining || b == 0) break;
+                        remaining -= hist[b];
+                    }
+                    red_u[0] = b;
+                    red_u[1] = remaining;
+                }
+                __syncthreads();
+                prefix |= red_u[0] << shift;
+                known |= 255u << shift;
+                remaining = red_u[1];
+                __syncthreads();
+            }
+            floor_key = prefix;
+        }
+        // Top-p: bisection over e's bits for the largest floor whose mass reaches the
+        // target; each mass summed in the fixed order. Tokens top-k dropped get e = 0
+        // first, so that the passes read e alone (a zero changes no sum, and no floor
+        // the bisection tries is 0).
+        unsigned floor_bits = 0;
+        if (flags & FLAG_TOP_P) {
+            float part = 0.0f;
+            for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+                float s = a[i];
+                if (s_finite(s) && s_key(s) >= floor_key) {
+                    part = __fadd_rn(part, e[i]);
+                } else {
+                    e[i] = 0.0f;
+                }
+            }
+            const float total = s_block_sum(part, red_f);
+            const float target = s_flush(__fmul_rn(__uint_as_float(h[3]), total));
+            unsigned lo = 0, hi = 0x3f800001u;
+            while (hi - lo > 1) {
+                unsigned mid = lo + (hi - lo) / 2;
+                float p = 0.0f;
+                for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+                    float ei = e[i];
+                    if (__float_as_uint(ei) >= mid) p = __fadd_rn(p, ei);
+                }
+                if (s_block_sum(p, red_f) >= target) {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            floor_bits = lo;
+        }
+        const unsigned min_p_bits = h[4];
+        if (min_p_bits > floor_bits) floor_bits = min_p_bits;
+        // The Gumbel-max draw over what is left.
+        float best = -INFINITY;
+        unsigned best_i = 0xffffffffu;
+        for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+            float s = a[i];
+            if (!s_finite(s) || s_key(s) < floor_key || __float_as_uint(e[i]) < floor_bits)
+                continue;
+            if (s_flush(__fadd_rn(s, GUMBEL_BOUND)) < best) continue;
+            float sc = s_flush(__fadd_rn(s, s_gumbel(h, i)));
+            if (s_better(sc, i, best, best_i)) {
+                best = sc;
+                best_i = i;
+            }
+        }
+        s_block_argmax(best, best_i, red_f, red_u);
+        token = best_i;
+    }
+
+    unsigned* o = out + (size_t)row * out_width;
+    for (int j = tid; j < out_width; j += SAMPLE_THREADS) o[j] = 0;
+    __syncthreads();
+    if (tid == 0) o[0] = token;
+    if (!(flags & FLAG_LOGPROBS)) return;
+
+    // Log-probs of the masked row (before penalties and temperature).
+    float rv = -INFINITY;
+    unsigned ri = 0;
+    for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+        float v = s_flush(x[i]);
+        if (mask && !((mask[i >> 5] >> (i & 31)) & 1u)) v = -INFINITY;
+        a[i] = v;
+        if (s_better(v, i, rv, ri)) {
+            rv = v;
+            ri = i;
+        }
+    }
+    s_block_argmax(rv, ri, red_f, red_u);
+    const float m = rv;
+    float lz = 0.0f;
+    if (s_finite(m)) {
+        float part = 0.0f;
+        for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+            float v = a[i];
+            if (s_finite(v)) part = __fadd_rn(part, s_exp_neg(s_flush(__fsub_rn(v, m))));
+        }
+        lz = s_ln(s_block_sum(part, red_f));
+    }
+#define LOG_PROB(v) (s_finite(m) ? s_flush(__fsub_rn(s_flush(__fsub_rn((v), m)), lz)) \
+                                 : s_flush(__fsub_rn((v), m)))
+    if (tid == 0) o[1] = __float_as_uint(LOG_PROB(a[token]));
+    // The top N, in (value, index) order, one block argmax each below the last pick.
+    float prev_v = INFINITY;
+    unsigned prev_i = 0;
+    const int alternatives = (int)h[12];
+    for (int j = 0; j < alternatives && 3 + 2 * j < out_width; ++j) {
+        float bv = -INFINITY;
+        unsigned bi = 0xffffffffu;
+        for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+            float v = a[i];
+            if (!s_finite(v)) continue;
+            bool after = v < prev_v || (v == prev_v && (j == 0 ? true : i > prev_i));
+            if (after && s_better(v, i, bv, bi)) {
+                bv = v;
+                bi = i;
+            }
+        }
+        s_block_argmax(bv, bi, red_f, red_u);
+        if (bi == 0xffffffffu) break;
+        if (tid == 0) {
+            o[2 + 2 * j] = bi;
+            o[3 + 2 * j] = __float_as_uint(LOG_PROB(bv));
+        }
+        prev_v = bv;
+        prev_i = bi;
+    }
+#undef LOG_PROB
+}

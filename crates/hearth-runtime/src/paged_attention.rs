@@ -9,7 +9,10 @@
 //! whatever the cache dtype.
 //!
 //! CPU: work items are (sequence, kv-head, tile of ≤ 16 queries), spread over candle's
-//! barrier pool; the query heads of a GQA group share each key and value row they load.
+//! barrier pool, the costliest (latest queries) first; the query heads of a GQA group
+//! share each key and value row they load. Items of ≥ 8 query rows (prefill) run
+//! tiled.rs's packed kernel (64-key tiles, scores with rows in SIMD lanes, half caches
+//! widened per tile with F16C); decodes stream keys through kernel.rs.
 //! CUDA (feature `cuda`): hearth's own kernels (kernels/paged_attention.cu): prefill
 //! rows one thread block per (token, kv head, up to 8 heads of its GQA group); decode
 //! rows split-key (partitions of [`DECODE_PARTITION_KEYS`] keys) and a combine; head
@@ -36,6 +39,8 @@ mod kernel;
 mod launch;
 #[cfg_attr(not(any(feature = "cuda", hearth_cuda_emulator)), allow(dead_code))]
 mod rope_cache;
+#[cfg(target_arch = "x86_64")]
+mod tiled;
 #[cfg(hearth_cuda_emulator)]
 pub use emulated::{paged_attention_emulated, rope_cache_emulated};
 use kernel::BlockMath;
@@ -47,6 +52,11 @@ pub use rope_cache::RopeCacheInputs;
 /// Queries per CPU work item: with GQA 3 that is 48 rows of scores and accumulators,
 /// which stay in L1 next to one block of keys and values.
 const QUERY_TILE: usize = 16;
+
+/// Items with at least this many query rows (prefill chunks) take tiled.rs's packed
+/// kernel; fewer (decodes: one token × its GQA group) stream keys through kernel.rs's.
+#[cfg(target_arch = "x86_64")]
+const TILED_MIN_ROWS: usize = 8;
 
 /// The step's layout, shared by every layer's attention call.
 #[derive(Debug, Clone, Default)]
@@ -257,6 +267,13 @@ pub(crate) trait Element: Copy + Send + Sync + 'static {
     fn as_f32_mut(_src: &mut [Self]) -> Option<&mut [f32]> {
         None
     }
+    /// `load` for `src.len() % 8 == 0` on a CPU with AVX2 and F16C (the caller checks).
+    ///
+    /// # Safety
+    /// `dst` has room for `src.len()` values.
+    unsafe fn widen_avx2(src: &[Self], dst: *mut f32) {
+        Self::load(src, std::slice::from_raw_parts_mut(dst, src.len()))
+    }
 }
 
 impl Element for f32 {
@@ -279,6 +296,10 @@ impl Element for f16 {
         use half::slice::HalfFloatSliceExt;
         src.convert_to_f32_slice(dst)
     }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn widen_avx2(src: &[f16], dst: *mut f32) {
+        tiled::widen_f16(src.as_ptr().cast(), dst, src.len())
+    }
     fn store(src: &[f32], dst: &mut [f16]) {
         use half::slice::HalfFloatSliceExt;
         dst.convert_from_f32_slice(src)
@@ -289,6 +310,10 @@ impl Element for bf16 {
     fn load(src: &[bf16], dst: &mut [f32]) {
         use half::slice::HalfFloatSliceExt;
         src.convert_to_f32_slice(dst)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn widen_avx2(src: &[bf16], dst: *mut f32) {
+        tiled::widen_bf16(src.as_ptr().cast(), dst, src.len())
     }
     fn store(src: &[f32], dst: &mut [bf16]) {
         use half::slice::HalfFloatSliceExt;
@@ -338,8 +363,13 @@ fn attend<Q: Element, T: Element>(
             q0 = q1;
         }
     }
-    // Costliest first (most keys), so the dynamic split ends evenly.
-    items.sort_by_key(|it| std::cmp::Reverse(meta.seq_lens[it.seq as usize]));
+    // Costliest first (most keys: a prompt's last query tiles see the most), so the
+    // dynamic split ends evenly.
+    items.sort_by_key(|it| {
+        let s = it.seq as usize;
+        let after_last = meta.seq_lens[s] - (meta.query_start[s + 1] - it.q_end);
+        std::cmp::Reverse(after_last)
+    });
     let ptr = OutPtr(out.as_mut_ptr());
     threads::parallel_chunks(items.len(), 0, |range| {
         let p = ptr;
@@ -371,6 +401,13 @@ unsafe fn run_item<Q: Element, T: Element>(
 ) {
     SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
+        #[cfg(target_arch = "x86_64")]
+        if (it.q_end - it.q_begin) as usize * (dims.h / dims.kvh) >= TILED_MIN_ROWS
+            && dims.d.is_multiple_of(8)
+            && tiled::available()
+        {
+            return tiled::item_kernel::<Q, T>(q, k, v, meta, dims, scale, it, out, &mut scratch);
+        }
         #[cfg(target_arch = "x86_64")]
         if threads::has_avx2_fma() && dims.d.is_multiple_of(8) {
             return item_kernel::<Q, T, kernel::Avx2>(

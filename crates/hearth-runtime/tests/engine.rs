@@ -88,9 +88,9 @@ fn batched_preempted_and_prefix_shared_requests_generate_what_they_generate_alon
         .map(|p| drain(alone.submit(greedy(p, max_tokens)).unwrap()).0)
         .collect();
 
-    // Together: 512 bytes a token here, so 40 KiB is 80 tokens: well under the ~420
-    // the eight requests need at once, so some must be preempted and recomputed. A
-    // small step budget forces chunked prefill too.
+    // Together: 256 bytes a token in the default f16 cache, so 40 KiB is 160 tokens:
+    // well under the ~420 the eight requests need at once, so some must be preempted and
+    // recomputed. A small step budget forces chunked prefill too.
     let together = engine(EngineConfig {
         block_size: 4,
         kv_cache_memory: Some(40 << 10),

@@ -35,6 +35,10 @@ use hearth_runtime::{
 };
 use sha2::{Digest, Sha256};
 
+/// The bounds measured with full-precision keys and values (the engine's CPU default
+/// is an f16 cache; `f16_kv_cache_against_llama_cpp` checks that one).
+const F32_CACHE: Option<DType> = Some(DType::F32);
+
 fn q4_k_m() -> PathBuf {
     if let Some(p) = std::env::var_os("HEARTH_SMOLLM2_Q4KM_GGUF") {
         return PathBuf::from(p);
@@ -114,6 +118,49 @@ fn greedy(engine: &hearth_runtime::EngineHandle, prompt: Vec<u32>, n: usize) -> 
     }
     got
 }
+
+/// Where hearth's greedy continuation of `prompt` first departs from `want` (llama.cpp's),
+/// and by how much hearth preferred its own token there: its log-prob minus that of
+/// llama.cpp's token (infinite when llama.cpp's is not in hearth's top 5; 0 when it never
+/// departs).
+fn departure(
+    engine: &hearth_runtime::EngineHandle,
+    prompt: Vec<u32>,
+    want: &[u32],
+) -> (usize, f32) {
+    let mut s = engine
+        .submit(GenerationRequest {
+            prompt,
+            params: SamplingParams {
+                logprobs: Some(5),
+                ..SamplingParams::greedy(want.len())
+            },
+        })
+        .unwrap();
+    let mut at = 0;
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            GenerationEvent::Token { id, logprobs, .. } => {
+                if id != want[at] {
+                    let lp = logprobs.unwrap();
+                    let theirs = lp.top.iter().find(|(t, _)| *t == want[at]);
+                    return (at, theirs.map_or(f32::INFINITY, |(_, l)| lp.logprob - l));
+                }
+                at += 1;
+            }
+            GenerationEvent::Finished(_) => break,
+            GenerationEvent::Started { .. } => {}
+        }
+    }
+    (at, 0.0)
+}
+
+/// A departure from llama.cpp's continuation by less than this (nats) is a near-tie that
+/// the order of float sums decides, not a fault. On the Q4_1 file it is that fragile:
+/// 8-bit activation rounding turns a 1e-7 relative change in attention's sums (the tiled
+/// prefill kernel against the streaming one; on the same file dequantized to f32 the
+/// logits move by 2e-5) into logit moves of up to 0.54, measured over a 150-token prompt.
+const NEAR_TIE_NATS: f32 = 0.25;
 
 /// The five continuations, free-running: at least 3 equal to llama.cpp's to the last
 /// token, every one equal for its first 16.
@@ -218,7 +265,7 @@ fn forced_agreement(
 fn q4_1_teacher_forced_agrees_with_llama_cpp() {
     let golden: serde_json::Value =
         serde_json::from_str(include_str!("goldens/llama_cpp_smollm2_q4_1.json")).unwrap();
-    let (agree, total) = forced_agreement(&common::smollm2(), &golden, None);
+    let (agree, total) = forced_agreement(&common::smollm2(), &golden, F32_CACHE);
     assert!(agree * 100 >= total * 96, "{agree} of {total}");
 }
 
@@ -226,7 +273,7 @@ fn q4_1_teacher_forced_agrees_with_llama_cpp() {
 fn q4_k_m_teacher_forced_agrees_with_llama_cpp() {
     let golden: serde_json::Value =
         serde_json::from_str(include_str!("goldens/llama_cpp_smollm2_q4_k_m.json")).unwrap();
-    let (agree, total) = forced_agreement(&q4_k_m(), &golden, None);
+    let (agree, total) = forced_agreement(&q4_k_m(), &golden, F32_CACHE);
     assert!(agree * 100 >= total * 98, "{agree} of {total}");
 }
 
@@ -234,7 +281,7 @@ fn q4_k_m_teacher_forced_agrees_with_llama_cpp() {
 fn q4_k_m_greedy_equals_llama_cpp() {
     let golden: serde_json::Value =
         serde_json::from_str(include_str!("goldens/llama_cpp_smollm2_q4_k_m.json")).unwrap();
-    check_cases(&engine(&q4_k_m(), &golden, None), &golden);
+    check_cases(&engine(&q4_k_m(), &golden, F32_CACHE), &golden);
 }
 
 /// A chat turn end to end: hearth's rendering of the file's chat template (with its
@@ -245,7 +292,7 @@ fn q4_k_m_greedy_equals_llama_cpp() {
 fn q4_1_chat_turn_equals_llama_cpp() {
     let golden: serde_json::Value =
         serde_json::from_str(include_str!("goldens/llama_cpp_smollm2_q4_1.json")).unwrap();
-    let engine = engine(&common::smollm2(), &golden, None);
+    let engine = engine(&common::smollm2(), &golden, F32_CACHE);
     let chat = &golden["chat"];
     let prompt = engine
         .tokenizer()
@@ -261,12 +308,15 @@ fn q4_1_chat_turn_equals_llama_cpp() {
         chat["templated"]
     );
     let want = ids(chat, "tokens");
-    let got = greedy(&engine, prompt, want.len());
+    let got = greedy(&engine, prompt.clone(), want.len());
     let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
     let text = engine.tokenizer().inner().decode(&got, true).unwrap();
-    eprintln!("chat answer equal to llama.cpp's for {same} tokens: {text:?}");
+    let (at, gap) = departure(&engine, prompt, &want);
+    eprintln!(
+        "chat answer equal to llama.cpp's for {same} tokens: {text:?}; departs at {at} by {gap} nats"
+    );
     assert!(
-        same >= 12,
+        same >= 12 || (at == same && gap < NEAR_TIE_NATS),
         "chat answer differs at token {same}: {text:?}, llama.cpp {:?}",
         chat["text"]
     );
@@ -296,7 +346,7 @@ fn f16_kv_cache_against_llama_cpp() {
         ),
     ] {
         let golden: serde_json::Value = serde_json::from_str(golden).unwrap();
-        let f32_rows = forced_logits(&path, &golden, None);
+        let f32_rows = forced_logits(&path, &golden, F32_CACHE);
         let f16_rows = forced_logits(&path, &golden, Some(DType::F16));
         let probs = |r: &Vec<f32>| {
             let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -322,7 +372,16 @@ fn f16_kv_cache_against_llama_cpp() {
             let want = ids(case, "tokens");
             let got = greedy(&engine, ids(case, "prompt_tokens"), want.len());
             let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-            assert!(same >= 5, "{:?}: differs at token {same}", case["prompt"]);
+            let (at, gap) = departure(&engine, ids(case, "prompt_tokens"), &want);
+            eprintln!(
+                "{:?}: equal for {same} tokens, departs at {at} by {gap} nats",
+                case["prompt"]
+            );
+            assert!(
+                same >= 5 || (at == same && gap < NEAR_TIE_NATS),
+                "{:?}: differs at token {same} by {gap} nats",
+                case["prompt"]
+            );
         }
     }
 }

@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use hearth_runtime::paged_attention::{paged_attention, AttentionMetadata};
+use rand::Rng;
 
 mod attention_cases;
 use attention_cases::{build, max_diff, random_seqs, reference, seeded, Built, Case};
@@ -220,6 +221,86 @@ fn f32_queries_over_a_half_precision_cache() {
             );
             let diff = max_diff(&got, &want);
             assert!(diff < tol, "{dtype:?}: max diff {diff} (tolerance {tol})");
+        }
+    }
+}
+
+/// Prefill chunks on the CPU's packed kernel (items of ≥ 8 query rows, keys in tiles of
+/// 64 gathered across blocks): random ragged batches whose chunks and contexts fall on,
+/// just past and between key tiles and blocks, under GQA 1 to 8, with f32 queries over
+/// f32, f16 and bf16 caches (f16 is the CPU default). Each half-precision case is also
+/// checked against the f32 op on the rounded cache, so storage rounding is the only
+/// difference.
+#[test]
+fn prefill_tiles_on_random_shapes_and_cache_dtypes() {
+    let mut rng = seeded(2024);
+    let dev = Device::Cpu;
+    let pick = |rng: &mut rand::rngs::StdRng, xs: &[usize]| xs[rng.random_range(0..xs.len())];
+    for n in 0..12u64 {
+        let (heads, kv_heads) = [(9, 3), (8, 1), (4, 4), (16, 2), (6, 2), (12, 4)][n as usize % 6];
+        let head_dim = pick(&mut rng, &[16, 40, 64, 128]);
+        let block_size = pick(&mut rng, &[16, 32, 64]);
+        let mut seqs = Vec::new();
+        for _ in 0..rng.random_range(1..4) {
+            let l = match rng.random_range(0..4) {
+                0 => 64 * rng.random_range(1..5),
+                1 => 64 * rng.random_range(1..5) + 1,
+                2 => block_size * rng.random_range(1..8) - 1,
+                _ => rng.random_range(2..300),
+            };
+            let q = match rng.random_range(0..3) {
+                0 => l,
+                1 => rng.random_range(1..=l.min(70)),
+                _ => rng.random_range(1..=l),
+            };
+            seqs.push((q, l));
+        }
+        // A decode beside the chunks: one item on the streaming kernel in the same call.
+        seqs.push((1, rng.random_range(1..200)));
+        let c = Case {
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            seqs,
+        };
+        let b = build(&c, &mut seeded(8000 + n));
+        let want = reference(&c, &b);
+        let t = b.meta.num_tokens();
+        let shape = (b.num_blocks, c.block_size, c.kv_heads, c.head_dim);
+        let q = Tensor::from_slice(&b.q, (t, c.heads, c.head_dim), &dev).unwrap();
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let run = |k: &Tensor, v: &Tensor| -> Vec<f32> {
+            let o = paged_attention(&q, k, v, &b.meta, scale).unwrap();
+            assert_eq!(o.dtype(), DType::F32);
+            o.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        for (dtype, tol) in [(DType::F32, 1e-4), (DType::F16, 2e-3), (DType::BF16, 2e-2)] {
+            let cache = |x: &[f32]| {
+                Tensor::from_slice(x, shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (k, v) = (cache(&b.k_cache), cache(&b.v_cache));
+            let got = run(&k, &v);
+            let diff = max_diff(&got, &want);
+            assert!(
+                diff < tol,
+                "{dtype:?} heads {heads}/{kv_heads} d {head_dim} bs {block_size} seqs {:?}: max diff {diff} (tolerance {tol})",
+                c.seqs
+            );
+            if dtype != DType::F32 {
+                let rounded = run(
+                    &k.to_dtype(DType::F32).unwrap(),
+                    &v.to_dtype(DType::F32).unwrap(),
+                );
+                let same = max_diff(&got, &rounded);
+                assert!(
+                    same < 1e-6,
+                    "{dtype:?}: {same} from the f32 op on rounded caches"
+                );
+            }
         }
     }
 }

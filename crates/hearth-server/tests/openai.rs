@@ -477,7 +477,7 @@ async fn completion_logprobs_whole_and_streamed() {
 /// smaller than the context (the CPU default) every such request was refused.
 #[tokio::test]
 async fn chat_without_max_tokens_fits_a_cache_smaller_than_the_context() {
-    // The demo keeps 2 KiB per token: a 128-token cache, a 8,192-token context.
+    // The demo keeps 1 KiB per token (f16 cache): a 256-token cache, a 8,192-token context.
     let s = start_with(
         1 << 20,
         EngineConfig {

@@ -67,8 +67,8 @@ pub struct EngineArgs {
     /// Turn off sharing of cached prompt prefixes.
     #[arg(long, env = "HEARTH_NO_PREFIX_CACHING")]
     pub no_prefix_caching: bool,
-    /// KV cache element type: auto (the compute dtype), f32, f16, bf16. f16/bf16 under
-    /// f32 on the CPU halve the cache (llama.cpp's default is f16).
+    /// KV cache element type: auto (f16 on the CPU under f32 activations, as llama.cpp;
+    /// the compute dtype elsewhere), f32, f16, bf16. f16/bf16 halve the cache.
     #[arg(long, env = "HEARTH_KV_CACHE_DTYPE", default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
     pub kv_cache_dtype: String,
 }

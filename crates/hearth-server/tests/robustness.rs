@@ -181,14 +181,24 @@ async fn a_store_failure_fails_the_prediction_and_ends_its_readers() {
     // From now on the store refuses writes: B's start cannot be recorded.
     s.state.store.inject_write_failures(true);
     let a_id = a["id"].as_str().unwrap();
-    let canceled = s
+    let canceled: Value = s
         .post(&format!("/v1/predictions/{a_id}/cancel"))
         .send()
         .await
+        .unwrap()
+        .json()
+        .await
         .unwrap();
-    assert_eq!(
-        canceled.json::<Value>().await.unwrap()["status"],
-        "canceled"
+    // A races the cancel: its own next write may fail first (then it fails for the
+    // store, as B will). Either way it ends and frees the engine for B.
+    let a_status = canceled["status"].as_str().unwrap().to_string();
+    assert!(
+        a_status == "canceled"
+            || (a_status == "failed"
+                && canceled["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("could not save"))),
+        "{canceled}"
     );
     let bp = s.wait_terminal(&b_id).await;
     assert_eq!(bp["status"], "failed", "{bp}");
@@ -206,7 +216,7 @@ async fn a_store_failure_fails_the_prediction_and_ends_its_readers() {
     let names: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
     assert_eq!(names[names.len() - 2..], ["error", "done"], "{names:?}");
     // Still served from memory, then written once the store works again.
-    assert_eq!(s.prediction(a_id).await["status"], "canceled");
+    assert_eq!(s.prediction(a_id).await["status"], a_status.as_str());
     s.state.store.inject_write_failures(false);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {

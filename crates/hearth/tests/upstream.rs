@@ -1015,6 +1015,44 @@ async fn file_inputs_are_inlined_and_file_outputs_mirrored() {
     assert_eq!(sent["n"], 2);
     // hearth's record keeps what the caller sent.
     assert_eq!(p["input"]["image"], file_url.as_str());
+    // The inline budget is per input, not per file: two URLs to one 5 MiB file are
+    // refused at the second, and nothing reaches the upstream.
+    let big = reqwest::multipart::Form::new().part(
+        "content",
+        reqwest::multipart::Part::bytes(vec![7u8; 5 << 20])
+            .file_name("big.bin")
+            .mime_str("application/octet-stream")
+            .unwrap(),
+    );
+    let big: Value = api
+        .http
+        .post(format!("{}/v1/files", f.base))
+        .bearer_auth(FRONT_TOKEN)
+        .multipart(big)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let big_url = big["urls"]["get"].as_str().unwrap().to_string();
+    let sent_before = inputs.lock().unwrap().len();
+    let (code, body) = api
+        .create(
+            "acme/files",
+            json!({"input": {"frames": [big_url, big_url], "n": 1}}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("input.frames.1"),
+        "{body}"
+    );
+    assert_eq!(inputs.lock().unwrap().len(), sent_before);
     // The small output is hearth's copy now; the big one kept its URL, saying why.
     let out = p["output"].as_array().unwrap();
     let copy = out[0].as_str().unwrap();

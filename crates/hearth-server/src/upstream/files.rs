@@ -48,8 +48,10 @@ fn hearth_file_id<'a>(s: &'a str, base: &str) -> Option<&'a str> {
 }
 
 /// The input as the upstream gets it: hearth file URLs (top-level values, or items
-/// of a top-level list) inlined as data URLs. A file over `INLINE_MAX`, or one that is
-/// gone, is a 422 naming the field.
+/// of a top-level list) inlined as data URLs. `INLINE_MAX` bounds the files of one
+/// input together, not each file: a list of many URLs to one large file must not make
+/// the process hold each copy. Over it, or a file that is gone, is a 422 naming the
+/// field.
 pub async fn inline_inputs(
     store: &SharedStore,
     input: &Value,
@@ -59,17 +61,19 @@ pub async fn inline_inputs(
         return Ok(input.clone());
     };
     let mut out = fields.clone();
+    let mut left = INLINE_MAX;
     for (key, v) in out.iter_mut() {
         match v {
             Value::String(s) => {
-                if let Some(d) = inline_one(store, s, bases, key).await? {
+                if let Some(d) = inline_one(store, s, bases, key, &mut left).await? {
                     *s = d;
                 }
             }
             Value::Array(items) => {
                 for (i, item) in items.iter_mut().enumerate() {
                     if let Value::String(s) = item {
-                        if let Some(d) = inline_one(store, s, bases, &format!("{key}.{i}")).await? {
+                        let field = format!("{key}.{i}");
+                        if let Some(d) = inline_one(store, s, bases, &field, &mut left).await? {
                             *s = d;
                         }
                     }
@@ -86,6 +90,7 @@ async fn inline_one(
     s: &str,
     bases: &[&str],
     field: &str,
+    left: &mut u64,
 ) -> Result<Option<String>, ApiError> {
     let Some(id) = bases.iter().find_map(|b| hearth_file_id(s, b)) else {
         return Ok(None);
@@ -95,9 +100,9 @@ async fn inline_one(
         .await?
         .ok_or_else(|| ApiError::invalid(format!("input.{field}: file {id} not found")))?;
     let size = meta["size"].as_u64().unwrap_or(0);
-    if size > INLINE_MAX {
+    if size > *left {
         return Err(ApiError::invalid(format!(
-            "input.{field}: file {id} is {size} bytes; an upstream gets a hearth file inlined as a data URL, up to {INLINE_MAX} bytes: give a URL the upstream can reach instead"
+            "input.{field}: file {id} is {size} bytes; an upstream gets hearth files inlined as data URLs, up to {INLINE_MAX} bytes for all of one input's files together: give a URL the upstream can reach instead"
         )));
     }
     let mut bytes = Vec::with_capacity(size as usize);
@@ -107,12 +112,13 @@ async fn inline_one(
         .ok_or_else(|| ApiError::invalid(format!("input.{field}: file {id} not found")))?;
     while let Some(piece) = stream.next().await {
         bytes.extend_from_slice(&piece?);
-        if bytes.len() as u64 > INLINE_MAX {
+        if bytes.len() as u64 > *left {
             return Err(ApiError::invalid(format!(
-                "input.{field}: file {id} is over {INLINE_MAX} bytes"
+                "input.{field}: file {id} is over the {INLINE_MAX} bytes one input's files may take together"
             )));
         }
     }
+    *left -= bytes.len() as u64;
     let ct = meta["content_type"]
         .as_str()
         .filter(|c| !c.is_empty() && !c.contains([',', ';', ' ']))

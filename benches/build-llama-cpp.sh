@@ -17,7 +17,16 @@ if [ -x "$root/bin/llama-server" ] && [ -x "$root/bin/llama-quantize" ] && [ -f 
   echo "$root"
   exit 0
 fi
+# Tests that need llama.cpp run in parallel: on a fresh cache they would all build it at
+# once into the same folder (one removing the venv another is using). One builds; the
+# others wait for it and reuse its result.
 mkdir -p "$root"
+exec 9>"$root.lock"
+flock 9
+if [ -x "$root/bin/llama-server" ] && [ -x "$root/bin/llama-quantize" ] && [ -f "$root/venv/.complete" ]; then
+  echo "$root"
+  exit 0
+fi
 cd "$root"
 if [ ! -d src ]; then
   curl -sSfL -o sdist.tar.gz "$url" || { echo "build-llama-cpp: cannot download $url" >&2; exit 1; }

@@ -11,6 +11,11 @@ cd "$(dirname "$0")/.."
 src=$(bash scripts/fetch-smollm2.sh)
 out="$(dirname "$src")/SmolLM2-135M-Instruct.Q4_K_M.gguf"
 if [ ! -s "$out" ]; then
+  # Parallel tests ask for this file at once: one makes it, the others wait for it.
+  exec 9>"$out.lock"
+  flock 9
+fi
+if [ ! -s "$out" ]; then
   llama=$(bash benches/build-llama-cpp.sh)
   "$llama/bin/llama-quantize" --allow-requantize "$src" "$out.tmp" Q4_K_M 2 >&2 \
     || { rm -f "$out.tmp"; echo "make-smollm2-q4km: llama-quantize failed" >&2; exit 1; }

@@ -17,6 +17,7 @@ pub mod cog_runner;
 pub mod compare;
 pub mod create;
 pub mod files;
+pub mod input_check;
 pub mod models;
 pub mod normalize;
 pub mod route;

@@ -9,6 +9,7 @@
 //! never resent blindly, and a circuit breaker per upstream keeps `fallback` routes
 //! local while it is down (`breaker`).
 
+pub mod attempts;
 pub mod breaker;
 pub mod card;
 pub mod client;

@@ -114,6 +114,10 @@ struct Report {
     mean_itl_ms: f64,
     median_itl_ms: f64,
     p99_itl_ms: f64,
+    /// Create (or request) to the last event, per request.
+    mean_e2el_ms: f64,
+    median_e2el_ms: f64,
+    p99_e2el_ms: f64,
     engine_steps: u64,
     engine_steps_per_s: f64,
     preemptions: u64,
@@ -551,6 +555,7 @@ fn measure(
     let total_input: usize = ok.iter().map(|r| r.prompt_len).sum();
     let total_output: usize = ok.iter().map(|r| r.output_tokens).sum();
     let ttfts: Vec<f64> = ok.iter().map(|r| r.ttft * 1e3).collect();
+    let e2els: Vec<f64> = ok.iter().map(|r| r.e2e * 1e3).collect();
     let tpots: Vec<f64> = ok
         .iter()
         .filter(|r| r.output_tokens > 1)
@@ -595,6 +600,9 @@ fn measure(
         mean_itl_ms: mean(&itls),
         median_itl_ms: percentile(&itls, 50.0),
         p99_itl_ms: percentile(&itls, 99.0),
+        mean_e2el_ms: mean(&e2els),
+        median_e2el_ms: percentile(&e2els, 50.0),
+        p99_e2el_ms: percentile(&e2els, 99.0),
         engine_steps: steps,
         engine_steps_per_s: steps as f64 / duration,
         preemptions: stats.num_preemptions.saturating_sub(before.num_preemptions),

@@ -1,8 +1,9 @@
 //! Hybrid serving with real processes: a front `hearth serve` routing models to an
 //! upstream that is another `hearth serve` (the demo model), through a
 //! fault-injecting proxy of our own (`support::fault_proxy`). Covers an `upstream`
-//! route end to end (create, wait, stream, cancel, webhooks, the model document, a
-//! relayed 422), throttled creates, a 5xx, creates whose answer is lost (resolved by
+//! route end to end (create, wait, stream, cancel, webhooks, the model document,
+//! inputs checked against the upstream's cached schema with nothing sent, a relayed
+//! 422 where there is none), throttled creates, a 5xx, creates whose answer is lost (resolved by
 //! the upstream's list, or failed when two identical ones are in flight), `fallback`
 //! with the local engine unable to take work and its circuit breaker, and a front
 //! killed with SIGKILL during an upstream prediction that finishes after a restart.
@@ -268,6 +269,18 @@ async fn an_upstream_route_serves_every_verb_and_survives_faults() {
     let api = Api::new(&f.base, FRONT_TOKEN);
     let up = Api::new(&u.base, UP_TOKEN);
 
+    // Before hearth has the upstream's schema, the upstream's 422 reaches the caller
+    // unchanged: the create went there.
+    let bad = json!({"input": {"prompt": "x", "max_tokens": "many", "temperature": 9}});
+    let sent = proxy.creates.load(std::sync::atomic::Ordering::SeqCst);
+    let (code, body) = api.create("acme/remote", bad.clone(), None).await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body.to_string().contains("max_tokens"), "{body}");
+    assert_eq!(
+        proxy.creates.load(std::sync::atomic::Ordering::SeqCst),
+        sent + 1
+    );
+
     // The model document comes from the upstream: the clients' run() finds its version.
     let doc = api.get("/v1/models/acme/remote").await;
     assert_eq!(doc["name"], "remote", "{doc}");
@@ -416,16 +429,61 @@ async fn an_upstream_route_serves_every_verb_and_survives_faults() {
         "canceled"
     );
 
-    // The upstream's 422 reaches the caller unchanged; nothing runs.
+    // With the version's schema cached (the documents above), hearth checks the input
+    // itself: a 422 naming each field and why, nothing sent upstream, nothing stored;
+    // by model name (its latest version) and by version id alike.
+    let sent = proxy.creates.load(std::sync::atomic::Ordering::SeqCst);
+    let by_version = api
+        .http
+        .post(format!("{}/v1/predictions", f.base))
+        .bearer_auth(FRONT_TOKEN)
+        .json(&json!({"version": version, "input": bad["input"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_version.status().as_u16(), 422);
+    let by_version: Value = by_version.json().await.unwrap();
+    let (code, body) = api.create("acme/remote", bad.clone(), None).await;
+    assert_eq!(code, 422, "{body}");
+    for body in [&body, &by_version] {
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains("input.max_tokens: expected integer, got string"),
+            "{body}"
+        );
+        assert!(
+            detail.contains("input.temperature: must be less than or equal to 5, got 9"),
+            "{body}"
+        );
+        assert_eq!(body["title"], "Input validation failed", "{body}");
+    }
+    assert_eq!(
+        proxy.creates.load(std::sync::atomic::Ordering::SeqCst),
+        sent,
+        "a create was sent upstream"
+    );
+    let listed = api.get("/v1/predictions").await;
+    let stored = listed["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["input"] == bad["input"])
+        .count();
+    assert_eq!(stored, 1, "only the relayed one is stored: {listed}");
+    // What the schema cannot say still reaches the upstream, whose 422 is relayed.
     let (code, body) = api
         .create(
             "acme/remote",
-            json!({"input": {"prompt": "x", "max_tokens": "many"}}),
+            json!({"input": {"prompt": "x", "json_schema": "{not json"}}),
             None,
         )
         .await;
     assert_eq!(code, 422, "{body}");
-    assert!(body.to_string().contains("max_tokens"), "{body}");
+    assert!(body.to_string().contains("not valid JSON"), "{body}");
+    assert_eq!(
+        proxy.creates.load(std::sync::atomic::Ordering::SeqCst),
+        sent + 1
+    );
 
     // Two 429s with Retry-After: the create is sent again after the delay and runs once.
     let before = proxy.creates.load(std::sync::atomic::Ordering::SeqCst);
@@ -738,18 +796,31 @@ async fn a_cog_container_upstream_serves_every_verb_and_reattaches_after_a_resta
         .collect();
     assert_eq!(streamed, joined, "{sse}");
 
-    // The container's 422 reaches the caller unchanged.
+    // The container's schema is hearth's to check: a wrong type is hearth's 422,
+    // and the container never sees it.
+    let bad = json!({"prompt": format!("cogbad {}", rand::random::<u64>()), "max_tokens": "many"});
+    let (code, body) = api.create("acme/cogged", json!({"input": bad}), None).await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("input.max_tokens: expected integer, got string"),
+        "{body}"
+    );
+    assert!(upstream_runs(&up, &bad).await.is_empty());
+    // What the schema cannot say: the container's 422 reaches the caller unchanged.
     let (code, body) = api
         .create(
             "acme/cogged",
-            json!({"input": {"prompt": "x", "max_tokens": "many"}}),
+            json!({"input": {"prompt": "x", "json_schema": "{not json"}}),
             None,
         )
         .await;
     assert_eq!(code, 422, "{body}");
     assert_eq!(
         body["detail"][0]["loc"],
-        json!(["body", "input", "max_tokens"]),
+        json!(["body", "input", "json_schema"]),
         "{body}"
     );
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::oneshot;
 
+use super::attempts;
 use super::cog::{CogEvent, CogOpen, STREAM_IDLE};
 use super::normalize;
 use super::runner::{final_record, End, First, Job};
@@ -33,8 +34,6 @@ const BUSY_WINDOW: Duration = Duration::from_secs(600);
 const REATTACH_MAX: u32 = 5;
 /// After a cancel is sent, how long the container gets to end the prediction.
 const CANCEL_GRACE: Duration = Duration::from_secs(30);
-/// Creates that could not connect are tried this many times.
-const CONNECT_ATTEMPTS: u32 = 3;
 
 /// Follows `id` on the Cog container until it ends. `first` (none after a restart)
 /// hears whether the first `PUT` was taken or refused.
@@ -74,7 +73,7 @@ pub(super) async fn follow(
     // After a restart it was created before: attach only.
     let mut created = resumed;
     let mut reattaches = 0u32;
-    let mut connect_failures = 0u32;
+    let mut retry = attempts::ConnectRetry::default();
     loop {
         if cancel_sent.is_none() && !created {
             // Nothing runs there yet: a cancel now needs no call.
@@ -143,24 +142,15 @@ pub(super) async fn follow(
                 body,
                 content_type,
             } => {
-                let detail: String = String::from_utf8_lossy(&body).chars().take(2000).collect();
                 if created {
+                    let detail: String =
+                        String::from_utf8_lossy(&body).chars().take(2000).collect();
                     return Err(End::Failed(format!(
                         "Cog upstream {name} no longer has prediction {id} in flight ({status}: {detail}): it ended there while hearth was not attached to it, and Cog keeps no record of finished predictions, so its result is lost; create it again"
                     )));
                 }
-                let error = format!("Cog upstream {name} refused the input ({status}): {detail}");
-                return Err(match first.take() {
-                    Some(tx) => {
-                        let _ = tx.send(First::Rejected {
-                            status,
-                            body,
-                            content_type,
-                        });
-                        End::Refused(error)
-                    }
-                    None => End::Failed(error),
-                });
+                let who = format!("Cog upstream {name}");
+                return Err(attempts::refused(first, &who, status, body, content_type));
             }
             CogOpen::ServerError { status, detail } => {
                 job.client.breaker.failure();
@@ -169,17 +159,8 @@ pub(super) async fn follow(
                 )));
             }
             CogOpen::NotSent(e) => {
-                job.client.breaker.failure();
-                connect_failures += 1;
-                if connect_failures >= CONNECT_ATTEMPTS {
-                    return Err(End::Failed(format!(
-                        "Cog upstream {name} is unreachable: {e}"
-                    )));
-                }
-                job.note(format!(
-                    "Cog upstream {name} could not be reached ({e}): trying again."
-                ));
-                tokio::time::sleep(Duration::from_millis(500 << connect_failures)).await;
+                let who = format!("Cog upstream {name}");
+                retry.after(job, &who, &e, None).await?;
                 continue;
             }
             CogOpen::Lost(e) => {

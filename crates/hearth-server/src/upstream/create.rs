@@ -204,17 +204,6 @@ async fn upstream(
             .await
             .map_err(|e| ApiError::invalid(format!("webhook: {e}")))?;
     }
-    // What the upstream gets: hearth's own file URLs inlined (the record keeps them).
-    let bases: Vec<&str> = std::iter::once(origin.base_url.as_str())
-        .chain(
-            state
-                .cfg
-                .public_url
-                .as_deref()
-                .map(|u| u.trim_end_matches('/')),
-        )
-        .collect();
-    let sent_input = super::files::inline_inputs(&state.store, &req.input, &bases).await?;
     // A Cog container has one version, its schema's hash (from the cached document):
     // the record names it, as Replicate's records always name one.
     let version = match (&routed.version, c.cog) {
@@ -227,6 +216,26 @@ async fn upstream(
             .and_then(|d| d["latest_version"]["id"].as_str().map(str::to_string)),
         (v, _) => v.clone(),
     };
+    // The caller's input (before inlining: that changes only URL strings) against the
+    // upstream version's schema, when one is cached; else the upstream's 422 relays.
+    if let Some(check) = state
+        .upstream
+        .models
+        .input_check(up, &routed.model, version.as_deref())
+    {
+        check.check(&req.input)?;
+    }
+    // What the upstream gets: hearth's own file URLs inlined (the record keeps them).
+    let bases: Vec<&str> = std::iter::once(origin.base_url.as_str())
+        .chain(
+            state
+                .cfg
+                .public_url
+                .as_deref()
+                .map(|u| u.trim_end_matches('/')),
+        )
+        .collect();
+    let sent_input = super::files::inline_inputs(&state.store, &req.input, &bases).await?;
     let quota = state.quotas.take(&origin.client)?;
     let now = chrono::Utc::now();
     let deadline = req.cancel_after.map(|d| {

@@ -9,6 +9,7 @@
 //! never resent blindly, and a circuit breaker per upstream keeps `fallback` routes
 //! local while it is down (`breaker`).
 
+pub mod attempts;
 pub mod breaker;
 pub mod card;
 pub mod client;
@@ -17,6 +18,7 @@ pub mod cog_runner;
 pub mod compare;
 pub mod create;
 pub mod files;
+pub mod input_check;
 pub mod models;
 pub mod normalize;
 pub mod route;

@@ -1,15 +1,17 @@
 //! Models that run upstream only: `GET /v1/models/{owner}/{name}` and its versions
 //! answered from the upstream's documents (cached), so the official clients find the
 //! version and its schema. Version ids seen there are remembered, so a create naming
-//! a bare version id reaches the right model.
+//! a bare version id reaches the right model. A version's `Input` schema, once its
+//! document is cached, checks creates before they are sent (`input_check`).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use super::client::{CallError, UpstreamClient};
+use super::input_check::InputCheck;
 
 /// How long a fetched document is served before it is fetched again.
 const TTL: Duration = Duration::from_secs(300);
@@ -20,6 +22,9 @@ const MAX_ENTRIES: usize = 1024;
 pub struct ModelCache {
     docs: Mutex<HashMap<String, (Instant, Value)>>,
     versions: Mutex<HashMap<String, String>>,
+    /// By upstream, model and version id (a version's schema never changes): None
+    /// where its document has no usable `Input` schema.
+    checks: Mutex<HashMap<String, Option<Arc<InputCheck>>>>,
 }
 
 impl ModelCache {
@@ -73,6 +78,74 @@ impl ModelCache {
                 }
             }
         }
+    }
+
+    /// The check for creates of `model` at `version` (None: its latest version) on
+    /// `upstream`, from documents already cached: a create never waits for a fetch
+    /// here, and without a cached schema the upstream's own 422 is relayed. The
+    /// latest version is taken only from a fresh model document.
+    pub fn input_check(
+        &self,
+        upstream: &str,
+        model: &str,
+        version: Option<&str>,
+    ) -> Option<Arc<InputCheck>> {
+        let model_path = format!("{upstream}/v1/models/{model}");
+        let (key, version, schema) = {
+            let docs = self.docs.lock().ok()?;
+            let version = match version {
+                Some(v) => v.to_string(),
+                None => {
+                    let (at, doc) = docs.get(&model_path)?;
+                    if at.elapsed() >= TTL {
+                        return None;
+                    }
+                    doc["latest_version"]["id"].as_str()?.to_string()
+                }
+            };
+            let key = format!("{model_path}@{version}");
+            if let Some(c) = self.checks.lock().ok()?.get(&key) {
+                return c.clone();
+            }
+            let named = |d: &Value| d["id"].as_str() == Some(version.as_str());
+            let schema = docs
+                .get(&format!("{model_path}/versions/{version}"))
+                .map(|(_, d)| d)
+                .filter(|d| named(d))
+                .or_else(|| {
+                    docs.get(&model_path)
+                        .map(|(_, d)| &d["latest_version"])
+                        .filter(|d| named(d))
+                })
+                .or_else(|| {
+                    docs.get(&format!("{model_path}/versions"))?.1["results"]
+                        .as_array()?
+                        .iter()
+                        .find(|d| named(d))
+                })
+                .map(|d| d["openapi_schema"].clone())
+                .filter(Value::is_object)?;
+            (key, version, schema)
+        };
+        // Built outside the locks: a large schema takes a while.
+        let check = match InputCheck::from_openapi(&schema) {
+            Ok(c) => {
+                if let Some(c) = &c {
+                    tracing::info!(%upstream, %model, version = %version, not_checked = ?c.skipped, "checking creates against the upstream version's input schema");
+                }
+                c.map(Arc::new)
+            }
+            Err(e) => {
+                tracing::warn!(%upstream, %model, version = %version, error = %e, "the upstream version's input schema cannot be checked here; its 422s are relayed");
+                None
+            }
+        };
+        if let Ok(mut m) = self.checks.lock() {
+            if m.len() < MAX_ENTRIES {
+                m.insert(key, check.clone());
+            }
+        }
+        check
     }
 
     /// The upstream-only model a version id belongs to, if one was seen.

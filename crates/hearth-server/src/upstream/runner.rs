@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+use super::attempts;
 use super::client::{CallError, CreateOutcome, UpstreamClient};
 use super::normalize::{self, Change};
 use crate::client_quota::Slot;
@@ -31,8 +32,6 @@ const MAX_RUN: Duration = Duration::from_secs(86400);
 const CREATE_WINDOW: Duration = Duration::from_secs(600);
 /// After a cancel is forwarded, how long the upstream gets to end the prediction.
 const CANCEL_GRACE: Duration = Duration::from_secs(30);
-/// Creates that could not connect are tried this many times.
-const CONNECT_ATTEMPTS: u32 = 3;
 /// Before reading the upstream's list for a lost create: time for it to show there.
 const LIST_SETTLE: Duration = Duration::from_secs(1);
 /// A lost create's candidates were created this long before it was sent at most
@@ -204,7 +203,7 @@ pub(super) async fn uninterrupted<T>(
 async fn create(job: &mut Job, first: &mut Option<oneshot::Sender<First>>) -> Result<String, End> {
     let deadline = Instant::now() + job.cancel_after.unwrap_or(CREATE_WINDOW).min(CREATE_WINDOW);
     let name = job.client.name.clone();
-    let mut connect_failures = 0;
+    let mut retry = attempts::ConnectRetry::default();
     loop {
         job.link.create_sent_ms = now_ms();
         // The link first: a restart from here on looks for this create upstream.
@@ -272,22 +271,8 @@ async fn create(job: &mut Job, first: &mut Option<oneshot::Sender<First>>) -> Re
                 body,
                 content_type,
             } => {
-                let detail = String::from_utf8_lossy(&body)
-                    .chars()
-                    .take(2000)
-                    .collect::<String>();
-                let error = format!("upstream {name} refused the input ({status}): {detail}");
-                return Err(match first.take() {
-                    Some(tx) => {
-                        let _ = tx.send(First::Rejected {
-                            status,
-                            body,
-                            content_type,
-                        });
-                        End::Refused(error)
-                    }
-                    None => End::Failed(error),
-                });
+                let who = format!("upstream {name}");
+                return Err(attempts::refused(first, &who, status, body, content_type));
             }
             CreateOutcome::ServerError { status, detail } => {
                 job.client.breaker.failure();
@@ -296,21 +281,14 @@ async fn create(job: &mut Job, first: &mut Option<oneshot::Sender<First>>) -> Re
                 )));
             }
             CreateOutcome::NotSent(e) => {
-                job.client.breaker.failure();
-                connect_failures += 1;
                 if canceled {
+                    job.client.breaker.failure();
                     return Err(End::Canceled(format!(
                         "Canceled before upstream {name} could be reached (never created there)."
                     )));
                 }
-                let backoff = Duration::from_millis(500 << connect_failures.min(4));
-                if connect_failures >= CONNECT_ATTEMPTS || Instant::now() + backoff > deadline {
-                    return Err(End::Failed(format!("upstream {name} is unreachable: {e}")));
-                }
-                job.note(format!(
-                    "Upstream {name} could not be reached ({e}): trying again."
-                ));
-                tokio::time::sleep(backoff).await;
+                let who = format!("upstream {name}");
+                retry.after(job, &who, &e, Some(deadline)).await?;
                 continue;
             }
             CreateOutcome::Ambiguous(e) => {

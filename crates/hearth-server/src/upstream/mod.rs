@@ -11,6 +11,7 @@
 
 pub mod breaker;
 pub mod card;
+pub mod chat_shape;
 pub mod client;
 pub mod cog;
 pub mod cog_runner;

@@ -370,7 +370,10 @@ async fn predictions_list_searches_by_the_start_of_an_id() {
             .unwrap();
         assert_eq!(r.status(), 422, "{bad}");
         let body = r.text().await.unwrap();
-        assert!(body.contains("id_prefix: ") && body.contains(says), "{body}");
+        assert!(
+            body.contains("id_prefix: ") && body.contains(says),
+            "{body}"
+        );
     }
 }
 
@@ -469,14 +472,18 @@ async fn model_documents_say_which_models_are_chat_models() {
 async fn upstream_only_models_are_chat_models_by_the_upstreams_schema() {
     let up = serve_chat_and_base("acme").await;
     let front = support::start_custom(engine_default(), |c| {
-        let mut spec = hearth_server::upstream::UpstreamSpec::parse(&format!("up=http://{up}"))
-            .unwrap();
+        let mut spec =
+            hearth_server::upstream::UpstreamSpec::parse(&format!("up=http://{up}")).unwrap();
         spec.token = Some(hearth_server::upstream::Secret::new(TOKEN));
         c.upstreams = vec![spec];
-        c.routes = ["acme/chat=upstream:up", "acme/base=upstream:up", "hearth/demo=fallback:up"]
-            .iter()
-            .map(|r| hearth_server::upstream::ModelRoute::parse(r).unwrap())
-            .collect();
+        c.routes = [
+            "acme/chat=upstream:up",
+            "acme/base=upstream:up",
+            "hearth/demo=fallback:up",
+        ]
+        .iter()
+        .map(|r| hearth_server::upstream::ModelRoute::parse(r).unwrap())
+        .collect();
     })
     .await;
     let get = |path: &str| {
@@ -527,7 +534,10 @@ async fn upstream_only_models_are_chat_models_by_the_upstreams_schema() {
         .unwrap();
     assert_eq!(r.status(), 201);
     let p: Value = r.json().await.unwrap();
-    let stream = p["urls"]["stream"].as_str().expect("a stream URL").to_string();
+    let stream = p["urls"]["stream"]
+        .as_str()
+        .expect("a stream URL")
+        .to_string();
     let body = reqwest::Client::new()
         .get(&stream)
         .header("Accept", "text/event-stream")

@@ -400,7 +400,9 @@ async fn list_searches_by_id_prefix_with_filters_and_pages(b: Backend) {
         };
         add(format!("abcd-{i}"), st).await;
     }
-    for id in ["abce-0", "ABCD-0", "abc-d", "ab_d-0", "abxd-0", "abc%-0", "abcX-0"] {
+    for id in [
+        "abce-0", "ABCD-0", "abc-d", "ab_d-0", "abxd-0", "abc%-0", "abcX-0",
+    ] {
         add(id.to_string(), Status::Failed).await;
     }
     let search = |prefix: &str, statuses: Vec<Status>, limit: usize| {
@@ -885,10 +887,7 @@ async fn the_status_listing_index_is_made_by_the_migration(b: Backend) {
         .await
         .unwrap()
         .get(0);
-    assert!(
-        def.contains("(status, created_at DESC, id DESC)"),
-        "{def}"
-    );
+    assert!(def.contains("(status, created_at DESC, id DESC)"), "{def}");
 }
 
 fn delivery(p: &str, msg: &str, event: &str, coalesce: bool) -> Delivery {

@@ -93,7 +93,8 @@ async fn a_database_of_the_previous_release_migrates_and_its_interrupted_rows_ar
         .await
         .unwrap();
     assert!(
-        plan.iter().any(|l| l.contains("predictions_status_created")),
+        plan.iter()
+            .any(|l| l.contains("predictions_status_created")),
         "{plan:?}"
     );
     let files = s.file_list(None, 10).await.unwrap().files;
@@ -200,7 +201,9 @@ async fn the_listing_filters_use_indexes() {
     )
     .await;
     assert!(
-        paged.iter().any(|l| l.contains("predictions_status_created (status=? AND")),
+        paged
+            .iter()
+            .any(|l| l.contains("predictions_status_created (status=? AND")),
         "the cursor seeks: {paged:?}"
     );
     let two = plan(None, by_status(&[Status::Starting, Status::Processing])).await;
@@ -231,6 +234,10 @@ async fn the_listing_filters_use_indexes() {
         )
         .await
         .unwrap();
-    let ids: Vec<&str> = page.records.iter().map(|r| r.prediction.id.as_str()).collect();
+    let ids: Vec<&str> = page
+        .records
+        .iter()
+        .map(|r| r.prediction.id.as_str())
+        .collect();
     assert_eq!(ids, ["p28", "p25", "p22"]);
 }

@@ -536,7 +536,7 @@ mod tests {
         let p = IdPrefix::new("a_b%c\\d");
         assert_eq!(p.pattern, "a\\_b\\%c\\\\d%");
         assert_eq!(p.low, "a_b%c\\d");
-        assert!(p.high.starts_with("a_b%c\\d") && p.high > "a_b%c\\dzzzz".to_string());
+        assert!(p.high.starts_with("a_b%c\\d") && p.high.as_str() > "a_b%c\\dzzzz");
     }
 
     #[test]

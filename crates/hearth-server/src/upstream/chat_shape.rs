@@ -117,7 +117,8 @@ mod tests {
 
     #[test]
     fn the_rule_in_order() {
-        let prompt_pair = json!({"prompt": {"type": "string"}, "system_prompt": {"type": "string"}});
+        let prompt_pair =
+            json!({"prompt": {"type": "string"}, "system_prompt": {"type": "string"}});
         // 1: an upstream hearth's own answer wins, either way.
         let mut d = doc("llm", "a base model", prompt_pair.clone());
         d["hearth"] = json!({"chat": true});
@@ -126,7 +127,11 @@ mod tests {
         d["hearth"] = json!({"chat": false});
         assert_eq!(chat_input(&d), None);
         d["hearth"] = json!({"chat": true, "chat_input": "messages", "route": "upstream:x"});
-        assert_eq!(chat_input(&d), Some(ChatInput::Messages), "a chain of hearths");
+        assert_eq!(
+            chat_input(&d),
+            Some(ChatInput::Messages),
+            "a chain of hearths"
+        );
         // 2: messages as an array, whatever the card says.
         let d = doc(
             "gpt",
@@ -153,7 +158,11 @@ mod tests {
             None
         );
         assert_eq!(
-            chat_input(&doc("llm-instruct", "", json!({"prompt": {"type": "string"}}))),
+            chat_input(&doc(
+                "llm-instruct",
+                "",
+                json!({"prompt": {"type": "string"}})
+            )),
             None,
             "no system_prompt"
         );

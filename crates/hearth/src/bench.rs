@@ -80,7 +80,11 @@ pub struct BenchArgs {
           conflicts_with_all = ["offline", "url", "sweep", "json_schema"])]
     pub plot_from: Option<PathBuf>,
     /// With --plot-from: the plot's title.
-    #[arg(long, requires = "plot_from", default_value = "hearth bench: a comparison")]
+    #[arg(
+        long,
+        requires = "plot_from",
+        default_value = "hearth bench: a comparison"
+    )]
     pub plot_title: String,
     /// With --plot-from: what the x axis is (`load`, `concurrency`).
     #[arg(long, requires = "plot_from", default_value = "load")]

@@ -400,9 +400,17 @@ mod tests {
 
     #[test]
     fn bad_figures_name_the_line() {
-        let e = read_figures("\n{\"series\": \"a\"}\n").unwrap_err().to_string();
-        assert!(e.contains("line 2") && e.contains("output_throughput"), "{e}");
-        assert!(read_figures("\n").unwrap_err().to_string().contains("no figures"));
+        let e = read_figures("\n{\"series\": \"a\"}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("output_throughput"),
+            "{e}"
+        );
+        assert!(read_figures("\n")
+            .unwrap_err()
+            .to_string()
+            .contains("no figures"));
     }
 
     #[test]

@@ -6,8 +6,8 @@
 # console at /ui (tests/web/check-console.mjs): token, form, streaming run, cancel,
 # chat (on the demo, a chat model; absent for hearth/base, `dummy:demo` with no chat
 # template), the predictions list filtered and searched on the server, the operations
-# charts under load; and on a second hearth (the front) that routes `acme/chat` to the
-# first one only (`upstream:up`), the chat view of that upstream-only chat model.
+# charts under load; and on a second hearth (the front) that routes `hearth/demo` to
+# the first one only (`upstream:up`), the chat view of that upstream-only chat model.
 # Screenshots land in $OUT_DIR (default: target/web-check, kept; the path is printed).
 #
 # Env: HEARTH_BIN (default target/debug/hearth, built if missing), OUT_DIR.
@@ -46,7 +46,6 @@ base="http://127.0.0.1:$port"
 mkdir -p "$work/models"
 printf 'name = "hearth/demo"\nmodel = "demo"\ndescription = "The built-in demo (a chat model)."\n' >"$work/models/demo.toml"
 printf 'name = "hearth/base"\nmodel = "dummy:demo"\ndescription = "The demo shape, no chat template."\n' >"$work/models/base.toml"
-printf 'name = "acme/chat"\nmodel = "demo"\ndescription = "The demo again, for the front to route upstream."\n' >"$work/models/chat.toml"
 HEARTH_LOG=warn "$bin" serve --port "$port" --data-dir "$work/data" --api-token "$token" \
   --models "$work/models" --max-num-seqs 4 >"$work/server.log" 2>&1 &
 server=$!
@@ -56,11 +55,14 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 
-# The front: its own model, and acme/chat on the first server only.
+# The front: a model of its own (a server needs one), and hearth/demo on the first
+# server only.
+mkdir -p "$work/front-models"
+printf 'name = "front/base"\nmodel = "dummy:demo"\n' >"$work/front-models/base.toml"
 fport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fbase="http://127.0.0.1:$fport"
 HEARTH_LOG=warn HEARTH_UPSTREAM_TOKEN_UP="$token" "$bin" serve --port "$fport" --data-dir "$work/front" \
-  --api-token "$token" --model demo --upstream "up=$base" --route "acme/chat=upstream:up" \
+  --api-token "$token" --models "$work/front-models" --upstream "up=$base" --route "hearth/demo=upstream:up" \
   >"$work/front.log" 2>&1 &
 front=$!
 for _ in $(seq 300); do

@@ -90,6 +90,7 @@ export async function chatPage(main, owner, name) {
     const content = text.value;
     if (!content.trim() || abort) return;
     text.value = "";
+    info.textContent = "";
     messages.push({ role: "user", content });
     bubble("user", content);
     const reply = bubble("assistant", "");

@@ -286,7 +286,7 @@ pub fn compare_svg(title: &str, x_axis: &str, figures: &[Figure]) -> String {
             .collect()
     };
     let series = |get: fn(&Figure) -> f64| -> Vec<(&str, Vec<f64>)> {
-        names.iter().map(|n| (*n, col(*n, get))).collect()
+        names.iter().map(|n| (*n, col(n, get))).collect()
     };
     let mut out = open(title);
     panel(

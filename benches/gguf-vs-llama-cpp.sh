@@ -3,7 +3,8 @@
 # default), side by side in one run: output tok/s at concurrency 1 and 16 through each
 # server's HTTP API (same prompt texts, greedy, EOS ignored; llama-server -t 2 -np 16),
 # alternated over ROUNDS rounds, and resident memory for the weights against the file size.
-# Appends the ratios with the command and the date to benches/RESULTS.md. Not run in CI.
+# Appends the ratios with the command and the date to benches/RESULTS.md, and draws the
+# medians as benches/gguf-vs-llama-cpp-<format>.svg beside it. Not run in CI.
 #
 #   bash benches/gguf-vs-llama-cpp.sh            # INPUT_LEN=128 OUTPUT_LEN=128 ROUNDS=2 THREADS=2
 #   FORMAT=q4_k_m INPUT_LEN=20 ROUNDS=3 bash benches/gguf-vs-llama-cpp.sh
@@ -79,9 +80,10 @@ done
 
 cmd="bash benches/gguf-vs-llama-cpp.sh  # FORMAT=${FORMAT:-q4_1} INPUT_LEN=$in OUTPUT_LEN=$out ROUNDS=$rounds THREADS=$threads"
 load="$load_before at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
-python3 - "$results" "$gguf" "$demo_rss" "$small_rss" "$llama_rss" "$cmd" "$weights_mib" "$load" "$threads" <<'PY' | tee -a benches/RESULTS.md
+svg="benches/gguf-vs-llama-cpp-${FORMAT:-q4_1}.svg"
+python3 - "$results" "$gguf" "$demo_rss" "$small_rss" "$llama_rss" "$cmd" "$weights_mib" "$load" "$threads" "$tmp/figures.jsonl" "$(basename "$svg")" <<'PY' | tee -a benches/RESULTS.md
 import datetime, json, os, statistics, sys
-path, gguf, demo, small, llama, cmd, tensors, load, threads = sys.argv[1:]
+path, gguf, demo, small, llama, cmd, tensors, load, threads, figures, svg = sys.argv[1:]
 rows = [json.loads(l) for l in open(path)]
 tput = lambda c, api: [r["report"]["output_throughput"] for r in rows if r["c"] == c and r["api"] == api]
 size = os.path.getsize(gguf) / 2**20
@@ -102,4 +104,14 @@ print(f"\nMemory for a {size:.1f} MiB file: hearth's weight tensors take {float(
       f"(weights, tokenizer, RoPE tables: RSS {int(small)/1024:.1f} MiB with the GGUF minus "
       f"{int(demo)/1024:.1f} MiB with the demo model, same 16 MiB KV cache) is {weights:.1f} MiB "
       f"(**{weights / size:.2f}×**). llama-server's whole process: {int(llama)/1024:.1f} MiB RSS.")
+print(f"\nPlotted (output tok/s, TTFT p50, TPOT p50 per concurrency, medians of the rounds): [{svg}]({svg})")
+# The medians for `hearth bench --plot-from`, which draws them.
+med = lambda c, api, key: statistics.median([r["report"][key] for r in rows if r["c"] == c and r["api"] == api])
+with open(figures, "w") as f:
+    for c in (1, 16):
+        for api, name in (("replicate", "hearth"), ("llama-cpp", "llama.cpp")):
+            f.write(json.dumps({"series": name, "x": c, **{k: med(c, api, k) for k in
+                                ("output_throughput", "median_ttft_ms", "median_tpot_ms")}}) + "\n")
 PY
+"$bin" bench --plot-from "$tmp/figures.jsonl" --plot "$svg" --plot-x concurrency \
+  --plot-title "hearth vs llama-server on $(basename "$gguf") (INPUT_LEN=$in OUTPUT_LEN=$out ROUNDS=$rounds THREADS=$threads), $(date +%F)"

@@ -7,6 +7,8 @@
 # the same prompts over HTTP (`hearth bench --url`, `--backend replicate` / `--backend
 # llama-cpp`), greedy, EOS ignored, no prompt caching on either side. Greedy outputs
 # must agree on 5 prompts before anything is timed. Not in CI: ~15 minutes on 2 cores.
+# The figures are also drawn (`hearth bench --plot-from`) as vs-llama-cpp.svg beside
+# RESULTS.md.
 #
 # Env: THREADS (default 2: llama-server -t, hearth's CPU pool), REPEAT (default 1: each
 # load runs REPEAT times per engine, alternated, and the mean is reported), RESULTS
@@ -115,9 +117,10 @@ for load in "${loads[@]}"; do
   tail -n 2 "$tmp/rows" >&2
 done
 
-"$py" - "$tmp/rows" "$results" "$threads" "$repeat" <<'PY'
+svg="$(dirname "$results")/vs-llama-cpp.svg"
+"$py" - "$tmp/rows" "$results" "$threads" "$repeat" "$tmp/figures.jsonl" "$(basename "$svg")" <<'PY'
 import json, sys, datetime, platform, collections, os
-rows, results, threads, repeat = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+rows, results, threads, repeat, figures, svg = sys.argv[1:7]
 runs = collections.defaultdict(lambda: collections.defaultdict(list))
 loads = collections.defaultdict(list)
 for line in open(rows):
@@ -151,8 +154,18 @@ if "TPOT ctx 128" in runs and "TPOT ctx 1900" in runs:
         a, b = m("TPOT ctx 128", e, "median_tpot_ms"), m("TPOT ctx 1900", e, "median_tpot_ms")
         out.append(f"\n{name}: median TPOT at ~1,900-token context / at 128 (8 concurrent, 64 out) = "
                    f"{b:.1f} / {a:.1f} ms = **{b / a:.2f}×**")
+out.append(f"\nPlotted (output tok/s, TTFT p50, TPOT p50 per load, both engines): [{svg}]({svg})")
+# The same figures for `hearth bench --plot-from`, which draws them.
+with open(figures, "w") as f:
+    for label in runs:
+        for e, name in (("hearth", "hearth"), ("llama", "llama.cpp")):
+            f.write(json.dumps({"series": name, "x": label, "output_throughput": m(label, e, "output_throughput"),
+                                "median_ttft_ms": m(label, e, "median_ttft_ms"),
+                                "median_tpot_ms": m(label, e, "median_tpot_ms")}) + "\n")
 text = "\n".join(out) + "\n"
 print(text)
 with open(results, "a") as f:
     f.write(text)
 PY
+"$bin" bench --plot-from "$tmp/figures.jsonl" --plot "$svg" --plot-x load \
+  --plot-title "hearth vs llama.cpp, same f32 weights (SmolLM2-135M-Instruct, THREADS=$threads, REPEAT=$repeat), $(date +%F)"

@@ -5,8 +5,9 @@
 # output, metrics) and a running one (output arriving over the stream URL). Then the
 # console at /ui (tests/web/check-console.mjs): token, form, streaming run, cancel,
 # chat (on the demo, a chat model; absent for hearth/base, `dummy:demo` with no chat
-# template), the predictions list filtered on the server, the operations charts under
-# load.
+# template), the predictions list filtered and searched on the server, the operations
+# charts under load; and on a second hearth (the front) that routes `hearth/demo` to
+# the first one only (`upstream:up`), the chat view of that upstream-only chat model.
 # Screenshots land in $OUT_DIR (default: target/web-check, kept; the path is printed).
 #
 # Env: HEARTH_BIN (default target/debug/hearth, built if missing), OUT_DIR.
@@ -30,7 +31,9 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/hearth-web.XXXXXX")
 out=${OUT_DIR:-target/web-check}
 mkdir -p "$out"
 server=
+front=
 cleanup() {
+  [ -n "$front" ] && kill "$front" 2>/dev/null && wait "$front" 2>/dev/null || true
   [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
   rm -rf "$work"
 }
@@ -52,6 +55,22 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 
+# The front: a model of its own (a server needs one), and hearth/demo on the first
+# server only.
+mkdir -p "$work/front-models"
+printf 'name = "front/base"\nmodel = "dummy:demo"\n' >"$work/front-models/base.toml"
+fport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fbase="http://127.0.0.1:$fport"
+HEARTH_LOG=warn HEARTH_UPSTREAM_TOKEN_UP="$token" "$bin" serve --port "$fport" --data-dir "$work/front" \
+  --api-token "$token" --models "$work/front-models" --upstream "up=$base" --route "hearth/demo=upstream:up" \
+  >"$work/front.log" 2>&1 &
+front=$!
+for _ in $(seq 300); do
+  curl -sf "$fbase/health-check" | grep -q '"READY"' && break
+  kill -0 "$front" 2>/dev/null || { cat "$work/front.log"; exit 1; }
+  sleep 0.2
+done
+
 node "$web/check-page.mjs" "$base" "$token" "$out" || { echo "--- server log"; tail -30 "$work/server.log"; exit 1; }
-node "$web/check-console.mjs" "$base" "$token" "$out" || { echo "--- server log"; tail -30 "$work/server.log"; exit 1; }
+node "$web/check-console.mjs" "$base" "$token" "$out" "$fbase" || { echo "--- server log"; tail -30 "$work/server.log"; echo "--- front log"; tail -30 "$work/front.log"; exit 1; }
 echo "screenshots: $(cd "$out" && pwd)"

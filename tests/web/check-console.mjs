@@ -2,12 +2,14 @@
 // the form generated from the demo model's schema (the seed's bound exact), a run
 // streaming before it ends, a long one canceled, the chat for the demo (a chat model)
 // and none for hearth/base (no chat template), the predictions list filtered on the
-// server and searched, model output shown as text, and the operations charts moving
+// server and searched by the start of an id, model output shown as text, and the operations charts moving
 // under a short load.
-// Usage: node check-console.mjs BASE_URL API_TOKEN OUT_DIR
+// With FRONT_URL (a hearth routing hearth/demo to BASE_URL only): that model listed as
+// upstream and chat, and its chat view running turns through the Replicate API.
+// Usage: node check-console.mjs BASE_URL API_TOKEN OUT_DIR [FRONT_URL]
 import { chromium } from "playwright-core";
 
-const [base, token, outDir] = process.argv.slice(2);
+const [base, token, outDir, front] = process.argv.slice(2);
 let failed = 0;
 const check = (name, ok, detail = "") => {
   console.log(`${ok ? "ok  " : "FAIL"} console: ${name}${ok ? "" : "  " + detail}`);
@@ -38,7 +40,7 @@ try {
   page.on("pageerror", (e) => errors.push(String(e)));
   // Chromium logs every 4xx; the two the check provokes (no token, an unknown id) are expected.
   page.on("console", (m) => {
-    const expected = /status of 401/.test(m.text()) || (/status of 404/.test(m.text()) && /nosuchpredictionid/.test(m.location().url));
+    const expected = /status of 401/.test(m.text()) || (/status of 404/.test(m.text()) && /\/v1\/predictions\/zz9$/.test(m.location().url));
     if (m.type() === "error" && !expected) errors.push(m.text() + " " + m.location().url);
   });
   const shot = (name) => page.screenshot({ path: `${outDir}/console-${name}.png`, fullPage: true });
@@ -187,17 +189,31 @@ try {
     }
   }
   await page.selectOption("#status-filter", "");
-  await page.fill("#id-search", canceledId);
+  // The search is by the start of an id, asked of the server (`id_prefix`) with the
+  // status filter and paging.
+    const prefix = canceledId.slice(0, 8);
+  await page.fill("#id-search", prefix);
   await page.click("form.inline button[type=submit]");
   await page.waitForFunction((id) => {
     const rows = document.querySelectorAll("#predictions-body tr[data-id]");
     return rows.length === 1 && rows[0].dataset.id === id;
   }, canceledId, { timeout: WAIT });
-  check("list: search by id", true);
+  check("list: search by the start of an id, on the server",
+    requests.some((r) => new URL(r.url()).pathname === "/v1/predictions" && new URL(r.url()).searchParams.get("id_prefix") === prefix));
+  await page.selectOption("#status-filter", "succeeded");
+  await page.waitForFunction(() => /No prediction id starts with .* with this status/.test(document.getElementById("predictions-body").textContent), null, { timeout: WAIT });
+  check("list: the search and the status filter together",
+    requests.some((r) => { const q = new URL(r.url()).searchParams; return q.get("id_prefix") === prefix && q.get("status") === "succeeded"; }));
+  await page.selectOption("#status-filter", "");
   await page.fill("#id-search", "nosuchpredictionid");
   await page.click("form.inline button[type=submit]");
-  await page.waitForFunction(() => /No prediction/.test(document.getElementById("predictions-body").textContent), null, { timeout: WAIT });
+  await page.waitForFunction(() => /No prediction id starts with nosuchpredictionid/.test(document.getElementById("predictions-body").textContent), null, { timeout: WAIT });
   check("list: an unknown id says so", true);
+  // Shorter than a prefix search takes: looked up whole.
+  await page.fill("#id-search", "zz9");
+  await page.click("form.inline button[type=submit]");
+  await page.waitForFunction(() => /No prediction zz9 /.test(document.getElementById("predictions-body").textContent), null, { timeout: WAIT });
+  check("list: a short id is looked up whole", true);
   await page.fill("#id-search", "");
   await page.click("form.inline button[type=submit]");
   // Back to the whole list: a full first page (the marked one is behind the fillers now).
@@ -235,10 +251,51 @@ try {
   await page.waitForFunction(() => !/no requests/.test(document.querySelector('.ops-model[data-model="hearth/demo"] figure:nth-of-type(6) figcaption')?.textContent || "no requests"), null, { timeout: WAIT });
   check("ops: TTFT distribution has the requests", /p50/.test(await page.textContent('.ops-model[data-model="hearth/demo"] figure:nth-of-type(6) figcaption')));
 
+  // A chat model that runs upstream only, on the front (another origin: the token is
+  // asked for again there). The chat view runs turns as predictions, streamed.
+  if (front) {
+    await page.goto(front + "/ui");
+    await page.waitForSelector("#token-panel:not([hidden])", { timeout: WAIT });
+    await page.fill("#token-input", token);
+    await page.click("#token-form button[type=submit]");
+    await page.waitForSelector('.card[data-model="hearth/demo"]', { timeout: WAIT });
+    const card = await page.$eval('.card[data-model="hearth/demo"]', (c) => ({
+      route: c.dataset.route, chat: !!c.querySelector("[data-chat]"), upstream: c.querySelector("[data-upstream]")?.textContent,
+    }));
+    check("upstream: the upstream-only model listed, tagged chat and with its route",
+      card.chat && card.route === "upstream:up" && card.upstream === "upstream:up", JSON.stringify(card));
+    await page.goto(front + "/ui#/models/hearth/demo/chat");
+    await page.waitForSelector("#chat-input", { timeout: WAIT });
+    check("upstream: the chat view says how it runs", /upstream:up/.test(await text("#chat-via")), await text("#chat-via"));
+    await page.fill("#chat-max-tokens", "24");
+    for (const [i, msg] of ["hello upstream", "and a second turn"].entries()) {
+      await page.fill("#chat-input", msg);
+      await page.click("#chat-send");
+      await page.waitForFunction((n) => document.querySelectorAll("#chat-log .msg.assistant").length === n
+        && !document.querySelector("#chat-log .typing")
+        && /finish: succeeded/.test(document.getElementById("chat-info").textContent), i + 1, { timeout: WAIT });
+    }
+    const up = await page.evaluate(() => ({
+      replies: [...document.querySelectorAll("#chat-log .msg.assistant .content")].map((c) => c.textContent),
+      failed: document.querySelectorAll("#chat-log .msg.failed").length,
+    }));
+    // Each turn ended "succeeded" (waited for above); the demo's random tokens may end
+    // one at once with its end-of-sequence token, so one non-empty reply is asked for.
+    check("upstream: two turns answered, streamed", up.replies.length === 2 && up.replies.some((r) => r.length > 0) && up.failed === 0, JSON.stringify(up));
+    const sent = requests.filter((r) => r.method() === "POST" && r.url().startsWith(front) && new URL(r.url()).pathname === "/v1/models/hearth/demo/predictions").map((r) => JSON.parse(r.postData()));
+    check("upstream: turns sent through the Replicate API, the second with the first as a transcript",
+      sent.length === 2 && sent[1].input.prompt.includes("User: hello upstream") && sent[1].input.prompt.includes("and a second turn") && sent[1].stream === true,
+      JSON.stringify(sent));
+    check("upstream: each turn streamed over its stream URL", requests.filter((r) => r.url().startsWith(front) && new URL(r.url()).pathname.startsWith("/streams/")).length >= 2,
+      requests.filter((r) => r.url().startsWith(front)).map((r) => `${r.resourceType()} ${new URL(r.url()).pathname}`).join(" "));
+    await shot("chat-upstream");
+  }
+
   // The token: only ever in a header, and only to this origin.
   const all = await Promise.all(requests.map(async (r) => ({ url: r.url(), h: await r.allHeaders() })));
   check("token never in a URL", all.every((r) => !r.url.includes(token)));
-  check("every request to this server", all.every((r) => r.url.startsWith(base) || r.url.startsWith("data:")), all.map((r) => r.url).filter((u) => !u.startsWith(base)).join(" "));
+  const ours = (u) => u.startsWith(base) || (front && u.startsWith(front)) || u.startsWith("data:");
+  check("every request to these servers", all.every((r) => ours(r.url)), all.map((r) => r.url).filter((u) => !ours(u)).join(" "));
   check("API calls carry the token header", all.filter((r) => new URL(r.url).pathname.startsWith("/v1/")).every((r) => !r.h.authorization || r.h.authorization === `Bearer ${token}` || r.h.authorization === "Bearer not-the-token"));
   check("no script errors (CSP included)", errors.length === 0, errors.join(" | "));
 } catch (e) {

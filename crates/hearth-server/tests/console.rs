@@ -315,18 +315,84 @@ async fn predictions_list_filters_by_status_on_the_server() {
     );
 }
 
-/// The console shows a chat view for chat models only: the model document says
-/// whether the model has a chat template of its own (`hearth.chat`). The demo has
-/// one; `dummy:demo` (the same shape with a bare tokenizer) is a base model.
+/// The console's search by the start of an id is the server's (`id_prefix`, hearth's
+/// own like `status`): the predictions whose id starts so, with the status filter at
+/// once; a prefix too short to narrow the list, or with a character no id has, is
+/// refused by name.
 #[tokio::test]
-async fn model_documents_say_which_models_are_chat_models() {
+async fn predictions_list_searches_by_the_start_of_an_id() {
+    let s = start(1 << 20).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (code, p) = s
+            .create(
+                json!({"prompt": format!("search {i}"), "max_tokens": 1}),
+                Some("wait"),
+            )
+            .await;
+        assert_eq!(code, 201, "{p}");
+        ids.push(p["id"].as_str().unwrap().to_string());
+    }
+    let target = &ids[1];
+    // Ids are random: a prefix long enough that no other of the three shares it.
+    let len = (4..=26)
+        .find(|n| ids.iter().filter(|i| i.starts_with(&target[..*n])).count() == 1)
+        .unwrap();
+    let prefix = &target[..len.max(6)];
+    let (found, next) = list_page(&s, &format!("/v1/predictions?id_prefix={prefix}")).await;
+    assert_eq!(found, std::slice::from_ref(target));
+    assert_eq!(next, None);
+    let (whole, _) = list_page(&s, &format!("/v1/predictions?id_prefix={target}")).await;
+    assert_eq!(whole, std::slice::from_ref(target));
+    let (ok, _) = list_page(
+        &s,
+        &format!("/v1/predictions?id_prefix={prefix}&status=succeeded"),
+    )
+    .await;
+    assert_eq!(ok, std::slice::from_ref(target));
+    let (none, _) = list_page(
+        &s,
+        &format!("/v1/predictions?id_prefix={prefix}&status=failed"),
+    )
+    .await;
+    assert!(none.is_empty(), "{none:?}");
+    let (all, _) = list_page(&s, "/v1/predictions?id_prefix=").await;
+    assert_eq!(all.len(), 3, "an empty search keeps all");
+    for (bad, says) in [
+        ("abc", "3 characters"),
+        ("abc%25d", "is in no prediction id"),
+        (&"a".repeat(129)[..], "129 characters"),
+    ] {
+        let r = s
+            .get(&format!("/v1/predictions?id_prefix={bad}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 422, "{bad}");
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains("id_prefix: ") && body.contains(says),
+            "{body}"
+        );
+    }
+}
+
+/// A server (token `TOKEN`) serving the demo as `owner/chat` (it has a chat template)
+/// and `dummy:demo` as `owner/base` (the same shape with a bare tokenizer: a base
+/// model); its address.
+async fn serve_chat_and_base(owner: &str) -> std::net::SocketAddr {
     let engine = engine_default();
+    let owner = owner.to_string();
     let (demo, base) = tokio::task::spawn_blocking(move || {
-        let demo = support::demo_model(engine.clone());
+        let mut demo = support::demo_model(engine.clone());
+        demo.owner = owner.clone();
+        demo.name = "chat".into();
+        demo.aliases.clear();
+        demo.version_aliases.clear();
         let loaded =
             hearth_runtime::load(&hearth_runtime::ModelSpec::new("dummy:demo"), &engine).unwrap();
         let base = hearth_server::ServedModel {
-            owner: "hearth".into(),
+            owner,
             name: "base".into(),
             aliases: Vec::new(),
             version: "c".repeat(64),
@@ -348,7 +414,18 @@ async fn model_documents_say_which_models_are_chat_models() {
     let state = hearth_server::build_state(cfg, vec![demo, base])
         .await
         .unwrap();
-    tokio::spawn(hearth_server::serve_on(state, listener));
+    tokio::spawn(async move {
+        let _data = data;
+        hearth_server::serve_on(state, listener).await
+    });
+    addr
+}
+
+/// The console shows a chat view for chat models only: the model document says
+/// whether the model has a chat template of its own (`hearth.chat`).
+#[tokio::test]
+async fn model_documents_say_which_models_are_chat_models() {
+    let addr = serve_chat_and_base("hearth").await;
     let c = reqwest::Client::new();
     let get = |path: &str| {
         let req = c
@@ -372,10 +449,107 @@ async fn model_documents_say_which_models_are_chat_models() {
     assert_eq!(
         chat,
         [
-            ("hearth/demo".to_string(), json!(true)),
+            ("hearth/chat".to_string(), json!(true)),
             ("hearth/base".to_string(), json!(false))
         ]
     );
     assert_eq!(get("/v1/models/hearth/base").await["hearth"]["chat"], false);
+    assert_eq!(get("/v1/models/hearth/chat").await["hearth"]["chat"], true);
+    assert_eq!(
+        get("/v1/console/routes").await,
+        json!({"routes": []}),
+        "no model routed elsewhere"
+    );
+}
+
+/// Models that run upstream only: the console lists them (`/v1/console/routes`), and
+/// their documents as the front answers them carry `hearth.chat` by
+/// `upstream::chat_shape`'s rule (here the upstream is a hearth, whose own answer
+/// decides) with how the chat view sends a conversation and the route. A turn as the
+/// chat view sends it (a `prompt` holding the transcript, the system prompt, max
+/// tokens) runs through the Replicate API on the upstream, streamed.
+#[tokio::test]
+async fn upstream_only_models_are_chat_models_by_the_upstreams_schema() {
+    let up = serve_chat_and_base("acme").await;
+    let front = support::start_custom(engine_default(), |c| {
+        let mut spec =
+            hearth_server::upstream::UpstreamSpec::parse(&format!("up=http://{up}")).unwrap();
+        spec.token = Some(hearth_server::upstream::Secret::new(TOKEN));
+        c.upstreams = vec![spec];
+        c.routes = [
+            "acme/chat=upstream:up",
+            "acme/base=upstream:up",
+            "hearth/demo=fallback:up",
+        ]
+        .iter()
+        .map(|r| hearth_server::upstream::ModelRoute::parse(r).unwrap())
+        .collect();
+    })
+    .await;
+    let get = |path: &str| {
+        let req = front.get(path).send();
+        async move {
+            let r = req.await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    assert_eq!(
+        get("/v1/console/routes").await,
+        json!({"routes": [
+            {"model": "acme/base", "route": "upstream:up", "served_here": false},
+            {"model": "acme/chat", "route": "upstream:up", "served_here": false},
+            {"model": "hearth/demo", "route": "fallback:up", "served_here": true},
+        ]})
+    );
+    let chat = get("/v1/models/acme/chat").await;
+    assert_eq!(
+        chat["hearth"],
+        json!({"chat": true, "chat_input": "prompt", "route": "upstream:up"}),
+        "{chat}"
+    );
+    assert!(chat["latest_version"]["openapi_schema"].is_object());
+    let base = get("/v1/models/acme/base").await;
+    assert_eq!(
+        base["hearth"],
+        json!({"chat": false, "chat_input": null, "route": "upstream:up"})
+    );
+    // A model served here keeps its own answer (fallback routes run here first).
     assert_eq!(get("/v1/models/hearth/demo").await["hearth"]["chat"], true);
+    // Unauthenticated, the routes are not shown.
+    let r = reqwest::get(format!("{}/v1/console/routes", front.base))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // The chat view's second turn.
+    let r = front
+        .post("/v1/models/acme/chat/predictions")
+        .json(&json!({"input": {
+            "prompt": "User: hello\n\nAssistant: hi there\n\nUser: and now?",
+            "system_prompt": "Be brief.", "max_tokens": 8,
+        }, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let p: Value = r.json().await.unwrap();
+    let stream = p["urls"]["stream"]
+        .as_str()
+        .expect("a stream URL")
+        .to_string();
+    let body = reqwest::Client::new()
+        .get(&stream)
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.contains("event: output"), "{body}");
+    assert!(body.contains("event: done"), "{body}");
+    let ended = front.wait_terminal(p["id"].as_str().unwrap()).await;
+    assert_eq!(ended["status"], "succeeded", "{ended}");
+    assert_eq!(ended["model"], "acme/chat");
 }

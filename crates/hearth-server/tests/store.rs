@@ -76,6 +76,7 @@ both!(
     put_writes_changes_and_recreates_a_lost_row,
     list_pages_newest_first_with_filters,
     list_filters_by_status_in_the_store,
+    list_searches_by_id_prefix_with_filters_and_pages,
     outbox_keeps_order_coalesces_and_claims_one_head_per_prediction,
     outbox_events_are_opaque_and_cog_events_never_coalesce,
     outbox_drops_superseded_cog_states_and_keeps_completed_last,
@@ -95,6 +96,7 @@ postgres_only!(
     orphans_are_claimed_once_and_only_after_the_lease,
     concurrent_outbox_claims_never_share_a_delivery,
     a_newer_schema_is_refused,
+    the_status_listing_index_is_made_by_the_migration,
 );
 
 fn item<'a>(p: &'a str, msg: &'a str, event: &'a str, body: &'a str) -> OutboxItem<'a> {
@@ -376,6 +378,70 @@ async fn list_filters_by_status_in_the_store(b: Backend) {
     assert_eq!(failed, ["p11", "p06", "p01"]);
     let (all, _) = pages(Vec::new(), None).await;
     assert_eq!(all.len(), 20);
+}
+
+/// The console's search by id: ids that start with the prefix (case-sensitive, `_` and
+/// `%` in it literal, not LIKE's wildcards), newest first, full pages across the
+/// cursor, with the status filter at once.
+async fn list_searches_by_id_prefix_with_filters_and_pages(b: Backend) {
+    let s = b.store;
+    let mut n = 0;
+    let mut add = |id: String, status: Status| {
+        n += 1;
+        let at = format!("2026-01-01T00:00:{n:02}.000000Z");
+        let s = s.clone();
+        async move { s.insert(&record(&id, &at, status)).await.unwrap() }
+    };
+    for i in 0..7 {
+        let st = if i % 2 == 0 {
+            Status::Succeeded
+        } else {
+            Status::Failed
+        };
+        add(format!("abcd-{i}"), st).await;
+    }
+    for id in [
+        "abce-0", "ABCD-0", "abc-d", "ab_d-0", "abxd-0", "abc%-0", "abcX-0",
+    ] {
+        add(id.to_string(), Status::Failed).await;
+    }
+    let search = |prefix: &str, statuses: Vec<Status>, limit: usize| {
+        let s = s.clone();
+        let filter = ListFilter {
+            id_prefix: Some(prefix.to_string()),
+            statuses,
+            ..ListFilter::default()
+        };
+        async move {
+            let (mut seen, mut sizes, mut cursor) = (Vec::new(), Vec::new(), None::<String>);
+            loop {
+                let page = s.list(cursor.as_deref(), &filter, limit).await.unwrap();
+                sizes.push(page.records.len());
+                seen.extend(page.records.iter().map(|r| r.prediction.id.clone()));
+                match page.next {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            (seen, sizes)
+        }
+    };
+    let (all, sizes) = search("abcd", Vec::new(), 3).await;
+    assert_eq!(
+        all,
+        ["abcd-6", "abcd-5", "abcd-4", "abcd-3", "abcd-2", "abcd-1", "abcd-0"]
+    );
+    assert_eq!(sizes, [3, 3, 1]);
+    let (failed, sizes) = search("abcd", vec![Status::Failed], 2).await;
+    assert_eq!(failed, ["abcd-5", "abcd-3", "abcd-1"]);
+    assert_eq!(sizes, [2, 1], "full pages of the prefix's failed ones");
+    assert_eq!(search("abcd-3", Vec::new(), 3).await.0, ["abcd-3"]);
+    assert_eq!(search("ab_d", Vec::new(), 3).await.0, ["ab_d-0"]);
+    assert_eq!(search("abc%", Vec::new(), 3).await.0, ["abc%-0"]);
+    assert_eq!(search("ABCD", Vec::new(), 3).await.0, ["ABCD-0"]);
+    assert_eq!(search("zzzz", Vec::new(), 3).await, (Vec::new(), vec![0]));
+    let (none, _) = search("abce", vec![Status::Succeeded], 3).await;
+    assert!(none.is_empty(), "{none:?}");
 }
 
 async fn outbox_keeps_order_coalesces_and_claims_one_head_per_prediction(b: Backend) {
@@ -804,6 +870,24 @@ async fn a_newer_schema_is_refused(b: Backend) {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("opened a newer schema"),
     }
+}
+
+/// The listing's index by status is made by a migration, so a database made before
+/// it has it after the upgrade too.
+async fn the_status_listing_index_is_made_by_the_migration(b: Backend) {
+    let (client, conn) = tokio_postgres::connect(b.url.as_ref().unwrap(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let def: String = client
+        .query_one(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'predictions_status_created'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(def.contains("(status, created_at DESC, id DESC)"), "{def}");
 }
 
 fn delivery(p: &str, msg: &str, event: &str, coalesce: bool) -> Delivery {

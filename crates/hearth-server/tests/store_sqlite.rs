@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use hearth_server::record::{now_rfc3339, Status};
-use hearth_server::store::{SqliteStore, Store};
+use hearth_server::store::{ListFilter, SqliteStore, Store};
 use support::{record, TempDir};
 
 #[tokio::test]
@@ -86,7 +86,17 @@ async fn a_database_of_the_previous_release_migrates_and_its_interrupted_rows_ar
     )
     .unwrap();
     let s = SqliteStore::open(&path, &dir.0).await.unwrap();
-    assert_eq!(s.schema_version().await.unwrap(), 5);
+    assert_eq!(s.schema_version().await.unwrap(), 6);
+    // The listing's index by status came with the upgrade.
+    let plan = s
+        .explain_list(None, &by_status(&[Status::Failed]), 100)
+        .await
+        .unwrap();
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("predictions_status_created")),
+        "{plan:?}"
+    );
     let files = s.file_list(None, 10).await.unwrap().files;
     assert_eq!(files.len(), 1);
     assert_eq!(files[0]["id"], fid.as_str());
@@ -141,4 +151,93 @@ async fn a_present_but_invalid_webhook_secret_is_an_error_naming_the_file_not_re
         .to_string();
     assert!(e.contains("cannot read it"), "{e}");
     s.retire().await.unwrap();
+}
+
+fn by_status(statuses: &[Status]) -> ListFilter {
+    ListFilter {
+        statuses: statuses.to_vec(),
+        ..ListFilter::default()
+    }
+}
+
+/// The listing's filters are ones SQLite's indexes serve, as its query plan shows: a
+/// status on `predictions_status_created` (one status: already in the listing's order,
+/// no sort), the cursor a seek into it, an id prefix a range of the primary key; no
+/// filter ever scans the whole table.
+#[tokio::test]
+async fn the_listing_filters_use_indexes() {
+    let dir = TempDir::new("plan");
+    let s = SqliteStore::open(&dir.0.join("p.sqlite3"), &dir.0)
+        .await
+        .unwrap();
+    for i in 0..50 {
+        let status = [Status::Succeeded, Status::Failed, Status::Processing][i % 3];
+        let at = format!("2026-01-01T00:00:{i:02}.000000Z");
+        s.insert(&record(&format!("p{i:02}"), &at, status))
+            .await
+            .unwrap();
+    }
+    let plan = |cursor: Option<&'static str>, filter: ListFilter| {
+        let s = &s;
+        async move {
+            let plan = s.explain_list(cursor, &filter, 100).await.unwrap();
+            assert!(
+                !plan.iter().any(|l| l.starts_with("SCAN predictions")),
+                "a full scan: {plan:?}"
+            );
+            plan
+        }
+    };
+    let one = plan(None, by_status(&[Status::Failed])).await;
+    assert!(
+        one.iter()
+            .any(|l| l.contains("USING INDEX predictions_status_created (status=?")),
+        "{one:?}"
+    );
+    assert!(!one.iter().any(|l| l.contains("TEMP B-TREE")), "{one:?}");
+    let paged = plan(
+        Some("2026-01-01T00:00:30.000000Z|p30"),
+        by_status(&[Status::Failed]),
+    )
+    .await;
+    assert!(
+        paged
+            .iter()
+            .any(|l| l.contains("predictions_status_created (status=? AND")),
+        "the cursor seeks: {paged:?}"
+    );
+    let two = plan(None, by_status(&[Status::Starting, Status::Processing])).await;
+    assert!(
+        two.iter().any(|l| l.contains("predictions_status_created")),
+        "{two:?}"
+    );
+    let prefix = plan(
+        None,
+        ListFilter {
+            id_prefix: Some("p1_x".into()),
+            ..by_status(&[Status::Failed])
+        },
+    )
+    .await;
+    assert!(
+        prefix
+            .iter()
+            .any(|l| l.contains("USING INDEX sqlite_autoindex_predictions_1 (id>? AND id<?)")),
+        "{prefix:?}"
+    );
+    // And the plans answer what they should.
+    let page = s
+        .list(
+            Some("2026-01-01T00:00:30.000000Z|p30"),
+            &by_status(&[Status::Failed]),
+            3,
+        )
+        .await
+        .unwrap();
+    let ids: Vec<&str> = page
+        .records
+        .iter()
+        .map(|r| r.prediction.id.as_str())
+        .collect();
+    assert_eq!(ids, ["p28", "p25", "p22"]);
 }

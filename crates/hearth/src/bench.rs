@@ -73,6 +73,22 @@ pub struct BenchArgs {
     /// (of the run, or of each --sweep run).
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Run nothing: draw figures a script saved (one JSON object a line: `series`, `x`,
+    /// `output_throughput`, `median_ttft_ms`, `median_tpot_ms`) as a comparison of the
+    /// series over the loads, into --plot (benches/vs-llama-cpp.sh does).
+    #[arg(long, value_name = "FIGURES.jsonl", requires = "plot",
+          conflicts_with_all = ["offline", "url", "sweep", "json_schema"])]
+    pub plot_from: Option<PathBuf>,
+    /// With --plot-from: the plot's title.
+    #[arg(
+        long,
+        requires = "plot_from",
+        default_value = "hearth bench: a comparison"
+    )]
+    pub plot_title: String,
+    /// With --plot-from: what the x axis is (`load`, `concurrency`).
+    #[arg(long, requires = "plot_from", default_value = "load")]
+    pub plot_x: String,
     /// Run the workload twice, unconstrained and then with every output constrained to
     /// this JSON Schema, and compare: output tok/s, TTFT, and the time the token masks
     /// took per constrained token (with --offline).
@@ -315,6 +331,19 @@ async fn offline_request(
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if let (Some(from), Some(path)) = (&a.plot_from, &a.plot) {
+        let text = std::fs::read_to_string(from)
+            .with_context(|| format!("--plot-from {}", from.display()))?;
+        let figures = crate::bench_plot::read_figures(&text)
+            .with_context(|| format!("--plot-from {}", from.display()))?;
+        std::fs::write(
+            path,
+            crate::bench_plot::compare_svg(&a.plot_title, &a.plot_x, &figures),
+        )
+        .with_context(|| format!("--plot {}", path.display()))?;
+        eprintln!("plot written to {}", path.display());
+        return Ok(());
+    }
     if a.sweep.contains(&0) {
         bail!("--sweep: every concurrency must be at least 1");
     }

@@ -117,10 +117,11 @@ export function el(tag, attrs, ...children) {
 }
 
 /**
- * A chat model: one whose tokenizer has a chat template of its own (hearth's
- * `hearth.chat` on the model). A base model gets no chat view: its replies through
- * the generic ChatML wrapping would be noise. (Models served only upstream carry no
- * such field, and /v1/chat/completions runs local models only.)
+ * A chat model: the model document's `hearth.chat`. For a model served here, its
+ * tokenizer has a chat template of its own (a base model gets no chat view: its
+ * replies through the generic ChatML wrapping would be noise); for one that runs
+ * upstream only, the server decides from the upstream's schema and card
+ * (upstream/chat_shape.rs).
  */
 export function isChatModel(model) {
   return Boolean(model && model.hearth && model.hearth.chat === true);

@@ -41,13 +41,30 @@ document.getElementById("token-forget").addEventListener("click", () => {
   tokenNote.textContent = "Forgotten.";
 });
 
-async function modelsPage() {
-  const list = await api("/v1/models");
-  const cards = (list.results || []).map((m) => el("a", { class: "card", href: `#/models/${m.owner}/${m.name}`, "data-model": `${m.owner}/${m.name}` },
-    el("h2", {}, `${m.owner}/${m.name}`, isChatModel(m) ? el("span", { class: "tag", "data-chat": "" }, "chat") : null),
+function modelCard(m, route) {
+  return el("a", { class: "card", href: `#/models/${m.owner}/${m.name}`, "data-model": `${m.owner}/${m.name}`, "data-route": route || null },
+    el("h2", {}, `${m.owner}/${m.name}`, isChatModel(m) ? el("span", { class: "tag", "data-chat": "" }, "chat") : null,
+      route ? el("span", { class: "tag", "data-upstream": "" }, route) : null),
     el("p", {}, m.description || ""),
     el("p", { class: "sub" }, "version ", el("code", {}, String((m.latest_version || {}).id || "").slice(0, 12)),
-      m.max_model_len ? ` · context ${m.max_model_len}` : "")));
+      m.max_model_len ? ` · context ${m.max_model_len}` : ""));
+}
+
+/** The models served here, then those that run upstream only (their documents from the upstream). */
+async function modelsPage() {
+  const [list, routes] = await Promise.all([api("/v1/models"), api("/v1/console/routes")]);
+  const cards = (list.results || []).map((m) => modelCard(m, null));
+  const remote = (routes.routes || []).filter((r) => !r.served_here);
+  cards.push(...await Promise.all(remote.map(async (r) => {
+    const [owner, name] = r.model.split("/");
+    try {
+      return modelCard(await api(`/v1/models/${encodeURIComponent(owner)}/${encodeURIComponent(name)}`), r.route);
+    } catch (e) {
+      return el("a", { class: "card", href: `#/models/${owner}/${name}`, "data-model": r.model, "data-route": r.route },
+        el("h2", {}, r.model, el("span", { class: "tag", "data-upstream": "" }, r.route)),
+        el("p", { class: "error" }, "The upstream did not describe it: " + e.message));
+    }
+  })));
   main.replaceChildren(el("div", { class: "page-head" }, el("h1", {}, "Models")),
     cards.length ? el("div", { class: "cards" }, cards) : el("p", {}, "No models are served."));
 }

@@ -1,18 +1,71 @@
-// A chat with a model over the OpenAI chat endpoint (/v1/chat/completions, streamed):
-// the conversation stays in the page, each reply arrives token by token, Stop ends it
-// (closing the stream cancels the request on the server).
+// A chat with a model: the conversation stays in the page, each reply arrives token
+// by token, Stop ends it. A model served here goes over the OpenAI chat endpoint
+// (/v1/chat/completions, streamed; closing the stream cancels the request). A model
+// that runs upstream only goes through the Replicate API as any prediction (create,
+// its stream URL, cancel), its conversation sent as the server's `hearth.chat_input`
+// says (upstream/chat_shape.rs): `messages` as they are, or one `prompt` holding the
+// earlier turns as a transcript.
 
-import { api, el, isChatModel, modelTabs, postEvents } from "./api.js";
+import { api, el, isChatModel, localPath, modelTabs, postEvents, terminal } from "./api.js";
+
+/** The input properties of the model's latest version. */
+function inputProps(model) {
+  const s = ((model.latest_version || {}).openapi_schema || {}).components || {};
+  return ((s.schemas || {}).Input || {}).properties || {};
+}
+
+/** One prompt for a model that takes no turns: earlier ones as a transcript. */
+function transcript(messages) {
+  if (messages.length === 1) return messages[0].content;
+  return messages.map((m) => `${m.role === "user" ? "User" : "Assistant"}: ${m.content}`).join("\n\n");
+}
+
+/**
+ * Runs one turn as a prediction of an upstream-only model and calls `onText` with each
+ * output chunk; resolves with the ended prediction. Aborting `signal` cancels it.
+ */
+async function predictionTurn(model, input, signal, onText) {
+  const p = await api(`/v1/models/${encodeURIComponent(model.owner)}/${encodeURIComponent(model.name)}/predictions`,
+    { method: "POST", json: { input, stream: true } });
+  const ended = () => api(`/v1/predictions/${encodeURIComponent(p.id)}`);
+  const cancel = () => api(`/v1/predictions/${encodeURIComponent(p.id)}/cancel`, { method: "POST" }).catch(() => {});
+  if (signal.aborted) { await cancel(); return ended(); }
+  return new Promise((resolve, reject) => {
+    // The stream URL is a capability URL: EventSource needs no header for it.
+    const src = new EventSource(localPath(p.urls.stream));
+    let over = false;
+    const end = (f) => { if (over) return; over = true; src.close(); signal.removeEventListener("abort", onAbort); f(); };
+    const settle = async () => {
+      // The stream has ended; the record may lag it by a write: read it until it has.
+      for (let i = 0; i < 20; i++) {
+        const now = await ended();
+        if (terminal(now.status)) return now;
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      return ended();
+    };
+    const onAbort = () => end(() => cancel().then(settle).then(resolve, reject));
+    signal.addEventListener("abort", onAbort);
+    src.addEventListener("output", (e) => onText(e.data));
+    src.addEventListener("error", (e) => { if (e.data) end(() => settle().then(resolve, reject)); });
+    src.addEventListener("done", () => end(() => settle().then(resolve, reject)));
+  });
+}
 
 export async function chatPage(main, owner, name) {
   const model = await api(`/v1/models/${encodeURIComponent(owner)}/${encodeURIComponent(name)}`);
   const full = `${model.owner}/${model.name}`;
   if (!isChatModel(model)) {
     main.replaceChildren(el("div", { class: "page-head" }, el("h1", {}, full), modelTabs(model, "chat")),
-      el("div", { class: "panel", id: "chat-unavailable" }, `${full} has no chat template: it is not a chat model. `,
+      el("div", { class: "panel", id: "chat-unavailable" }, model.hearth && model.hearth.route
+        ? `${full} runs upstream (${model.hearth.route}) and its schema and card do not make it a chat model (no messages input, or no prompt and system_prompt with a name or description that says instruct or chat). `
+        : `${full} has no chat template: it is not a chat model. `,
         el("a", { href: `#/models/${model.owner}/${model.name}` }, "Use its playground"), " to send it a prompt."));
     return;
   }
+  const upstream = model.hearth && typeof model.hearth.route === "string" && model.hearth.route.startsWith("upstream:");
+  const via = upstream ? (model.hearth.chat_input === "messages" ? "messages" : "prompt") : "openai";
+  const props = inputProps(model);
   const messages = [];
   const log = el("div", { id: "chat-log", class: "chat-log", "aria-live": "polite" });
   const system = el("input", { id: "chat-system", type: "text", placeholder: "System prompt (optional)" });
@@ -37,40 +90,64 @@ export async function chatPage(main, owner, name) {
     const content = text.value;
     if (!content.trim() || abort) return;
     text.value = "";
+    info.textContent = "";
     messages.push({ role: "user", content });
     bubble("user", content);
     const reply = bubble("assistant", "");
     reply.classList.add("typing");
-    const body = {
-      model: full, stream: true, stream_options: { include_usage: true },
-      messages: (system.value ? [{ role: "system", content: system.value }] : []).concat(messages),
-    };
     const mt = parseInt(maxTokens.value, 10);
-    if (Number.isFinite(mt)) body.max_tokens = mt;
     const temp = parseFloat(temperature.value);
-    if (Number.isFinite(temp)) body.temperature = temp;
     abort = new AbortController();
     send.disabled = true;
     stop.disabled = false;
     let answer = "";
     const started = performance.now();
     let first = null, usage = null, finish = null;
+    const onText = (d) => {
+      if (!d) return;
+      if (first === null) first = performance.now();
+      answer += d;
+      reply.textContent = answer;
+      log.scrollTop = log.scrollHeight;
+    };
     try {
-      for await (const ev of postEvents("/v1/chat/completions", body, abort.signal)) {
-        if (ev.data === "[DONE]") break;
-        const chunk = JSON.parse(ev.data);
-        if (chunk.error) throw new Error(chunk.error.message || JSON.stringify(chunk.error));
-        if (chunk.usage) usage = chunk.usage;
-        for (const c of chunk.choices || []) {
-          const d = (c.delta && c.delta.content) || "";
-          if (d) {
-            if (first === null) first = performance.now();
-            answer += d;
-            reply.textContent = answer;
-            log.scrollTop = log.scrollHeight;
+      if (via === "openai") {
+        const body = {
+          model: full, stream: true, stream_options: { include_usage: true },
+          messages: (system.value ? [{ role: "system", content: system.value }] : []).concat(messages),
+        };
+        if (Number.isFinite(mt)) body.max_tokens = mt;
+        if (Number.isFinite(temp)) body.temperature = temp;
+        for await (const ev of postEvents("/v1/chat/completions", body, abort.signal)) {
+          if (ev.data === "[DONE]") break;
+          const chunk = JSON.parse(ev.data);
+          if (chunk.error) throw new Error(chunk.error.message || JSON.stringify(chunk.error));
+          if (chunk.usage) usage = chunk.usage;
+          for (const c of chunk.choices || []) {
+            onText((c.delta && c.delta.content) || "");
+            if (c.finish_reason) finish = c.finish_reason;
           }
-          if (c.finish_reason) finish = c.finish_reason;
         }
+      } else {
+        // Only the inputs this model's schema has: an upstream may refuse others.
+        const input = {};
+        if (via === "messages") {
+          input.messages = (system.value ? [{ role: "system", content: system.value }] : []).concat(messages);
+        } else {
+          input.prompt = transcript(messages);
+          if (system.value && "system_prompt" in props) input.system_prompt = system.value;
+        }
+        const mtName = ["max_tokens", "max_new_tokens"].find((k) => k in props);
+        if (mtName && Number.isFinite(mt)) input[mtName] = mt;
+        if ("temperature" in props && Number.isFinite(temp)) input.temperature = temp;
+        const p = await predictionTurn(model, input, abort.signal, onText);
+        if (p.status === "failed") throw new Error(String(p.error || "the prediction failed"));
+        // The record's output is the whole reply: the stream may have been cut short.
+        const whole = Array.isArray(p.output) ? p.output.join("") : (typeof p.output === "string" ? p.output : null);
+        if (whole !== null && whole.length >= answer.length) { answer = ""; onText(whole); }
+        finish = p.status === "canceled" ? "stopped" : p.status;
+        const m = p.metrics || {};
+        if (typeof m.output_token_count === "number") usage = { completion_tokens: m.output_token_count };
       }
     } catch (e) {
       if (e.name === "AbortError") finish = "stopped";
@@ -102,7 +179,9 @@ export async function chatPage(main, owner, name) {
     el("div", { class: "page-head" },
       el("h1", {}, full),
       modelTabs(model, "chat")),
-    el("p", { class: "sub" }, "OpenAI chat endpoint, streamed: POST /v1/chat/completions"),
+    el("p", { class: "sub", id: "chat-via" }, via === "openai" ? "OpenAI chat endpoint, streamed: POST /v1/chat/completions"
+      : `Runs on ${model.hearth.route.slice("upstream:".length)} (${model.hearth.route}), as predictions through the Replicate API, streamed; `
+        + (via === "messages" ? "the conversation goes as its messages input." : "it takes one prompt: earlier turns go in it as a transcript.")),
     el("section", { class: "panel chat" },
       el("div", { class: "chat-settings" },
         el("label", {}, "System ", system), el("label", {}, "Max tokens ", maxTokens), el("label", {}, "Temperature ", temperature)),

@@ -67,12 +67,14 @@ export async function opsPage(main, ctx) {
       models.replaceChildren(...(ops.models || []).map(modelCard));
       updated.textContent = `updated ${new Date().toLocaleTimeString()} · ${ops.keep} samples of ${ops.interval_s} s kept`;
       if (n++ % ERRORS_EVERY === 0) {
-        const page = await api("/v1/predictions");
+        // The store's status filter (its index): the latest failures however many
+        // predictions succeeded since.
+        const page = await api("/v1/predictions?status=failed");
         const failed = (page.results || []).filter((p) => p.status === "failed").slice(0, 8);
         errors.replaceChildren(...(failed.length ? failed.map((p) => el("tr", {},
           el("td", {}, el("code", {}, p.urls && p.urls.web ? el("a", { href: localPath(p.urls.web), target: "_blank", rel: "noopener noreferrer" }, p.id) : p.id)),
           el("td", {}, p.model || ""), el("td", {}, (p.created_at || "").replace("T", " ").slice(0, 19)),
-          el("td", { class: "error" }, String(p.error || "")))) : [el("tr", {}, el("td", { colspan: 4, class: "muted" }, "No failed predictions on the latest page."))]));
+          el("td", { class: "error" }, String(p.error || "")))) : [el("tr", {}, el("td", { colspan: 4, class: "muted" }, "No failed predictions."))]));
       }
     } catch (e) {
       updated.textContent = "update failed: " + e.message;

@@ -1,12 +1,17 @@
 // The predictions list: newest first, a page at a time (the API's cursor), filtered
 // by status on the server (hearth's `status` parameter of GET /v1/predictions, so a
-// filtered page is full and "More" reaches every match), with a search by id; each
-// row links to the prediction's page and a running one can be canceled from here.
+// filtered page is full and "More" reaches every match), with a search by id (a
+// prefix of MIN_PREFIX or more characters: the server's `id_prefix`, with the status
+// filter and paging; a shorter one is looked up whole); each row links to the
+// prediction's page and a running one can be canceled from here.
 
 import { api, el, localPath, statusBadge, terminal } from "./api.js";
 import { toJSON } from "./json.js";
 
 /** [value of `status`, label]: "running" is both in-flight statuses. */
+/** The server's shortest `id_prefix` (store::MIN_ID_PREFIX). */
+const MIN_PREFIX = 4;
+
 const FILTERS = [["", "all statuses"], ["starting,processing", "running"], ["starting", "starting"],
   ["processing", "processing"], ["succeeded", "succeeded"], ["failed", "failed"], ["canceled", "canceled"]];
 
@@ -28,7 +33,7 @@ export async function predictionsPage(main, params) {
     FILTERS.map(([v, label]) => el("option", { value: v }, label)));
   const wanted = params.get("status") || "";
   filter.value = FILTERS.some(([v]) => v === wanted) ? wanted : "";
-  const search = el("input", { id: "id-search", type: "search", placeholder: "Prediction id", "aria-label": "prediction id" });
+  const search = el("input", { id: "id-search", type: "search", placeholder: "Id or its start", "aria-label": "prediction id or its start" });
   const searchBtn = el("button", { type: "submit" }, "Find");
   const body = el("tbody", { id: "predictions-body" });
   const more = el("button", { type: "button", id: "more", hidden: true }, "More");
@@ -53,10 +58,14 @@ export async function predictionsPage(main, params) {
 
   function render() {
     body.replaceChildren(...rows.map(row));
-    if (!rows.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, filter.value ? "No prediction with this status." : "No predictions yet.")));
+    const prefix = body.dataset.prefix || "";
+    if (!rows.length) {
+      body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, prefix ? `No prediction id starts with ${prefix}${filter.value ? " with this status" : ""}.`
+        : filter.value ? "No prediction with this status." : "No predictions yet.")));
+    }
     more.hidden = !next;
     const which = filter.value ? FILTERS.find(([v]) => v === filter.value)[1] + " " : "";
-    note.textContent = `${rows.length} ${which}shown${next ? " (more on the server)" : ""}`;
+    note.textContent = `${rows.length} ${which}shown${prefix ? ` with ids starting ${prefix}` : ""}${next ? " (more on the server)" : ""}`;
     body.dataset.filter = filter.value;
   }
 
@@ -69,12 +78,18 @@ export async function predictionsPage(main, params) {
     render();
   }
 
+  /** The list for the status filter and the search box (a prefix of MIN_PREFIX or more). */
   async function reload() {
     const mine = ++loading;
     rows = [];
     next = null;
-    const q = filter.value ? "?status=" + encodeURIComponent(filter.value) : "";
-    await load("/v1/predictions" + q, mine);
+    const q = new URLSearchParams();
+    if (filter.value) q.set("status", filter.value);
+    const id = search.value.trim();
+    if (id.length >= MIN_PREFIX) q.set("id_prefix", id);
+    body.dataset.prefix = q.get("id_prefix") || "";
+    const qs = q.toString();
+    await load("/v1/predictions" + (qs ? "?" + qs : ""), mine);
   }
 
   filter.addEventListener("change", () => {
@@ -89,7 +104,8 @@ export async function predictionsPage(main, params) {
     class: "inline", novalidate: true, onsubmit: async (e) => {
       e.preventDefault();
       const id = search.value.trim();
-      if (!id) return reload();
+      if (!id || id.length >= MIN_PREFIX) return reload().catch((err) => { note.textContent = err.message; });
+      // Shorter than a prefix search takes: this exact id, whatever its status.
       const mine = ++loading;
       try {
         const p = await api(`/v1/predictions/${encodeURIComponent(id)}`);
@@ -97,9 +113,11 @@ export async function predictionsPage(main, params) {
         rows = [p];
         next = null;
         filter.value = "";
+        body.dataset.prefix = "";
         render();
       } catch (err) {
-        body.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "error" }, err.status === 404 ? `No prediction ${id}.` : err.message)));
+        body.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "error" }, err.status === 404
+          ? `No prediction ${id} (a search by the start of an id takes ${MIN_PREFIX} characters or more).` : err.message)));
         note.textContent = "";
       }
     },

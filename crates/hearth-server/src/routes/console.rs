@@ -113,6 +113,26 @@ pub async fn ops(State(state): State<Arc<AppState>>) -> Response {
     json_response(StatusCode::OK, &state.ops.to_json(&state))
 }
 
+/// `GET /v1/console/routes`: the models whose predictions do not simply run here, each
+/// with its route and whether it is served here too; the console lists those that run
+/// upstream only beside the local ones (`/v1/models` lists what this server serves, as
+/// the API clients expect).
+pub async fn routes(State(state): State<Arc<AppState>>) -> Response {
+    let mut routes: Vec<serde_json::Value> = state
+        .upstream
+        .routes()
+        .filter(|(_, r)| r.upstream().is_some())
+        .map(|(model, r)| {
+            let served_here = crate::models::split_name(model)
+                .ok()
+                .is_some_and(|(o, n)| state.models.by_name(&o, &n).is_some());
+            serde_json::json!({"model": model, "route": r.describe(), "served_here": served_here})
+        })
+        .collect();
+    routes.sort_by(|a, b| a["model"].as_str().cmp(&b["model"].as_str()));
+    json_response(StatusCode::OK, &serde_json::json!({ "routes": routes }))
+}
+
 /// `GET /` from a browser goes to the console before any token is asked for (the
 /// console asks for it itself); every other request to `/` passes on unchanged.
 pub async fn redirect_browsers(req: Request, next: Next) -> Response {

@@ -221,6 +221,12 @@ fn entries(cfg: &ServerConfig) -> Vec<Entry> {
     v.push(e(Method::GET, "/v1/console/ops", Token, get(console::ops)));
     v.push(e(
         Method::GET,
+        "/v1/console/routes",
+        Token,
+        get(console::routes),
+    ));
+    v.push(e(
+        Method::GET,
         "/v1/hearth/compare",
         Token,
         get(compare::compare),

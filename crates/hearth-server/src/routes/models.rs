@@ -23,7 +23,8 @@ pub fn version_json(m: &ServedModel, id: &str) -> Value {
 /// own fields and ignores the rest (replicate 1.0.7's pydantic `Model`, openai's
 /// `Model` with extra fields allowed); checked against both in CI. `hearth.chat`: the
 /// model has a chat template of its own (a chat model; without one, chat requests
-/// still run, through ChatML), which the console's chat view goes by.
+/// still run, through ChatML), which the console's chat view goes by. (A model that
+/// runs upstream only gets `hearth.chat` by `upstream::chat_shape`'s rule.)
 fn model_json(m: &ServedModel, base: &str) -> Value {
     let created = chrono::DateTime::parse_from_rfc3339(&m.created_at)
         .map(|t| t.timestamp())
@@ -73,21 +74,23 @@ pub async fn get_by_id(
 }
 
 /// For a model that runs upstream and is not served here: the upstream's document at
-/// `path` (cached), its errors relayed with their status. None for any other model.
+/// `path` (cached) and the model's route, its errors relayed with their status. None
+/// for any other model.
 async fn from_upstream(
     state: &AppState,
     owner: &str,
     name: &str,
     path: &str,
-) -> Option<AppResult<Response>> {
+) -> Option<AppResult<(Value, String)>> {
     let full = format!("{owner}/{name}");
     if state.models.by_name(owner, name).is_some() {
         return None;
     }
-    let up = state.upstream.route(&full)?.upstream()?.to_string();
+    let route = state.upstream.route(&full)?;
+    let up = route.upstream()?.to_string();
     let client = state.upstream.upstream(&up)?;
     Some(match state.upstream.models.get(client, &full, path).await {
-        Ok(v) => Ok(json_response(StatusCode::OK, &v)),
+        Ok(v) => Ok((v, route.describe())),
         Err(crate::upstream::client::CallError::Status { status, body }) if status < 500 => {
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::NOT_FOUND);
             let detail = serde_json::from_str::<Value>(&body)
@@ -113,7 +116,10 @@ pub async fn get_one(
 ) -> AppResult<Response> {
     let path = format!("/v1/models/{owner}/{name}");
     if let Some(r) = from_upstream(&state, &owner, &name, &path).await {
-        return r;
+        // The console's chat view goes by `hearth.chat` here as for local models.
+        let (mut doc, route) = r?;
+        crate::upstream::chat_shape::annotate(&mut doc, &route);
+        return Ok(json_response(StatusCode::OK, &doc));
     }
     let m = find(&state, &owner, &name)?;
     Ok(json_response(
@@ -128,7 +134,7 @@ pub async fn versions(
 ) -> AppResult<Response> {
     let path = format!("/v1/models/{owner}/{name}/versions");
     if let Some(r) = from_upstream(&state, &owner, &name, &path).await {
-        return r;
+        return r.map(|(doc, _)| json_response(StatusCode::OK, &doc));
     }
     let m = find(&state, &owner, &name)?;
     Ok(json_response(
@@ -148,7 +154,7 @@ pub async fn version(
     }
     let path = format!("/v1/models/{owner}/{name}/versions/{version}");
     if let Some(r) = from_upstream(&state, &owner, &name, &path).await {
-        return r;
+        return r.map(|(doc, _)| json_response(StatusCode::OK, &doc));
     }
     let m = find(&state, &owner, &name)?;
     if !m.has_version(&version) {

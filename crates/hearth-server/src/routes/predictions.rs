@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::models::ServedModel;
 use crate::record::Status;
 use crate::service::{self, Origin};
-use crate::store::ListFilter;
+use crate::store::{ListFilter, MIN_ID_PREFIX};
 use crate::upstream::{
     self,
     create::{Created, Routed},
@@ -278,6 +278,33 @@ pub struct ListQuery {
     /// hearth's own: `status=succeeded` or `status=starting,processing` keeps only
     /// those (Replicate's list has no such filter; its clients never send one).
     status: Option<String>,
+    /// hearth's own: `id_prefix=abcd` keeps the predictions whose id starts so (the
+    /// console's search by id).
+    id_prefix: Option<String>,
+}
+
+/// `id_prefix`: `MIN_ID_PREFIX` to 128 of the characters ids are made of; empty or
+/// absent keeps all.
+fn parse_id_prefix(v: Option<String>) -> AppResult<Option<String>> {
+    let Some(p) = v.filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let n = p.chars().count();
+    if !(MIN_ID_PREFIX..=128).contains(&n) {
+        return Err(ApiError::invalid(format!(
+            "id_prefix: {n} characters; a search by id takes {MIN_ID_PREFIX} to 128 (fetch a \
+             shorter id whole at /v1/predictions/{{id}})"
+        )));
+    }
+    if let Some(c) = p
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(ApiError::invalid(format!(
+            "id_prefix: {c:?} is in no prediction id (ids are letters, digits, '-', '_' and '.')"
+        )));
+    }
+    Ok(Some(p))
 }
 
 /// `status=a,b`: each a prediction status, none twice; empty or absent keeps all.
@@ -342,6 +369,7 @@ pub async fn list(
         created_after: normalise_time("created_after", q.created_after)?,
         created_before: normalise_time("created_before", q.created_before)?,
         statuses: parse_statuses(q.status.as_deref())?,
+        id_prefix: parse_id_prefix(q.id_prefix)?,
     };
     let page = state
         .store
@@ -379,6 +407,10 @@ pub async fn list(
     if !filter.statuses.is_empty() {
         let names: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
         extra.push_str(&format!("&status={}", names.join("%2C")));
+    }
+    if let Some(p) = &filter.id_prefix {
+        // Letters, digits, '-', '_' and '.' only: nothing to escape in a query.
+        extra.push_str(&format!("&id_prefix={p}"));
     }
     let next = page
         .next

@@ -103,12 +103,48 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 }
 
 /// Which predictions a listing keeps: created strictly between the two times (RFC 3339
-/// as stored), with one of `statuses` (empty: any).
+/// as stored), with one of `statuses` (empty: any), whose id starts with `id_prefix`
+/// (case-sensitive, as ids are; the route bounds its length: `MIN_ID_PREFIX`).
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     pub created_after: Option<String>,
     pub created_before: Option<String>,
     pub statuses: Vec<crate::record::Status>,
+    pub id_prefix: Option<String>,
+}
+
+/// The shortest id prefix a listing searches by: with a shorter one nearly every id
+/// would match, and the page would be the unfiltered list (an exact id of any length
+/// is still found by `GET /v1/predictions/{id}`).
+pub const MIN_ID_PREFIX: usize = 4;
+
+/// An id prefix as both stores match it: `id LIKE pattern ESCAPE '\'` (the prefix with
+/// `%`, `_` and `\` escaped, then `%`) within the index range `[low, high)`, which
+/// holds exactly the ids that start with the prefix byte for byte (keys compare
+/// bytewise in both stores), so the primary key's index finds them.
+pub(crate) struct IdPrefix {
+    pub low: String,
+    pub high: String,
+    pub pattern: String,
+}
+
+impl IdPrefix {
+    pub(crate) fn new(prefix: &str) -> Self {
+        let mut pattern = String::with_capacity(prefix.len() + 1);
+        for c in prefix.chars() {
+            if matches!(c, '%' | '_' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('%');
+        IdPrefix {
+            low: prefix.to_string(),
+            // Above every id that starts with the prefix: no id holds U+10FFFF.
+            high: format!("{prefix}\u{10FFFF}"),
+            pattern,
+        }
+    }
 }
 
 /// One page of a listing, newest first.
@@ -494,6 +530,14 @@ pub(crate) fn file_id(meta: &FileMeta) -> Result<String, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_prefixes_escape_like_wildcards() {
+        let p = IdPrefix::new("a_b%c\\d");
+        assert_eq!(p.pattern, "a\\_b\\%c\\\\d%");
+        assert_eq!(p.low, "a_b%c\\d");
+        assert!(p.high.starts_with("a_b%c\\d") && p.high.as_str() > "a_b%c\\dzzzz");
+    }
 
     #[test]
     fn store_specs() {

@@ -12,6 +12,7 @@
 pub mod attempts;
 pub mod breaker;
 pub mod card;
+pub mod chat_shape;
 pub mod client;
 pub mod cog;
 pub mod cog_runner;

@@ -81,6 +81,8 @@ const MIGRATIONS: &[&str] = &[
         upstream_id TEXT,
         create_sent_ms BIGINT NOT NULL
      );"#,
+    // 4: listing by status newest first reads only that status's rows, in order.
+    r#"CREATE INDEX predictions_status_created ON predictions (status, created_at DESC, id DESC);"#,
 ];
 
 /// Any number in the advisory-lock space, the same for every replica: the schema's.

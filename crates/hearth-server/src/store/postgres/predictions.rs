@@ -6,7 +6,7 @@ use deadpool_postgres::GenericClient;
 
 use super::PgStore;
 use crate::record::Record;
-use crate::store::{Delivery, ListFilter, Page, StoreError};
+use crate::store::{Delivery, IdPrefix, ListFilter, Page, StoreError};
 
 /// Writes a prediction this replica owns, on a connection or inside a transaction.
 async fn put_on(c: &impl GenericClient, replica: &str, r: &Record) -> Result<(), StoreError> {
@@ -113,6 +113,11 @@ impl PgStore {
         };
         let statuses: Option<Vec<&str>> = (!filter.statuses.is_empty())
             .then(|| filter.statuses.iter().map(|s| s.as_str()).collect());
+        let prefix = filter.id_prefix.as_deref().map(IdPrefix::new);
+        let (low, high, pattern) = match &prefix {
+            Some(p) => (Some(&p.low), Some(&p.high), Some(&p.pattern)),
+            None => (None, None, None),
+        };
         let c = self.client().await?;
         let st = c
             .prepare_cached(
@@ -121,6 +126,7 @@ impl PgStore {
                    AND ($3::text IS NULL OR created_at > $3)
                    AND ($4::text IS NULL OR created_at < $4)
                    AND ($6::text[] IS NULL OR status = ANY($6))
+                   AND ($7::text IS NULL OR (id >= $7 AND id < $8 AND id LIKE $9 ESCAPE '\\'))
                  ORDER BY created_at DESC, id DESC LIMIT $5",
             )
             .await?;
@@ -134,6 +140,9 @@ impl PgStore {
                     &filter.created_before,
                     &((limit + 1) as i64),
                     &statuses,
+                    &low,
+                    &high,
+                    &pattern,
                 ],
             )
             .await?;

@@ -76,6 +76,8 @@ const MIGRATIONS: &[&str] = &[
         upstream_id TEXT,
         create_sent_ms INTEGER NOT NULL
      );",
+    // 6: listing by status newest first reads only that status's rows, in order.
+    "CREATE INDEX predictions_status_created ON predictions (status, created_at DESC, id DESC);",
 ];
 
 /// The schema version that added the files index (`files::index_existing` fills it).
@@ -112,6 +114,20 @@ impl SqliteStore {
             db: Arc::new(db),
             replica,
         })
+    }
+
+    /// SQLite's query plan for a listing (`EXPLAIN QUERY PLAN`, a line per step): for
+    /// tests that the listing's indexes are used.
+    #[doc(hidden)]
+    pub async fn explain_list(
+        &self,
+        cursor: Option<&str>,
+        filter: &super::ListFilter,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let (c, f) = (cursor.map(str::to_string), filter.clone());
+        self.run(move |db| db.explain_list(c.as_deref(), &f, limit))
+            .await
     }
 
     /// Runs `f` on the blocking pool.

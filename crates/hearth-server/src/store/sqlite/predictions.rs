@@ -1,11 +1,12 @@
 //! The predictions table: one JSON record per prediction, with the columns that
 //! listing, ownership and recovery query.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::types::Value;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
 use super::{now_ms, SqliteDb};
 use crate::record::Record;
-use crate::store::{Delivery, ListFilter, Page, StoreError};
+use crate::store::{Delivery, IdPrefix, ListFilter, Page, StoreError};
 
 impl SqliteDb {
     pub(super) fn insert(&self, r: &Record) -> Result<(), StoreError> {
@@ -80,40 +81,28 @@ impl SqliteDb {
         filter: &ListFilter,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let (c_at, c_id) = match cursor.and_then(|c| c.split_once('|')) {
-            Some((a, b)) => (a.to_string(), b.to_string()),
-            None => ("\u{10FFFF}".to_string(), String::new()),
-        };
-        // ",succeeded,failed," (statuses hold no commas); empty keeps every status.
-        let statuses: String = if filter.statuses.is_empty() {
-            String::new()
-        } else {
-            filter
-                .statuses
-                .iter()
-                .fold(",".to_string(), |s, st| s + st.as_str() + ",")
-        };
+        let (sql, args) = list_query(cursor, filter, limit);
         let conn = self.conn()?;
-        let mut stmt = conn.prepare(
-            "SELECT created_at, id, record FROM predictions
-             WHERE (created_at < ?1 OR (created_at = ?1 AND id < ?2 AND ?2 != ''))
-               AND created_at > ?3 AND created_at < ?4
-               AND (?6 = '' OR instr(?6, ',' || status || ',') > 0)
-             ORDER BY created_at DESC, id DESC LIMIT ?5",
-        )?;
-        let rows = stmt.query_map(
-            params![
-                c_at,
-                c_id,
-                filter.created_after.as_deref().unwrap_or(""),
-                filter.created_before.as_deref().unwrap_or("\u{10FFFF}"),
-                (limit + 1) as i64,
-                statuses
-            ],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-        )?;
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params_from_iter(args), |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })?;
         let rows = rows.collect::<Result<Vec<(String, String, String)>, _>>()?;
         Ok(crate::store::page_from_rows(rows, limit))
+    }
+
+    /// SQLite's plan for `list` with these arguments, a line per step.
+    pub(super) fn explain_list(
+        &self,
+        cursor: Option<&str>,
+        filter: &ListFilter,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let (sql, args) = list_query(cursor, filter, limit);
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+        let rows = stmt.query_map(params_from_iter(args), |row| row.get::<_, String>(3))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub(super) fn heartbeat(&self, lease_ms: i64) -> Result<(), StoreError> {
@@ -214,4 +203,60 @@ fn put_on(conn: &Connection, replica: &str, r: &Record) -> Result<(), StoreError
         return Err(StoreError::NotOwner(r.prediction.id.clone()));
     }
     Ok(())
+}
+
+/// The listing's statement and its arguments, with a condition only for what is asked,
+/// each one an index can serve: the cursor as a row value (a seek into the order, not a
+/// walk from the newest), `status IN (...)` on `predictions_status_created` (status,
+/// created_at, id: a status's rows already in the listing's order) and an id prefix as
+/// a range of the primary key.
+fn list_query(cursor: Option<&str>, filter: &ListFilter, limit: usize) -> (String, Vec<Value>) {
+    let mut args: Vec<Value> = vec![((limit + 1) as i64).into()];
+    let mut conds: Vec<String> = Vec::new();
+    if let Some((at, id)) = cursor.and_then(|c| c.split_once('|')) {
+        let (at, id) = (arg(&mut args, at.into()), arg(&mut args, id.into()));
+        conds.push(format!("(created_at, id) < ({at}, {id})"));
+    }
+    if let Some(after) = &filter.created_after {
+        conds.push(format!("created_at > {}", arg(&mut args, after.clone())));
+    }
+    if let Some(before) = &filter.created_before {
+        conds.push(format!("created_at < {}", arg(&mut args, before.clone())));
+    }
+    if !filter.statuses.is_empty() {
+        let marks: Vec<String> = filter
+            .statuses
+            .iter()
+            .map(|st| arg(&mut args, st.as_str().into()))
+            .collect();
+        // With an id prefix too, the prefix's range of the primary key is the one to
+        // read (a few rows), not every row of the status: `+` keeps this term off an
+        // index.
+        let plus = if filter.id_prefix.is_some() { "+" } else { "" };
+        conds.push(format!("{plus}status IN ({})", marks.join(", ")));
+    }
+    if let Some(prefix) = &filter.id_prefix {
+        let p = IdPrefix::new(prefix);
+        let (low, high) = (arg(&mut args, p.low), arg(&mut args, p.high));
+        let pattern = arg(&mut args, p.pattern);
+        conds.push(format!(
+            "id >= {low} AND id < {high} AND id LIKE {pattern} ESCAPE '\\'"
+        ));
+    }
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT created_at, id, record FROM predictions{filter} \
+         ORDER BY created_at DESC, id DESC LIMIT ?1"
+    );
+    (sql, args)
+}
+
+/// Binds `v` as the next argument: its placeholder.
+fn arg(args: &mut Vec<Value>, v: String) -> String {
+    args.push(v.into());
+    format!("?{}", args.len())
 }

@@ -121,88 +121,14 @@ fn smollm2_output_matches_every_schema_of_the_corpus() {
 /// here is 90%, below that goal: with the Philox draw these fixed seeds give 150 of
 /// 160 (93.75%); the ten that run out are unbounded integers whose digits never end
 /// and recursive `$ref`s nesting past `max_tokens` (SmolLM2-135M at temperature 1).
+/// Four times the budget (1,280 tokens) for the schemas without a size bound gave the
+/// same 150 of 160 (2026-12-02): these samples loop (digits, `{"v": 0, "next": …`), so
+/// a larger `max_tokens` only makes them longer.
 /// Slow on 2 shared cores (CI runs it with `--ignored`).
 #[test]
 #[ignore]
 fn smollm2_five_samples_per_schema_of_the_corpus() {
     check_corpus(5, 90);
-}
-
-/// Tokens one sample of `schema` may take. 320 fits the corpus's bounded outputs (in
-/// the recorded runs no sample of a bounded schema ran out). A schema whose instances have no
-/// size bound, a recursive `$ref` (a list that may nest forever) or an integer or number
-/// with no maximum (digits that may go on), gets four times as many: the model ends
-/// those when it chooses to, and a short budget would cut valid outputs mid-way.
-fn max_tokens_that_fit(schema: &Value) -> usize {
-    if recursive(schema) || unbounded_number(schema) {
-        4 * 320
-    } else {
-        320
-    }
-}
-
-/// Whether a definition reaches itself through `$ref`s (`#/$defs/…`, `#/definitions/…`).
-fn recursive(schema: &Value) -> bool {
-    fn refs(v: &Value, out: &mut Vec<String>) {
-        match v {
-            Value::Object(o) => {
-                if let Some(Value::String(r)) = o.get("$ref") {
-                    out.push(r.clone());
-                }
-                o.values().for_each(|x| refs(x, out));
-            }
-            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
-            _ => {}
-        }
-    }
-    let defs = |r: &str| schema.pointer(r.strip_prefix('#').unwrap_or("/"));
-    let mut all = Vec::new();
-    refs(schema, &mut all);
-    all.iter().any(|start| {
-        let (mut seen, mut todo) = (Vec::new(), vec![start.clone()]);
-        while let Some(r) = todo.pop() {
-            if seen.contains(&r) {
-                continue;
-            }
-            let mut next = Vec::new();
-            if let Some(body) = defs(&r) {
-                refs(body, &mut next);
-            }
-            if next.contains(start) {
-                return true;
-            }
-            seen.push(r);
-            todo.extend(next);
-        }
-        false
-    })
-}
-
-/// Whether some integer or number in the schema has no upper bound.
-fn unbounded_number(v: &Value) -> bool {
-    match v {
-        Value::Object(o) => {
-            let numeric = |t: &Value| t == "integer" || t == "number";
-            let is_number = o.get("type").is_some_and(|t| match t {
-                Value::Array(ts) => ts.iter().any(numeric),
-                t => numeric(t),
-            });
-            let bounded = o.contains_key("maximum") || o.contains_key("exclusiveMaximum");
-            (is_number && !bounded) || o.values().any(unbounded_number)
-        }
-        Value::Array(a) => a.iter().any(unbounded_number),
-        _ => false,
-    }
-}
-
-#[test]
-fn the_budget_fits_what_the_schema_allows() {
-    let list = json!({"$defs": {"n": {"type": "object", "properties": {"next": {"anyOf": [{"$ref": "#/$defs/n"}, {"type": "null"}]}}}}, "$ref": "#/$defs/n"});
-    let point = json!({"$defs": {"p": {"type": "integer", "maximum": 9}}, "properties": {"a": {"$ref": "#/$defs/p"}}});
-    let id = json!({"properties": {"id": {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 8}]}}});
-    assert_eq!(max_tokens_that_fit(&list), 1280);
-    assert_eq!(max_tokens_that_fit(&point), 320);
-    assert_eq!(max_tokens_that_fit(&id), 1280);
 }
 
 fn check_corpus(default_samples: u64, floor_percent: usize) {
@@ -224,12 +150,11 @@ fn check_corpus(default_samples: u64, floor_percent: usize) {
         let user = format!(
             "Reply with JSON only, matching this JSON Schema:\n{schema}\nMake up plausible values."
         );
-        let max_tokens = max_tokens_that_fit(schema);
         for seed in 0..samples {
             streams.push((
                 name.clone(),
                 schema.clone(),
-                run(&engine, &user, &spec, seed, max_tokens),
+                run(&engine, &user, &spec, seed, 320),
             ));
         }
     }

@@ -423,6 +423,11 @@ impl SeqConstraint {
         &self.mask
     }
 
+    /// Why the last `compute_mask` failed, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
     /// Advances the matcher by the sampled token.
     pub fn advance(&mut self, token: u32) -> Progress {
         if let Some(f) = self.failed.take() {

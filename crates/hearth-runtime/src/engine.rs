@@ -3,11 +3,14 @@
 //! this thread waits for a batch to fill: a step runs as soon as there is work. A step
 //! is: schedule, one forward pass over the flattened batch, one sampling op over the
 //! logits that returns only token ids (and log-probs when asked); text, stop sequences
-//! and events are the output worker's (output.rs), off this thread. The loop's work
+//! and events are the output worker's (output.rs), off this thread, as are constrained
+//! rows' token masks (engine/masks.rs: computed while the next forward runs). The loop's work
 //! runs under a supervisor (engine/supervisor.rs): a fault fails the requests it hit,
 //! not the engine.
 
 pub(crate) mod fault;
+mod masks;
+mod sample_step;
 pub(crate) mod supervisor;
 
 use std::collections::HashMap;
@@ -19,15 +22,16 @@ use std::time::Instant;
 use tokio::sync::mpsc as tokio_mpsc;
 
 use crate::block_allocator::BlockAllocator;
-use crate::constraint::{ConstraintCompiler, Progress, SeqConstraint};
-use crate::device_sampler::{sample_rows, SamplerState};
+use crate::constraint::{ConstraintCompiler, SeqConstraint};
+use crate::device_sampler::SamplerState;
 use crate::error::{Result, RuntimeError};
 use crate::kv_cache::KvCacheTensors;
 use crate::model::{ForwardBatch, Transformer};
-use crate::output::{OutToken, OutputMsg};
+use crate::output::OutputMsg;
 use crate::request::{FinishReason, GenerationEvent, GenerationRequest};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::tokenizer::TextTokenizer;
+use masks::{MaskPool, Slot};
 use supervisor::Supervision;
 
 #[derive(Debug, Clone)]
@@ -76,10 +80,12 @@ pub struct EngineStats {
     pub prompt_tokens_total: u64,
     pub generation_tokens_total: u64,
     pub steps: u64,
-    /// Token masks computed for constrained rows, and the time they took on the
-    /// engine thread (`hearth bench --json-schema` reports it per token).
+    /// Token masks computed for constrained rows; the time the mask workers spent on
+    /// them, and the engine thread's time on constraints: consuming the sampled
+    /// tokens and waiting for masks (`hearth bench --json-schema` reports both per mask).
     pub constraint_masks: u64,
     pub constraint_mask_secs: f64,
+    pub constraint_engine_secs: f64,
 }
 
 enum Command {
@@ -235,8 +241,8 @@ struct Active {
     /// Kept to notice a caller that went away; events go through the output worker.
     events: tokio_mpsc::UnboundedSender<GenerationEvent>,
     sampler: SamplerState,
-    /// The structured-output matcher, when the request has a constraint.
-    constraint: Option<SeqConstraint>,
+    /// The structured-output matcher, when the request has a constraint (masks.rs).
+    constraint: Option<Slot>,
     prompt_len: usize,
     output_tokens: usize,
     admitted: bool,
@@ -256,6 +262,7 @@ pub struct Engine {
     max_model_len: usize,
     stats: EngineStats,
     sup: Supervision,
+    masks: MaskPool,
 }
 
 impl Engine {
@@ -343,6 +350,8 @@ impl Engine {
         let (stopped_tx, stopped) = mpsc::channel();
         let output = crate::output::spawn(tokenizer.clone(), stopped_tx)
             .map_err(|e| RuntimeError::Device(format!("cannot start the output thread: {e}")))?;
+        let masks = MaskPool::start(&eos_ids)
+            .map_err(|e| RuntimeError::Device(format!("cannot start the mask workers: {e}")))?;
         let mut engine = Engine {
             model,
             cache,
@@ -356,6 +365,7 @@ impl Engine {
             max_model_len,
             stats: initial_stats,
             sup: Supervision::new(fault::Faults::new(tokenizer.clone())),
+            masks,
         };
         std::thread::Builder::new()
             .name("hearth-engine".into())
@@ -418,8 +428,12 @@ impl Engine {
                 let fault = self.sup.faults.on_submit(id, &req.prompt);
                 self.open_output(id, &req, events.clone(), arrived, fault);
                 let constraint = match req.params.constraint.as_ref() {
+                    // Its first mask is computed while the prompt waits and prefills.
                     Some(c) => match SeqConstraint::new(c, &self.eos_ids) {
-                        Ok(sc) => Some(sc),
+                        Ok(sc) => {
+                            let panic = self.sup.faults.mask_panics(id);
+                            Some(self.masks.send(id, Box::new(sc), panic))
+                        }
                         Err(e) => {
                             self.shared.pending.fetch_sub(1, Ordering::SeqCst);
                             self.sup.submitting = None;
@@ -513,85 +527,13 @@ impl Engine {
                 sampled_ids.push(s.id);
             }
         }
+        // Meanwhile the mask workers compute the constrained rows' masks (masks.rs).
         let logits = self.model.forward(&batch, &self.cache)?;
         self.scheduler.commit(&plan);
         self.stats.steps += 1;
         self.sup.faults.in_step(&self.sup.current)?;
-        let sampled = {
-            let eos = &self.eos_ids;
-            let mut by_id: HashMap<SeqId, &mut Active> = self
-                .active
-                .iter_mut()
-                .filter(|(id, _)| sampled_ids.contains(id))
-                .map(|(id, a)| (*id, a))
-                .collect();
-            let (mut masks, mask_started) = (0u64, Instant::now());
-            let rows: Vec<_> = sampled_ids
-                .iter()
-                .filter_map(|id| {
-                    by_id.remove(id).map(|a| {
-                        let mut row = a.sampler.row(eos);
-                        if let Some(c) = a.constraint.as_mut() {
-                            row.allowed = Some(c.compute_mask());
-                            masks += 1;
-                        }
-                        row
-                    })
-                })
-                .collect();
-            if masks > 0 {
-                self.stats.constraint_masks += masks;
-                self.stats.constraint_mask_secs += mask_started.elapsed().as_secs_f64();
-            }
-            if rows.len() != sampled_ids.len() {
-                return Err(RuntimeError::Device(
-                    "a scheduled sequence has no request".into(),
-                ));
-            }
-            sample_rows(&logits, &rows)?
-        };
-        let now = Instant::now();
-        let mut tokens = Vec::with_capacity(sampled.len());
-        let mut ended = Vec::new();
-        let mut by_grammar = Vec::new();
-        for (id, s) in sampled_ids.into_iter().zip(sampled) {
-            let Some(a) = self.active.get_mut(&id) else {
-                continue;
-            };
-            a.sampler.record(s.token);
-            a.output_tokens += 1;
-            self.stats.generation_tokens_total += 1;
-            self.scheduler.append_token(id, s.token);
-            let mut eos = !a.sampler.params.ignore_eos && self.eos_ids.contains(&s.token);
-            let total = a.prompt_len + a.output_tokens;
-            let progress = a.constraint.as_mut().map(|c| c.advance(s.token));
-            if let Some(p) = progress.filter(|p| *p != Progress::Continue) {
-                // The grammar's accept state ends the sequence, whatever ignore_eos says.
-                eos = self.eos_ids.contains(&s.token);
-                by_grammar.push((id, p));
-            } else if eos {
-                ended.push((id, FinishReason::Stop));
-            } else if a.output_tokens >= a.sampler.params.max_tokens || total >= self.max_model_len
-            {
-                ended.push((id, FinishReason::Length));
-            }
-            tokens.push(OutToken {
-                id,
-                token: s.token,
-                eos,
-                logprobs: s.logprobs,
-            });
-        }
-        let _ = self.output.send(OutputMsg::Tokens { at: now, tokens });
-        for (id, reason) in ended {
-            self.finish(id, reason, None);
-        }
-        for (id, p) in by_grammar {
-            match p {
-                Progress::Failed(e) => self.finish(id, FinishReason::Error, Some(e)),
-                _ => self.finish(id, FinishReason::Stop, None),
-            }
-        }
+        let sampled = self.sample(&logits, &sampled_ids)?;
+        self.emit(sampled_ids, sampled);
         Ok(())
     }
 
@@ -643,6 +585,9 @@ impl Engine {
         self.stats.prefix_cache_queries = alloc.prefix_queries;
         self.stats.prefix_cache_hits = alloc.prefix_hits;
         self.stats.num_preemptions = self.scheduler.num_preemptions;
+        self.stats.constraint_masks = self.masks.masks;
+        self.stats.constraint_mask_secs = self.masks.work_secs;
+        self.stats.constraint_engine_secs = self.masks.engine_secs;
         if let Ok(mut s) = self.shared.stats.lock() {
             *s = self.stats.clone();
         }

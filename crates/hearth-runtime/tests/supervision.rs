@@ -9,8 +9,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use hearth_runtime::{
-    Completion, EngineConfig, EngineHandle, FinishReason, GenerationEvent, GenerationRequest,
-    ModelSpec, RequestStream, RuntimeError, SamplingParams,
+    Completion, ConstraintSpec, EngineConfig, EngineHandle, FinishReason, GenerationEvent,
+    GenerationRequest, ModelSpec, RequestStream, RuntimeError, SamplingParams,
 };
 
 /// The demo model (byte-level tokenizer: a marker's text survives encode and decode).
@@ -141,6 +141,47 @@ fn a_panic_in_the_output_worker_fails_only_that_request_of_the_batch() {
     assert!(fault_error(&c).contains("output worker"), "{c:?}");
     let got: Vec<Vec<u32>> = healthy.into_iter().map(|r| wait(r).0).collect();
     assert_eq!(got, expected);
+    blocks_back(&h);
+    assert!(h.is_alive());
+}
+
+/// Constrained requests' masks are computed on the mask workers (src/engine/masks.rs):
+/// a matcher that panics there fails its own request; the others of the batch, held
+/// to the same grammar, generate what they generate alone.
+#[test]
+fn a_panicking_mask_worker_fails_only_its_constrained_request() {
+    let h = engine(8);
+    let grammar = h
+        .constraints()
+        .compile(&ConstraintSpec::Regex("[a-z][a-z ]{0,30}".into()), "regex")
+        .unwrap();
+    let constrained = |text: &str| {
+        let mut r = request(&h, text);
+        r.params.constraint = Some(grammar.clone());
+        h.submit(r).unwrap()
+    };
+    let expected: Vec<Vec<u32>> = HEALTHY
+        .iter()
+        .map(|t| wait(finish(constrained(t))).0)
+        .collect();
+    let faulty = finish(constrained("Once upon a time hearth-fault:mask-panic"));
+    let healthy: Vec<_> = HEALTHY.iter().map(|t| finish(constrained(t))).collect();
+    let (_, c) = wait(faulty);
+    assert_eq!(c.reason, FinishReason::Error, "{c:?}");
+    let e = c.error.as_deref().unwrap_or_default();
+    assert!(
+        e.contains("output constraint failed") && e.contains("mask-panic"),
+        "{e}"
+    );
+    let got: Vec<Vec<u32>> = healthy.into_iter().map(|r| wait(r).0).collect();
+    assert_eq!(got, expected);
+    for ids in &got {
+        let text = h.tokenizer().decode(ids).unwrap();
+        assert!(
+            !text.is_empty() && text.bytes().all(|b| b.is_ascii_lowercase() || b == b' '),
+            "{text:?}"
+        );
+    }
     blocks_back(&h);
     assert!(h.is_alive());
 }

@@ -12,6 +12,7 @@
 //! | `hearth-fault:rebuild-fails`      | two steps panic and the rebuild fails (DEFUNCT)       |
 //! | `hearth-fault:cuda-error`         | the step fails with a CUDA error (sticky: DEFUNCT)    |
 //! | `hearth-fault:output-panic`       | the output worker panics on the request's first token |
+//! | `hearth-fault:mask-panic`         | the request's token-mask job panics (a mask worker)   |
 //!
 //! The step's panic comes after the forward pass is committed and before sampling: the
 //! hardest point to recover from (the scheduler has advanced, no token was appended).
@@ -49,6 +50,10 @@ mod disabled {
         pub fn on_rebuild(&mut self) -> Result<()> {
             Ok(())
         }
+        #[inline]
+        pub fn mask_panics(&self, _id: SeqId) -> bool {
+            false
+        }
     }
 
     #[derive(Debug, Clone, Copy, Default)]
@@ -62,7 +67,7 @@ mod disabled {
 
 #[cfg(feature = "fault-injection")]
 mod enabled {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     use std::sync::Arc;
 
     use crate::error::{Result, RuntimeError};
@@ -77,16 +82,18 @@ mod enabled {
         RebuildFails,
         CudaError,
         OutputPanic,
+        MaskPanic,
     }
 
     /// Longest first: each is a prefix of none but `step-panic`'s longer forms.
-    const MARKERS: [(&str, Mode); 6] = [
+    const MARKERS: [(&str, Mode); 7] = [
         ("hearth-fault:step-panic-forever", Mode::StepPanicForever),
         ("hearth-fault:step-panic-twice", Mode::StepPanicTwice),
         ("hearth-fault:step-panic", Mode::StepPanic),
         ("hearth-fault:rebuild-fails", Mode::RebuildFails),
         ("hearth-fault:cuda-error", Mode::CudaError),
         ("hearth-fault:output-panic", Mode::OutputPanic),
+        ("hearth-fault:mask-panic", Mode::MaskPanic),
     ];
 
     pub(crate) struct Faults {
@@ -97,6 +104,8 @@ mod enabled {
         armed: u32,
         forever: bool,
         fail_rebuild: bool,
+        /// Requests whose mask jobs panic.
+        mask_panic: HashSet<SeqId>,
     }
 
     impl Faults {
@@ -107,6 +116,7 @@ mod enabled {
                 armed: 0,
                 forever: false,
                 fail_rebuild: false,
+                mask_panic: HashSet::new(),
             }
         }
 
@@ -118,6 +128,10 @@ mod enabled {
                 .map(|&(_, mode)| mode);
             match mode {
                 Some(Mode::OutputPanic) => OutputFault { panic: true },
+                Some(Mode::MaskPanic) => {
+                    self.mask_panic.insert(id);
+                    OutputFault::default()
+                }
                 Some(mode) => {
                     self.marked.insert(id, mode);
                     OutputFault::default()
@@ -155,6 +169,10 @@ mod enabled {
                 panic!("injected fault: a hearth-fault:step-panic marker");
             }
             Ok(())
+        }
+
+        pub fn mask_panics(&self, id: SeqId) -> bool {
+            self.mask_panic.contains(&id)
         }
 
         pub fn on_rebuild(&mut self) -> Result<()> {

@@ -162,7 +162,11 @@ fn a_normal_request_is_admitted_at_once_by_preempting_background_work_that_fills
     let p = run(&mut s);
     assert_eq!(p.admitted, vec![2]);
     let x = &p.seqs[0];
-    assert_eq!((x.id, x.start + x.len), (2, 5), "recomputed with its output");
+    assert_eq!(
+        (x.id, x.start + x.len),
+        (2, 5),
+        "recomputed with its output"
+    );
     assert!(x.wants_logits);
 }
 

@@ -9,9 +9,12 @@
 //! not the engine.
 
 pub(crate) mod fault;
+mod handle;
 mod masks;
 mod sample_step;
 pub(crate) mod supervisor;
+
+pub use handle::{EngineHandle, EngineLimits, RequestStream};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -28,11 +31,15 @@ use crate::error::{Result, RuntimeError};
 use crate::kv_cache::KvCacheTensors;
 use crate::model::{ForwardBatch, Transformer};
 use crate::output::OutputMsg;
-use crate::request::{FinishReason, GenerationEvent, GenerationRequest};
+use crate::request::{FinishReason, GenerationEvent, GenerationRequest, Priority};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::tokenizer::TextTokenizer;
 use masks::{MaskPool, Slot};
 use supervisor::Supervision;
+
+/// Background work is admitted only while a tenth of the KV cache stays free after
+/// it, so a caller's request arriving next rarely has to preempt anything.
+const BACKGROUND_RESERVE_DIVISOR: usize = 10;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -44,6 +51,9 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     /// Requests accepted but not yet running; past it, `submit` fails with `QueueFull`.
     pub max_waiting: usize,
+    /// The same bound for background requests (`Priority::Background`), counted
+    /// apart: past it, `submit_at` fails with `BackgroundQueueFull`.
+    pub max_waiting_background: usize,
     pub max_model_len: Option<usize>,
     pub enable_prefix_caching: bool,
     /// The KV cache's element type; None: the compute dtype. f16/bf16 under f32
@@ -60,6 +70,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 2048,
             max_num_seqs: 256,
             max_waiting: 1024,
+            max_waiting_background: 64,
             max_model_len: None,
             enable_prefix_caching: true,
             kv_cache_dtype: None,
@@ -72,6 +83,9 @@ impl Default for EngineConfig {
 pub struct EngineStats {
     pub num_running: usize,
     pub num_waiting: usize,
+    /// Of those, background sequences (`Priority::Background`).
+    pub num_running_background: usize,
+    pub num_waiting_background: usize,
     pub kv_blocks_total: usize,
     pub kv_blocks_free: usize,
     pub prefix_cache_queries: u64,
@@ -92,6 +106,7 @@ enum Command {
     Submit {
         id: SeqId,
         req: GenerationRequest,
+        priority: Priority,
         events: tokio_mpsc::UnboundedSender<GenerationEvent>,
         arrived: Instant,
     },
@@ -100,139 +115,20 @@ enum Command {
 
 struct Shared {
     stats: Mutex<EngineStats>,
-    /// Submitted but not yet admitted to a first step.
+    /// Submitted but not yet admitted to a first step, per class.
     pending: AtomicUsize,
+    pending_background: AtomicUsize,
     alive: AtomicBool,
     /// Why the engine cannot serve again, once it cannot (supervisor.rs).
     defunct: tokio::sync::watch::Sender<Option<String>>,
 }
 
-/// The public face of a running engine: cheap to clone, usable from any thread.
-#[derive(Clone)]
-pub struct EngineHandle {
-    tx: mpsc::Sender<Command>,
-    shared: Arc<Shared>,
-    next_id: Arc<AtomicU64>,
-    tokenizer: Arc<TextTokenizer>,
-    limits: EngineLimits,
-    constraints: Arc<ConstraintCompiler>,
-}
-
-/// What a request must fit in.
-#[derive(Debug, Clone, Copy)]
-pub struct EngineLimits {
-    pub max_model_len: usize,
-    pub kv_capacity_tokens: usize,
-    pub vocab_size: usize,
-    pub max_waiting: usize,
-}
-
-/// One request's events. Dropping it cancels the request.
-pub struct RequestStream {
-    pub id: SeqId,
-    rx: tokio_mpsc::UnboundedReceiver<GenerationEvent>,
-    tx: mpsc::Sender<Command>,
-    finished: bool,
-}
-
-impl RequestStream {
-    pub async fn next(&mut self) -> Option<GenerationEvent> {
-        let ev = self.rx.recv().await;
-        self.note(&ev);
-        ev
-    }
-
-    /// For callers outside an async runtime (the CLI).
-    pub fn blocking_next(&mut self) -> Option<GenerationEvent> {
-        let ev = self.rx.blocking_recv();
-        self.note(&ev);
-        ev
-    }
-
-    fn note(&mut self, ev: &Option<GenerationEvent>) {
-        if matches!(ev, Some(GenerationEvent::Finished(_)) | None) {
-            self.finished = true;
+impl Shared {
+    fn pending(&self, p: Priority) -> &AtomicUsize {
+        match p {
+            Priority::Normal => &self.pending,
+            Priority::Background => &self.pending_background,
         }
-    }
-
-    pub fn cancel(&self) {
-        let _ = self.tx.send(Command::Cancel(self.id));
-    }
-}
-
-impl Drop for RequestStream {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.cancel();
-        }
-    }
-}
-
-impl EngineHandle {
-    pub fn tokenizer(&self) -> &Arc<TextTokenizer> {
-        &self.tokenizer
-    }
-
-    pub fn limits(&self) -> EngineLimits {
-        self.limits
-    }
-
-    /// Compiles structured-output constraints for this model (blocking; off the engine).
-    pub fn constraints(&self) -> &Arc<ConstraintCompiler> {
-        &self.constraints
-    }
-
-    pub fn stats(&self) -> EngineStats {
-        self.shared
-            .stats
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
-    }
-
-    pub fn is_alive(&self) -> bool {
-        self.shared.alive.load(Ordering::Relaxed)
-    }
-
-    /// Checks a request against the model and the cache before it is queued, so a
-    /// request that could never run (or whose sizes no allocation should take) is
-    /// refused now rather than stuck or fatal later. The rules are `limits.rs`'s.
-    pub fn validate(&self, req: &GenerationRequest) -> Result<()> {
-        self.limits.request().check(req)
-    }
-
-    pub fn submit(&self, req: GenerationRequest) -> Result<RequestStream> {
-        self.validate(&req)?;
-        if let Some(reason) = self.defunct_reason() {
-            return Err(RuntimeError::EngineDefunct(reason));
-        }
-        if !self.is_alive() {
-            return Err(RuntimeError::EngineStopped);
-        }
-        let pending = self.shared.pending.fetch_add(1, Ordering::SeqCst);
-        if pending >= self.limits.max_waiting {
-            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
-            return Err(RuntimeError::QueueFull(self.limits.max_waiting));
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (events, rx) = tokio_mpsc::unbounded_channel();
-        self.tx
-            .send(Command::Submit {
-                id,
-                req,
-                events,
-                arrived: Instant::now(),
-            })
-            .map_err(|_| {
-                self.shared.pending.fetch_sub(1, Ordering::SeqCst);
-                RuntimeError::EngineStopped
-            })?;
-        Ok(RequestStream {
-            id,
-            rx,
-            tx: self.tx.clone(),
-            finished: false,
-        })
     }
 }
 
@@ -246,6 +142,7 @@ struct Active {
     prompt_len: usize,
     output_tokens: usize,
     admitted: bool,
+    priority: Priority,
 }
 
 pub struct Engine {
@@ -321,6 +218,7 @@ impl Engine {
                 max_num_batched_tokens: cfg.max_num_batched_tokens.max(1),
                 max_num_seqs: cfg.max_num_seqs.max(1),
                 enable_prefix_caching: cfg.enable_prefix_caching,
+                background_reserve_blocks: num_blocks / BACKGROUND_RESERVE_DIVISOR,
             },
             BlockAllocator::new(num_blocks, bs),
         );
@@ -333,6 +231,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             stats: Mutex::new(initial_stats.clone()),
             pending: AtomicUsize::new(0),
+            pending_background: AtomicUsize::new(0),
             alive: AtomicBool::new(true),
             defunct: tokio::sync::watch::Sender::new(None),
         });
@@ -341,6 +240,7 @@ impl Engine {
             kv_capacity_tokens: num_blocks * bs,
             vocab_size: mcfg.vocab_size,
             max_waiting: cfg.max_waiting,
+            max_waiting_background: cfg.max_waiting_background,
         };
         let constraints = Arc::new(ConstraintCompiler::new(
             tokenizer.clone(),
@@ -420,11 +320,13 @@ impl Engine {
             Command::Submit {
                 id,
                 req,
+                priority,
                 events,
                 arrived,
             } => {
                 let prompt_len = req.prompt.len();
                 self.sup.submitting = Some(id);
+                self.sup.submitting_class = priority;
                 let fault = self.sup.faults.on_submit(id, &req.prompt);
                 self.open_output(id, &req, events.clone(), arrived, fault);
                 let constraint = match req.params.constraint.as_ref() {
@@ -435,7 +337,7 @@ impl Engine {
                             Some(self.masks.send(id, Box::new(sc), panic))
                         }
                         Err(e) => {
-                            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                            self.shared.pending(priority).fetch_sub(1, Ordering::SeqCst);
                             self.sup.submitting = None;
                             let _ = self.output.send(OutputMsg::Finish {
                                 id,
@@ -448,7 +350,7 @@ impl Engine {
                     None => None,
                 };
                 let sampler = SamplerState::new(req.params, &req.prompt);
-                self.scheduler.add(id, req.prompt);
+                self.scheduler.add_at(id, req.prompt, priority);
                 self.active.insert(
                     id,
                     Active {
@@ -458,6 +360,7 @@ impl Engine {
                         prompt_len,
                         output_tokens: 0,
                         admitted: false,
+                        priority,
                     },
                 );
                 self.sup.submitting = None;
@@ -545,7 +448,9 @@ impl Engine {
             return; // back from preemption
         }
         a.admitted = true;
-        self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+        self.shared
+            .pending(a.priority)
+            .fetch_sub(1, Ordering::SeqCst);
         self.stats.prompt_tokens_total += a.prompt_len as u64;
         let cached = self
             .scheduler
@@ -566,7 +471,9 @@ impl Engine {
             return false;
         };
         if !a.admitted {
-            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+            self.shared
+                .pending(a.priority)
+                .fetch_sub(1, Ordering::SeqCst);
         }
         true
     }
@@ -581,6 +488,8 @@ impl Engine {
         let alloc = self.scheduler.allocator();
         self.stats.num_running = self.scheduler.num_running();
         self.stats.num_waiting = self.scheduler.num_waiting();
+        self.stats.num_running_background = self.scheduler.num_running_background();
+        self.stats.num_waiting_background = self.scheduler.num_waiting_background();
         self.stats.kv_blocks_free = alloc.num_free();
         self.stats.prefix_cache_queries = alloc.prefix_queries;
         self.stats.prefix_cache_hits = alloc.prefix_hits;

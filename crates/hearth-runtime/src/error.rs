@@ -34,6 +34,11 @@ pub enum RuntimeError {
     InvalidRequest { field: &'static str, reason: String },
     #[error("the waiting queue is full ({0} requests); retry later")]
     QueueFull(usize),
+    /// Background work (shadow copies) waits in its own queue, apart from callers'.
+    #[error(
+        "the background queue is full ({0} low-priority requests waiting); this one is not run"
+    )]
+    BackgroundQueueFull(usize),
     #[error("the engine has stopped")]
     EngineStopped,
     /// Faults the engine could not recover from (engine/supervisor.rs); the reason

@@ -55,7 +55,7 @@ pub use error::{Result, RuntimeError};
 pub use limits::RequestLimits;
 pub use loader::{load, LoadFormat, LoadedModel, ModelSpec, TokenizerSource};
 pub use request::{
-    Completion, FinishReason, GenerationEvent, GenerationRequest, Timings, TokenLogprobs,
+    Completion, FinishReason, GenerationEvent, GenerationRequest, Priority, Timings, TokenLogprobs,
 };
 pub use sampler::SamplingParams;
 pub use tokenizer::{ChatMessage, PromptSpec, TextTokenizer, TokenPiece};

@@ -10,6 +10,17 @@ pub struct GenerationRequest {
     pub params: SamplingParams,
 }
 
+/// A request's scheduling class. `Background` work (shadow copies of traffic served
+/// elsewhere) only fills what callers' `Normal` work leaves: it is admitted when no
+/// normal request waits, preempted before any normal one, and waits in its own
+/// bounded queue (`EngineConfig::max_waiting_background`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    #[default]
+    Normal,
+    Background,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// An EOS token or a stop sequence.

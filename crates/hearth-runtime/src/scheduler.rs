@@ -5,11 +5,22 @@
 //! arrival order. When blocks run out, the most recently admitted sequence is
 //! preempted: its blocks are freed and it is recomputed later, its output kept.
 //!
+//! Two classes (`Priority`): callers' normal work and background work (shadow
+//! copies). `running` keeps every normal sequence before every background one, so
+//! "the newest running" is always a background sequence while one runs: background
+//! work is preempted first, and never makes room for itself by preempting normal
+//! work. A step serves running normal sequences, then waiting normal ones (preempting
+//! background sequences for their blocks or batch slots), then running background
+//! ones; a waiting background sequence is admitted only when no normal one waits,
+//! nothing was preempted, and `background_reserve_blocks` stay free after it (unless
+//! nothing else runs).
+//!
 //! This file knows tokens and blocks, not tensors, so its policy is tested alone.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::block_allocator::{block_key, BlockAllocator, BlockId};
+use crate::request::Priority;
 
 pub type SeqId = u64;
 
@@ -18,6 +29,9 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
     pub enable_prefix_caching: bool,
+    /// Blocks a background sequence must leave free when it is admitted, so a normal
+    /// request arriving next can usually start without preempting anything.
+    pub background_reserve_blocks: usize,
 }
 
 #[derive(Debug)]
@@ -32,6 +46,7 @@ pub struct SeqState {
     keys: Vec<u64>,
     /// Prompt tokens found in the prefix cache at admission.
     pub num_cached_prompt: usize,
+    pub priority: Priority,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -59,14 +74,27 @@ impl StepPlan {
     pub fn num_tokens(&self) -> usize {
         self.seqs.iter().map(|s| s.len).sum()
     }
+
+    fn push(&mut self, id: SeqId, start: usize, len: usize, total: usize) {
+        self.seqs.push(ScheduledSeq {
+            id,
+            start,
+            len,
+            wants_logits: start + len == total,
+        });
+    }
 }
 
 pub struct Scheduler {
     cfg: SchedulerConfig,
     alloc: BlockAllocator,
     seqs: HashMap<SeqId, SeqState>,
+    /// Normal sequences waiting, in arrival order (preempted ones at the front).
     waiting: VecDeque<SeqId>,
-    /// In admission order: the back is the first to be preempted.
+    /// Background sequences waiting: served only when `waiting` is empty.
+    waiting_background: VecDeque<SeqId>,
+    /// Normal sequences in admission order, then background ones in admission order:
+    /// the back is the first to be preempted.
     running: Vec<SeqId>,
     pub num_preemptions: u64,
 }
@@ -78,6 +106,7 @@ impl Scheduler {
             alloc,
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
+            waiting_background: VecDeque::new(),
             running: Vec::new(),
             num_preemptions: 0,
         }
@@ -92,10 +121,11 @@ impl Scheduler {
         )
     }
 
-    /// Whether the bookkeeping agrees with itself: each sequence waits or runs exactly
-    /// once, each block's reference count is the number of block tables that hold it,
-    /// and exactly the unreferenced blocks are free. Checked after a fault, when a
-    /// panic may have left a change half made.
+    /// Whether the bookkeeping agrees with itself: each sequence waits (in its class's
+    /// queue) or runs exactly once, normal sequences run ahead of background ones,
+    /// each block's reference count is the number of block tables that hold it, and
+    /// exactly the unreferenced blocks are free. Checked after a fault, when a panic
+    /// may have left a change half made.
     pub fn is_consistent(&self) -> bool {
         let mut refs = vec![0u32; self.alloc.num_blocks()];
         for s in self.seqs.values() {
@@ -106,9 +136,24 @@ impl Scheduler {
                 }
             }
         }
-        let waiting: HashSet<SeqId> = self.waiting.iter().copied().collect();
+        let queued = self.waiting.len() + self.waiting_background.len();
+        let waiting: HashSet<SeqId> = self
+            .waiting
+            .iter()
+            .chain(&self.waiting_background)
+            .copied()
+            .collect();
         let running: HashSet<SeqId> = self.running.iter().copied().collect();
-        let placed = waiting.len() == self.waiting.len()
+        let in_class =
+            |q: &VecDeque<SeqId>, p: Priority| q.iter().all(|id| self.priority(*id) == p);
+        let classes = in_class(&self.waiting, Priority::Normal)
+            && in_class(&self.waiting_background, Priority::Background)
+            && self
+                .running
+                .windows(2)
+                .all(|w| self.priority(w[0]) <= self.priority(w[1]));
+        let placed = waiting.len() == queued
+            && classes
             && running.len() == self.running.len()
             && waiting.is_disjoint(&running)
             && waiting.len() + running.len() == self.seqs.len()
@@ -137,23 +182,51 @@ impl Scheduler {
         self.alloc.num_blocks() * self.alloc.block_size()
     }
 
+    /// Waiting sequences of both classes.
     pub fn num_waiting(&self) -> usize {
-        self.waiting.len()
+        self.waiting.len() + self.waiting_background.len()
+    }
+
+    pub fn num_waiting_background(&self) -> usize {
+        self.waiting_background.len()
     }
 
     pub fn num_running(&self) -> usize {
         self.running.len()
     }
 
+    pub fn num_running_background(&self) -> usize {
+        self.running
+            .iter()
+            .filter(|id| self.priority(**id) == Priority::Background)
+            .count()
+    }
+
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.waiting.is_empty() || !self.waiting_background.is_empty() || !self.running.is_empty()
+    }
+
+    fn priority(&self, id: SeqId) -> Priority {
+        self.seqs.get(&id).map(|s| s.priority).unwrap_or_default()
+    }
+
+    fn queue(&mut self, p: Priority) -> &mut VecDeque<SeqId> {
+        match p {
+            Priority::Normal => &mut self.waiting,
+            Priority::Background => &mut self.waiting_background,
+        }
     }
 
     pub fn seq(&self, id: SeqId) -> Option<&SeqState> {
         self.seqs.get(&id)
     }
 
+    /// Queues a normal request.
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>) {
+        self.add_at(id, prompt, Priority::Normal);
+    }
+
+    pub fn add_at(&mut self, id: SeqId, prompt: Vec<u32>, priority: Priority) {
         let prompt_len = prompt.len();
         self.seqs.insert(
             id,
@@ -164,9 +237,10 @@ impl Scheduler {
                 block_table: Vec::new(),
                 keys: Vec::new(),
                 num_cached_prompt: 0,
+                priority,
             },
         );
-        self.waiting.push_back(id);
+        self.queue(priority).push_back(id);
     }
 
     pub fn append_token(&mut self, id: SeqId, token: u32) {
@@ -181,6 +255,7 @@ impl Scheduler {
             self.free_blocks(&mut s);
         }
         self.waiting.retain(|&w| w != id);
+        self.waiting_background.retain(|&w| w != id);
         self.running.retain(|&r| r != id);
     }
 
@@ -196,13 +271,35 @@ impl Scheduler {
     }
 
     fn preempt(&mut self, id: SeqId) {
+        let priority = self.priority(id);
         if let Some(mut s) = self.seqs.remove(&id) {
             self.free_blocks(&mut s);
             self.seqs.insert(id, s);
         }
         self.running.retain(|&r| r != id);
-        self.waiting.push_front(id);
+        self.queue(priority).push_front(id);
         self.num_preemptions += 1;
+    }
+
+    /// Preempts the newest running background sequence, if one runs.
+    fn preempt_background(&mut self, plan: &mut StepPlan) -> bool {
+        match self.running.last() {
+            Some(&victim) if self.priority(victim) == Priority::Background => {
+                self.preempt(victim);
+                plan.preempted.push(victim);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Gives back the prefix blocks a waiting sequence matched: kept only while it
+    /// runs, they serve others from the LRU list meanwhile.
+    fn unmatch(&mut self, id: SeqId) {
+        if let Some(mut s) = self.seqs.remove(&id) {
+            self.free_blocks(&mut s);
+            self.seqs.insert(id, s);
+        }
     }
 
     /// Ensures `id` has blocks for its first `upto` tokens. False if the cache is full.
@@ -252,15 +349,42 @@ impl Scheduler {
     pub fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
         let mut budget = self.cfg.max_num_batched_tokens;
-        let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        self.run_class(Priority::Normal, &mut plan, &mut budget);
+        // New work only when no normal sequence had to be preempted: admitting while
+        // evicting thrashes. Evicting background work for normal work is the point.
+        let normal_preempted = plan
+            .preempted
+            .iter()
+            .any(|id| self.priority(*id) == Priority::Normal);
+        if !normal_preempted {
+            self.admit_normal(&mut plan, &mut budget);
+        }
+        self.run_class(Priority::Background, &mut plan, &mut budget);
+        if plan.preempted.is_empty() && self.waiting.is_empty() {
+            self.admit_background(&mut plan, &mut budget);
+        }
+        plan
+    }
+
+    /// Schedules the running sequences of one class, preempting the newest running
+    /// ones (background first: they are at the back) when blocks run out.
+    fn run_class(&mut self, class: Priority, plan: &mut StepPlan, budget: &mut usize) {
+        let mut i = self
+            .running
+            .iter()
+            .position(|id| self.priority(*id) == class)
+            .unwrap_or(self.running.len());
+        while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
             let Some(s) = self.seqs.get(&id) else {
                 i += 1;
                 continue;
             };
+            if s.priority != class {
+                break;
+            }
             let start = s.num_computed;
-            let n = (s.tokens.len() - start).min(budget);
+            let n = (s.tokens.len() - start).min(*budget);
             let total = s.tokens.len();
             if n == 0 {
                 i += 1;
@@ -268,7 +392,7 @@ impl Scheduler {
             }
             let mut fits = self.reserve(id, start + n);
             while !fits {
-                // Free blocks by preempting the newest running sequence; it may be this one.
+                // The newest running sequence; it may be this one.
                 let Some(&victim) = self.running.last() else {
                     break;
                 };
@@ -282,55 +406,88 @@ impl Scheduler {
             if !fits {
                 break;
             }
-            plan.seqs.push(ScheduledSeq {
-                id,
-                start,
-                len: n,
-                wants_logits: start + n == total,
-            });
-            budget -= n;
+            plan.push(id, start, n, total);
+            *budget -= n;
             i += 1;
         }
-        // New work only when nothing had to be preempted: admitting while evicting thrashes.
-        if plan.preempted.is_empty() {
-            while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-                let Some(&id) = self.waiting.front() else {
-                    break;
-                };
-                if self.seqs.get(&id).is_some_and(|s| s.block_table.is_empty())
-                    && self.cfg.enable_prefix_caching
-                {
-                    self.match_prefix(id);
-                }
-                let Some(s) = self.seqs.get(&id) else {
-                    self.waiting.pop_front();
-                    continue;
-                };
-                let start = s.num_computed;
-                let total = s.tokens.len();
-                let n = (total - start).min(budget);
-                if !self.reserve(id, start + n) {
-                    // Keep the shared prefix blocks only while it runs; give them back
-                    // to the LRU list meanwhile so they can serve others.
-                    if let Some(mut s) = self.seqs.remove(&id) {
-                        self.free_blocks(&mut s);
-                        self.seqs.insert(id, s);
-                    }
-                    break;
-                }
-                self.waiting.pop_front();
-                self.running.push(id);
-                plan.admitted.push(id);
-                plan.seqs.push(ScheduledSeq {
-                    id,
-                    start,
-                    len: n,
-                    wants_logits: start + n == total,
-                });
-                budget -= n;
+    }
+
+    /// Admits waiting normal sequences in arrival order, preempting running
+    /// background ones for their blocks and batch slots.
+    fn admit_normal(&mut self, plan: &mut StepPlan, budget: &mut usize) {
+        while *budget > 0 {
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
+            if self.running.len() >= self.cfg.max_num_seqs && !self.preempt_background(plan) {
+                break;
             }
+            let Some((start, n, total)) = self.chunk(id, *budget) else {
+                self.waiting.pop_front();
+                continue;
+            };
+            let mut fits = self.reserve(id, start + n);
+            while !fits && self.preempt_background(plan) {
+                fits = self.reserve(id, start + n);
+            }
+            if !fits {
+                self.unmatch(id);
+                break;
+            }
+            self.waiting.pop_front();
+            let at = self
+                .running
+                .iter()
+                .position(|r| self.priority(*r) == Priority::Background)
+                .unwrap_or(self.running.len());
+            self.running.insert(at, id);
+            plan.admitted.push(id);
+            plan.push(id, start, n, total);
+            *budget -= n;
         }
-        plan
+    }
+
+    /// Admits waiting background sequences into what normal work leaves: a free
+    /// batch slot, and `background_reserve_blocks` still free after their chunk.
+    fn admit_background(&mut self, plan: &mut StepPlan, budget: &mut usize) {
+        while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(&id) = self.waiting_background.front() else {
+                break;
+            };
+            let Some((start, n, total)) = self.chunk(id, *budget) else {
+                self.waiting_background.pop_front();
+                continue;
+            };
+            let bs = self.alloc.block_size();
+            let held = self.seqs.get(&id).map_or(0, |s| s.block_table.len());
+            let need = (start + n).div_ceil(bs).saturating_sub(held);
+            // Alone on the engine it needs no reserve (or one too large for the
+            // reserve could never start).
+            let room = self.running.is_empty()
+                || self.alloc.num_free() >= need + self.cfg.background_reserve_blocks;
+            if !room || !self.reserve(id, start + n) {
+                self.unmatch(id);
+                break;
+            }
+            self.waiting_background.pop_front();
+            self.running.push(id);
+            plan.admitted.push(id);
+            plan.push(id, start, n, total);
+            *budget -= n;
+        }
+    }
+
+    /// A waiting sequence's next chunk (matching its cached prefix first): its start,
+    /// length within `budget` and total length. None for an unknown id.
+    fn chunk(&mut self, id: SeqId, budget: usize) -> Option<(usize, usize, usize)> {
+        if self.seqs.get(&id).is_some_and(|s| s.block_table.is_empty())
+            && self.cfg.enable_prefix_caching
+        {
+            self.match_prefix(id);
+        }
+        let s = self.seqs.get(&id)?;
+        let (start, total) = (s.num_computed, s.tokens.len());
+        Some((start, (total - start).min(budget), total))
     }
 
     /// Cache slots of tokens `0..upto` of a sequence.
@@ -369,140 +526,5 @@ impl Scheduler {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sched(blocks: usize, bs: usize, budget: usize, max_seqs: usize) -> Scheduler {
-        Scheduler::new(
-            SchedulerConfig {
-                max_num_batched_tokens: budget,
-                max_num_seqs: max_seqs,
-                enable_prefix_caching: true,
-            },
-            BlockAllocator::new(blocks, bs),
-        )
-    }
-
-    /// Runs a plan as the engine would, sampling token 7 where logits are wanted.
-    fn run(s: &mut Scheduler) -> StepPlan {
-        let plan = s.schedule();
-        s.commit(&plan);
-        for x in &plan.seqs {
-            if x.wants_logits {
-                s.append_token(x.id, 7);
-            }
-        }
-        plan
-    }
-
-    fn lens(p: &StepPlan) -> Vec<(SeqId, usize, usize)> {
-        p.seqs.iter().map(|x| (x.id, x.start, x.len)).collect()
-    }
-
-    #[test]
-    fn decodes_go_first_then_prompts_are_chunked_into_the_budget() {
-        let mut s = sched(64, 4, 8, 16);
-        s.add(1, vec![1; 5]);
-        assert_eq!(lens(&run(&mut s)), vec![(1, 0, 5)]);
-        s.add(2, vec![2; 20]);
-        // Seq 1 decodes (1 token), seq 2 gets the remaining 7 of the budget.
-        assert_eq!(lens(&run(&mut s)), vec![(1, 5, 1), (2, 0, 7)]);
-        let p = run(&mut s);
-        assert_eq!(lens(&p), vec![(1, 6, 1), (2, 7, 7)]);
-        assert!(!p.seqs[1].wants_logits);
-        let p = run(&mut s);
-        assert_eq!(lens(&p), vec![(1, 7, 1), (2, 14, 6)]);
-        assert!(p.seqs[1].wants_logits, "last chunk samples");
-    }
-
-    #[test]
-    fn waiting_is_first_come_first_served_and_capped_by_max_num_seqs() {
-        let mut s = sched(64, 4, 100, 2);
-        for id in 1..=3 {
-            s.add(id, vec![id as u32; 3]);
-        }
-        assert_eq!(lens(&run(&mut s)), vec![(1, 0, 3), (2, 0, 3)]);
-        assert_eq!(s.num_waiting(), 1);
-        s.remove(1);
-        assert_eq!(lens(&run(&mut s)), vec![(2, 3, 1), (3, 0, 3)]);
-    }
-
-    #[test]
-    fn out_of_blocks_preempts_the_newest_and_recomputes_it_with_its_output() {
-        // 4 blocks of 2 tokens: two sequences of 4 prompt tokens each take 2 blocks.
-        let mut s = sched(4, 2, 100, 8);
-        s.add(1, vec![1; 4]);
-        s.add(2, vec![2; 4]);
-        run(&mut s); // both prefilled; each appends a token that needs a third block
-        let before = s.allocator().num_free();
-        assert_eq!(before, 0);
-        // Next decode needs a third block for each: seq 2 (newest) is preempted.
-        let p = run(&mut s);
-        assert_eq!(p.preempted, vec![2]);
-        assert_eq!(lens(&p), vec![(1, 4, 1)]);
-        let s2 = s.seq(2).unwrap();
-        assert_eq!(s2.num_computed, 0);
-        assert_eq!(s2.tokens, vec![2, 2, 2, 2, 7], "output kept for recompute");
-        // Once seq 1 finishes, seq 2 comes back and recomputes everything it had.
-        s.remove(1);
-        let p = run(&mut s);
-        assert_eq!(p.admitted, vec![2]);
-        let x = &p.seqs[0];
-        assert_eq!(x.start + x.len, 5);
-        assert!(x.wants_logits);
-    }
-
-    #[test]
-    fn shared_prefix_blocks_are_reused_and_the_last_token_is_always_computed() {
-        let mut s = sched(16, 4, 100, 8);
-        let prompt: Vec<u32> = (0..10).collect();
-        s.add(1, prompt.clone());
-        run(&mut s);
-        s.remove(1);
-        let free_after_first = s.allocator().num_free();
-        assert_eq!(free_after_first, 16);
-        // Same 8-token prefix: two full blocks come from the cache.
-        let mut p2 = prompt[..8].to_vec();
-        p2.extend([99, 98]);
-        s.add(2, p2);
-        let p = run(&mut s);
-        assert_eq!(lens(&p), vec![(2, 8, 2)]);
-        assert_eq!(s.seq(2).unwrap().num_cached_prompt, 8);
-        // A prompt that is exactly cached still computes its last block.
-        s.add(3, prompt[..8].to_vec());
-        let p = run(&mut s);
-        assert_eq!(lens(&p)[1], (3, 4, 4));
-    }
-
-    #[test]
-    fn removing_returns_every_block_from_any_state() {
-        let mut s = sched(8, 4, 6, 8);
-        s.add(1, vec![1; 12]);
-        s.add(2, vec![2; 4]);
-        run(&mut s); // seq 1 mid-prefill
-        s.add(3, vec![3; 4]); // still waiting
-        s.remove(1);
-        s.remove(2);
-        s.remove(3);
-        assert_eq!(s.allocator().num_free(), 8);
-        assert!(!s.has_work());
-    }
-
-    #[test]
-    fn consistency_check_holds_through_a_run_and_catches_a_leaked_block() {
-        let mut s = sched(8, 4, 6, 8);
-        s.add(1, vec![1; 12]);
-        s.add(2, vec![2; 4]);
-        assert!(s.is_consistent());
-        run(&mut s);
-        s.add(3, vec![3; 4]);
-        assert!(s.is_consistent());
-        // A sequence dropped from the maps without freeing its blocks: a half-made change.
-        s.seqs.remove(&1);
-        s.waiting.retain(|&w| w != 1);
-        s.running.retain(|&r| r != 1);
-        assert!(!s.is_consistent());
-        assert!(s.emptied().is_consistent());
-        assert_eq!(s.emptied().allocator().num_free(), 8);
-    }
-}
+#[path = "scheduler_tests.rs"]
+mod tests;

@@ -153,7 +153,9 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::InvalidRequest { field, reason } => {
                 ApiError::invalid_at(&["input", field], reason.clone())
             }
-            RuntimeError::QueueFull(_) => ApiError::throttled(1),
+            RuntimeError::QueueFull(_) | RuntimeError::BackgroundQueueFull(_) => {
+                ApiError::throttled(1)
+            }
             RuntimeError::EngineStopped | RuntimeError::EngineDefunct(_) => {
                 ApiError::unavailable(e.to_string())
             }

@@ -378,9 +378,9 @@ pub async fn build_state_on(
             let served = crate::models::split_name(&r.model)
                 .ok()
                 .and_then(|(o, n)| registry.by_name(&o, &n));
-            if r.route.needs_local_model() && served.is_none() {
+            if let Some(what) = r.route.needs_local_model().filter(|_| served.is_none()) {
                 return Err(ServerError::Config(format!(
-                    "--route {}={}: that route runs the model here first, and no model called {} is served here",
+                    "--route {}={}: that route {what}, and no model called {} is served here (give its weights with --model or a model card)",
                     r.model,
                     r.route.describe(),
                     r.model

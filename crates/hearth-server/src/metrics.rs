@@ -211,6 +211,18 @@ impl Metrics {
             "Requests waiting to start.",
             stats.num_waiting as f64,
         );
+        gauge(
+            out,
+            "hearth:num_requests_running_background",
+            "Background sequences (shadow copies) in the running batch.",
+            stats.num_running_background as f64,
+        );
+        gauge(
+            out,
+            "hearth:num_requests_waiting_background",
+            "Background requests (shadow copies) waiting to start, behind every caller's.",
+            stats.num_waiting_background as f64,
+        );
         let used = stats.kv_blocks_total.saturating_sub(stats.kv_blocks_free);
         let usage = if stats.kv_blocks_total > 0 {
             used as f64 / stats.kv_blocks_total as f64

@@ -58,6 +58,12 @@ pub struct EngineArgs {
     /// Most requests waiting to start; past it requests are refused (HTTP 429).
     #[arg(long, env = "HEARTH_MAX_WAITING", default_value_t = 1024)]
     pub max_waiting: usize,
+    /// Most background requests (shadow copies of an upstream's traffic, run at low
+    /// priority) waiting to start, apart from callers' queue; past it a copy is
+    /// skipped and counted.
+    #[arg(long, env = "HEARTH_MAX_WAITING_BACKGROUND", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_waiting_background: u32,
     /// Context length cap (default: the model's).
     #[arg(long, env = "HEARTH_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
@@ -102,6 +108,7 @@ impl EngineArgs {
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_num_seqs: self.max_num_seqs,
             max_waiting: self.max_waiting,
+            max_waiting_background: self.max_waiting_background as usize,
             max_model_len: self.max_model_len,
             enable_prefix_caching: !self.no_prefix_caching,
             // clap admits only the names parse_dtype knows.

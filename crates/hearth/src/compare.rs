@@ -121,9 +121,9 @@ pub fn render(v: &Value) -> String {
             let k = &sh["skipped"];
             let _ = writeln!(
                 out,
-                "  shadow copies: {} eligible = {} sent + {} skipped (concurrency {}, rate {}, circuit {}, throttled {}, draining {}); {} in flight",
+                "  shadow copies: {} eligible = {} sent + {} skipped (concurrency {}, rate {}, circuit {}, throttled {}, draining {}, local engine {}); {} in flight",
                 sh["eligible"], sh["copies"], sh["skipped_total"], k["concurrency"], k["rate"],
-                k["circuit"], k["throttled"], k["draining"], sh["in_flight"]
+                k["circuit"], k["throttled"], k["draining"], k["local_engine"], sh["in_flight"]
             );
             let a = &sh["agreement"];
             let t = &a["text"];

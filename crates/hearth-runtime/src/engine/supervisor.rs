@@ -27,7 +27,7 @@ use super::{Engine, Shared};
 use crate::error::{Result, RuntimeError};
 use crate::kv_cache::KvCacheTensors;
 use crate::output::OutputMsg;
-use crate::request::FinishReason;
+use crate::request::{FinishReason, Priority};
 use crate::scheduler::SeqId;
 
 /// Faults in a row at which the engine gives up (after one rebuild).
@@ -38,8 +38,10 @@ pub(super) struct Supervision {
     in_a_row: u32,
     /// The requests the work in progress is about: a fault now is theirs.
     pub current: Vec<SeqId>,
-    /// A request being submitted, not yet in `active`.
+    /// A request being submitted, not yet in `active`, and its class (whose queue
+    /// slot it holds).
     pub submitting: Option<SeqId>,
+    pub submitting_class: Priority,
     pub faults: Faults,
 }
 
@@ -49,6 +51,7 @@ impl Supervision {
             in_a_row: 0,
             current: Vec::new(),
             submitting: None,
+            submitting_class: Priority::Normal,
             faults,
         }
     }
@@ -178,7 +181,8 @@ impl Engine {
     /// queue slot here (`drop_seq` does for the others).
     fn fail(&mut self, id: SeqId, msg: &str, submitting: bool) {
         if !self.drop_seq(id) && submitting {
-            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+            let class = self.sup.submitting_class;
+            self.shared.pending(class).fetch_sub(1, Ordering::SeqCst);
         }
         self.send_failure(id, msg);
     }
@@ -196,12 +200,15 @@ impl Engine {
         let active = std::mem::take(&mut self.active);
         for (&id, a) in &active {
             if !a.admitted {
-                self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                self.shared
+                    .pending(a.priority)
+                    .fetch_sub(1, Ordering::SeqCst);
             }
             self.send_failure(id, msg);
         }
         if let Some(id) = submitting.filter(|id| !active.contains_key(id)) {
-            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+            let class = self.sup.submitting_class;
+            self.shared.pending(class).fetch_sub(1, Ordering::SeqCst);
             self.send_failure(id, msg);
         }
     }
@@ -253,12 +260,13 @@ impl Engine {
             if let super::Command::Submit {
                 id,
                 req,
+                priority,
                 events,
                 arrived,
             } = cmd
             {
                 self.open_output(id, &req, events, arrived, Default::default());
-                self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                self.shared.pending(priority).fetch_sub(1, Ordering::SeqCst);
                 self.send_failure(id, &msg);
             }
         }

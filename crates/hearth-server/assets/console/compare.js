@@ -67,7 +67,7 @@ function modelCard(m) {
     const k = sh.skipped, a = sh.agreement;
     parts.push(el("p", { "data-shadow": "copies" },
       `Shadow copies: ${sh.eligible} eligible = ${sh.copies} sent + ${sh.skipped_total} skipped ` +
-      `(concurrency ${k.concurrency}, rate ${k.rate}, circuit ${k.circuit}, throttled ${k.throttled}, draining ${k.draining}); ${sh.in_flight} in flight.`));
+      `(concurrency ${k.concurrency}, rate ${k.rate}, circuit ${k.circuit}, throttled ${k.throttled}, draining ${k.draining}, local engine ${k.local_engine}); ${sh.in_flight} in flight.`));
     parts.push(el("p", { "data-shadow": "agreement" },
       `Agreement: ${a.pairs} pairs ended, ${a.compared} compared, exact ${pct(a.exact_rate)}; ` +
       `text similarity mean ${fmt(a.text.similarity_mean)}, p10 ${fmt(a.text.similarity_p10)}, above 0.9 ${pct(a.text.above_0_9_rate)}; ` +

@@ -266,14 +266,18 @@ pub enum Skip {
     Throttled,
     /// The server was shutting down.
     Draining,
+    /// The local engine could not take a copy (`shadow-local`): not running, or its
+    /// background queue was full.
+    LocalEngine,
 }
 
-const SKIPS: [Skip; 5] = [
+const SKIPS: [Skip; 6] = [
     Skip::Concurrency,
     Skip::Rate,
     Skip::Circuit,
     Skip::Throttled,
     Skip::Draining,
+    Skip::LocalEngine,
 ];
 
 impl Skip {
@@ -284,6 +288,7 @@ impl Skip {
             Skip::Circuit => "circuit",
             Skip::Throttled => "throttled",
             Skip::Draining => "draining",
+            Skip::LocalEngine => "local_engine",
         }
     }
 }
@@ -291,12 +296,29 @@ impl Skip {
 /// One shadowed pair once both sides ended.
 #[derive(Debug, Clone)]
 pub struct Pair {
+    /// The caller's prediction (hearth's id), whichever side served it.
     pub id: String,
+    /// The upstream's id of its side of the pair.
     pub upstream_id: Option<String>,
+    /// How each side ended (`processing`: a primary still running when its watch
+    /// gave up).
     pub local: Status,
-    pub upstream: Outcome,
+    pub upstream: Status,
+    /// When the copy started to run on its side (RFC 3339), when known.
+    pub copy_started_at: Option<String>,
     /// When both succeeded.
     pub agreement: Option<Agreement>,
+}
+
+impl Outcome {
+    /// The status a record with this outcome has.
+    pub fn status(self) -> Status {
+        match self {
+            Outcome::Succeeded => Status::Succeeded,
+            Outcome::Canceled => Status::Canceled,
+            Outcome::Failed(_) => Status::Failed,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -306,7 +328,7 @@ struct Shadowing {
     /// Copies sent upstream (or about to be).
     started: u64,
     in_flight: u64,
-    skipped: [u64; 5],
+    skipped: [u64; 6],
     /// Pairs both of whose sides ended.
     pairs: u64,
     /// Pairs both of whose sides succeeded, compared.
@@ -344,7 +366,8 @@ impl Shadowing {
                     "id": p.id,
                     "upstream_id": p.upstream_id,
                     "local": p.local.as_str(),
-                    "upstream": outcome_str(p.upstream),
+                    "upstream": p.upstream.as_str(),
+                    "copy_started_at": p.copy_started_at,
                     "exact": exact,
                     "similarity": similarity,
                 })
@@ -376,14 +399,6 @@ impl Shadowing {
             },
             "recent_pairs": recent,
         })
-    }
-}
-
-fn outcome_str(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Succeeded => "succeeded",
-        Outcome::Canceled => "canceled",
-        Outcome::Failed(_) => "failed",
     }
 }
 
@@ -458,7 +473,7 @@ impl Comparison {
         self.with(model, |m| m.shadow.skipped[why as usize] += 1);
     }
 
-    /// A copy is on its way upstream.
+    /// A copy is on its way to the other side.
     pub fn copy_started(&self, model: &str) {
         self.with(model, |m| {
             m.shadow.started += 1;
@@ -466,19 +481,21 @@ impl Comparison {
         });
     }
 
-    /// A copy was throttled at create: it never ran, so it counts as skipped.
-    pub fn copy_throttled(&self, model: &str) {
+    /// A copy was refused on its side before it ran (the upstream throttled its
+    /// create, the local engine's background queue was full): it counts as skipped.
+    pub fn copy_refused(&self, model: &str, why: Skip) {
         self.with(model, |m| {
             m.shadow.started -= 1;
             m.shadow.in_flight -= 1;
-            m.shadow.skipped[Skip::Throttled as usize] += 1;
+            m.shadow.skipped[why as usize] += 1;
         });
     }
 
-    /// Both sides of a pair ended: the copy's observation and how the outputs agree.
-    pub fn pair(&self, model: &str, copy: &Observation, pair: Pair) {
+    /// Both sides of a pair ended: the copy's observation (on side `copy_side`) and
+    /// how the outputs agree.
+    pub fn pair(&self, model: &str, copy_side: Side, copy: &Observation, pair: Pair) {
         self.with(model, |m| {
-            m.upstream.add(copy);
+            m.side(copy_side).add(copy);
             let s = &mut m.shadow;
             s.in_flight -= 1;
             s.pairs += 1;
@@ -517,7 +534,11 @@ impl Comparison {
             .iter()
             .map(|(name, m)| {
                 let (local_role, up_role) = match m.route {
-                    Route::Shadow { .. } => ("primary", "shadow"),
+                    Route::Shadow {
+                        primary: Side::Local,
+                        ..
+                    } => ("primary", "shadow"),
+                    Route::Shadow { .. } => ("shadow", "primary"),
                     _ => ("canary_stays", "canary"),
                 };
                 let mut v = json!({

@@ -41,16 +41,18 @@ fn counts_add_up_and_only_routed_models_are_kept() {
     for _ in 0..3 {
         c.copy_started("a/shadow");
     }
-    c.copy_throttled("a/shadow");
+    c.copy_refused("a/shadow", Skip::Throttled);
     let t = |s: &str| vec![s.to_string()];
     c.pair(
         "a/shadow",
+        Side::Upstream,
         &ok(2.0),
         Pair {
             id: "p1".into(),
             upstream_id: Some("u1".into()),
             local: Status::Succeeded,
-            upstream: Outcome::Succeeded,
+            upstream: Status::Succeeded,
+            copy_started_at: None,
             agreement: Some(stats::agreement(&t("kitten"), &t("sitting"))),
         },
     );
@@ -103,6 +105,45 @@ fn counts_add_up_and_only_routed_models_are_kept() {
         "{prom}"
     );
     assert!(!prom.contains("a/plain"));
+}
+
+#[test]
+fn a_shadow_local_route_counts_its_copies_on_the_local_side() {
+    let routes = [("a/rev".to_string(), route("shadow-local:up:100"))];
+    let c = Comparison::new(routes.iter().map(|(m, r)| (m, r)));
+    c.observe("a/rev", Side::Upstream, &ok(1.0));
+    c.eligible("a/rev");
+    c.eligible("a/rev");
+    c.copy_started("a/rev");
+    c.copy_started("a/rev");
+    c.copy_refused("a/rev", Skip::LocalEngine);
+    c.pair(
+        "a/rev",
+        Side::Local,
+        &ok(3.0),
+        Pair {
+            id: "p1".into(),
+            upstream_id: Some("u1".into()),
+            local: Status::Succeeded,
+            upstream: Status::Succeeded,
+            copy_started_at: Some("2026-01-01T00:00:01.000000Z".into()),
+            agreement: None,
+        },
+    );
+    let m = &c.snapshot()["models"][0];
+    assert_eq!(m["route"], "shadow-local:up:100");
+    assert_eq!(m["sides"]["upstream"]["role"], "primary");
+    assert_eq!(m["sides"]["local"]["role"], "shadow");
+    assert_eq!(m["sides"]["upstream"]["count"], 1);
+    assert_eq!(m["sides"]["local"]["count"], 1);
+    let sh = &m["shadow"];
+    assert_eq!(sh["copies"], 1);
+    assert_eq!(sh["skipped"]["local_engine"], 1);
+    assert_eq!(sh["in_flight"], 0);
+    assert_eq!(
+        sh["recent_pairs"][0]["copy_started_at"],
+        "2026-01-01T00:00:01.000000Z"
+    );
 }
 
 #[test]

@@ -157,9 +157,18 @@ pub async fn create(
             Route::Shadow {
                 upstream: up,
                 percent,
+                primary: super::compare::Side::Local,
             },
             Some(m),
         ) => super::shadow::create(state, &routed, &m, up, *percent, req, origin).await,
+        (
+            Route::Shadow {
+                upstream: up,
+                percent,
+                ..
+            },
+            Some(m),
+        ) => super::shadow_local::create(state, &routed, &m, up, *percent, req, origin).await,
         (_, None) => Err(ApiError::not_found(format!(
             "model {} has route {} but is not served here",
             routed.model,
@@ -172,7 +181,7 @@ pub async fn create(
 /// `starting` (the runner carries on).
 const FIRST_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(40);
 
-async fn upstream(
+pub(super) async fn upstream(
     state: &Arc<AppState>,
     up: &str,
     routed: &Routed,

@@ -1,7 +1,9 @@
 //! Hybrid serving: one Replicate-compatible endpoint in front of hearth's engine and
 //! any Replicate-compatible upstream (the hosted API, another hearth) or a plain Cog
 //! container (`cog`, `cog_runner`). Each model has
-//! a route (`route`): local, upstream, fallback or canary. A prediction that runs
+//! a route (`route`): local, upstream, fallback, canary or shadow (`shadow`: copies
+//! to an upstream; `shadow_local`: copies of an upstream's traffic on the local
+//! engine at background priority). A prediction that runs
 //! upstream is hearth's like any other — its id, record, stream, webhooks — and its
 //! link to the upstream's id is in the store before its result is awaited, so a
 //! restart resumes it (`runner`). Upstreams get careful treatment: throttles are
@@ -25,6 +27,7 @@ pub mod normalize;
 pub mod route;
 pub mod runner;
 pub mod shadow;
+pub mod shadow_local;
 pub mod stats;
 
 use std::collections::HashMap;

@@ -2,6 +2,8 @@
 
 use sha2::{Digest, Sha256};
 
+pub use super::compare::Side;
+
 /// A model's route. `Local` is what a model without one gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -16,17 +18,22 @@ pub enum Route {
         upstream: String,
         percent: u8,
     },
-    /// Every create runs here (the caller's prediction); `percent` of them (by the
-    /// same hash as a canary) are also copied to the upstream in the background, for
-    /// the comparison only (`shadow`).
+    /// Every create runs on the `primary` side (the caller's prediction); `percent`
+    /// of them (by the same hash as a canary) are also copied to the other side in
+    /// the background, for the comparison only. `shadow:UP:PCT`: the primary is this
+    /// server's engine, copies go to the upstream (`shadow`). `shadow-local:UP:PCT`:
+    /// the primary is the upstream, copies run on the local engine at background
+    /// priority (`shadow_local`).
     Shadow {
         upstream: String,
         percent: u8,
+        primary: Side,
     },
 }
 
 impl Route {
-    /// `local`, `upstream:UP`, `fallback:UP` or `canary:UP:PCT`.
+    /// `local`, `upstream:UP`, `fallback:UP`, `canary:UP:PCT`, `shadow:UP:PCT` or
+    /// `shadow-local:UP:PCT`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let parts: Vec<&str> = s.split(':').collect();
         let name =
@@ -45,22 +52,25 @@ impl Route {
                 upstream: name(up)?,
                 percent: percent(pct)?,
             }),
-            // The other direction (an upstream serving callers, copies run here) is not
-            // offered: the local engine would need a lower priority class for copies
-            // so they never delay local callers, and a copy here would bill nobody
-            // but still take the GPU from the models that are local.
+            // Ambiguous: which side is primary? Each direction has its own word.
             ["shadow", "local", ..] => Err(format!(
-                "{s:?}: a shadow route's primary side is always this server's engine and its \
-                 copies go to an upstream: write shadow:UP:PCT with UP an --upstream name \
-                 (copying an upstream's traffic to the local engine is not supported)"
+                "{s:?}: shadow:UP:PCT serves callers here and copies to upstream UP; to serve \
+                 callers from upstream UP and run the copies on the local engine, write \
+                 shadow-local:UP:PCT"
             )),
             ["shadow", up, pct] => Ok(Route::Shadow {
                 upstream: name(up)?,
                 percent: percent(pct)?,
+                primary: Side::Local,
+            }),
+            ["shadow-local", up, pct] => Ok(Route::Shadow {
+                upstream: name(up)?,
+                percent: percent(pct)?,
+                primary: Side::Upstream,
             }),
             _ => Err(format!(
-                "{s:?} is not a route: expected local, upstream:UP, fallback:UP, canary:UP:PCT \
-                 or shadow:UP:PCT"
+                "{s:?} is not a route: expected local, upstream:UP, fallback:UP, canary:UP:PCT, \
+                 shadow:UP:PCT or shadow-local:UP:PCT"
             )),
         }
     }
@@ -74,12 +84,17 @@ impl Route {
         }
     }
 
-    /// Whether the model must also be served here.
-    pub fn needs_local_model(&self) -> bool {
-        matches!(
-            self,
-            Route::Local | Route::Fallback(_) | Route::Shadow { .. }
-        )
+    /// Whether the model must also be served here: what it runs here, if so.
+    pub fn needs_local_model(&self) -> Option<&'static str> {
+        match self {
+            Route::Local | Route::Fallback(_) => Some("runs the model here first"),
+            Route::Shadow {
+                primary: Side::Local,
+                ..
+            } => Some("serves callers here"),
+            Route::Shadow { .. } => Some("runs its shadow copies on the local engine"),
+            Route::Upstream(_) | Route::Canary { .. } => None,
+        }
     }
 
     pub fn describe(&self) -> String {
@@ -88,7 +103,14 @@ impl Route {
             Route::Upstream(u) => format!("upstream:{u}"),
             Route::Fallback(u) => format!("fallback:{u}"),
             Route::Canary { upstream, percent } => format!("canary:{upstream}:{percent}"),
-            Route::Shadow { upstream, percent } => format!("shadow:{upstream}:{percent}"),
+            Route::Shadow {
+                upstream,
+                percent,
+                primary: Side::Local,
+            } => format!("shadow:{upstream}:{percent}"),
+            Route::Shadow {
+                upstream, percent, ..
+            } => format!("shadow-local:{upstream}:{percent}"),
         }
     }
 }
@@ -146,11 +168,29 @@ mod tests {
             Route::parse("shadow:h:10").unwrap(),
             Route::Shadow {
                 upstream: "h".into(),
-                percent: 10
+                percent: 10,
+                primary: Side::Local,
             }
         );
+        let r = Route::parse("shadow-local:h:10").unwrap();
+        assert_eq!(
+            r,
+            Route::Shadow {
+                upstream: "h".into(),
+                percent: 10,
+                primary: Side::Upstream,
+            }
+        );
+        assert_eq!(r.describe(), "shadow-local:h:10");
+        assert!(r.needs_local_model().unwrap().contains("copies"));
+        assert_eq!(
+            Route::parse("shadow:h:10").unwrap().describe(),
+            "shadow:h:10"
+        );
         let e = Route::parse("shadow:local:10").unwrap_err();
-        assert!(e.contains("not supported"), "{e}");
+        assert!(e.contains("shadow-local:UP:PCT"), "{e}");
+        assert!(Route::parse("shadow-local:h").is_err());
+        assert!(Route::parse("shadow-local:h:101").is_err());
         assert!(Route::parse("shadow:h").is_err());
         assert!(Route::parse("shadow:h:200")
             .unwrap_err()

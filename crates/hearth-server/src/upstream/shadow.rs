@@ -9,7 +9,8 @@
 //! counted, never queued — and each is bounded in time. A copy that an upstream
 //! throttles (429) is not sent again. Copies are not durable: a restart forgets the
 //! ones in flight (they may still run upstream). Canary routes are watched here too,
-//! for the comparison's per-side figures.
+//! for the comparison's per-side figures. The other direction, an upstream primary
+//! with copies on the local engine, is `shadow_local`; both share these bounds.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -33,7 +34,7 @@ use crate::AppState;
 
 /// A shadow copy runs upstream this long at most (or the caller's `Cancel-After`,
 /// when shorter); the upstream is told the same as its `Cancel-After`.
-const COPY_LIMIT: Duration = Duration::from_secs(600);
+pub(super) const COPY_LIMIT: Duration = Duration::from_secs(600);
 /// Past its limit, how long a copy waits for the upstream to confirm the cancel.
 const COPY_GRACE: Duration = Duration::from_secs(30);
 /// Polls failing this long in a row end a copy (`upstream_5xx`).
@@ -97,7 +98,7 @@ impl Shadows {
     }
 
     /// A place for one more copy of `model`'s, held while it runs; or why not.
-    fn admit(&self, model: &str, now: Instant) -> Result<OwnedSemaphorePermit, Skip> {
+    pub(super) fn admit(&self, model: &str, now: Instant) -> Result<OwnedSemaphorePermit, Skip> {
         let gate = self.gates.get(model).ok_or(Skip::Concurrency)?;
         let permit = gate
             .running
@@ -120,7 +121,7 @@ impl Shadows {
 }
 
 /// How the comparison counts a create that was refused.
-fn refusal_kind(e: &ApiError, side: Side) -> FailKind {
+pub(super) fn refusal_kind(e: &ApiError, side: Side) -> FailKind {
     let ApiError::Problem { status, .. } = e;
     if status.is_client_error() && *status != StatusCode::TOO_MANY_REQUESTS {
         FailKind::Validation
@@ -234,7 +235,7 @@ pub async fn create(
             );
             drop(permit);
             let Some(copy) = copy else {
-                compare.copy_throttled(&model);
+                compare.copy_refused(&model, Skip::Throttled);
                 if let Some(w) = primary {
                     compare.observe(&model, Side::Local, &w.observation(Side::Local));
                 }
@@ -263,6 +264,7 @@ pub async fn create(
             };
             compare.pair(
                 &model,
+                Side::Upstream,
                 &copy.observation,
                 Pair {
                     id: watched
@@ -271,7 +273,8 @@ pub async fn create(
                         .unwrap_or_default(),
                     upstream_id: copy.upstream_id,
                     local: local_status,
-                    upstream: copy.observation.outcome,
+                    upstream: copy.observation.outcome.status(),
+                    copy_started_at: copy.started_at,
                     agreement,
                 },
             );
@@ -282,21 +285,21 @@ pub async fn create(
 }
 
 /// A prediction here, once ended.
-struct Watched {
-    record: Record,
+pub(super) struct Watched {
+    pub(super) record: Record,
     observed: f64,
     first_seen: Option<f64>,
 }
 
 impl Watched {
-    fn observation(&self, side: Side) -> Observation {
+    pub(super) fn observation(&self, side: Side) -> Observation {
         Observation::from_record(&self.record, side, self.observed, self.first_seen)
     }
 }
 
 /// Waits for a prediction to end (None past `WATCH_LIMIT`), noting when its first
 /// output was seen.
-async fn watch(live: &Live, created: Instant) -> Option<Watched> {
+pub(super) async fn watch(live: &Live, created: Instant) -> Option<Watched> {
     let mut first_seen = None;
     loop {
         let changed = live.subscribe();
@@ -324,6 +327,8 @@ struct Copy {
     observation: Observation,
     upstream_id: Option<String>,
     output: Option<Vec<String>>,
+    /// The upstream's `started_at`.
+    started_at: Option<String>,
 }
 
 fn failed(kind: FailKind, upstream_id: Option<String>) -> Option<Copy> {
@@ -331,6 +336,7 @@ fn failed(kind: FailKind, upstream_id: Option<String>) -> Option<Copy> {
         observation: Observation::refused(kind),
         upstream_id,
         output: None,
+        started_at: None,
     })
 }
 
@@ -391,6 +397,7 @@ async fn run_copy(
                     },
                     upstream_id: some_uid,
                     output: None,
+                    started_at: None,
                 });
             }
         }
@@ -451,6 +458,7 @@ async fn run_copy(
                 observation,
                 upstream_id: some_uid,
                 output: Some(output),
+                started_at: u["started_at"].as_str().map(str::to_string),
             });
         }
         interval = if output.len() != seen_chunks {

@@ -76,7 +76,7 @@ impl Comparison {
         if shadowed.is_empty() {
             return;
         }
-        let _ = writeln!(out, "# HELP hearth_compare_shadow_copies_total Shadow copies by what became of them (sent upstream, or skipped and why).\n# TYPE hearth_compare_shadow_copies_total counter");
+        let _ = writeln!(out, "# HELP hearth_compare_shadow_copies_total Shadow copies by what became of them (sent to the other side, or skipped and why).\n# TYPE hearth_compare_shadow_copies_total counter");
         for (name, m) in &shadowed {
             let model = escape(name);
             let s = &m.shadow;
@@ -89,7 +89,7 @@ impl Comparison {
                 let _ = writeln!(out, "hearth_compare_shadow_copies_total{{model=\"{model}\",result=\"skipped_{}\"}} {}", k.as_str(), s.skipped[k as usize]);
             }
         }
-        let _ = writeln!(out, "# HELP hearth_compare_shadow_in_flight Shadow copies running upstream now.\n# TYPE hearth_compare_shadow_in_flight gauge");
+        let _ = writeln!(out, "# HELP hearth_compare_shadow_in_flight Shadow copies running on the other side now (upstream, or the local engine for shadow-local).\n# TYPE hearth_compare_shadow_in_flight gauge");
         for (name, m) in &shadowed {
             let _ = writeln!(
                 out,

@@ -1,0 +1,202 @@
+//! `hearth serve` processes for the hybrid-serving tests and a small client of
+//! their API.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Proc {
+    pub child: Child,
+    pub base: String,
+    pub log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn temp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "hearth-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Starts `hearth serve` on `port` and waits until it is READY.
+pub async fn spawn(port: u16, args: &[String], env: &[(&str, &str)], log: &Path) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+    cmd.args(["serve", "--port", &port.to_string()])
+        .args(args)
+        .env("HEARTH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        );
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let p = Proc {
+        child: cmd.spawn().unwrap(),
+        base: format!("http://127.0.0.1:{port}"),
+        log: log.to_path_buf(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(r) = reqwest::get(format!("{}/health-check", p.base)).await {
+            if r.json::<Value>()
+                .await
+                .is_ok_and(|h| h["status"] == "READY")
+            {
+                return p;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server on {port} did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub token: &'static str,
+}
+
+impl Api {
+    pub fn new(base: &str, token: &'static str) -> Self {
+        Api {
+            http: reqwest::Client::new(),
+            base: base.into(),
+            token,
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: &Value, prefer: Option<&str>) -> (u16, Value) {
+        let mut r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(self.token)
+            .json(body);
+        if let Some(p) = prefer {
+            r = r.header("Prefer", p);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn text(&self, path: &str) -> String {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(self.token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub async fn wait_terminal(&self, id: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let p = self.get(&format!("/v1/predictions/{id}")).await;
+            if ["succeeded", "failed", "canceled"].contains(&p["status"].as_str().unwrap_or("")) {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "not terminal: {p}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every prediction listed (following `next`) whose input's prompt starts with
+    /// `tag`.
+    pub async fn listed_with_tag(&self, tag: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut path = "/v1/predictions".to_string();
+        for _ in 0..100 {
+            let page = self.get(&path).await;
+            out.extend(
+                page["results"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|p| {
+                        p["input"]["prompt"]
+                            .as_str()
+                            .is_some_and(|s| s.starts_with(tag))
+                    })
+                    .cloned(),
+            );
+            match page["next"].as_str() {
+                Some(n) => path = n.trim_start_matches(&self.base).to_string(),
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// `/v1/hearth/compare`'s entry for `model` once no shadow copy is in flight.
+    pub async fn settled_compare(&self, model: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let c = self.get("/v1/hearth/compare").await;
+            let m = c["models"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["model"] == model)
+                .cloned()
+                .unwrap_or_else(|| panic!("{model} not compared: {c}"));
+            if m["shadow"]["in_flight"] == 0 {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "copies still in flight: {m}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A Prometheus sample's value: the line that starts with `name{` and holds every
+/// label in `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|x| l.contains(x)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

@@ -20,11 +20,12 @@ use tokio::sync::mpsc as tokio_mpsc;
 
 use crate::block_allocator::BlockAllocator;
 use crate::constraint::{ConstraintCompiler, Progress, SeqConstraint};
-use crate::device_sampler::{sample_rows, SamplerState};
+use crate::device_sampler::{sample_rows_with, SamplerState};
 use crate::error::{Result, RuntimeError};
 use crate::kv_cache::KvCacheTensors;
 use crate::model::{ForwardBatch, Transformer};
 use crate::output::{OutToken, OutputMsg};
+use crate::penalty_table::PenaltyTable;
 use crate::request::{FinishReason, GenerationEvent, GenerationRequest};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::tokenizer::TextTokenizer;
@@ -80,6 +81,8 @@ pub struct EngineStats {
     /// engine thread (`hearth bench --json-schema` reports it per token).
     pub constraint_masks: u64,
     pub constraint_mask_secs: f64,
+    /// hearth's own kernel launches (launch_count.rs; CUDA only, candle's not counted).
+    pub kernel_launches: u64,
 }
 
 enum Command {
@@ -245,6 +248,8 @@ struct Active {
 pub struct Engine {
     model: Transformer,
     cache: KvCacheTensors,
+    /// Penalty counts on the device, a row per penalised sequence (CUDA; none on the CPU).
+    penalties: PenaltyTable,
     scheduler: Scheduler,
     eos_ids: Vec<u32>,
     active: HashMap<SeqId, Active>,
@@ -295,6 +300,8 @@ impl Engine {
             )));
         }
         let cache = KvCacheTensors::new(&mcfg, num_blocks, bs, kv_dtype, model.device())?;
+        let penalties =
+            PenaltyTable::for_device(model.device(), mcfg.vocab_size, cfg.max_num_seqs.max(1))?;
         // The weights were uploaded and the cache zeroed on this (the loader's) thread's
         // CUDA stream; the engine thread works on its own. Wait for this thread's work
         // before the engine can run a step that reads it (a no-op on the CPU).
@@ -307,7 +314,9 @@ impl Engine {
             block_size = bs,
             kv_tokens = num_blocks * bs,
             kv_bytes = num_blocks * bs * per_token,
-            "KV cache allocated"
+            penalty_rows = penalties.rows(),
+            penalty_bytes = penalties.bytes(),
+            "KV cache and penalty table allocated"
         );
         let scheduler = Scheduler::new(
             SchedulerConfig {
@@ -346,6 +355,7 @@ impl Engine {
         let mut engine = Engine {
             model,
             cache,
+            penalties,
             scheduler,
             eos_ids,
             active: HashMap::new(),
@@ -493,6 +503,10 @@ impl Engine {
         let plan = self.scheduler.schedule();
         for id in &plan.preempted {
             let _ = self.output.send(OutputMsg::Preempted { id: *id });
+            // Recomputed later: its table row is filled again when it samples next.
+            if let Some(a) = self.active.get_mut(id) {
+                self.penalties.detach(&mut a.sampler);
+            }
         }
         for id in &plan.admitted {
             self.on_admitted(*id);
@@ -530,6 +544,7 @@ impl Engine {
                 .iter()
                 .filter_map(|id| {
                     by_id.remove(id).map(|a| {
+                        self.penalties.attach(&mut a.sampler);
                         let mut row = a.sampler.row(eos);
                         if let Some(c) = a.constraint.as_mut() {
                             row.allowed = Some(c.compute_mask());
@@ -548,8 +563,9 @@ impl Engine {
                     "a scheduled sequence has no request".into(),
                 ));
             }
-            sample_rows(&logits, &rows)?
+            sample_rows_with(&logits, &rows, Some(&mut self.penalties))?
         };
+        self.stats.kernel_launches += crate::launch_count::take();
         let now = Instant::now();
         let mut tokens = Vec::with_capacity(sampled.len());
         let mut ended = Vec::new();
@@ -620,9 +636,10 @@ impl Engine {
     /// Forgets a request: its blocks go back, its pending slot too if it never ran.
     fn drop_seq(&mut self, id: SeqId) -> bool {
         self.scheduler.remove(id);
-        let Some(a) = self.active.remove(&id) else {
+        let Some(mut a) = self.active.remove(&id) else {
             return false;
         };
+        self.penalties.detach(&mut a.sampler);
         if !a.admitted {
             self.shared.pending.fetch_sub(1, Ordering::SeqCst);
         }

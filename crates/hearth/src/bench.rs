@@ -122,6 +122,9 @@ struct Report {
     /// Token masks computed in the run, and their mean time on the engine thread.
     constraint_masks: u64,
     mean_mask_us: f64,
+    /// hearth's own kernel launches per engine step (offline on CUDA; candle's not counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernel_launches_per_step: Option<f64>,
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -565,6 +568,7 @@ fn measure(
         .constraint_masks
         .saturating_sub(before.constraint_masks);
     let mask_secs = stats.constraint_mask_secs - before.constraint_mask_secs;
+    let launches = stats.kernel_launches.saturating_sub(before.kernel_launches);
     let report = Report {
         backend: match &a.url {
             None => "offline".into(),
@@ -605,13 +609,15 @@ fn measure(
         } else {
             0.0
         },
+        kernel_launches_per_step: (a.url.is_none() && a.model.device.starts_with("cuda"))
+            .then(|| launches as f64 / steps.max(1) as f64),
     };
     Ok(report)
 }
 
 fn summary(report: &Report, baseline_steps_per_s: Option<f64>, offline: bool) {
     eprintln!(
-        "{} requests ({} failed) in {:.2}s: {:.1} output tok/s, {:.1} req/s, TTFT p50 {:.1} ms, TPOT p50 {:.2} ms{}{}",
+        "{} requests ({} failed) in {:.2}s: {:.1} output tok/s, {:.1} req/s, TTFT p50 {:.1} ms, TPOT p50 {:.2} ms{}{}{}",
         report.completed,
         report.failed,
         report.duration,
@@ -620,6 +626,10 @@ fn summary(report: &Report, baseline_steps_per_s: Option<f64>, offline: bool) {
         report.median_ttft_ms,
         report.median_tpot_ms,
         if offline { format!(", {:.1} steps/s", report.engine_steps_per_s) } else { String::new() },
+        match report.kernel_launches_per_step {
+            Some(l) => format!(", {l:.1} hearth kernel launches/step (candle's not counted)"),
+            None => String::new(),
+        },
         match baseline_steps_per_s {
             Some(b) => format!(" (plain single-sequence loop: {b:.1} steps/s)"),
             None => String::new(),

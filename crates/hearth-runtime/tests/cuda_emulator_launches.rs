@@ -24,7 +24,7 @@ const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = 16;
 const BLOCK_SIZE: usize = 16;
-const NUM_BLOCKS: usize = 40;
+const NUM_BLOCKS: usize = 64;
 const VOCAB: usize = 50;
 
 fn config() -> ModelConfig {

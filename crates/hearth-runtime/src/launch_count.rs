@@ -23,8 +23,8 @@ pub fn take() -> u64 {
 
 /// hearth's launches in one forward pass of `layers` layers whose attention call
 /// launches `attention_launches` kernels (launch.rs's plan): per layer the fused RoPE
-/// + cache write and the attention plan; then the sampling kernel when the step needs
-/// it (a greedy step without penalties, masks or log-probs is candle's argmax).
+/// and cache write and the attention plan; then the sampling kernel when the step
+/// needs it (a greedy step without penalties, masks or log-probs is candle's argmax).
 pub fn per_step(layers: usize, attention_launches: usize, sampling_kernel: bool) -> u64 {
     (layers * (1 + attention_launches)) as u64 + u64::from(sampling_kernel)
 }

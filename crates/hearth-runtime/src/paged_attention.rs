@@ -636,7 +636,7 @@ pub fn cuda_launches(
         num_blocks,
         block_size: meta.block_size,
     };
-    if kv_heads == 0 || heads % kv_heads != 0 {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         candle_core::bail!("paged attention: {heads} heads over {kv_heads} kv heads");
     }
     if s.tokens == 0 {

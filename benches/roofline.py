@@ -61,8 +61,10 @@ H2D_PAGEABLE, H2D_PINNED = 5.0e-6, 2.5e-6
 # stage a pass over the row's f32 logits or scratch. Bytes per vocabulary entry: load and
 # mask 8, argmax 4, scale and e 12, Gumbel draw 8 (32 for temperature/top-k/min-p); top-p
 # adds its total (8) and a 30-step bisection over e (120): 160. Replicate's defaults
-# (temperature 0.6, top_p 0.9) take the top-p path.
-SAMPLE_BYTES_PER_TOKEN = 160
+# (temperature 0.6, top_p 0.9) take the top-p path. A row with a penalty reads its u16
+# row of the device's token table (penalty_table.rs) in the first pass: +2, counted for
+# every row as a bound (its upload no longer grows with the output: none here).
+SAMPLE_BYTES_PER_TOKEN = 160 + 2
 # ASSUMPTION: one block streams its row from L2 at ~100 GB/s (an SM's L2 bandwidth,
 # ~64 B/clk at ~1.7 GHz); the scratch (12 bytes per entry) stays in L2 (50 MB) up to ~32
 # rows, past that the passes go to HBM.

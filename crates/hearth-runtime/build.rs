@@ -38,6 +38,12 @@ const MUTANTS: &[(&str, &str, &str, &str)] = &[
         "#define GUMBEL_BOUND 17.0f",
         "#define GUMBEL_BOUND 2.0f",
     ),
+    (
+        "sample",
+        "table_not_updated",
+        "trow[token] = (unsigned short)w;",
+        "(void)w;",
+    ),
 ];
 
 fn main() {

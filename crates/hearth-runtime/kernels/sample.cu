@@ -17,16 +17,32 @@
 //   8-9 seed (lo, hi)   10-11 position (lo, hi)   12 log-prob alternatives
 //   13-14 penalty entries (offset, count): pairs (token, output count | seen << 31)
 //   15-16 banned ids (offset, count)   17 mask offset (vocab/32 words, bit set: allowed)
+//   18 the row's slot in the penalty table (flag 16; src/penalty_table.rs)
 // `scratch` is [S, 2 * vocab] f32: the adjusted/scaled row, then e^(s - max).
+//
+// Penalties come from one of two places. A row with a slot in `table` ([slots, vocab]
+// u16 kept on the device across steps: bit 15 "seen" for the repetition penalty, bits
+// 0-14 the output count, saturating) reads its counts there, and the kernel adds the
+// token it picks (flags 64: count it, 128: mark it seen). The table row is written
+// from the listed entries once, at the sequence's first sampled step after it was
+// (re)admitted (flag 32); after that nothing about the penalties is uploaded. A row
+// without a slot (no penalties, or the table is full) gets its entries listed every
+// step and applies them from the list.
 
 #include <stdint.h>
 
 #define SAMPLE_THREADS 256
-#define SAMPLE_ROW_WORDS 18
+#define SAMPLE_ROW_WORDS 19
 #define FLAG_GREEDY 1u
 #define FLAG_MASK 2u
 #define FLAG_TOP_P 4u
 #define FLAG_LOGPROBS 8u
+#define FLAG_TABLE 16u
+#define FLAG_TABLE_FILL 32u
+#define FLAG_TABLE_COUNT 64u
+#define FLAG_TABLE_SEEN 128u
+#define TABLE_SEEN 0x8000u
+#define TABLE_MAX_COUNT 0x7fffu
 #define GUMBEL_BOUND 17.0f
 
 __device__ __forceinline__ float s_flush(float x) {
@@ -35,6 +51,15 @@ __device__ __forceinline__ float s_flush(float x) {
 
 __device__ __forceinline__ bool s_finite(float x) {
     return x == x && fabsf(x) <= 3.40282347e38f;
+}
+
+// One token's penalties, as the CPU sampler applies them: repetition (HF), then
+// frequency and presence (OpenAI).
+__device__ __forceinline__ float s_penalize(float v, bool seen, unsigned c, float rep, float freq,
+                                            float pres) {
+    if (seen) v = s_flush(v > 0.0f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep));
+    if (c > 0) v = s_flush(__fsub_rn(v, __fadd_rn(__fmul_rn(freq, (float)c), pres)));
+    return v;
 }
 
 __device__ __forceinline__ float s_exp_neg(float d) {
@@ -170,8 +195,8 @@ __device__ __forceinline__ unsigned s_key(float x) {
 }
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-    hearth_sample(const float* logits, const unsigned* meta, float* scratch, unsigned* out,
-                  int vocab, int out_width) {
+    hearth_sample(const float* logits, const unsigned* meta, unsigned short* table, float* scratch,
+                  unsigned* out, int vocab, int out_width) {
     __shared__ float red_f[SAMPLE_THREADS];
     __shared__ unsigned red_u[SAMPLE_THREADS];
     __shared__ unsigned hist[256];
@@ -184,25 +209,40 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     float* a = scratch + (size_t)row * 2 * n;
     float* e = a + n;
     const unsigned* mask = (flags & FLAG_MASK) ? meta + h[17] : nullptr;
+    unsigned short* trow = (flags & FLAG_TABLE) ? table + (size_t)h[18] * n : nullptr;
 
-    // The masked, flushed row; then penalties on the listed tokens; then bans.
+    if (trow && (flags & FLAG_TABLE_FILL)) {
+        // (Re)admitted: the row from the host's counts, once.
+        for (unsigned i = tid; i < n; i += SAMPLE_THREADS) trow[i] = 0;
+        __syncthreads();
+        for (unsigned j = tid; j < h[14]; j += SAMPLE_THREADS) {
+            unsigned tok = meta[h[13] + 2 * j], packed = meta[h[13] + 2 * j + 1];
+            unsigned c = packed & 0x7fffffffu;
+            if (tok < n)
+                trow[tok] = (unsigned short)((c < TABLE_MAX_COUNT ? c : TABLE_MAX_COUNT) |
+                                             ((packed >> 31) ? TABLE_SEEN : 0u));
+        }
+        __syncthreads();
+    }
+    // The masked, flushed row (penalised from the table); then penalties on the listed
+    // tokens; then bans.
+    const float rep = __uint_as_float(h[5]), freq = __uint_as_float(h[6]),
+                pres = __uint_as_float(h[7]);
     for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
         float v = s_flush(x[i]);
         if (mask && !((mask[i >> 5] >> (i & 31)) & 1u)) v = -INFINITY;
+        if (trow) {
+            unsigned w = trow[i];
+            if (w) v = s_penalize(v, (w & TABLE_SEEN) != 0, w & TABLE_MAX_COUNT, rep, freq, pres);
+        }
         a[i] = v;
     }
     __syncthreads();
-    const float rep = __uint_as_float(h[5]), freq = __uint_as_float(h[6]),
-                pres = __uint_as_float(h[7]);
-    for (unsigned j = tid; j < h[14]; j += SAMPLE_THREADS) {
+    const unsigned listed = trow ? 0u : h[14];
+    for (unsigned j = tid; j < listed; j += SAMPLE_THREADS) {
         unsigned tok = meta[h[13] + 2 * j], packed = meta[h[13] + 2 * j + 1];
         if (tok >= n) continue;
-        float v = a[tok];
-        if (packed >> 31) v = s_flush(v > 0.0f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep));
-        unsigned c = packed & 0x7fffffffu;
-        if (c > 0)
-            v = s_flush(__fsub_rn(v, __fadd_rn(__fmul_rn(freq, (float)c), pres)));
-        a[tok] = v;
+        a[tok] = s_penalize(a[tok], (packed >> 31) != 0, packed & 0x7fffffffu, rep, freq, pres);
     }
     __syncthreads();
     for (unsigned j = tid; j < h[16]; j += SAMPLE_THREADS) {
@@ -316,6 +356,14 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         }
         s_block_argmax(best, best_i, red_f, red_u);
         token = best_i;
+    }
+
+    // The pick goes into the table for the next step (no thread reads it in this one).
+    if (trow && tid == 0 && token < n) {
+        unsigned w = trow[token];
+        if ((flags & FLAG_TABLE_COUNT) && (w & TABLE_MAX_COUNT) < TABLE_MAX_COUNT) w += 1;
+        if (flags & FLAG_TABLE_SEEN) w |= TABLE_SEEN;
+        trow[token] = (unsigned short)w;
     }
 
     unsigned* o = out + (size_t)row * out_width;

@@ -30,6 +30,8 @@ pub enum Source {
     SampleNoSyncthreads,
     /// The sampling kernel skipping tokens whose Gumbel noise could still win.
     SampleGumbelBoundTooLow,
+    /// The sampling kernel leaving the penalty table as it found it (no count added).
+    SampleTableNotUpdated,
 }
 
 /// The order in which blocks, the warps of a block (between two barriers) and the lanes
@@ -101,6 +103,7 @@ extern "C" {
     fn hearth_emu_kernels_sample_original(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_sample_no_syncthreads(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_sample_gumbel_bound_too_low(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_sample_table_not_updated(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_selftest_original(i: usize) -> *const KernelEntry;
 }
 
@@ -123,6 +126,7 @@ fn tables(source: Source) -> &'static [Table] {
         }
         Source::SampleNoSyncthreads => &[hearth_emu_kernels_sample_no_syncthreads],
         Source::SampleGumbelBoundTooLow => &[hearth_emu_kernels_sample_gumbel_bound_too_low],
+        Source::SampleTableNotUpdated => &[hearth_emu_kernels_sample_table_not_updated],
     }
 }
 
@@ -330,6 +334,7 @@ impl Emulator {
                 .into_owned();
             candle_core::bail!("{}: {msg}", g.kernel);
         }
+        crate::launch_count::note(1);
         for (i, a) in args.iter().enumerate() {
             if let KernelArg::Buffer(b) = a {
                 if !b.guards_intact() {

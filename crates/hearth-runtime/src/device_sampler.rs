@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rand::Rng;
 
+use crate::penalty_table::{PenaltyTable, TableSlot};
 use crate::request::TokenLogprobs;
 use crate::sampler::SamplingParams;
 use crate::seeded_draw::{self, flush, DrawParams};
@@ -25,14 +26,17 @@ use crate::threads;
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// One request's sampling state across steps: its seed (drawn at random when the
-/// request gives none), the token counts the penalties need, and how many tokens it
-/// has drawn (the position its next draw is keyed by).
+/// request gives none), the token counts the penalties need, how many tokens it has
+/// drawn (the position its next draw is keyed by), and its row of the device's
+/// penalty table when it has one (penalty_table.rs; the counts here are what that row
+/// is filled from).
 pub struct SamplerState {
     pub params: SamplingParams,
     seed: u64,
     output_counts: HashMap<u32, u32>,
     seen: HashSet<u32>,
     generated: usize,
+    pub(crate) table: Option<TableSlot>,
 }
 
 impl SamplerState {
@@ -49,7 +53,23 @@ impl SamplerState {
             output_counts: HashMap::new(),
             seen,
             generated: 0,
+            table: None,
         }
+    }
+
+    /// Whether the penalties could come from a row of the device table: the row's
+    /// counts saturate at `MAX_COUNT`, which only the frequency penalty would notice,
+    /// and only past that many output tokens.
+    pub fn fits_penalty_table(&self) -> bool {
+        let p = &self.params;
+        let counts = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        (counts || p.repetition_penalty != 1.0)
+            && (p.frequency_penalty == 0.0 || p.max_tokens <= crate::penalty_table::MAX_COUNT)
+    }
+
+    /// The row of the device table it holds, if any.
+    pub fn table_slot(&self) -> Option<TableSlot> {
+        self.table
     }
 
     /// What the op needs for this step's row.
@@ -63,6 +83,7 @@ impl SamplerState {
             output_counts: (p.presence_penalty != 0.0 || p.frequency_penalty != 0.0)
                 .then_some(&self.output_counts),
             allowed: None,
+            table: self.table,
             // Under a constraint the grammar decides when EOS may come (min_tokens yields).
             banned: if self.generated < p.min_tokens && p.constraint.is_none() {
                 eos_ids
@@ -75,6 +96,10 @@ impl SamplerState {
     /// Records the sampled token for the next step's penalties.
     pub fn record(&mut self, token: u32) {
         self.generated += 1;
+        // The kernel that drew it wrote the table row (when it was new) and counted it.
+        if let Some(t) = self.table.as_mut() {
+            t.filled = true;
+        }
         if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
             *self.output_counts.entry(token).or_insert(0) += 1;
         }
@@ -98,6 +123,9 @@ pub struct RowSampling<'a> {
     /// A structured-output constraint's bitmask (bit `i % 32` of word `i / 32`: token
     /// `i` allowed); everything else is masked before sampling and log-probs.
     pub allowed: Option<&'a [u32]>,
+    /// The row of the device's penalty table that holds `seen` and `output_counts`
+    /// (the sampling kernel reads it instead of a list; the CPU op ignores it).
+    pub table: Option<TableSlot>,
 }
 
 impl RowSampling<'_> {
@@ -124,6 +152,15 @@ pub struct Sampled {
 
 /// Samples one token per row of `logits` (`[S, vocab]`, f32).
 pub fn sample_rows(logits: &Tensor, rows: &[RowSampling]) -> Result<Vec<Sampled>> {
+    sample_rows_with(logits, rows, None)
+}
+
+/// [`sample_rows`], with the device's penalty table for rows that hold a slot in it.
+pub fn sample_rows_with(
+    logits: &Tensor,
+    rows: &[RowSampling],
+    table: Option<&mut PenaltyTable>,
+) -> Result<Vec<Sampled>> {
     let (s, _vocab) = logits.dims2()?;
     if s != rows.len() {
         candle_core::bail!("sampling: {s} rows of logits for {} requests", rows.len());
@@ -145,10 +182,12 @@ pub fn sample_rows(logits: &Tensor, rows: &[RowSampling]) -> Result<Vec<Sampled>
         #[cfg(feature = "cuda")]
         if logits.device().is_cuda() {
             return Ok(unpack(
-                &crate::sample_kernel::sample_cuda(logits, rows)?,
+                &crate::sample_kernel::sample_cuda(logits, rows, table)?,
                 rows,
             ));
         }
+        #[cfg(not(feature = "cuda"))]
+        let _ = table;
         return sample_rows(&logits.to_device(&Device::Cpu)?, rows);
     }
     let width = crate::sample_kernel::out_width(rows);

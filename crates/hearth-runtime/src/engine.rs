@@ -31,6 +31,7 @@ use crate::error::{Result, RuntimeError};
 use crate::kv_cache::KvCacheTensors;
 use crate::model::{ForwardBatch, Transformer};
 use crate::output::OutputMsg;
+use crate::penalty_table::PenaltyTable;
 use crate::request::{FinishReason, GenerationEvent, GenerationRequest, Priority};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::tokenizer::TextTokenizer;
@@ -100,6 +101,8 @@ pub struct EngineStats {
     pub constraint_masks: u64,
     pub constraint_mask_secs: f64,
     pub constraint_engine_secs: f64,
+    /// hearth's own kernel launches (launch_count.rs; CUDA only, candle's not counted).
+    pub kernel_launches: u64,
 }
 
 enum Command {
@@ -148,6 +151,8 @@ struct Active {
 pub struct Engine {
     model: Transformer,
     cache: KvCacheTensors,
+    /// Penalty counts on the device, a row per penalised sequence (CUDA; none on the CPU).
+    penalties: PenaltyTable,
     scheduler: Scheduler,
     eos_ids: Vec<u32>,
     active: HashMap<SeqId, Active>,
@@ -199,6 +204,8 @@ impl Engine {
             )));
         }
         let cache = KvCacheTensors::new(&mcfg, num_blocks, bs, kv_dtype, model.device())?;
+        let penalties =
+            PenaltyTable::for_device(model.device(), mcfg.vocab_size, cfg.max_num_seqs.max(1))?;
         // The weights were uploaded and the cache zeroed on this (the loader's) thread's
         // CUDA stream; the engine thread works on its own. Wait for this thread's work
         // before the engine can run a step that reads it (a no-op on the CPU).
@@ -211,7 +218,9 @@ impl Engine {
             block_size = bs,
             kv_tokens = num_blocks * bs,
             kv_bytes = num_blocks * bs * per_token,
-            "KV cache allocated"
+            penalty_rows = penalties.rows(),
+            penalty_bytes = penalties.bytes(),
+            "KV cache and penalty table allocated"
         );
         let scheduler = Scheduler::new(
             SchedulerConfig {
@@ -255,6 +264,7 @@ impl Engine {
         let mut engine = Engine {
             model,
             cache,
+            penalties,
             scheduler,
             eos_ids,
             active: HashMap::new(),
@@ -410,6 +420,10 @@ impl Engine {
         let plan = self.scheduler.schedule();
         for id in &plan.preempted {
             let _ = self.output.send(OutputMsg::Preempted { id: *id });
+            // Recomputed later: its table row is filled again when it samples next.
+            if let Some(a) = self.active.get_mut(id) {
+                self.penalties.detach(&mut a.sampler);
+            }
         }
         for id in &plan.admitted {
             self.on_admitted(*id);
@@ -436,6 +450,7 @@ impl Engine {
         self.stats.steps += 1;
         self.sup.faults.in_step(&self.sup.current)?;
         let sampled = self.sample(&logits, &sampled_ids)?;
+        self.stats.kernel_launches += crate::launch_count::take();
         self.emit(sampled_ids, sampled);
         Ok(())
     }
@@ -467,9 +482,10 @@ impl Engine {
     /// Forgets a request: its blocks go back, its pending slot too if it never ran.
     fn drop_seq(&mut self, id: SeqId) -> bool {
         self.scheduler.remove(id);
-        let Some(a) = self.active.remove(&id) else {
+        let Some(mut a) = self.active.remove(&id) else {
             return false;
         };
+        self.penalties.detach(&mut a.sampler);
         if !a.admitted {
             self.shared
                 .pending(a.priority)

@@ -616,3 +616,32 @@ fn device_name(device: &Device) -> String {
         candle_core::DeviceLocation::Metal { gpu_id } => format!("Metal device {gpu_id}"),
     }
 }
+
+/// The kernels one layer's attention call launches on CUDA for this step's `meta`
+/// (launch.rs's plan: the per-token kernel when there are prefill rows, split-key and
+/// combine when there are decode rows); what the launch counter sees per layer.
+pub fn cuda_launches(
+    meta: &AttentionMetadata,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    num_blocks: usize,
+    dtype: candle_core::DType,
+) -> Result<usize> {
+    let s = launch::Shapes {
+        tokens: meta.num_tokens(),
+        heads,
+        kv_heads,
+        head_dim,
+        num_blocks,
+        block_size: meta.block_size,
+    };
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        candle_core::bail!("paged attention: {heads} heads over {kv_heads} kv heads");
+    }
+    if s.tokens == 0 {
+        return Ok(0);
+    }
+    meta.validate(s.tokens, num_blocks, meta.block_size)?;
+    Ok(launch::plan(meta, &s, dtype, 1.0)?.launches.len())
+}

@@ -37,6 +37,7 @@ impl Case {
             output_counts: self.counts.as_ref(),
             banned: &self.banned,
             allowed: self.mask.as_deref(),
+            table: None,
         }
     }
 }
@@ -221,6 +222,7 @@ fn seeded_draws_agree_over_a_long_run_of_positions() {
             output_counts: None,
             banned: &[],
             allowed: None,
+            table: None,
         };
         let want = cpu(&logits, vocab, std::slice::from_ref(&row))[0].token;
         let got = sample_emulated(&logits, vocab, std::slice::from_ref(&row), &emu).unwrap()[0][0];

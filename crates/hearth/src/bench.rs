@@ -144,6 +144,9 @@ struct Report {
     constraint_masks: u64,
     mean_mask_us: f64,
     mean_mask_engine_us: f64,
+    /// hearth's own kernel launches per engine step (offline on CUDA; candle's not counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernel_launches_per_step: Option<f64>,
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -618,6 +621,7 @@ fn measure(
             0.0
         }
     };
+    let launches = stats.kernel_launches.saturating_sub(before.kernel_launches);
     let report = Report {
         backend: match &a.url {
             None => "offline".into(),
@@ -658,13 +662,15 @@ fn measure(
         constraint_masks: masks,
         mean_mask_us: per_mask(mask_secs),
         mean_mask_engine_us: per_mask(engine_secs),
+        kernel_launches_per_step: (a.url.is_none() && a.model.device.starts_with("cuda"))
+            .then(|| launches as f64 / steps.max(1) as f64),
     };
     Ok(report)
 }
 
 fn summary(report: &Report, baseline_steps_per_s: Option<f64>, offline: bool) {
     eprintln!(
-        "{} requests ({} failed) in {:.2}s: {:.1} output tok/s, {:.1} req/s, TTFT p50 {:.1} ms, TPOT p50 {:.2} ms{}{}",
+        "{} requests ({} failed) in {:.2}s: {:.1} output tok/s, {:.1} req/s, TTFT p50 {:.1} ms, TPOT p50 {:.2} ms{}{}{}",
         report.completed,
         report.failed,
         report.duration,
@@ -673,6 +679,10 @@ fn summary(report: &Report, baseline_steps_per_s: Option<f64>, offline: bool) {
         report.median_ttft_ms,
         report.median_tpot_ms,
         if offline { format!(", {:.1} steps/s", report.engine_steps_per_s) } else { String::new() },
+        match report.kernel_launches_per_step {
+            Some(l) => format!(", {l:.1} hearth kernel launches/step (candle's not counted)"),
+            None => String::new(),
+        },
         match baseline_steps_per_s {
             Some(b) => format!(" (plain single-sequence loop: {b:.1} steps/s)"),
             None => String::new(),

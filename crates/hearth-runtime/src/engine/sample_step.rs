@@ -10,7 +10,7 @@ use candle_core::Tensor;
 
 use super::{Active, Engine};
 use crate::constraint::Progress;
-use crate::device_sampler::{sample_rows, Sampled};
+use crate::device_sampler::{sample_rows_with, Sampled};
 use crate::error::{Result, RuntimeError};
 use crate::output::{OutToken, OutputMsg};
 use crate::request::FinishReason;
@@ -20,7 +20,7 @@ impl Engine {
     /// Samples the rows of `ids` (in the logits' order).
     pub(super) fn sample(&mut self, logits: &Tensor, ids: &[SeqId]) -> Result<Vec<Sampled>> {
         self.masks.collect(&mut self.active, ids);
-        let (eos, masks) = (&self.eos_ids, &self.masks);
+        let (eos, masks, penalties) = (&self.eos_ids, &self.masks, &mut self.penalties);
         let mut by_id: HashMap<SeqId, &mut Active> = self
             .active
             .iter_mut()
@@ -36,6 +36,7 @@ impl Engine {
                         constraint,
                         ..
                     } = a;
+                    penalties.attach(sampler);
                     let mut row = sampler.row(eos);
                     row.allowed = constraint.as_ref().map(|slot| masks.row_mask(slot));
                     row
@@ -47,7 +48,7 @@ impl Engine {
                 "a scheduled sequence has no request".into(),
             ));
         }
-        Ok(sample_rows(logits, &rows)?)
+        Ok(sample_rows_with(logits, &rows, Some(penalties))?)
     }
 
     /// Appends each row's token, advances the grammars, sends the tokens on and ends

@@ -219,6 +219,7 @@ impl Engine {
     fn rebuild(&mut self) -> Result<()> {
         self.sup.faults.on_rebuild()?;
         self.scheduler = self.scheduler.emptied();
+        self.penalties.clear();
         let kv_dtype = self.cache.dtype();
         self.cache.release();
         let m = &self.model;

@@ -193,6 +193,7 @@ pub(super) fn forward(
                 // emulator's tests check them against the compiled source); the metadata
                 // was validated against the shapes above.
                 unsafe { b.launch(cfg) }.w()?;
+                crate::launch_count::note(1);
             }
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
         }};
@@ -327,6 +328,7 @@ impl candle_core::CustomOp1 for RopeCacheOp<'_> {
                 // source by the emulator's tests); positions and slots were checked
                 // against the tables and the cache on the host (rope_cache::check).
                 unsafe { b.launch(cfg) }.w()?;
+                crate::launch_count::note(1);
                 Ok((
                     CudaStorage::wrap_cuda_slice(out, dev.clone()),
                     Shape::from((s.tokens, s.heads, s.head_dim)),

@@ -1,0 +1,30 @@
+//! hearth's own kernel launches, counted where they are launched: the CUDA path
+//! (paged attention, fused RoPE + cache write, sampling) and the CPU emulator that runs
+//! the same plans. Per thread, so the engine thread reads its own steps' launches
+//! (and tests running side by side do not see each other's). candle's kernels
+//! (projections, norms, activations, copies) are launched inside candle and are not
+//! counted here.
+
+use std::cell::Cell;
+
+thread_local! {
+    static LAUNCHES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts `n` launches made on this thread.
+pub fn note(n: u64) {
+    LAUNCHES.with(|c| c.set(c.get().saturating_add(n)));
+}
+
+/// The launches made on this thread since the last call, and starts counting afresh.
+pub fn take() -> u64 {
+    LAUNCHES.with(|c| c.replace(0))
+}
+
+/// hearth's launches in one forward pass of `layers` layers whose attention call
+/// launches `attention_launches` kernels (launch.rs's plan): per layer the fused RoPE
+/// and cache write and the attention plan; then the sampling kernel when the step
+/// needs it (a greedy step without penalties, masks or log-probs is candle's argmax).
+pub fn per_step(layers: usize, attention_launches: usize, sampling_kernel: bool) -> u64 {
+    (layers * (1 + attention_launches)) as u64 + u64::from(sampling_kernel)
+}

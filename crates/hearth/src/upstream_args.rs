@@ -207,7 +207,7 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("not supported"), "{e}");
+        assert!(e.contains("write shadow-local:UP:PCT"), "{e}");
         let cli = Cli::try_parse_from(["hearth", "--upstream-token-file", "nope=/x"]).unwrap();
         assert!(cli.up.resolve(|_| None, &Default::default()).is_err());
         let _ = std::fs::remove_dir_all(&dir);

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use hearth_runtime::{Constraint, ConstraintSpec, FinishReason};
+use hearth_runtime::{Constraint, ConstraintSpec, FinishReason, PromptSpec};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
@@ -54,11 +54,15 @@ pub fn requested(
 }
 
 /// Compiles on a blocking thread: a 422 at `input.<name>` when it cannot be enforced.
+/// `prompt` is the prediction's: whether the chat template renders it decides whether
+/// a `<think>` block comes first.
 pub async fn compile(
     model: &Arc<ServedModel>,
     requested: Option<(ConstraintSpec, &'static str)>,
+    prompt: &PromptSpec,
 ) -> Result<Option<Constraint>, ApiError> {
-    let Some((spec, name)) = requested else {
+    let thinks = model.engine.tokenizer().thinks();
+    let Some((spec, name)) = after_thinking(requested, prompt, thinks) else {
         return Ok(None);
     };
     let compiler = model.engine.constraints().clone();
@@ -66,6 +70,21 @@ pub async fn compile(
         .await
         .map_err(ApiError::internal)?;
     compiled.map(Some).map_err(ApiError::from)
+}
+
+/// With a Qwen3-style template the model thinks first: the constraint applies after
+/// its `<think>` block, as on the OpenAI routes (a schema from the first token would
+/// forbid the block the template asks for). Only when the chat template renders the
+/// prompt: a `prompt_template` or a raw prompt has no thinking turn.
+fn after_thinking(
+    requested: Option<(ConstraintSpec, &'static str)>,
+    prompt: &PromptSpec,
+    template_thinks: bool,
+) -> Option<(ConstraintSpec, &'static str)> {
+    if !template_thinks || prompt.raw || prompt.prompt_template.is_some() {
+        return requested;
+    }
+    requested.map(|(spec, name)| (ConstraintSpec::AfterThinking(Box::new(spec)), name))
 }
 
 /// A logs line for a constrained prediction that stopped by length: its output is
@@ -79,4 +98,43 @@ pub fn incomplete_note(input: &Value, reason: FinishReason) -> Option<&'static s
     (constrained && reason == FinishReason::Length).then_some(
         "Output incomplete: max_tokens (or the context) ran out before the output matched its json_schema/regex/grammar; it is a valid prefix, not a complete match.\n",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema() -> Option<(ConstraintSpec, &'static str)> {
+        Some((ConstraintSpec::Regex("[0-9]+".into()), "regex"))
+    }
+
+    #[test]
+    fn a_thinking_chat_template_puts_the_constraint_after_the_block() {
+        let chat = PromptSpec {
+            prompt: "hi".into(),
+            ..Default::default()
+        };
+        let Some((ConstraintSpec::AfterThinking(inner), "regex")) =
+            after_thinking(schema(), &chat, true)
+        else {
+            panic!("not wrapped");
+        };
+        assert!(matches!(*inner, ConstraintSpec::Regex(ref r) if r == "[0-9]+"));
+        // No thinking turn: a template that does not think, a prompt_template, raw.
+        let templated = PromptSpec {
+            prompt_template: Some("{prompt}".into()),
+            ..chat.clone()
+        };
+        let raw = PromptSpec {
+            raw: true,
+            ..chat.clone()
+        };
+        for (prompt, thinks) in [(&chat, false), (&templated, true), (&raw, true)] {
+            assert!(matches!(
+                after_thinking(schema(), prompt, thinks),
+                Some((ConstraintSpec::Regex(_), "regex"))
+            ));
+        }
+        assert!(after_thinking(None, &chat, true).is_none());
+    }
 }

@@ -402,12 +402,23 @@ fn input_schema(defaults: &Map<String, Value>, limits: &RequestLimits) -> Value 
     for (order, field) in FIELDS.iter().enumerate() {
         let mut p = Map::new();
         let t = match field.kind {
-            Kind::Str | Kind::Json => "string",
+            Kind::Str => "string",
             Kind::Int => "integer",
             Kind::Num => "number",
             Kind::Bool => "boolean",
+            // What `check` accepts, so a front that validates against this document
+            // (another hearth routing upstream) lets the object form through.
+            Kind::Json => {
+                p.insert(
+                    "anyOf".into(),
+                    json!([{"type": "string"}, {"type": "object"}, {"type": "boolean"}]),
+                );
+                ""
+            }
         };
-        p.insert("type".into(), t.into());
+        if !t.is_empty() {
+            p.insert("type".into(), t.into());
+        }
         p.insert("title".into(), title_case(field.name).into());
         p.insert("description".into(), field.description.into());
         p.insert("x-order".into(), order.into());

@@ -465,3 +465,56 @@ async fn a_thinking_template_keeps_the_schema_after_the_block() {
         }
     }
 }
+
+/// The same on Replicate's API: a `json_schema` input with a thinking template leaves
+/// the `<think>` block free and constrains what follows it; the output is the raw text,
+/// block included. With a `prompt_template` there is no thinking turn, so the schema
+/// holds from the first token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thinking_template_keeps_the_schema_after_the_block_on_replicate() {
+    let s = start_smollm2_with(Some("qwen3-think.jinja")).await;
+    let schema = json!({"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20}, "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["city", "days"], "additionalProperties": false});
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let mut by_grammar = 0;
+    for (seed, template) in [(0, None), (1, None), (2, Some("{prompt}")), (3, Some("{prompt}"))] {
+        let mut input = json!({"prompt": "Plan a trip: a city and a number of days, as JSON.",
+            "json_schema": schema, "seed": seed, "temperature": 1.0, "max_tokens": 96});
+        if let Some(t) = template {
+            input["prompt_template"] = json!(t);
+        }
+        let resp = s
+            .post("/v1/models/hearth/smollm2/predictions")
+            .header("Prefer", "wait=60")
+            .json(&json!({"input": input}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        let p: Value = resp.json().await.unwrap();
+        assert_eq!(p["status"], "succeeded", "{p}");
+        let text: String = p["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        let body = match text.strip_prefix("<think>") {
+            Some(rest) if template.is_none() => match rest.split_once("</think>") {
+                Some((_, after)) => after.trim_start_matches(['\r', '\n']).to_string(),
+                None => continue, // still thinking when max_tokens ran out
+            },
+            _ => text.clone(),
+        };
+        if p["logs"].as_str().unwrap().contains("Output incomplete") {
+            assert!(!body.is_empty() || template.is_none(), "{text:?}");
+            continue;
+        }
+        let v: Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{text:?} is not JSON: {e}"));
+        assert!(validator.is_valid(&v), "{v}");
+        by_grammar += 1;
+    }
+    assert!(by_grammar >= 2, "only {by_grammar} of 4 finished by the grammar");
+}

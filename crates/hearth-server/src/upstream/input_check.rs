@@ -523,6 +523,17 @@ mod tests {
             fields(c.check(&json!({"prompt": "hi", "max_tokens": 8, "seed": null}))),
             vec![]
         );
+        // json_schema as the object itself, as a string holding one, or a boolean schema.
+        for schema in [json!({"type": "object"}), json!("{\"type\": \"object\"}"), json!(true)] {
+            assert_eq!(
+                fields(c.check(&json!({"prompt": "hi", "json_schema": schema}))),
+                vec![]
+            );
+        }
+        assert_eq!(
+            fields(c.check(&json!({"prompt": "hi", "json_schema": 5})))[0].0,
+            "input.json_schema"
+        );
         let got = fields(c.check(&json!({"prompt": "hi", "max_tokens": "many", "temperature": 9})));
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got[0].0, "input.max_tokens");

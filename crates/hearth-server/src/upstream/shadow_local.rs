@@ -190,7 +190,7 @@ async fn run_copy(
         Err(e) => return refused(e.into()),
     };
     let mut params = parsed.params;
-    params.constraint = match crate::constraint_input::compile(model, parsed.constraint).await {
+    params.constraint = match crate::constraint_input::compile(model, parsed.constraint, &parsed.prompt).await {
         Ok(c) => c,
         Err(e) => return refused(e),
     };

@@ -23,6 +23,7 @@ pub mod gguf_tokenizer;
 pub mod hub;
 pub mod kv_cache;
 pub mod launch_count;
+pub mod layer_kernels;
 pub mod limits;
 pub mod linear;
 pub mod loader;

@@ -9,7 +9,7 @@ use super::rope_cache::{self, RopeCacheInputs};
 use super::AttentionMetadata;
 use crate::cuda_emulator::{DeviceBuffer, Emulator, KernelArg, LaunchGeometry};
 
-fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
+pub(crate) fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let t = t.flatten_all()?;
     Ok(match t.dtype() {
         DType::F32 => t
@@ -31,7 +31,11 @@ fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
     })
 }
 
-fn from_bytes(b: &[u8], dtype: DType, shape: impl Into<candle_core::Shape>) -> Result<Tensor> {
+pub(crate) fn from_bytes(
+    b: &[u8],
+    dtype: DType,
+    shape: impl Into<candle_core::Shape>,
+) -> Result<Tensor> {
     let dev = Device::Cpu;
     match dtype {
         DType::F32 => {

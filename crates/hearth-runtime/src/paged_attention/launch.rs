@@ -74,6 +74,14 @@ pub(crate) enum Buffer {
     KNorm,
     Positions,
     Slots,
+    // The fused layer ops' (layer_kernels.rs).
+    Residual,
+    Delta,
+    NormWeight,
+    SumOut,
+    NormOut,
+    GateUp,
+    ActOut,
 }
 
 impl Buffer {
@@ -92,7 +100,14 @@ impl Buffer {
             | Buffer::Cos
             | Buffer::Sin
             | Buffer::QNorm
-            | Buffer::KNorm => match dtype {
+            | Buffer::KNorm
+            | Buffer::Residual
+            | Buffer::Delta
+            | Buffer::NormWeight
+            | Buffer::SumOut
+            | Buffer::NormOut
+            | Buffer::GateUp
+            | Buffer::ActOut => match dtype {
                 DType::F16 => "f16",
                 DType::BF16 => "bf16",
                 _ => "f32",

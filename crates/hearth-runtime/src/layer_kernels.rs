@@ -10,9 +10,12 @@ use candle_core::{DType, Layout, Result};
 
 use crate::paged_attention::launch::{Arg, Buffer, Launch, SM90_LIMITS};
 
-/// hearth's launches per layer from these kernels: the norm after attention, SiLU·mul,
-/// and the norm before the next layer (or the final norm).
-pub const LAUNCHES_PER_LAYER: usize = 3;
+/// hearth's launches per layer from these kernels: the norm after attention, SiLU·mul
+/// (when gate and up are one matmul: model.rs), and the norm before the next layer (or
+/// the final norm).
+pub fn launches_per_layer(gate_up_fused: bool) -> usize {
+    2 + usize::from(gate_up_fused)
+}
 
 /// Threads of a SiLU·mul block; grid y covers a row's columns in chunks of this.
 const SILU_THREADS: u32 = 256;

@@ -321,12 +321,26 @@ fn norm(n: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
     cpu_ops::rms_norm(x, n.weight(), n.eps())
 }
 
+/// The residual add and the next norm: one fused kernel on CUDA (layer_kernels.rs),
+/// cpu_ops' elsewhere.
 fn add_norm(x: &Tensor, delta: &Tensor, n: &RmsNorm) -> candle_core::Result<(Tensor, Tensor)> {
-    cpu_ops::add_rms_norm(x, delta, n.weight(), n.eps())
+    crate::layer_kernels::add_rms_norm(x, delta, n.weight(), n.eps())
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // CUDA with gate and up as one matmul: SiLU·mul in one kernel on its output,
+        // where candle's two ops would each read a strided half.
+        if let (true, FusedLinear::One { linear, widths }) =
+            (x.device().is_cuda(), &self.gate_up_proj)
+        {
+            if let [g, u] = widths[..] {
+                if g == u {
+                    let act = crate::layer_kernels::silu_mul_joined(&linear.forward(x)?, g)?;
+                    return self.down_proj.forward(&act);
+                }
+            }
+        }
         let [gate, up]: [Tensor; 2] = self
             .gate_up_proj
             .forward(x)?

@@ -39,6 +39,8 @@ pub mod sampler;
 pub mod scheduler;
 pub mod schema_check;
 pub mod seeded_draw;
+#[cfg_attr(not(any(feature = "cuda", hearth_cuda_emulator)), allow(dead_code))]
+pub(crate) mod step_metadata;
 pub mod stop;
 pub mod threads;
 pub mod tokenizer;

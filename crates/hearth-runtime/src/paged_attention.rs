@@ -41,6 +41,8 @@ pub(crate) mod launch;
 mod rope_cache;
 #[cfg(target_arch = "x86_64")]
 mod tiled;
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::preset as preset_device_metadata;
 #[cfg(hearth_cuda_emulator)]
 pub use emulated::{paged_attention_emulated, rope_cache_emulated};
 use kernel::BlockMath;

@@ -96,20 +96,18 @@ impl PackedLayout {
                 self.parts.len()
             )));
         }
-        let mut at = 0;
+        dst[..self.words].fill(0);
         for ((b, src), (lb, r)) in data.iter().zip(&self.parts) {
-            if b != lb || src.len() != r.len() {
+            let to = dst.get_mut(r.clone()).filter(|_| b == lb && src.len() == r.len());
+            let Some(to) = to else {
                 return Err(bad(format_args!(
                     "{b:?} of {} words where the layout has {lb:?} of {}",
                     src.len(),
                     r.len()
                 )));
-            }
-            dst[at..r.start].fill(0);
-            dst[r.clone()].copy_from_slice(src);
-            at = r.end;
+            };
+            to.copy_from_slice(src);
         }
-        dst[at..self.words].fill(0);
         Ok(())
     }
 }

@@ -98,7 +98,9 @@ impl PackedLayout {
         }
         dst[..self.words].fill(0);
         for ((b, src), (lb, r)) in data.iter().zip(&self.parts) {
-            let to = dst.get_mut(r.clone()).filter(|_| b == lb && src.len() == r.len());
+            let to = dst
+                .get_mut(r.clone())
+                .filter(|_| b == lb && src.len() == r.len());
             let Some(to) = to else {
                 return Err(bad(format_args!(
                     "{b:?} of {} words where the layout has {lb:?} of {}",

@@ -328,8 +328,8 @@ mod cuda {
                         let normed = out.slice(n..2 * n);
                         let func =
                             dev.get_or_load_custom_func(&plan.kernel, "hearth_layer_ops", PTX)?;
-                        let (h, eps) = match (&plan.args[5], &plan.args[6]) {
-                            (Arg::I32(h), Arg::F32(e)) => (*h, *e),
+                        let (h, eps) = match plan.args[..] {
+                            [.., Arg::I32(h), Arg::F32(e)] => (h, e),
                             _ => candle_core::bail!("{}: argument list changed", plan.kernel),
                         };
                         let mut b = func.builder();
@@ -390,8 +390,8 @@ mod cuda {
                         let plan = super::silu_mul_plan(rows, width, dtype)?;
                         let g: CudaView<$ty> =
                             gs.as_cuda_slice::<$ty>()?.slice(gl.start_offset()..);
-                        let (w, stride) = match (&plan.args[2], &plan.args[3]) {
-                            (Arg::I32(w), Arg::I32(s)) => (*w, *s),
+                        let (w, stride) = match plan.args[..] {
+                            [.., Arg::I32(w), Arg::I32(s)] => (w, s),
                             _ => candle_core::bail!("{}: argument list changed", plan.kernel),
                         };
                         let func =

@@ -178,7 +178,7 @@ pub(super) fn forward(
     let plan = dm.plan(meta, &s, dtype, scale)?;
     // The split-key kernel reads key and value rows with 16-byte loads.
     for (what, l) in [("k", kl), ("v", vl)] {
-        if (l.start_offset() * dtype.size_in_bytes()) % 16 != 0 {
+        if !(l.start_offset() * dtype.size_in_bytes()).is_multiple_of(16) {
             candle_core::bail!("paged attention: the {what} cache is not 16-byte aligned");
         }
     }

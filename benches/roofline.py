@@ -10,6 +10,14 @@ weights and KV, over step time x peak bandwidth). Two designs:
   today   the CUDA path as merged: candle ops (~18 launches per layer, launched eagerly),
           paged attention with one block per (token, kv head) and one key row in flight
           per warp, KV written by candle's scatter, per-step metadata in ~8 uploads;
+  built   the CUDA path as this branch launches it, eagerly (no graphs): per layer the
+          fused Q/K/V GEMM, at batch > 1 three copies making q, k and v contiguous
+          (narrow views of its output), the fused RoPE + reshape-and-cache kernel,
+          split-key attention and its combine, o_proj, two fused residual add + RMSNorm
+          kernels, the fused gate/up GEMM, the fused SiLU*mul kernel, down_proj:
+          BUILT_LAUNCHES_PER_LAYER (10 at batch 1, 13 above; before the fused add+norm and
+          SiLU*mul kernels, 13 and 16: an add and an rms_norm twice, a silu and a mul);
+          one packed metadata upload from pinned memory;
   target  issue 19's design: fused residual+norm, the three projections as GEMV/GEMM
           through cuBLAS, a fused RoPE + reshape-and-cache kernel, split-key
           (flash-decoding) attention with a combine kernel, one packed metadata upload,
@@ -98,8 +106,58 @@ def matmul(name, b, n_in, n_out, gap, gpu, count=1):
     return kernel(name, w + act, 2 * b * n_in * n_out, gap, gpu=gpu, count=count)
 
 
+def attention_kernels(b, ctx, gap, gpu):
+    """Split-key attention and its combine, one each per layer (kernels/paged_attention.cu)."""
+    L = LAYERS
+    kv = b * ctx * KV_BYTES_PER_TOKEN_LAYER
+    # Split keys in partitions of 256: b x kv_heads x ceil(ctx/256) blocks, each with
+    # 4 warps x 4 rows x 32 lanes x 16 B = 8 KiB of K and V in flight.
+    parts = math.ceil(ctx / 256)
+    blocks = b * KV_HEADS * parts
+    return [
+        kernel("split-key attention (256-key partitions)", kv + 2 * b * HEADS * HEAD_DIM * BF16,
+               4 * b * HEADS * ctx * HEAD_DIM, gap, in_flight=min(blocks, gpu["sms"] * 8) * 8192,
+               gpu=gpu, count=L),
+        kernel("attention combine", b * HEADS * parts * (HEAD_DIM + 2) * 4 + b * HIDDEN * BF16, 0, gap,
+               gpu=gpu, count=L),
+    ]
+
+
+def built_step(b, ctx, gpu):
+    """Kernels of one decode step as the built CUDA path launches them (eager)."""
+    gap = GAP_EAGER
+    act = b * HIDDEN * BF16
+    qkv = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    L = LAYERS
+    ks = [
+        kernel("metadata upload (1, pinned, packed)", 64 * 1024, 0, 0, gpu=gpu, floor=H2D_PINNED),
+        kernel("embedding gather", 2 * act, 0, gap, gpu=gpu),
+        kernel("first rms_norm", 2 * act, 0, gap, gpu=gpu),
+        matmul("q/k/v projection (1 fused GEMM)", b, HIDDEN, qkv, gap, gpu, count=L),
+    ]
+    if b > 1:
+        ks.append(kernel("q, k, v made contiguous (3 copies)", 2 * b * qkv * BF16 // 3, 0, gap, gpu=gpu, count=3 * L))
+    ks.append(kernel("fused RoPE + reshape_and_cache (slot ids)", 3 * b * qkv * BF16, 0, gap, gpu=gpu, count=L))
+    ks += attention_kernels(b, ctx, gap, gpu)
+    ks += [
+        matmul("o_proj", b, HEADS * HEAD_DIM, HIDDEN, gap, gpu, count=L),
+        kernel("fused residual add + rms_norm (2 per layer)", 3 * act, 0, gap, gpu=gpu, count=2 * L),
+        matmul("gate + up (1 fused GEMM)", b, HIDDEN, 2 * INTER, gap, gpu, count=L),
+        kernel("fused silu * mul", 3 * b * INTER * BF16, 0, gap, gpu=gpu, count=L),
+        matmul("down_proj", b, INTER, HIDDEN, gap, gpu, count=L),
+        matmul("lm_head", b, HIDDEN, VOCAB, gap, gpu),
+        kernel("logits to f32", b * VOCAB * (BF16 + 4), 0, gap, gpu=gpu),
+        sampling_kernel(b, gap, gpu),
+    ]
+    per_layer = sum(k["count"] for k in ks if k["count"] % L == 0 and k["count"] >= L) // L
+    assert per_layer == built_launches_per_layer(b), (per_layer, b)
+    return ks
+
+
 def step(design, b, ctx, gpu):
     """Kernels of one decode step: b sequences, each with ctx keys."""
+    if design == "built":
+        return built_step(b, ctx, gpu)
     graph = design == "target"
     gap = GAP_GRAPH if graph else GAP_EAGER
     act = b * HIDDEN * BF16
@@ -161,6 +219,13 @@ def step(design, b, ctx, gpu):
     return ks
 
 
+def built_launches_per_layer(b):
+    """Launches per layer of the built path, counted from the code (model.rs on CUDA):
+    qkv GEMM, [3 contiguous copies when b > 1], rope_cache, split-key + combine, o_proj,
+    add+norm, gate_up GEMM, silu*mul, down_proj, add+norm."""
+    return 10 + (3 if b > 1 else 0)
+
+
 def fmt_bytes(x):
     for unit, f in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if x >= f:
@@ -187,24 +252,25 @@ def main():
         p(f"## {gname}: {gpu['bw'] / 1e12:.2f} TB/s, {gpu['flops'] / 1e12:.0f} TFLOPS bf16", file=out)
         p("", file=out)
         p("| batch | context | fits | bytes/step (KV share) | today: step ms | today: tok/s | today: BW fraction "
+          "| built: step ms | built: tok/s | built: BW fraction | built launches/step "
           "| target: step ms | target: tok/s | target: BW fraction | target launches/step |", file=out)
-        p("|---|---|---|---|---|---|---|---|---|---|---|", file=out)
+        p("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", file=out)
         for b in (1, 8, 64, 256):
             for ctx in (128, 2048, 8192):
                 kv_total = b * ctx * KV_BYTES_PER_TOKEN_LAYER * LAYERS
                 fits = PARAMS * BF16 + kv_total < 0.9 * gpu["mem"]
                 row = [str(b), str(ctx), "yes" if fits else f"no (KV {fmt_bytes(kv_total)})"]
-                for design in ("today", "target"):
+                for design in ("today", "built", "target"):
                     ks = step(design, b, ctx, gpu)
                     t = sum(k["time"] for k in ks)
                     by = sum(k["bytes"] for k in ks)
                     if design == "today":
                         row.append(f"{fmt_bytes(by)} ({100 * kv_total / by:.0f}%)")
                     row += [f"{t * 1e3:.2f}", f"{b / t:.0f}", f"{100 * by / (t * gpu['bw']):.0f}%"]
-                    if design == "target":
+                    if design != "today":
                         row.append(str(sum(k["count"] for k in ks)))
                 p("| " + " | ".join(row) + " |", file=out)
-        for design in ("today", "target"):
+        for design in ("today", "built", "target"):
             for b, ctx in ((1, 128), (1, 2048), (1, 8192), (8, 2048), (64, 2048), (256, 2048)):
                 ks = step(design, b, ctx, gpu)
                 t = sum(k["time"] for k in ks)
@@ -216,6 +282,14 @@ def main():
                 for k in ks:
                     p(f"| {k['name']} | {k['count']} | {fmt_bytes(k['bytes'])} | {k['flops'] / 1e9:.2f} | "
                       f"{k['time'] * 1e6:.0f} | {100 * k['time'] / t:.1f}% |", file=out)
+    p("", file=out)
+    p("Launches per layer of the built path, counted from the code (model.rs on CUDA; `launch_count` counts "
+      "hearth's own): qkv GEMM, [3 contiguous copies of the q/k/v views when batch > 1], fused RoPE + cache "
+      "write, split-key attention + combine, o_proj, fused add + RMSNorm, gate/up GEMM, fused SiLU*mul, "
+      f"down_proj, fused add + RMSNorm: {built_launches_per_layer(1)} at batch 1, {built_launches_per_layer(8)} "
+      "above (before the fused add + RMSNorm and SiLU*mul kernels: 13 and 16). Per step for 32 layers at batch 1: "
+      f"{LAYERS * built_launches_per_layer(1) + 5} (embedding, first norm, lm_head, cast to f32, sampling or argmax "
+      f"besides the layers), before {LAYERS * 13 + 5}.", file=out)
     p("", file=out)
     p("Reading it: at batch 1 the step is the weights' 16 GB plus launch gaps and floors; today's attention, "
       "limited by the 2 KiB its 8 blocks keep in flight, turns 2k of context into more time than the weights. "

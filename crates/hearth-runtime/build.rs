@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel sources, each one translation unit for nvcc and the emulator.
-const KERNELS: &[&str] = &["paged_attention", "rope_cache", "sample"];
+const KERNELS: &[&str] = &["paged_attention", "rope_cache", "sample", "layer_ops"];
 /// Sources for the emulator alone (kernels/emu/): kernels that test the emulator.
 const EMULATOR_ONLY: &[&str] = &["emu/selftest"];
 
@@ -43,6 +43,13 @@ const MUTANTS: &[(&str, &str, &str, &str)] = &[
         "table_not_updated",
         "trow[token] = (unsigned short)w;",
         "(void)w;",
+    ),
+    ("layer_ops", "no_syncthreads", "__syncthreads();", ";"),
+    (
+        "layer_ops",
+        "up_off_by_one",
+        "const T* u = g + width;",
+        "const T* u = g + width - 1;",
     ),
 ];
 

@@ -32,6 +32,10 @@ pub enum Source {
     SampleGumbelBoundTooLow,
     /// The sampling kernel leaving the penalty table as it found it (no count added).
     SampleTableNotUpdated,
+    /// The fused layer ops (kernels/layer_ops.cu) with every `__syncthreads()` removed.
+    LayerOpsNoSyncthreads,
+    /// SiLU·mul reading `up` one column early (the gate/up split off by one).
+    LayerOpsUpOffByOne,
 }
 
 /// The order in which blocks, the warps of a block (between two barriers) and the lanes
@@ -105,6 +109,9 @@ extern "C" {
     fn hearth_emu_kernels_sample_gumbel_bound_too_low(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_sample_table_not_updated(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_selftest_original(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_layer_ops_original(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_layer_ops_no_syncthreads(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_layer_ops_up_off_by_one(i: usize) -> *const KernelEntry;
 }
 
 type Table = unsafe extern "C" fn(usize) -> *const KernelEntry;
@@ -117,6 +124,7 @@ fn tables(source: Source) -> &'static [Table] {
             hearth_emu_kernels_paged_attention_original,
             hearth_emu_kernels_rope_cache_original,
             hearth_emu_kernels_sample_original,
+            hearth_emu_kernels_layer_ops_original,
             hearth_emu_kernels_selftest_original,
         ],
         Source::BlockTableOffByOne => &[hearth_emu_kernels_paged_attention_block_table_off_by_one],
@@ -127,6 +135,8 @@ fn tables(source: Source) -> &'static [Table] {
         Source::SampleNoSyncthreads => &[hearth_emu_kernels_sample_no_syncthreads],
         Source::SampleGumbelBoundTooLow => &[hearth_emu_kernels_sample_gumbel_bound_too_low],
         Source::SampleTableNotUpdated => &[hearth_emu_kernels_sample_table_not_updated],
+        Source::LayerOpsNoSyncthreads => &[hearth_emu_kernels_layer_ops_no_syncthreads],
+        Source::LayerOpsUpOffByOne => &[hearth_emu_kernels_layer_ops_up_off_by_one],
     }
 }
 

@@ -90,6 +90,19 @@ fn cuda_kv_budget(_util: f32) -> Result<u64> {
     Err(RuntimeError::Device("built without CUDA".into()))
 }
 
+/// The KV cache's share of a budget measured from free device memory, once `reserved`
+/// bytes of other per-engine device allocations (the penalty table) are taken out: those
+/// are allocated after the cache, from the same free memory.
+pub fn kv_budget_after(budget: u64, reserved: u64) -> Result<u64> {
+    match budget.checked_sub(reserved) {
+        Some(left) if left > 0 => Ok(left),
+        _ => Err(RuntimeError::Device(format!(
+            "no device memory left for the KV cache: {budget} bytes free for it, \
+             {reserved} needed by the penalty table"
+        ))),
+    }
+}
+
 /// Parses `512MiB`, `2GiB`, `1.5GB`, `1000000` (bytes).
 pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     let s = s.trim();
@@ -124,5 +137,26 @@ mod tests {
         assert_eq!(super::parse_bytes("1000").unwrap(), 1000);
         assert!(super::parse_bytes("lots").is_err());
         assert!(super::parse_bytes("-1GiB").is_err());
+    }
+
+    #[test]
+    fn the_penalty_table_comes_out_of_the_kv_budget() {
+        use crate::penalty_table::PenaltyTable;
+        // An H100's measured budget and Llama-3's table (261 rows of its vocabulary).
+        let table = PenaltyTable::device_bytes(128_256, 256);
+        assert_eq!(table, 256 * 128_256 * 2);
+        let left = super::kv_budget_after(60 << 30, table).unwrap();
+        assert_eq!(left, (60 << 30) - 256 * 128_256 * 2);
+        assert_eq!(super::kv_budget_after(1000, 0).unwrap(), 1000);
+        // Nothing (or less than nothing) left: an error naming both sizes.
+        for budget in [table, table - 1] {
+            let err = super::kv_budget_after(budget, table)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&table.to_string()) && err.contains("penalty table"),
+                "{err}"
+            );
+        }
     }
 }

@@ -187,13 +187,23 @@ impl Engine {
         let per_token = crate::kv_cache::bytes_per_token(&mcfg, kv_dtype);
         let budget = match cfg.kv_cache_memory {
             Some(b) => b,
-            None => crate::device::default_kv_budget(
-                model.device(),
-                cfg.gpu_memory_utilization,
-                per_token,
-                max_model_len,
-                cfg.max_num_seqs,
-            )?,
+            None => {
+                let measured = crate::device::default_kv_budget(
+                    model.device(),
+                    cfg.gpu_memory_utilization,
+                    per_token,
+                    max_model_len,
+                    cfg.max_num_seqs,
+                )?;
+                // On CUDA the budget is the free memory, and the penalty table comes out
+                // of it after the cache (on the CPU the table has no device rows).
+                let table = if model.device().is_cuda() {
+                    PenaltyTable::device_bytes(mcfg.vocab_size, cfg.max_num_seqs.max(1))
+                } else {
+                    0
+                };
+                crate::device::kv_budget_after(measured, table)?
+            }
         };
         let bs = cfg.block_size.max(1);
         let num_blocks = (budget as usize / (per_token * bs)).max(1);

@@ -23,6 +23,7 @@ pub mod gguf_tokenizer;
 pub mod hub;
 pub mod kv_cache;
 pub mod launch_count;
+pub mod layer_kernels;
 pub mod limits;
 pub mod linear;
 pub mod loader;
@@ -38,6 +39,8 @@ pub mod sampler;
 pub mod scheduler;
 pub mod schema_check;
 pub mod seeded_draw;
+#[cfg_attr(not(any(feature = "cuda", hearth_cuda_emulator)), allow(dead_code))]
+pub(crate) mod step_metadata;
 pub mod stop;
 pub mod threads;
 pub mod tokenizer;

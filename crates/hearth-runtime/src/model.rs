@@ -98,7 +98,18 @@ pub struct Transformer {
     rotary: RotaryTables,
     dtype: DType,
     device: Device,
+    /// CUDA: the pinned host buffer each step's metadata is packed into for its one
+    /// upload (step_metadata.rs), kept across steps and grown when a step needs more.
+    #[cfg(feature = "cuda")]
+    pinned: std::sync::Mutex<Option<PinnedHostSlice<u32>>>,
 }
+
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::PinnedHostSlice;
+
+/// The smallest pinned buffer (words): a decode step of a few dozen sequences fits.
+#[cfg(feature = "cuda")]
+const PINNED_MIN_WORDS: usize = 16 * 1024;
 
 fn linear(
     in_dim: usize,
@@ -117,8 +128,12 @@ struct StepTensors<'a> {
     /// each new token's slot repeated across a K/V row for `scatter_set`.
     generic: Option<(Tensor, Tensor, Tensor)>,
     attention: &'a AttentionMetadata,
+    /// CUDA: the token ids and the rows that get logits, views of the step's packed
+    /// upload (None elsewhere: uploaded as tensors).
+    ids: Option<Tensor>,
+    logits_rows: Option<Tensor>,
     /// CUDA: the fused norm + RoPE + cache-write kernel's tables and the step's
-    /// positions and slots on the device (one upload per step).
+    /// positions and slots on the device (views of the packed upload).
     #[cfg(feature = "cuda")]
     fused: Option<FusedRope<'a>>,
 }
@@ -200,6 +215,8 @@ impl Transformer {
             rotary,
             dtype,
             device,
+            #[cfg(feature = "cuda")]
+            pinned: std::sync::Mutex::new(None),
         })
     }
 
@@ -234,8 +251,11 @@ impl Transformer {
     ) -> candle_core::Result<Tensor> {
         let t = batch.num_tokens();
         let dev = &self.device;
-        let ids = Tensor::from_slice(&batch.token_ids, t, dev)?;
         let step = self.step_tensors(batch)?;
+        let ids = match &step.ids {
+            Some(ids) => ids.clone(),
+            None => Tensor::from_slice(&batch.token_ids, t, dev)?,
+        };
         let mut x = self.embed_tokens.forward(&ids)?;
         let mut h = match self.layers.first() {
             Some(l) => norm(&l.input_layernorm, &x)?,
@@ -244,7 +264,10 @@ impl Transformer {
         let n_layers = self.layers.len();
         let n = batch.logits_rows.len();
         let rows = (n != t && n > 0)
-            .then(|| Tensor::from_slice(&batch.logits_rows, n, dev))
+            .then(|| match &step.logits_rows {
+                Some(r) => Ok(r.clone()),
+                None => Tensor::from_slice(&batch.logits_rows, n, dev),
+            })
             .transpose()?;
         let select = |x: Tensor| match &rows {
             Some(r) => x.index_select(r, 0),
@@ -279,17 +302,27 @@ impl Transformer {
             positions: &batch.positions,
         };
         #[cfg(feature = "cuda")]
-        if self.device.is_cuda() {
-            let (dev, t) = (&self.device, batch.num_tokens());
+        if let Device::Cuda(dev) = &self.device {
+            use crate::paged_attention::launch::Buffer;
+            let (packed, layout) = self.upload_step(batch, dev)?;
+            let part = |b: Buffer| -> candle_core::Result<Tensor> {
+                let r = layout.range(b).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("step metadata: {b:?} not packed"))
+                })?;
+                packed.narrow(0, r.start, r.len())
+            };
+            crate::paged_attention::preset_device_metadata(&batch.attention, &packed, &layout)?;
             return Ok(StepTensors {
                 rope,
                 generic: None,
                 attention: &batch.attention,
+                ids: Some(part(Buffer::TokenIds)?),
+                logits_rows: Some(part(Buffer::LogitsRows)?),
                 fused: Some(FusedRope {
                     cos: &self.rotary.cos,
                     sin: &self.rotary.sin,
-                    positions: Tensor::from_slice(&batch.positions, t, dev)?,
-                    slots: Tensor::from_slice(&batch.attention.slots, t, dev)?,
+                    positions: part(Buffer::Positions)?,
+                    slots: part(Buffer::Slots)?,
                 }),
             });
         }
@@ -311,9 +344,64 @@ impl Transformer {
             rope,
             generic,
             attention: &batch.attention,
+            ids: None,
+            logits_rows: None,
             #[cfg(feature = "cuda")]
             fused: None,
         })
+    }
+
+    /// The step's metadata (token ids, positions, slots, logits rows, the attention
+    /// tables) packed into the pinned buffer and copied to the device in one copy:
+    /// the whole buffer on the device (U32) and where each part lies in it.
+    #[cfg(feature = "cuda")]
+    fn upload_step(
+        &self,
+        batch: &ForwardBatch,
+        dev: &candle_core::CudaDevice,
+    ) -> candle_core::Result<(Tensor, crate::step_metadata::PackedLayout)> {
+        use crate::paged_attention::launch::{Buffer, HostMeta};
+        use crate::step_metadata::{attention_parts, PackedLayout};
+        use candle_core::cuda_backend::WrapErr;
+        let host = HostMeta::new(&batch.attention);
+        let mut data: Vec<(Buffer, &[u32])> = vec![
+            (Buffer::TokenIds, &batch.token_ids),
+            (Buffer::Positions, &batch.positions),
+            (Buffer::Slots, &batch.attention.slots),
+            (Buffer::LogitsRows, &batch.logits_rows),
+        ];
+        data.extend(attention_parts(&host));
+        let lens: Vec<(Buffer, usize)> = data.iter().map(|(b, d)| (*b, d.len())).collect();
+        let layout = PackedLayout::new(&lens)?;
+        let mut pinned = self
+            .pinned
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("step metadata: pinned buffer lock".into()))?;
+        if pinned.as_ref().is_none_or(|p| p.len() < layout.words()) {
+            let words = layout.words().next_power_of_two().max(PINNED_MIN_WORDS);
+            // SAFETY: zeroed below before any copy reads it.
+            let mut p = unsafe { dev.cuda_stream().context().alloc_pinned::<u32>(words) }.w()?;
+            p.as_mut_slice().w()?.fill(0);
+            *pinned = Some(p);
+        }
+        let Some(p) = pinned.as_mut() else {
+            candle_core::bail!("step metadata: no pinned buffer");
+        };
+        // as_mut_slice waits for the previous step's copy out of this buffer.
+        layout.write(&data, p.as_mut_slice().w()?)?;
+        // The whole pinned buffer is copied (at most twice the layout: it grows by
+        // powers of two), so no sub-slice of pinned memory is needed.
+        // SAFETY: every word is written by the copy below.
+        let mut dst = unsafe { dev.alloc::<u32>(p.len())? };
+        dev.memcpy_htod(&*p, &mut dst)?;
+        let n = p.len();
+        let packed = Tensor::from_storage(
+            candle_core::Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(dst, dev.clone())),
+            n,
+            candle_core::op::BackpropOp::none(),
+            false,
+        );
+        Ok((packed, layout))
     }
 }
 
@@ -321,12 +409,26 @@ fn norm(n: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
     cpu_ops::rms_norm(x, n.weight(), n.eps())
 }
 
+/// The residual add and the next norm: one fused kernel on CUDA (layer_kernels.rs),
+/// cpu_ops' elsewhere.
 fn add_norm(x: &Tensor, delta: &Tensor, n: &RmsNorm) -> candle_core::Result<(Tensor, Tensor)> {
-    cpu_ops::add_rms_norm(x, delta, n.weight(), n.eps())
+    crate::layer_kernels::add_rms_norm(x, delta, n.weight(), n.eps())
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // CUDA with gate and up as one matmul: SiLU·mul in one kernel on its output,
+        // where candle's two ops would each read a strided half.
+        if let (true, FusedLinear::One { linear, widths }) =
+            (x.device().is_cuda(), &self.gate_up_proj)
+        {
+            if let [g, u] = widths[..] {
+                if g == u {
+                    let act = crate::layer_kernels::silu_mul_joined(&linear.forward(x)?, g)?;
+                    return self.down_proj.forward(&act);
+                }
+            }
+        }
         let [gate, up]: [Tensor; 2] = self
             .gate_up_proj
             .forward(x)?

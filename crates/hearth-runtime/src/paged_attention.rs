@@ -31,16 +31,18 @@ use crate::threads;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(hearth_cuda_emulator)]
-mod emulated;
+pub(crate) mod emulated;
 mod kernel;
 // The launch plans and shape checks are read by the CUDA path and the emulator only;
 // a plain CPU build (e.g. a lone `-p hearth-server` build) compiles them unused.
 #[cfg_attr(not(any(feature = "cuda", hearth_cuda_emulator)), allow(dead_code))]
-mod launch;
+pub(crate) mod launch;
 #[cfg_attr(not(any(feature = "cuda", hearth_cuda_emulator)), allow(dead_code))]
 mod rope_cache;
 #[cfg(target_arch = "x86_64")]
 mod tiled;
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::preset as preset_device_metadata;
 #[cfg(hearth_cuda_emulator)]
 pub use emulated::{paged_attention_emulated, rope_cache_emulated};
 use kernel::BlockMath;

@@ -47,10 +47,7 @@ pub struct PenaltyTable {
 impl PenaltyTable {
     /// Bookkeeping for up to `max_rows` rows of `vocab` tokens, within the budget.
     pub fn new(vocab: usize, max_rows: usize) -> Self {
-        let per_row = vocab.max(1) * 2;
-        let rows = max_rows
-            .min(TABLE_BUDGET_BYTES / per_row)
-            .min(u32::MAX as usize);
+        let rows = Self::rows_for(vocab, max_rows);
         Self {
             vocab,
             // Popped from the back: slot 0 first.
@@ -59,6 +56,20 @@ impl PenaltyTable {
             #[cfg(feature = "cuda")]
             device: None,
         }
+    }
+
+    /// Rows a table for `vocab` and `max_rows` gets: as many as asked, within the budget.
+    fn rows_for(vocab: usize, max_rows: usize) -> usize {
+        let per_row = vocab.max(1) * 2;
+        max_rows
+            .min(TABLE_BUDGET_BYTES / per_row)
+            .min(u32::MAX as usize)
+    }
+
+    /// Device bytes [`Self::for_device`] allocates on CUDA for `vocab` and `max_rows`
+    /// (one element at least): what the KV cache's budget leaves for it (engine.rs).
+    pub fn device_bytes(vocab: usize, max_rows: usize) -> u64 {
+        (Self::rows_for(vocab, max_rows) * vocab).max(1) as u64 * 2
     }
 
     /// The table for `device`: rows in device memory on CUDA; none elsewhere (the CPU
@@ -178,5 +189,28 @@ mod tests {
         assert_eq!(c.table.map(|s| (s.slot, s.filled)), Some((0, false)));
         t.clear();
         assert_eq!(t.free_rows(), 2);
+    }
+
+    #[test]
+    fn device_bytes_are_what_the_table_allocates_and_stay_within_the_budget() {
+        // Llama-3's vocabulary: 261 rows of 250.5 KiB fit 64 MiB.
+        let rows = TABLE_BUDGET_BYTES / (128_256 * 2);
+        assert_eq!(rows, 261);
+        assert_eq!(
+            PenaltyTable::device_bytes(128_256, 1024),
+            rows as u64 * 128_256 * 2
+        );
+        assert!(PenaltyTable::device_bytes(128_256, 1024) <= TABLE_BUDGET_BYTES as u64);
+        // Fewer sequences than fit: a row each.
+        assert_eq!(PenaltyTable::device_bytes(32_000, 8), 8 * 32_000 * 2);
+        for (vocab, max_rows) in [(128_256, 1024), (32_000, 8), (100, 2), (1000, 1 << 20)] {
+            let t = PenaltyTable::new(vocab, max_rows);
+            assert_eq!(
+                PenaltyTable::device_bytes(vocab, max_rows),
+                t.bytes() as u64
+            );
+        }
+        // No rows: the one-element stand-in the kernel takes a pointer to.
+        assert_eq!(PenaltyTable::device_bytes(32_000, 0), 2);
     }
 }

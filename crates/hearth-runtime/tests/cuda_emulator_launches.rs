@@ -1,6 +1,7 @@
 //! The launch counter (launch_count.rs) against the launch plans: a step of an N-layer
 //! model, run through the emulated kernels as the CUDA path launches them (per layer the
-//! fused RoPE + cache write, then the attention call's plan; then the sampling kernel),
+//! fused RoPE + cache write, the attention call's plan, the fused add + norm, SiLU·mul
+//! and add + norm; then the sampling kernel),
 //! counts what `launch_count::per_step` computes from the plan, for decode-only,
 //! prefill-only and mixed batches.
 #![cfg(hearth_cuda_emulator)]
@@ -10,6 +11,7 @@ use hearth_runtime::config::{Architecture, ModelConfig, RopeScaling};
 use hearth_runtime::cuda_emulator::Emulator;
 use hearth_runtime::device_sampler::RowSampling;
 use hearth_runtime::launch_count;
+use hearth_runtime::layer_kernels::{add_rms_norm_emulated, launches_per_layer, silu_mul_emulated};
 use hearth_runtime::paged_attention::{
     cuda_launches, paged_attention_emulated, rope_cache_emulated, AttentionMetadata,
     RopeCacheInputs,
@@ -26,13 +28,15 @@ const HEAD_DIM: usize = 16;
 const BLOCK_SIZE: usize = 16;
 const NUM_BLOCKS: usize = 64;
 const VOCAB: usize = 50;
+const HIDDEN: usize = HEADS * HEAD_DIM;
+const INTER: usize = 72;
 
 fn config() -> ModelConfig {
     ModelConfig {
         architecture: Architecture::Llama,
         vocab_size: VOCAB,
-        hidden_size: HEADS * HEAD_DIM,
-        intermediate_size: 64,
+        hidden_size: HIDDEN,
+        intermediate_size: INTER,
         num_hidden_layers: LAYERS,
         num_attention_heads: HEADS,
         num_key_value_heads: KV_HEADS,
@@ -92,7 +96,18 @@ fn step(seqs: &[(usize, usize)], rng: &mut StdRng) -> (u64, u64) {
         };
         let (q, kc, vc) = rope_cache_emulated(&inputs, &k_cache, &v_cache, &emu).expect("rope");
         (k_cache, v_cache) = (kc, vc);
-        paged_attention_emulated(&q, &k_cache, &v_cache, &meta, 0.25, &emu).expect("attention");
+        let o = paged_attention_emulated(&q, &k_cache, &v_cache, &meta, 0.25, &emu)
+            .expect("attention")
+            .reshape((t, HEADS * HEAD_DIM))
+            .expect("o");
+        // The layer's element-wise ops (o_proj, gate/up and down are candle's matmuls:
+        // stood in for by random rows of their widths).
+        let residual = random(rng, &[t, HIDDEN]);
+        let w = random(rng, &[HIDDEN]);
+        let (x1, _) = add_rms_norm_emulated(&residual, &o, &w, 1e-6, &emu).expect("norm");
+        let act = silu_mul_emulated(&random(rng, &[t, 2 * INTER]), INTER, &emu).expect("silu");
+        add_rms_norm_emulated(&x1, &random(rng, &[t, HIDDEN]), &w, 1e-6, &emu).expect("norm");
+        assert_eq!(act.dims(), [t, INTER]);
     }
     let params = SamplingParams {
         temperature: 0.7,
@@ -120,6 +135,7 @@ fn step(seqs: &[(usize, usize)], rng: &mut StdRng) -> (u64, u64) {
         launch_count::per_step(
             LAYERS,
             per_layer,
+            launches_per_layer(true),
             rows.iter().any(|r| r.params.temperature > 0.0),
         ),
     )

@@ -1,7 +1,8 @@
 //! The op's CUDA path: hearth's own kernels (kernels/paged_attention.cu, compiled to PTX
 //! by build.rs) launched through candle's custom-op API, as launch.rs plans them
 //! (per-token kernel for prefill rows, split-key + combine for decode rows). The step's
-//! metadata is uploaded once, on the first layer's call, and reused by the others.
+//! metadata comes in the model's one packed upload per step (step_metadata.rs), read
+//! by every layer's call.
 
 use std::sync::{Arc, OnceLock};
 
@@ -15,15 +16,18 @@ use half::{bf16, f16};
 use super::launch::{self, Arg, Buffer, HostMeta};
 use super::rope_cache::{self, RopeCacheInputs, RopeCacheShapes};
 use super::AttentionMetadata;
+use crate::step_metadata::{self, PackedLayout};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 
-/// The metadata on the device, made once per step: every part in one allocation,
-/// uploaded with one copy (each part starts on a 16-byte boundary). It also keeps the
-/// step's launch plans, so that the check of the metadata against the cache and the
-/// planning (kernel names included) run once per step, not once per layer.
-pub(super) struct DeviceMeta {
-    all: CudaSlice<u32>,
+/// The metadata on the device, made once per step: the parts of the step's packed
+/// buffer (step_metadata.rs; the model uploads it with one copy and hands it over with
+/// [`preset`]). It also keeps the step's launch plans, so that the check of the
+/// metadata against the cache and the planning (kernel names included) run once per
+/// step, not once per layer.
+pub(crate) struct DeviceMeta {
+    /// U32, one dimension: the whole packed buffer.
+    packed: Tensor,
     parts: Vec<(Buffer, std::ops::Range<usize>)>,
     plans: std::sync::Mutex<Vec<(PlanKey, Arc<launch::Plan>)>>,
 }
@@ -65,10 +69,11 @@ impl DeviceMeta {
         Ok(p)
     }
 
-    fn views(&self) -> Vec<(Buffer, CudaView<'_, u32>)> {
+    /// Each attention part as a kernel argument, read from the packed buffer.
+    fn views<'a>(&self, all: &'a CudaSlice<u32>) -> Vec<(Buffer, CudaView<'a, u32>)> {
         self.parts
             .iter()
-            .map(|(b, r)| (*b, self.all.slice(r.clone())))
+            .map(|(b, r)| (*b, all.slice(r.clone())))
             .collect()
     }
 }
@@ -89,31 +94,64 @@ impl std::fmt::Debug for DeviceCache {
     }
 }
 
-fn device_meta(meta: &AttentionMetadata, dev: &CudaDevice) -> Result<Arc<DeviceMeta>> {
-    if let Some(m) = meta.device.0.get() {
-        return Ok(m.clone());
-    }
-    let host = HostMeta::new(meta);
-    let mut packed: Vec<u32> = Vec::new();
-    let mut parts = Vec::new();
-    for b in [
+/// Hands the step's uploaded buffer to the attention calls: `packed` (U32, the whole
+/// buffer on the device) laid out as `layout`, which holds the attention parts.
+pub(crate) fn preset(
+    meta: &AttentionMetadata,
+    packed: &Tensor,
+    layout: &PackedLayout,
+) -> Result<()> {
+    let dm = Arc::new(device_meta_from(packed, layout)?);
+    // A second call in one step keeps the first buffer: the same data.
+    let _ = meta.device.0.set(dm);
+    Ok(())
+}
+
+fn device_meta_from(packed: &Tensor, layout: &PackedLayout) -> Result<DeviceMeta> {
+    let host_parts = [
         Buffer::TokenSeq,
         Buffer::QueryStart,
         Buffer::SeqLens,
         Buffer::BlockTables,
         Buffer::DecodeRows,
         Buffer::PrefillRows,
-    ] {
-        let at = packed.len();
-        packed.extend_from_slice(host.get(b).unwrap_or(&[0]));
-        parts.push((b, at..packed.len()));
-        packed.resize(packed.len().next_multiple_of(4), 0);
+    ];
+    let mut parts = Vec::with_capacity(host_parts.len());
+    for b in host_parts {
+        let r = layout
+            .kernel_range(b)
+            .ok_or_else(|| candle_core::Error::Msg(format!("paged attention: no {b:?} packed")))?;
+        if packed.dtype() != DType::U32 || packed.rank() != 1 || r.end > packed.dim(0)? {
+            candle_core::bail!("paged attention: {b:?} at {r:?} outside the packed metadata");
+        }
+        parts.push((b, r));
     }
-    let m = Arc::new(DeviceMeta {
-        all: dev.clone_htod(&packed)?,
+    Ok(DeviceMeta {
+        packed: packed.clone(),
         parts,
         plans: std::sync::Mutex::new(Vec::new()),
-    });
+    })
+}
+
+/// The step's device metadata: the model's packed upload ([`preset`]), or (a call
+/// outside a model step) the attention parts packed and uploaded here, once per step.
+fn device_meta(meta: &AttentionMetadata, dev: &CudaDevice) -> Result<Arc<DeviceMeta>> {
+    if let Some(m) = meta.device.0.get() {
+        return Ok(m.clone());
+    }
+    let host = HostMeta::new(meta);
+    let (layout, packed) = step_metadata::pack(&step_metadata::attention_parts(&host))?;
+    let n = packed.len();
+    let packed = Tensor::from_storage(
+        candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(
+            dev.clone_htod(&packed)?,
+            dev.clone(),
+        )),
+        n,
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    let m = Arc::new(device_meta_from(&packed, &layout)?);
     Ok(meta.device.0.get_or_init(|| m).clone())
 }
 
@@ -140,7 +178,7 @@ pub(super) fn forward(
     let plan = dm.plan(meta, &s, dtype, scale)?;
     // The split-key kernel reads key and value rows with 16-byte loads.
     for (what, l) in [("k", kl), ("v", vl)] {
-        if (l.start_offset() * dtype.size_in_bytes()) % 16 != 0 {
+        if !(l.start_offset() * dtype.size_in_bytes()).is_multiple_of(16) {
             candle_core::bail!("paged attention: the {what} cache is not 16-byte aligned");
         }
     }
@@ -158,7 +196,11 @@ pub(super) fn forward(
             // SAFETY: every row is written by one of the kernels (prefill rows by the
             // per-token kernel, decode rows by the combine).
             let out: CudaSlice<$ty> = unsafe { dev.alloc::<$ty>(s.tokens * s.heads * s.head_dim)? };
-            let meta_views = dm.views();
+            let (packed, _) = dm.packed.storage_and_layout();
+            let candle_core::Storage::Cuda(packed) = &*packed else {
+                candle_core::bail!("paged attention: the packed metadata is not on the GPU")
+            };
+            let meta_views = dm.views(packed.as_cuda_slice::<u32>()?);
             for l in &plan.launches {
                 let func = dev.get_or_load_custom_func(&l.kernel, "hearth_paged_attention", PTX)?;
                 let cfg = LaunchConfig {

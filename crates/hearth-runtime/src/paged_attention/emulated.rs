@@ -8,8 +8,9 @@ use super::launch::{self, Arg, Buffer, HostMeta, Launch, SM90_LIMITS};
 use super::rope_cache::{self, RopeCacheInputs};
 use super::AttentionMetadata;
 use crate::cuda_emulator::{DeviceBuffer, Emulator, KernelArg, LaunchGeometry};
+use crate::step_metadata::{self, PackedLayout};
 
-fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
+pub(crate) fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let t = t.flatten_all()?;
     Ok(match t.dtype() {
         DType::F32 => t
@@ -31,7 +32,11 @@ fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
     })
 }
 
-fn from_bytes(b: &[u8], dtype: DType, shape: impl Into<candle_core::Shape>) -> Result<Tensor> {
+pub(crate) fn from_bytes(
+    b: &[u8],
+    dtype: DType,
+    shape: impl Into<candle_core::Shape>,
+) -> Result<Tensor> {
     let dev = Device::Cpu;
     match dtype {
         DType::F32 => {
@@ -127,6 +132,20 @@ fn launch_one(l: &Launch, taken: &mut [(Buffer, DeviceBuffer)], emu: &Emulator) 
     emu.launch(&geometry, &mut args)
 }
 
+/// Each part of a packed step buffer as the kernel gets it: the words at its offset.
+fn add_packed(pool: &mut Pool, layout: &PackedLayout, packed: &[u32]) -> Result<()> {
+    for b in layout.parts() {
+        let r = layout
+            .kernel_range(b)
+            .ok_or_else(|| candle_core::Error::Msg(format!("packed metadata: no {b:?}")))?;
+        let words = packed.get(r.clone()).ok_or_else(|| {
+            candle_core::Error::Msg(format!("packed metadata: {b:?} at {r:?} past the buffer"))
+        })?;
+        pool.add(b, DeviceBuffer::from_bytes(&u32_bytes(words), "u32"));
+    }
+    Ok(())
+}
+
 pub(crate) fn u32_bytes(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_ne_bytes()).collect()
 }
@@ -171,18 +190,10 @@ pub fn paged_attention_emulated(
             code,
         ),
     );
-    for b in [
-        Buffer::TokenSeq,
-        Buffer::QueryStart,
-        Buffer::SeqLens,
-        Buffer::BlockTables,
-        Buffer::DecodeRows,
-        Buffer::PrefillRows,
-    ] {
-        if let Some(v) = host.get(b) {
-            pool.add(b, DeviceBuffer::from_bytes(&u32_bytes(v), "u32"));
-        }
-    }
+    // The metadata as the CUDA path uploads it: packed (step_metadata.rs), each kernel
+    // reading its part at the layout's offset.
+    let (layout, packed) = step_metadata::pack(&step_metadata::attention_parts(&host))?;
+    add_packed(&mut pool, &layout, &packed)?;
     for &(b, n) in &plan.scratch {
         pool.add(b, DeviceBuffer::uninit(n * 4, "f32"));
     }
@@ -251,14 +262,9 @@ pub fn rope_cache_emulated(
         Buffer::QOut,
         DeviceBuffer::uninit(q.elem_count() * dtype.size_in_bytes(), code),
     );
-    pool.add(
-        Buffer::Positions,
-        DeviceBuffer::from_bytes(&u32_bytes(x.positions), "u32"),
-    );
-    pool.add(
-        Buffer::Slots,
-        DeviceBuffer::from_bytes(&u32_bytes(x.slots), "u32"),
-    );
+    let (layout, packed) =
+        step_metadata::pack(&[(Buffer::Positions, x.positions), (Buffer::Slots, x.slots)])?;
+    add_packed(&mut pool, &layout, &packed)?;
     pool.run(std::slice::from_ref(&plan), emu)?;
     let mut get = |b: Buffer, shape: &[usize]| -> Result<Tensor> {
         let d = pool

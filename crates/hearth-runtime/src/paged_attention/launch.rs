@@ -74,6 +74,20 @@ pub(crate) enum Buffer {
     KNorm,
     Positions,
     Slots,
+    // The rest of a step's packed metadata (step_metadata.rs; read by candle's
+    // embedding and index_select on CUDA).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    TokenIds,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    LogitsRows,
+    // The fused layer ops' (layer_kernels.rs).
+    Residual,
+    Delta,
+    NormWeight,
+    SumOut,
+    NormOut,
+    GateUp,
+    ActOut,
 }
 
 impl Buffer {
@@ -92,7 +106,14 @@ impl Buffer {
             | Buffer::Cos
             | Buffer::Sin
             | Buffer::QNorm
-            | Buffer::KNorm => match dtype {
+            | Buffer::KNorm
+            | Buffer::Residual
+            | Buffer::Delta
+            | Buffer::NormWeight
+            | Buffer::SumOut
+            | Buffer::NormOut
+            | Buffer::GateUp
+            | Buffer::ActOut => match dtype {
                 DType::F16 => "f16",
                 DType::BF16 => "bf16",
                 _ => "f32",
@@ -280,19 +301,6 @@ impl HostMeta {
             block_tables: nonempty(&meta.block_tables),
             decode_rows: nonempty(&decode_rows),
             prefill_rows: nonempty(&prefill_rows),
-        }
-    }
-
-    #[cfg_attr(not(hearth_cuda_emulator), allow(dead_code))]
-    pub(crate) fn get(&self, b: Buffer) -> Option<&[u32]> {
-        match b {
-            Buffer::TokenSeq => Some(&self.token_seq),
-            Buffer::QueryStart => Some(&self.query_start),
-            Buffer::SeqLens => Some(&self.seq_lens),
-            Buffer::BlockTables => Some(&self.block_tables),
-            Buffer::DecodeRows => Some(&self.decode_rows),
-            Buffer::PrefillRows => Some(&self.prefill_rows),
-            _ => None,
         }
     }
 }

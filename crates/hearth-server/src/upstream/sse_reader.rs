@@ -155,4 +155,27 @@ mod tests {
         assert_eq!(id_sequence("abc"), None);
         assert_eq!(id_sequence("a:b"), None);
     }
+
+    fn reader(body: &str, max: usize) -> SseReader {
+        let resp = axum::http::Response::new(body.to_string());
+        SseReader::new(reqwest::Response::from(resp), max)
+    }
+
+    #[tokio::test]
+    async fn a_stream_reads_block_by_block_and_an_oversized_event_is_refused() {
+        let mut r = reader(
+            "id: 1:0\nevent: output\ndata: a\n\n: keep-alive\n\nevent: done\ndata: {}\n\n",
+            1024,
+        );
+        assert_eq!(
+            r.next().await.unwrap(),
+            Some(ev("output", Some("1:0"), "a"))
+        );
+        assert_eq!(r.next().await.unwrap(), Some(Block::Comment));
+        assert_eq!(r.next().await.unwrap(), Some(ev("done", None, "{}")));
+        assert_eq!(r.next().await.unwrap(), None);
+        let big = format!("event: output\ndata: {}", "x".repeat(2048));
+        let err = reader(&big, 1024).next().await.unwrap_err();
+        assert!(err.contains("over 1 KiB"), "{err}");
+    }
 }

@@ -4,7 +4,8 @@
 //! streams too. Output reaches the caller's stream while the upstream is still
 //! making it; a stream cut again and again mid-prediction still ends with the whole
 //! output, each chunk once (reconnects resume after the last event, then polling);
-//! an upstream whose records name no stream is polled.
+//! a stream that cannot be opened, and an upstream whose records name no stream, are
+//! polled.
 
 mod support;
 
@@ -208,6 +209,16 @@ async fn an_upstream_route_relays_the_upstreams_stream_and_falls_back_to_polling
         done["logs"]
     );
     proxy.set(|p| p.cut_streams_after = 0);
+
+    // A stream that cannot be opened: polled from the start, to the same end.
+    proxy.set(|p| p.refuse_streams = true);
+    let (_, done, _) = run_one(&api, &up, &input("refused", 40)).await;
+    let logs = done["logs"].as_str().unwrap();
+    assert!(
+        logs.contains("could not be followed (opening it") && logs.contains("polling it instead"),
+        "{logs}"
+    );
+    proxy.set(|p| p.refuse_streams = false);
 
     // An upstream whose records name no stream is polled to the same end.
     proxy.set(|p| p.strip_stream_urls = true);

@@ -4,8 +4,8 @@
 //! before answering (the upstream ran it; the caller cannot know), or answers
 //! everything with 503. URLs in the upstream's JSON that point at the upstream point
 //! at the proxy instead, so prediction event streams come through it too: relayed as
-//! they arrive, cut after a number of events, or left out of the records (an upstream
-//! that names no stream).
+//! they arrive, cut after a number of events, refused, or left out of the records (an
+//! upstream that names no stream).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,8 @@ pub struct Plan {
     pub cut_streams_after: usize,
     /// Records come without `urls.stream`.
     pub strip_stream_urls: bool,
+    /// Event streams are refused (503).
+    pub refuse_streams: bool,
 }
 
 pub struct FaultProxy {
@@ -214,9 +216,13 @@ async fn serve(
             Fail,
             ResetAfter,
         }
+        let wants_stream = req
+            .headers
+            .iter()
+            .any(|(k, v)| k == "accept" && v.contains("text/event-stream"));
         let act = {
             let mut p = plan.lock().unwrap();
-            if p.fail_all {
+            if p.fail_all || (wants_stream && p.refuse_streams) {
                 Act::Fail
             } else if is_create && p.throttle_creates > 0 {
                 p.throttle_creates -= 1;

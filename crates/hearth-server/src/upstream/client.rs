@@ -286,6 +286,53 @@ impl UpstreamClient {
         .await
     }
 
+    /// Opens a prediction's event stream (`urls.stream`, resolved against the base),
+    /// resuming after `last_id`. The token goes only to the upstream's own origin: a
+    /// stream URL elsewhere is a capability that needs none (the hosted API's streams
+    /// live on another host).
+    pub(super) async fn open_stream(
+        &self,
+        url: &str,
+        last_id: Option<&str>,
+        max_open: Duration,
+    ) -> Result<reqwest::Response, String> {
+        let base = url::Url::parse(&self.base).map_err(|e| format!("the base URL: {e}"))?;
+        let target = base
+            .join(url)
+            .map_err(|e| format!("the stream URL {url:?}: {e}"))?;
+        if !matches!(target.scheme(), "http" | "https") {
+            return Err(format!("the stream URL {url:?} is not http(s)"));
+        }
+        let same_origin = target.origin() == base.origin();
+        let mut req = self
+            .http
+            .get(target)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .timeout(max_open);
+        if let Some(id) = last_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        if let (Some(t), true) = (&self.token, same_origin) {
+            req = req.bearer_auth(t.expose());
+        }
+        let resp = req.send().await.map_err(|e| {
+            self.counts.network.fetch_add(1, Ordering::Relaxed);
+            e.to_string()
+        })?;
+        let status = resp.status().as_u16();
+        let is_stream = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !(200..300).contains(&status) || !is_stream {
+            self.counts.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(format!("it answered {status} without an event stream"));
+        }
+        self.counts.ok.fetch_add(1, Ordering::Relaxed);
+        Ok(resp)
+    }
+
     /// The newest page of the upstream's predictions.
     pub async fn recent_predictions(&self) -> Result<Vec<Value>, CallError> {
         let page = self.call(reqwest::Method::GET, "/v1/predictions").await?;

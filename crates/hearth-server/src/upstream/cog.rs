@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::client::{CallError, UpstreamClient};
+use super::sse_reader::{Block, SseEvent, SseReader};
 
 /// One event is at most this large (a `completed` event carries the whole output).
 const EVENT_MAX: usize = 64 << 20;
@@ -65,62 +66,42 @@ pub enum CogOpen {
 
 /// Reads Cog's server-sent events one at a time.
 pub struct CogStream {
-    resp: reqwest::Response,
-    buf: Vec<u8>,
+    reader: SseReader,
 }
 
 impl CogStream {
-    /// The next event; `None` when the stream ended. Cancel-safe: bytes are taken
-    /// from the connection only when a read completes.
+    /// The next event; `None` when the stream ended. Cancel-safe (`SseReader`).
     pub async fn next(&mut self) -> Result<Option<CogEvent>, String> {
         loop {
-            while let Some((end, skip)) = block_end(&self.buf) {
-                let block: Vec<u8> = self.buf.drain(..end + skip).take(end).collect();
-                if let Some(ev) = parse_block(&String::from_utf8_lossy(&block))? {
-                    return Ok(Some(ev));
+            match self.reader.next().await? {
+                None => return Ok(None),
+                Some(Block::Comment) => {}
+                Some(Block::Event(ev)) => {
+                    if let Some(ev) = cog_event(ev)? {
+                        return Ok(Some(ev));
+                    }
                 }
             }
-            if self.buf.len() > EVENT_MAX {
-                return Err(format!("an event over {} MiB", EVENT_MAX >> 20));
-            }
-            match self.resp.chunk().await {
-                Ok(Some(bytes)) => self.buf.extend_from_slice(&bytes),
-                Ok(None) => return Ok(None),
-                Err(e) => return Err(e.to_string()),
-            }
         }
     }
 }
 
-/// Where the first event block in `buf` ends, and the length of its separator.
-fn block_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
-        (a, b) => a.or(b),
+/// One block as Cog's event (comments and unknown events are none).
+#[cfg(test)]
+fn parse_block(block: &str) -> Result<Option<CogEvent>, String> {
+    match super::sse_reader::parse_block(block) {
+        Block::Comment => Ok(None),
+        Block::Event(ev) => cog_event(ev),
     }
 }
 
-/// One block (`event:` and `data:` lines; comments and unknown events are none).
-pub fn parse_block(block: &str) -> Result<Option<CogEvent>, String> {
-    let mut event = "message";
-    let mut data = Vec::new();
-    for line in block.lines() {
-        let line = line.trim_end_matches('\r');
-        if let Some(e) = line.strip_prefix("event:") {
-            event = e.trim();
-        } else if let Some(d) = line.strip_prefix("data:") {
-            data.push(d.strip_prefix(' ').unwrap_or(d));
-        }
-    }
-    if data.is_empty() && event == "message" {
+/// Cog's event from its SSE form: the data is JSON.
+fn cog_event(ev: SseEvent) -> Result<Option<CogEvent>, String> {
+    let event = ev.event.as_str();
+    if ev.data.is_empty() && event == "message" {
         return Ok(None);
     }
-    let data: Value = serde_json::from_str(&data.join("\n"))
+    let data: Value = serde_json::from_str(&ev.data)
         .map_err(|e| format!("a {event} event whose data is not JSON: {e}"))?;
     Ok(match event {
         "start" => Some(CogEvent::Start),
@@ -219,8 +200,7 @@ impl UpstreamClient {
         if (200..300).contains(&status) && is_stream {
             self.counts.ok.fetch_add(1, Ordering::Relaxed);
             return CogOpen::Stream(CogStream {
-                resp,
-                buf: Vec::new(),
+                reader: SseReader::new(resp, EVENT_MAX),
             });
         }
         let content_type = resp
@@ -297,9 +277,6 @@ mod tests {
         assert_eq!(parse_block(": keep-alive").unwrap(), None);
         assert!(parse_block("event: output\ndata: {\"chunk\":\"a\"}").is_err());
         assert!(parse_block("event: completed\ndata: nope").is_err());
-        assert_eq!(block_end(b"a\r\n\r\nb\n\n"), Some((1, 4)));
-        assert_eq!(block_end(b"a\n\nb"), Some((1, 2)));
-        assert_eq!(block_end(b"a\n"), None);
     }
 
     #[test]

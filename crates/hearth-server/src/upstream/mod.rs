@@ -21,14 +21,18 @@ pub mod cog_runner;
 pub mod compare;
 pub mod create;
 pub mod files;
+pub mod follow;
 pub mod input_check;
 pub mod models;
 pub mod normalize;
+pub mod poller;
 pub mod route;
 pub mod runner;
 pub mod shadow;
 pub mod shadow_local;
+pub mod sse_reader;
 pub mod stats;
+pub mod stream_follower;
 
 use std::collections::HashMap;
 use std::fmt::Write;

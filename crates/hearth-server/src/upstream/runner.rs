@@ -1,11 +1,11 @@
 //! Drives one prediction that runs upstream, from the create to its end: sends the
 //! create (after 429s, again after the delay, within the deadline), writes the
-//! upstream's id to the store before awaiting anything else, then polls with backoff
-//! and turns what changed into hearth's events — `start`, output deltas, logs — and
-//! the end into a stored record with its `completed` webhook, exactly as a local
-//! prediction's runner does. A create whose answer was lost is resolved from the
-//! upstream's list (exactly one match: adopted; otherwise failed, saying why); a
-//! restart resumes from the stored link.
+//! upstream's id to the store before awaiting anything else, then follows it
+//! (`follow`: along its event stream, or by polling) and turns the end into a stored
+//! record with its `completed` webhook, exactly as a local prediction's runner does.
+//! A create whose answer was lost is resolved from the upstream's list (exactly one
+//! match: adopted; otherwise failed, saying why); a restart resumes from the stored
+//! link.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,24 +14,16 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::attempts;
-use super::client::{CallError, CreateOutcome, UpstreamClient};
-use super::normalize::{self, Change};
+use super::client::{CreateOutcome, UpstreamClient};
+use super::normalize;
 use crate::client_quota::Slot;
 use crate::prediction::{Live, RunContext};
 use crate::record::{now_rfc3339, Record, Status};
 use crate::store::{Delivery, StoreError, UpstreamLink};
 use crate::webhook::WebhookEvent;
 
-const POLL_MIN: Duration = Duration::from_millis(200);
-const POLL_MAX: Duration = Duration::from_secs(5);
-/// Polls failing for this long in a row end the prediction (the upstream is gone).
-const UNREACHABLE_LIMIT: Duration = Duration::from_secs(600);
-/// No prediction is polled longer than this (hosted ones are deleted after an hour).
-const MAX_RUN: Duration = Duration::from_secs(86400);
 /// Without `Cancel-After`, how long a throttled create is retried.
 const CREATE_WINDOW: Duration = Duration::from_secs(600);
-/// After a cancel is forwarded, how long the upstream gets to end the prediction.
-const CANCEL_GRACE: Duration = Duration::from_secs(30);
 /// Before reading the upstream's list for a lost create: time for it to show there.
 const LIST_SETTLE: Duration = Duration::from_secs(1);
 /// A lost create's candidates were created this long before it was sent at most
@@ -99,16 +91,20 @@ impl Job {
 /// Runs the job to its end. `first` hears how the first create attempt went;
 /// `resumed`: the job comes from the store after a restart.
 pub async fn run(mut job: Job, mut first: Option<oneshot::Sender<First>>) {
+    // The upstream's id, and its stream when the create named one.
     let upstream_id = match job.link.upstream_id.clone() {
-        Some(u) => Ok(u),
+        Some(u) => Ok((u, None)),
         // Cog takes hearth's id: nothing to create or resolve before following it.
-        None if job.client.cog => Ok(job.id()),
+        None if job.client.cog => Ok((job.id(), None)),
         None if first.is_none() => {
             job.note(format!(
                 "Resumed after a restart: the create sent to upstream {} had no recorded answer; looking for it in the upstream's list.",
                 job.client.name
             ));
-            resolve_lost_create(&job).await.map_err(End::Failed)
+            resolve_lost_create(&job)
+                .await
+                .map(|u| (u, None))
+                .map_err(End::Failed)
         }
         None => create(&mut job, &mut first).await,
     };
@@ -118,11 +114,11 @@ pub async fn run(mut job: Job, mut first: Option<oneshot::Sender<First>>) {
         }
     }
     let end = match upstream_id {
-        Ok(uid) => {
+        Ok((uid, stream)) => {
             job.link.upstream_id = Some(uid.clone());
             match job.ctx.store.upstream_link_put(&job.link).await {
                 Ok(()) if job.client.cog => super::cog_runner::follow(&job, &uid, &mut first).await,
-                Ok(()) => poll(&job, &uid).await,
+                Ok(()) => super::follow::follow(&job, &uid, stream).await,
                 Err(e) => {
                     tracing::error!(error = %e, "could not store the upstream id; canceling it upstream");
                     if !job.client.cog {
@@ -199,8 +195,12 @@ pub(super) async fn uninterrupted<T>(
     }
 }
 
-/// Sends the create until the upstream names the prediction: its id, or how it ended.
-async fn create(job: &mut Job, first: &mut Option<oneshot::Sender<First>>) -> Result<String, End> {
+/// Sends the create until the upstream names the prediction: its id (and its event
+/// stream's URL when the answer has one), or how it ended.
+async fn create(
+    job: &mut Job,
+    first: &mut Option<oneshot::Sender<First>>,
+) -> Result<(String, Option<String>), End> {
     let deadline = Instant::now() + job.cancel_after.unwrap_or(CREATE_WINDOW).min(CREATE_WINDOW);
     let name = job.client.name.clone();
     let mut retry = attempts::ConnectRetry::default();
@@ -220,7 +220,7 @@ async fn create(job: &mut Job, first: &mut Option<oneshot::Sender<First>>) -> Re
             job.cancel_after,
         );
         let (outcome, canceled) = uninterrupted(&job.live, sent).await;
-        let uid = match outcome {
+        let (uid, stream) = match outcome {
             CreateOutcome::Created(v) => {
                 job.client.breaker.success();
                 // Created by model name: the record names the version the upstream ran,
@@ -232,8 +232,9 @@ async fn create(job: &mut Job, first: &mut Option<oneshot::Sender<First>>) -> Re
                         }
                     });
                 }
+                let stream = v["urls"]["stream"].as_str().map(str::to_string);
                 match v["id"].as_str().filter(|id| normalize::valid_id(id)) {
-                    Some(id) => id.to_string(),
+                    Some(id) => (id.to_string(), stream),
                     None => {
                         return Err(End::Failed(format!(
                             "upstream {name} answered the create without a usable prediction id"
@@ -297,13 +298,13 @@ async fn create(job: &mut Job, first: &mut Option<oneshot::Sender<First>>) -> Re
                 job.note(format!(
                     "The answer to the create sent to upstream {name} was lost ({e}); looking for the prediction in the upstream's list instead of sending it again."
                 ));
-                resolve_lost_create(job).await.map_err(End::Failed)?
+                (resolve_lost_create(job).await.map_err(End::Failed)?, None)
             }
         };
         if canceled {
             job.live.request_cancel();
         }
-        return Ok(uid);
+        return Ok((uid, stream));
     }
 }
 
@@ -363,177 +364,6 @@ fn same_request(job: &Job, p: &Value, sent_ms: i64) -> bool {
     model_ok && in_window && p["input"] == job.input
 }
 
-/// Polls the upstream prediction to its end; the final record, or how it ended here.
-async fn poll(job: &Job, uid: &str) -> Result<Record, End> {
-    let name = &job.client.name;
-    let live = &job.live;
-    live.update(|r| {
-        if let Some(h) = r.prediction.hearth.as_mut() {
-            h["upstream_id"] = json!(uid);
-        }
-    });
-    let shared = job.ctx.store.is_shared();
-    let started_at = Instant::now();
-    let mut interval = Duration::ZERO;
-    let mut last_ok = Instant::now();
-    let mut cancel_sent: Option<Instant> = None;
-    let far = tokio::time::Instant::now() + MAX_RUN;
-    let deadline = job.ctx.deadline.unwrap_or(far);
-    let mut deadline_passed = false;
-    let mut started = live
-        .snapshot()
-        .is_some_and(|r| r.prediction.status != Status::Starting);
-    let mut upstream_logs = String::new();
-    let base_logs = live
-        .snapshot()
-        .map(|r| r.prediction.logs)
-        .unwrap_or_default();
-    loop {
-        let mut forward_cancel = false;
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = live.cancel_requested(), if cancel_sent.is_none() => forward_cancel = true,
-            _ = tokio::time::sleep_until(deadline), if !deadline_passed => {
-                deadline_passed = true;
-                forward_cancel = cancel_sent.is_none();
-                if job.ctx.deadline.is_none() {
-                    return Err(End::Failed(format!(
-                        "upstream {name} did not finish prediction {uid} within {} hours",
-                        MAX_RUN.as_secs() / 3600
-                    )));
-                }
-            }
-        }
-        if forward_cancel {
-            cancel_sent = Some(Instant::now());
-            match job.client.cancel(uid).await {
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(upstream = %name, error = %e, "forwarding a cancel failed; polling on")
-                }
-            }
-        }
-        if let Some(at) = cancel_sent {
-            if at.elapsed() > CANCEL_GRACE {
-                return Err(End::Canceled(format!(
-                    "Canceled here; upstream {name} had not confirmed the cancel of {uid} within {}s.",
-                    CANCEL_GRACE.as_secs()
-                )));
-            }
-        }
-        let u = match job.client.get_prediction(uid).await {
-            Ok(u) => {
-                job.client.breaker.success();
-                last_ok = Instant::now();
-                u
-            }
-            Err(CallError::Throttled(wait)) => {
-                interval = wait.min(Duration::from_secs(60));
-                continue;
-            }
-            Err(CallError::Status { status: 404, .. }) => {
-                return Err(End::Failed(format!(
-                    "upstream {name} no longer has prediction {uid} (deleted or expired there)"
-                )))
-            }
-            Err(CallError::Status { status, body }) if status < 500 => {
-                return Err(End::Failed(format!(
-                    "upstream {name} refused to show prediction {uid} ({status}): {body}"
-                )))
-            }
-            Err(e) => {
-                job.client.breaker.failure();
-                if last_ok.elapsed() > UNREACHABLE_LIMIT {
-                    return Err(End::Failed(format!(
-                        "lost contact with upstream {name} for {} minutes ({e}); prediction {uid} may still be running there",
-                        UNREACHABLE_LIMIT.as_secs() / 60
-                    )));
-                }
-                interval = (interval * 2).clamp(POLL_MIN, POLL_MAX);
-                continue;
-            }
-        };
-        let status = normalize::status(&u);
-        let mut changed = false;
-        if !started && status != Status::Starting {
-            started = true;
-            changed = true;
-            let at = u["started_at"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(now_rfc3339);
-            let Some(r) = live.update(|r| {
-                r.prediction.status = Status::Processing;
-                r.prediction.started_at = Some(at);
-            }) else {
-                return Err(End::Failed(
-                    "internal: the prediction's state was lost".into(),
-                ));
-            };
-            match job.ctx.store.put(&r).await {
-                Ok(()) => {}
-                Err(StoreError::NotOwner(_)) => return Err(End::TakenOver),
-                Err(e) => tracing::warn!(error = %e, "could not store the started prediction"),
-            }
-            job.ctx.notify(WebhookEvent::Start, &r).await;
-        }
-        if status.is_terminal() {
-            let Some(r) = live.snapshot() else {
-                return Err(End::Failed(
-                    "internal: the prediction's state was lost".into(),
-                ));
-            };
-            return Ok(final_record(
-                job, r, uid, &u, status, &base_logs, started_at,
-            ));
-        }
-        let current = live
-            .snapshot()
-            .and_then(|r| r.prediction.output)
-            .unwrap_or_default();
-        match normalize::change(&current, &u["output"]) {
-            Change::None => {}
-            Change::Append(new) => {
-                changed = true;
-                for chunk in new {
-                    if let Some(r) = live
-                        .update(|r| r.prediction.output.get_or_insert_with(Vec::new).push(chunk))
-                    {
-                        job.ctx.notify(WebhookEvent::Output, &r).await;
-                    }
-                }
-            }
-            Change::Replace(all) => {
-                changed = true;
-                if let Some(r) = live.update(|r| r.prediction.output = Some(all)) {
-                    job.ctx.notify(WebhookEvent::Output, &r).await;
-                }
-            }
-        }
-        if let Some(logs) = u["logs"].as_str().filter(|l| *l != upstream_logs) {
-            upstream_logs = logs.to_string();
-            changed = true;
-            if let Some(r) = live.update(|r| r.prediction.logs = format!("{base_logs}{logs}")) {
-                job.ctx.notify(WebhookEvent::Logs, &r).await;
-            }
-        }
-        if changed && shared {
-            if let Some(r) = live.snapshot() {
-                match job.ctx.store.put(&r).await {
-                    Ok(()) => {}
-                    Err(StoreError::NotOwner(_)) => return Err(End::TakenOver),
-                    Err(e) => tracing::warn!(error = %e, "could not write streamed output"),
-                }
-            }
-        }
-        interval = if changed {
-            POLL_MIN
-        } else {
-            (interval * 3 / 2).clamp(POLL_MIN, POLL_MAX)
-        };
-    }
-}
-
 /// The end as the upstream reports it: its output (normalized), error, timestamps and
 /// metrics — the side that ran it is the one that timed it.
 pub(super) fn final_record(
@@ -554,8 +384,9 @@ pub(super) fn final_record(
     if let Some(logs) = u["logs"].as_str() {
         p.logs = format!("{base_logs}{logs}");
     }
-    if p.started_at.is_none() {
-        p.started_at = u["started_at"].as_str().map(str::to_string);
+    // The side that ran it timed it (a stream's first event only approximates it).
+    if let Some(at) = u["started_at"].as_str() {
+        p.started_at = Some(at.to_string());
     }
     p.finish(status, &completed);
     p.error = if status == Status::Failed {

@@ -189,32 +189,12 @@ pub async fn create(
             return Err(e);
         }
     };
-    let copy = if canary_goes_upstream(&id, percent) {
-        compare.eligible(&model);
-        let admitted = match state.upstream.upstream(upstream) {
-            _ if state.is_draining() => Err(Skip::Draining),
-            Some(c) if !c.breaker.is_closed() => Err(Skip::Circuit),
-            Some(c) => state
-                .upstream
-                .shadows
-                .admit(&model, Instant::now())
-                .map(|p| (c.clone(), p)),
-            None => Err(Skip::Circuit),
-        };
-        match admitted {
-            Ok(a) => {
-                compare.copy_started(&model);
-                Some(a)
-            }
-            Err(why) => {
-                tracing::debug!(prediction = %id, model = %model, reason = ?why, "shadow copy skipped");
-                compare.skipped(&model, why);
-                None
-            }
+    let copy = admit_copy(state, &model, &id, percent, || {
+        match state.upstream.upstream(upstream) {
+            Some(c) if c.breaker.is_closed() => Ok(c.clone()),
+            _ => Err(Skip::Circuit),
         }
-    } else {
-        None
-    };
+    });
     let state = state.clone();
     let watched = live.clone();
     let version = routed.version.clone();
@@ -467,6 +447,47 @@ async fn run_copy(
             (interval * 3 / 2).clamp(POLL_MIN, POLL_MAX)
         };
         seen_chunks = output.len();
+    }
+}
+
+/// Whether the create `id` of `model` gets a shadow copy, on either kind of shadow
+/// route: none unless its hash falls in `percent`; then, unless the server is
+/// draining or the copy's side cannot take it (`side_ready`, which hands back what the
+/// copy needs there), a permit within the per-route limits. Every skip is counted
+/// with its reason; an admitted copy is counted as started.
+pub(super) fn admit_copy<T>(
+    state: &AppState,
+    model: &str,
+    id: &str,
+    percent: u8,
+    side_ready: impl FnOnce() -> Result<T, Skip>,
+) -> Option<(T, OwnedSemaphorePermit)> {
+    if !canary_goes_upstream(id, percent) {
+        return None;
+    }
+    let compare = &state.upstream.compare;
+    compare.eligible(model);
+    let admitted = if state.is_draining() {
+        Err(Skip::Draining)
+    } else {
+        side_ready().and_then(|side| {
+            state
+                .upstream
+                .shadows
+                .admit(model, Instant::now())
+                .map(|permit| (side, permit))
+        })
+    };
+    match admitted {
+        Ok(a) => {
+            compare.copy_started(model);
+            Some(a)
+        }
+        Err(why) => {
+            tracing::debug!(prediction = %id, model = %model, reason = ?why, "shadow copy skipped");
+            compare.skipped(model, why);
+            None
+        }
     }
 }
 

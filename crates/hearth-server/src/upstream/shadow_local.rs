@@ -23,7 +23,6 @@ use hearth_runtime::{FinishReason, GenerationEvent, GenerationRequest, Priority,
 
 use super::compare::{FailKind, Observation, Outcome, Pair, Side, Skip};
 use super::create::{Created, Routed};
-use super::route::canary_goes_upstream;
 use super::shadow::{refusal_kind, watch, COPY_LIMIT};
 use super::stats;
 use crate::error::ApiError;
@@ -59,30 +58,14 @@ pub async fn create(
             return other;
         }
     };
-    let compare = &state.upstream.compare;
-    let permit = if canary_goes_upstream(&id, percent) {
-        compare.eligible(&model);
-        let admitted = if state.is_draining() {
-            Err(Skip::Draining)
-        } else if !local.engine.is_alive() {
-            Err(Skip::LocalEngine)
+    let permit = super::shadow::admit_copy(state, &model, &id, percent, || {
+        if local.engine.is_alive() {
+            Ok(())
         } else {
-            state.upstream.shadows.admit(&model, Instant::now())
-        };
-        match admitted {
-            Ok(p) => {
-                compare.copy_started(&model);
-                Some(p)
-            }
-            Err(why) => {
-                tracing::debug!(prediction = %id, model = %model, reason = ?why, "local shadow copy skipped");
-                compare.skipped(&model, why);
-                None
-            }
+            Err(Skip::LocalEngine)
         }
-    } else {
-        None
-    };
+    })
+    .map(|((), permit)| permit);
     let state = state.clone();
     let local = local.clone();
     let watched = live.clone();

@@ -2,7 +2,10 @@
 //! request as is, or, as its plan says, answers a create with 429 (`Retry-After`) or
 //! 503 without forwarding it, or forwards a create and then drops the connection
 //! before answering (the upstream ran it; the caller cannot know), or answers
-//! everything with 503.
+//! everything with 503. URLs in the upstream's JSON that point at the upstream point
+//! at the proxy instead, so prediction event streams come through it too: relayed as
+//! they arrive, cut after a number of events, refused, or left out of the records (an
+//! upstream that names no stream).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +20,12 @@ pub struct Plan {
     pub fail_creates: usize,
     pub reset_after_creates: usize,
     pub fail_all: bool,
+    /// Each event stream is cut after this many events (0: never).
+    pub cut_streams_after: usize,
+    /// Records come without `urls.stream`.
+    pub strip_stream_urls: bool,
+    /// Event streams are refused (503).
+    pub refuse_streams: bool,
 }
 
 pub struct FaultProxy {
@@ -24,6 +33,22 @@ pub struct FaultProxy {
     pub plan: Arc<Mutex<Plan>>,
     /// Creates that reached the proxy (forwarded or not).
     pub creates: Arc<AtomicUsize>,
+    /// Event streams opened through the proxy, and those it cut.
+    pub streams: Arc<AtomicUsize>,
+    pub streams_cut: Arc<AtomicUsize>,
+}
+
+#[derive(Clone)]
+struct Counts {
+    creates: Arc<AtomicUsize>,
+    streams: Arc<AtomicUsize>,
+    streams_cut: Arc<AtomicUsize>,
+}
+
+/// The upstream's base URL and the proxy's own.
+struct Ends {
+    upstream: String,
+    proxy: String,
 }
 
 struct Request {
@@ -39,17 +64,34 @@ impl FaultProxy {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let plan: Arc<Mutex<Plan>> = Default::default();
         let creates = Arc::new(AtomicUsize::new(0));
-        let (p, c, up) = (plan.clone(), creates.clone(), upstream.to_string());
+        let streams = Arc::new(AtomicUsize::new(0));
+        let streams_cut = Arc::new(AtomicUsize::new(0));
+        let counts = Counts {
+            creates: creates.clone(),
+            streams: streams.clone(),
+            streams_cut: streams_cut.clone(),
+        };
+        let (p, up, me) = (plan.clone(), upstream.to_string(), url.clone());
         tokio::spawn(async move {
             let http = reqwest::Client::new();
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
-                tokio::spawn(serve(sock, http.clone(), up.clone(), p.clone(), c.clone()));
+                let to = Ends {
+                    upstream: up.clone(),
+                    proxy: me.clone(),
+                };
+                tokio::spawn(serve(sock, http.clone(), to, p.clone(), counts.clone()));
             }
         });
-        FaultProxy { url, plan, creates }
+        FaultProxy {
+            url,
+            plan,
+            creates,
+            streams,
+            streams_cut,
+        }
     }
 
     pub fn set(&self, f: impl FnOnce(&mut Plan)) {
@@ -114,13 +156,54 @@ async fn respond(
     sock.write_all(out.as_bytes()).await.is_ok() && sock.write_all(body).await.is_ok()
 }
 
+/// Relays an event stream as it comes, cut after `cut_after` events (0: never).
+async fn relay_stream(
+    sock: &mut TcpStream,
+    mut resp: reqwest::Response,
+    cut_after: usize,
+    counts: &Counts,
+) {
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+    if sock.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut events = 0usize;
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let mut out = chunk.to_vec();
+        if cut_after > 0 {
+            // Cut right after the event that reaches the count.
+            let mut at = None;
+            for (i, w) in out.windows(2).enumerate() {
+                if w == b"\n\n" {
+                    events += 1;
+                    if events >= cut_after {
+                        at = Some(i + 2);
+                        break;
+                    }
+                }
+            }
+            if let Some(end) = at {
+                out.truncate(end);
+                let _ = sock.write_all(&out).await;
+                counts.streams_cut.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+        }
+        if sock.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn serve(
     mut sock: TcpStream,
     http: reqwest::Client,
-    upstream: String,
+    ends: Ends,
     plan: Arc<Mutex<Plan>>,
-    creates: Arc<AtomicUsize>,
+    counts: Counts,
 ) {
+    let upstream = &ends.upstream;
+    let creates = &counts.creates;
     let mut buf = Vec::new();
     while let Some(req) = read_request(&mut sock, &mut buf).await {
         let is_create = req.method == "POST" && req.path.ends_with("/predictions");
@@ -133,9 +216,13 @@ async fn serve(
             Fail,
             ResetAfter,
         }
+        let wants_stream = req
+            .headers
+            .iter()
+            .any(|(k, v)| k == "accept" && v.contains("text/event-stream"));
         let act = {
             let mut p = plan.lock().unwrap();
-            if p.fail_all {
+            if p.fail_all || (wants_stream && p.refuse_streams) {
                 Act::Fail
             } else if is_create && p.throttle_creates > 0 {
                 p.throttle_creates -= 1;
@@ -171,7 +258,16 @@ async fn serve(
         let method = reqwest::Method::from_bytes(req.method.as_bytes()).unwrap();
         let mut r = http.request(method, format!("{upstream}{}", req.path));
         for (k, v) in &req.headers {
-            if ["authorization", "content-type", "cancel-after", "prefer"].contains(&k.as_str()) {
+            if [
+                "authorization",
+                "content-type",
+                "cancel-after",
+                "prefer",
+                "accept",
+                "last-event-id",
+            ]
+            .contains(&k.as_str())
+            {
                 r = r.header(k, v);
             }
         }
@@ -179,13 +275,30 @@ async fn serve(
             return;
         };
         let status = resp.status().as_u16();
+        let is_stream = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if is_stream {
+            counts.streams.fetch_add(1, Ordering::SeqCst);
+            let cut_after = plan.lock().unwrap().cut_streams_after;
+            relay_stream(&mut sock, resp, cut_after, &counts).await;
+            return;
+        }
         let mut headers = Vec::new();
         for k in ["content-type", "retry-after"] {
             if let Some(v) = resp.headers().get(k).and_then(|v| v.to_str().ok()) {
                 headers.push((k.to_string(), v.to_string()));
             }
         }
-        let body = resp.bytes().await.unwrap_or_default();
+        let mut body = resp.bytes().await.unwrap_or_default().to_vec();
+        let is_json = headers
+            .iter()
+            .any(|(k, v)| k == "content-type" && v.starts_with("application/json"));
+        if is_json {
+            body = rewrite(&body, &ends, plan.lock().unwrap().strip_stream_urls);
+        }
         if let Act::ResetAfter = act {
             // The upstream has the prediction; the caller gets no answer.
             return;
@@ -194,4 +307,26 @@ async fn serve(
             return;
         }
     }
+}
+
+/// The upstream's JSON with its own URLs pointing at the proxy, and without
+/// `urls.stream` when `strip_streams`.
+fn rewrite(body: &[u8], ends: &Ends, strip_streams: bool) -> Vec<u8> {
+    let text = String::from_utf8_lossy(body).replace(&ends.upstream, &ends.proxy);
+    if !strip_streams {
+        return text.into_bytes();
+    }
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return text.into_bytes();
+    };
+    let strip = |p: &mut serde_json::Value| {
+        if let Some(urls) = p.get_mut("urls").and_then(|u| u.as_object_mut()) {
+            urls.remove("stream");
+        }
+    };
+    strip(&mut v);
+    if let Some(items) = v.get_mut("results").and_then(|r| r.as_array_mut()) {
+        items.iter_mut().for_each(strip);
+    }
+    v.to_string().into_bytes()
 }

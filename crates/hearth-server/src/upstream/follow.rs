@@ -1,0 +1,255 @@
+//! Follows an upstream prediction from its id to its end: along the upstream's event
+//! stream when it names one (`stream_follower`: each `output` and `logs` event is
+//! relayed as it arrives), by polling its `GET` otherwise, or once the stream cannot
+//! be opened, keeps breaking or goes silent (`poller`). Either way the end is the
+//! upstream's own record, read with one `GET`: status, output, error and metrics are
+//! the side's that ran it. `Progress` is what both ways share: what has been relayed,
+//! the cancel forwarded, the deadline.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::normalize;
+use super::runner::{final_record, End, Job};
+use super::{poller, stream_follower};
+use crate::record::{now_rfc3339, Record, Status};
+use crate::store::StoreError;
+use crate::webhook::WebhookEvent;
+
+/// No prediction is followed longer than this (hosted ones are deleted after an hour).
+pub(super) const MAX_RUN: Duration = Duration::from_secs(86400);
+/// After a cancel is forwarded, how long the upstream gets to end the prediction.
+const CANCEL_GRACE: Duration = Duration::from_secs(30);
+
+/// Where following one prediction stands.
+pub(super) struct Progress {
+    pub uid: String,
+    pub started: bool,
+    /// The prediction's logs before the upstream's (hearth's own notes).
+    base_logs: String,
+    /// The upstream's logs as relayed so far.
+    pub upstream_logs: String,
+    pub cancel_sent: Option<Instant>,
+    pub deadline: tokio::time::Instant,
+    pub deadline_passed: bool,
+    since: Instant,
+    /// The stream was followed once: from then on, polling.
+    pub stream_tried: bool,
+    last_put: Instant,
+}
+
+/// Follows `uid` upstream to its end; `stream_url` is the create's `urls.stream`.
+pub(super) async fn follow(
+    job: &Job,
+    uid: &str,
+    mut stream_url: Option<String>,
+) -> Result<Record, End> {
+    job.live.update(|r| {
+        if let Some(h) = r.prediction.hearth.as_mut() {
+            h["upstream_id"] = json!(uid);
+        }
+    });
+    let mut p = Progress::new(job, uid);
+    loop {
+        if let Some(url) = stream_url.take() {
+            p.stream_tried = true;
+            match stream_follower::follow(job, &url, &mut p).await? {
+                stream_follower::Streamed::Done => {}
+                stream_follower::Streamed::Ended(u) => return p.final_record(job, &u),
+                stream_follower::Streamed::Broken(why) => {
+                    tracing::warn!(upstream = %job.client.name, reason = %why, "following the upstream's stream failed; polling");
+                    p.note(
+                        job,
+                        format!(
+                            "The event stream of upstream {} could not be followed ({why}): polling it instead.",
+                            job.client.name
+                        ),
+                    );
+                }
+            }
+        }
+        match poller::poll(job, &mut p).await? {
+            poller::Polled::Ended(u) => return p.final_record(job, &u),
+            poller::Polled::Stream(url) => stream_url = Some(url),
+        }
+    }
+}
+
+impl Progress {
+    fn new(job: &Job, uid: &str) -> Self {
+        let snapshot = job.live.snapshot();
+        let far = tokio::time::Instant::now() + MAX_RUN;
+        Progress {
+            uid: uid.to_string(),
+            started: snapshot
+                .as_ref()
+                .is_some_and(|r| r.prediction.status != Status::Starting),
+            base_logs: snapshot.map(|r| r.prediction.logs).unwrap_or_default(),
+            upstream_logs: String::new(),
+            cancel_sent: None,
+            deadline: job.ctx.deadline.unwrap_or(far),
+            deadline_passed: false,
+            since: Instant::now(),
+            stream_tried: false,
+            last_put: Instant::now(),
+        }
+    }
+
+    /// A line of hearth's own in the prediction's logs, kept through the end.
+    pub fn note(&mut self, job: &Job, line: String) {
+        self.base_logs.push_str(&line);
+        self.base_logs.push('\n');
+        let all = format!("{}{}", self.base_logs, self.upstream_logs);
+        job.live.update(|r| r.prediction.logs = all);
+    }
+
+    /// Sends the cancel the caller asked for upstream (once); the upstream ends it.
+    pub async fn forward_cancel(&mut self, job: &Job) {
+        self.cancel_sent = Some(Instant::now());
+        if let Err(e) = job.client.cancel(&self.uid).await {
+            tracing::warn!(upstream = %job.client.name, error = %e, "forwarding a cancel failed; following on");
+        }
+    }
+
+    /// The prediction's deadline passed: its cancel goes upstream; without one (the
+    /// day-long bound), it fails here.
+    pub async fn deadline_hit(&mut self, job: &Job) -> Result<(), End> {
+        self.deadline_passed = true;
+        if job.ctx.deadline.is_none() {
+            return Err(End::Failed(format!(
+                "upstream {} did not finish prediction {} within {} hours",
+                job.client.name,
+                self.uid,
+                MAX_RUN.as_secs() / 3600
+            )));
+        }
+        if self.cancel_sent.is_none() {
+            self.forward_cancel(job).await;
+        }
+        Ok(())
+    }
+
+    /// A forwarded cancel the upstream has not confirmed in time ends it here.
+    pub fn grace(&self, job: &Job) -> Result<(), End> {
+        match self.cancel_sent {
+            Some(at) if at.elapsed() > CANCEL_GRACE => Err(End::Canceled(format!(
+                "Canceled here; upstream {} had not confirmed the cancel of {} within {}s.",
+                job.client.name,
+                self.uid,
+                CANCEL_GRACE.as_secs()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// How long until the grace above runs out (none while no cancel was sent).
+    pub fn grace_left(&self) -> Option<Duration> {
+        self.cancel_sent
+            .map(|at| CANCEL_GRACE.saturating_sub(at.elapsed()) + Duration::from_millis(10))
+    }
+
+    /// The upstream runs it: `processing`, stored, the `start` webhook (once).
+    pub async fn mark_started(&mut self, job: &Job, at: Option<&str>) -> Result<(), End> {
+        if self.started {
+            return Ok(());
+        }
+        self.started = true;
+        let at = at.map(str::to_string).unwrap_or_else(now_rfc3339);
+        let Some(r) = job.live.update(|r| {
+            r.prediction.status = Status::Processing;
+            r.prediction.started_at = Some(at);
+        }) else {
+            return Err(End::Failed(
+                "internal: the prediction's state was lost".into(),
+            ));
+        };
+        match job.ctx.store.put(&r).await {
+            Ok(()) => {}
+            Err(StoreError::NotOwner(_)) => return Err(End::TakenOver),
+            Err(e) => tracing::warn!(error = %e, "could not store the started prediction"),
+        }
+        job.ctx.notify(WebhookEvent::Start, &r).await;
+        Ok(())
+    }
+
+    /// New output chunks after those out: to the stream and `output` webhooks.
+    pub async fn push_output(&self, job: &Job, chunks: Vec<String>) {
+        for chunk in chunks {
+            if let Some(r) = job
+                .live
+                .update(|r| r.prediction.output.get_or_insert_with(Vec::new).push(chunk))
+            {
+                job.ctx.notify(WebhookEvent::Output, &r).await;
+            }
+        }
+    }
+
+    /// The output anew (the upstream's is no continuation of what is here).
+    pub async fn replace_output(&self, job: &Job, all: Vec<String>) {
+        if let Some(r) = job.live.update(|r| r.prediction.output = Some(all)) {
+            job.ctx.notify(WebhookEvent::Output, &r).await;
+        }
+    }
+
+    /// The upstream's logs so far are `logs`.
+    pub async fn set_logs(&mut self, job: &Job, logs: String) {
+        self.upstream_logs = logs;
+        let all = format!("{}{}", self.base_logs, self.upstream_logs);
+        if let Some(r) = job.live.update(|r| r.prediction.logs = all) {
+            job.ctx.notify(WebhookEvent::Logs, &r).await;
+        }
+    }
+
+    /// With a store other replicas read, what changed is written there: at once when
+    /// `now`, else at most every `OUTPUT_FLUSH` (a stream's events come one by one).
+    pub async fn flush(&mut self, job: &Job, now: bool) -> Result<(), End> {
+        if !job.ctx.store.is_shared()
+            || (!now && self.last_put.elapsed() < crate::prediction::OUTPUT_FLUSH)
+        {
+            return Ok(());
+        }
+        self.last_put = Instant::now();
+        if let Some(r) = job.live.snapshot() {
+            match job.ctx.store.put(&r).await {
+                Ok(()) => {}
+                Err(StoreError::NotOwner(_)) => return Err(End::TakenOver),
+                Err(e) => tracing::warn!(error = %e, "could not write streamed output"),
+            }
+        }
+        Ok(())
+    }
+
+    /// One `GET` while the stream is followed: the start, or the end, when the stream
+    /// has not said so. Failures are left to the stream (and then the poller).
+    pub async fn check(&mut self, job: &Job) -> Result<Option<Value>, End> {
+        let Ok(u) = job.client.get_prediction(&self.uid).await else {
+            return Ok(None);
+        };
+        job.client.breaker.success();
+        let status = normalize::status(&u);
+        if status != Status::Starting {
+            self.mark_started(job, u["started_at"].as_str()).await?;
+        }
+        Ok(status.is_terminal().then_some(u))
+    }
+
+    /// The end, from the upstream's final record `u`.
+    pub fn final_record(&self, job: &Job, u: &Value) -> Result<Record, End> {
+        let Some(r) = job.live.snapshot() else {
+            return Err(End::Failed(
+                "internal: the prediction's state was lost".into(),
+            ));
+        };
+        let status = normalize::status(u);
+        Ok(final_record(
+            job,
+            r,
+            &self.uid,
+            u,
+            status,
+            &self.base_logs,
+            self.since,
+        ))
+    }
+}

@@ -7,7 +7,8 @@
 //   BASE_URL, and hearth/demo on BASE_URL only): the operations view's panels
 //   comparing the local engine and the upstream, the upstream-only model's upstream
 //   side, and the upstream's own panel (calls, circuit), with neither the upstream's
-//   URL nor the token anywhere in the page.
+//   URL nor the token anywhere in the page;
+// - a structured-output input (json_schema) through the form, its output following it.
 // Usage: node check-console-live.mjs BASE_URL API_TOKEN OUT_DIR FRONT_URL
 import { chromium } from "playwright-core";
 
@@ -38,7 +39,7 @@ const browser = await chromium.launch({
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 1000 } });
   const requests = [];
-  page.on("request", (r) => requests.push({ at: Date.now(), url: r.url(), method: r.method() }));
+  page.on("request", (r) => requests.push({ at: Date.now(), url: r.url(), method: r.method(), body: r.postData() }));
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
   page.on("console", (m) => {
@@ -94,6 +95,30 @@ try {
     await page.waitForTimeout(5000);
     const after = requests.filter((r) => r.at > settled && /^\/v1\/predictions\/[^/]+$/.test(path(r.url)));
     check("live: no more asking once nothing shown runs", after.length === 0, after.map((r) => r.url).join(" "));
+  });
+
+  // A structured-output input through the form: the schema typed as JSON is sent as
+  // an object, the output follows it, and text that is not JSON is refused in the page.
+  await part("structured", async () => {
+    await page.goto(base + "/ui#/models/hearth/demo");
+    await page.waitForSelector("#in-prompt", { timeout: WAIT });
+    await page.click("details.structured summary");
+    await page.fill("#in-json_schema", "{not json");
+    await page.click("#run");
+    check("structured: a schema that is not JSON refused in the page", /not valid JSON/.test(await page.textContent("#err-json_schema")), await page.textContent("#err-json_schema"));
+    const schema = { type: "object", properties: { color: { enum: ["red", "green"] } }, required: ["color"], additionalProperties: false };
+    await page.fill("#in-json_schema", JSON.stringify(schema, null, 2));
+    await page.fill("#in-prompt", "Pick a color");
+    await page.fill("#in-max_tokens", "200");
+    await page.click("#run");
+    await page.waitForFunction(() => document.querySelector("#run-status .status")?.dataset.status === "succeeded", null, { timeout: WAIT });
+    const sent = requests.filter((r) => r.method === "POST" && path(r.url) === "/v1/models/hearth/demo/predictions").map((r) => JSON.parse(r.body)).pop();
+    check("structured: the schema sent as an object", JSON.stringify(sent?.input?.json_schema) === JSON.stringify(schema), JSON.stringify(sent));
+    const text = await page.textContent("#run-output");
+    let out = null;
+    try { out = JSON.parse(text); } catch { out = null; }
+    check("structured: the output follows the schema", out !== null && ["red", "green"].includes(out.color) && Object.keys(out).length === 1, text);
+    await shot("structured");
   });
 
   // The list by model, on the server.

@@ -45,7 +45,9 @@ export function lineChart(title, series, { yMax, unit = "" } = {}) {
     let d = "", pen = false;
     for (const [t, v] of s.points) {
       if (v === null || !Number.isFinite(v)) { pen = false; continue; }
-      d += `${pen ? "L" : "M"}${x(t).toFixed(1)},${y(v).toFixed(1)}`;
+      // A point after a gap starts with a dot (a round cap on a tiny step), so a value
+      // standing alone between gaps is seen.
+      d += pen ? `L${x(t).toFixed(1)},${y(v).toFixed(1)}` : `M${x(t).toFixed(1)},${y(v).toFixed(1)}h0.1`;
       pen = true;
     }
     svg.append(svgEl("path", { d: d || "M0,0", class: "series s" + i, "data-series": s.name, "data-points": String(s.points.length) }));

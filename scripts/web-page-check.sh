@@ -8,6 +8,10 @@
 # template), the predictions list filtered and searched on the server, the operations
 # charts under load; and on a second hearth (the front) that routes `hearth/demo` to
 # the first one only (`upstream:up`), the chat view of that upstream-only chat model.
+# Then tests/web/check-console-live.mjs: a running row of the predictions list turning
+# succeeded without a reload, the list filtered by model, and on the front (which
+# also serves hearth/base itself as a 50% canary to the first) the operations view's
+# local-vs-upstream and upstream panels, with no upstream URL or token in the page.
 # Screenshots land in $OUT_DIR (default: target/web-check, kept; the path is printed).
 #
 # Env: HEARTH_BIN (default target/debug/hearth, built if missing), OUT_DIR.
@@ -55,14 +59,15 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 
-# The front: a model of its own (a server needs one), and hearth/demo on the first
-# server only.
+# The front: hearth/base served here and as a canary on the first server (half its
+# predictions run there), and hearth/demo on the first server only.
 mkdir -p "$work/front-models"
-printf 'name = "front/base"\nmodel = "dummy:demo"\n' >"$work/front-models/base.toml"
+printf 'name = "hearth/base"\nmodel = "dummy:demo"\n' >"$work/front-models/base.toml"
 fport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fbase="http://127.0.0.1:$fport"
 HEARTH_LOG=warn HEARTH_UPSTREAM_TOKEN_UP="$token" "$bin" serve --port "$fport" --data-dir "$work/front" \
   --api-token "$token" --models "$work/front-models" --upstream "up=$base" --route "hearth/demo=upstream:up" \
+  --route "hearth/base=canary:up:50" \
   >"$work/front.log" 2>&1 &
 front=$!
 for _ in $(seq 300); do
@@ -73,4 +78,5 @@ done
 
 node "$web/check-page.mjs" "$base" "$token" "$out" || { echo "--- server log"; tail -30 "$work/server.log"; exit 1; }
 node "$web/check-console.mjs" "$base" "$token" "$out" "$fbase" || { echo "--- server log"; tail -30 "$work/server.log"; echo "--- front log"; tail -30 "$work/front.log"; exit 1; }
+node "$web/check-console-live.mjs" "$base" "$token" "$out" "$fbase" || { echo "--- server log"; tail -30 "$work/server.log"; echo "--- front log"; tail -30 "$work/front.log"; exit 1; }
 echo "screenshots: $(cd "$out" && pwd)"

@@ -109,7 +109,7 @@ try {
     })).observe(document.getElementById("run-output"), { childList: true, characterData: true, subtree: true });
   });
   await page.fill("#in-prompt", "<b>bold?</b> Tell me a story");
-  await page.fill("#in-max_tokens", "600");
+  await page.fill("#in-max_tokens", "2000");
   await page.check("#in-ignore_eos");
   await page.click("#run");
   await page.waitForFunction(() => document.getElementById("run-output").textContent.length > 0, null, { timeout: WAIT });

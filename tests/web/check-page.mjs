@@ -47,7 +47,7 @@ try {
   await page.screenshot({ path: `${outDir}/finished.png`, fullPage: true });
 
   // A running one: output appears over the stream while the status says so.
-  const live = await create({ prompt: "stream to the page", max_tokens: 1900, ignore_eos: true });
+  const live = await create({ prompt: "stream to the page", max_tokens: 6000, ignore_eos: true });
   await page.goto(live.urls.web);
   await page.waitForFunction(() => document.getElementById("output").textContent.length > 0, null, { timeout: 10000 });
   const status = await page.textContent("#status");

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod models;
 pub mod openai;
 pub mod ops_history;
+pub mod ops_sides;
 pub mod prediction;
 pub mod record;
 pub mod replicas;
@@ -400,7 +401,7 @@ pub async fn build_state_on(
             return Err(e);
         }
     };
-    let metrics = registry
+    let mut metrics: HashMap<String, Arc<metrics::Metrics>> = registry
         .all()
         .iter()
         .map(|m| {
@@ -410,6 +411,16 @@ pub async fn build_state_on(
             )
         })
         .collect();
+    // Models that run upstream only keep their figures too (the console's operations
+    // view); `/metrics` lists the models served here, as before.
+    for (model, route) in hybrid.routes() {
+        if route.upstream().is_some() && !metrics.contains_key(model) {
+            metrics.insert(
+                model.clone(),
+                Arc::new(metrics::Metrics::new(model.clone())),
+            );
+        }
+    }
     let cfg_slots = cfg.cog_max_concurrency;
     let cfg_quota = cfg.max_queued_per_client;
     let hub = Arc::new(prediction::Hub::default());

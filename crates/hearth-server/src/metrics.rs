@@ -88,8 +88,31 @@ pub struct HistogramSnapshot {
     pub count: u64,
 }
 
+/// The predictions of a routed model that its upstream served: how they ended and
+/// their create-to-end latency. Each is also in the model's totals, so the local
+/// engine's side is the totals less these (the console's side-by-side view).
+pub struct UpstreamSide {
+    pub e2e: Histogram,
+    finished: Mutex<BTreeMap<String, u64>>,
+}
+
+impl UpstreamSide {
+    fn new() -> Self {
+        Self {
+            e2e: Histogram::new(LATENCY),
+            finished: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Ended upstream predictions so far, by status.
+    pub fn finished_counts(&self) -> BTreeMap<String, u64> {
+        self.finished.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
 pub struct Metrics {
     pub model_name: String,
+    pub upstream_side: UpstreamSide,
     pub ttft: Histogram,
     pub itl: Histogram,
     pub e2e: Histogram,
@@ -156,6 +179,7 @@ impl Metrics {
     pub fn new(model_name: String) -> Self {
         Self {
             model_name,
+            upstream_side: UpstreamSide::new(),
             ttft: Histogram::new(LATENCY),
             itl: Histogram::new(LATENCY),
             e2e: Histogram::new(LATENCY),
@@ -171,6 +195,16 @@ impl Metrics {
         if let Ok(mut m) = self.finished.lock() {
             *m.entry(status.to_string()).or_default() += 1;
         }
+    }
+
+    /// A prediction the upstream served ended: in the totals and the upstream side.
+    pub fn upstream_finished(&self, status: &str, e2e_seconds: f64) {
+        self.finished(status);
+        self.e2e.observe(e2e_seconds);
+        if let Ok(mut m) = self.upstream_side.finished.lock() {
+            *m.entry(status.to_string()).or_default() += 1;
+        }
+        self.upstream_side.e2e.observe(e2e_seconds);
     }
 
     /// Finished predictions so far, by status.

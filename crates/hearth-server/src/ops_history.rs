@@ -60,6 +60,8 @@ struct ModelHistory {
 #[derive(Default)]
 pub struct OpsHistory {
     models: Mutex<HashMap<String, ModelHistory>>,
+    /// Routed models' local and upstream sides, and the upstreams' calls.
+    sides: crate::ops_sides::SideHistory,
 }
 
 fn engine_state(state: &AppState, alive: bool) -> &'static str {
@@ -87,6 +89,7 @@ impl OpsHistory {
     /// Takes one sample of every model.
     pub fn sample(&self, state: &AppState) {
         let t = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        self.sides.sample(state, t);
         let Ok(mut models) = self.models.lock() else {
             return;
         };
@@ -143,7 +146,7 @@ impl OpsHistory {
         let Ok(models) = self.models.lock() else {
             return json!({"error": "history unavailable"});
         };
-        let list: Vec<Value> = state
+        let mut list: Vec<Value> = state
             .models
             .all()
             .iter()
@@ -161,23 +164,57 @@ impl OpsHistory {
                     ),
                     None => (Value::Null, Value::Null),
                 };
-                json!({
+                let mut v = json!({
                     "model": name,
+                    "engine": true,
                     "state": samples.last().map(|s| s.state).unwrap_or("STARTING"),
                     "samples": samples,
                     "ttft": ttft,
                     "tpot": tpot,
-                })
+                });
+                self.add_route(state, &name, &mut v);
+                v
             })
             .collect();
-        json!({"interval_s": INTERVAL.as_secs_f64(), "keep": KEEP, "models": list})
+        // Models that run upstream only: their sides, no engine here.
+        let mut remote: Vec<&String> = state
+            .upstream
+            .routes()
+            .filter(|(m, r)| {
+                r.upstream().is_some()
+                    && crate::models::split_name(m)
+                        .map(|(o, n)| state.models.by_name(&o, &n).is_none())
+                        .unwrap_or(true)
+            })
+            .map(|(m, _)| m)
+            .collect();
+        remote.sort();
+        for name in remote {
+            let mut v = json!({"model": name, "engine": false, "state": "UPSTREAM", "samples": []});
+            self.add_route(state, name, &mut v);
+            list.push(v);
+        }
+        json!({
+            "interval_s": INTERVAL.as_secs_f64(), "keep": KEEP, "models": list,
+            "upstreams": self.sides.upstreams_json(),
+        })
+    }
+
+    /// A routed model's route and its local and upstream sides.
+    fn add_route(&self, state: &AppState, name: &str, v: &mut Value) {
+        if let Some(route) = state.upstream.route(name) {
+            v["route"] = json!(route.describe());
+            if let Some(sides) = self.sides.model_json(name) {
+                v["sides"] = sides;
+            }
+        }
     }
 }
 
 /// The observations between two snapshots of one histogram: the count in each
 /// bucket (not cumulative) and the bucket bounds holding the 50th, 90th and 99th
 /// percentiles (null past the last bound).
-fn distribution(new: &HistogramSnapshot, old: &HistogramSnapshot) -> Value {
+pub(crate) fn distribution(new: &HistogramSnapshot, old: &HistogramSnapshot) -> Value {
     let cumulative: Vec<u64> = new
         .cumulative
         .iter()

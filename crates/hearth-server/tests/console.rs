@@ -381,44 +381,7 @@ async fn predictions_list_searches_by_the_start_of_an_id() {
 /// and `dummy:demo` as `owner/base` (the same shape with a bare tokenizer: a base
 /// model); its address.
 async fn serve_chat_and_base(owner: &str) -> std::net::SocketAddr {
-    let engine = engine_default();
-    let owner = owner.to_string();
-    let (demo, base) = tokio::task::spawn_blocking(move || {
-        let mut demo = support::demo_model(engine.clone());
-        demo.owner = owner.clone();
-        demo.name = "chat".into();
-        demo.aliases.clear();
-        demo.version_aliases.clear();
-        let loaded =
-            hearth_runtime::load(&hearth_runtime::ModelSpec::new("dummy:demo"), &engine).unwrap();
-        let base = hearth_server::ServedModel {
-            owner,
-            name: "base".into(),
-            aliases: Vec::new(),
-            version: "c".repeat(64),
-            version_aliases: Vec::new(),
-            description: "a base model".into(),
-            defaults: hearth_server::schema::default_inputs(),
-            engine: loaded.engine,
-            created_at: hearth_server::record::now_rfc3339(),
-        };
-        (demo, base)
-    })
-    .await
-    .unwrap();
-    let data = support::TempDir::new("console-chat");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut cfg = hearth_server::ServerConfig::new(addr, data.0.clone());
-    cfg.api_tokens = vec![TOKEN.into()];
-    let state = hearth_server::build_state(cfg, vec![demo, base])
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _data = data;
-        hearth_server::serve_on(state, listener).await
-    });
-    addr
+    support::serve_demo_and_base((owner, "chat"), (owner, "base")).await
 }
 
 /// The console shows a chat view for chat models only: the model document says

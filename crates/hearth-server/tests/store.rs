@@ -77,6 +77,7 @@ both!(
     list_pages_newest_first_with_filters,
     list_filters_by_status_in_the_store,
     list_searches_by_id_prefix_with_filters_and_pages,
+    list_filters_by_model_in_the_store,
     outbox_keeps_order_coalesces_and_claims_one_head_per_prediction,
     outbox_events_are_opaque_and_cog_events_never_coalesce,
     outbox_drops_superseded_cog_states_and_keeps_completed_last,
@@ -97,6 +98,7 @@ postgres_only!(
     concurrent_outbox_claims_never_share_a_delivery,
     a_newer_schema_is_refused,
     the_status_listing_index_is_made_by_the_migration,
+    the_model_listing_index_is_made_by_the_migration,
 );
 
 fn item<'a>(p: &'a str, msg: &'a str, event: &'a str, body: &'a str) -> OutboxItem<'a> {
@@ -378,6 +380,78 @@ async fn list_filters_by_status_in_the_store(b: Backend) {
     assert_eq!(failed, ["p11", "p06", "p01"]);
     let (all, _) = pages(Vec::new(), None).await;
     assert_eq!(all.len(), 20);
+}
+
+/// The console's filter by model: one model's predictions only (exact, case-sensitive:
+/// `a/b` is not `a/bc` nor `A/b`), newest first, full pages across the cursor, with
+/// the status filter and the id prefix at once.
+async fn list_filters_by_model_in_the_store(b: Backend) {
+    let s = b.store;
+    let models = ["acme/chat", "acme/chatty", "ACME/chat", "hearth/demo"];
+    for i in 0..16 {
+        let at = format!("2026-01-01T00:00:{i:02}.000000Z");
+        let status = if i % 3 == 0 {
+            Status::Failed
+        } else {
+            Status::Succeeded
+        };
+        let mut r = record(&format!("m{i:02}"), &at, status);
+        r.prediction.model = models[i % 4].into();
+        s.insert(&r).await.unwrap();
+    }
+    let listed = |model: &str, statuses: Vec<Status>, prefix: Option<&str>, limit: usize| {
+        let s = s.clone();
+        let filter = ListFilter {
+            model: Some(model.to_string()),
+            statuses,
+            id_prefix: prefix.map(str::to_string),
+            ..ListFilter::default()
+        };
+        async move {
+            let (mut seen, mut sizes, mut cursor) = (Vec::new(), Vec::new(), None::<String>);
+            loop {
+                let page = s.list(cursor.as_deref(), &filter, limit).await.unwrap();
+                sizes.push(page.records.len());
+                for r in &page.records {
+                    assert_eq!(r.prediction.model, filter.model.clone().unwrap());
+                    seen.push(r.prediction.id.clone());
+                }
+                match page.next {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            (seen, sizes)
+        }
+    };
+    let (chat, sizes) = listed("acme/chat", Vec::new(), None, 3).await;
+    assert_eq!(chat, ["m12", "m08", "m04", "m00"]);
+    assert_eq!(sizes, [3, 1], "full pages of the model's only");
+    assert_eq!(
+        listed("hearth/demo", Vec::new(), None, 10).await.0,
+        ["m15", "m11", "m07", "m03"]
+    );
+    assert_eq!(
+        listed("ACME/chat", Vec::new(), None, 10).await.0,
+        ["m14", "m10", "m06", "m02"]
+    );
+    let (failed, _) = listed("acme/chat", vec![Status::Failed], None, 1).await;
+    assert_eq!(failed, ["m12", "m00"]);
+    assert_eq!(
+        listed("acme/chatty", Vec::new(), Some("m0"), 10).await.0,
+        ["m09", "m05", "m01"]
+    );
+    assert!(listed("acme/none", Vec::new(), None, 10).await.0.is_empty());
+    // The model is the record's: a later write keeps it listed under it.
+    let mut r = s.get("m04").await.unwrap().unwrap();
+    r.prediction.status = Status::Canceled;
+    s.put(&r).await.unwrap();
+    assert_eq!(
+        listed("acme/chat", vec![Status::Canceled], None, 10)
+            .await
+            .0,
+        ["m04"]
+    );
 }
 
 /// The console's search by id: ids that start with the prefix (case-sensitive, `_` and
@@ -888,6 +962,23 @@ async fn the_status_listing_index_is_made_by_the_migration(b: Backend) {
         .unwrap()
         .get(0);
     assert!(def.contains("(status, created_at DESC, id DESC)"), "{def}");
+}
+
+/// The listing's index by model, likewise.
+async fn the_model_listing_index_is_made_by_the_migration(b: Backend) {
+    let (client, conn) = tokio_postgres::connect(b.url.as_ref().unwrap(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let def: String = client
+        .query_one(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'predictions_model_created'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(def.contains("(model, created_at DESC, id DESC)"), "{def}");
 }
 
 fn delivery(p: &str, msg: &str, event: &str, coalesce: bool) -> Delivery {

@@ -86,7 +86,20 @@ async fn a_database_of_the_previous_release_migrates_and_its_interrupted_rows_ar
     )
     .unwrap();
     let s = SqliteStore::open(&path, &dir.0).await.unwrap();
-    assert_eq!(s.schema_version().await.unwrap(), 6);
+    assert_eq!(s.schema_version().await.unwrap(), 7);
+    // The model column is filled from the records at the upgrade: the old row is
+    // listed under its model, on the model's index.
+    let by_model = ListFilter {
+        model: Some("hearth/demo".into()),
+        ..ListFilter::default()
+    };
+    let listed = s.list(None, &by_model, 10).await.unwrap();
+    assert_eq!(listed.records.len(), 1);
+    let plan = s.explain_list(None, &by_model, 100).await.unwrap();
+    assert!(
+        plan.iter().any(|l| l.contains("predictions_model_created")),
+        "{plan:?}"
+    );
     // The listing's index by status came with the upgrade.
     let plan = s
         .explain_list(None, &by_status(&[Status::Failed]), 100)
@@ -162,7 +175,8 @@ fn by_status(statuses: &[Status]) -> ListFilter {
 
 /// The listing's filters are ones SQLite's indexes serve, as its query plan shows: a
 /// status on `predictions_status_created` (one status: already in the listing's order,
-/// no sort), the cursor a seek into it, an id prefix a range of the primary key; no
+/// no sort), the cursor a seek into it, an id prefix a range of the primary key, a
+/// model on `predictions_model_created` (likewise in order); no
 /// filter ever scans the whole table.
 #[tokio::test]
 async fn the_listing_filters_use_indexes() {
@@ -224,6 +238,27 @@ async fn the_listing_filters_use_indexes() {
             .iter()
             .any(|l| l.contains("USING INDEX sqlite_autoindex_predictions_1 (id>? AND id<?)")),
         "{prefix:?}"
+    );
+    // A model: its own index, in the listing's order (no sort), with a status too.
+    let model = |statuses: &[Status]| ListFilter {
+        model: Some("hearth/demo".into()),
+        ..by_status(statuses)
+    };
+    for f in [model(&[]), model(&[Status::Failed])] {
+        let p = plan(None, f).await;
+        assert!(
+            p.iter()
+                .any(|l| l.contains("USING INDEX predictions_model_created (model=?")),
+            "{p:?}"
+        );
+        assert!(!p.iter().any(|l| l.contains("TEMP B-TREE")), "{p:?}");
+    }
+    let paged = plan(Some("2026-01-01T00:00:30.000000Z|p30"), model(&[])).await;
+    assert!(
+        paged
+            .iter()
+            .any(|l| l.contains("predictions_model_created (model=? AND")),
+        "the cursor seeks: {paged:?}"
     );
     // And the plans answer what they should.
     let page = s

@@ -90,7 +90,7 @@ async function render() {
       else await modelPage(main, parts[1], parts[2], ctx);
     } else if (parts[0] === "predictions") {
       highlight("predictions");
-      await predictionsPage(main, params);
+      await predictionsPage(main, params, ctx);
     } else if (parts[0] === "ops") {
       highlight("ops");
       await opsPage(main, ctx);

@@ -45,7 +45,9 @@ export function lineChart(title, series, { yMax, unit = "" } = {}) {
     let d = "", pen = false;
     for (const [t, v] of s.points) {
       if (v === null || !Number.isFinite(v)) { pen = false; continue; }
-      d += `${pen ? "L" : "M"}${x(t).toFixed(1)},${y(v).toFixed(1)}`;
+      // A point after a gap starts with a dot (a round cap on a tiny step), so a value
+      // standing alone between gaps is seen.
+      d += pen ? `L${x(t).toFixed(1)},${y(v).toFixed(1)}` : `M${x(t).toFixed(1)},${y(v).toFixed(1)}h0.1`;
       pen = true;
     }
     svg.append(svgEl("path", { d: d || "M0,0", class: "series s" + i, "data-series": s.name, "data-points": String(s.points.length) }));
@@ -73,5 +75,32 @@ export function barChart(title, bounds, counts, over) {
   for (const i of [0, Math.floor(values.length / 2), values.length - 1]) {
     if (labels[i]) svg.append(svgEl("text", { x: L + i * bw + bw / 2, y: H - 4, class: "tick mid" }, labels[i]));
   }
+  return svg;
+}
+
+/**
+ * Grouped bars, one pair per quantile in `qs`: side `a` (left, "local") and side `b`
+ * (right, "upstream"), each an object of values in seconds (null: none).
+ */
+export function sideBars(title, qs, a, b, names = ["local", "upstream"]) {
+  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img" });
+  svg.append(svgEl("title", {}, title));
+  const secs = (v) => (v === null || v === undefined ? "–" : fmt(v * 1000) + " ms");
+  const vals = qs.flatMap((q) => [a[q], b[q]]).filter((v) => v !== null && v !== undefined);
+  const max = Math.max(1e-9, ...vals);
+  const gw = (W - L - R) / qs.length;
+  svg.append(svgEl("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" }));
+  svg.append(svgEl("text", { x: L - 4, y: T + 8, class: "tick end" }, secs(max)));
+  qs.forEach((q, i) => {
+    [[a, "bar"], [b, "bar alt"]].forEach(([s, cls], j) => {
+      const v = s[q];
+      const h = v ? (v / max) * (H - T - B) : 0;
+      const r = svgEl("rect", { x: L + i * gw + 4 + j * (gw / 2 - 4), y: H - B - h, width: gw / 2 - 6, height: h, class: cls, "data-side": names[j], "data-q": q });
+      r.append(svgEl("title", {}, `${names[j]} ${q}: ${secs(v)}`));
+      svg.append(r);
+    });
+    svg.append(svgEl("text", { x: L + i * gw + gw / 2, y: H - 4, class: "tick mid" }, q));
+  });
+  names.forEach((n, j) => svg.append(svgEl("text", { x: L + 6 + j * 90, y: T + 8, class: "legend " + (j ? "s1" : "s0") }, n)));
   return svg;
 }

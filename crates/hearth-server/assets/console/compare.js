@@ -4,43 +4,12 @@
 // routes the copies (sent, skipped and why) and how the pairs' outputs agreed.
 
 import { api, el } from "./api.js";
-import { fmt } from "./chart.js";
+import { fmt, sideBars } from "./chart.js";
 
 const POLL_MS = 2000;
-const NS = "http://www.w3.org/2000/svg";
-const W = 320, H = 120, L = 40, B = 18, T = 8;
-
-function svgEl(tag, attrs, text) {
-  const e = document.createElementNS(NS, tag);
-  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
 
 function secs(v) { return v === null || v === undefined ? "–" : fmt(v * 1000) + " ms"; }
 function pct(v) { return v === null || v === undefined ? "–" : (v * 100).toFixed(1) + "%"; }
-
-// Latency p50/p95/p99 of each side as grouped bars (local, upstream).
-function latencyChart(local, upstream) {
-  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img" });
-  svg.append(svgEl("title", {}, "Latency percentiles by side"));
-  const qs = ["p50", "p95", "p99"];
-  const vals = qs.flatMap((q) => [local[q], upstream[q]]).filter((v) => v !== null && v !== undefined);
-  const max = Math.max(1e-9, ...vals);
-  const gw = (W - L - 8) / qs.length;
-  svg.append(svgEl("text", { x: L - 4, y: T + 8, class: "tick end" }, secs(max)));
-  qs.forEach((q, i) => {
-    [[local, "bar"], [upstream, "bar alt"]].forEach(([s, cls], j) => {
-      const v = s[q];
-      const h = v ? (v / max) * (H - T - B) : 0;
-      const r = svgEl("rect", { x: L + i * gw + 4 + j * (gw / 2 - 4), y: H - B - h, width: gw / 2 - 6, height: h, class: cls });
-      r.append(svgEl("title", {}, `${j ? "upstream" : "local"} ${q}: ${secs(v)}`));
-      svg.append(r);
-    });
-    svg.append(svgEl("text", { x: L + i * gw + gw / 2, y: H - 4, class: "tick" }, q));
-  });
-  return svg;
-}
 
 function sideRow(name, s) {
   const f = s.failed || {};
@@ -59,7 +28,7 @@ function modelCard(m) {
     el("h2", {}, m.model, " ", el("span", { class: "sub" }, "route " + m.route)),
     el("table", { class: "list compare" }, el("thead", {}, el("tr", {}, head.map((h) => el("th", {}, h)))),
       el("tbody", {}, sideRow("local", m.sides.local), sideRow("upstream", m.sides.upstream))),
-    el("figure", {}, latencyChart(m.sides.local.latency_seconds, m.sides.upstream.latency_seconds),
+    el("figure", {}, sideBars("Latency percentiles by side", ["p50", "p95", "p99"], m.sides.local.latency_seconds, m.sides.upstream.latency_seconds),
       el("figcaption", {}, "Create to end, p50 / p95 / p99: local (left), upstream (right)")),
   ];
   const sh = m.shadow;

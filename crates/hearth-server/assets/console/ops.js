@@ -1,10 +1,12 @@
 // The operations view: per model, the engine's state and the last minutes of its
 // numbers (requests running and waiting, KV-cache use, tokens/s, TTFT and TPOT, how
 // predictions ended) from /v1/console/ops, redrawn every second, plus the latest
-// failed predictions and their errors.
+// failed predictions and their errors. A model routed to an upstream also gets its
+// local and upstream sides compared, and each upstream a panel (ops_upstream.js).
 
 import { api, el, localPath } from "./api.js";
 import { barChart, fmt, lineChart } from "./chart.js";
+import { sidesPanel, upstreamPanel } from "./ops_upstream.js";
 
 const POLL_MS = 1000;
 const ERRORS_EVERY = 5;
@@ -16,6 +18,12 @@ function stat(label, value, id) {
 function ms(s) { return s === null || s === undefined ? "–" : fmt(s * 1000) + " ms"; }
 
 function modelCard(m) {
+  if (!m.engine) {
+    return el("section", { class: "panel ops-model", "data-model": m.model },
+      el("h2", {}, m.model, " ", el("span", { class: "state " + m.state, "data-state": m.state }, "upstream only")),
+      el("p", { class: "sub" }, "No engine here: every prediction runs upstream (route " + (m.route || "?") + ")."),
+      m.sides ? sidesPanel(m) : null);
+  }
   const s = m.samples || [];
   const last = s[s.length - 1] || {};
   const pts = (f) => s.map((x) => [x.t, f(x)]);
@@ -47,16 +55,17 @@ function modelCard(m) {
       stat("KV cache", last.kv_total ? `${(kv * 100).toFixed(1)}% of ${last.kv_total}` : "–", "kv"),
       stat("tokens/s", fmt(last.tokens_per_s), "tps"),
       stat("TTFT p50", ms(m.ttft && m.ttft.p50), "ttft"), stat("TPOT p50", ms(m.tpot && m.tpot.p50), "tpot")),
-    charts);
+    charts, m.sides ? sidesPanel(m) : null);
 }
 
 export async function opsPage(main, ctx) {
   const models = el("div", { id: "ops-models" });
+  const upstreams = el("div", { id: "ops-upstreams" });
   const errors = el("tbody", { id: "ops-errors" });
   const updated = el("span", { class: "sub", id: "ops-updated" });
   main.replaceChildren(
     el("div", { class: "page-head" }, el("h1", {}, "Operations"), updated),
-    models,
+    models, upstreams,
     el("section", { class: "panel" }, el("h2", {}, "Recent errors"),
       el("table", { class: "list" }, el("thead", {}, el("tr", {}, ["Id", "Model", "Created (UTC)", "Error"].map((h) => el("th", {}, h)))), errors)));
   let n = 0;
@@ -65,6 +74,7 @@ export async function opsPage(main, ctx) {
     try {
       const ops = await api("/v1/console/ops");
       models.replaceChildren(...(ops.models || []).map(modelCard));
+      upstreams.replaceChildren(...(ops.upstreams || []).map(upstreamPanel));
       updated.textContent = `updated ${new Date().toLocaleTimeString()} · ${ops.keep} samples of ${ops.interval_s} s kept`;
       if (n++ % ERRORS_EVERY === 0) {
         // The store's status filter (its index): the latest failures however many

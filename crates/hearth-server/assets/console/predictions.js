@@ -8,10 +8,13 @@
 import { api, el, localPath, statusBadge, terminal } from "./api.js";
 import { toJSON } from "./json.js";
 
-/** [value of `status`, label]: "running" is both in-flight statuses. */
 /** The server's shortest `id_prefix` (store::MIN_ID_PREFIX). */
 const MIN_PREFIX = 4;
+/** How often running rows are asked for, and how many at most each time. */
+const LIVE_MS = 2000;
+const LIVE_MAX = 20;
 
+/** [value of `status`, label]: "running" is both in-flight statuses. */
 const FILTERS = [["", "all statuses"], ["starting,processing", "running"], ["starting", "starting"],
   ["processing", "processing"], ["succeeded", "succeeded"], ["failed", "failed"], ["canceled", "canceled"]];
 
@@ -28,17 +31,52 @@ function preview(p) {
   return s.length > 80 ? s.slice(0, 79) + "…" : s;
 }
 
-export async function predictionsPage(main, params) {
+/** Every model with predictions here: those served, then those routed upstream only. */
+async function modelNames() {
+  const [list, routes] = await Promise.all([api("/v1/models"), api("/v1/console/routes")]);
+  const names = (list.results || []).map((m) => `${m.owner}/${m.name}`)
+    .concat((routes.routes || []).map((r) => r.model));
+  return [...new Set(names)].sort();
+}
+
+export async function predictionsPage(main, params, ctx) {
   const filter = el("select", { id: "status-filter", "aria-label": "status" },
     FILTERS.map(([v, label]) => el("option", { value: v }, label)));
   const wanted = params.get("status") || "";
   filter.value = FILTERS.some(([v]) => v === wanted) ? wanted : "";
+  const modelFilter = el("select", { id: "model-filter", "aria-label": "model" }, el("option", { value: "" }, "all models"));
+  const wantedModel = params.get("model") || "";
   const search = el("input", { id: "id-search", type: "search", placeholder: "Id or its start", "aria-label": "prediction id or its start" });
   const searchBtn = el("button", { type: "submit" }, "Find");
   const body = el("tbody", { id: "predictions-body" });
   const more = el("button", { type: "button", id: "more", hidden: true }, "More");
   const note = el("div", { class: "sub", id: "list-note" });
-  let next = null, rows = [], loading = 0;
+  let next = null, rows = [], loading = 0, liveTimer = null;
+
+  /** While a shown row is running, asks for it again in LIVE_MS. */
+  function scheduleLive() {
+    if (liveTimer !== null || !ctx.alive() || !rows.some((p) => !terminal(p.status))) return;
+    liveTimer = setTimeout(refreshLive, LIVE_MS);
+  }
+
+  async function refreshLive() {
+    liveTimer = null;
+    if (!ctx.alive()) return;
+    const mine = loading;
+    const running = rows.filter((p) => !terminal(p.status)).slice(0, LIVE_MAX);
+    const fresh = await Promise.all(running.map((p) => api(`/v1/predictions/${encodeURIComponent(p.id)}`).catch(() => null)));
+    // A reload meanwhile has its own rows (and its own timer).
+    if (mine !== loading || !ctx.alive()) return;
+    for (const p of fresh) {
+      const i = p ? rows.findIndex((r) => r.id === p.id) : -1;
+      if (i < 0) continue;
+      rows[i] = p;
+      const tr = [...body.querySelectorAll("tr[data-id]")].find((r) => r.dataset.id === p.id);
+      if (tr) tr.replaceWith(row(p));
+    }
+    body.dataset.live = String(rows.filter((p) => !terminal(p.status)).length);
+    scheduleLive();
+  }
 
   function row(p) {
     const cancel = terminal(p.status) ? "" : el("button", {
@@ -61,12 +99,17 @@ export async function predictionsPage(main, params) {
     const prefix = body.dataset.prefix || "";
     if (!rows.length) {
       body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, prefix ? `No prediction id starts with ${prefix}${filter.value ? " with this status" : ""}.`
-        : filter.value ? "No prediction with this status." : "No predictions yet.")));
+        : filter.value ? `No prediction with this status${modelFilter.value ? " of " + modelFilter.value : ""}.`
+          : modelFilter.value ? `No prediction of ${modelFilter.value}.` : "No predictions yet.")));
     }
     more.hidden = !next;
     const which = filter.value ? FILTERS.find(([v]) => v === filter.value)[1] + " " : "";
-    note.textContent = `${rows.length} ${which}shown${prefix ? ` with ids starting ${prefix}` : ""}${next ? " (more on the server)" : ""}`;
+    const of = modelFilter.value ? ` of ${modelFilter.value}` : "";
+    note.textContent = `${rows.length} ${which}shown${of}${prefix ? ` with ids starting ${prefix}` : ""}${next ? " (more on the server)" : ""}`;
     body.dataset.filter = filter.value;
+    body.dataset.model = modelFilter.value;
+    body.dataset.live = String(rows.filter((p) => !terminal(p.status)).length);
+    scheduleLive();
   }
 
   /** Appends the page at `url`; a page that arrives after the view changed is dropped. */
@@ -83,8 +126,11 @@ export async function predictionsPage(main, params) {
     const mine = ++loading;
     rows = [];
     next = null;
+    clearTimeout(liveTimer);
+    liveTimer = null;
     const q = new URLSearchParams();
     if (filter.value) q.set("status", filter.value);
+    if (modelFilter.value) q.set("model", modelFilter.value);
     const id = search.value.trim();
     if (id.length >= MIN_PREFIX) q.set("id_prefix", id);
     body.dataset.prefix = q.get("id_prefix") || "";
@@ -92,11 +138,17 @@ export async function predictionsPage(main, params) {
     await load("/v1/predictions" + (qs ? "?" + qs : ""), mine);
   }
 
-  filter.addEventListener("change", () => {
-    const q = filter.value ? "?status=" + encodeURIComponent(filter.value) : "";
-    history.replaceState(null, "", "#/predictions" + q);
+  /** The filters in the URL (kept across a reload of the page), then the list. */
+  function filtersChanged() {
+    const q = new URLSearchParams();
+    if (filter.value) q.set("status", filter.value);
+    if (modelFilter.value) q.set("model", modelFilter.value);
+    const qs = q.toString();
+    history.replaceState(null, "", "#/predictions" + (qs ? "?" + qs : ""));
     reload().catch((e) => { note.textContent = e.message; });
-  });
+  }
+  filter.addEventListener("change", filtersChanged);
+  modelFilter.addEventListener("change", filtersChanged);
   more.addEventListener("click", () => {
     if (next) load(next, loading).catch((e) => { note.textContent = e.message; });
   });
@@ -113,6 +165,7 @@ export async function predictionsPage(main, params) {
         rows = [p];
         next = null;
         filter.value = "";
+        modelFilter.value = "";
         body.dataset.prefix = "";
         render();
       } catch (err) {
@@ -125,10 +178,15 @@ export async function predictionsPage(main, params) {
 
   main.replaceChildren(
     el("div", { class: "page-head" }, el("h1", {}, "Predictions"),
-      el("div", { class: "toolbar" }, filter, searchForm, el("button", { type: "button", onclick: () => reload() }, "Refresh"))),
+      el("div", { class: "toolbar" }, filter, modelFilter, searchForm, el("button", { type: "button", onclick: () => reload() }, "Refresh"))),
     el("table", { class: "list" },
       el("thead", {}, el("tr", {}, ["Id", "Model", "Status", "Input", "Created (UTC)", "Time", ""].map((h) => el("th", {}, h)))),
       body),
     el("div", { class: "actions left" }, more, note));
+  // The models to filter by; one named in the URL is kept even when no longer served.
+  const names = await modelNames().catch(() => []);
+  if (wantedModel && !names.includes(wantedModel)) names.push(wantedModel);
+  modelFilter.append(...names.map((n) => el("option", { value: n }, n)));
+  modelFilter.value = wantedModel;
   await reload();
 }

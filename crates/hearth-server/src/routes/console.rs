@@ -74,6 +74,11 @@ pub const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../../assets/console/ops.js"),
     ),
     (
+        "/ui/ops_upstream.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/console/ops_upstream.js"),
+    ),
+    (
         "/ui/chart.js",
         "text/javascript; charset=utf-8",
         include_str!("../../assets/console/chart.js"),

@@ -281,6 +281,37 @@ pub struct ListQuery {
     /// hearth's own: `id_prefix=abcd` keeps the predictions whose id starts so (the
     /// console's search by id).
     id_prefix: Option<String>,
+    /// hearth's own: `model=owner/name` keeps that model's predictions (the console's
+    /// filter by model).
+    model: Option<String>,
+}
+
+/// The longest `model` a listing filters by (owner and name are each far shorter).
+const MODEL_MAX: usize = 200;
+
+/// `model`: `owner/name`, each part letters, digits, '-', '_' and '.', at most
+/// `MODEL_MAX` characters; empty or absent keeps all.
+fn parse_model(v: Option<String>) -> AppResult<Option<String>> {
+    let Some(m) = v.filter(|m| !m.is_empty()) else {
+        return Ok(None);
+    };
+    let n = m.chars().count();
+    if n > MODEL_MAX {
+        return Err(ApiError::bad_request(format!(
+            "model: {n} characters; a model name is at most {MODEL_MAX}"
+        )));
+    }
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    match m.split_once('/') {
+        Some((o, name)) if part_ok(o) && part_ok(name) => Ok(Some(m)),
+        _ => Err(ApiError::bad_request(format!(
+            "model: {m:?} is not owner/name (each part letters, digits, '-', '_' or '.')"
+        ))),
+    }
 }
 
 /// `id_prefix`: `MIN_ID_PREFIX` to 128 of the characters ids are made of; empty or
@@ -370,6 +401,7 @@ pub async fn list(
         created_before: normalise_time("created_before", q.created_before)?,
         statuses: parse_statuses(q.status.as_deref())?,
         id_prefix: parse_id_prefix(q.id_prefix)?,
+        model: parse_model(q.model)?,
     };
     let page = state
         .store
@@ -411,6 +443,10 @@ pub async fn list(
     if let Some(p) = &filter.id_prefix {
         // Letters, digits, '-', '_' and '.' only: nothing to escape in a query.
         extra.push_str(&format!("&id_prefix={p}"));
+    }
+    if let Some(m) = &filter.model {
+        // Letters, digits, '-', '_', '.' and one '/'.
+        extra.push_str(&format!("&model={}", m.replace('/', "%2F")));
     }
     let next = page
         .next

@@ -104,13 +104,15 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 
 /// Which predictions a listing keeps: created strictly between the two times (RFC 3339
 /// as stored), with one of `statuses` (empty: any), whose id starts with `id_prefix`
-/// (case-sensitive, as ids are; the route bounds its length: `MIN_ID_PREFIX`).
+/// (case-sensitive, as ids are; the route bounds its length: `MIN_ID_PREFIX`), of
+/// `model` (`owner/name` exactly, as the record names it).
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     pub created_after: Option<String>,
     pub created_before: Option<String>,
     pub statuses: Vec<crate::record::Status>,
     pub id_prefix: Option<String>,
+    pub model: Option<String>,
 }
 
 /// The shortest id prefix a listing searches by: with a shorter one nearly every id

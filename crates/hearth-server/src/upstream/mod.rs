@@ -211,6 +211,11 @@ impl Hybrid {
         self.upstreams.is_empty()
     }
 
+    /// Every upstream by name.
+    pub fn clients(&self) -> impl Iterator<Item = (&String, &Arc<UpstreamClient>)> {
+        self.upstreams.iter()
+    }
+
     fn sorted(&self) -> Vec<&Arc<UpstreamClient>> {
         let mut v: Vec<_> = self.upstreams.values().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));

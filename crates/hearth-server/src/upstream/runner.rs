@@ -421,8 +421,10 @@ pub(super) fn final_record(
 /// Stores the end (with the `completed` webhook when `webhook`), then shows it.
 async fn finish(job: &Job, r: Record, webhook: bool) {
     let ctx = &job.ctx;
-    ctx.metrics.finished(r.prediction.status.as_str());
-    ctx.metrics.e2e.observe(job.created.elapsed().as_secs_f64());
+    ctx.metrics.upstream_finished(
+        r.prediction.status.as_str(),
+        job.created.elapsed().as_secs_f64(),
+    );
     let hooks: Vec<Delivery> = match (&ctx.webhook, webhook) {
         (Some(w), true) => w.prepare(WebhookEvent::Completed, &r),
         _ => Vec::new(),

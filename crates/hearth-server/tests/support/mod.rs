@@ -156,6 +156,51 @@ impl Server {
     }
 }
 
+/// A server (token `TOKEN`) serving the demo as `demo_as` (owner, name) and
+/// `dummy:demo` (the same shape with a bare tokenizer: a base model) as `base_as`,
+/// running until the test ends; its address.
+pub async fn serve_demo_and_base(demo_as: (&str, &str), base_as: (&str, &str)) -> SocketAddr {
+    let engine = engine_default();
+    let (d, b) = (
+        (demo_as.0.to_string(), demo_as.1.to_string()),
+        (base_as.0.to_string(), base_as.1.to_string()),
+    );
+    let (demo, base) = tokio::task::spawn_blocking(move || {
+        let mut demo = demo_model(engine.clone());
+        (demo.owner, demo.name) = d;
+        demo.aliases.clear();
+        demo.version_aliases.clear();
+        let loaded = hearth_runtime::load(&ModelSpec::new("dummy:demo"), &engine).unwrap();
+        let base = ServedModel {
+            owner: b.0,
+            name: b.1,
+            aliases: Vec::new(),
+            version: "c".repeat(64),
+            version_aliases: Vec::new(),
+            description: "a base model".into(),
+            defaults: hearth_server::schema::default_inputs(),
+            engine: loaded.engine,
+            created_at: hearth_server::record::now_rfc3339(),
+        };
+        (demo, base)
+    })
+    .await
+    .unwrap();
+    let data = TempDir::new("two-models");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut cfg = ServerConfig::new(addr, data.0.clone());
+    cfg.api_tokens = vec![TOKEN.into()];
+    let state = hearth_server::build_state(cfg, vec![demo, base])
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _data = data;
+        hearth_server::serve_on(state, listener).await
+    });
+    addr
+}
+
 /// Several seconds on the demo (its context is 8,192 tokens): outlasts every wait the tests time.
 pub fn long_job() -> Value {
     json!({"prompt": "a long job", "max_tokens": 8000, "ignore_eos": true, "temperature": 0})

@@ -83,6 +83,11 @@ const MIGRATIONS: &[&str] = &[
      );"#,
     // 4: listing by status newest first reads only that status's rows, in order.
     r#"CREATE INDEX predictions_status_created ON predictions (status, created_at DESC, id DESC);"#,
+    // 5: listing by model newest first reads only that model's rows, in order (the
+    // column filled from the records at the upgrade).
+    r#"ALTER TABLE predictions ADD COLUMN model TEXT COLLATE "C" NOT NULL DEFAULT '';
+     UPDATE predictions SET model = COALESCE(record::jsonb #>> '{prediction,model}', '');
+     CREATE INDEX predictions_model_created ON predictions (model, created_at DESC, id DESC);"#,
 ];
 
 /// Any number in the advisory-lock space, the same for every replica: the schema's.

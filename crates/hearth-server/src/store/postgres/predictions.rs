@@ -13,8 +13,8 @@ async fn put_on(c: &impl GenericClient, replica: &str, r: &Record) -> Result<(),
     let json = serde_json::to_string(r)?;
     let st = c
         .prepare_cached(
-            "INSERT INTO predictions (id, created_at, status, record, owner)
-             VALUES ($1, $2, $3, $4, $5)
+            "INSERT INTO predictions (id, created_at, status, record, owner, model)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, record = excluded.record
              WHERE predictions.owner IS NOT DISTINCT FROM excluded.owner",
         )
@@ -23,7 +23,14 @@ async fn put_on(c: &impl GenericClient, replica: &str, r: &Record) -> Result<(),
     let n = c
         .execute(
             &st,
-            &[&p.id, &p.created_at, &p.status.as_str(), &json, &replica],
+            &[
+                &p.id,
+                &p.created_at,
+                &p.status.as_str(),
+                &json,
+                &replica,
+                &p.model,
+            ],
         )
         .await?;
     if n == 0 {
@@ -38,8 +45,8 @@ impl PgStore {
         let c = self.writer().await?;
         let st = c
             .prepare_cached(
-                "INSERT INTO predictions (id, created_at, status, record, owner)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO predictions (id, created_at, status, record, owner, model)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
             )
             .await?;
         let p = &r.prediction;
@@ -52,6 +59,7 @@ impl PgStore {
                     &p.status.as_str(),
                     &json,
                     &self.replica,
+                    &p.model,
                 ],
             )
             .await?;
@@ -127,6 +135,7 @@ impl PgStore {
                    AND ($4::text IS NULL OR created_at < $4)
                    AND ($6::text[] IS NULL OR status = ANY($6))
                    AND ($7::text IS NULL OR (id >= $7 AND id < $8 AND id LIKE $9 ESCAPE '\\'))
+                   AND ($10::text IS NULL OR model = $10)
                  ORDER BY created_at DESC, id DESC LIMIT $5",
             )
             .await?;
@@ -143,6 +152,7 @@ impl PgStore {
                     &low,
                     &high,
                     &pattern,
+                    &filter.model,
                 ],
             )
             .await?;

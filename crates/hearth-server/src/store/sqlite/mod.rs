@@ -78,6 +78,11 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 6: listing by status newest first reads only that status's rows, in order.
     "CREATE INDEX predictions_status_created ON predictions (status, created_at DESC, id DESC);",
+    // 7: listing by model newest first reads only that model's rows, in order (the
+    // column filled from the records at the upgrade).
+    "ALTER TABLE predictions ADD COLUMN model TEXT NOT NULL DEFAULT '';
+     UPDATE predictions SET model = COALESCE(json_extract(record, '$.prediction.model'), '');
+     CREATE INDEX predictions_model_created ON predictions (model, created_at DESC, id DESC);",
 ];
 
 /// The schema version that added the files index (`files::index_existing` fills it).

@@ -12,14 +12,15 @@ impl SqliteDb {
     pub(super) fn insert(&self, r: &Record) -> Result<(), StoreError> {
         let json = serde_json::to_string(r)?;
         let n = self.writer()?.execute(
-            "INSERT INTO predictions (id, created_at, status, record, owner) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(id) DO NOTHING",
+            "INSERT INTO predictions (id, created_at, status, record, owner, model)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(id) DO NOTHING",
             params![
                 r.prediction.id,
                 r.prediction.created_at,
                 r.prediction.status.as_str(),
                 json,
-                self.replica
+                self.replica,
+                r.prediction.model
             ],
         )?;
         if n == 0 {
@@ -188,7 +189,8 @@ impl SqliteDb {
 fn put_on(conn: &Connection, replica: &str, r: &Record) -> Result<(), StoreError> {
     let json = serde_json::to_string(r)?;
     let n = conn.execute(
-        "INSERT INTO predictions (id, created_at, status, record, owner) VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO predictions (id, created_at, status, record, owner, model)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT(id) DO UPDATE SET status = excluded.status, record = excluded.record
          WHERE predictions.owner IS excluded.owner",
         params![
@@ -196,7 +198,8 @@ fn put_on(conn: &Connection, replica: &str, r: &Record) -> Result<(), StoreError
             r.prediction.created_at,
             r.prediction.status.as_str(),
             json,
-            replica
+            replica,
+            r.prediction.model
         ],
     )?;
     if n == 0 {
@@ -209,7 +212,8 @@ fn put_on(conn: &Connection, replica: &str, r: &Record) -> Result<(), StoreError
 /// each one an index can serve: the cursor as a row value (a seek into the order, not a
 /// walk from the newest), `status IN (...)` on `predictions_status_created` (status,
 /// created_at, id: a status's rows already in the listing's order) and an id prefix as
-/// a range of the primary key.
+/// a range of the primary key, a model on `predictions_model_created` (model,
+/// created_at, id: likewise in order).
 fn list_query(cursor: Option<&str>, filter: &ListFilter, limit: usize) -> (String, Vec<Value>) {
     let mut args: Vec<Value> = vec![((limit + 1) as i64).into()];
     let mut conds: Vec<String> = Vec::new();
@@ -232,8 +236,17 @@ fn list_query(cursor: Option<&str>, filter: &ListFilter, limit: usize) -> (Strin
         // With an id prefix too, the prefix's range of the primary key is the one to
         // read (a few rows), not every row of the status: `+` keeps this term off an
         // index.
-        let plus = if filter.id_prefix.is_some() { "+" } else { "" };
+        let plus = if filter.id_prefix.is_some() || filter.model.is_some() {
+            "+"
+        } else {
+            ""
+        };
         conds.push(format!("{plus}status IN ({})", marks.join(", ")));
+    }
+    if let Some(model) = &filter.model {
+        // With an id prefix too, the prefix's range is the smaller read.
+        let plus = if filter.id_prefix.is_some() { "+" } else { "" };
+        conds.push(format!("{plus}model = {}", arg(&mut args, model.clone())));
     }
     if let Some(prefix) = &filter.id_prefix {
         let p = IdPrefix::new(prefix);

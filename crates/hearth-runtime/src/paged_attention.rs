@@ -12,7 +12,8 @@
 //! barrier pool, the costliest (latest queries) first; the query heads of a GQA group
 //! share each key and value row they load. Items of ≥ 8 query rows (prefill) run
 //! tiled.rs's packed kernel (64-key tiles, scores with rows in SIMD lanes, half caches
-//! widened per tile with F16C); decodes stream keys through kernel.rs.
+//! widened per tile with F16C; AVX-512 where the CPU has it, else AVX2); decodes stream
+//! keys through kernel.rs.
 //! CUDA (feature `cuda`): hearth's own kernels (kernels/paged_attention.cu): prefill
 //! rows one thread block per (token, kv head, up to 8 heads of its GQA group); decode
 //! rows split-key (partitions of [`DECODE_PARTITION_KEYS`] keys) and a combine; head
@@ -33,6 +34,8 @@ mod cuda;
 #[cfg(hearth_cuda_emulator)]
 pub(crate) mod emulated;
 mod kernel;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 // The launch plans and shape checks are read by the CUDA path and the emulator only;
 // a plain CPU build (e.g. a lone `-p hearth-server` build) compiles them unused.
 #[cfg_attr(not(any(feature = "cuda", hearth_cuda_emulator)), allow(dead_code))]
@@ -41,6 +44,8 @@ pub(crate) mod launch;
 mod rope_cache;
 #[cfg(target_arch = "x86_64")]
 mod tiled;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tiled_tests;
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::preset as preset_device_metadata;
 #[cfg(hearth_cuda_emulator)]
@@ -215,6 +220,7 @@ impl CustomOp3 for PagedAttention<'_> {
                     self.meta,
                     dims,
                     self.scale,
+                    CpuKernel::Auto,
                 );
                 Ok((CpuStorage::$variant(out), shape))
             }};
@@ -337,6 +343,21 @@ struct Item {
     q_end: u32,
 }
 
+/// Which CPU kernel runs the items: the fastest this CPU has for each (`Auto`), or one
+/// forced for every item, so tests compare each SIMD path with the scalar one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CpuKernel {
+    Auto,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    #[cfg_attr(not(test), allow(dead_code))]
+    TiledAvx2,
+    #[cfg(target_arch = "x86_64")]
+    #[cfg_attr(not(test), allow(dead_code))]
+    TiledAvx512,
+}
+
 /// Queries and output in `Q`, the caches in `T`.
 fn attend<Q: Element, T: Element>(
     q: &[Q],
@@ -345,6 +366,7 @@ fn attend<Q: Element, T: Element>(
     meta: &AttentionMetadata,
     dims: Dims,
     scale: f32,
+    choice: CpuKernel,
 ) -> Vec<Q> {
     let t = meta.num_tokens();
     let mut out: Vec<Q> = Vec::with_capacity(t * dims.h * dims.d);
@@ -378,7 +400,7 @@ fn attend<Q: Element, T: Element>(
         for it in &items[range] {
             // SAFETY: each item writes the rows of its own (query, head) pairs, which no
             // other item writes; `out` has capacity for all of them.
-            unsafe { run_item(q, k, v, meta, dims, scale, *it, p.0) };
+            unsafe { run_item(q, k, v, meta, dims, scale, *it, p.0, choice) };
         }
     });
     // SAFETY: the items cover every (token, head) row exactly once.
@@ -400,31 +422,41 @@ unsafe fn run_item<Q: Element, T: Element>(
     scale: f32,
     it: Item,
     out: *mut Q,
+    choice: CpuKernel,
 ) {
     SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
+        let s: &mut Vec<f32> = &mut scratch;
+        match choice {
+            CpuKernel::Auto => {}
+            CpuKernel::Scalar => {
+                return item_kernel::<Q, T, kernel::Scalar>(q, k, v, meta, dims, scale, it, out, s)
+            }
+            #[cfg(target_arch = "x86_64")]
+            CpuKernel::TiledAvx2 => {
+                return tiled::item_kernel_avx2::<Q, T>(q, k, v, meta, dims, scale, it, out, s)
+            }
+            #[cfg(target_arch = "x86_64")]
+            CpuKernel::TiledAvx512 => {
+                return tiled::item_kernel_avx512::<Q, T>(q, k, v, meta, dims, scale, it, out, s)
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if (it.q_end - it.q_begin) as usize * (dims.h / dims.kvh) >= TILED_MIN_ROWS
             && dims.d.is_multiple_of(8)
             && tiled::available()
         {
-            return tiled::item_kernel::<Q, T>(q, k, v, meta, dims, scale, it, out, &mut scratch);
+            return if tiled::available_avx512() {
+                tiled::item_kernel_avx512::<Q, T>(q, k, v, meta, dims, scale, it, out, s)
+            } else {
+                tiled::item_kernel_avx2::<Q, T>(q, k, v, meta, dims, scale, it, out, s)
+            };
         }
         #[cfg(target_arch = "x86_64")]
         if threads::has_avx2_fma() && dims.d.is_multiple_of(8) {
-            return item_kernel::<Q, T, kernel::Avx2>(
-                q,
-                k,
-                v,
-                meta,
-                dims,
-                scale,
-                it,
-                out,
-                &mut scratch,
-            );
+            return item_kernel::<Q, T, kernel::Avx2>(q, k, v, meta, dims, scale, it, out, s);
         }
-        item_kernel::<Q, T, kernel::Scalar>(q, k, v, meta, dims, scale, it, out, &mut scratch)
+        item_kernel::<Q, T, kernel::Scalar>(q, k, v, meta, dims, scale, it, out, s)
     })
 }
 

@@ -163,3 +163,78 @@ fn a_think_block_is_free_and_the_answer_after_it_is_held() {
         "<think>\nCall f.\n</think>\n\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>"
     ));
 }
+
+/// Writes `prefix`, then as many digit tokens as the grammar allows (any allowed one
+/// each step, up to `cap` steps); the digits written.
+fn digits_allowed(c: &Constraint, tok: &TextTokenizer, prefix: &str, cap: usize) -> String {
+    let mut seq = SeqConstraint::new(c, &[EOS]).unwrap();
+    for id in tok.encode(prefix, false).unwrap() {
+        assert!(mask_allows(seq.compute_mask(), id as usize));
+        assert!(matches!(seq.advance(id), Progress::Continue));
+    }
+    let vocab = tok.inner().get_vocab_size(true) as u32;
+    let mut digits = String::new();
+    for _ in 0..cap {
+        let mask = seq.compute_mask().to_vec();
+        let next = (0..vocab).find(|&id| {
+            let t = tok.token_piece(id).text;
+            mask_allows(&mask, id as usize)
+                && !t.is_empty()
+                && t.bytes().all(|b| b.is_ascii_digit())
+                // A leading 0 ends the integer; start it with another digit.
+                && !(digits.is_empty() && t.starts_with('0'))
+        });
+        let Some(id) = next else { break };
+        digits.push_str(&tok.token_piece(id).text);
+        assert!(matches!(seq.advance(id), Progress::Continue));
+    }
+    digits
+}
+
+#[test]
+fn an_unbounded_integer_can_no_longer_run_past_sixteen_digits() {
+    let (c, tok) = compiler();
+    let schema = json!({"type": "object", "properties": {"n": {"type": "integer"},
+        "x": {"type": "number"}}, "required": ["n", "x"], "additionalProperties": false});
+    let g = c
+        .compile(&ConstraintSpec::JsonSchema(schema), "response_format")
+        .unwrap();
+    // Without the bound the digits go on until the cap.
+    let n = digits_allowed(&g, &tok, "{\"n\": ", 100);
+    assert!(n.len() <= 16, "{} digits: {n}", n.len());
+    let n = digits_allowed(&g, &tok, "{\"n\": -", 100);
+    assert!(n.len() <= 16, "{} digits: -{n}", n.len());
+    let x = digits_allowed(&g, &tok, "{\"n\": 1, \"x\": ", 100);
+    assert!(x.len() <= 16, "number: {} integer digits: {x}", x.len());
+    assert!(accepts(&g, &tok, "{\"n\": 9007199254740991, \"x\": -2.5}"));
+    // A bounded number is written without an exponent (llguidance's range regex).
+    assert!(accepts(
+        &g,
+        &tok,
+        "{\"n\": -9007199254740991, \"x\": 1250.125}"
+    ));
+    assert!(!accepts(&g, &tok, "{\"n\": 9007199254740992, \"x\": 0}"));
+    assert!(!accepts(
+        &g,
+        &tok,
+        "{\"n\": 123456789012345678901, \"x\": 0}"
+    ));
+    // Explicit bounds are the caller's: wider than the default range, still enforced.
+    let wide = json!({"type": "integer", "minimum": 0, "maximum": 99_999_999_999_999_999i64});
+    let g = c
+        .compile(&ConstraintSpec::JsonSchema(wide), "response_format")
+        .unwrap();
+    assert!(accepts(&g, &tok, "99999999999999999"));
+    assert!(!accepts(&g, &tok, "-1"));
+    // Tool-call arguments are bounded the same way.
+    let g = c
+        .compile(&tools(ToolSyntax::Hermes, false, false), "tools")
+        .unwrap();
+    let a = digits_allowed(
+        &g,
+        &tok,
+        "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": ",
+        100,
+    );
+    assert!(a.len() <= 16, "{} digits: {a}", a.len());
+}

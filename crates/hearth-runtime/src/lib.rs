@@ -21,6 +21,7 @@ pub mod fused;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hub;
+pub mod json_bounds;
 pub mod kv_cache;
 pub mod launch_count;
 pub mod layer_kernels;

@@ -83,6 +83,7 @@ impl ToolCallGrammar {
                 }
                 other => other.clone(),
             };
+            crate::json_bounds::bound_numbers(&mut schema);
             if let Value::Object(o) = &mut schema {
                 o.insert("x-guidance".into(), json_options.clone());
             }

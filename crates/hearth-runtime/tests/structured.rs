@@ -117,18 +117,19 @@ fn smollm2_output_matches_every_schema_of_the_corpus() {
 }
 
 /// The figure: 5 samples per schema, every finished output valid, and the
-/// share finished by the grammar printed against the goal (95%). The floor asserted
-/// here is 90%, below that goal: with the Philox draw these fixed seeds give 150 of
-/// 160 (93.75%); the ten that run out are unbounded integers whose digits never end
-/// and recursive `$ref`s nesting past `max_tokens` (SmolLM2-135M at temperature 1).
-/// Four times the budget (1,280 tokens) for the schemas without a size bound gave the
-/// same 150 of 160 (2026-12-02): these samples loop (digits, `{"v": 0, "next": …`), so
-/// a larger `max_tokens` only makes them longer.
+/// share finished by the grammar printed against the goal (95%), which is the floor
+/// asserted. Since integers and numbers without bounds are held to ±(2^53 − 1)
+/// (json_bounds.rs) these fixed seeds give 153 of 160 (95.62%, 2026-12-02; 150 of 160
+/// before). The seven that run out: four recursive `$ref`s nesting past `max_tokens`
+/// (`{"v": 0, "next": …`; llguidance has no depth bound), two fraction-digit runs (a
+/// `number` in (0, 1), a date-time's fractional seconds; llguidance has no digit bound)
+/// and one long free-text key: loops of SmolLM2-135M at temperature 1 that a larger
+/// `max_tokens` only makes longer.
 /// Slow on 2 shared cores (CI runs it with `--ignored`).
 #[test]
 #[ignore]
 fn smollm2_five_samples_per_schema_of_the_corpus() {
-    check_corpus(5, 90);
+    check_corpus(5, 95);
 }
 
 fn check_corpus(default_samples: u64, floor_percent: usize) {

@@ -140,7 +140,8 @@ pub async fn create(
     let parsed = crate::schema::parse_input(&req.input, &model.defaults, Some(&model.limits()))?;
     let prompt = model.engine.tokenizer().prompt_tokens(&parsed.prompt)?;
     let mut params = parsed.params;
-    params.constraint = crate::constraint_input::compile(model, parsed.constraint, &parsed.prompt).await?;
+    params.constraint =
+        crate::constraint_input::compile(model, parsed.constraint, &parsed.prompt).await?;
     // Held until the prediction ends (its runner drops it).
     let quota = state.quotas.take(&origin.client)?;
     // Dropping the stream cancels the request in the engine, so every early return

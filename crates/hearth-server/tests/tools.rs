@@ -478,7 +478,12 @@ async fn a_thinking_template_keeps_the_schema_after_the_block_on_replicate() {
         "required": ["city", "days"], "additionalProperties": false});
     let validator = jsonschema::validator_for(&schema).unwrap();
     let mut by_grammar = 0;
-    for (seed, template) in [(0, None), (1, None), (2, Some("{prompt}")), (3, Some("{prompt}"))] {
+    for (seed, template) in [
+        (0, None),
+        (1, None),
+        (2, Some("{prompt}")),
+        (3, Some("{prompt}")),
+    ] {
         let mut input = json!({"prompt": "Plan a trip: a city and a number of days, as JSON.",
             "json_schema": schema, "seed": seed, "temperature": 1.0, "max_tokens": 96});
         if let Some(t) = template {
@@ -516,5 +521,8 @@ async fn a_thinking_template_keeps_the_schema_after_the_block_on_replicate() {
         assert!(validator.is_valid(&v), "{v}");
         by_grammar += 1;
     }
-    assert!(by_grammar >= 2, "only {by_grammar} of 4 finished by the grammar");
+    assert!(
+        by_grammar >= 2,
+        "only {by_grammar} of 4 finished by the grammar"
+    );
 }

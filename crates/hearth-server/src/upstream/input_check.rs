@@ -524,7 +524,11 @@ mod tests {
             vec![]
         );
         // json_schema as the object itself, as a string holding one, or a boolean schema.
-        for schema in [json!({"type": "object"}), json!("{\"type\": \"object\"}"), json!(true)] {
+        for schema in [
+            json!({"type": "object"}),
+            json!("{\"type\": \"object\"}"),
+            json!(true),
+        ] {
             assert_eq!(
                 fields(c.check(&json!({"prompt": "hi", "json_schema": schema}))),
                 vec![]

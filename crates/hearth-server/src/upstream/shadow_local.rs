@@ -173,10 +173,11 @@ async fn run_copy(
         Err(e) => return refused(e.into()),
     };
     let mut params = parsed.params;
-    params.constraint = match crate::constraint_input::compile(model, parsed.constraint, &parsed.prompt).await {
-        Ok(c) => c,
-        Err(e) => return refused(e),
-    };
+    params.constraint =
+        match crate::constraint_input::compile(model, parsed.constraint, &parsed.prompt).await {
+            Ok(c) => c,
+            Err(e) => return refused(e),
+        };
     // Dropped on every return below: the engine cancels it then.
     let mut stream = match model
         .engine

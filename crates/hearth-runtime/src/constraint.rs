@@ -203,10 +203,15 @@ pub const MAX_TOOLS_GRAMMAR_BYTES: usize = 256 * 1024;
 /// Compact JSON with one space after `,` and `:` (bounded whitespace: a model cannot
 /// pad forever), strict about keywords; replaces any `x-guidance` the caller sent.
 /// Also bounds the numbers the schema leaves unbounded (json_bounds.rs).
-fn with_hearth_options(mut schema: Value) -> Value {
+fn with_hearth_options(schema: Value) -> Value {
+    with_json_options(schema, &hearth_json_options())
+}
+
+/// `schema` with its unbounded numbers bounded and `options` as its `x-guidance`.
+pub(crate) fn with_json_options(mut schema: Value, options: &Value) -> Value {
     crate::json_bounds::bound_numbers(&mut schema);
     if let Value::Object(o) = &mut schema {
-        o.insert("x-guidance".into(), hearth_json_options());
+        o.insert("x-guidance".into(), options.clone());
     }
     schema
 }

@@ -24,9 +24,7 @@ pub const SAFE_INTEGER: i64 = 9_007_199_254_740_991;
 /// Subschemas nested deeper than this are left as written.
 pub const MAX_DEPTH: usize = 64;
 
-const SCHEMA_MAPS: &[&str] = &["properties", "patternProperties", "$defs", "definitions"];
-const SCHEMA_LISTS: &[&str] = &["anyOf", "oneOf", "allOf", "prefixItems", "items"];
-const SCHEMA_ONES: &[&str] = &["additionalProperties", "additionalItems", "items"];
+use crate::schema_check::{SCHEMA_LISTS, SCHEMA_MAPS, SCHEMA_ONES};
 
 /// Adds the missing lower and upper bound to every `integer` and `number` subschema.
 pub fn bound_numbers(schema: &mut Value) {
@@ -49,12 +47,15 @@ fn bound_at(schema: &mut Value, depth: usize) {
                     bound_at(sub, depth + 1);
                 }
             }
-            Value::Array(items) if SCHEMA_LISTS.contains(&k) => {
+            // `items` is one subschema or (draft 4-2019) a list of them.
+            Value::Array(items) if SCHEMA_LISTS.contains(&k) || k == "items" => {
                 for sub in items {
                     bound_at(sub, depth + 1);
                 }
             }
-            Value::Object(_) if SCHEMA_ONES.contains(&k) => bound_at(value, depth + 1),
+            Value::Object(_) if SCHEMA_ONES.contains(&k) || k == "items" => {
+                bound_at(value, depth + 1)
+            }
             _ => {}
         }
     }
@@ -76,11 +77,13 @@ fn add_bounds(obj: &mut Map<String, Value>) {
     // Draft 4's boolean `exclusiveMinimum` only qualifies `minimum`; a number is a bound.
     let lower = bound(obj, "minimum").or_else(|| bound(obj, "exclusiveMinimum"));
     let upper = bound(obj, "maximum").or_else(|| bound(obj, "exclusiveMaximum"));
+    // A bound that is there but not a number is the caller's, left for llguidance to
+    // refuse: never replaced.
     if lower.is_none() && upper.is_none_or(|u| u >= -safe) {
-        obj.insert("minimum".into(), Value::from(-SAFE_INTEGER));
+        obj.entry("minimum").or_insert(Value::from(-SAFE_INTEGER));
     }
     if upper.is_none() && lower.is_none_or(|l| l <= safe) {
-        obj.insert("maximum".into(), Value::from(SAFE_INTEGER));
+        obj.entry("maximum").or_insert(Value::from(SAFE_INTEGER));
     }
 }
 
@@ -201,5 +204,12 @@ mod tests {
         // Within the bound, the same leaf is bounded.
         let out = bounded(json!({"anyOf": [{"anyOf": [{"type": "integer"}]}]}));
         assert_eq!(out["anyOf"][0]["anyOf"][0]["maximum"], json!(S));
+    }
+
+    #[test]
+    fn a_bound_that_is_not_a_number_is_never_replaced() {
+        let out = bounded(json!({"type": "integer", "minimum": "5", "maximum": null}));
+        assert_eq!(out["minimum"], json!("5"));
+        assert_eq!(out["maximum"], Value::Null);
     }
 }

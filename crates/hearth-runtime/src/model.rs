@@ -389,8 +389,11 @@ impl Transformer {
         };
         // as_mut_slice waits for the previous step's copy out of this buffer.
         layout.write(&data, p.as_mut_slice().w()?)?;
-        // The whole pinned buffer is copied (at most twice the layout: it grows by
-        // powers of two), so no sub-slice of pinned memory is needed.
+        // The whole pinned buffer is copied, not only the layout's words: cudarc
+        // copies pinned memory only as a whole slice (a part, copied as a plain slice,
+        // records no event for the next step's write to wait on). The buffer never
+        // shrinks, so after one large step every later step copies that size (64 KiB
+        // at least); bounding it (two alternating buffers, our own event) is left.
         // SAFETY: every word is written by the copy below.
         let mut dst = unsafe { dev.alloc::<u32>(p.len())? };
         dev.memcpy_htod(&*p, &mut dst)?;

@@ -79,9 +79,10 @@ const UNSUPPORTED: &[&str] = &[
 ];
 
 /// Where in a schema subschemas sit: a map of them, a list of them, or one.
-const SCHEMA_MAPS: &[&str] = &["properties", "patternProperties", "$defs", "definitions"];
-const SCHEMA_LISTS: &[&str] = &["anyOf", "oneOf", "allOf", "prefixItems"];
-const SCHEMA_ONES: &[&str] = &["additionalProperties", "additionalItems"];
+pub(crate) const SCHEMA_MAPS: &[&str] =
+    &["properties", "patternProperties", "$defs", "definitions"];
+pub(crate) const SCHEMA_LISTS: &[&str] = &["anyOf", "oneOf", "allOf", "prefixItems"];
+pub(crate) const SCHEMA_ONES: &[&str] = &["additionalProperties", "additionalItems"];
 
 /// Largest schema accepted, as JSON text; llguidance's own limits bound the rest.
 pub const MAX_SCHEMA_BYTES: usize = 256 * 1024;

@@ -74,7 +74,7 @@ impl ToolCallGrammar {
             }
             crate::schema_check::check_schema(params)
                 .map_err(|e| format!("function {name:?}: {e}"))?;
-            let mut schema = match params {
+            let schema = match params {
                 Value::Bool(true) => json!({}),
                 Value::Bool(false) => {
                     return Err(format!(
@@ -83,10 +83,7 @@ impl ToolCallGrammar {
                 }
                 other => other.clone(),
             };
-            crate::json_bounds::bound_numbers(&mut schema);
-            if let Value::Object(o) = &mut schema {
-                o.insert("x-guidance".into(), json_options.clone());
-            }
+            let schema = crate::constraint::with_json_options(schema, json_options);
             let head = format!("{{\"name\": \"{name}\", \"{key}\": ");
             rules.push(format!(
                 "fn_{i}: {} %json {schema} \"}}\"",

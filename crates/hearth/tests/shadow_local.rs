@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::procs::{free_port, metric, spawn, temp, Api, Proc};
+use support::procs::{free_port, metric, spawn, spawn_upstream, temp, Api, Proc};
 
 const UP_TOKEN: &str = "upstream-secret-51c2";
 const FRONT_TOKEN: &str = "front-token";
@@ -19,24 +19,12 @@ const MODEL: &str = "hearth/demo";
 
 /// The upstream: the demo model as hearth/demo.
 async fn upstream(dir: &Path) -> Proc {
-    let cards = dir.join("cards");
-    std::fs::create_dir_all(&cards).unwrap();
-    std::fs::write(
-        cards.join("a.toml"),
-        "name = \"hearth/demo\"\nmodel = \"demo\"\n",
-    )
-    .unwrap();
-    let args: Vec<String> = [
-        "--models",
-        &cards.display().to_string(),
-        "--data-dir",
-        &dir.join("up-data").display().to_string(),
-        "--api-token",
+    spawn_upstream(
+        dir,
+        &["name = \"hearth/demo\"\nmodel = \"demo\"\n"],
         UP_TOKEN,
-    ]
-    .map(String::from)
-    .to_vec();
-    spawn(free_port(), &args, &[], &dir.join("upstream.log")).await
+    )
+    .await
 }
 
 /// A front serving the demo model here (hearth/demo), one sequence at a time, with

@@ -10,109 +10,29 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::fault_proxy::FaultProxy;
+use support::procs::{free_port, spawn, spawn_upstream, temp, Proc};
 
 const UP_TOKEN: &str = "upstream-secret-7f3a";
 const FRONT_TOKEN: &str = "front-token";
 
-struct Proc {
-    child: Child,
-    base: String,
-    log: PathBuf,
-}
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn temp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "hearth-up-{tag}-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-async fn spawn(port: u16, args: &[String], env: &[(&str, &str)], log: &Path) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
-    cmd.args(["serve", "--port", &port.to_string()])
-        .args(args)
-        .env("HEARTH_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap(),
-        );
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let p = Proc {
-        child: cmd.spawn().unwrap(),
-        base: format!("http://127.0.0.1:{port}"),
-        log: log.to_path_buf(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(r) = reqwest::get(format!("{}/health-check", p.base)).await {
-            if r.json::<Value>()
-                .await
-                .is_ok_and(|h| h["status"] == "READY")
-            {
-                return p;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "server on {port} did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The upstream: the demo model as acme/remote and as hearth/demo.
 async fn upstream(dir: &Path) -> Proc {
-    let cards = dir.join("cards");
-    std::fs::create_dir_all(&cards).unwrap();
-    std::fs::write(
-        cards.join("a.toml"),
-        "name = \"acme/remote\"\nmodel = \"demo\"\n[defaults]\nmax_tokens = 129\n",
+    spawn_upstream(
+        dir,
+        &[
+            "name = \"acme/remote\"\nmodel = \"demo\"\n[defaults]\nmax_tokens = 129\n",
+            "name = \"hearth/demo\"\nmodel = \"demo\"\n",
+        ],
+        UP_TOKEN,
     )
-    .unwrap();
-    std::fs::write(
-        cards.join("b.toml"),
-        "name = \"hearth/demo\"\nmodel = \"demo\"\n",
-    )
-    .unwrap();
-    let args: Vec<String> = vec![
-        "--models".into(),
-        cards.display().to_string(),
-        "--data-dir".into(),
-        dir.join("data").display().to_string(),
-        "--api-token".into(),
-        UP_TOKEN.into(),
-    ];
-    spawn(free_port(), &args, &[], &dir.join("upstream.log")).await
+    .await
 }
 
 async fn front(port: u16, data: &Path, upstream_url: &str, extra: &[&str]) -> Proc {

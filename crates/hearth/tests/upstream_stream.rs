@@ -16,31 +16,19 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use support::fault_proxy::FaultProxy;
-use support::procs::{free_port, spawn, temp, Api, Proc};
+use support::procs::{free_port, spawn, spawn_upstream, temp, Api, Proc};
 
 const UP_TOKEN: &str = "upstream-secret-9d41";
 const FRONT_TOKEN: &str = "front-token";
 const MODEL: &str = "hearth/demo";
 
 async fn upstream(dir: &Path) -> Proc {
-    let cards = dir.join("cards");
-    std::fs::create_dir_all(&cards).unwrap();
-    std::fs::write(
-        cards.join("a.toml"),
-        "name = \"hearth/demo\"\nmodel = \"demo\"\n",
-    )
-    .unwrap();
-    let args: Vec<String> = [
-        "--models",
-        &cards.display().to_string(),
-        "--data-dir",
-        &dir.join("up-data").display().to_string(),
-        "--api-token",
+    spawn_upstream(
+        dir,
+        &["name = \"hearth/demo\"\nmodel = \"demo\"\n"],
         UP_TOKEN,
-    ]
-    .map(String::from)
-    .to_vec();
-    spawn(free_port(), &args, &[], &dir.join("upstream.log")).await
+    )
+    .await
 }
 
 async fn front(dir: &Path, up: &str) -> Proc {
@@ -184,6 +172,16 @@ async fn an_upstream_route_relays_the_upstreams_stream_and_falls_back_to_polling
     assert!(
         proxy.streams.load(Ordering::SeqCst) >= 1,
         "no stream followed"
+    );
+    // Followed to its end, not opened and then left for polling (which also delivers
+    // most chunks early, 200 ms apart).
+    assert!(
+        !done["logs"]
+            .as_str()
+            .unwrap_or("")
+            .contains("could not be followed"),
+        "the stream was not followed to its end: {}",
+        done["logs"]
     );
 
     // Every stream is cut after 5 events: the front reconnects after the last event

@@ -108,6 +108,10 @@ pub(crate) fn preset(
 }
 
 fn device_meta_from(packed: &Tensor, layout: &PackedLayout) -> Result<DeviceMeta> {
+    // The parts are read from the raw storage: a view starting elsewhere would shift them.
+    if packed.layout().start_offset() != 0 {
+        candle_core::bail!("paged attention: the packed metadata is a view, not the buffer");
+    }
     let host_parts = [
         Buffer::TokenSeq,
         Buffer::QueryStart,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::client::CallError;
 use super::normalize;
 use super::runner::{final_record, End, Job};
 use super::{poller, stream_follower};
@@ -21,6 +22,16 @@ use crate::webhook::WebhookEvent;
 pub(super) const MAX_RUN: Duration = Duration::from_secs(86400);
 /// After a cancel is forwarded, how long the upstream gets to end the prediction.
 const CANCEL_GRACE: Duration = Duration::from_secs(30);
+
+/// How a prediction ends when the upstream answers its `GET` with a 4xx (not 429):
+/// 404, it no longer has it; otherwise it refuses to show it.
+pub(super) fn refused(name: &str, uid: &str, status: u16, body: &str) -> End {
+    End::Failed(if status == 404 {
+        format!("upstream {name} no longer has prediction {uid} (deleted or expired there)")
+    } else {
+        format!("upstream {name} refused to show prediction {uid} ({status}): {body}")
+    })
+}
 
 /// Where following one prediction stands.
 pub(super) struct Progress {
@@ -221,10 +232,21 @@ impl Progress {
     }
 
     /// One `GET` while the stream is followed: the start, or the end, when the stream
-    /// has not said so. Failures are left to the stream (and then the poller).
+    /// has not said so. A prediction the upstream no longer has or refuses to show
+    /// ends as the poller ends it; other failures count against the upstream's
+    /// breaker and are left to the stream (and then the poller's limits).
     pub async fn check(&mut self, job: &Job) -> Result<Option<Value>, End> {
-        let Ok(u) = job.client.get_prediction(&self.uid).await else {
-            return Ok(None);
+        let u = match job.client.get_prediction(&self.uid).await {
+            Ok(u) => u,
+            Err(CallError::Throttled(_)) => return Ok(None),
+            Err(CallError::Status { status, body }) if status < 500 => {
+                return Err(refused(&job.client.name, &self.uid, status, &body))
+            }
+            Err(e) => {
+                job.client.breaker.failure();
+                tracing::debug!(upstream = %job.client.name, error = %e, "checking a followed prediction failed");
+                return Ok(None);
+            }
         };
         job.client.breaker.success();
         let status = normalize::status(&u);

@@ -54,15 +54,8 @@ pub(super) async fn poll(job: &Job, p: &mut Progress) -> Result<Polled, End> {
                 interval = wait.min(Duration::from_secs(60));
                 continue;
             }
-            Err(CallError::Status { status: 404, .. }) => {
-                return Err(End::Failed(format!(
-                    "upstream {name} no longer has prediction {uid} (deleted or expired there)"
-                )))
-            }
             Err(CallError::Status { status, body }) if status < 500 => {
-                return Err(End::Failed(format!(
-                    "upstream {name} refused to show prediction {uid} ({status}): {body}"
-                )))
+                return Err(super::follow::refused(name, &uid, status, &body))
             }
             Err(e) => {
                 job.client.breaker.failure();

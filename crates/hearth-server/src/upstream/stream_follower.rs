@@ -67,11 +67,18 @@ pub(super) async fn follow(job: &Job, url: &str, p: &mut Progress) -> Result<Str
             Err(e) => format!("opening it again: {e}"),
             Ok(resp) => {
                 let mut reader = SseReader::new(resp, EVENT_MAX);
+                // One deadline across the loop's turns, moved only by a read: the
+                // other branches (the checks among them, at most 30 s apart) must not
+                // restart the silence count.
+                let mut silent_until = tokio::time::Instant::now() + STREAM_IDLE;
                 loop {
                     p.grace(job)?;
                     let grace = p.grace_left().unwrap_or(Duration::MAX);
                     let block = tokio::select! {
-                        b = tokio::time::timeout(STREAM_IDLE, reader.next()) => b,
+                        b = reader.next() => b,
+                        _ = tokio::time::sleep_until(silent_until) => {
+                            break format!("nothing for {}s", STREAM_IDLE.as_secs());
+                        }
                         _ = job.live.cancel_requested(), if p.cancel_sent.is_none() => {
                             p.forward_cancel(job).await;
                             continue;
@@ -90,12 +97,12 @@ pub(super) async fn follow(job: &Job, url: &str, p: &mut Progress) -> Result<Str
                             }
                         }
                     };
+                    silent_until = tokio::time::Instant::now() + STREAM_IDLE;
                     let ev = match block {
-                        Ok(Ok(Some(Block::Event(ev)))) => ev,
-                        Ok(Ok(Some(Block::Comment))) => continue,
-                        Ok(Ok(None)) => break "it ended before its done event".to_string(),
-                        Ok(Err(e)) => break e,
-                        Err(_) => break format!("nothing for {}s", STREAM_IDLE.as_secs()),
+                        Ok(Some(Block::Event(ev))) => ev,
+                        Ok(Some(Block::Comment)) => continue,
+                        Ok(None) => break "it ended before its done event".to_string(),
+                        Err(e) => break e,
                     };
                     if replayed(ev.id.as_deref(), last_id.as_deref()) {
                         continue;

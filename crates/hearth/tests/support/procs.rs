@@ -38,6 +38,26 @@ pub fn temp(tag: &str) -> PathBuf {
     d
 }
 
+/// The upstream of the hybrid-serving tests: a hearth serving one model card per
+/// TOML text in `cards` (the demo model under other names), behind `token`, its data
+/// in `dir/up-data` and its log in `dir/upstream.log`.
+pub async fn spawn_upstream(dir: &Path, cards: &[&str], token: &str) -> Proc {
+    let card_dir = dir.join("cards");
+    std::fs::create_dir_all(&card_dir).unwrap();
+    for (i, card) in cards.iter().enumerate() {
+        std::fs::write(card_dir.join(format!("{i}.toml")), card).unwrap();
+    }
+    let args: Vec<String> = vec![
+        "--models".into(),
+        card_dir.display().to_string(),
+        "--data-dir".into(),
+        dir.join("up-data").display().to_string(),
+        "--api-token".into(),
+        token.into(),
+    ];
+    spawn(free_port(), &args, &[], &dir.join("upstream.log")).await
+}
+
 /// Starts `hearth serve` on `port` and waits until it is READY.
 pub async fn spawn(port: u16, args: &[String], env: &[(&str, &str)], log: &Path) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));

@@ -49,10 +49,11 @@ pids+=($!)
   -t "$threads" -np 16 -c $((16 * 2304)) >"$tmp/llama.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 600); do
-  curl -sf "http://127.0.0.1:$hport/health-check" >/dev/null && curl -sf "http://127.0.0.1:$lport/health" >/dev/null && break
+  # hearth listens before it loads: READY, not just an answer, means the model is there.
+  curl -sf "http://127.0.0.1:$hport/health-check" | grep -q '"READY"' && curl -sf "http://127.0.0.1:$lport/health" >/dev/null && break
   sleep 0.2
 done
-curl -sf "http://127.0.0.1:$hport/health-check" >/dev/null || { tail "$tmp/hearth.log" >&2; exit 1; }
+curl -sf "http://127.0.0.1:$hport/health-check" | grep -q '"READY"' || { tail "$tmp/hearth.log" >&2; exit 1; }
 curl -sf "http://127.0.0.1:$lport/health" >/dev/null || { tail "$tmp/llama.log" >&2; exit 1; }
 name=$(curl -sf "http://127.0.0.1:$hport/v1/models" | "$py" -c "import json,sys; m=json.load(sys.stdin)['results'][0]; print(m['owner']+'/'+m['name'])")
 

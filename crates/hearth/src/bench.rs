@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use hearth_runtime::{
-    Constraint, ConstraintSpec, EngineHandle, FinishReason, GenerationEvent, GenerationRequest,
-    SamplingParams, TextTokenizer,
+    Constraint, EngineHandle, FinishReason, GenerationEvent, GenerationRequest, SamplingParams,
 };
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::args::{EngineArgs, ModelArgs};
-use crate::bench_http;
+use crate::bench_workload::{workload, Prompt};
+use crate::{bench_constrained, bench_http};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -107,22 +107,22 @@ pub(crate) struct RequestResult {
 }
 
 #[derive(Serialize)]
-struct Report {
+pub(crate) struct Report {
     backend: String,
     model: String,
     num_prompts: usize,
     max_concurrency: usize,
     request_rate: String,
-    completed: usize,
+    pub(crate) completed: usize,
     failed: usize,
     total_input_tokens: usize,
     total_output_tokens: usize,
     duration: f64,
     request_throughput: f64,
-    output_throughput: f64,
+    pub(crate) output_throughput: f64,
     total_token_throughput: f64,
     mean_ttft_ms: f64,
-    median_ttft_ms: f64,
+    pub(crate) median_ttft_ms: f64,
     p99_ttft_ms: f64,
     mean_tpot_ms: f64,
     median_tpot_ms: f64,
@@ -141,9 +141,9 @@ struct Report {
     baseline_steps_per_s: Option<f64>,
     /// Token masks computed in the run, their mean time on the mask workers, and the
     /// engine thread's mean time on constraints per mask (tokens consumed, waits).
-    constraint_masks: u64,
-    mean_mask_us: f64,
-    mean_mask_engine_us: f64,
+    pub(crate) constraint_masks: u64,
+    pub(crate) mean_mask_us: f64,
+    pub(crate) mean_mask_engine_us: f64,
     /// hearth's own kernel launches per engine step (offline on CUDA; candle's not counted).
     #[serde(skip_serializing_if = "Option::is_none")]
     kernel_launches_per_step: Option<f64>,
@@ -167,122 +167,6 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     let rank = p / 100.0 * (s.len() - 1) as f64;
     let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
     s[lo] + (s[hi] - s[lo]) * (rank - lo as f64)
-}
-
-/// One request of the workload: prompt tokens (offline) or text (HTTP).
-#[derive(Clone)]
-enum Prompt {
-    Tokens(Vec<u32>),
-    Text(String, usize),
-}
-
-impl Prompt {
-    fn len(&self) -> usize {
-        match self {
-            Prompt::Tokens(t) => t.len(),
-            Prompt::Text(_, n) => *n,
-        }
-    }
-}
-
-/// `reserve`: tokens the server adds around each random prompt (a chat template), taken
-/// off its length so every backend's engine sees `input_len` prompt tokens.
-fn workload(
-    a: &BenchArgs,
-    tok: &TextTokenizer,
-    vocab: u32,
-    as_text: bool,
-    reserve: usize,
-) -> anyhow::Result<Vec<(Prompt, usize)>> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
-    let mut out = Vec::new();
-    if let Some(path) = &a.dataset {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-        for conv in v
-            .as_array()
-            .context("the dataset must be a JSON array of conversations")?
-        {
-            let Some(turns) = conv.get("conversations").and_then(|c| c.as_array()) else {
-                continue;
-            };
-            if turns.len() < 2 {
-                continue;
-            }
-            let text_of = |t: &serde_json::Value| {
-                t.get("value")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("")
-                    .to_string()
-            };
-            let prompt_text = text_of(&turns[0]);
-            let prompt = tok.encode(&prompt_text, true)?;
-            let reply = tok.encode(&text_of(&turns[1]), false)?.len();
-            // vLLM's filter: skip too-short pairs.
-            if prompt.len() < 4 || reply < 4 {
-                continue;
-            }
-            let n = prompt.len();
-            out.push((
-                if as_text {
-                    Prompt::Text(prompt_text, n)
-                } else {
-                    Prompt::Tokens(prompt)
-                },
-                reply,
-            ));
-            if out.len() == a.num_prompts {
-                break;
-            }
-        }
-        if out.is_empty() {
-            bail!("no usable conversations in {}", path.display());
-        }
-        return Ok(out);
-    }
-    // Random prompts as text that encodes to exactly `input_len` tokens, so the HTTP
-    // mode (which sends text) and the offline mode (which sends ids) do the same work.
-    let text_ids: Vec<u32> = (0..vocab)
-        .filter(|&i| {
-            let t = tok.decode(&[i]).unwrap_or_default();
-            !t.is_empty() && !t.contains('\u{FFFD}')
-        })
-        .collect();
-    if text_ids.is_empty() {
-        bail!("the tokenizer has no token that decodes to text");
-    }
-    let input_len = a.input_len.saturating_sub(reserve).max(1);
-    for _ in 0..a.num_prompts {
-        let mut ids: Vec<u32> = (0..input_len)
-            .map(|_| text_ids[rng.random_range(0..text_ids.len())])
-            .collect();
-        let mut text = tok.decode(&ids)?;
-        for _ in 0..16 {
-            let re = tok.encode(&text, false)?;
-            if re.len() == input_len {
-                ids = re;
-                break;
-            }
-            ids = re;
-            ids.truncate(input_len);
-            while ids.len() < input_len {
-                ids.push(text_ids[rng.random_range(0..text_ids.len())]);
-            }
-            text = tok.decode(&ids)?;
-        }
-        let n = ids.len();
-        out.push((
-            if as_text {
-                Prompt::Text(text, n)
-            } else {
-                Prompt::Tokens(ids)
-            },
-            a.output_len,
-        ));
-    }
-    Ok(out)
 }
 
 async fn offline_request(
@@ -463,69 +347,13 @@ fn run_once(a: &BenchArgs, max_concurrency: Option<usize>) -> anyhow::Result<Rep
         let report = measure(&rt, a, &engine, &http, work, None, max_concurrency)?;
         return finish(a, report, baseline_steps_per_s, engine.is_some());
     };
-    let schema: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(schema_path)
-            .with_context(|| format!("reading {}", schema_path.display()))?,
-    )
-    .with_context(|| format!("{} is not JSON", schema_path.display()))?;
-    let Some(engine_ref) = engine.as_ref() else {
-        bail!("--json-schema needs --offline");
-    };
-    let spec = ConstraintSpec::JsonSchema(schema);
-    let compiler = engine_ref.constraints();
-    let t = Instant::now();
-    let constraint = compiler.compile(&spec, "json_schema")?;
-    let first_compile_ms = t.elapsed().as_secs_f64() * 1e3;
-    let t = Instant::now();
-    compiler.compile(&spec, "json_schema")?;
-    let cached_compile_ms = t.elapsed().as_secs_f64() * 1e3;
-    // A first pass over the whole workload warms the engine (allocations, caches) and
-    // leaves every prompt's prefix cached, so the two measured runs start from the same
-    // state: warming only the first batch left the run measured second with prefix hits
-    // the first did not have (at c=1, a TTFT 40 ms lower for that alone).
-    measure(&rt, a, &engine, &http, work.clone(), None, max_concurrency)?;
-    let plain = measure(&rt, a, &engine, &http, work.clone(), None, max_concurrency)?;
-    eprint!("unconstrained: ");
-    summary(&plain, None, true);
-    let constrained = measure(
-        &rt,
-        a,
-        &engine,
-        &http,
-        work,
-        Some(constraint),
-        max_concurrency,
-    )?;
-    eprint!("constrained:   ");
-    summary(&constrained, None, true);
-    let ratio = constrained.output_throughput / plain.output_throughput.max(f64::MIN_POSITIVE);
-    eprintln!(
-        "constrained/unconstrained output tok/s: {ratio:.3}; TTFT p50 {:+.1} ms; mask {:.1} µs per constrained token on the mask workers, {:.1} µs per mask on the engine thread ({} masks); schema compile {first_compile_ms:.1} ms first (vocabulary trie included), {cached_compile_ms:.3} ms cached",
-        constrained.median_ttft_ms - plain.median_ttft_ms,
-        constrained.mean_mask_us,
-        constrained.mean_mask_engine_us,
-        constrained.constraint_masks,
-    );
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "unconstrained": plain, "constrained": constrained,
-                "output_throughput_ratio": ratio,
-                "first_compile_ms": first_compile_ms, "cached_compile_ms": cached_compile_ms,
-            })
-        );
-    }
-    if plain.completed == 0 || constrained.completed == 0 {
-        bail!("no request completed");
-    }
-    Ok(constrained)
+    bench_constrained::run(&rt, a, &engine, &http, work, max_concurrency, schema_path)
 }
 
-type Work = Vec<(Prompt, usize)>;
+pub(crate) type Work = Vec<(Prompt, usize)>;
 
 /// Runs the workload once and reports it.
-fn measure(
+pub(crate) fn measure(
     rt: &tokio::runtime::Runtime,
     a: &BenchArgs,
     engine: &Option<EngineHandle>,
@@ -665,7 +493,7 @@ fn measure(
     Ok(report)
 }
 
-fn summary(report: &Report, baseline_steps_per_s: Option<f64>, offline: bool) {
+pub(crate) fn summary(report: &Report, baseline_steps_per_s: Option<f64>, offline: bool) {
     eprintln!(
         "{} requests ({} failed) in {:.2}s: {:.1} output tok/s, {:.1} req/s, TTFT p50 {:.1} ms, TPOT p50 {:.2} ms{}{}{}",
         report.completed,

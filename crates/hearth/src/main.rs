@@ -2,8 +2,10 @@
 
 mod args;
 mod bench;
+mod bench_constrained;
 mod bench_http;
 mod bench_plot;
+mod bench_workload;
 mod compare;
 mod generate;
 mod serve;

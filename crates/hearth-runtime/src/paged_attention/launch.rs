@@ -449,3 +449,22 @@ pub(crate) fn plan(meta: &AttentionMetadata, s: &Shapes, dtype: DType, scale: f3
     }
     Ok(plan)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::decode_partition_keys;
+
+    /// Partitions shrink only while a step's decode blocks would not make two per SM.
+    #[test]
+    fn decode_partitions_shrink_to_fill_the_gpu() {
+        // Batch 1, Llama-3-8B's 8 kv heads, 2k context: 64 blocks at 256 keys, 256 at 64.
+        assert_eq!(decode_partition_keys(1, 8, 2048), 64);
+        // 8k context: 128-key partitions make 512 blocks already.
+        assert_eq!(decode_partition_keys(1, 8, 8192), 128);
+        // A large batch keeps 256 (tests/cuda_emulator.rs's 66-row case: 396 blocks).
+        assert_eq!(decode_partition_keys(66, 2, 599), 256);
+        assert_eq!(decode_partition_keys(64, 8, 2048), 256);
+        // Never below 64, however few the blocks.
+        assert_eq!(decode_partition_keys(1, 1, 1), 64);
+    }
+}

@@ -10,7 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel sources, each one translation unit for nvcc and the emulator.
-const KERNELS: &[&str] = &["paged_attention", "rope_cache", "sample", "layer_ops"];
+const KERNELS: &[&str] = &[
+    "paged_attention",
+    "rope_cache",
+    "sample",
+    "layer_ops",
+    "gemv",
+];
 /// Sources for the emulator alone (kernels/emu/): kernels that test the emulator.
 const EMULATOR_ONLY: &[&str] = &["emu/selftest"];
 
@@ -31,6 +37,12 @@ const MUTANTS: &[(&str, &str, &str, &str)] = &[
         "combine_parts = (keys + partition_keys - 1) / partition_keys",
         "combine_parts = keys / partition_keys",
     ),
+    (
+        "paged_attention",
+        "counter_not_reset",
+        "counters[slot] = 0u;",
+        ";",
+    ),
     ("sample", "no_syncthreads", "__syncthreads();", ";"),
     (
         "sample",
@@ -50,6 +62,13 @@ const MUTANTS: &[(&str, &str, &str, &str)] = &[
         "up_off_by_one",
         "const T* u = g + width;",
         "const T* u = g + width - 1;",
+    ),
+    ("gemv", "no_syncthreads", "__syncthreads();", ";"),
+    (
+        "gemv",
+        "tail_tile_dropped",
+        "for (int k0 = 0; k0 < k_in; k0 += tile_k)",
+        "for (int k0 = 0; k0 + tile_k <= k_in; k0 += tile_k)",
     ),
 ];
 

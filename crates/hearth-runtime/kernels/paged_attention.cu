@@ -17,11 +17,15 @@
 // still spreads over every SM; each key row is read with 16-byte loads by LPR lanes, and
 // each group of LPR lanes loads two rows before using either, so a warp has
 // 2 * 32 / LPR rows of K and of V in flight; each block leaves an unnormalised partial result
-// with its max and sum, and `paged_attention_combine` merges a row's partitions
-// (log-sum-exp) into the output.
+// with its max and sum, and the last block to finish a (row, head group) merges the
+// row's partitions (log-sum-exp) into the output: an atomic counter per (row, head
+// group) counts the finished blocks (each block's partials made visible with
+// __threadfence first, as CUDA's threadFenceReduction sample does), and the merging
+// block sets it back to zero for the next launch. No combine kernel: one launch per
+// layer for decode rows.
 //
 // Compiled to PTX by build.rs (feature `cuda`), and for the CPU emulator in every build;
-// entry points hearth_paged_attention{,_split,_combine}_{f32,f16,bf16}_d{16,...,256}.
+// entry points hearth_paged_attention{,_split}_{f32,f16,bf16}_d{16,...,256}.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -178,14 +182,17 @@ __device__ __forceinline__ void merge_partial(float& m, float& l, float* acc, fl
 // One block: row `rows[blockIdx.x]`, kv head and head group from blockIdx.y as above,
 // keys [z * partition_keys, (z + 1) * partition_keys) of the row's visible ones.
 // Writes the partition's accumulator (relative to its max), max and sum to
-// part_{acc,max,sum}[row, head, z]; a block past the row's keys writes nothing (the
-// combine reads only the partitions that hold keys).
+// part_{acc,max,sum}[row, head, z]; a block past the row's keys writes nothing and is
+// not counted (the merge reads only the partitions that hold keys). The last block of
+// a (row, head group) writes the group's heads of `out`.
 template <typename T, int D>
 __device__ void paged_attention_split(
     const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+    T* __restrict__ out,                      // [tokens, heads, head_dim]
     float* __restrict__ part_acc,             // [rows, heads, max_parts, head_dim]
     float* __restrict__ part_max,             // [rows, heads, max_parts]
     float* __restrict__ part_sum,             // [rows, heads, max_parts]
+    uint32_t* __restrict__ counters,          // [rows, gridDim.y], zero between launches
     const uint32_t* __restrict__ rows, const uint32_t* __restrict__ token_seq,
     const uint32_t* __restrict__ query_start, const uint32_t* __restrict__ seq_lens,
     const uint32_t* __restrict__ block_tables, int max_blocks, int num_heads, int num_kv_heads,
@@ -332,58 +339,33 @@ __device__ void paged_attention_split(
             part_sum[at] = den;
         }
     }
-}
 
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    return x;
-}
-
-// One block per (row, query head): the row's partitions merged by log-sum-exp,
-// out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p. Dynamic shared memory:
-// max_parts + 32 floats (each partition's weight, then a cross-warp scratch).
-template <typename T, int D>
-__device__ void paged_attention_combine(
-    const float* __restrict__ part_acc, const float* __restrict__ part_max,
-    const float* __restrict__ part_sum, T* __restrict__ out, const uint32_t* __restrict__ rows,
-    const uint32_t* __restrict__ token_seq, const uint32_t* __restrict__ query_start,
-    const uint32_t* __restrict__ seq_lens, int num_heads, int partition_keys, int max_parts) {
-    extern __shared__ float smem[];
-    float* weight = smem;
-    float* scratch = smem + max_parts;
-    const int r = blockIdx.x, head = blockIdx.y;
-    const int t = (int)rows[r];
-    const uint32_t s = token_seq[t];
-    const int qlen = (int)(query_start[s + 1] - query_start[s]);
-    const int keys = (int)seq_lens[s] - qlen + (t - (int)query_start[s]) + 1;
+    // Count this block in; the one that completes the row's partitions merges them.
+    const int keys = pos + 1;
     const int combine_parts = (keys + partition_keys - 1) / partition_keys;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
-    const size_t base = ((size_t)r * num_heads + head) * max_parts;
-    float mx = -INFINITY;
-    for (int p = threadIdx.x; p < combine_parts; p += blockDim.x) mx = fmaxf(mx, part_max[base + p]);
-    mx = warp_max(mx);
-    if (lane == 0) scratch[warp] = mx;
+    const size_t slot = (size_t)r * gridDim.y + blockIdx.y;
+    __shared__ int is_last;
+    __threadfence();  // this thread's partials, visible to every block, before the count
+    __syncthreads();  // every thread's fenced
+    if (threadIdx.x == 0) is_last = atomicAdd(&counters[slot], 1u) + 1 == (uint32_t)combine_parts;
     __syncthreads();
-    mx = scratch[0];
-    for (int w = 1; w < nwarps; ++w) mx = fmaxf(mx, scratch[w]);
-    __syncthreads();  // scratch is reused below
-    float den = 0.f;
-    for (int p = threadIdx.x; p < combine_parts; p += blockDim.x) {
-        const float f = __expf(part_max[base + p] - mx);
-        weight[p] = f;
-        den += f * part_sum[base + p];
+    if (!is_last) return;
+    __threadfence();  // the other blocks' partials are read after their counts
+    for (int i = threadIdx.x; i < g * D; i += blockDim.x) {
+        const int h = i / D, dim = i % D;
+        const size_t base = ((size_t)r * num_heads + kvh * group + h0 + h) * max_parts;
+        float m_all = -INFINITY;
+        for (int p = 0; p < combine_parts; ++p) m_all = fmaxf(m_all, __ldcg(part_max + base + p));
+        float num = 0.f, den = 0.f;
+        for (int p = 0; p < combine_parts; ++p) {
+            const float f = __expf(__ldcg(part_max + base + p) - m_all);
+            den += f * __ldcg(part_sum + base + p);
+            num += f * __ldcg(part_acc + (base + p) * D + dim);
+        }
+        out[((size_t)t * num_heads + kvh * group + h0 + h) * D + dim] = from_f32<T>(num / den);
     }
-    den = warp_sum(den);
-    if (lane == 0) scratch[warp] = den;
-    __syncthreads();
-    den = 0.f;
-    for (int w = 0; w < nwarps; ++w) den += scratch[w];
-    for (int dim = threadIdx.x; dim < D; dim += blockDim.x) {
-        float num = 0.f;
-        for (int p = 0; p < combine_parts; ++p) num += weight[p] * part_acc[(base + p) * D + dim];
-        out[((size_t)t * num_heads + head) * D + dim] = from_f32<T>(num / den);
-    }
+    // Zero again for the next launch (the next layer's, or the next step's).
+    if (threadIdx.x == 0) counters[slot] = 0u;
 }
 
 #define ENTRY(TYPE, NAME, D)                                                                       \
@@ -397,24 +379,15 @@ __device__ void paged_attention_combine(
                                  scale);                                                           \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) hearth_paged_attention_split_##NAME##_d##D(  \
-        const TYPE* q, const TYPE* k, const TYPE* v, float* part_acc, float* part_max,             \
-        float* part_sum, const uint32_t* rows, const uint32_t* token_seq,                          \
+        const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* part_acc, float* part_max,  \
+        float* part_sum, uint32_t* counters, const uint32_t* rows, const uint32_t* token_seq,      \
         const uint32_t* query_start, const uint32_t* seq_lens, const uint32_t* block_tables,       \
         int max_blocks, int num_heads, int num_kv_heads, int block_size, int partition_keys,       \
         int max_parts, float scale) {                                                              \
-        paged_attention_split<TYPE, D>(q, k, v, part_acc, part_max, part_sum, rows, token_seq,     \
-                                       query_start, seq_lens, block_tables, max_blocks, num_heads, \
-                                       num_kv_heads, block_size, partition_keys, max_parts,       \
-                                       scale);                                                     \
-    }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128)                                              \
-        hearth_paged_attention_combine_##NAME##_d##D(                                              \
-            const float* part_acc, const float* part_max, const float* part_sum, TYPE* out,        \
-            const uint32_t* rows, const uint32_t* token_seq, const uint32_t* query_start,          \
-            const uint32_t* seq_lens, int num_heads, int partition_keys, int max_parts) {          \
-        paged_attention_combine<TYPE, D>(part_acc, part_max, part_sum, out, rows, token_seq,       \
-                                         query_start, seq_lens, num_heads, partition_keys,         \
-                                         max_parts);                                               \
+        paged_attention_split<TYPE, D>(q, k, v, out, part_acc, part_max, part_sum, counters, rows, \
+                                       token_seq, query_start, seq_lens, block_tables, max_blocks, \
+                                       num_heads, num_kv_heads, block_size, partition_keys,        \
+                                       max_parts, scale);                                          \
     }
 // Every head size of the supported families (launch.rs's HEAD_DIMS).
 #define HEAD_DIMS(TYPE, NAME) \

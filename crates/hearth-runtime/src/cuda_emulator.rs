@@ -26,6 +26,9 @@ pub enum Source {
     NoSyncthreads,
     /// The split-key combine drops a decode row's last, partial partition.
     CombineDropsPartition,
+    /// The split-key kernel's merging block leaves its counter set: the next launch
+    /// with the same counters (the next layer's) never merges.
+    CounterNotReset,
     /// The sampling kernel with every `__syncthreads()` removed.
     SampleNoSyncthreads,
     /// The sampling kernel skipping tokens whose Gumbel noise could still win.
@@ -36,6 +39,10 @@ pub enum Source {
     LayerOpsNoSyncthreads,
     /// SiLU·mul reading `up` one column early (the gate/up split off by one).
     LayerOpsUpOffByOne,
+    /// The small-batch GEMV (kernels/gemv.cu) with every `__syncthreads()` removed.
+    GemvNoSyncthreads,
+    /// The GEMV skipping the input's last tile when K is not a multiple of the tile.
+    GemvTailTileDropped,
 }
 
 /// The order in which blocks, the warps of a block (between two barriers) and the lanes
@@ -103,6 +110,7 @@ extern "C" {
     fn hearth_emu_kernels_paged_attention_block_table_off_by_one(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_paged_attention_no_syncthreads(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_paged_attention_combine_drops_partition(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_paged_attention_counter_not_reset(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_rope_cache_original(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_sample_original(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_sample_no_syncthreads(i: usize) -> *const KernelEntry;
@@ -112,6 +120,9 @@ extern "C" {
     fn hearth_emu_kernels_layer_ops_original(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_layer_ops_no_syncthreads(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_layer_ops_up_off_by_one(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_gemv_original(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_gemv_no_syncthreads(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_gemv_tail_tile_dropped(i: usize) -> *const KernelEntry;
 }
 
 type Table = unsafe extern "C" fn(usize) -> *const KernelEntry;
@@ -125,6 +136,7 @@ fn tables(source: Source) -> &'static [Table] {
             hearth_emu_kernels_rope_cache_original,
             hearth_emu_kernels_sample_original,
             hearth_emu_kernels_layer_ops_original,
+            hearth_emu_kernels_gemv_original,
             hearth_emu_kernels_selftest_original,
         ],
         Source::BlockTableOffByOne => &[hearth_emu_kernels_paged_attention_block_table_off_by_one],
@@ -132,11 +144,14 @@ fn tables(source: Source) -> &'static [Table] {
         Source::CombineDropsPartition => {
             &[hearth_emu_kernels_paged_attention_combine_drops_partition]
         }
+        Source::CounterNotReset => &[hearth_emu_kernels_paged_attention_counter_not_reset],
         Source::SampleNoSyncthreads => &[hearth_emu_kernels_sample_no_syncthreads],
         Source::SampleGumbelBoundTooLow => &[hearth_emu_kernels_sample_gumbel_bound_too_low],
         Source::SampleTableNotUpdated => &[hearth_emu_kernels_sample_table_not_updated],
         Source::LayerOpsNoSyncthreads => &[hearth_emu_kernels_layer_ops_no_syncthreads],
         Source::LayerOpsUpOffByOne => &[hearth_emu_kernels_layer_ops_up_off_by_one],
+        Source::GemvNoSyncthreads => &[hearth_emu_kernels_gemv_no_syncthreads],
+        Source::GemvTailTileDropped => &[hearth_emu_kernels_gemv_tail_tile_dropped],
     }
 }
 

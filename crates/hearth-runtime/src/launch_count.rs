@@ -1,10 +1,11 @@
 //! hearth's own kernel launches, counted where they are launched: the CUDA path
-//! (paged attention, fused RoPE + cache write, fused add + norm and SiLU·mul,
-//! sampling) and the CPU emulator that runs
+//! (paged attention, fused RoPE + cache write, the small-batch GEMV, fused add + norm
+//! and SiLU·mul, sampling) and the CPU emulator that runs
 //! the same plans. Per thread, so the engine thread reads its own steps' launches
 //! (and tests running side by side do not see each other's). candle's kernels
 //! (projections, embedding, the first norm, copies) are launched inside candle and are
-//! not counted here.
+//! not counted here (at most gemv::MAX_ROWS rows the projections are hearth's GEMV and
+//! counted).
 
 use std::cell::Cell;
 
@@ -24,15 +25,18 @@ pub fn take() -> u64 {
 
 /// hearth's launches in one forward pass of `layers` layers whose attention call
 /// launches `attention_launches` kernels (launch.rs's plan): per layer the fused RoPE
-/// and cache write, the attention plan and `layer_op_launches` fused element-wise ops
-/// (layer_kernels.rs: two add + norms, and SiLU·mul when gate and up are one matmul);
-/// then the sampling kernel when the step needs it (a greedy step without penalties,
-/// masks or log-probs is candle's argmax).
+/// and cache write, the attention plan and `layer_op_launches` more
+/// (layer_kernels::launches_per_layer: the four GEMVs at few rows, the fused
+/// element-wise ops otherwise); then `after_layers` (layer_kernels::launches_after_layers:
+/// the LM head's GEMV) and the sampling kernel when the step needs it (a greedy step
+/// without penalties, masks or log-probs is candle's argmax).
 pub fn per_step(
     layers: usize,
     attention_launches: usize,
     layer_op_launches: usize,
+    after_layers: usize,
     sampling_kernel: bool,
 ) -> u64 {
-    (layers * (1 + attention_launches + layer_op_launches)) as u64 + u64::from(sampling_kernel)
+    (layers * (1 + attention_launches + layer_op_launches) + after_layers) as u64
+        + u64::from(sampling_kernel)
 }

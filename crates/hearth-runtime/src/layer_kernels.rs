@@ -10,11 +10,25 @@ use candle_core::{DType, Layout, Result};
 
 use crate::paged_attention::launch::{Arg, Buffer, Launch, SM90_LIMITS};
 
-/// hearth's launches per layer from these kernels: the norm after attention, SiLU·mul
-/// (when gate and up are one matmul: model.rs), and the norm before the next layer (or
-/// the final norm).
-pub fn launches_per_layer(gate_up_fused: bool) -> usize {
-    2 + usize::from(gate_up_fused)
+/// hearth's launches per layer besides RoPE + cache and attention (model.rs on CUDA).
+/// With `gemv` (a step of at most gemv::MAX_ROWS rows, dense fused weights): the four
+/// projections as hearth's GEMV (gemv.rs) with the add + norms and SiLU·mul fused in,
+/// no launch of these kernels. Otherwise the projections are candle's (not counted)
+/// and these kernels run: the norm after attention, SiLU·mul (when gate and up are one
+/// matmul), and the norm before the next layer (or the final norm).
+pub fn launches_per_layer(gate_up_fused: bool, gemv: bool) -> usize {
+    if gemv {
+        4
+    } else {
+        2 + usize::from(gate_up_fused)
+    }
+}
+
+/// hearth's launches after the layers: with `gemv`, the LM head's GEMV with the final
+/// add + norm fused in (otherwise that norm is counted with the last layer's and the
+/// LM head is candle's).
+pub fn launches_after_layers(gemv: bool) -> usize {
+    usize::from(gemv)
 }
 
 /// Threads of a SiLU·mul block; grid y covers a row's columns in chunks of this.

@@ -11,8 +11,10 @@ use candle_nn::RmsNorm;
 use crate::config::ModelConfig;
 use crate::cpu_ops::{self, Rope};
 use crate::fused::FusedLinear;
+use crate::gemv;
 use crate::kv_cache::KvCacheTensors;
 use crate::linear::{Embedding, Linear, WeightLoader};
+use crate::norm_project::{gemv_weights, norm_project, project, LayerInput};
 use crate::paged_attention::{paged_attention, AttentionMetadata};
 use crate::rope::RotaryTables;
 
@@ -257,11 +259,8 @@ impl Transformer {
             None => Tensor::from_slice(&batch.token_ids, t, dev)?,
         };
         let mut x = self.embed_tokens.forward(&ids)?;
-        let mut h = match self.layers.first() {
-            Some(l) => norm(&l.input_layernorm, &x)?,
-            None => x.clone(),
-        };
-        let n_layers = self.layers.len();
+        // What the next norm adds to the residual x first (None before the first layer).
+        let mut delta: Option<Tensor> = None;
         let n = batch.logits_rows.len();
         let rows = (n != t && n > 0)
             .then(|| match &step.logits_rows {
@@ -274,25 +273,38 @@ impl Transformer {
             None => Ok(x),
         };
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.attn.forward(&h, &step, cache, i)?;
-            // Residual add and the next norm in one pass (cpu_ops.rs).
-            let (x1, h2) = add_norm(&x, &a, &layer.post_attention_layernorm)?;
-            let m = layer.mlp.forward(&h2)?;
-            if i + 1 < n_layers {
-                (x, h) = add_norm(&x1, &m, &self.layers[i + 1].input_layernorm)?;
-            } else {
-                // Only the rows that get sampled go through the final norm and the LM
-                // head: a 2k-token prefill chunk needs one row of logits, not 2k.
-                if n == 0 {
-                    return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev);
-                }
-                (_, h) = add_norm(&select(x1)?, &select(m)?, &self.norm)?;
-            }
+            let (x1, qkv) = norm_project(
+                &x,
+                delta.as_ref(),
+                &layer.input_layernorm,
+                gemv_weights(&layer.attn.qkv_proj, t, self.dtype),
+            )?;
+            let a = layer.attn.forward(qkv, &step, cache, i)?;
+            let (x2, gate_up) = norm_project(
+                &x1,
+                Some(&a),
+                &layer.post_attention_layernorm,
+                gemv_weights(&layer.mlp.gate_up_proj, t, self.dtype),
+            )?;
+            delta = Some(layer.mlp.forward(gate_up)?);
+            x = x2;
         }
-        if n_layers == 0 {
-            h = norm(&self.norm, &select(x)?)?;
+        // Only the rows that get sampled go through the final norm and the LM head: a
+        // 2k-token prefill chunk needs one row of logits, not 2k.
+        if n == 0 {
+            return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev);
         }
-        self.lm_head.forward(&h)?.to_dtype(DType::F32)
+        let x = select(x)?;
+        let delta = delta.map(select).transpose()?;
+        let head = gemv::dense(&self.lm_head, n, x.dtype())
+            .and_then(|(weight, bias)| Some((weight, bias, vec![weight.dim(0).ok()?])));
+        let logits = match norm_project(&x, delta.as_ref(), &self.norm, head)? {
+            (_, LayerInput::Projected(mut y)) => y
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("lm_head: no output".into()))?,
+            (_, LayerInput::Normed(h)) => self.lm_head.forward(&h)?,
+        };
+        logits.to_dtype(DType::F32)
     }
 
     fn step_tensors<'a>(&'a self, batch: &'a ForwardBatch) -> candle_core::Result<StepTensors<'a>> {
@@ -408,18 +420,52 @@ impl Transformer {
     }
 }
 
-fn norm(n: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn norm(n: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
     cpu_ops::rms_norm(x, n.weight(), n.eps())
 }
 
 /// The residual add and the next norm: one fused kernel on CUDA (layer_kernels.rs),
 /// cpu_ops' elsewhere.
-fn add_norm(x: &Tensor, delta: &Tensor, n: &RmsNorm) -> candle_core::Result<(Tensor, Tensor)> {
+pub(crate) fn add_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    n: &RmsNorm,
+) -> candle_core::Result<(Tensor, Tensor)> {
     crate::layer_kernels::add_rms_norm(x, delta, n.weight(), n.eps())
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, input: LayerInput) -> candle_core::Result<Tensor> {
+        let x = match input {
+            // gate and up from the GEMV, each contiguous: SiLU·mul fused into down_proj's
+            // GEMV where it takes the weight.
+            LayerInput::Projected(parts) => {
+                let [gate, up]: [Tensor; 2] = parts
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("mlp: gate/up split".into()))?;
+                let rows = gate.dim(0)?;
+                if let Some((weight, bias)) = gemv::dense(&self.down_proj, rows, gate.dtype()) {
+                    let parts = [weight.dim(0)?];
+                    let mut out = gemv::gemv(
+                        &gemv::GemvWeights {
+                            weight,
+                            bias,
+                            parts: &parts,
+                        },
+                        &gemv::GemvInput::Silu {
+                            gate: &gate.contiguous()?,
+                            up: &up.contiguous()?,
+                        },
+                    )?;
+                    return out
+                        .parts
+                        .pop()
+                        .ok_or_else(|| candle_core::Error::Msg("gemv: no output".into()));
+                }
+                return self.down_proj.forward(&cpu_ops::silu_mul(&gate, &up)?);
+            }
+            LayerInput::Normed(x) => x,
+        };
         // CUDA with gate and up as one matmul: SiLU·mul in one kernel on its output,
         // where candle's two ops would each read a strided half.
         if let (true, FusedLinear::One { linear, widths }) =
@@ -427,14 +473,14 @@ impl Mlp {
         {
             if let [g, u] = widths[..] {
                 if g == u {
-                    let act = crate::layer_kernels::silu_mul_joined(&linear.forward(x)?, g)?;
+                    let act = crate::layer_kernels::silu_mul_joined(&linear.forward(&x)?, g)?;
                     return self.down_proj.forward(&act);
                 }
             }
         }
         let [gate, up]: [Tensor; 2] = self
             .gate_up_proj
-            .forward(x)?
+            .forward(&x)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("mlp: gate/up split".into()))?;
         self.down_proj.forward(&cpu_ops::silu_mul(&gate, &up)?)
@@ -444,18 +490,20 @@ impl Mlp {
 impl Attention {
     fn forward(
         &self,
-        x: &Tensor,
+        input: LayerInput,
         step: &StepTensors,
         cache: &KvCacheTensors,
         layer: usize,
     ) -> candle_core::Result<Tensor> {
-        let t = x.dim(0)?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let [q, k, v]: [Tensor; 3] = self
-            .qkv_proj
-            .forward(x)?
+        let qkv = match input {
+            LayerInput::Normed(x) => self.qkv_proj.forward(&x)?,
+            LayerInput::Projected(parts) => parts,
+        };
+        let [q, k, v]: [Tensor; 3] = qkv
             .try_into()
             .map_err(|_| candle_core::Error::Msg("attention: q/k/v split".into()))?;
+        let t = q.dim(0)?;
         let mut q = q.reshape((t, h, d))?;
         let mut k = k.reshape((t, kvh, d))?;
         let v = v.reshape((t, kvh, d))?;
@@ -485,7 +533,7 @@ impl Attention {
                 v_cache,
             )?;
             let o = paged_attention(&q, k_cache, v_cache, step.attention, scale)?;
-            return self.o_proj.forward(&o.reshape((t, h * d))?);
+            return project(&self.o_proj, &o.reshape((t, h * d))?);
         }
         if let Some(n) = &self.q_norm {
             q = norm(n, &q)?;
@@ -513,7 +561,7 @@ impl Attention {
             }
         };
         let o = paged_attention(&q, k_cache, v_cache, step.attention, scale)?;
-        self.o_proj.forward(&o.reshape((t, h * d))?)
+        project(&self.o_proj, &o.reshape((t, h * d))?)
     }
 }
 

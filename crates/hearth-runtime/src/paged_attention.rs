@@ -16,7 +16,8 @@
 //! keys through kernel.rs.
 //! CUDA (feature `cuda`): hearth's own kernels (kernels/paged_attention.cu): prefill
 //! rows one thread block per (token, kv head, up to 8 heads of its GQA group); decode
-//! rows split-key (partitions of [`DECODE_PARTITION_KEYS`] keys) and a combine; head
+//! rows split-key (partitions of [`DECODE_PARTITION_KEYS`] keys, the last block of a
+//! row merging them); head
 //! dims [`HEAD_DIMS`], with this CPU op as their reference; launched as launch.rs
 //! describes, which the CPU emulator (crate::cuda_emulator, `paged_attention_emulated`)
 //! shares, so `cargo test` runs the kernels' source without a GPU. The fused RoPE +
@@ -52,9 +53,13 @@ use cpu::*;
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::preset as preset_device_metadata;
 #[cfg(hearth_cuda_emulator)]
-pub use emulated::{paged_attention_emulated, rope_cache_emulated};
+pub use emulated::{
+    paged_attention_emulated, paged_attention_emulated_layers, rope_cache_emulated,
+};
 use kernel::BlockMath;
-pub use launch::{LaunchLimits, DECODE_PARTITION_KEYS, HEAD_DIMS, SM90_LIMITS};
+pub use launch::{
+    LaunchLimits, DECODE_PARTITION_KEYS, HEAD_DIMS, MIN_DECODE_PARTITION_KEYS, SM90_LIMITS,
+};
 #[cfg(feature = "cuda")]
 pub use rope_cache::rope_cache;
 pub use rope_cache::RopeCacheInputs;
@@ -300,8 +305,8 @@ fn device_name(device: &Device) -> String {
 }
 
 /// The kernels one layer's attention call launches on CUDA for this step's `meta`
-/// (launch.rs's plan: the per-token kernel when there are prefill rows, split-key and
-/// combine when there are decode rows); what the launch counter sees per layer.
+/// (launch.rs's plan: the per-token kernel when there are prefill rows, the split-key
+/// kernel when there are decode rows); what the launch counter sees per layer.
 pub fn cuda_launches(
     meta: &AttentionMetadata,
     heads: usize,

@@ -8,7 +8,8 @@
 use candle_core::DType;
 use hearth_runtime::cuda_emulator::{kernel_names, Emulator, Schedule, Source};
 use hearth_runtime::paged_attention::{
-    paged_attention, paged_attention_emulated, DECODE_PARTITION_KEYS, HEAD_DIMS,
+    paged_attention, paged_attention_emulated, paged_attention_emulated_layers,
+    DECODE_PARTITION_KEYS, HEAD_DIMS,
 };
 
 mod attention_cases;
@@ -178,7 +179,7 @@ fn an_off_by_one_in_the_block_table_index_is_caught() {
 #[test]
 fn a_missing_syncthreads_is_caught_under_every_schedule() {
     // The crossing case has both kinds of rows; the second, decode rows alone (the
-    // split-key kernel and its combine, each with barriers of its own).
+    // split-key kernel, whose merge has barriers of its own).
     for (n, c) in [crossing_case(), long_decode_case(64, 8, 2)]
         .iter()
         .enumerate()
@@ -207,8 +208,9 @@ fn missing_syncthreads_caught(c: &Case, seed: u64) {
     }
 }
 
-/// Decode rows (one query each) with contexts on both sides of the partition size and
-/// across several partitions, beside a prefill chunk, so both kernels run in one call.
+/// Decode rows (one query each) with contexts on both sides of the largest partition
+/// size and across several partitions (this few rows run 64-key partitions: launch.rs
+/// halves them to fill the GPU), beside a prefill chunk, so both kernels run in one call.
 fn long_decode_case(head_dim: usize, heads: usize, kv_heads: usize) -> Case {
     let p = DECODE_PARTITION_KEYS;
     Case {
@@ -260,6 +262,28 @@ fn split_key_decode_matches_the_reference_across_partitions() {
     }
 }
 
+/// Enough decode rows that the step keeps the largest partitions (launch.rs halves
+/// them only while a step's blocks would not make two per SM), ragged lengths.
+#[test]
+fn a_large_decode_batch_matches_the_reference_with_full_partitions() {
+    let c = Case {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+        block_size: 32,
+        seqs: (0..66).map(|i| (1, 200 + (i * 37) % 400)).collect(),
+    };
+    let b = build(&c, &mut seeded(41));
+    let want = reference(&c, &b);
+    let emu = Emulator {
+        source: Source::Original,
+        schedule: Schedule::Shuffled(7),
+    };
+    let got = emulate(&c, &b, DType::F32, &emu).unwrap_or_else(|e| panic!("{}: {e}", describe(&c)));
+    let diff = max_diff(&got, &want);
+    assert!(diff < 1e-4, "max diff {diff} from the reference");
+}
+
 #[test]
 fn a_combine_that_drops_a_partition_is_caught() {
     let c = long_decode_case(64, 4, 2);
@@ -272,10 +296,54 @@ fn a_combine_that_drops_a_partition_is_caught() {
         };
         let got = emulate(&c, &b, DType::F32, &emu).expect("the mutant runs");
         let diff = max_diff(&got, &want);
+        // A row merged too early reads partitions not written yet (NaN), one with
+        // fewer keys than a partition is never merged (its output stays NaN).
+        let nans = got.iter().filter(|x| x.is_nan()).count();
         assert!(
-            diff > 1e-2,
+            nans > 0 || diff > 1e-2,
             "{schedule:?}: the combine dropping a partition passed (max diff {diff})"
         );
+    }
+}
+
+/// Two layers of one step share the split-key kernel's counters (zeroed once per step
+/// on CUDA): each launch must leave them zero, or the next layer's rows are never
+/// merged.
+#[test]
+fn the_merge_counters_are_left_zero_for_the_next_layer() {
+    let c = long_decode_case(128, 8, 2);
+    let b = build(&c, &mut seeded(17));
+    let want = reference(&c, &b);
+    let (q, k, v) = cpu_tensors(&c, &b, DType::F32);
+    let scale = 1.0 / (c.head_dim as f32).sqrt();
+    for schedule in Schedule::ADVERSARIAL {
+        let run = |source: Source| {
+            let emu = Emulator { source, schedule };
+            paged_attention_emulated_layers(&q, &k, &v, &b.meta, scale, &emu, 3)
+                .expect("three layers")
+                .iter()
+                .map(values)
+                .collect::<Vec<_>>()
+        };
+        for (layer, got) in run(Source::Original).iter().enumerate() {
+            let diff = max_diff(got, &want);
+            let nans = got.iter().filter(|x| x.is_nan()).count();
+            assert!(
+                nans == 0 && diff < 1e-4,
+                "{schedule:?} layer {layer}: {nans} NaN, max diff {diff}"
+            );
+        }
+        let mutant = run(Source::CounterNotReset);
+        // The first layer is right (the counters start at zero); the next find them
+        // already at the row's partition count and never merge.
+        assert!(max_diff(&mutant[0], &want) < 1e-4, "{schedule:?}");
+        for (layer, got) in mutant.iter().enumerate().skip(1) {
+            let nans = got.iter().filter(|x| x.is_nan()).count();
+            assert!(
+                nans > 0,
+                "{schedule:?} layer {layer}: the counters left set went unnoticed"
+            );
+        }
     }
 }
 
@@ -284,7 +352,7 @@ fn every_entry_point_of_the_source_is_compiled() {
     let names = kernel_names(Source::Original);
     for dtype in ["f32", "f16", "bf16"] {
         for d in HEAD_DIMS {
-            for kind in ["", "split_", "combine_"] {
+            for kind in ["", "split_"] {
                 let want = format!("hearth_paged_attention_{kind}{dtype}_d{d}");
                 assert!(names.contains(&want), "{want} missing from {names:?}");
             }

@@ -135,6 +135,10 @@ inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
+// Loads that bypass L1 (what a block reads of other blocks' results after a fence and a
+// counter): blocks run one at a time here, so a plain load sees every earlier write.
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
 // Single-rounded IEEE operations (never fused: the host build has no FMA contraction)
 // and bit casts, for kernels whose results must match a CPU reference bit for bit.
 inline float __fadd_rn(float a, float b) { return a + b; }

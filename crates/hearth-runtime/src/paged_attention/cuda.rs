@@ -1,6 +1,7 @@
 //! The op's CUDA path: hearth's own kernels (kernels/paged_attention.cu, compiled to PTX
 //! by build.rs) launched through candle's custom-op API, as launch.rs plans them
-//! (per-token kernel for prefill rows, split-key + combine for decode rows). The step's
+//! (per-token kernel for prefill rows, split-key with its merge folded in for decode
+//! rows). The step's
 //! metadata comes in the model's one packed upload per step (step_metadata.rs), read
 //! by every layer's call.
 
@@ -30,6 +31,9 @@ pub(crate) struct DeviceMeta {
     packed: Tensor,
     parts: Vec<(Buffer, std::ops::Range<usize>)>,
     plans: std::sync::Mutex<Vec<(PlanKey, Arc<launch::Plan>)>>,
+    /// The split-key kernel's counters, zeroed once per step (a memset, no kernel) and
+    /// left zero by every launch, so every layer of the step reuses them.
+    counters: std::sync::Mutex<Option<CudaSlice<u32>>>,
 }
 
 /// What a plan depends on besides the step's metadata.
@@ -134,6 +138,7 @@ fn device_meta_from(packed: &Tensor, layout: &PackedLayout) -> Result<DeviceMeta
         packed: packed.clone(),
         parts,
         plans: std::sync::Mutex::new(Vec::new()),
+        counters: std::sync::Mutex::new(None),
     })
 }
 
@@ -186,11 +191,19 @@ pub(super) fn forward(
             candle_core::bail!("paged attention: the {what} cache is not 16-byte aligned");
         }
     }
-    // f32 scratch of the split-key kernel, shared by its launches.
+    // f32 scratch of the split-key kernel.
     let mut scratch: Vec<(Buffer, CudaSlice<f32>)> = Vec::with_capacity(plan.scratch.len());
     for &(b, n) in &plan.scratch {
-        // SAFETY: the combine kernel reads only partitions the split kernel wrote.
+        // SAFETY: the merging block reads only partitions the other blocks wrote (and
+        // counted after writing).
         scratch.push((b, unsafe { dev.alloc::<f32>(n)? }));
+    }
+    let mut counters = dm
+        .counters
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("paged attention: counters poisoned".into()))?;
+    if plan.counters > 0 && counters.as_ref().is_none_or(|c| c.len() < plan.counters) {
+        *counters = Some(dev.alloc_zeros::<u32>(plan.counters)?);
     }
     macro_rules! launch {
         ($ty:ty) => {{
@@ -198,7 +211,7 @@ pub(super) fn forward(
             let k: CudaView<$ty> = ks.as_cuda_slice::<$ty>()?.slice(kl.start_offset()..);
             let v: CudaView<$ty> = vs.as_cuda_slice::<$ty>()?.slice(vl.start_offset()..);
             // SAFETY: every row is written by one of the kernels (prefill rows by the
-            // per-token kernel, decode rows by the combine).
+            // per-token kernel, decode rows by the split-key kernel's merging blocks).
             let out: CudaSlice<$ty> = unsafe { dev.alloc::<$ty>(s.tokens * s.heads * s.head_dim)? };
             let (packed, _) = dm.packed.storage_and_layout();
             let candle_core::Storage::Cuda(packed) = &*packed else {
@@ -222,6 +235,10 @@ pub(super) fn forward(
                         Arg::Buffer(Buffer::KCache) => b.arg(&k),
                         Arg::Buffer(Buffer::VCache) => b.arg(&v),
                         Arg::Buffer(Buffer::Out) => b.arg(&out),
+                        Arg::Buffer(Buffer::Counters) => match counters.as_ref() {
+                            Some(c) => b.arg(c),
+                            None => candle_core::bail!("{}: no counters", l.kernel),
+                        },
                         Arg::Buffer(m) => {
                             if let Some((_, view)) = meta_views.iter().find(|(x, _)| x == m) {
                                 b.arg(view)

@@ -159,6 +159,24 @@ pub fn paged_attention_emulated(
     scale: f32,
     emu: &Emulator,
 ) -> Result<Tensor> {
+    paged_attention_emulated_layers(q, k_cache, v_cache, meta, scale, emu, 1)?
+        .pop()
+        .ok_or_else(|| candle_core::Error::Msg("paged attention: no output".into()))
+}
+
+/// The call made `layers` times in a row on one step's buffers, as the layers of a
+/// step make it on CUDA: the split-key kernel's counters zeroed once and shared (each
+/// launch must leave them zero for the next), a fresh output buffer per call. Each
+/// call's output, in order.
+pub fn paged_attention_emulated_layers(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &AttentionMetadata,
+    scale: f32,
+    emu: &Emulator,
+    layers: usize,
+) -> Result<Vec<Tensor>> {
     let q = q.contiguous()?;
     let s = launch::shapes(q.layout(), k_cache.layout(), v_cache.layout())?;
     if k_cache.dtype() != q.dtype() || v_cache.dtype() != q.dtype() {
@@ -168,7 +186,9 @@ pub fn paged_attention_emulated(
     let dtype = q.dtype();
     let shape = (s.tokens, s.heads, s.head_dim);
     if s.tokens == 0 {
-        return Tensor::zeros(shape, dtype, &Device::Cpu);
+        return (0..layers)
+            .map(|_| Tensor::zeros(shape, dtype, &Device::Cpu))
+            .collect();
     }
     let plan = launch::plan(meta, &s, dtype, scale)?;
     let host = HostMeta::new(meta);
@@ -183,13 +203,7 @@ pub fn paged_attention_emulated(
         Buffer::VCache,
         DeviceBuffer::from_bytes(&to_bytes(v_cache)?, code),
     );
-    pool.add(
-        Buffer::Out,
-        DeviceBuffer::uninit(
-            s.tokens * s.heads * s.head_dim * dtype.size_in_bytes(),
-            code,
-        ),
-    );
+    let out_bytes = s.tokens * s.heads * s.head_dim * dtype.size_in_bytes();
     // The metadata as the CUDA path uploads it: packed (step_metadata.rs), each kernel
     // reading its part at the layout's offset.
     let (layout, packed) = step_metadata::pack(&step_metadata::attention_parts(&host))?;
@@ -197,11 +211,22 @@ pub fn paged_attention_emulated(
     for &(b, n) in &plan.scratch {
         pool.add(b, DeviceBuffer::uninit(n * 4, "f32"));
     }
-    pool.run(&plan.launches, emu)?;
-    let out = pool
-        .take(Buffer::Out)
-        .ok_or_else(|| candle_core::Error::Msg("paged attention: output buffer lost".into()))?;
-    from_bytes(out.bytes(), dtype, shape)
+    if plan.counters > 0 {
+        pool.add(
+            Buffer::Counters,
+            DeviceBuffer::from_bytes(&vec![0u8; plan.counters * 4], "u32"),
+        );
+    }
+    let mut outs = Vec::with_capacity(layers);
+    for _ in 0..layers {
+        pool.add(Buffer::Out, DeviceBuffer::uninit(out_bytes, code));
+        pool.run(&plan.launches, emu)?;
+        let out = pool
+            .take(Buffer::Out)
+            .ok_or_else(|| candle_core::Error::Msg("paged attention: output buffer lost".into()))?;
+        outs.push(from_bytes(out.bytes(), dtype, shape)?);
+    }
+    Ok(outs)
 }
 
 /// The fused RoPE + cache write (kernels/rope_cache.cu) as the CUDA path launches it,

@@ -4,8 +4,9 @@
 //! gets. Shape checks and the launch limits live here too.
 //!
 //! A step's rows split in two: rows of sequences with one query (decodes) go through
-//! the split-key kernel, a block per (row, kv head, partition of
-//! [`DECODE_PARTITION_KEYS`] keys), and its combine kernel; the others (prefill chunks)
+//! the split-key kernel, a block per (row, kv head, partition of at most
+//! [`DECODE_PARTITION_KEYS`] keys), whose last block per row and head group merges the
+//! partitions (no combine kernel); the others (prefill chunks)
 //! through the per-token kernel. Each kernel is launched only when it has rows.
 
 use candle_core::{DType, Layout, Result};
@@ -14,10 +15,27 @@ use super::AttentionMetadata;
 
 /// Warps per block.
 pub(crate) const WARPS: u32 = 4;
-/// Keys per partition of a decode row (vLLM's PagedAttention v2 uses 512, flash-decoding
-/// 256-ish): at batch 1 with 8 kv heads and a 2k context, 8 × 8 = 64 blocks, and the
-/// combine reads one accumulator per partition.
+/// Keys per partition of a decode row, at most (vLLM's PagedAttention v2 uses 512,
+/// flash-decoding 256-ish); the merge reads one accumulator per partition.
 pub const DECODE_PARTITION_KEYS: usize = 256;
+/// The fewest: a step whose decode blocks would not make two per SM of an H100 (132)
+/// halves its partitions down to this. At batch 1 with 8 kv heads and a 2k context,
+/// 256-key partitions give 64 blocks (most SMs idle, the KV read limited by the bytes
+/// 64 blocks keep in flight); 64-key ones give 256.
+pub const MIN_DECODE_PARTITION_KEYS: usize = 64;
+const DECODE_TARGET_BLOCKS: usize = 2 * 132;
+
+/// Keys per partition for `decode_rows` rows of at most `max_keys` keys, each row's
+/// partitions spread over `grid_y` blocks of heads.
+pub(crate) fn decode_partition_keys(decode_rows: usize, grid_y: usize, max_keys: usize) -> usize {
+    let mut p = DECODE_PARTITION_KEYS;
+    while p > MIN_DECODE_PARTITION_KEYS
+        && decode_rows * grid_y * max_keys.div_ceil(p) < DECODE_TARGET_BLOCKS
+    {
+        p /= 2;
+    }
+    p
+}
 /// Query heads of a GQA group one block holds in registers (kernels/paged_attention.cu's
 /// MAX_GROUP).
 pub(crate) const MAX_GROUP: usize = 8;
@@ -64,6 +82,9 @@ pub(crate) enum Buffer {
     PartAcc,
     PartMax,
     PartSum,
+    /// The split-key kernel's finished-block counters, u32 per (decode row, block
+    /// row of grid y): zero before the first launch, left zero by every launch.
+    Counters,
     // The fused RoPE + cache write's (rope_cache.rs).
     K,
     V,
@@ -88,6 +109,14 @@ pub(crate) enum Buffer {
     NormOut,
     GateUp,
     ActOut,
+    // The small-batch GEMV's (gemv.rs): the weight, its bias, the input of the plain
+    // kernel, the SiLU·mul prologue's two halves, the output.
+    Weight,
+    Bias,
+    GemvIn,
+    Gate,
+    Up,
+    GemvOut,
 }
 
 impl Buffer {
@@ -113,7 +142,13 @@ impl Buffer {
             | Buffer::SumOut
             | Buffer::NormOut
             | Buffer::GateUp
-            | Buffer::ActOut => match dtype {
+            | Buffer::ActOut
+            | Buffer::Weight
+            | Buffer::Bias
+            | Buffer::GemvIn
+            | Buffer::Gate
+            | Buffer::Up
+            | Buffer::GemvOut => match dtype {
                 DType::F16 => "f16",
                 DType::BF16 => "bf16",
                 _ => "f32",
@@ -248,8 +283,8 @@ pub(crate) fn supports(head_dim: usize, group: usize) -> Result<()> {
 pub(crate) struct RowSplit {
     pub decode: usize,
     pub prefill: usize,
-    /// Partitions of the longest decode row.
-    pub max_parts: usize,
+    /// Keys of the longest decode row.
+    pub max_keys: usize,
 }
 
 impl RowSplit {
@@ -264,7 +299,7 @@ impl RowSplit {
         Self {
             decode,
             prefill: meta.num_tokens() - decode,
-            max_parts: max_keys.div_ceil(DECODE_PARTITION_KEYS),
+            max_keys,
         }
     }
 }
@@ -305,11 +340,14 @@ impl HostMeta {
     }
 }
 
-/// One call's launches, in order, and the f32 scratch buffers they share (elements).
+/// One call's launches, in order, the f32 scratch buffers they share (elements), and
+/// the u32 counters the split-key kernel needs zeroed before its first launch (the
+/// kernel leaves them zero, so one zeroed buffer serves every layer of a step).
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
     pub launches: Vec<Launch>,
     pub scratch: Vec<(Buffer, usize)>,
+    pub counters: usize,
 }
 
 /// The launches for one call (shapes already checked, `s.tokens > 0`).
@@ -328,8 +366,9 @@ pub(crate) fn plan(meta: &AttentionMetadata, s: &Shapes, dtype: DType, scale: f3
     let d = s.head_dim;
     let rows = RowSplit::new(meta);
     let mut plan = Plan {
-        launches: Vec::with_capacity(3),
+        launches: Vec::with_capacity(2),
         scratch: Vec::new(),
+        counters: 0,
     };
     // Each warp's (accumulator, max, sum) per head it holds, in f32.
     let warp_partials = WARPS * (per_block * (d + 2) * 4) as u32;
@@ -361,14 +400,16 @@ pub(crate) fn plan(meta: &AttentionMetadata, s: &Shapes, dtype: DType, scale: f3
         });
     }
     if rows.decode > 0 {
-        let parts = rows.max_parts;
-        let partition = Arg::I32(DECODE_PARTITION_KEYS as i32);
+        let keys = decode_partition_keys(rows.decode, s.kv_heads * groups, rows.max_keys);
+        let parts = rows.max_keys.div_ceil(keys);
+        let partition = Arg::I32(keys as i32);
         let slots = rows.decode * s.heads * parts;
         plan.scratch = vec![
             (Buffer::PartAcc, slots * d),
             (Buffer::PartMax, slots),
             (Buffer::PartSum, slots),
         ];
+        plan.counters = rows.decode * s.kv_heads * groups;
         plan.launches.push(Launch {
             kernel: format!("hearth_paged_attention_split_{name}_d{d}"),
             grid: [
@@ -383,9 +424,11 @@ pub(crate) fn plan(meta: &AttentionMetadata, s: &Shapes, dtype: DType, scale: f3
                 Arg::Buffer(Buffer::Q),
                 Arg::Buffer(Buffer::KCache),
                 Arg::Buffer(Buffer::VCache),
+                Arg::Buffer(Buffer::Out),
                 Arg::Buffer(Buffer::PartAcc),
                 Arg::Buffer(Buffer::PartMax),
                 Arg::Buffer(Buffer::PartSum),
+                Arg::Buffer(Buffer::Counters),
                 Arg::Buffer(Buffer::DecodeRows),
                 Arg::Buffer(Buffer::TokenSeq),
                 Arg::Buffer(Buffer::QueryStart),
@@ -400,30 +443,28 @@ pub(crate) fn plan(meta: &AttentionMetadata, s: &Shapes, dtype: DType, scale: f3
                 Arg::F32(scale),
             ],
         });
-        plan.launches.push(Launch {
-            kernel: format!("hearth_paged_attention_combine_{name}_d{d}"),
-            grid: [rows.decode as u32, s.heads as u32, 1],
-            block: [WARPS * 32, 1, 1],
-            // A weight per partition, then one float per warp of scratch.
-            dynamic_shared_bytes: ((parts + 32) * 4) as u32,
-            shared_opt_in: false,
-            args: vec![
-                Arg::Buffer(Buffer::PartAcc),
-                Arg::Buffer(Buffer::PartMax),
-                Arg::Buffer(Buffer::PartSum),
-                Arg::Buffer(Buffer::Out),
-                Arg::Buffer(Buffer::DecodeRows),
-                Arg::Buffer(Buffer::TokenSeq),
-                Arg::Buffer(Buffer::QueryStart),
-                Arg::Buffer(Buffer::SeqLens),
-                heads,
-                partition,
-                Arg::I32(parts as i32),
-            ],
-        });
     }
     for l in &plan.launches {
         l.check(&SM90_LIMITS)?;
     }
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_partition_keys;
+
+    /// Partitions shrink only while a step's decode blocks would not make two per SM.
+    #[test]
+    fn decode_partitions_shrink_to_fill_the_gpu() {
+        // Batch 1, Llama-3-8B's 8 kv heads, 2k context: 64 blocks at 256 keys, 256 at 64.
+        assert_eq!(decode_partition_keys(1, 8, 2048), 64);
+        // 8k context: 128-key partitions make 512 blocks already.
+        assert_eq!(decode_partition_keys(1, 8, 8192), 128);
+        // A large batch keeps 256 (tests/cuda_emulator.rs's 66-row case: 396 blocks).
+        assert_eq!(decode_partition_keys(66, 2, 599), 256);
+        assert_eq!(decode_partition_keys(64, 8, 2048), 256);
+        // Never below 64, however few the blocks.
+        assert_eq!(decode_partition_keys(1, 1, 1), 64);
+    }
 }

@@ -162,7 +162,7 @@ async fn an_upstream_route_relays_the_upstreams_stream_and_falls_back_to_polling
 
     // Output reaches the caller while the upstream is still making it: most chunks
     // arrive before the upstream's completed_at, not in one burst at the end.
-    let (events, done, theirs) = run_one(&api, &up, &input("incremental", 600)).await;
+    let (events, done, theirs) = run_one(&api, &up, &input("incremental", 2500)).await;
     let completed: DateTime<Utc> = theirs["completed_at"].as_str().unwrap().parse().unwrap();
     let outputs: Vec<&Got> = events.iter().filter(|e| e.event == "output").collect();
     let early = outputs.iter().filter(|e| e.at < completed).count();

@@ -40,7 +40,11 @@ pub(super) async fn poll(job: &Job, p: &mut Progress) -> Result<Polled, End> {
     let mut last_ok = Instant::now();
     loop {
         let grace = p.grace_left().unwrap_or(Duration::MAX);
+        // No pause to wait out (the first read, the one after the stream's done): no
+        // timer either — a timer rounds up to the driver's next millisecond tick.
         tokio::select! {
+            biased;
+            _ = std::future::ready(()), if interval.is_zero() => {}
             _ = tokio::time::sleep(interval) => {}
             _ = live.cancel_requested(), if p.cancel_sent.is_none() => p.forward_cancel(job).await,
             _ = tokio::time::sleep_until(p.deadline), if !p.deadline_passed => p.deadline_hit(job).await?,

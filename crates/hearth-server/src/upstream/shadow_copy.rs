@@ -193,7 +193,11 @@ pub(super) async fn run_copy(
     let mut seen_chunks = 0usize;
     let mut cancel_sent: Option<Instant> = None;
     loop {
+        // After the stream's done, read at once: no timer, which would round up to
+        // the driver's next millisecond tick.
         tokio::select! {
+            biased;
+            _ = std::future::ready(()), if interval.is_zero() => {}
             _ = tokio::time::sleep(interval) => {}
             _ = state.stop.cancelled(), if cancel_sent.is_none() => {
                 let _ = c.cancel(&uid).await;

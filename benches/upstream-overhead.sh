@@ -4,11 +4,14 @@
 #  1. `hearth bench --url` at concurrency 32 through a front whose route for the model
 #     is `upstream` to a local hearth, against the same load sent to that upstream
 #     directly: p50 latency (create to the stream's `done`) ratio and milliseconds added
-#     per prediction (goal: <= 1.05 and <= 2 ms).
+#     per prediction (goal: <= 1.05 and <= 2 ms). The upstream is pinned to CPU 1 and
+#     the bench client (and the front, when there is one) to CPU 0, so the front's
+#     cost shows as latency rather than as CPU taken from the upstream's engine.
 #  2. `shadow:UP:100`: the primary's output throughput with every create copied to a
 #     shadow side against the same primary without the route (goal: >= 0.95). The
-#     primary is pinned to CPU 0 and the shadow side, a separate process, to CPU 1
-#     (PIN=0 turns pinning off).
+#     primary and the bench client are pinned to CPU 0 and the shadow side, a
+#     separate process, to CPU 1, so the shadow side's engine takes nothing from the
+#     primary or the client (PIN=0 turns pinning off).
 # Rounds alternate the two sides of each comparison (ROUNDS, default 2); the figures
 # are the means over rounds. The last line is one JSON object with every figure.
 set -euo pipefail
@@ -48,21 +51,24 @@ serve() {
   echo "server on $p did not come up:" >&2; tail -n 20 "$data/$p.log" >&2; exit 1
 }
 
+# bench PORT CPU|-: one load run against the server on PORT, the client pinned to CPU.
 bench() {
-  "$bin" bench --url "http://127.0.0.1:$1" --backend replicate --model "$name" \
+  local wrap=""
+  [ "$2" = - ] || wrap=$(pin "$2")
+  $wrap "$bin" bench --url "http://127.0.0.1:$1" --backend replicate --model "$name" \
     --tokenizer "$model" --num-prompts "$n" --max-concurrency "$c" --input-len "$in" \
     --output-len "$out" --seed 0 --json | tail -n 1
 }
 
 # 1. Through an `upstream` route vs directly.
 up=$port; front=$((port + 1))
-serve "$up" - --model "$model"
+serve "$up" 1 --model "$model"
 name=$(curl -sf "http://127.0.0.1:$up/v1/models" | python3 -c "import json,sys; m=json.load(sys.stdin)['results'][0]; print(m['owner']+'/'+m['name'])")
-serve "$front" - --upstream "up=http://127.0.0.1:$up" --route "$name=upstream:up"
+serve "$front" 0 --upstream "up=http://127.0.0.1:$up" --route "$name=upstream:up"
 direct=(); routed=()
 for r in $(seq "$rounds"); do
-  d=$(bench "$up"); echo "direct   #$r: $d"; direct+=("$d")
-  f=$(bench "$front"); echo "upstream #$r: $f"; routed+=("$f")
+  d=$(bench "$up" 0); echo "direct   #$r: $d"; direct+=("$d")
+  f=$(bench "$front" 0); echo "upstream #$r: $f"; routed+=("$f")
 done
 
 # 2. Shadowing at 100% vs not: two primaries on CPU 0 (one with the route, one
@@ -74,8 +80,8 @@ serve "$shadowed" 0 --model "$model" --upstream "sh=http://127.0.0.1:$shadow" \
   --route "$name=shadow:sh:100" --shadow-max-concurrent 10000 --shadow-max-per-minute 100000
 alone=(); copied=()
 for r in $(seq "$rounds"); do
-  a=$(bench "$plain"); echo "primary alone    #$r: $a"; alone+=("$a")
-  s=$(bench "$shadowed"); echo "primary shadowed #$r: $s"; copied+=("$s")
+  a=$(bench "$plain" 0); echo "primary alone    #$r: $a"; alone+=("$a")
+  s=$(bench "$shadowed" 0); echo "primary shadowed #$r: $s"; copied+=("$s")
 done
 # Let the last copies finish so the counts below are whole.
 for _ in $(seq 300); do

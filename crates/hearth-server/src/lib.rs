@@ -597,6 +597,12 @@ async fn drain(state: &AppState) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // Shadow copies cancel themselves upstream at the stop (a copy left running there
+    // bills for nothing): their cancels get the same grace before the process ends.
+    let deadline = tokio::time::Instant::now() + CANCEL_GRACE;
+    while state.upstream.shadows.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 pub(crate) async fn shutdown_signal() {

@@ -58,6 +58,20 @@ impl Live {
         self.cancel.notified()
     }
 
+    /// Reads the record in place, under its lock: what a reader needs without a copy
+    /// of the whole record (output and input included) at every chunk.
+    pub fn read<T>(&self, f: impl FnOnce(&Record) -> T) -> Option<T> {
+        self.record.lock().ok().map(|r| f(&r))
+    }
+
+    /// As `update`, without the copy it returns: a change no webhook needs to see.
+    pub(crate) fn apply(&self, f: impl FnOnce(&mut Record)) {
+        if let Ok(mut r) = self.record.lock() {
+            f(&mut r);
+        }
+        self.changed.notify_waiters();
+    }
+
     pub(crate) fn update(&self, f: impl FnOnce(&mut Record)) -> Option<Record> {
         let snapshot = {
             let mut r = self.record.lock().ok()?;
@@ -280,10 +294,13 @@ pub async fn run(live: Arc<Live>, mut stream: RequestStream, ctx: RunContext) {
                 if text.is_empty() {
                     continue;
                 }
-                if let Some(r) =
-                    live.update(|r| r.prediction.output.get_or_insert_with(Vec::new).push(text))
-                {
-                    dirty = true;
+                let push =
+                    |r: &mut Record| r.prediction.output.get_or_insert_with(Vec::new).push(text);
+                dirty = true;
+                // Without a webhook nobody needs a copy of the record at every token.
+                if ctx.webhook.is_none() {
+                    live.apply(push);
+                } else if let Some(r) = live.update(push) {
                     ctx.notify(WebhookEvent::Output, &r).await;
                 }
             }

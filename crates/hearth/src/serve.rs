@@ -353,6 +353,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .mirror(cfg.data_dir.join("files"), a.webhook_allow_private);
     for u in &mut cfg.upstreams {
         u.mirror = mirror.clone();
+        u.intake = a.upstream.intake();
     }
     cfg.shadow_limits = a.shadow.limits();
     // Before loading models (minutes for big ones): a refused configuration says so now.

@@ -44,6 +44,23 @@ pub struct UpstreamArgs {
     /// The largest file --mirror-upstream-files copies; larger ones keep their URL.
     #[arg(long, env = "HEARTH_MIRROR_UPSTREAM_MAX_BYTES", default_value = "100MiB", value_parser = hearth_runtime::device::parse_bytes)]
     pub mirror_upstream_max_bytes: u64,
+    /// The most output one prediction may bring back from an upstream (bytes, or
+    /// 64MiB-style; whichever way it arrives: polled, streamed, from Cog); past it
+    /// the prediction fails, saying so, and is canceled upstream.
+    #[arg(long, env = "HEARTH_UPSTREAM_MAX_OUTPUT_BYTES", default_value = "64MiB", value_parser = parse_intake_bytes)]
+    pub upstream_max_output_bytes: u64,
+    /// The same for its logs.
+    #[arg(long, env = "HEARTH_UPSTREAM_MAX_LOG_BYTES", default_value = "8MiB", value_parser = parse_intake_bytes)]
+    pub upstream_max_log_bytes: u64,
+}
+
+/// A byte count from 1 to 1 GiB.
+fn parse_intake_bytes(s: &str) -> Result<u64, String> {
+    let n = hearth_runtime::device::parse_bytes(s)?;
+    if n == 0 || n > 1 << 30 {
+        return Err(format!("{s:?}: expected 1 byte to 1GiB"));
+    }
+    Ok(n)
 }
 
 fn parse_upstream(s: &str) -> Result<UpstreamSpec, String> {
@@ -130,6 +147,14 @@ impl UpstreamArgs {
 }
 
 impl UpstreamArgs {
+    /// `--upstream-max-output-bytes` and `--upstream-max-log-bytes`.
+    pub fn intake(&self) -> upstream::intake::IntakeLimits {
+        upstream::intake::IntakeLimits {
+            max_output_bytes: self.upstream_max_output_bytes as usize,
+            max_log_bytes: self.upstream_max_log_bytes as usize,
+        }
+    }
+
     /// `--mirror-upstream-files`' settings, files staged in the store's `files_dir`.
     pub fn mirror(
         &self,

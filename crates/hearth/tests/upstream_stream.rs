@@ -2,10 +2,12 @@
 //! front `hearth serve` routing hearth/demo to another `hearth serve` through the
 //! fault-injecting proxy (`support::fault_proxy`), which carries the upstream's event
 //! streams too. Output reaches the caller's stream while the upstream is still
-//! making it; a stream cut again and again mid-prediction still ends with the whole
-//! output, each chunk once (reconnects resume after the last event, then polling);
-//! a stream that cannot be opened, and an upstream whose records name no stream, are
-//! polled.
+//! making it, and the upstream is not polled while its stream flows; a stream cut
+//! again and again mid-prediction still ends with the whole output, each chunk once
+//! (reconnects resume after the last event, then polling); a stream that cannot be
+//! opened, one named on another origin, and an upstream whose records name no
+//! stream, are polled. What an upstream may send is capped; shadow copies follow the
+//! stream too; a graceful shutdown ends upstream work in flight within its bound.
 
 mod support;
 
@@ -32,18 +34,21 @@ async fn upstream(dir: &Path) -> Proc {
 }
 
 async fn front(dir: &Path, up: &str) -> Proc {
-    let args: Vec<String> = [
+    front_with(dir, up, &["--route", &format!("{MODEL}=upstream:up")]).await
+}
+
+async fn front_with(dir: &Path, up: &str, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = [
         "--data-dir",
         &dir.join("front-data").display().to_string(),
         "--api-token",
         FRONT_TOKEN,
         "--upstream",
         &format!("up={up}"),
-        "--route",
-        &format!("{MODEL}=upstream:up"),
     ]
     .map(String::from)
     .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
     spawn(
         free_port(),
         &args,
@@ -157,7 +162,7 @@ async fn an_upstream_route_relays_the_upstreams_stream_and_falls_back_to_polling
 
     // Output reaches the caller while the upstream is still making it: most chunks
     // arrive before the upstream's completed_at, not in one burst at the end.
-    let (events, done, theirs) = run_one(&api, &up, &input("incremental", 200)).await;
+    let (events, done, theirs) = run_one(&api, &up, &input("incremental", 2500)).await;
     let completed: DateTime<Utc> = theirs["completed_at"].as_str().unwrap().parse().unwrap();
     let outputs: Vec<&Got> = events.iter().filter(|e| e.event == "output").collect();
     let early = outputs.iter().filter(|e| e.at < completed).count();
@@ -172,6 +177,16 @@ async fn an_upstream_route_relays_the_upstreams_stream_and_falls_back_to_polling
     assert!(
         proxy.streams.load(Ordering::SeqCst) >= 1,
         "no stream followed"
+    );
+    // Followed along its stream from the create on: the upstream's record was read
+    // once, at the end, and never polled while events flowed (no event gap here
+    // comes near the 1 s after which a quiet stream is checked).
+    let uid = done["hearth"]["upstream_id"].as_str().unwrap();
+    assert_eq!(
+        proxy.gets_of(&format!("/v1/predictions/{uid}")),
+        1,
+        "the upstream was polled while its stream was followed: {:?}",
+        proxy.gets.lock().unwrap()
     );
     // Followed to its end, not opened and then left for polling (which also delivers
     // most chunks early, 200 ms apart).
@@ -226,5 +241,209 @@ async fn an_upstream_route_relays_the_upstreams_stream_and_falls_back_to_polling
         proxy.streams.load(Ordering::SeqCst),
         opened,
         "a stream was opened"
+    );
+
+    proxy.set(|p| p.strip_stream_urls = false);
+
+    // A stream named on another origin is not followed (nothing is asked of that
+    // origin; the token never goes there): polled to the same end.
+    let elsewhere = FaultProxy::start(&u.base).await;
+    proxy.set(|p| p.stream_origin = Some(elsewhere.url.clone()));
+    let (_, done, _) = run_one(&api, &up, &input("elsewhere", 40)).await;
+    assert_eq!(elsewhere.streams.load(Ordering::SeqCst), 0);
+    assert!(elsewhere.gets.lock().unwrap().is_empty());
+    let logs = done["logs"].as_str().unwrap();
+    assert!(
+        logs.contains("was not followed") && logs.contains("not on upstream up's own origin"),
+        "{logs}"
+    );
+}
+
+/// The caps on what an upstream may send for one prediction: output past
+/// `--upstream-max-output-bytes` fails the prediction, naming the flag, whether it
+/// comes along the stream or by polling, and cancels it upstream; logs past
+/// `--upstream-max-log-bytes` in the final record fail it the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_and_logs_past_their_caps_fail_the_prediction_naming_the_limit() {
+    let dir = temp("caps");
+    let u = upstream(&dir).await;
+    let proxy = FaultProxy::start(&u.base).await;
+    let f = front_with(
+        &dir,
+        &proxy.url,
+        &[
+            "--route",
+            &format!("{MODEL}=upstream:up"),
+            "--upstream-max-output-bytes",
+            "300",
+            "--upstream-max-log-bytes",
+            "40",
+        ],
+    )
+    .await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let up = Api::new(&u.base, UP_TOKEN);
+    for (how, refuse) in [("streamed", false), ("polled", true)] {
+        proxy.set(|p| p.refuse_streams = refuse);
+        let (code, p) = api
+            .post(
+                &format!("/v1/models/{MODEL}/predictions"),
+                &json!({"input": input(how, 4000)}),
+                None,
+            )
+            .await;
+        assert_eq!(code, 201, "{p}");
+        let events = read_stream(&api.http, p["urls"]["stream"].as_str().unwrap()).await;
+        let done = api.wait_terminal(p["id"].as_str().unwrap(), 60).await;
+        assert_eq!(done["status"], "failed", "{how}: {done}");
+        let err = done["error"].as_str().unwrap();
+        assert!(
+            err.contains("--upstream-max-output-bytes") && err.contains("300 bytes"),
+            "{how}: {err}"
+        );
+        let kept: usize = done["output"]
+            .as_array()
+            .map_or(0, |o| o.iter().map(|c| c.as_str().unwrap().len()).sum());
+        assert!(kept <= 300, "{how}: {kept} bytes kept");
+        assert_eq!(events.last().map(|e| e.event.as_str()), Some("done"));
+        assert!(events
+            .iter()
+            .any(|e| e.event == "error" && e.data.contains("300 bytes")));
+        // Canceled upstream, not left to run its 4000 tokens.
+        let uid = done["hearth"]["upstream_id"].as_str().unwrap();
+        let theirs = up.wait_terminal(uid, 60).await;
+        assert_eq!(theirs["status"], "canceled", "{how}: {theirs}");
+    }
+    proxy.set(|p| p.refuse_streams = false);
+    // A few tokens of output, but the upstream's closing log line is past 40 bytes.
+    let (code, p) = api
+        .post(
+            &format!("/v1/models/{MODEL}/predictions"),
+            &json!({"input": input("logs", 3)}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 201, "{p}");
+    let done = api.wait_terminal(p["id"].as_str().unwrap(), 60).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let err = done["error"].as_str().unwrap();
+    assert!(err.contains("--upstream-max-log-bytes"), "{err}");
+}
+
+/// Shadow copies follow the upstream's stream; and a graceful shutdown of a front
+/// with an upstream prediction and a shadow copy in flight: the process exits within
+/// its bound; the copy is canceled upstream (not
+/// left to bill); the upstream prediction is canceled there and ends canceled here,
+/// recorded before the exit or, left resumable, after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_copies_follow_the_stream_and_a_shutdown_ends_upstream_work_in_bound() {
+    let dir = temp("upshutdown");
+    let u = spawn_upstream(
+        &dir,
+        &[
+            "name = \"hearth/demo\"\nmodel = \"demo\"\n",
+            // Defaults of its own: two cards of one model need different versions.
+            "name = \"acme/remote\"\nmodel = \"demo\"\n[defaults]\nmax_tokens = 129\n",
+        ],
+        UP_TOKEN,
+    )
+    .await;
+    let extra = [
+        "--route",
+        "acme/remote=upstream:up",
+        "--route",
+        "hearth/demo=shadow:up:100",
+        "--shutdown-timeout",
+        "1",
+    ];
+    let proxy = FaultProxy::start(&u.base).await;
+    let mut f = front_with(&dir, &proxy.url, &extra).await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let up = Api::new(&u.base, UP_TOKEN);
+
+    // A shadow copy is followed along the upstream's stream like a routed
+    // prediction: its record there is read once, at its end, never polled while it
+    // runs (polling read it every 250 ms).
+    let (code, p) = api
+        .post(
+            &format!("/v1/models/{MODEL}/predictions"),
+            &json!({"input": input("copy", 400)}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 201, "{p}");
+    api.wait_terminal(p["id"].as_str().unwrap(), 60).await;
+    let m = api.settled_compare(MODEL, 60).await;
+    let pair = &m["shadow"]["recent_pairs"][0];
+    assert_eq!(pair["upstream"], "succeeded", "{m}");
+    let uid = pair["upstream_id"].as_str().unwrap();
+    assert_eq!(proxy.streams.load(Ordering::SeqCst), 1, "the copy's stream");
+    assert_eq!(
+        proxy.gets_of(&format!("/v1/predictions/{uid}")),
+        1,
+        "the copy was polled: {:?}",
+        proxy.gets.lock().unwrap()
+    );
+
+    let tag = format!("sd{}", rand::random::<u32>());
+    let mut ids = Vec::new();
+    for model in ["acme/remote", MODEL] {
+        let (code, p) = api
+            .post(
+                &format!("/v1/models/{model}/predictions"),
+                &json!({"input": input(&tag, 8000)}),
+                None,
+            )
+            .await;
+        assert_eq!(code, 201, "{p}");
+        ids.push(p["id"].as_str().unwrap().to_string());
+    }
+    // Both running upstream: the routed prediction and the shadow copy.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let there = up.listed_with_tag(&tag).await;
+        if there.len() == 2 && there.iter().all(|p| p["status"] == "processing") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not both running upstream: {there:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &f.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(s) = f.child.try_wait().unwrap() {
+            break s;
+        }
+        // 1 s of drain, 3 s for cancels, 3 s to close: well inside 20 s.
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "still running 20 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    // Nothing is left running upstream.
+    for p in up.listed_with_tag(&tag).await {
+        let id = p["id"].as_str().unwrap();
+        let theirs = up.wait_terminal(id, 60).await;
+        assert_eq!(theirs["status"], "canceled", "{theirs}");
+    }
+    // The routed prediction ends canceled here: as recorded, or once resumed.
+    drop(f);
+    let f = front_with(&dir, &proxy.url, &extra).await;
+    let api = Api::new(&f.base, FRONT_TOKEN);
+    let done = api.wait_terminal(&ids[0], 60).await;
+    assert_eq!(done["status"], "canceled", "{done}");
+    let local = api.wait_terminal(&ids[1], 60).await;
+    assert!(
+        ["canceled", "failed"].contains(&local["status"].as_str().unwrap()),
+        "{local}"
     );
 }

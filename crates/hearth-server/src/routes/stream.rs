@@ -46,6 +46,29 @@ fn resume_index(headers: &HeaderMap) -> Result<usize, ApiError> {
         .ok_or_else(bad)
 }
 
+/// What a stream needs of a prediction: the output after what was sent, the status.
+struct View {
+    created_unix: i64,
+    new_output: Vec<String>,
+    /// The whole output's length.
+    len: usize,
+    status: Status,
+    error: Option<String>,
+}
+
+impl View {
+    fn of(r: &Record, next: usize) -> View {
+        let output = r.prediction.output.as_deref().unwrap_or_default();
+        View {
+            created_unix: r.created_unix,
+            new_output: output.get(next..).unwrap_or_default().to_vec(),
+            len: output.len(),
+            status: r.prediction.status,
+            error: r.prediction.error.clone(),
+        }
+    }
+}
+
 pub async fn sse(
     State(state): State<Arc<AppState>>,
     Path((id, token)): Path<(String, String)>,
@@ -67,36 +90,35 @@ pub async fn sse(
         loop {
             let live = state.hub.get(&id);
             let changed = live.as_ref().map(|l| l.subscribe());
-            let current: Option<Record> = match &live {
-                Some(l) => l.snapshot(),
-                None => lookup(&state, &id).await.ok(),
+            // What is new since `next`, read in place while it runs here (no copy of
+            // the whole record at every chunk).
+            let current: Option<View> = match &live {
+                Some(l) => l.read(|r| View::of(r, next)),
+                None => lookup(&state, &id).await.ok().map(|r| View::of(&r, next)),
             };
             let Some(mut r) = current else { return };
-            if live.is_none() && !shared && !r.prediction.status.is_terminal() {
+            if live.is_none() && !shared && !r.status.is_terminal() {
                 limbo += 1;
                 if limbo > 100 {
-                    r.prediction.status = Status::Failed;
-                    r.prediction.error =
-                        Some("the prediction is not running on this server".into());
+                    r.status = Status::Failed;
+                    r.error = Some("the prediction is not running on this server".into());
                 }
             }
             let ts = r.created_unix;
-            let output = r.prediction.output.clone().unwrap_or_default();
-            while next < output.len() {
+            for chunk in &r.new_output {
                 let ev = Event::default()
                     .event("output")
                     .id(format!("{ts}:{next}"))
-                    .data(&output[next]);
+                    .data(chunk);
                 if tx.send(Ok(ev)).await.is_err() {
                     return;
                 }
                 next += 1;
             }
-            if r.prediction.status.is_terminal() {
-                let mut n = output.len();
-                if r.prediction.status == Status::Failed {
+            if r.status.is_terminal() {
+                let mut n = r.len;
+                if r.status == Status::Failed {
                     let msg = r
-                        .prediction
                         .error
                         .clone()
                         .unwrap_or_else(|| "prediction failed".into());
@@ -108,7 +130,7 @@ pub async fn sse(
                         .await;
                     n += 1;
                 }
-                let payload = match r.prediction.status {
+                let payload = match r.status {
                     Status::Canceled => r#"{"reason":"canceled"}"#,
                     Status::Failed => r#"{"reason":"error"}"#,
                     _ => "{}",

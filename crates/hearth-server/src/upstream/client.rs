@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::breaker::Breaker;
+use super::intake::{read_body, IntakeLimits};
 use super::Secret;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,6 +31,9 @@ pub enum CallError {
         body: String,
     },
     Network(String),
+    /// The answer was larger than the prediction's output and logs may take
+    /// (`intake`): this message says so.
+    TooLarge(String),
 }
 
 impl std::fmt::Display for CallError {
@@ -37,7 +41,7 @@ impl std::fmt::Display for CallError {
         match self {
             CallError::Throttled(d) => write!(f, "throttled (retry after {}s)", d.as_secs()),
             CallError::Status { status, body } => write!(f, "HTTP {status}: {body}"),
-            CallError::Network(e) => write!(f, "{e}"),
+            CallError::Network(e) | CallError::TooLarge(e) => write!(f, "{e}"),
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct UpstreamClient {
     pub cog: bool,
     /// Copies file outputs into hearth's store (`super::files`).
     pub mirror: Option<super::files::Mirror>,
+    /// What one prediction may bring back from it (`super::intake`).
+    pub intake: IntakeLimits,
 }
 
 fn retry_after(h: &reqwest::header::HeaderMap) -> Duration {
@@ -130,7 +136,34 @@ impl UpstreamClient {
             counts: CallCounts::default(),
             cog: false,
             mirror: None,
+            intake: IntakeLimits::default(),
         })
+    }
+
+    /// `--upstream-max-output-bytes` and `--upstream-max-log-bytes`.
+    pub fn with_intake(mut self, intake: IntakeLimits) -> Self {
+        self.intake = intake;
+        self
+    }
+
+    /// `url` (as an upstream's record names it, absolute or relative) resolved against
+    /// the base, when it is on the upstream's own origin (scheme, host and port): the
+    /// only place hearth follows a URL an upstream hands it, so a record cannot send
+    /// hearth (and the token) to another host or to an address inside the network.
+    pub fn own_url(&self, url: &str) -> Result<url::Url, String> {
+        let base = url::Url::parse(&self.base).map_err(|e| format!("the base URL: {e}"))?;
+        // The URL itself stays out of messages: it may be a capability.
+        let target = base
+            .join(url)
+            .map_err(|e| format!("its URL does not parse: {e}"))?;
+        if target.origin() != base.origin() {
+            return Err(format!(
+                "its URL is on {}, not on upstream {}'s own origin",
+                target.origin().ascii_serialization(),
+                self.name
+            ));
+        }
+        Ok(target)
     }
 
     pub fn with_mirror(mut self, mirror: Option<super::files::Mirror>) -> Self {
@@ -197,12 +230,19 @@ impl UpstreamClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("application/json")
             .to_string();
-        let bytes = match resp.bytes().await {
+        let bytes = match read_body(resp, self.intake.body_max()).await {
             Ok(b) => b,
-            Err(e) => {
+            Err(Some(e)) => {
                 // The status line came back, the body did not: it was received.
                 self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);
                 return CreateOutcome::Ambiguous(format!("reading the answer: {e}"));
+            }
+            Err(None) => {
+                self.counts.server_error.fetch_add(1, Ordering::Relaxed);
+                return CreateOutcome::ServerError {
+                    status,
+                    detail: self.intake.body_error(&self.name),
+                };
             }
         };
         match status {
@@ -251,10 +291,17 @@ impl UpstreamClient {
             self.counts.throttled.fetch_add(1, Ordering::Relaxed);
             return Err(CallError::Throttled(retry_after(resp.headers())));
         }
-        let bytes = resp.bytes().await.map_err(|e| {
-            self.counts.network.fetch_add(1, Ordering::Relaxed);
-            CallError::Network(e.to_string())
-        })?;
+        let bytes = match read_body(resp, self.intake.body_max()).await {
+            Ok(b) => b,
+            Err(Some(e)) => {
+                self.counts.network.fetch_add(1, Ordering::Relaxed);
+                return Err(CallError::Network(e.to_string()));
+            }
+            Err(None) => {
+                self.counts.server_error.fetch_add(1, Ordering::Relaxed);
+                return Err(CallError::TooLarge(self.intake.body_error(&self.name)));
+            }
+        };
         if !(200..300).contains(&status) {
             if status >= 500 {
                 self.counts.server_error.fetch_add(1, Ordering::Relaxed);
@@ -287,23 +334,15 @@ impl UpstreamClient {
     }
 
     /// Opens a prediction's event stream (`urls.stream`, resolved against the base),
-    /// resuming after `last_id`. The token goes only to the upstream's own origin: a
-    /// stream URL elsewhere is a capability that needs none (the hosted API's streams
-    /// live on another host).
+    /// resuming after `last_id`. Only on the upstream's own origin (`own_url`): a
+    /// stream elsewhere is not opened, and the caller polls instead.
     pub(super) async fn open_stream(
         &self,
         url: &str,
         last_id: Option<&str>,
         max_open: Duration,
     ) -> Result<reqwest::Response, String> {
-        let base = url::Url::parse(&self.base).map_err(|e| format!("the base URL: {e}"))?;
-        let target = base
-            .join(url)
-            .map_err(|e| format!("the stream URL {url:?}: {e}"))?;
-        if !matches!(target.scheme(), "http" | "https") {
-            return Err(format!("the stream URL {url:?} is not http(s)"));
-        }
-        let same_origin = target.origin() == base.origin();
+        let target = self.own_url(url)?;
         let mut req = self
             .http
             .get(target)
@@ -312,7 +351,7 @@ impl UpstreamClient {
         if let Some(id) = last_id {
             req = req.header("Last-Event-ID", id);
         }
-        if let (Some(t), true) = (&self.token, same_origin) {
+        if let Some(t) = &self.token {
             req = req.bearer_auth(t.expose());
         }
         let resp = req.send().await.map_err(|e| {
@@ -346,5 +385,41 @@ impl UpstreamClient {
             return super::cog::document(path, &openapi);
         }
         self.call(reqwest::Method::GET, path).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_urls_on_the_upstreams_own_origin_are_followed() {
+        let c = UpstreamClient::new(
+            "up".into(),
+            "http://127.0.0.1:8000/",
+            None,
+            Breaker::new(Default::default()),
+        )
+        .unwrap();
+        let ok = |u: &str| c.own_url(u).map(|u| u.to_string());
+        assert_eq!(
+            ok("/v1/predictions/x/stream").unwrap(),
+            "http://127.0.0.1:8000/v1/predictions/x/stream"
+        );
+        assert!(ok("http://127.0.0.1:8000/s?token=abc").is_ok());
+        for elsewhere in [
+            "http://127.0.0.1:8001/s",
+            "https://127.0.0.1:8000/s",
+            "http://localhost:8000/s",
+            "http://169.254.169.254/latest",
+            "//evil.example/s",
+        ] {
+            let e = ok(elsewhere).unwrap_err();
+            assert!(
+                e.contains("not on upstream up's own origin"),
+                "{elsewhere}: {e}"
+            );
+            assert!(!e.contains("token"), "{e}");
+        }
     }
 }

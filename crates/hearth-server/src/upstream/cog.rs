@@ -200,7 +200,8 @@ impl UpstreamClient {
         if (200..300).contains(&status) && is_stream {
             self.counts.ok.fetch_add(1, Ordering::Relaxed);
             return CogOpen::Stream(CogStream {
-                reader: SseReader::new(resp, EVENT_MAX),
+                // A `completed` event carries the whole record: no more than a body.
+                reader: SseReader::new(resp, EVENT_MAX.min(self.intake.body_max())),
             });
         }
         let content_type = resp
@@ -209,8 +210,14 @@ impl UpstreamClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("application/json")
             .to_string();
-        let body = match tokio::time::timeout(Duration::from_secs(30), resp.bytes()).await {
-            Ok(Ok(b)) => b.to_vec(),
+        // An error's body: only the start of it is ever shown.
+        let body = match tokio::time::timeout(
+            Duration::from_secs(30),
+            super::intake::read_body(resp, 64 << 10),
+        )
+        .await
+        {
+            Ok(Ok(b)) => b,
             _ => Vec::new(),
         };
         let text = String::from_utf8_lossy(&body);

@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use super::attempts;
 use super::cog::{CogEvent, CogOpen, STREAM_IDLE};
+use super::intake::output_bytes;
 use super::normalize;
 use super::runner::{final_record, End, First, Job};
 use crate::record::{now_rfc3339, Record, Status};
@@ -69,6 +70,10 @@ pub(super) async fn follow(
     let mut deadline_passed = false;
     let mut cancel_sent: Option<Instant> = None;
     let mut upstream_logs = String::new();
+    let mut out_bytes = live
+        .read(|r| r.prediction.output.as_deref().map_or(0, output_bytes))
+        .unwrap_or(0);
+    let limits = job.client.intake;
     let mut attached = false;
     // After a restart it was created before: attach only.
     let mut created = resumed;
@@ -240,11 +245,14 @@ pub(super) async fn follow(
                 CogEvent::Start => {}
                 CogEvent::Output { chunk, index } => {
                     let have = live
-                        .snapshot()
-                        .and_then(|r| r.prediction.output.map(|o| o.len()))
+                        .read(|r| r.prediction.output.as_ref().map_or(0, Vec::len))
                         .unwrap_or(0);
                     // A replay's chunks up to what is here are already out.
                     if index >= have {
+                        out_bytes += chunk.len();
+                        if let Err(why) = limits.check(name, out_bytes, 0) {
+                            return Err(over_limit(job, id, why).await);
+                        }
                         if let Some(r) = live.update(|r| {
                             r.prediction.output.get_or_insert_with(Vec::new).push(chunk)
                         }) {
@@ -257,6 +265,10 @@ pub(super) async fn follow(
                     if end > upstream_logs.len() {
                         let skip = upstream_logs.len().saturating_sub(seen_logs);
                         if let Some(new) = text.get(skip..) {
+                            if let Err(why) = limits.check(name, 0, upstream_logs.len() + new.len())
+                            {
+                                return Err(over_limit(job, id, why).await);
+                            }
                             upstream_logs.push_str(new);
                             let all = format!("{base_logs}{upstream_logs}");
                             if let Some(r) = live.update(|r| r.prediction.logs = all) {
@@ -267,6 +279,7 @@ pub(super) async fn follow(
                     seen_logs = end;
                 }
                 CogEvent::Completed(body) => {
+                    limits.check_record(name, &body).map_err(End::Failed)?;
                     let Some(r) = live.snapshot() else {
                         return Err(End::Failed(
                             "internal: the prediction's state was lost".into(),
@@ -293,4 +306,13 @@ pub(super) async fn follow(
         ));
         tokio::time::sleep(Duration::from_millis(200 << reattaches.min(4))).await;
     }
+}
+
+/// Past a cap on what the container may send (`intake`): canceled there, failed here.
+async fn over_limit(job: &Job, id: &str, why: String) -> End {
+    tracing::warn!(upstream = %job.client.name, reason = %why, "a Cog prediction sent more than it may");
+    if let Err(e) = job.client.cog_cancel(id).await {
+        tracing::warn!(upstream = %job.client.name, error = %e, "canceling it failed");
+    }
+    End::Failed(why)
 }

@@ -189,6 +189,7 @@ pub(super) async fn upstream(
     origin: Origin,
     why: Option<&str>,
 ) -> ServiceResult<Created> {
+    let arrived = Instant::now();
     if state.is_draining() {
         return Err(ApiError::unavailable(
             "the server is shutting down and takes no new predictions",
@@ -330,7 +331,7 @@ pub(super) async fn upstream(
             cancel_after: req.cancel_after,
             link,
             quota: Some(quota),
-            created: Instant::now(),
+            created: arrived,
         };
         let span =
             tracing::info_span!("prediction", %id, model = %job.model, upstream = %job.client.name);

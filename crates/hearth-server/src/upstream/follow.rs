@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 
 use super::client::CallError;
 use super::normalize;
-use super::runner::{final_record, End, Job};
-use super::{poller, stream_follower};
+use super::runner::{final_record, mark, End, Job};
+use super::{intake, poller, stream_follower};
 use crate::record::{now_rfc3339, Record, Status};
 use crate::store::StoreError;
 use crate::webhook::WebhookEvent;
@@ -47,6 +47,10 @@ pub(super) struct Progress {
     since: Instant,
     /// The stream was followed once: from then on, polling.
     pub stream_tried: bool,
+    /// The stream said `done`: the end is a `GET` away, so that `GET` is not paced.
+    pub done_seen: bool,
+    /// Output bytes relayed so far (`intake`'s cap).
+    out_bytes: usize,
     last_put: Instant,
 }
 
@@ -65,18 +69,29 @@ pub(super) async fn follow(
     loop {
         if let Some(url) = stream_url.take() {
             p.stream_tried = true;
-            match stream_follower::follow(job, &url, &mut p).await? {
-                stream_follower::Streamed::Done => {}
-                stream_follower::Streamed::Ended(u) => return p.final_record(job, &u),
-                stream_follower::Streamed::Broken(why) => {
-                    tracing::warn!(upstream = %job.client.name, reason = %why, "following the upstream's stream failed; polling");
-                    p.note(
+            if let Err(why) = job.client.own_url(&url) {
+                tracing::warn!(upstream = %job.client.name, reason = %why, "not following an upstream's stream elsewhere; polling");
+                p.note(
+                    job,
+                    format!("The event stream upstream {} named was not followed ({why}): polling it instead.", job.client.name),
+                );
+            } else {
+                match stream_follower::follow(job, &url, &mut p).await? {
+                    stream_follower::Streamed::Done => {
+                        mark(job, "stream done");
+                        p.done_seen = true;
+                    }
+                    stream_follower::Streamed::Ended(u) => return p.final_record(job, &u),
+                    stream_follower::Streamed::Broken(why) => {
+                        tracing::warn!(upstream = %job.client.name, reason = %why, "following the upstream's stream failed; polling");
+                        p.note(
                         job,
                         format!(
                             "The event stream of upstream {} could not be followed ({why}): polling it instead.",
                             job.client.name
                         ),
                     );
+                    }
                 }
             }
         }
@@ -85,6 +100,18 @@ pub(super) async fn follow(
             poller::Polled::Stream(url) => stream_url = Some(url),
         }
     }
+}
+
+/// The output already here (one resumed after a restart), in bytes.
+fn snapshot_output_bytes(job: &Job) -> usize {
+    job.live
+        .read(|r| {
+            r.prediction
+                .output
+                .as_deref()
+                .map_or(0, intake::output_bytes)
+        })
+        .unwrap_or(0)
 }
 
 impl Progress {
@@ -103,8 +130,20 @@ impl Progress {
             deadline_passed: false,
             since: Instant::now(),
             stream_tried: false,
+            done_seen: false,
+            out_bytes: snapshot_output_bytes(job),
             last_put: Instant::now(),
         }
+    }
+
+    /// Past one of the caps on what the upstream may send (`intake`): the prediction
+    /// is canceled there and fails here, with `why`.
+    pub async fn over_limit(&mut self, job: &Job, why: String) -> End {
+        tracing::warn!(upstream = %job.client.name, reason = %why, "an upstream prediction sent more than it may");
+        if self.cancel_sent.is_none() {
+            self.forward_cancel(job).await;
+        }
+        End::Failed(why)
     }
 
     /// A line of hearth's own in the prediction's logs, kept through the end.
@@ -184,32 +223,49 @@ impl Progress {
         Ok(())
     }
 
-    /// New output chunks after those out: to the stream and `output` webhooks.
-    pub async fn push_output(&self, job: &Job, chunks: Vec<String>) {
+    /// New output chunks after those out: to the stream and `output` webhooks; past
+    /// the output cap, the end.
+    pub async fn push_output(&mut self, job: &Job, chunks: Vec<String>) -> Result<(), End> {
+        self.out_bytes += intake::output_bytes(&chunks);
+        if let Err(why) = job.client.intake.check(&job.client.name, self.out_bytes, 0) {
+            return Err(self.over_limit(job, why).await);
+        }
         for chunk in chunks {
-            if let Some(r) = job
-                .live
-                .update(|r| r.prediction.output.get_or_insert_with(Vec::new).push(chunk))
-            {
+            let push =
+                |r: &mut Record| r.prediction.output.get_or_insert_with(Vec::new).push(chunk);
+            // No webhook to feed: the chunk goes in without a copy of the record.
+            if job.ctx.webhook.is_none() {
+                job.live.apply(push);
+            } else if let Some(r) = job.live.update(push) {
                 job.ctx.notify(WebhookEvent::Output, &r).await;
             }
         }
+        Ok(())
     }
 
     /// The output anew (the upstream's is no continuation of what is here).
-    pub async fn replace_output(&self, job: &Job, all: Vec<String>) {
+    pub async fn replace_output(&mut self, job: &Job, all: Vec<String>) -> Result<(), End> {
+        self.out_bytes = intake::output_bytes(&all);
+        if let Err(why) = job.client.intake.check(&job.client.name, self.out_bytes, 0) {
+            return Err(self.over_limit(job, why).await);
+        }
         if let Some(r) = job.live.update(|r| r.prediction.output = Some(all)) {
             job.ctx.notify(WebhookEvent::Output, &r).await;
         }
+        Ok(())
     }
 
-    /// The upstream's logs so far are `logs`.
-    pub async fn set_logs(&mut self, job: &Job, logs: String) {
+    /// The upstream's logs so far are `logs`; past the logs' cap, the end.
+    pub async fn set_logs(&mut self, job: &Job, logs: String) -> Result<(), End> {
+        if let Err(why) = job.client.intake.check(&job.client.name, 0, logs.len()) {
+            return Err(self.over_limit(job, why).await);
+        }
         self.upstream_logs = logs;
         let all = format!("{}{}", self.base_logs, self.upstream_logs);
         if let Some(r) = job.live.update(|r| r.prediction.logs = all) {
             job.ctx.notify(WebhookEvent::Logs, &r).await;
         }
+        Ok(())
     }
 
     /// With a store other replicas read, what changed is written there: at once when
@@ -242,6 +298,7 @@ impl Progress {
             Err(CallError::Status { status, body }) if status < 500 => {
                 return Err(refused(&job.client.name, &self.uid, status, &body))
             }
+            Err(CallError::TooLarge(why)) => return Err(self.over_limit(job, why).await),
             Err(e) => {
                 job.client.breaker.failure();
                 tracing::debug!(upstream = %job.client.name, error = %e, "checking a followed prediction failed");
@@ -256,8 +313,14 @@ impl Progress {
         Ok(status.is_terminal().then_some(u))
     }
 
-    /// The end, from the upstream's final record `u`.
+    /// The end, from the upstream's final record `u` (within the caps on output and
+    /// logs, or failed).
     pub fn final_record(&self, job: &Job, u: &Value) -> Result<Record, End> {
+        mark(job, "final record read");
+        job.client
+            .intake
+            .check_record(&job.client.name, u)
+            .map_err(End::Failed)?;
         let Some(r) = job.live.snapshot() else {
             return Err(End::Failed(
                 "internal: the prediction's state was lost".into(),

@@ -23,12 +23,14 @@ pub mod create;
 pub mod files;
 pub mod follow;
 pub mod input_check;
+pub mod intake;
 pub mod models;
 pub mod normalize;
 pub mod poller;
 pub mod route;
 pub mod runner;
 pub mod shadow;
+pub mod shadow_copy;
 pub mod shadow_local;
 pub mod sse_reader;
 pub mod stats;
@@ -75,6 +77,8 @@ pub struct UpstreamSpec {
     pub cog: bool,
     /// `--mirror-upstream-files`: copy its file outputs into hearth's store.
     pub mirror: Option<files::Mirror>,
+    /// What one prediction may bring back from it.
+    pub intake: intake::IntakeLimits,
 }
 
 /// Upstream names: what routes, env variables and metrics labels use.
@@ -124,6 +128,7 @@ impl UpstreamSpec {
             token: None,
             cog,
             mirror: None,
+            intake: intake::IntakeLimits::default(),
         })
     }
 }
@@ -159,7 +164,8 @@ impl Hybrid {
                 breaker::Breaker::new(breaker),
             )?
             .with_cog(s.cog)
-            .with_mirror(s.mirror.clone());
+            .with_mirror(s.mirror.clone())
+            .with_intake(s.intake);
             if upstreams.insert(s.name.clone(), Arc::new(c)).is_some() {
                 return Err(format!("--upstream: two upstreams are called {}", s.name));
             }

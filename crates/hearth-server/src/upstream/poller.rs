@@ -15,6 +15,9 @@ use super::runner::{End, Job};
 use crate::record::Status;
 
 const POLL_MIN: Duration = Duration::from_millis(200);
+/// After the stream's `done` the end is moments away: asked again this soon
+/// (doubling), not at the running pace.
+const AFTER_DONE: Duration = Duration::from_millis(10);
 const POLL_MAX: Duration = Duration::from_secs(5);
 /// Polls failing for this long in a row end the prediction (the upstream is gone).
 const UNREACHABLE_LIMIT: Duration = Duration::from_secs(600);
@@ -37,7 +40,11 @@ pub(super) async fn poll(job: &Job, p: &mut Progress) -> Result<Polled, End> {
     let mut last_ok = Instant::now();
     loop {
         let grace = p.grace_left().unwrap_or(Duration::MAX);
+        // No pause to wait out (the first read, the one after the stream's done): no
+        // timer either — a timer rounds up to the driver's next millisecond tick.
         tokio::select! {
+            biased;
+            _ = std::future::ready(()), if interval.is_zero() => {}
             _ = tokio::time::sleep(interval) => {}
             _ = live.cancel_requested(), if p.cancel_sent.is_none() => p.forward_cancel(job).await,
             _ = tokio::time::sleep_until(p.deadline), if !p.deadline_passed => p.deadline_hit(job).await?,
@@ -57,6 +64,7 @@ pub(super) async fn poll(job: &Job, p: &mut Progress) -> Result<Polled, End> {
             Err(CallError::Status { status, body }) if status < 500 => {
                 return Err(super::follow::refused(name, &uid, status, &body))
             }
+            Err(CallError::TooLarge(why)) => return Err(p.over_limit(job, why).await),
             Err(e) => {
                 job.client.breaker.failure();
                 if last_ok.elapsed() > UNREACHABLE_LIMIT {
@@ -74,8 +82,8 @@ pub(super) async fn poll(job: &Job, p: &mut Progress) -> Result<Polled, End> {
             return Ok(Polled::Ended(u));
         }
         let current = live
-            .snapshot()
-            .and_then(|r| r.prediction.output)
+            .read(|r| r.prediction.output.clone())
+            .flatten()
             .unwrap_or_default();
         // A stream replays from its start: followed only while nothing is out here
         // (one resumed after a restart with output keeps polling).
@@ -93,21 +101,23 @@ pub(super) async fn poll(job: &Job, p: &mut Progress) -> Result<Polled, End> {
             Change::None => {}
             Change::Append(new) => {
                 changed = true;
-                p.push_output(job, new).await;
+                p.push_output(job, new).await?;
             }
             Change::Replace(all) => {
                 changed = true;
-                p.replace_output(job, all).await;
+                p.replace_output(job, all).await?;
             }
         }
         if let Some(logs) = u["logs"].as_str().filter(|l| *l != p.upstream_logs) {
             changed = true;
-            p.set_logs(job, logs.to_string()).await;
+            p.set_logs(job, logs.to_string()).await?;
         }
         if changed {
             p.flush(job, true).await?;
         }
-        interval = if changed {
+        interval = if p.done_seen {
+            (interval * 2).clamp(AFTER_DONE, POLL_MAX)
+        } else if changed {
             POLL_MIN
         } else {
             (interval * 3 / 2).clamp(POLL_MIN, POLL_MAX)

@@ -71,6 +71,18 @@ pub(super) enum End {
     TakenOver,
 }
 
+/// A point in one prediction's way through the front (`create sent`, `stream
+/// connected`, `first event`, ...) and the milliseconds since its create arrived: at
+/// debug level (`HEARTH_LOG=hearth_server::upstream::timing=debug`), where a single
+/// prediction's added time can be read off.
+pub(super) fn mark(job: &Job, stage: &'static str) {
+    tracing::debug!(
+        target: "hearth_server::upstream::timing",
+        stage,
+        ms = job.created.elapsed().as_secs_f64() * 1e3
+    );
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -116,7 +128,9 @@ pub async fn run(mut job: Job, mut first: Option<oneshot::Sender<First>>) {
     let end = match upstream_id {
         Ok((uid, stream)) => {
             job.link.upstream_id = Some(uid.clone());
-            match job.ctx.store.upstream_link_put(&job.link).await {
+            let stored = job.ctx.store.upstream_link_put(&job.link).await;
+            mark(&job, "upstream id stored");
+            match stored {
                 Ok(()) if job.client.cog => super::cog_runner::follow(&job, &uid, &mut first).await,
                 Ok(()) => super::follow::follow(&job, &uid, stream).await,
                 Err(e) => {
@@ -142,7 +156,8 @@ pub async fn run(mut job: Job, mut first: Option<oneshot::Sender<First>>) {
                     final_record.prediction.logs.push('\n');
                 }
             }
-            finish(&job, final_record, true).await
+            finish(&job, final_record, true).await;
+            mark(&job, "finished");
         }
         Err(End::TakenOver) => taken_over(&job).await,
         Err(end) => {
@@ -213,6 +228,7 @@ async fn create(
                 "the server could not save this prediction (a storage error; see the server log); create it again".into(),
             ));
         }
+        mark(job, "create sent");
         let sent = job.client.create(
             &job.model,
             job.version.as_deref(),
@@ -220,6 +236,7 @@ async fn create(
             job.cancel_after,
         );
         let (outcome, canceled) = uninterrupted(&job.live, sent).await;
+        mark(job, "create answered");
         let (uid, stream) = match outcome {
             CreateOutcome::Created(v) => {
                 job.client.breaker.success();

@@ -6,7 +6,8 @@
 //! `compare` (the counts, and the last pairs with the upstream's id). Copies are
 //! bounded per route — at most `--shadow-max-concurrent` at once and
 //! `--shadow-max-per-minute` sent in any minute; past either a copy is skipped and
-//! counted, never queued — and each is bounded in time. A copy that an upstream
+//! counted, never queued — and each is bounded in time (`shadow_copy` sends one and
+//! follows it along the upstream's event stream). A copy that an upstream
 //! throttles (429) is not sent again. Copies are not durable: a restart forgets the
 //! ones in flight (they may still run upstream). Canary routes are watched here too,
 //! for the comparison's per-side figures. The other direction, an upstream primary
@@ -17,14 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::client::{CallError, CreateOutcome, UpstreamClient};
-use super::compare::{Ended, FailKind, Observation, Outcome, Pair, Side, Skip};
+use super::compare::{FailKind, Observation, Outcome, Pair, Side, Skip};
 use super::create::{Created, Routed};
 use super::route::{canary_goes_upstream, Route};
-use super::{normalize, stats};
+use super::stats;
 use crate::error::ApiError;
 use crate::models::ServedModel;
 use crate::prediction::Live;
@@ -35,12 +35,6 @@ use crate::AppState;
 /// A shadow copy runs upstream this long at most (or the caller's `Cancel-After`,
 /// when shorter); the upstream is told the same as its `Cancel-After`.
 pub(super) const COPY_LIMIT: Duration = Duration::from_secs(600);
-/// Past its limit, how long a copy waits for the upstream to confirm the cancel.
-const COPY_GRACE: Duration = Duration::from_secs(30);
-/// Polls failing this long in a row end a copy (`upstream_5xx`).
-const COPY_UNREACHABLE: Duration = Duration::from_secs(60);
-const POLL_MIN: Duration = Duration::from_millis(250);
-const POLL_MAX: Duration = Duration::from_secs(2);
 /// A caller's prediction is watched this long at most.
 const WATCH_LIMIT: Duration = Duration::from_secs(86400 + 3600);
 
@@ -95,6 +89,18 @@ impl Shadows {
 
     pub fn limits(&self) -> ShadowLimits {
         self.limits
+    }
+
+    /// Copies running now, on every route (each holds one of its route's places).
+    pub fn in_flight(&self) -> usize {
+        self.gates
+            .values()
+            .map(|g| {
+                self.limits
+                    .max_concurrent
+                    .saturating_sub(g.running.available_permits())
+            })
+            .sum()
     }
 
     /// A place for one more copy of `model`'s, held while it runs; or why not.
@@ -211,7 +217,14 @@ pub async fn create(
             };
             let (primary, copy) = tokio::join!(
                 watch(&watched, created),
-                run_copy(&state, &client, &model, version.as_deref(), &input, limit)
+                super::shadow_copy::run_copy(
+                    &state,
+                    &client,
+                    &model,
+                    version.as_deref(),
+                    &input,
+                    limit
+                )
             );
             drop(permit);
             let Some(copy) = copy else {
@@ -278,16 +291,23 @@ impl Watched {
 }
 
 /// Waits for a prediction to end (None past `WATCH_LIMIT`), noting when its first
-/// output was seen.
+/// output was seen. Each change is looked at in place; the record is copied once, at
+/// its end.
 pub(super) async fn watch(live: &Live, created: Instant) -> Option<Watched> {
     let mut first_seen = None;
     loop {
         let changed = live.subscribe();
-        let r = live.snapshot()?;
-        if first_seen.is_none() && r.prediction.output.as_ref().is_some_and(|o| !o.is_empty()) {
+        let (has_output, terminal) = live.read(|r| {
+            (
+                r.prediction.output.as_ref().is_some_and(|o| !o.is_empty()),
+                r.prediction.status.is_terminal(),
+            )
+        })?;
+        if first_seen.is_none() && has_output {
             first_seen = Some(created.elapsed().as_secs_f64());
         }
-        if r.prediction.status.is_terminal() {
+        if terminal {
+            let r = live.snapshot()?;
             return Some(Watched {
                 record: r,
                 observed: created.elapsed().as_secs_f64(),
@@ -299,154 +319,6 @@ pub(super) async fn watch(live: &Live, created: Instant) -> Option<Watched> {
         }
         // A change wakes this at once; the timeout only bounds a missed one.
         let _ = tokio::time::timeout(Duration::from_secs(2), changed).await;
-    }
-}
-
-/// A copy's end.
-struct Copy {
-    observation: Observation,
-    upstream_id: Option<String>,
-    output: Option<Vec<String>>,
-    /// The upstream's `started_at`.
-    started_at: Option<String>,
-}
-
-fn failed(kind: FailKind, upstream_id: Option<String>) -> Option<Copy> {
-    Some(Copy {
-        observation: Observation::refused(kind),
-        upstream_id,
-        output: None,
-        started_at: None,
-    })
-}
-
-/// Sends one copy upstream and polls it to its end. None: the upstream throttled the
-/// create (it never ran there).
-async fn run_copy(
-    state: &AppState,
-    c: &UpstreamClient,
-    model: &str,
-    version: Option<&str>,
-    input: &Value,
-    limit: Duration,
-) -> Option<Copy> {
-    let sent = Instant::now();
-    let uid = match c.create(model, version, input, Some(limit)).await {
-        CreateOutcome::Created(v) => {
-            c.breaker.success();
-            match v["id"].as_str().filter(|id| normalize::valid_id(id)) {
-                Some(id) => id.to_string(),
-                None => return failed(FailKind::Upstream5xx, None),
-            }
-        }
-        CreateOutcome::Throttled(_) => return None,
-        CreateOutcome::Rejected { status, .. } => {
-            tracing::info!(status, "the upstream refused a shadow copy's input");
-            return failed(FailKind::Validation, None);
-        }
-        CreateOutcome::ServerError { .. } | CreateOutcome::NotSent(_) => {
-            c.breaker.failure();
-            return failed(FailKind::Upstream5xx, None);
-        }
-        CreateOutcome::Ambiguous(e) => {
-            // Never resent: a copy is not worth a second bill.
-            c.breaker.failure();
-            tracing::warn!(error = %e, "a shadow copy's create answer was lost; not sent again");
-            return failed(FailKind::Upstream5xx, None);
-        }
-    };
-    let some_uid = Some(uid.clone());
-    let deadline = sent + limit + Duration::from_secs(5);
-    let mut interval = POLL_MIN;
-    let mut last_ok = Instant::now();
-    let mut first_seen = None;
-    let mut seen_chunks = 0usize;
-    let mut cancel_sent: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = state.stop.cancelled(), if cancel_sent.is_none() => {
-                // Shutting down: a copy left running upstream would bill for nothing.
-                let _ = c.cancel(&uid).await;
-                return Some(Copy {
-                    observation: Observation {
-                        outcome: Outcome::Canceled,
-                        latency: None,
-                        first_output: None,
-                        tokens_per_second: None,
-                    },
-                    upstream_id: some_uid,
-                    output: None,
-                    started_at: None,
-                });
-            }
-        }
-        if cancel_sent.is_none() && Instant::now() > deadline {
-            let _ = c.cancel(&uid).await;
-            cancel_sent = Some(Instant::now());
-        }
-        if cancel_sent.is_some_and(|t| t.elapsed() > COPY_GRACE) {
-            return failed(FailKind::Timeout, some_uid);
-        }
-        let u = match c.get_prediction(&uid).await {
-            Ok(u) => {
-                last_ok = Instant::now();
-                u
-            }
-            Err(CallError::Throttled(wait)) => {
-                interval = wait.clamp(POLL_MIN, Duration::from_secs(30));
-                continue;
-            }
-            Err(CallError::Status { status, .. }) if status < 500 => {
-                return failed(FailKind::Upstream5xx, some_uid);
-            }
-            Err(_) => {
-                if last_ok.elapsed() > COPY_UNREACHABLE {
-                    return failed(FailKind::Upstream5xx, some_uid);
-                }
-                interval = (interval * 2).clamp(POLL_MIN, POLL_MAX);
-                continue;
-            }
-        };
-        let status = normalize::status(&u);
-        let output = normalize::chunks(&u["output"]);
-        if first_seen.is_none() && !output.is_empty() {
-            first_seen = Some(sent.elapsed().as_secs_f64());
-        }
-        if status.is_terminal() {
-            let status = if cancel_sent.is_some() && status == Status::Canceled {
-                // Canceled by its time limit here.
-                return failed(FailKind::Timeout, some_uid);
-            } else {
-                status
-            };
-            let error = normalize::error(&u);
-            let observation = Observation::from_parts(
-                Ended {
-                    status,
-                    error: error.as_deref(),
-                    logs: u["logs"].as_str().unwrap_or(""),
-                    created_at: u["created_at"].as_str().unwrap_or(""),
-                    completed_at: u["completed_at"].as_str(),
-                    metrics: Some(&u["metrics"]),
-                },
-                Side::Upstream,
-                sent.elapsed().as_secs_f64(),
-                first_seen,
-            );
-            return Some(Copy {
-                observation,
-                upstream_id: some_uid,
-                output: Some(output),
-                started_at: u["started_at"].as_str().map(str::to_string),
-            });
-        }
-        interval = if output.len() != seen_chunks {
-            POLL_MIN
-        } else {
-            (interval * 3 / 2).clamp(POLL_MIN, POLL_MAX)
-        };
-        seen_chunks = output.len();
     }
 }
 

@@ -7,16 +7,17 @@
 //! Every wait is bounded: opening the stream, the silence between reads (both sides
 //! send a heartbeat every 15 s), the reconnects after a drop (resumed with
 //! `Last-Event-ID`; an event replayed anyway is skipped by its id). A stream that
-//! cannot be opened, keeps dropping, or cannot be resumed hands over to polling. While
-//! the stream runs, a `GET` now and then (1 s, doubling to 30 s) sees the start and
-//! an end the stream did not report.
+//! cannot be opened, keeps dropping, or cannot be resumed hands over to polling. When
+//! the stream has carried no event for a while (1 s, doubling to 30 s), a `GET` sees
+//! the start and an end the stream did not report; while events flow the upstream is
+//! not polled at all.
 
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::follow::{Progress, MAX_RUN};
-use super::runner::{End, Job};
+use super::runner::{mark, End, Job};
 use super::sse_reader::{id_sequence, Block, SseReader};
 
 /// An event carries at most this much.
@@ -52,9 +53,10 @@ pub(super) async fn follow(job: &Job, url: &str, p: &mut Progress) -> Result<Str
     let name = &job.client.name;
     let mut last_id: Option<String> = None;
     let mut relayed = false;
+    let mut first_event = true;
     let mut drops = 0u32;
+    let event_max = EVENT_MAX.min(job.client.intake.event_max());
     let mut check_every = CHECK_FIRST;
-    let mut next_check = tokio::time::Instant::now() + check_every;
     loop {
         let opened = tokio::time::timeout(
             OPEN_WAIT,
@@ -66,40 +68,70 @@ pub(super) async fn follow(job: &Job, url: &str, p: &mut Progress) -> Result<Str
             Err(e) if drops == 0 => return Ok(Streamed::Broken(format!("opening it: {e}"))),
             Err(e) => format!("opening it again: {e}"),
             Ok(resp) => {
-                let mut reader = SseReader::new(resp, EVENT_MAX);
-                // One deadline across the loop's turns, moved only by a read: the
-                // other branches (the checks among them, at most 30 s apart) must not
-                // restart the silence count.
-                let mut silent_until = tokio::time::Instant::now() + STREAM_IDLE;
+                mark(job, "stream connected");
+                let mut reader = SseReader::new(resp, event_max);
+                // The silence bound and the next check are due from the last read and
+                // the last event: each read only notes its time, and one timer, moved
+                // when it fires, looks at both (a timer armed and dropped at every
+                // event costs more than the relay of the event itself).
+                let mut last_read = tokio::time::Instant::now();
+                let mut last_event = last_read;
+                let due =
+                    |read: tokio::time::Instant, event: tokio::time::Instant, every: Duration| {
+                        (read + STREAM_IDLE).min(event + every)
+                    };
+                let wake = tokio::time::sleep_until(due(last_read, last_event, check_every));
+                tokio::pin!(wake);
+                let deadline = tokio::time::sleep_until(p.deadline);
+                tokio::pin!(deadline);
                 loop {
                     p.grace(job)?;
-                    let grace = p.grace_left().unwrap_or(Duration::MAX);
+                    let grace_left = p.grace_left();
                     let block = tokio::select! {
                         b = reader.next() => b,
-                        _ = tokio::time::sleep_until(silent_until) => {
-                            break format!("nothing for {}s", STREAM_IDLE.as_secs());
+                        _ = &mut wake => {
+                            let now = tokio::time::Instant::now();
+                            if now >= last_read + STREAM_IDLE {
+                                break format!("nothing for {}s", STREAM_IDLE.as_secs());
+                            }
+                            if now >= last_event + check_every {
+                                // Quiet for a while: a GET sees a start or an end the
+                                // stream has not said.
+                                check_every = (check_every * 2).min(CHECK_MAX);
+                                last_event = now;
+                                if let Some(u) = p.check(job).await? {
+                                    return Ok(Streamed::Ended(u));
+                                }
+                            }
+                            wake.as_mut().reset(due(last_read, last_event, check_every));
+                            continue;
                         }
                         _ = job.live.cancel_requested(), if p.cancel_sent.is_none() => {
                             p.forward_cancel(job).await;
                             continue;
                         }
-                        _ = tokio::time::sleep_until(p.deadline), if !p.deadline_passed => {
+                        _ = &mut deadline, if !p.deadline_passed => {
                             p.deadline_hit(job).await?;
                             continue;
                         }
-                        _ = tokio::time::sleep(grace), if p.cancel_sent.is_some() => continue,
-                        _ = tokio::time::sleep_until(next_check) => {
-                            check_every = (check_every * 2).min(CHECK_MAX);
-                            next_check = tokio::time::Instant::now() + check_every;
-                            match p.check(job).await? {
-                                Some(u) => return Ok(Streamed::Ended(u)),
-                                None => continue,
+                        _ = async {
+                            match grace_left {
+                                Some(g) => tokio::time::sleep(g).await,
+                                None => std::future::pending().await,
                             }
-                        }
+                        } => continue,
                     };
-                    silent_until = tokio::time::Instant::now() + STREAM_IDLE;
+                    last_read = tokio::time::Instant::now();
                     let ev = match block {
-                        Ok(Some(Block::Event(ev))) => ev,
+                        Ok(Some(Block::Event(ev))) => {
+                            // Events flowing say it runs: no check while they do.
+                            last_event = last_read;
+                            if first_event {
+                                first_event = false;
+                                mark(job, "first event");
+                            }
+                            ev
+                        }
                         Ok(Some(Block::Comment)) => continue,
                         Ok(None) => break "it ended before its done event".to_string(),
                         Err(e) => break e,
@@ -114,7 +146,7 @@ pub(super) async fn follow(job: &Job, url: &str, p: &mut Progress) -> Result<Str
                         "output" => {
                             relayed = true;
                             p.mark_started(job, None).await?;
-                            p.push_output(job, vec![ev.data]).await;
+                            p.push_output(job, vec![ev.data]).await?;
                             p.flush(job, false).await?;
                         }
                         "logs" => {
@@ -125,7 +157,7 @@ pub(super) async fn follow(job: &Job, url: &str, p: &mut Progress) -> Result<Str
                             if !logs.ends_with('\n') {
                                 logs.push('\n');
                             }
-                            p.set_logs(job, logs).await;
+                            p.set_logs(job, logs).await?;
                             p.flush(job, false).await?;
                         }
                         // The final record carries the error and how it ended.

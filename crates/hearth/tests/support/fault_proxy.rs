@@ -26,6 +26,8 @@ pub struct Plan {
     pub strip_stream_urls: bool,
     /// Event streams are refused (503).
     pub refuse_streams: bool,
+    /// Records name their `urls.stream` on this origin instead (another host).
+    pub stream_origin: Option<String>,
 }
 
 pub struct FaultProxy {
@@ -36,6 +38,8 @@ pub struct FaultProxy {
     /// Event streams opened through the proxy, and those it cut.
     pub streams: Arc<AtomicUsize>,
     pub streams_cut: Arc<AtomicUsize>,
+    /// The path of every plain `GET` (not a stream) forwarded, in order.
+    pub gets: Arc<Mutex<Vec<String>>>,
 }
 
 #[derive(Clone)]
@@ -43,6 +47,7 @@ struct Counts {
     creates: Arc<AtomicUsize>,
     streams: Arc<AtomicUsize>,
     streams_cut: Arc<AtomicUsize>,
+    gets: Arc<Mutex<Vec<String>>>,
 }
 
 /// The upstream's base URL and the proxy's own.
@@ -66,10 +71,12 @@ impl FaultProxy {
         let creates = Arc::new(AtomicUsize::new(0));
         let streams = Arc::new(AtomicUsize::new(0));
         let streams_cut = Arc::new(AtomicUsize::new(0));
+        let gets: Arc<Mutex<Vec<String>>> = Default::default();
         let counts = Counts {
             creates: creates.clone(),
             streams: streams.clone(),
             streams_cut: streams_cut.clone(),
+            gets: gets.clone(),
         };
         let (p, up, me) = (plan.clone(), upstream.to_string(), url.clone());
         tokio::spawn(async move {
@@ -91,7 +98,18 @@ impl FaultProxy {
             creates,
             streams,
             streams_cut,
+            gets,
         }
+    }
+
+    /// Plain `GET`s of `path` forwarded so far.
+    pub fn gets_of(&self, path: &str) -> usize {
+        self.gets
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| *p == path)
+            .count()
     }
 
     pub fn set(&self, f: impl FnOnce(&mut Plan)) {
@@ -255,6 +273,9 @@ async fn serve(
             }
             Act::Forward | Act::ResetAfter => {}
         }
+        if req.method == "GET" && !wants_stream {
+            counts.gets.lock().unwrap().push(req.path.clone());
+        }
         let method = reqwest::Method::from_bytes(req.method.as_bytes()).unwrap();
         let mut r = http.request(method, format!("{upstream}{}", req.path));
         for (k, v) in &req.headers {
@@ -297,7 +318,11 @@ async fn serve(
             .iter()
             .any(|(k, v)| k == "content-type" && v.starts_with("application/json"));
         if is_json {
-            body = rewrite(&body, &ends, plan.lock().unwrap().strip_stream_urls);
+            let (strip, origin) = {
+                let p = plan.lock().unwrap();
+                (p.strip_stream_urls, p.stream_origin.clone())
+            };
+            body = rewrite(&body, &ends, strip, origin.as_deref());
         }
         if let Act::ResetAfter = act {
             // The upstream has the prediction; the caller gets no answer.
@@ -310,10 +335,10 @@ async fn serve(
 }
 
 /// The upstream's JSON with its own URLs pointing at the proxy, and without
-/// `urls.stream` when `strip_streams`.
-fn rewrite(body: &[u8], ends: &Ends, strip_streams: bool) -> Vec<u8> {
+/// `urls.stream` when `strip_streams`, or with it on `stream_origin`.
+fn rewrite(body: &[u8], ends: &Ends, strip_streams: bool, stream_origin: Option<&str>) -> Vec<u8> {
     let text = String::from_utf8_lossy(body).replace(&ends.upstream, &ends.proxy);
-    if !strip_streams {
+    if !strip_streams && stream_origin.is_none() {
         return text.into_bytes();
     }
     let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) else {
@@ -321,7 +346,17 @@ fn rewrite(body: &[u8], ends: &Ends, strip_streams: bool) -> Vec<u8> {
     };
     let strip = |p: &mut serde_json::Value| {
         if let Some(urls) = p.get_mut("urls").and_then(|u| u.as_object_mut()) {
-            urls.remove("stream");
+            match stream_origin {
+                Some(o) if !strip_streams => {
+                    if let Some(s) = urls.get("stream").and_then(|s| s.as_str()) {
+                        let moved = s.replace(&ends.proxy, o);
+                        urls.insert("stream".into(), moved.into());
+                    }
+                }
+                _ => {
+                    urls.remove("stream");
+                }
+            }
         }
     };
     strip(&mut v);

@@ -30,6 +30,7 @@ pub mod linear;
 pub mod loader;
 pub mod model;
 mod output;
+pub mod packed_linear;
 pub mod paged_attention;
 pub mod penalty_table;
 pub mod presets;

@@ -358,9 +358,19 @@ pub struct WeightLoader {
     pack: Option<WeightDtype>,
 }
 
-/// Dense weights are packed when they live on the CPU in f32.
+/// Dense f32 weights on the CPU are packed where the AVX-512 kernel runs: there it is
+/// 1.9–12× gemm's product from 8 rows up and level at 1 (benches/RESULTS.md). The AVX2
+/// kernel is level with gemm from 128 rows and slower at 1, so AVX2-only CPUs keep the
+/// unpacked path (cpu_matmul.rs) unless `--cpu-weight-dtype bf16` asks for packing.
 fn default_packing(dtype: DType, device: &Device) -> Option<WeightDtype> {
-    (device.is_cpu() && dtype == DType::F32).then_some(WeightDtype::F32)
+    use hearth_kernels::dense::Isa;
+    let avx512 = Isa::detected(WeightDtype::F32) == Isa::Avx512;
+    (device.is_cpu() && dtype == DType::F32 && avx512).then_some(WeightDtype::F32)
+}
+
+/// Whether dense weights of `dtype` on `device` can be packed at all.
+fn can_pack(dtype: DType, device: &Device) -> bool {
+    device.is_cpu() && dtype == DType::F32
 }
 
 impl WeightLoader {
@@ -426,16 +436,17 @@ impl WeightLoader {
     /// Stores dense CPU weights as `dtype` (bf16: half the bytes, products on bf16
     /// activations). Only for f32 compute on the CPU, where dense weights are packed.
     pub fn with_cpu_weight_dtype(mut self, dtype: WeightDtype) -> Result<Self, String> {
-        if self.pack.is_none() && dtype != WeightDtype::F32 {
+        if dtype == WeightDtype::F32 {
+            return Ok(self);
+        }
+        if !can_pack(self.dtype, &self.device) {
             return Err(format!(
                 "{dtype:?} needs f32 compute on the CPU (the model runs {:?} on {:?})",
                 self.dtype,
                 self.device.location()
             ));
         }
-        if self.pack.is_some() {
-            self.pack = Some(dtype);
-        }
+        self.pack = Some(dtype);
         Ok(self)
     }
 

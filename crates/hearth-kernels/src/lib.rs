@@ -2,5 +2,6 @@
 //! its own so that dev and test builds compile it optimized (see the workspace
 //! Cargo.toml) while the rest of the runtime stays quick to build.
 
+pub mod dense;
 pub mod q8;
 pub mod quant_matmul;

@@ -43,6 +43,31 @@ impl FusedLinear {
         matches!(self, Self::One { .. })
     }
 
+    /// The matmul(s) this runs: the fused one, or the parts.
+    pub fn parts(&self) -> Vec<&Linear> {
+        match self {
+            Self::One { linear, .. } => vec![linear],
+            Self::Separate(parts) => parts.iter().collect(),
+        }
+    }
+
+    /// Each matmul's weight packed for the CPU's dense kernels (`Linear::packed`); done
+    /// after fusing, so the fused weight is packed once as one matrix.
+    pub fn packed(self, dtype: crate::packed_linear::WeightDtype) -> candle_core::Result<Self> {
+        Ok(match self {
+            Self::One { linear, widths } => Self::One {
+                linear: linear.packed(dtype)?,
+                widths,
+            },
+            Self::Separate(parts) => Self::Separate(
+                parts
+                    .into_iter()
+                    .map(|p| p.packed(dtype))
+                    .collect::<candle_core::Result<_>>()?,
+            ),
+        })
+    }
+
     /// Each part's output `[.., out_i]`, in order (narrow views of one result when fused).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
         match self {
@@ -81,7 +106,8 @@ fn concat(parts: &[Linear]) -> candle_core::Result<Option<(Linear, Vec<usize>)>>
         .iter()
         .map(|p| match p {
             Linear::Dense(l) => Some(l.weight()),
-            Linear::Quantized { .. } => None,
+            // Packed weights are packed after fusing (WeightLoader::fused).
+            Linear::Quantized { .. } | Linear::Packed { .. } => None,
         })
         .collect();
     if let Some(ws) = dense {

@@ -32,6 +32,7 @@ pub mod loader;
 pub mod model;
 mod norm_project;
 mod output;
+pub mod packed_linear;
 pub mod paged_attention;
 pub mod penalty_table;
 pub mod presets;

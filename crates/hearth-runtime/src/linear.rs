@@ -10,7 +10,10 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{RmsNorm, VarBuilder};
 
+use crate::fused::FusedLinear;
 use crate::gguf::GgufTensors;
+use crate::packed_linear::{self, WeightDtype};
+use hearth_kernels::dense::PackedWeight;
 
 /// `x · Wᵀ (+ b)`.
 #[derive(Clone)]
@@ -18,6 +21,12 @@ pub enum Linear {
     Dense(candle_nn::Linear),
     Quantized {
         weight: QMatMul,
+        bias: Option<Tensor>,
+    },
+    /// A CPU weight packed at load for the dense kernels (packed_linear.rs), as f32 or
+    /// bf16; shared with a tied embedding table.
+    Packed {
+        weight: Arc<PackedWeight>,
         bias: Option<Tensor>,
     },
 }
@@ -33,7 +42,36 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
             Self::Dense(l) => l.bias(),
-            Self::Quantized { bias, .. } => bias.as_ref(),
+            Self::Quantized { bias, .. } | Self::Packed { bias, .. } => bias.as_ref(),
+        }
+    }
+
+    /// A dense f32 weight on the CPU packed as `dtype` for the dense kernels; any other
+    /// weight as it is. The unpacked copy is dropped unless something else holds it.
+    pub fn packed(self, dtype: WeightDtype) -> candle_core::Result<Self> {
+        match self {
+            Self::Dense(l)
+                if l.weight().device().is_cpu()
+                    && l.weight().dtype() == DType::F32
+                    && l.weight().rank() == 2 =>
+            {
+                Ok(Self::Packed {
+                    weight: Arc::new(packed_linear::pack(l.weight(), dtype)?),
+                    bias: l.bias().cloned(),
+                })
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// How the weight is held, for the load log: `F32`, `BF16 packed`, `Q4_K`, ...
+    pub fn kind(&self) -> String {
+        match self {
+            Self::Dense(l) => format!("{:?}", l.weight().dtype()),
+            Self::Quantized { .. } => self
+                .ggml_dtype()
+                .map_or_else(|| "quantized".into(), |d| format!("{d:?}")),
+            Self::Packed { weight, .. } => packed_linear::label(weight.dtype()),
         }
     }
 
@@ -54,6 +92,13 @@ impl Module for Linear {
         match self {
             // hearth's threaded kernel where it applies (few rows, f32, CPU).
             Self::Dense(l) => crate::cpu_matmul::linear(x, l.weight(), l.bias()),
+            Self::Packed { weight, bias } => {
+                let y = packed_linear::linear(x, weight)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
             Self::Quantized { weight, bias } => {
                 if let QMatMul::QTensor(q) = weight {
                     if x.device().is_cpu() {
@@ -129,7 +174,15 @@ fn cpu_q8_forward(
 #[derive(Clone)]
 pub enum Embedding {
     Dense(candle_nn::Embedding),
-    Quantized { table: Arc<QTensor>, dtype: DType },
+    Quantized {
+        table: Arc<QTensor>,
+        dtype: DType,
+    },
+    /// A tied table packed for the output projection, its rows read from the panels.
+    Packed {
+        table: Arc<PackedWeight>,
+        dtype: DType,
+    },
 }
 
 impl Embedding {
@@ -137,6 +190,7 @@ impl Embedding {
         match self {
             Self::Dense(e) => e.forward(ids),
             Self::Quantized { table, dtype } => table.embedding(ids)?.to_dtype(*dtype),
+            Self::Packed { table, dtype } => packed_linear::embedding(ids, table, *dtype),
         }
     }
 
@@ -148,6 +202,10 @@ impl Embedding {
                 None,
             ))),
             Self::Quantized { table, .. } => Linear::quantized(table.clone(), None),
+            Self::Packed { table, .. } => Ok(Linear::Packed {
+                weight: table.clone(),
+                bias: None,
+            }),
         }
     }
 }
@@ -296,6 +354,23 @@ pub struct WeightLoader {
     device: Device,
     /// Whether Q/K/V and gate/up are fused into one matmul each (fused.rs).
     fuse: bool,
+    /// How dense f32 CPU weights are packed for the dense kernels (None: not packed).
+    pack: Option<WeightDtype>,
+}
+
+/// Dense f32 weights on the CPU are packed where the AVX-512 kernel runs: there it is
+/// 1.9–12× gemm's product from 8 rows up and level at 1 (benches/RESULTS.md). The AVX2
+/// kernel is level with gemm from 128 rows and slower at 1, so AVX2-only CPUs keep the
+/// unpacked path (cpu_matmul.rs) unless `--cpu-weight-dtype bf16` asks for packing.
+fn default_packing(dtype: DType, device: &Device) -> Option<WeightDtype> {
+    use hearth_kernels::dense::Isa;
+    let avx512 = Isa::detected(WeightDtype::F32) == Isa::Avx512;
+    (device.is_cpu() && dtype == DType::F32 && avx512).then_some(WeightDtype::F32)
+}
+
+/// Whether dense weights of `dtype` on `device` can be packed at all.
+fn can_pack(dtype: DType, device: &Device) -> bool {
+    device.is_cpu() && dtype == DType::F32
 }
 
 impl WeightLoader {
@@ -312,6 +387,7 @@ impl WeightLoader {
             made: Default::default(),
             bytes: Default::default(),
             prefix: String::new(),
+            pack: default_packing(dtype, &device),
             dtype,
             device,
             fuse: true,
@@ -327,6 +403,7 @@ impl WeightLoader {
             made: Default::default(),
             bytes: Default::default(),
             prefix: String::new(),
+            pack: default_packing(dtype, &device),
             dtype,
             device,
             fuse: true,
@@ -354,6 +431,23 @@ impl WeightLoader {
 
     pub fn fuses(&self) -> bool {
         self.fuse
+    }
+
+    /// Stores dense CPU weights as `dtype` (bf16: half the bytes, products on bf16
+    /// activations). Only for f32 compute on the CPU, where dense weights are packed.
+    pub fn with_cpu_weight_dtype(mut self, dtype: WeightDtype) -> Result<Self, String> {
+        if dtype == WeightDtype::F32 {
+            return Ok(self);
+        }
+        if !can_pack(self.dtype, &self.device) {
+            return Err(format!(
+                "{dtype:?} needs f32 compute on the CPU (the model runs {:?} on {:?})",
+                self.dtype,
+                self.device.location()
+            ));
+        }
+        self.pack = Some(dtype);
+        Ok(self)
     }
 
     pub fn device(&self) -> &Device {
@@ -439,7 +533,62 @@ impl WeightLoader {
         }
     }
 
+    /// A projection, packed for the CPU's dense kernels where that applies.
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> candle_core::Result<Linear> {
+        let l = self.fusion_part(in_dim, out_dim, bias)?;
+        self.pack_linear(l)
+    }
+
+    /// Projections of one input, fused into one matmul when `fuses()`, then packed.
+    pub fn fused(&self, parts: Vec<Linear>) -> candle_core::Result<FusedLinear> {
+        let fused = FusedLinear::new(parts, self.fuse)?;
+        match self.pack {
+            Some(dtype) => {
+                let before: usize = fused
+                    .parts()
+                    .into_iter()
+                    .map(packed_linear::dense_bytes)
+                    .sum();
+                let fused = fused.packed(dtype)?;
+                let after: usize = fused
+                    .parts()
+                    .into_iter()
+                    .map(packed_linear::packed_bytes)
+                    .sum();
+                self.rebytes(before, after);
+                Ok(fused)
+            }
+            None => Ok(fused),
+        }
+    }
+
+    fn pack_linear(&self, l: Linear) -> candle_core::Result<Linear> {
+        let Some(dtype) = self.pack else {
+            return Ok(l);
+        };
+        let before = packed_linear::dense_bytes(&l);
+        let l = l.packed(dtype)?;
+        self.rebytes(before, packed_linear::packed_bytes(&l));
+        Ok(l)
+    }
+
+    /// A packed copy replaced `before` bytes of dense weights with `after`.
+    fn rebytes(&self, before: usize, after: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if after > 0 {
+            self.bytes.fetch_add(after, Relaxed);
+            self.bytes
+                .fetch_sub(before.min(self.bytes.load(Relaxed)), Relaxed);
+        }
+    }
+
+    /// A projection that `fused` will fuse with others and pack.
+    pub fn fusion_part(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> candle_core::Result<Linear> {
         let b = if bias {
             Some(self.dense_tensor("bias", &[out_dim])?)
         } else {
@@ -467,9 +616,12 @@ impl WeightLoader {
     }
 
     fn count(&self, l: &Linear) {
-        let kind = l
-            .ggml_dtype()
-            .map_or_else(|| format!("{:?}", self.dtype), |d| format!("{d:?}"));
+        let kind = match (l, self.pack) {
+            (Linear::Dense(d), Some(dtype)) if d.weight().device().is_cpu() => {
+                packed_linear::label(dtype)
+            }
+            _ => l.kind(),
+        };
         if let Ok(mut m) = self.made.lock() {
             *m.entry(kind).or_default() += 1;
         }
@@ -504,15 +656,28 @@ impl WeightLoader {
     }
 
     /// The output projection: `lm_head` when the file has one, the embedding otherwise.
+    /// A dense tied table is packed for the projection and `embedding` then reads its
+    /// rows from the packed copy (one copy of the table, not two).
     pub fn lm_head(
         &self,
         tied: bool,
-        embedding: &Embedding,
+        embedding: &mut Embedding,
         vocab: usize,
         hidden: usize,
     ) -> candle_core::Result<Linear> {
         let head = self.pp("lm_head");
         if tied || (self.dense_vb().is_none() && !head.contains("weight")) {
+            if let (Some(dtype), Embedding::Dense(e)) = (self.pack, &*embedding) {
+                let t = e.embeddings();
+                if t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2 {
+                    let table = Arc::new(packed_linear::pack(t, dtype)?);
+                    self.rebytes(t.elem_count() * 4, table.bytes());
+                    *embedding = Embedding::Packed {
+                        table,
+                        dtype: self.dtype,
+                    };
+                }
+            }
             let l = embedding.as_lm_head()?;
             self.count(&l);
             return Ok(l);

@@ -44,6 +44,9 @@ pub struct ModelSpec {
     /// A file with a chat template (Jinja) in place of the model's own, as vLLM's
     /// `--chat-template`.
     pub chat_template: Option<PathBuf>,
+    /// How dense weights are stored on the CPU under f32 compute: `f32`, or `bf16` (half
+    /// the memory and bandwidth; products on bf16-rounded activations).
+    pub cpu_weight_dtype: String,
 }
 
 impl ModelSpec {
@@ -60,6 +63,7 @@ impl ModelSpec {
             quantize: None,
             dequantize: false,
             chat_template: None,
+            cpu_weight_dtype: "f32".into(),
         }
     }
 }
@@ -385,6 +389,26 @@ fn weight_loader(
             )
         })?),
     };
+    let cpu_weight_dtype = crate::packed_linear::WeightDtype::parse(&spec.cpu_weight_dtype)
+        .ok_or_else(|| {
+            RuntimeError::invalid(
+                "cpu_weight_dtype",
+                format!("{:?} is not one of f32, bf16", spec.cpu_weight_dtype),
+            )
+        })?;
+    let loader = weight_loader_for(spec, files, quantize, dtype, device)?;
+    loader
+        .with_cpu_weight_dtype(cpu_weight_dtype)
+        .map_err(|reason| RuntimeError::invalid("cpu_weight_dtype", reason))
+}
+
+fn weight_loader_for(
+    spec: &ModelSpec,
+    files: &ModelFiles,
+    quantize: Option<candle_core::quantized::GgmlDType>,
+    dtype: DType,
+    device: &Device,
+) -> Result<WeightLoader> {
     match &files.weights {
         WeightSource::Gguf(path) => {
             if quantize.is_some() {

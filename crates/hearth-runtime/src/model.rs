@@ -153,7 +153,7 @@ impl Transformer {
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let vb_m = vb.pp("model");
-        let embed_tokens = vb_m
+        let mut embed_tokens = vb_m
             .pp("embed_tokens")
             .embedding(cfg.vocab_size, cfg.hidden_size)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -164,12 +164,12 @@ impl Transformer {
             let bias = cfg.attention_bias;
             let (q_width, kv_width) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
             let qkv = vec![
-                linear(h, q_width, bias, vb_a.pp("q_proj"))?,
-                linear(h, kv_width, bias, vb_a.pp("k_proj"))?,
-                linear(h, kv_width, bias, vb_a.pp("v_proj"))?,
+                vb_a.pp("q_proj").fusion_part(h, q_width, bias)?,
+                vb_a.pp("k_proj").fusion_part(h, kv_width, bias)?,
+                vb_a.pp("v_proj").fusion_part(h, kv_width, bias)?,
             ];
             let attn = Attention {
-                qkv_proj: FusedLinear::new(qkv, vb.fuses())?,
+                qkv_proj: vb.fused(qkv)?,
                 o_proj: linear(cfg.num_attention_heads * d, h, false, vb_a.pp("o_proj"))?,
                 q_norm: if cfg.qk_norm {
                     Some(vb_a.pp("q_norm").rms_norm(d, cfg.rms_norm_eps)?)
@@ -187,13 +187,14 @@ impl Transformer {
             };
             let vb_mlp = vb_l.pp("mlp");
             let mlp = Mlp {
-                gate_up_proj: FusedLinear::new(
-                    vec![
-                        linear(h, cfg.intermediate_size, false, vb_mlp.pp("gate_proj"))?,
-                        linear(h, cfg.intermediate_size, false, vb_mlp.pp("up_proj"))?,
-                    ],
-                    vb.fuses(),
-                )?,
+                gate_up_proj: vb.fused(vec![
+                    vb_mlp
+                        .pp("gate_proj")
+                        .fusion_part(h, cfg.intermediate_size, false)?,
+                    vb_mlp
+                        .pp("up_proj")
+                        .fusion_part(h, cfg.intermediate_size, false)?,
+                ])?,
                 down_proj: linear(cfg.intermediate_size, h, false, vb_mlp.pp("down_proj"))?,
             };
             layers.push(Layer {
@@ -206,7 +207,12 @@ impl Transformer {
             });
         }
         let norm = vb_m.pp("norm").rms_norm(h, cfg.rms_norm_eps)?;
-        let lm_head = vb.lm_head(cfg.tie_word_embeddings, &embed_tokens, cfg.vocab_size, h)?;
+        let lm_head = vb.lm_head(
+            cfg.tie_word_embeddings,
+            &mut embed_tokens,
+            cfg.vocab_size,
+            h,
+        )?;
         let rotary = RotaryTables::new(cfg, cfg.max_position_embeddings, dtype, &device)?;
         Ok(Self {
             cfg: cfg.clone(),
@@ -228,6 +234,24 @@ impl Transformer {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// How many matmuls (a fused group counting once, the output layer included) run on
+    /// weights packed for the CPU's dense kernels (packed_linear.rs).
+    pub fn packed_projections(&self) -> usize {
+        let packed = |l: &Linear| usize::from(matches!(l, Linear::Packed { .. }));
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let fused = |f: &FusedLinear| f.parts().into_iter().map(packed).sum::<usize>();
+                fused(&l.attn.qkv_proj)
+                    + packed(&l.attn.o_proj)
+                    + fused(&l.mlp.gate_up_proj)
+                    + packed(&l.mlp.down_proj)
+            })
+            .sum();
+        layers + packed(&self.lm_head)
     }
 
     /// How many of the Q/K/V and gate/up groups run as one matmul (two per layer at most).

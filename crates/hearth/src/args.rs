@@ -33,6 +33,11 @@ pub struct ModelArgs {
     /// auto, cpu, cuda, cuda:N.
     #[arg(long, env = "HEARTH_DEVICE", default_value = "auto")]
     pub device: String,
+    /// Dense (unquantized) weights on the CPU under f32 compute: f32, or bf16 (half the
+    /// memory and bandwidth; activations rounded to bf16 per product, AVX512-BF16 where
+    /// the CPU has it).
+    #[arg(long, env = "HEARTH_CPU_WEIGHT_DTYPE", default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub cpu_weight_dtype: String,
     /// Hub revision (branch, tag or commit).
     #[arg(long, env = "HEARTH_REVISION")]
     pub revision: Option<String>,
@@ -95,6 +100,7 @@ impl ModelArgs {
         s.quantize = self.quantize.clone();
         s.dequantize = self.dequantize;
         s.chat_template = self.chat_template.clone();
+        s.cpu_weight_dtype = self.cpu_weight_dtype.clone();
         s
     }
 }

@@ -66,6 +66,19 @@ unsafe fn join6(lo: __m512i, hi: __m512i) -> __m512i {
     _mm512_ternarylogic_epi32::<0xF8>(lo, hi, _mm512_set1_epi8(0x30))
 }
 
+/// Prefetches block `i` of the next tile's sixteen rows (they follow this tile's in
+/// memory): the sixteen row streams of a tile are more than the hardware prefetcher
+/// follows, and on a matrix that does not fit in cache the loads would wait on memory.
+/// Past the last row the addresses are never read (a prefetch does not fault).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn prefetch_next(rp: &[*const u8; ROWS], nb: usize, bb: usize, i: usize) {
+    let base = rp[0].wrapping_add(ROWS * nb * bb + i * ROWS * bb);
+    for line in (0..ROWS * bb).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(line) as *const i8);
+    }
+}
+
 /// A `vpshufb` control that rebuilds every dword from its own bytes: byte `b` becomes byte
 /// `sel[b]` of the same dword, or zero where `sel[b]` is negative.
 #[inline]
@@ -193,6 +206,7 @@ unsafe fn tile_32<const T: usize, const N: usize>(
     let xq = a.qs.as_ptr();
     let mut acc = [_mm512_setzero_ps(); N];
     for i in 0..nb {
+        prefetch_next(rp, nb, bb, i);
         let o = i * bb;
         let hdr = load16x4(rp, o);
         let d = f16_lanes(hdr[0]);
@@ -293,6 +307,7 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
     // The block's 256 values as 64 registers of four per row: sub-block j is 8j..8j + 8.
     let mut wq = [_mm512_setzero_si512(); 64];
     for i in 0..nb {
+        prefetch_next(rp, nb, bb, i);
         let o = i * bb;
         let hdr = load16x4(rp, o);
         let d = f16_lanes(hdr[0]);
@@ -394,6 +409,7 @@ unsafe fn tile_q6k<const N: usize>(
     let mut acc = [_mm512_setzero_ps(); N];
     let mut wq = [_mm512_setzero_si512(); 64];
     for i in 0..nb {
+        prefetch_next(rp, nb, 210, i);
         let o = i * 210;
         let scales = load16x4(rp, o + 192);
         // Bytes 206..210: the last two scales, then d.

@@ -310,11 +310,9 @@ unsafe fn tile_q6k(w: &[u8], a: &QuantizedActs, t0: usize, tn: usize, out: &mut 
             let ab = (t0 + t) * nb + i;
             let d8 = *a.d.get_unchecked(ab);
             let bs = a.bsums.get_unchecked(ab * 16..ab * 16 + 16);
-            // The weights are stored +32: subtract 32·Σ scale·(sum of x) per 16 values,
-            // 4·Σ from each of the eight lanes (all in one lane could pass 2^24 and round
-            // in the conversion to f32).
+            // The weights are stored +32: subtract 32·Σ scale·(sum of x) per 16 values.
             let off: i32 = (0..16).map(|g| sc[g] as i32 * bs[g] as i32).sum();
-            let total = _mm256_sub_epi32(sumi[t], _mm256_set1_epi32(4 * off));
+            let total = _mm256_sub_epi32(sumi[t], _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0));
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(total), acc[t]);
         }
     }

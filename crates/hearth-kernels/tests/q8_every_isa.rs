@@ -181,3 +181,27 @@ fn matmul_matches_reference_on_random_blocks() {
         wrong[..wrong.len().min(30)].join("\n")
     );
 }
+
+/// The blocks of 32 on AVX-512 tiles add their float products in the row kernels' order
+/// (eight group sums per row, llama.cpp's AVX2 lane order), so on any scales the two
+/// agree to the bit; this is what keeps greedy output equal to llama.cpp's with tiles on.
+#[test]
+fn blocks_of_32_tiles_equal_the_row_kernels_to_the_bit() {
+    if !Isa::available().contains(&Isa::Avx512) {
+        return;
+    }
+    let mut rng = Rng(53);
+    let (n, k) = (37, 576);
+    for wt in &TYPES[..5] {
+        let w = random_blocks(*wt, n, k, &mut rng, &mut |r| r.f() * 0.05);
+        for m in [1, 3, 9] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
+            let one = |n: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)| work(0..n);
+            let tile = q8::matmul_on_isa(Isa::Avx512, *wt, &w, n, k, &x, &one);
+            let row = q8::matmul_on_isa(Isa::Avx512Vnni, *wt, &w, n, k, &x, &one);
+            for (i, (a, b)) in tile.iter().zip(&row).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{wt:?} m={m} at {i}: {a} vs {b}");
+            }
+        }
+    }
+}

@@ -204,7 +204,12 @@ unsafe fn tile_32<const T: usize, const N: usize>(
         _mm512_set1_epi32(0x8040_2010u32 as i32),
     ];
     let xq = a.qs.as_ptr();
-    let mut acc = [_mm512_setzero_ps(); N];
+    let ones = _mm512_set1_epi8(1);
+    // Eight float sums per row, one per four-value group of a block (`q[c]`), and the
+    // offsets' sum apart: the row kernels' (and llama.cpp's) order of float additions,
+    // so results equal theirs to the bit.
+    let mut acc = [[_mm512_setzero_ps(); 8]; N];
+    let mut offs = [_mm512_setzero_ps(); N];
     for i in 0..nb {
         prefetch_next(rp, nb, bb, i);
         let o = i * bb;
@@ -251,27 +256,31 @@ unsafe fn tile_32<const T: usize, const N: usize>(
             let row = t0 + t;
             let ab = row * nb + i;
             let x = xq.add(row * k + i * 32);
-            let mut s0 = if offset != 0 {
-                _mm512_set1_epi32(-offset * *a.sums.get_unchecked(ab) as i32)
-            } else {
-                _mm512_setzero_si512()
-            };
-            // Two chains, so one activation row does not wait on eight dependent adds.
-            let mut s1 = _mm512_setzero_si512();
-            for c in 0..4 {
-                s0 = _mm512_dpbusd_epi32(s0, q[c], bcast(x.add(4 * c)));
-                s1 = _mm512_dpbusd_epi32(s1, q[c + 4], bcast(x.add(16 + 4 * c)));
-            }
-            let s = _mm512_add_epi32(s0, s1);
             let scale = _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(ab)));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
+            for (c, q) in q.iter().enumerate() {
+                let xc = bcast(x.add(4 * c));
+                // Σ (value)·x over the group: Σ (value + offset)·x − offset·Σx.
+                let mut s = _mm512_setzero_si512();
+                if offset != 0 {
+                    let xsum = _mm512_dpbusd_epi32(s, ones, xc);
+                    s = _mm512_mullo_epi32(xsum, _mm512_set1_epi32(-offset));
+                }
+                s = _mm512_dpbusd_epi32(s, *q, xc);
+                acc[t][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t][c]);
+            }
             if has_m {
-                acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(*a.s.get_unchecked(ab)), acc[t]);
+                let ms = _mm512_mul_ps(m, _mm512_set1_ps(*a.s.get_unchecked(ab)));
+                offs[t] = _mm512_add_ps(offs[t], ms);
             }
         }
     }
     for t in 0..N {
-        _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+        // hsum's order: ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)), then the offsets.
+        let v = &acc[t];
+        let even = _mm512_add_ps(_mm512_add_ps(v[0], v[4]), _mm512_add_ps(v[2], v[6]));
+        let odd = _mm512_add_ps(_mm512_add_ps(v[1], v[5]), _mm512_add_ps(v[3], v[7]));
+        let sum = _mm512_add_ps(_mm512_add_ps(even, odd), offs[t]);
+        _mm512_storeu_ps(out[t].as_mut_ptr(), sum);
     }
 }
 

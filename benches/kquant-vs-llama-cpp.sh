@@ -10,6 +10,8 @@
 # contender and the ratios, with the load average. Not run in CI.
 #
 #   OLD=/path/to/old/hearth ROUNDS=3 bash benches/kquant-vs-llama-cpp.sh
+# NEW runs with HEARTH_Q8_TILES=1 (the K-quant tiles, opt-in; the blocks of 32 are tiled
+# by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 new=${NEW:-target/release/hearth}

@@ -1,20 +1,22 @@
-//! Micro-benchmark ratios for the Q4_0/Q4_1/Q8_0 kernels on SmolLM2-135M's projection
-//! shapes, one thread, all variants in one process and alternated round by round (so a
-//! loaded machine slows them alike): q8 on 8-bit activations (AVX512-VNNI where present,
-//! and AVX2), the 16-bit-activation kernel it replaces (quant_matmul), and f32 through
-//! candle's gemm on the dequantized weights. Prints each variant's best time per product
-//! over the rounds (on a shared machine the least disturbed one; the median is mostly
-//! other processes) and its speed relative to the 16-bit kernel and to f32. The q8 times
-//! include quantizing the activations.
+//! Micro-benchmark ratios for the 8-bit-activation kernels (q8) on every block type a
+//! SmolLM2 Q4_K_M / Q4_1 file holds, at SmolLM2-135M's projection shapes and at
+//! `dummy:bench-small`'s (widths multiples of 256, so the K-quants run there too); one
+//! thread, all variants in one process and alternated round by round (so a loaded machine
+//! slows them alike). Variants: `tile` = the AVX-512 kernel taking sixteen weight rows at a
+//! time (`Isa::Avx512`), `row` = the row-at-a-time kernel it replaces (`Isa::Avx512Vnni`:
+//! AVX2 with 256-bit `vpdpbusd` for the blocks of 32, plain AVX2 for the K-quants), `avx2` =
+//! the row kernel forced to AVX2. Prints each variant's best time per product over the
+//! rounds (on a shared machine the least disturbed one) and the ratios. Times include
+//! quantizing the activations.
 //!
-//!   RAYON_NUM_THREADS=1 cargo run --release -p hearth-kernels --example q8_ratio [ROUNDS]
+//!   cargo build --release --workspace --examples
+//!   RAYON_NUM_THREADS=1 ./target/release/examples/q8_ratio [ROUNDS]
 
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use hearth_kernels::q8::{self, Isa, WeightType};
-use hearth_kernels::quant_matmul;
 
 fn noise(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
@@ -36,61 +38,66 @@ fn main() -> candle_core::Result<()> {
     let rounds: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
-        .unwrap_or(25);
+        .unwrap_or(15);
     let dev = Device::Cpu;
     let one = |n: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)| work(0..n);
     println!("detected: {:?}; best of {rounds} rounds", Isa::detected());
     println!(
-        "{:<5} {:>5} {:>5} {:>3} | {:>9} {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7}",
-        "type",
-        "n",
-        "k",
-        "m",
-        "q8 µs",
-        "avx2 µs",
-        "16bit µs",
-        "f32 µs",
-        "q8/16b",
-        "avx2/16b",
-        "q8/f32"
+        "{:<5} {:>5} {:>5} {:>3} | {:>9} {:>9} {:>9} | {:>8} {:>9} | {:>8}",
+        "type", "n", "k", "m", "tile µs", "row µs", "avx2 µs", "row/tile", "avx2/tile", "ns/blk·m"
     );
-    // gate/up, down and the tied output projection of SmolLM2-135M.
-    let shapes = [(1536, 576), (576, 1536), (49152, 576)];
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+    // SmolLM2-135M: gate/up, down, the tied output layer; bench-small: gate/up, down.
+    let shapes: [(usize, usize); 5] = [
+        (1536, 576),
+        (576, 1536),
+        (49152, 576),
+        (2048, 768),
+        (768, 2048),
+    ];
+    let types = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+    for dtype in types {
         let wt = WeightType::from_ggml(dtype).expect("a q8 type");
         for &(n, k) in &shapes {
+            // The output layer only in the types SmolLM2's files store it in.
+            if !k.is_multiple_of(wt.block())
+                || (n == 49152 && !matches!(wt, WeightType::Q8_0 | WeightType::Q4_1))
+            {
+                continue;
+            }
             let w = Tensor::from_vec(noise(n * k, 1), (n, k), &dev)?;
-            let q = QTensor::quantize(&w, dtype)?;
-            let bytes = q.data()?.into_owned();
-            let dense_t = q.dequantize(&dev)?.t()?;
-            for m in [1usize, 16] {
+            let bytes = QTensor::quantize(&w, dtype)?.data()?.into_owned();
+            for m in [1usize, 4, 16] {
                 let x = noise(m * k, 2);
-                let xt = Tensor::from_vec(x.clone(), (m, k), &dev)?;
-                // Enough repetitions for ~20 ms a sample at the 16-bit kernel's speed.
-                let reps = (20_000_000 / (n * k * m / 8).max(1)).clamp(1, 2000);
-                let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+                // Enough repetitions for ~10 ms a sample at the row kernel's speed.
+                let reps = (10_000_000 / (n * k * m / 8).max(1)).clamp(1, 2000);
+                let mut t = [Vec::new(), Vec::new(), Vec::new()];
                 for _ in 0..rounds {
                     for (v, times) in t.iter_mut().enumerate() {
+                        let isa = [Isa::Avx512, Isa::Avx512Vnni, Isa::Avx2][v];
                         let start = Instant::now();
                         for _ in 0..reps {
-                            let y = match v {
-                                0 => q8::matmul_on_isa(Isa::detected(), wt, &bytes, n, k, &x, &one),
-                                1 => q8::matmul_on_isa(Isa::Avx2, wt, &bytes, n, k, &x, &one),
-                                2 => quant_matmul::matmul_on(dtype, &bytes, n, k, &x, m, &one),
-                                _ => xt.matmul(&dense_t)?.flatten_all()?.to_vec1::<f32>()?,
-                            };
+                            let y = q8::matmul_on_isa(isa, wt, &bytes, n, k, &x, &one);
                             std::hint::black_box(y);
                         }
                         times.push(start.elapsed().as_secs_f64() * 1e6 / reps as f64);
                     }
                 }
-                let [a, b, c, d] = t.map(|v| best(&v));
+                let [a, b, c] = t.map(|v| best(&v));
+                let blocks = (n * k / wt.block() * m) as f64;
                 println!(
-                    "{:<5} {n:>5} {k:>5} {m:>3} | {a:>9.1} {b:>9.1} {c:>9.1} {d:>9.1} | {:>6.2}× {:>6.2}× {:>6.2}×",
+                    "{:<5} {n:>5} {k:>5} {m:>3} | {a:>9.1} {b:>9.1} {c:>9.1} | {:>7.2}× {:>8.2}× | {:>8.2}",
                     format!("{dtype:?}"),
+                    b / a,
                     c / a,
-                    c / b,
-                    d / a
+                    a * 1e3 / blocks
                 );
             }
         }

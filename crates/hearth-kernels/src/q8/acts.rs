@@ -37,6 +37,9 @@ pub struct QuantizedActs {
     pub d: Vec<f32>,
     /// Q8_1: `d·Σq` per block of 32; empty otherwise.
     pub s: Vec<f32>,
+    /// Q8_0/Q8_1: `Σq` per block of 32, exact (the AVX-512 kernels take the signed weight
+    /// types' offsets from it); empty for Q8_K.
+    pub sums: Vec<i16>,
     /// Q8_K: `Σq` per 16 values; empty otherwise.
     pub bsums: Vec<i16>,
 }
@@ -67,6 +70,7 @@ pub fn quantize(format: ActFormat, x: &[f32], k: usize) -> QuantizedActs {
         qs: vec![0; x.len()],
         d: Vec::with_capacity(x.len() / format.block()),
         s: Vec::new(),
+        sums: Vec::new(),
         bsums: Vec::new(),
     };
     match format {
@@ -84,6 +88,7 @@ pub fn quantize(format: ActFormat, x: &[f32], k: usize) -> QuantizedActs {
                     *q = r as i8;
                 }
                 out.d.push(f16_round(d));
+                out.sums.push(sum as i16);
                 if format == ActFormat::Q8_1 {
                     out.s.push(f16_round(d * sum as f32));
                 }
@@ -146,6 +151,10 @@ mod tests {
                     (back - v).abs() <= q.d[i / bs].abs() * 0.51 + 1e-3,
                     "{format:?} {i}"
                 );
+            }
+            if format != ActFormat::Q8K {
+                let sum: i32 = q.qs[32..64].iter().map(|&v| v as i32).sum();
+                assert_eq!(q.sums[1] as i32, sum);
             }
             if format == ActFormat::Q8_1 {
                 let sum: i32 = q.qs[..32].iter().map(|&v| v as i32).sum();

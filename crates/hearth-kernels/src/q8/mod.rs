@@ -4,8 +4,11 @@
 //! divisible by 256 — reading the GGUF's blocks in place (no repacking: resident weights are the
 //! file's bytes). Activations are quantized once per row to 8 bits in llama.cpp's own
 //! format for each weight type (`acts`), so products match llama.cpp's on the same file
-//! up to the order of float sums; the integer inner loops run on AVX2 (and AVX512-VNNI for
-//! blocks of 32) where the CPU has it, on the scalar definition (`reference`) otherwise.
+//! up to the order of float sums. The integer inner loops run a row at a time on AVX2 (and
+//! 256-bit AVX512-VNNI for blocks of 32) where the CPU has it, on the scalar definition
+//! (`reference`) otherwise; sixteen weight rows at a time on AVX-512 (`avx512`) for the
+//! blocks of 32, and for the K-quants too when `HEARTH_Q8_TILES=1`
+//! (`Isa::default_for_matmul`).
 
 // Tile loops index several per-row arrays (accumulators, sums, outputs) by the same row.
 #![allow(clippy::needless_range_loop)]
@@ -13,6 +16,8 @@
 pub mod acts;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod reference;
 
 use candle_core::quantized::GgmlDType;
@@ -89,10 +94,13 @@ pub(crate) const TILE: usize = 4;
 pub enum Isa {
     /// `reference`: any CPU.
     Scalar,
-    /// AVX2 with FMA and F16C.
+    /// AVX2 with FMA and F16C, a weight row at a time.
     Avx2,
-    /// AVX2 plus AVX512-VNNI/VL for the blocks of 32 (`vpdpbusd`).
+    /// AVX2 plus AVX512-VNNI/VL for the blocks of 32 (`vpdpbusd` on 256 bits), a weight
+    /// row at a time.
     Avx512Vnni,
+    /// AVX512F/BW/VL/VNNI: sixteen weight rows at a time on 512 bits, every type (`avx512`).
+    Avx512,
 }
 
 impl Isa {
@@ -108,9 +116,12 @@ impl Isa {
                     && is_x86_feature_detected!("f16c");
                 let vnni =
                     is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
-                match (avx2, vnni) {
-                    (true, true) => Isa::Avx512Vnni,
-                    (true, false) => Isa::Avx2,
+                let wide =
+                    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+                match (avx2, vnni, wide) {
+                    (true, true, true) => Isa::Avx512,
+                    (true, true, false) => Isa::Avx512Vnni,
+                    (true, false, _) => Isa::Avx2,
                     _ => Isa::Scalar,
                 }
             })
@@ -119,9 +130,27 @@ impl Isa {
         Isa::Scalar
     }
 
+    /// What `matmul` runs for `wt`: the detected set, except that the K-quants' AVX-512
+    /// tiles are opt-in (`HEARTH_Q8_TILES=1`). Those are 1.7-5.3x faster with integer sums
+    /// equal to the reference's, but add each block's float product once per row where
+    /// llama.cpp's AVX2 `vec_dot`s keep eight lane sums, and on SmolLM2 Q4_K_M that moves
+    /// near-ties enough to fail llama_cpp_goldens.rs's agreement bounds. The blocks of 32
+    /// keep the row kernels' lane order in the tiles (equal to the bit), so they are on.
+    pub fn default_for_matmul(wt: WeightType) -> Self {
+        use std::sync::OnceLock;
+        static TILES: OnceLock<bool> = OnceLock::new();
+        let tiles = *TILES.get_or_init(|| {
+            std::env::var("HEARTH_Q8_TILES").is_ok_and(|v| v == "1" || v == "true")
+        });
+        match Self::detected() {
+            Isa::Avx512 if wt.block() == 256 && !tiles => Isa::Avx512Vnni,
+            isa => isa,
+        }
+    }
+
     /// Every set this CPU runs, the scalar one first.
     pub fn available() -> Vec<Self> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Avx512]
             .into_iter()
             .filter(|&i| i <= Self::detected())
             .collect()
@@ -141,7 +170,7 @@ fn row_tile(
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: `isa` is at most what was detected; the caller checked the lengths.
-        unsafe { avx2::row_tile(isa == Isa::Avx512Vnni, wt, w, a, t0, tn, out) };
+        unsafe { avx2::row_tile(isa >= Isa::Avx512Vnni, wt, w, a, t0, tn, out) };
         return;
     }
     let _ = isa;
@@ -187,7 +216,7 @@ pub fn matmul(
     x: &[f32],
     parallel: Parallel<'_>,
 ) -> Vec<f32> {
-    matmul_on_isa(Isa::detected(), wt, w, n, k, x, parallel)
+    matmul_on_isa(Isa::default_for_matmul(wt), wt, w, n, k, x, parallel)
 }
 
 /// `matmul` on a chosen instruction set (tests and benchmarks compare them), lowered to
@@ -201,19 +230,72 @@ pub fn matmul_on_isa(
     x: &[f32],
     parallel: Parallel<'_>,
 ) -> Vec<f32> {
-    let isa = isa.min(Isa::detected());
     let m = match check(wt, w.len(), n, k, x.len()) {
         Ok(m) => m,
         Err(e) => panic!("q8::matmul: {e}"),
     };
-    let row_bytes = k / wt.block() * wt.block_bytes();
     let acts = acts::quantize(wt.act_format(), x, k);
     let mut dst = vec![0f32; m * n];
+    matmul_quantized(isa, wt, w, n, &acts, m, &mut dst, parallel);
+    dst
+}
+
+/// `dst[m×n]` from activations already quantized for `wt` (see `acts::quantize`), on `isa`
+/// lowered to what the CPU has. Panics unless `w` is `n` rows of `acts.k` values, `acts`
+/// holds `m` rows and `dst` `m·n` values.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_quantized(
+    isa: Isa,
+    wt: WeightType,
+    w: &[u8],
+    n: usize,
+    acts: &QuantizedActs,
+    m: usize,
+    dst: &mut [f32],
+    parallel: Parallel<'_>,
+) {
+    let isa = isa.min(Isa::detected());
+    let k = acts.k;
+    let row_bytes = k / wt.block() * wt.block_bytes();
+    assert!(w.len() == n * row_bytes && acts.qs.len() == m * k && dst.len() == m * n);
     let dst_ptr = dst.as_mut_ptr() as usize;
-    let work = |rows: std::ops::Range<usize>| {
+    // The pool splits whole tiles of weight rows (a range of single rows would leave a
+    // partial tile at each split).
+    let unit = if isa == Isa::Avx512 { 16 } else { 1 };
+    let work = |units: std::ops::Range<usize>| {
+        let rows = units.start * unit..n.min(units.end * unit);
         // SAFETY: each weight row's outputs (column r of every dst row) are written by
         // exactly one work range; dst outlives the pool call.
         let dst = dst_ptr as *mut f32;
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 {
+            let mut out = [[0f32; avx512::ROWS]; avx512::MAX_ACTS];
+            for r0 in rows.clone().step_by(avx512::ROWS) {
+                // A short last tile repeats its last row (computed, not stored).
+                let valid = avx512::ROWS.min(rows.end - r0);
+                let rp: [*const u8; avx512::ROWS] =
+                    std::array::from_fn(|r| w[(r0 + r.min(valid - 1)) * row_bytes..].as_ptr());
+                let mut t0 = 0;
+                while t0 < m {
+                    let tn = match m - t0 {
+                        8.. => 8,
+                        4..=7 => 4,
+                        2 | 3 => 2,
+                        _ => 1,
+                    };
+                    // SAFETY: the CPU has AVX-512 (`isa` is at most what was detected);
+                    // every row pointer starts a whole weight row of `k` values.
+                    unsafe { avx512::tile(wt, &rp, acts, t0, tn, &mut out) };
+                    for t in 0..tn {
+                        for r in 0..valid {
+                            unsafe { *dst.add((t0 + t) * n + r0 + r) = out[t][r] };
+                        }
+                    }
+                    t0 += tn;
+                }
+            }
+            return;
+        }
         for t0 in (0..m).step_by(TILE) {
             let tn = TILE.min(m - t0);
             for r in rows.clone() {
@@ -222,7 +304,7 @@ pub fn matmul_on_isa(
                     isa,
                     wt,
                     &w[r * row_bytes..(r + 1) * row_bytes],
-                    &acts,
+                    acts,
                     t0,
                     tn,
                     &mut out,
@@ -234,12 +316,12 @@ pub fn matmul_on_isa(
         }
     };
     // Small products are not worth waking the pool.
+    let units = n.div_ceil(unit);
     if n * k * m < 64 * 1024 {
-        work(0..n);
+        work(0..units);
     } else {
-        parallel(n, &work);
+        parallel(units, &work);
     }
-    dst
 }
 
 #[cfg(test)]

@@ -113,40 +113,6 @@ fn reference_matches_dequantized_blocks() {
     }
 }
 
-/// The matmul on every instruction set the CPU has (over split weight rows and partial
-/// tiles) against the scalar reference on random blocks.
-#[test]
-fn matmul_matches_reference_on_random_blocks() {
-    let mut rng = Rng(11);
-    let (n, k) = (7, 768);
-    for wt in TYPES {
-        let w = random_blocks(wt, n, k, &mut rng);
-        let row_bytes = w.len() / n;
-        for m in [1, 3, 4, 9] {
-            let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
-            let a = acts::quantize(wt.act_format(), &x, k);
-            let split = |n: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)| {
-                work(0..n / 2);
-                work(n / 2..n);
-            };
-            for isa in Isa::available() {
-                let got = matmul_on_isa(isa, wt, &w, n, k, &x, &split);
-                for t in 0..m {
-                    for r in 0..n {
-                        let wr = &w[r * row_bytes..(r + 1) * row_bytes];
-                        let want = reference::dot(wt, wr, &a, t);
-                        let g = got[t * n + r];
-                        assert!(
-                            (g - want).abs() <= 1e-4 * want.abs().max(1.0),
-                            "{wt:?} {isa:?} m={m} row {r} act {t}: {g} vs {want}"
-                        );
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// The blocks of 32 on random shapes — any number of blocks per row (odd ones, a single
 /// one), any number of activation rows — against dequantize-then-f32 on the unquantized
 /// activations, within the bound 8-bit activations allow: each activation is off by at

@@ -1,0 +1,490 @@
+//! AVX-512 kernels (F, BW, VL, VNNI) for every weight type: sixteen weight rows at a time.
+//! Each weight block of the sixteen rows is transposed on the fly so that 32-bit lane `r` of
+//! a 512-bit register holds four consecutive values of row `r`; one `vpdpbusd` against four
+//! activation bytes broadcast to every lane then advances all sixteen rows' sums, the lanes
+//! come out as the sixteen rows' block sums (no horizontal sums), and the rows' scales are a
+//! vector too. Per block and activation row the integer and float work is a handful of
+//! instructions for sixteen rows, where the row-at-a-time kernels (`avx2`) spend about that
+//! per row; the decode and transpose are paid once per block for up to eight activation
+//! rows. The GGUF bytes are read in place: llama.cpp reaches the same lane layout by
+//! repacking Q4_0/Q4_K weights at load, which this does per tile instead, for every type.
+//!
+//! Weights enter `vpdpbusd` as unsigned bytes: the signed types' offsets (Q4_0's 8, Q5_0's
+//! 16, Q8_0's 128 after flipping the sign bit, Q6_K's 32) come back as `offset·Σx` from the
+//! activations' block sums, so every integer sum is exact and equal to `reference`'s.
+
+use std::arch::x86_64::*;
+
+use super::acts::QuantizedActs;
+use super::WeightType;
+
+/// Weight rows per tile: the sixteen 32-bit lanes of a register.
+pub(crate) const ROWS: usize = 16;
+/// The most activation rows a tile takes (its accumulators live in registers).
+pub(crate) const MAX_ACTS: usize = 8;
+
+/// A tile's products: `[activation row][weight row]`.
+pub(crate) type TileOut = [[f32; ROWS]; MAX_ACTS];
+
+/// 16 bytes at offset `o` of each of the sixteen rows, transposed: register `c` holds bytes
+/// `4c..4c + 4` of row `r` in lane `r`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn load16x4(rp: &[*const u8; ROWS], o: usize) -> [__m512i; 4] {
+    // z[s] holds rows s, s + 4, s + 8, s + 12 in its four 128-bit lanes, so the 4×4
+    // transpose inside each 128-bit lane lands row 4L + s in lane 4L + s.
+    let mut z = [_mm512_setzero_si512(); 4];
+    for (s, z) in z.iter_mut().enumerate() {
+        let v = _mm512_castsi128_si512(load16(rp[s].add(o)));
+        let v = _mm512_inserti32x4::<1>(v, load16(rp[s + 4].add(o)));
+        let v = _mm512_inserti32x4::<2>(v, load16(rp[s + 8].add(o)));
+        *z = _mm512_inserti32x4::<3>(v, load16(rp[s + 12].add(o)));
+    }
+    let t0 = _mm512_unpacklo_epi32(z[0], z[1]);
+    let t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+    let t2 = _mm512_unpacklo_epi32(z[2], z[3]);
+    let t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+    [
+        _mm512_unpacklo_epi64(t0, t2),
+        _mm512_unpackhi_epi64(t0, t2),
+        _mm512_unpacklo_epi64(t1, t3),
+        _mm512_unpackhi_epi64(t1, t3),
+    ]
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn load16(p: *const u8) -> __m128i {
+    _mm_loadu_si128(p as *const __m128i)
+}
+
+/// Q6_K's value: the low four bits `lo` joined with bits 4 and 5 of `hi` (the two high bits
+/// already moved there): ternary logic A | (B & C).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn join6(lo: __m512i, hi: __m512i) -> __m512i {
+    _mm512_ternarylogic_epi32::<0xF8>(lo, hi, _mm512_set1_epi8(0x30))
+}
+
+/// Prefetches block `i` of the next tile's sixteen rows (they follow this tile's in
+/// memory): the sixteen row streams of a tile are more than the hardware prefetcher
+/// follows, and on a matrix that does not fit in cache the loads would wait on memory.
+/// Past the last row the addresses are never read (a prefetch does not fault).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn prefetch_next(rp: &[*const u8; ROWS], nb: usize, bb: usize, i: usize) {
+    let base = rp[0].wrapping_add(ROWS * nb * bb + i * ROWS * bb);
+    for line in (0..ROWS * bb).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(line) as *const i8);
+    }
+}
+
+/// A `vpshufb` control that rebuilds every dword from its own bytes: byte `b` becomes byte
+/// `sel[b]` of the same dword, or zero where `sel[b]` is negative.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn within_dwords(sel: [i8; 4]) -> __m512i {
+    let mut v = 0u32;
+    for (b, &s) in sel.iter().enumerate() {
+        let byte = if s < 0 { 0x80 } else { s as u32 };
+        v |= byte << (8 * b);
+    }
+    // Dword s of each 128-bit lane reads bytes 4s.. of that lane (0x80 stays negative).
+    let lane = _mm512_setr_epi32(
+        0,
+        0x0404_0404,
+        0x0808_0808,
+        0x0c0c_0c0c,
+        0,
+        0x0404_0404,
+        0x0808_0808,
+        0x0c0c_0c0c,
+        0,
+        0x0404_0404,
+        0x0808_0808,
+        0x0c0c_0c0c,
+        0,
+        0x0404_0404,
+        0x0808_0808,
+        0x0c0c_0c0c,
+    );
+    _mm512_add_epi8(_mm512_set1_epi32(v as i32), lane)
+}
+
+/// Sixteen f16 values, one in the low half of each lane, as f32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn f16_lanes(v: __m512i) -> __m512 {
+    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v))
+}
+
+/// Four activation bytes at `p`, in every lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn bcast(p: *const i8) -> __m512i {
+    _mm512_set1_epi32((p as *const i32).read_unaligned())
+}
+
+/// Sixteen weight rows (`rp[r]` is row `r`'s first block; rows may repeat) against
+/// activation rows `t0..t0 + tn` (`tn` is 1, 2, 4 or 8), into `out[t][r]`.
+///
+/// # Safety
+/// The CPU has AVX512F/BW/VL/VNNI, AVX2, FMA and F16C; each `rp[r]` points at `a.k /
+/// wt.block()` blocks of `wt`; the activation rows exist in `a`, quantized for `wt`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn tile(
+    wt: WeightType,
+    rp: &[*const u8; ROWS],
+    a: &QuantizedActs,
+    t0: usize,
+    tn: usize,
+    out: &mut TileOut,
+) {
+    match tn {
+        8 => tile_n::<8>(wt, rp, a, t0, out),
+        4 => tile_n::<4>(wt, rp, a, t0, out),
+        2 => tile_n::<2>(wt, rp, a, t0, out),
+        _ => tile_n::<1>(wt, rp, a, t0, out),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_n<const N: usize>(
+    wt: WeightType,
+    rp: &[*const u8; ROWS],
+    a: &QuantizedActs,
+    t0: usize,
+    out: &mut TileOut,
+) {
+    match wt {
+        WeightType::Q4_0 => tile_32::<0, N>(rp, a, t0, out),
+        WeightType::Q4_1 => tile_32::<1, N>(rp, a, t0, out),
+        WeightType::Q5_0 => tile_32::<2, N>(rp, a, t0, out),
+        WeightType::Q5_1 => tile_32::<3, N>(rp, a, t0, out),
+        WeightType::Q8_0 => tile_32::<4, N>(rp, a, t0, out),
+        WeightType::Q4K => tile_q45k::<false, N>(rp, a, t0, out),
+        WeightType::Q5K => tile_q45k::<true, N>(rp, a, t0, out),
+        WeightType::Q6K => tile_q6k::<N>(rp, a, t0, out),
+    }
+}
+
+/// The blocks of 32, by position in `avx2::TYPES_32` (`T`), each its own loop.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_32<const T: usize, const N: usize>(
+    rp: &[*const u8; ROWS],
+    a: &QuantizedActs,
+    t0: usize,
+    out: &mut TileOut,
+) {
+    let wt = super::avx2::TYPES_32[T];
+    let bb = wt.block_bytes();
+    let (k, nb) = (a.k, a.k / 32);
+    // The unsigned weight is the value plus `offset`; where the quants start; whether the
+    // block has Q4_1/Q5_1's offset `m`; whether it has Q5's fifth bits.
+    let (offset, qs_at, has_m, five) = match wt {
+        WeightType::Q4_0 => (8, 2, false, false),
+        WeightType::Q4_1 => (0, 4, true, false),
+        WeightType::Q5_0 => (16, 6, false, true),
+        WeightType::Q5_1 => (0, 8, true, true),
+        _ => (128, 2, false, false),
+    };
+    let low4 = _mm512_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(16);
+    let flip = _mm512_set1_epi8(-128);
+    // Value 4c + b's fifth bit is bit 4c + b of qh: byte c/2, bit 4(c%2) + b.
+    let rep = [
+        within_dwords([0; 4]),
+        within_dwords([1; 4]),
+        within_dwords([2; 4]),
+        within_dwords([3; 4]),
+    ];
+    let bit = [
+        _mm512_set1_epi32(0x0804_0201),
+        _mm512_set1_epi32(0x8040_2010u32 as i32),
+    ];
+    let xq = a.qs.as_ptr();
+    let ones = _mm512_set1_epi8(1);
+    // Eight float sums per row, one per four-value group of a block (`q[c]`), and the
+    // offsets' sum apart: the row kernels' (and llama.cpp's) order of float additions,
+    // so results equal theirs to the bit.
+    let mut acc = [[_mm512_setzero_ps(); 8]; N];
+    let mut offs = [_mm512_setzero_ps(); N];
+    for i in 0..nb {
+        prefetch_next(rp, nb, bb, i);
+        let o = i * bb;
+        let hdr = load16x4(rp, o);
+        let d = f16_lanes(hdr[0]);
+        let m = if has_m {
+            f16_lanes(_mm512_srli_epi32::<16>(hdr[0]))
+        } else {
+            _mm512_setzero_ps()
+        };
+        // q[c] holds values 4c..4c + 4 of every row, as unsigned bytes.
+        let mut q = [_mm512_setzero_si512(); 8];
+        if wt == WeightType::Q8_0 {
+            let lo = load16x4(rp, o + 2);
+            let hi = load16x4(rp, o + 18);
+            for c in 0..4 {
+                q[c] = _mm512_xor_si512(lo[c], flip);
+                q[c + 4] = _mm512_xor_si512(hi[c], flip);
+            }
+        } else {
+            let raw = load16x4(rp, o + qs_at);
+            for c in 0..4 {
+                q[c] = _mm512_and_si512(raw[c], low4);
+                q[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw[c]), low4);
+            }
+            if five {
+                let qh = if wt == WeightType::Q5_0 {
+                    // d | qh[0..2], qh[2..4] | qs[0..2]
+                    _mm512_or_si512(
+                        _mm512_srli_epi32::<16>(hdr[0]),
+                        _mm512_slli_epi32::<16>(hdr[1]),
+                    )
+                } else {
+                    hdr[1]
+                };
+                for c in 0..8 {
+                    let bits = _mm512_shuffle_epi8(qh, rep[c / 2]);
+                    let set = _mm512_test_epi8_mask(bits, bit[c % 2]);
+                    q[c] = _mm512_mask_add_epi8(q[c], set, q[c], sixteen);
+                }
+            }
+        }
+        for t in 0..N {
+            let row = t0 + t;
+            let ab = row * nb + i;
+            let x = xq.add(row * k + i * 32);
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(ab)));
+            for (c, q) in q.iter().enumerate() {
+                let xc = bcast(x.add(4 * c));
+                // Σ (value)·x over the group: Σ (value + offset)·x − offset·Σx.
+                let mut s = _mm512_setzero_si512();
+                if offset != 0 {
+                    let xsum = _mm512_dpbusd_epi32(s, ones, xc);
+                    s = _mm512_mullo_epi32(xsum, _mm512_set1_epi32(-offset));
+                }
+                s = _mm512_dpbusd_epi32(s, *q, xc);
+                acc[t][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t][c]);
+            }
+            if has_m {
+                let ms = _mm512_mul_ps(m, _mm512_set1_ps(*a.s.get_unchecked(ab)));
+                offs[t] = _mm512_add_ps(offs[t], ms);
+            }
+        }
+    }
+    for t in 0..N {
+        // hsum's order: ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)), then the offsets.
+        let v = &acc[t];
+        let even = _mm512_add_ps(_mm512_add_ps(v[0], v[4]), _mm512_add_ps(v[2], v[6]));
+        let odd = _mm512_add_ps(_mm512_add_ps(v[1], v[5]), _mm512_add_ps(v[3], v[7]));
+        let sum = _mm512_add_ps(_mm512_add_ps(even, odd), offs[t]);
+        _mm512_storeu_ps(out[t].as_mut_ptr(), sum);
+    }
+}
+
+/// Q4_K and Q5_K (`FIVE`): eight sub-blocks of 32 with 6-bit scales and mins.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
+    rp: &[*const u8; ROWS],
+    a: &QuantizedActs,
+    t0: usize,
+    out: &mut TileOut,
+) {
+    let (bb, qs_at) = if FIVE { (176, 48) } else { (144, 16) };
+    let (k, nb) = (a.k, a.k / 256);
+    let low4 = _mm512_set1_epi8(0x0F);
+    let low6 = _mm512_set1_epi8(0x3F);
+    let bits45 = _mm512_set1_epi8(0x30);
+    let sixteen = _mm512_set1_epi8(16);
+    // Byte j of each dword zero-extended to 32 bits; to both 16-bit halves.
+    let zext: [__m512i; 4] = [
+        within_dwords([0, -1, -1, -1]),
+        within_dwords([1, -1, -1, -1]),
+        within_dwords([2, -1, -1, -1]),
+        within_dwords([3, -1, -1, -1]),
+    ];
+    let dup: [__m512i; 4] = [
+        within_dwords([0, -1, 0, -1]),
+        within_dwords([1, -1, 1, -1]),
+        within_dwords([2, -1, 2, -1]),
+        within_dwords([3, -1, 3, -1]),
+    ];
+    let xq = a.qs.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); N];
+    // The block's 256 values as 64 registers of four per row: sub-block j is 8j..8j + 8.
+    let mut wq = [_mm512_setzero_si512(); 64];
+    for i in 0..nb {
+        prefetch_next(rp, nb, bb, i);
+        let o = i * bb;
+        let hdr = load16x4(rp, o);
+        let d = f16_lanes(hdr[0]);
+        let dmin = f16_lanes(_mm512_srli_epi32::<16>(hdr[0]));
+        // ggml's get_scale_min_k4, four bytes (scales or mins 0..4, 4..8) per dword.
+        let (s0, s1, s2) = (hdr[1], hdr[2], hdr[3]);
+        let sc_lo = _mm512_and_si512(s0, low6);
+        let mn_lo = _mm512_and_si512(s1, low6);
+        let sc_hi = _mm512_or_si512(
+            _mm512_and_si512(s2, low4),
+            _mm512_and_si512(_mm512_srli_epi32::<2>(s0), bits45),
+        );
+        let mn_hi = _mm512_or_si512(
+            _mm512_and_si512(_mm512_srli_epi32::<4>(s2), low4),
+            _mm512_and_si512(_mm512_srli_epi32::<2>(s1), bits45),
+        );
+        let mut sc = [_mm512_setzero_si512(); 8];
+        let mut mn = [_mm512_setzero_si512(); 8];
+        for j in 0..4 {
+            sc[j] = _mm512_shuffle_epi8(sc_lo, zext[j]);
+            sc[j + 4] = _mm512_shuffle_epi8(sc_hi, zext[j]);
+            mn[j] = _mm512_shuffle_epi8(mn_lo, dup[j]);
+            mn[j + 4] = _mm512_shuffle_epi8(mn_hi, dup[j]);
+        }
+        // Q5_K's fifth bits: bit 2p (2p + 1) of qh byte l for value l of sub-block 2p (2p + 1).
+        let mut qh = [_mm512_setzero_si512(); 8];
+        if FIVE {
+            let (h0, h1) = (load16x4(rp, o + 16), load16x4(rp, o + 32));
+            qh = [h0[0], h0[1], h0[2], h0[3], h1[0], h1[1], h1[2], h1[3]];
+        }
+        for p in 0..4 {
+            let r0 = load16x4(rp, o + qs_at + 32 * p);
+            let r1 = load16x4(rp, o + qs_at + 32 * p + 16);
+            for c in 0..8 {
+                let raw = if c < 4 { r0[c] } else { r1[c - 4] };
+                let mut lo = _mm512_and_si512(raw, low4);
+                let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low4);
+                if FIVE {
+                    let set_lo =
+                        _mm512_test_epi8_mask(qh[c], _mm512_set1_epi8((1u8 << (2 * p)) as i8));
+                    let set_hi =
+                        _mm512_test_epi8_mask(qh[c], _mm512_set1_epi8((1u8 << (2 * p + 1)) as i8));
+                    lo = _mm512_mask_add_epi8(lo, set_lo, lo, sixteen);
+                    hi = _mm512_mask_add_epi8(hi, set_hi, hi, sixteen);
+                }
+                wq[16 * p + c] = lo;
+                wq[16 * p + 8 + c] = hi;
+            }
+        }
+        let mut isum = [_mm512_setzero_si512(); N];
+        for j in 0..8 {
+            for t in 0..N {
+                let x = xq.add((t0 + t) * k + i * 256 + 32 * j);
+                let mut s = _mm512_setzero_si512();
+                for c in 0..8 {
+                    s = _mm512_dpbusd_epi32(s, wq[8 * j + c], bcast(x.add(4 * c)));
+                }
+                isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(s, sc[j]));
+            }
+        }
+        for t in 0..N {
+            let ab = (t0 + t) * nb + i;
+            // Σ mins·(sum of 32 x), the two 16-value sums of a sub-block in one dword.
+            let bs = a.bsums.as_ptr().add(ab * 16) as *const i8;
+            let mut summ = _mm512_setzero_si512();
+            for (j, mn) in mn.iter().enumerate() {
+                summ = _mm512_dpwssd_epi32(summ, *mn, bcast(bs.add(4 * j)));
+            }
+            let dx = _mm512_set1_ps(*a.d.get_unchecked(ab));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(d, dx), acc[t]);
+            acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dmin, dx), acc[t]);
+        }
+    }
+    for t in 0..N {
+        _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+    }
+}
+
+/// Q6_K: sixteen signed 8-bit scales per 256, values stored +32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_q6k<const N: usize>(
+    rp: &[*const u8; ROWS],
+    a: &QuantizedActs,
+    t0: usize,
+    out: &mut TileOut,
+) {
+    let (k, nb) = (a.k, a.k / 256);
+    let low4 = _mm512_set1_epi8(0x0F);
+    // Byte j of a dword to the top byte (then shifted down with its sign); bytes 2h, 2h + 1
+    // to the top of the two 16-bit halves.
+    let top: [__m512i; 4] = [
+        within_dwords([-1, -1, -1, 0]),
+        within_dwords([-1, -1, -1, 1]),
+        within_dwords([-1, -1, -1, 2]),
+        within_dwords([-1, -1, -1, 3]),
+    ];
+    let pair_top: [__m512i; 2] = [within_dwords([-1, 0, -1, 1]), within_dwords([-1, 2, -1, 3])];
+    let xq = a.qs.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); N];
+    let mut wq = [_mm512_setzero_si512(); 64];
+    for i in 0..nb {
+        prefetch_next(rp, nb, 210, i);
+        let o = i * 210;
+        let scales = load16x4(rp, o + 192);
+        // Bytes 206..210: the last two scales, then d.
+        let d = f16_lanes(_mm512_srli_epi32::<16>(load16x4(rp, o + 194)[3]));
+        let mut sc = [_mm512_setzero_si512(); 16];
+        let mut sc_pairs = [_mm512_setzero_si512(); 8];
+        for j in 0..16 {
+            sc[j] = _mm512_srai_epi32::<24>(_mm512_shuffle_epi8(scales[j / 4], top[j % 4]));
+        }
+        for h in 0..8 {
+            let v = _mm512_shuffle_epi8(scales[h / 2], pair_top[h % 2]);
+            sc_pairs[h] = _mm512_srai_epi16::<8>(v);
+        }
+        for n in 0..2 {
+            let (l0a, l0b) = (load16x4(rp, o + 64 * n), load16x4(rp, o + 64 * n + 16));
+            let (l1a, l1b) = (load16x4(rp, o + 64 * n + 32), load16x4(rp, o + 64 * n + 48));
+            let (ha, hb) = (
+                load16x4(rp, o + 128 + 32 * n),
+                load16x4(rp, o + 128 + 32 * n + 16),
+            );
+            for c in 0..8 {
+                let (ql0, ql1, qh) = if c < 4 {
+                    (l0a[c], l1a[c], ha[c])
+                } else {
+                    (l0b[c - 4], l1b[c - 4], hb[c - 4])
+                };
+                let g = 32 * n;
+                wq[g + c] = join6(_mm512_and_si512(ql0, low4), _mm512_slli_epi32::<4>(qh));
+                wq[g + 8 + c] = join6(_mm512_and_si512(ql1, low4), _mm512_slli_epi32::<2>(qh));
+                wq[g + 16 + c] = join6(_mm512_and_si512(_mm512_srli_epi16::<4>(ql0), low4), qh);
+                wq[g + 24 + c] = join6(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql1), low4),
+                    _mm512_srli_epi32::<2>(qh),
+                );
+            }
+        }
+        let mut isum = [_mm512_setzero_si512(); N];
+        for j in 0..8 {
+            for t in 0..N {
+                let x = xq.add((t0 + t) * k + i * 256 + 32 * j);
+                let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for c in 0..4 {
+                    s0 = _mm512_dpbusd_epi32(s0, wq[8 * j + c], bcast(x.add(4 * c)));
+                    s1 = _mm512_dpbusd_epi32(s1, wq[8 * j + 4 + c], bcast(x.add(16 + 4 * c)));
+                }
+                let s = _mm512_add_epi32(
+                    _mm512_mullo_epi32(s0, sc[2 * j]),
+                    _mm512_mullo_epi32(s1, sc[2 * j + 1]),
+                );
+                isum[t] = _mm512_add_epi32(isum[t], s);
+            }
+        }
+        for t in 0..N {
+            let ab = (t0 + t) * nb + i;
+            // The weights are stored +32: subtract 32·Σ scale·(sum of its 16 x).
+            let bs = a.bsums.as_ptr().add(ab * 16) as *const i8;
+            let mut off = _mm512_setzero_si512();
+            for (h, pair) in sc_pairs.iter().enumerate() {
+                off = _mm512_dpwssd_epi32(off, *pair, bcast(bs.add(4 * h)));
+            }
+            let total = _mm512_sub_epi32(isum[t], _mm512_slli_epi32::<5>(off));
+            let dx = _mm512_set1_ps(*a.d.get_unchecked(ab));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d, dx), acc[t]);
+        }
+    }
+    for t in 0..N {
+        _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+    }
+}

@@ -330,8 +330,12 @@ fn run_once(a: &BenchArgs, max_concurrency: Option<usize>) -> anyhow::Result<Rep
             let work = workload(a, &tok, vocab, true, reserve)?;
             let target = bench_http::HttpTarget {
                 api: bench_http::Api::parse(&a.backend),
+                // A fresh connection per request: llama-server (cpp-httplib) closes idle
+                // keep-alive connections on its own schedule, and a request sent on one
+                // it just closed fails with "error sending request" (1-3 of 32 at c=16
+                // before). A loopback connect is tens of microseconds, alike for both.
                 client: reqwest::Client::builder()
-                    .pool_max_idle_per_host(1024)
+                    .pool_max_idle_per_host(0)
                     .build()?,
                 base: url
                     .trim_end_matches('/')

@@ -82,6 +82,25 @@ struct Adapt {
     solo_left: u32,
 }
 
+impl Adapt {
+    /// Records one job (seconds the caller worked, then waited for joined workers) and
+    /// says whether to run the next jobs alone. Only the wait beyond half the caller's
+    /// own work counts: a healthy worker finishing its last chunk keeps the caller
+    /// waiting up to one chunk (a quarter of a long prefill GEMM, milliseconds), which
+    /// is not a stall; a preempted worker on a short op keeps it waiting many times
+    /// the op. Counting the raw wait sent every long prefill to one thread.
+    fn record(&mut self, worked: f32, waited: f32) -> bool {
+        let excess = (waited - 0.5 * worked).max(0.0);
+        self.stall = 0.9 * self.stall + 0.1 * excess.min(0.02);
+        if self.stall > STALL_LIMIT_S {
+            self.stall = 0.0;
+            self.solo_left = SOLO_JOBS;
+            return true;
+        }
+        false
+    }
+}
+
 thread_local! {
     static IN_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -179,11 +198,8 @@ impl Pool {
         // A healthy chunk ends within tens of microseconds of the caller's last one;
         // a preempted worker keeps the caller waiting for a time slice (milliseconds).
         let waited = started.elapsed().saturating_sub(worked).as_secs_f32();
-        adapt.stall = 0.9 * adapt.stall + 0.1 * waited.min(0.02);
-        if adapt.stall > STALL_LIMIT_S {
+        if adapt.record(worked.as_secs_f32(), waited) {
             tracing::debug!("CPU pool stalls on preempted workers; running jobs alone for a while");
-            adapt.stall = 0.0;
-            adapt.solo_left = SOLO_JOBS;
         }
         if let Err(p) = result {
             std::panic::resume_unwind(p);
@@ -238,6 +254,22 @@ fn worker(sh: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_jobs_with_uneven_ends_keep_the_workers() {
+        // A 4 ms prefill GEMM whose last chunk ends 1 ms after the caller's.
+        let mut a = Adapt::default();
+        assert!((0..1000).all(|_| !a.record(4e-3, 1e-3)));
+        assert_eq!(a.solo_left, 0);
+    }
+
+    #[test]
+    fn short_jobs_waiting_on_a_preempted_worker_go_solo() {
+        // 30 us decode ops, each kept waiting 3 ms by a worker that lost its core.
+        let mut a = Adapt::default();
+        assert!((0..20).any(|_| a.record(30e-6, 3e-3)));
+        assert_eq!(a.solo_left, SOLO_JOBS);
+    }
 
     #[test]
     fn every_item_runs_once_even_from_many_callers() {

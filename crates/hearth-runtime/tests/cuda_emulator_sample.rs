@@ -232,8 +232,85 @@ fn seeded_draws_agree_over_a_long_run_of_positions() {
     assert!(distinct.len() > 5, "the draw hardly varies: {distinct:?}");
 }
 
+/// Top-p over a vocabulary of 5000 on its two paths: rows whose nucleus is small (the
+/// bisection over the head in shared memory) and a flat one whose candidates are too
+/// many for the head (the bisection over the row). `flat` picks which; 16 positions
+/// each, every token compared with the CPU's.
+fn run_top_p_paths(emu: &Emulator, flat: bool) -> Result<(), String> {
+    let vocab = 5000;
+    let mut rng = StdRng::seed_from_u64(if flat { 31 } else { 37 });
+    let (temperature, top_p) = if flat { (1.0, 0.7) } else { (0.7, 0.9) };
+    let params = SamplingParams {
+        temperature,
+        top_p,
+        seed: Some(77),
+        ..SamplingParams::default()
+    };
+    let positions = 16;
+    let mut logits = Vec::with_capacity(positions * vocab);
+    for _ in 0..positions {
+        logits.extend((0..vocab).map(|_| {
+            if flat {
+                // Nearly flat: 70% of the mass takes about 60% of the tokens, more
+                // than the head holds.
+                rng.random_range(-0.5f32..0.5)
+            } else {
+                // A nucleus of a few hundred tokens out of 5000.
+                rng.random_range(-30.0f32..30.0)
+            }
+        }));
+    }
+    let rows: Vec<RowSampling> = (0..positions as u64)
+        .map(|position| RowSampling {
+            params: &params,
+            seed: 77,
+            position,
+            seen: None,
+            output_counts: None,
+            banned: &[],
+            allowed: None,
+            table: None,
+        })
+        .collect();
+    let want = as_words(&cpu(&logits, vocab, &rows));
+    let got = sample_emulated(&logits, vocab, &rows, emu).map_err(|e| e.to_string())?;
+    let got = unpack(&got, &rows);
+    if got != want {
+        return Err(format!("flat {flat}: kernel {got:?}, CPU {want:?}"));
+    }
+    let distinct: HashSet<u32> = got.iter().map(|g| g.0).collect();
+    assert!(distinct.len() > 8, "the draw hardly varies: {distinct:?}");
+    Ok(())
+}
+
+#[test]
+fn top_p_agrees_over_the_head_and_over_the_whole_row() {
+    for schedule in [Schedule::InOrder, Schedule::Shuffled(0x51ed)] {
+        let emu = Emulator {
+            source: Source::Original,
+            schedule,
+        };
+        for flat in [false, true] {
+            run_top_p_paths(&emu, flat).unwrap_or_else(|e| panic!("{schedule:?}: {e}"));
+        }
+    }
+}
+
 #[test]
 fn broken_copies_of_the_kernel_are_caught() {
+    for (source, flat) in [
+        (Source::SampleHeadMassDoubled, false),
+        (Source::SampleRowBisectionHalfMass, true),
+    ] {
+        let emu = Emulator {
+            source,
+            schedule: Schedule::InOrder,
+        };
+        assert!(
+            run_top_p_paths(&emu, flat).is_err(),
+            "{source:?} passed the comparison"
+        );
+    }
     for source in [Source::SampleNoSyncthreads, Source::SampleGumbelBoundTooLow] {
         let emu = Emulator {
             source,

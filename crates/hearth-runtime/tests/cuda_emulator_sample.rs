@@ -296,6 +296,63 @@ fn top_p_agrees_over_the_head_and_over_the_whole_row() {
     }
 }
 
+/// Replicate's defaults (temperature 0.6, top_p 0.9) over Llama-3's vocabulary of
+/// 128256, with logits shaped like a model's (a broad bell around 0 and a few tokens far
+/// above it): 8 positions, bit-equal to the CPU sampler.
+fn run_llama_vocabulary(emu: &Emulator) -> Result<(), String> {
+    let vocab = 128_256;
+    let mut rng = StdRng::seed_from_u64(41);
+    let params = SamplingParams {
+        temperature: 0.6,
+        top_p: 0.9,
+        seed: Some(5),
+        ..SamplingParams::default()
+    };
+    let positions = 8;
+    let mut logits = Vec::with_capacity(positions * vocab);
+    for _ in 0..positions {
+        let row: Vec<f32> = (0..vocab)
+            .map(|_| (0..4).map(|_| rng.random_range(-2.5f32..2.5)).sum::<f32>())
+            .collect();
+        logits.extend(row);
+        let at = logits.len() - vocab;
+        for _ in 0..30 {
+            let i = rng.random_range(0..vocab);
+            logits[at + i] = rng.random_range(12.0f32..14.0);
+        }
+    }
+    let rows: Vec<RowSampling> = (0..positions as u64)
+        .map(|position| RowSampling {
+            params: &params,
+            seed: 5,
+            position,
+            seen: None,
+            output_counts: None,
+            banned: &[],
+            allowed: None,
+            table: None,
+        })
+        .collect();
+    let want = as_words(&cpu(&logits, vocab, &rows));
+    let got = sample_emulated(&logits, vocab, &rows, emu).map_err(|e| e.to_string())?;
+    let got = unpack(&got, &rows);
+    if got != want {
+        return Err(format!("kernel {got:?}, CPU {want:?}"));
+    }
+    Ok(())
+}
+
+#[test]
+fn replicate_defaults_over_a_llama_vocabulary_take_the_head() {
+    run_llama_vocabulary(&Emulator::default()).unwrap();
+    // The head's sums decide these rows: doubling them changes the tokens.
+    let emu = Emulator {
+        source: Source::SampleHeadMassDoubled,
+        schedule: Schedule::InOrder,
+    };
+    assert!(run_llama_vocabulary(&emu).is_err(), "the head was not used");
+}
+
 #[test]
 fn broken_copies_of_the_kernel_are_caught() {
     for (source, flat) in [

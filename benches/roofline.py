@@ -24,7 +24,10 @@ weights and KV, over step time x peak bandwidth). Two designs:
           is on the critical path only while the GPU's queue runs dry: the step is
           simulated as a host issuing launches and a GPU running them in order
           (`pipelined`); the older, pessimistic reading (every launch's host cost added
-          to its kernel) is kept as `serial` for comparison;
+          to its kernel) is kept as `serial` for comparison. Sampling: one block per
+          row, top-p's bisection over the distribution's head in shared memory
+          (`built-row-bisection`: over the whole row, as before; `built-graphs`: the
+          same launches replayed at ~1 us each, for the reading at the end);
   target  issue 19's design: fused residual+norm, the three projections as GEMV/GEMM
           through cuBLAS, a fused RoPE + reshape-and-cache kernel, split-key
           (flash-decoding) attention with a combine kernel, one packed metadata upload,
@@ -91,25 +94,38 @@ DRAM_LATENCY = 0.7e-6
 H2D_PAGEABLE, H2D_PINNED = 5.0e-6, 2.5e-6
 # The sampling kernel as built (kernels/sample.cu): one 256-thread block per row, every
 # stage a pass over the row's f32 logits or scratch. Bytes per vocabulary entry: load and
-# mask 8, argmax 4, scale and e 12, Gumbel draw 8 (32 for temperature/top-k/min-p); top-p
-# adds its total (8) and a 30-step bisection over e (120): 160. Replicate's defaults
-# (temperature 0.6, top_p 0.9) take the top-p path. A row with a penalty reads its u16
-# row of the device's token table (penalty_table.rs) in the first pass: +2, counted for
-# every row as a bound (its upload no longer grows with the output: none here).
-SAMPLE_BYTES_PER_TOKEN = 160 + 2
+# mask 8, argmax 4, scale and e 12, Gumbel draw 8; top-p adds its total with a histogram
+# of e (8), the exact mass above the head's floor (4) and the head's copy into shared
+# memory (4): 48. Top-p's bisection then sums the head, at most 2048 tokens in shared
+# memory, not the row: 21 steps (the bucket boundary above the head's floor tried first,
+# then 20 halvings of the bucket), each one thread's fixed-order sum of 256 partials and
+# three barriers, SAMPLE_STEP (ASSUMPTION: ~1 us, 256 dependent adds at ~4 cycles and
+# 1.7 GHz plus the barriers). Before the head (the bisection over the row, 30 x 4 bytes
+# per entry) it was 160 bytes per entry; a row whose head passes 2048 tokens (a nearly
+# flat distribution) still takes that path, not modelled here (a trained model's top_p
+# 0.9 nucleus is tens to hundreds of tokens). Replicate's defaults (temperature 0.6,
+# top_p 0.9) take the top-p path. A row with a penalty reads its u16 row of the device's
+# token table (penalty_table.rs) in the first pass: +2, counted for every row as a bound.
+SAMPLE_BYTES_PER_TOKEN = 48 + 2
+SAMPLE_BYTES_PER_TOKEN_ROW_BISECTION = 160 + 2
+SAMPLE_BISECT_STEPS, SAMPLE_STEP = 21, 1.0e-6
 # ASSUMPTION: one block streams its row from L2 at ~100 GB/s (an SM's L2 bandwidth,
 # ~64 B/clk at ~1.7 GHz); the scratch (12 bytes per entry) stays in L2 (50 MB) up to ~32
 # rows, past that the passes go to HBM.
 SAMPLE_BLOCK_BW, L2_BYTES = 100e9, 50e6
 
 
-def sampling_kernel(b, gap, gpu):
-    """The sampling kernel plus its one upload and one small copy back."""
-    per_row = VOCAB * SAMPLE_BYTES_PER_TOKEN
-    t = math.ceil(b / gpu["sms"]) * per_row / SAMPLE_BLOCK_BW
+def sampling_kernel(b, gap, gpu, head=True):
+    """The sampling kernel plus its one upload and one small copy back; `head=False`:
+    top-p's bisection over the whole row, as before the head."""
+    per_row = VOCAB * (SAMPLE_BYTES_PER_TOKEN if head else SAMPLE_BYTES_PER_TOKEN_ROW_BISECTION)
+    bisect = SAMPLE_BISECT_STEPS * SAMPLE_STEP if head else 0.0
+    t = math.ceil(b / gpu["sms"]) * (per_row / SAMPLE_BLOCK_BW + bisect)
     if b * VOCAB * 12 > L2_BYTES:
-        t = max(t, b * per_row / (BW_EFF * gpu["bw"]))
-    k = kernel("sampling kernel (top-p) + ids to host", b * VOCAB * 4, 0, gap, gpu=gpu,
+        t = max(t, b * per_row / (BW_EFF * gpu["bw"]) + bisect)
+    name = "sampling kernel (top-p over the head) + ids to host" if head else \
+        "sampling kernel (top-p) + ids to host"
+    k = kernel(name, b * VOCAB * 4, 0, gap, gpu=gpu,
                floor=KERNEL_FLOOR + 2 * H2D_PINNED, count=2)
     k["time"] = max(k["time"], 2 * gap + 2 * H2D_PINNED + t)
     k["run"] = k["time"] - 2 * gap  # on the GPU: the kernel and the two copies
@@ -170,7 +186,7 @@ def attention_kernels(b, ctx, gap, gpu):
     return [k]
 
 
-def built_step(b, ctx, gpu):
+def built_step(b, ctx, gpu, head=True):
     """Kernels of one decode step as the built CUDA path launches them (eager), in the
     order one layer runs them; `count` a multiple of LAYERS marks a per-layer kernel."""
     gap = GAP_EAGER
@@ -211,7 +227,7 @@ def built_step(b, ctx, gpu):
         ]
     ks += [
         kernel("logits to f32", b * VOCAB * (BF16 + 4), 0, gap, gpu=gpu),
-        sampling_kernel(b, gap, gpu),
+        sampling_kernel(b, gap, gpu, head=head),
     ]
     per_layer = sum(k["count"] for k in ks if k["count"] % L == 0 and k["count"] >= L) // L
     assert per_layer == built_launches_per_layer(b), (per_layer, b)
@@ -256,6 +272,10 @@ def step(design, b, ctx, gpu):
         return pipelined(built_step(b, ctx, gpu))
     if design == "built-serial":
         return built_step(b, ctx, gpu)
+    if design == "built-row-bisection":  # the built path before top-p's head
+        return pipelined(built_step(b, ctx, gpu, head=False))
+    if design == "built-graphs":  # the built path replayed as a CUDA graph: ~1 us per launch
+        return pipelined(built_step(b, ctx, gpu), host=GAP_GRAPH)
     graph = design == "target"
     gap = GAP_GRAPH if graph else GAP_EAGER
     act = b * HIDDEN * BF16
@@ -405,17 +425,38 @@ def main():
       f"besides the layers), before the GEMV {LAYERS * 10 + 5} and before the fused add + RMSNorm and SiLU*mul "
       f"kernels {LAYERS * 13 + 5}.", file=out)
     p("", file=out)
-    b1 = {name: step(name, 1, 2048, GPUS["H100 SXM"]) for name in ("built", "built-serial")}
+    designs = ("built", "built-serial", "built-row-bisection", "built-graphs")
+    b1 = {name: step(name, 1, 2048, GPUS["H100 SXM"]) for name in designs}
     by = sum(k["bytes"] for k in b1["built"])
-    frac = {n: by / (sum(k["time"] for k in ks) * GPUS["H100 SXM"]["bw"]) for n, ks in b1.items()}
+    ms = {n: sum(k["time"] for k in ks) for n, ks in b1.items()}
+    frac = {n: by / (t * GPUS["H100 SXM"]["bw"]) for n, t in ms.items()}
+    sample = {n: next(k["time"] for k in ks if k["name"].startswith("sampling"))
+              for n, ks in b1.items()}
     p("Reading it: at batch 1 the step is the weights' 16 GB plus what the small kernels, launches and floors "
       "add. Issue 19's goal is batch-1 decode at 2k context at or above 80% of HBM bandwidth from the design; the "
-      f"built design's estimate on H100 is {100 * frac['built']:.0f}% ({100 * frac['built-serial']:.0f}% with every "
-      f"launch's host cost serialised): not reached. The weights are 98% of the bytes and stream through the GEMV at "
-      f"the cited {100 * GEMV_BW_EFF:.0f}% of peak, so the GEMV's own efficiency is the ceiling: 80% overall would "
-      f"need it at {100 * gemv_eff_needed(0.80):.0f}% with the rest as modelled (sampling, attention and RoPE + cache "
-      "are the next ~0.45 ms), which only a GPU run can settle; the launch count is no longer what stands in the "
-      "way.", file=out)
+      f"built design's estimate on H100 is {100 * frac['built']:.1f}% ({100 * frac['built-serial']:.1f}% with every "
+      f"launch's host cost serialised): not reached. Top-p's bisection over the head in shared memory (instead of "
+      f"30 passes over the 128k-entry row) takes the sampling kernel from {sample['built-row-bisection'] * 1e6:.0f} "
+      f"to {sample['built'] * 1e6:.0f} us and the step from {ms['built-row-bisection'] * 1e3:.2f} to "
+      f"{ms['built'] * 1e3:.2f} ms ({100 * frac['built-row-bisection']:.1f}% before). The weights are 98% of the "
+      f"bytes and stream through the GEMV at the cited {100 * GEMV_BW_EFF:.0f}% of peak, so the GEMV's own "
+      f"efficiency is the ceiling: the GEMVs alone take {gemv_ms(b1['built']):.2f} ms, and 80% overall is "
+      f"{by / (0.8 * GPUS['H100 SXM']['bw']) * 1e3:.2f} ms; it would need the GEMV at "
+      f"{100 * gemv_eff_needed(0.80):.0f}% with the rest as modelled, which only a GPU run can settle.", file=out)
+    p("", file=out)
+    p(f"CUDA graphs, left: replaying the step with ~1 us per launch instead of the host's 5 us would make it "
+      f"{ms['built-graphs'] * 1e3:.2f} ms ({100 * frac['built-graphs']:.1f}%), {(ms['built'] - ms['built-graphs']) * 1e6:.0f} us "
+      "less: at batch 1 the GEMVs (13-90 us each) are longer than a launch, so the host stays ahead of the GPU "
+      "and only the short kernels between them (RoPE + cache, attention) wait on it. They are left because "
+      "nothing here can show them right: a graph replays fixed device addresses, and candle allocates every op's "
+      "output afresh (the step's buffers would have to be made static first), and capture rules (no "
+      "synchronising call, no pageable copy inside the capture) are checked only by the driver; the emulator runs "
+      "kernels, not streams.", file=out)
+
+
+def gemv_ms(ks):
+    """Milliseconds the GEMV kernels add to a step."""
+    return sum(k["time"] for k in ks if "GEMV" in k["name"]) * 1e3
 
 
 def gemv_eff_needed(goal, b=1, ctx=2048, gpu=GPUS["H100 SXM"]):

@@ -52,6 +52,18 @@ const MUTANTS: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "sample",
+        "head_mass_doubled",
+        "q = __fadd_rn(q, ei);",
+        "q = __fadd_rn(q, 2.0f * ei);",
+    ),
+    (
+        "sample",
+        "row_bisection_half_mass",
+        "row_part = __fadd_rn(row_part, ei);",
+        "row_part = __fadd_rn(row_part, 0.5f * ei);",
+    ),
+    (
+        "sample",
         "table_not_updated",
         "trow[token] = (unsigned short)w;",
         "(void)w;",

@@ -7,9 +7,10 @@
 // and this kernel give the same token for the same logits and seed: Philox4x32-10
 // keyed by the seed, counted by (token, position); Gumbel-max (an argmax, lowest id on
 // ties); the one sum (top-p's mass) added per thread in index order and then thread by
-// thread in order; exp and ln as our own polynomials of __fadd_rn-style operations (never
-// fused into FMAs, whatever --use_fast_math says); anything that could be subnormal
-// flushed, so flush-to-zero changes nothing.
+// thread in order (the bisection over the distribution's head when it is small enough:
+// s_top_p_floor); exp and ln as our own polynomials of __fadd_rn-style operations
+// (never fused into FMAs, whatever --use_fast_math says); anything that could be
+// subnormal flushed, so flush-to-zero changes nothing.
 //
 // Per row, `meta` holds SAMPLE_ROW_WORDS words (src/sample_kernel.rs packs them):
 //   0 flags (1 greedy, 2 mask, 4 top-p, 8 log-probs)   1 temperature   2 top_k
@@ -194,12 +195,147 @@ __device__ __forceinline__ unsigned s_key(float x) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// Top-p's floor: the largest bit pattern b such that the kept tokens with e >= b hold
+// at least top_p of their mass, every mass a fixed-order sum (s_block_sum over each
+// thread's tokens in index order). The answer does not depend on where the bisection
+// starts, only that the mass there reaches the target (the sums only grow as the floor
+// falls), so most of it runs on the head of the distribution in shared memory:
+//   1. with the total, a histogram of e by its top bits (8 steps per octave, down to
+//      2^-31) holds each bucket's count and approximate mass;
+//   2. thread 0 walks it from the top to the first bucket boundary whose mass passes
+//      the target with room, if at most HEAD_CAP tokens lie above it;
+//   3. one pass checks that boundary's exact mass, another copies the tokens above it
+//      into `head`, each thread's own in index order, contiguously;
+//   4. the bisection sums the head alone: no pass over the row per step, and its first
+//      step tries the boundary above, which the floor is almost always under.
+// When the head is too large or its exact mass falls short: the bisection over the row.
+#define HEAD_CAP 2048
+#define HEAD_BUCKETS 256u
+#define HEAD_BASE 768u  // e's bits >> 20 at 2^-31: exponent 96, 8 buckets per octave
+#define HEAD_BUCKET_WIDTH (1u << 20)
+__device__ unsigned s_top_p_floor(const float* a, float* e, unsigned n, unsigned floor_key,
+                                  const unsigned* h, float* red_f, unsigned* hist, float* head_m,
+                                  unsigned* lane_n, unsigned* lane_at, float* head,
+                                  unsigned* head_floor) {
+    const unsigned tid = threadIdx.x;
+    hist[tid] = 0;
+    head_m[tid] = 0.0f;
+    __syncthreads();
+    float part = 0.0f;
+    for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+        float s = a[i];
+        if (s_finite(s) && s_key(s) >= floor_key) {
+            float ei = e[i];
+            part = __fadd_rn(part, ei);
+            unsigned key = __float_as_uint(ei) / HEAD_BUCKET_WIDTH;
+            if (key >= HEAD_BASE) {
+                atomicAdd(&hist[key - HEAD_BASE], 1u);
+                atomicAdd(&head_m[key - HEAD_BASE], ei);
+            }
+        } else {
+            e[i] = 0.0f;
+        }
+    }
+    const float total = s_block_sum(part, red_f);
+    const float target = s_flush(__fmul_rn(__uint_as_float(h[3]), total));
+    if (tid == 0) {
+        // The approximate masses only choose where to look; the exact sum decides.
+        const float want = target * 1.001f;
+        float m = 0.0f;
+        unsigned count = 0, at = 0;
+        for (int b = (int)HEAD_BUCKETS - 1; b >= 0; --b) {
+            count += hist[b];
+            m += head_m[b];
+            if (count > HEAD_CAP) break;
+            if (m >= want) {
+                at = ((unsigned)b + HEAD_BASE) * HEAD_BUCKET_WIDTH;
+                break;
+            }
+        }
+        head_floor[0] = at;
+    }
+    __syncthreads();
+    unsigned lo = 0;
+    const unsigned hf = head_floor[0];
+    if (hf != 0) {
+        float p = 0.0f;
+        unsigned c = 0;
+        for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+            float ei = e[i];
+            if (__float_as_uint(ei) >= hf) {
+                p = __fadd_rn(p, ei);
+                c += 1;
+            }
+        }
+        lane_n[tid] = c;
+        const float head_mass = s_block_sum(p, red_f);
+        if (tid == 0) {
+            unsigned acc = 0;
+            for (int t = 0; t < SAMPLE_THREADS; ++t) {
+                lane_at[t] = acc;
+                acc += lane_n[t];
+            }
+        }
+        __syncthreads();
+        if (head_mass >= target) {
+            float* mine = head + lane_at[tid];
+            unsigned j = 0;
+            for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+                float ei = e[i];
+                if (__float_as_uint(ei) >= hf) mine[j++] = ei;
+            }
+            __syncthreads();
+            const unsigned len = lane_n[tid];
+            unsigned hi = 0x3f800001u;
+            lo = hf;
+            // The walk stopped below the next bucket boundary, so the floor is most
+            // likely under it: tried first, it leaves 20 steps instead of 30.
+            unsigned mid = hf + HEAD_BUCKET_WIDTH;
+            while (hi - lo > 1) {
+                if (mid <= lo || mid >= hi) mid = lo + (hi - lo) / 2;
+                float q = 0.0f;
+                for (unsigned j2 = 0; j2 < len; ++j2) {
+                    float ei = mine[j2];
+                    if (__float_as_uint(ei) >= mid) q = __fadd_rn(q, ei);
+                }
+                if (s_block_sum(q, red_f) >= target) {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+                mid = lo + (hi - lo) / 2;
+            }
+            return lo;
+        }
+    }
+    unsigned hi = 0x3f800001u;
+    while (hi - lo > 1) {
+        unsigned mid = lo + (hi - lo) / 2;
+        float row_part = 0.0f;
+        for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
+            float ei = e[i];
+            if (__float_as_uint(ei) >= mid) row_part = __fadd_rn(row_part, ei);
+        }
+        if (s_block_sum(row_part, red_f) >= target) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     hearth_sample(const float* logits, const unsigned* meta, unsigned short* table, float* scratch,
                   unsigned* out, int vocab, int out_width) {
     __shared__ float red_f[SAMPLE_THREADS];
     __shared__ unsigned red_u[SAMPLE_THREADS];
     __shared__ unsigned hist[256];
+    __shared__ float head_m[256];
+    __shared__ unsigned lane_n[SAMPLE_THREADS];
+    __shared__ unsigned lane_at[SAMPLE_THREADS];
+    __shared__ float head[HEAD_CAP];
+    __shared__ unsigned head_floor[1];
     const unsigned row = blockIdx.x;
     const unsigned tid = threadIdx.x;
     const unsigned n = (unsigned)vocab;
@@ -305,39 +441,12 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
             }
             floor_key = prefix;
         }
-        // Top-p: bisection over e's bits for the largest floor whose mass reaches the
-        // target; each mass summed in the fixed order. Tokens top-k dropped get e = 0
-        // first, so that the passes read e alone (a zero changes no sum, and no floor
-        // the bisection tries is 0).
+        // Top-p: the largest floor (as e's bits) whose mass reaches the target, each
+        // mass summed in the fixed order. Tokens top-k dropped get e = 0 first, so that
+        // the passes read e alone (a zero changes no sum, and no floor tried is 0).
         unsigned floor_bits = 0;
-        if (flags & FLAG_TOP_P) {
-            float part = 0.0f;
-            for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
-                float s = a[i];
-                if (s_finite(s) && s_key(s) >= floor_key) {
-                    part = __fadd_rn(part, e[i]);
-                } else {
-                    e[i] = 0.0f;
-                }
-            }
-            const float total = s_block_sum(part, red_f);
-            const float target = s_flush(__fmul_rn(__uint_as_float(h[3]), total));
-            unsigned lo = 0, hi = 0x3f800001u;
-            while (hi - lo > 1) {
-                unsigned mid = lo + (hi - lo) / 2;
-                float p = 0.0f;
-                for (unsigned i = tid; i < n; i += SAMPLE_THREADS) {
-                    float ei = e[i];
-                    if (__float_as_uint(ei) >= mid) p = __fadd_rn(p, ei);
-                }
-                if (s_block_sum(p, red_f) >= target) {
-                    lo = mid;
-                } else {
-                    hi = mid;
-                }
-            }
-            floor_bits = lo;
-        }
+        if (flags & FLAG_TOP_P) floor_bits = s_top_p_floor(a, e, n, floor_key, h, red_f, hist, head_m,
+                                                           lane_n, lane_at, head, head_floor);
         const unsigned min_p_bits = h[4];
         if (min_p_bits > floor_bits) floor_bits = min_p_bits;
         // The Gumbel-max draw over what is left.

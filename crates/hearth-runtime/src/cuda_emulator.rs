@@ -35,6 +35,10 @@ pub enum Source {
     SampleGumbelBoundTooLow,
     /// The sampling kernel leaving the penalty table as it found it (no count added).
     SampleTableNotUpdated,
+    /// Top-p's bisection over the head counting its mass twice.
+    SampleHeadMassDoubled,
+    /// Top-p's bisection over the whole row (a head too large) counting half the mass.
+    SampleRowBisectionHalfMass,
     /// The fused layer ops (kernels/layer_ops.cu) with every `__syncthreads()` removed.
     LayerOpsNoSyncthreads,
     /// SiLU·mul reading `up` one column early (the gate/up split off by one).
@@ -116,6 +120,8 @@ extern "C" {
     fn hearth_emu_kernels_sample_no_syncthreads(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_sample_gumbel_bound_too_low(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_sample_table_not_updated(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_sample_head_mass_doubled(i: usize) -> *const KernelEntry;
+    fn hearth_emu_kernels_sample_row_bisection_half_mass(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_selftest_original(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_layer_ops_original(i: usize) -> *const KernelEntry;
     fn hearth_emu_kernels_layer_ops_no_syncthreads(i: usize) -> *const KernelEntry;
@@ -148,6 +154,8 @@ fn tables(source: Source) -> &'static [Table] {
         Source::SampleNoSyncthreads => &[hearth_emu_kernels_sample_no_syncthreads],
         Source::SampleGumbelBoundTooLow => &[hearth_emu_kernels_sample_gumbel_bound_too_low],
         Source::SampleTableNotUpdated => &[hearth_emu_kernels_sample_table_not_updated],
+        Source::SampleHeadMassDoubled => &[hearth_emu_kernels_sample_head_mass_doubled],
+        Source::SampleRowBisectionHalfMass => &[hearth_emu_kernels_sample_row_bisection_half_mass],
         Source::LayerOpsNoSyncthreads => &[hearth_emu_kernels_layer_ops_no_syncthreads],
         Source::LayerOpsUpOffByOne => &[hearth_emu_kernels_layer_ops_up_off_by_one],
         Source::GemvNoSyncthreads => &[hearth_emu_kernels_gemv_no_syncthreads],

@@ -232,8 +232,142 @@ fn seeded_draws_agree_over_a_long_run_of_positions() {
     assert!(distinct.len() > 5, "the draw hardly varies: {distinct:?}");
 }
 
+/// Top-p over a vocabulary of 5000 on its two paths: rows whose nucleus is small (the
+/// bisection over the head in shared memory) and a flat one whose candidates are too
+/// many for the head (the bisection over the row). `flat` picks which; 16 positions
+/// each, every token compared with the CPU's.
+fn run_top_p_paths(emu: &Emulator, flat: bool) -> Result<(), String> {
+    let vocab = 5000;
+    let mut rng = StdRng::seed_from_u64(if flat { 31 } else { 37 });
+    let (temperature, top_p) = if flat { (1.0, 0.7) } else { (0.7, 0.9) };
+    let params = SamplingParams {
+        temperature,
+        top_p,
+        seed: Some(77),
+        ..SamplingParams::default()
+    };
+    let positions = 16;
+    let mut logits = Vec::with_capacity(positions * vocab);
+    for _ in 0..positions {
+        logits.extend((0..vocab).map(|_| {
+            if flat {
+                // Nearly flat: 70% of the mass takes about 60% of the tokens, more
+                // than the head holds.
+                rng.random_range(-0.5f32..0.5)
+            } else {
+                // A nucleus of a few hundred tokens out of 5000.
+                rng.random_range(-30.0f32..30.0)
+            }
+        }));
+    }
+    let rows: Vec<RowSampling> = (0..positions as u64)
+        .map(|position| RowSampling {
+            params: &params,
+            seed: 77,
+            position,
+            seen: None,
+            output_counts: None,
+            banned: &[],
+            allowed: None,
+            table: None,
+        })
+        .collect();
+    let want = as_words(&cpu(&logits, vocab, &rows));
+    let got = sample_emulated(&logits, vocab, &rows, emu).map_err(|e| e.to_string())?;
+    let got = unpack(&got, &rows);
+    if got != want {
+        return Err(format!("flat {flat}: kernel {got:?}, CPU {want:?}"));
+    }
+    let distinct: HashSet<u32> = got.iter().map(|g| g.0).collect();
+    assert!(distinct.len() > 8, "the draw hardly varies: {distinct:?}");
+    Ok(())
+}
+
+#[test]
+fn top_p_agrees_over_the_head_and_over_the_whole_row() {
+    for schedule in [Schedule::InOrder, Schedule::Shuffled(0x51ed)] {
+        let emu = Emulator {
+            source: Source::Original,
+            schedule,
+        };
+        for flat in [false, true] {
+            run_top_p_paths(&emu, flat).unwrap_or_else(|e| panic!("{schedule:?}: {e}"));
+        }
+    }
+}
+
+/// Replicate's defaults (temperature 0.6, top_p 0.9) over Llama-3's vocabulary of
+/// 128256, with logits shaped like a model's (a broad bell around 0 and a few tokens far
+/// above it): 8 positions, bit-equal to the CPU sampler.
+fn run_llama_vocabulary(emu: &Emulator) -> Result<(), String> {
+    let vocab = 128_256;
+    let mut rng = StdRng::seed_from_u64(41);
+    let params = SamplingParams {
+        temperature: 0.6,
+        top_p: 0.9,
+        seed: Some(5),
+        ..SamplingParams::default()
+    };
+    let positions = 8;
+    let mut logits = Vec::with_capacity(positions * vocab);
+    for _ in 0..positions {
+        let row: Vec<f32> = (0..vocab)
+            .map(|_| (0..4).map(|_| rng.random_range(-2.5f32..2.5)).sum::<f32>())
+            .collect();
+        logits.extend(row);
+        let at = logits.len() - vocab;
+        for _ in 0..30 {
+            let i = rng.random_range(0..vocab);
+            logits[at + i] = rng.random_range(12.0f32..14.0);
+        }
+    }
+    let rows: Vec<RowSampling> = (0..positions as u64)
+        .map(|position| RowSampling {
+            params: &params,
+            seed: 5,
+            position,
+            seen: None,
+            output_counts: None,
+            banned: &[],
+            allowed: None,
+            table: None,
+        })
+        .collect();
+    let want = as_words(&cpu(&logits, vocab, &rows));
+    let got = sample_emulated(&logits, vocab, &rows, emu).map_err(|e| e.to_string())?;
+    let got = unpack(&got, &rows);
+    if got != want {
+        return Err(format!("kernel {got:?}, CPU {want:?}"));
+    }
+    Ok(())
+}
+
+#[test]
+fn replicate_defaults_over_a_llama_vocabulary_take_the_head() {
+    run_llama_vocabulary(&Emulator::default()).unwrap();
+    // The head's sums decide these rows: doubling them changes the tokens.
+    let emu = Emulator {
+        source: Source::SampleHeadMassDoubled,
+        schedule: Schedule::InOrder,
+    };
+    assert!(run_llama_vocabulary(&emu).is_err(), "the head was not used");
+}
+
 #[test]
 fn broken_copies_of_the_kernel_are_caught() {
+    for (source, flat) in [
+        (Source::SampleHeadMassDoubled, false),
+        (Source::SampleRowBisectionHalfMass, true),
+    ] {
+        let emu = Emulator {
+            source,
+            schedule: Schedule::InOrder,
+        };
+        assert!(
+            run_top_p_paths(&emu, flat).is_err(),
+            "{source:?} passed the comparison"
+        );
+    }
     for source in [Source::SampleNoSyncthreads, Source::SampleGumbelBoundTooLow] {
         let emu = Emulator {
             source,

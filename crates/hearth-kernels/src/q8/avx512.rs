@@ -298,37 +298,6 @@ unsafe fn tile_32<const T: usize, const N: usize>(
     }
 }
 
-/// The K-quants' integer block sums per activation row `t` and four-value group `c`: over
-/// the eight 32-value groups `j` of the block (`wq[8j + c]`, the activations at
-/// `x + t·k + 32j + 4c`), Σ scale·(the four products), as the row kernels take them:
-/// `vpmaddubsw` pairs, each pair times the scale (`vpdpwssd` with the scale in both 16-bit
-/// halves; `sc[j]`, or Q6_K's `sc[2j + c/4]`, one per 16 values). Two groups at a time
-/// for every activation row, so a weight register serves all `N` rows and the 2·`N`
-/// sums stay in registers.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_group_sums<const N: usize, const Q6: bool>(
-    wq: &[__m512i; 64],
-    sc: &[__m512i; 16],
-    x: *const i8,
-    k: usize,
-) -> [[__m512i; 8]; N] {
-    let mut isum = [[_mm512_setzero_si512(); 8]; N];
-    for pair in 0..4 {
-        for j in 0..8 {
-            for c in 2 * pair..2 * pair + 2 {
-                let w = wq[8 * j + c];
-                let s = if Q6 { sc[2 * j + c / 4] } else { sc[j] };
-                for t in 0..N {
-                    let p = _mm512_maddubs_epi16(w, bcast(x.add(t * k + 32 * j + 4 * c)));
-                    isum[t][c] = _mm512_dpwssd_epi32(isum[t][c], p, s);
-                }
-            }
-        }
-    }
-    isum
-}
-
 /// Q4_K and Q5_K (`FIVE`): eight sub-blocks of 32 with 6-bit scales and mins.
 ///
 /// Float order, as the row kernel (`avx2::tile_q45k`, llama.cpp's AVX2 `vec_dot`): per
@@ -381,7 +350,7 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
             _mm512_and_si512(_mm512_srli_epi32::<2>(s1), bits45),
         );
         // Scales and mins in both 16-bit halves of each lane (`vpdpwssd`'s other operand).
-        let mut sc = [_mm512_setzero_si512(); 16];
+        let mut sc = [_mm512_setzero_si512(); 8];
         let mut mn = [_mm512_setzero_si512(); 8];
         for j in 0..4 {
             sc[j] = _mm512_shuffle_epi8(sc_lo, dup[j]);
@@ -414,8 +383,15 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
                 wq[16 * p + 8 + c] = hi;
             }
         }
-        let isums = k_group_sums::<N, false>(&wq, &sc, xq.add(t0 * k + i * 256), k);
-        for (t, isum) in isums.iter().enumerate() {
+        for t in 0..N {
+            let x = xq.add((t0 + t) * k + i * 256);
+            let mut isum = [_mm512_setzero_si512(); 8];
+            for j in 0..8 {
+                for c in 0..8 {
+                    let p = _mm512_maddubs_epi16(wq[8 * j + c], bcast(x.add(32 * j + 4 * c)));
+                    isum[c] = _mm512_dpwssd_epi32(isum[c], p, sc[j]);
+                }
+            }
             let ab = (t0 + t) * nb + i;
             // Σ mins·(sum of 32 x), the two 16-value sums of a sub-block in one dword.
             let bs = a.bsums.as_ptr().add(ab * 16) as *const i8;
@@ -503,8 +479,15 @@ unsafe fn tile_q6k<const N: usize>(
                 );
             }
         }
-        let mut isums = k_group_sums::<N, true>(&wq, &sc, xq.add(t0 * k + i * 256), k);
-        for (t, isum) in isums.iter_mut().enumerate() {
+        for t in 0..N {
+            let x = xq.add((t0 + t) * k + i * 256);
+            let mut isum = [_mm512_setzero_si512(); 8];
+            for j in 0..8 {
+                for c in 0..8 {
+                    let p = _mm512_maddubs_epi16(wq[8 * j + c], bcast(x.add(32 * j + 4 * c)));
+                    isum[c] = _mm512_dpwssd_epi32(isum[c], p, sc[2 * j + c / 4]);
+                }
+            }
             let ab = (t0 + t) * nb + i;
             // The weights are stored +32: subtract 32·Σ scale·(sum of its 16 x).
             let bs = a.bsums.as_ptr().add(ab * 16) as *const i8;

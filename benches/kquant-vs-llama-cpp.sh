@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct Q4_K_M (llama-quantize's: Q5_0 for the 576-wide rows, Q4_K, Q6_K,
-# Q8_0) on ONE thread: hearth built from this tree (NEW, with the AVX-512 q8 tiles:
-# HEARTH_Q8_TILES=1), another hearth binary (OLD, e.g.
+# Q8_0) on ONE thread: hearth built from this tree (NEW), another hearth binary (OLD, e.g.
 # main's, before a kernel change) and llama.cpp's llama-server on the same file, alternated
 # round by round in one run, so a loaded machine slows all three alike. hearth runs
 # offline (`hearth bench --offline`, the engine in-process); llama-server through its
@@ -10,8 +9,6 @@
 # contender and the ratios, with the load average. Not run in CI.
 #
 #   OLD=/path/to/old/hearth ROUNDS=3 bash benches/kquant-vs-llama-cpp.sh
-# NEW runs with HEARTH_Q8_TILES=1 (the K-quant tiles, opt-in; the blocks of 32 are tiled
-# by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 new=${NEW:-target/release/hearth}
@@ -33,7 +30,7 @@ for _ in $(seq 600); do curl -sf "http://127.0.0.1:$lport/health" >/dev/null 2>&
 run() { # who concurrency prompts seed
   local args=(--num-prompts "$3" --max-concurrency "$2" --input-len "$in" --output-len "$out" --seed "$4" --json)
   case "$1" in
-    new) HEARTH_Q8_TILES=1 "$new" bench --offline --model "$gguf" --kv-cache-memory 512MiB "${args[@]}" ;;
+    new) "$new" bench --offline --model "$gguf" --kv-cache-memory 512MiB "${args[@]}" ;;
     old) "$old" bench --offline --model "$gguf" --kv-cache-memory 512MiB "${args[@]}" ;;
     llama) "$new" bench --url "http://127.0.0.1:$lport" --backend llama-cpp --model smollm2 \
       --tokenizer "$gguf" "${args[@]}" ;;

@@ -10,7 +10,9 @@
 //! quantizing the activations.
 //!
 //!   cargo build --release --workspace --examples
-//!   RAYON_NUM_THREADS=1 ./target/release/examples/q8_ratio [ROUNDS]
+//!   RAYON_NUM_THREADS=1 ./target/release/examples/q8_ratio [ROUNDS] [TYPES]
+//!
+//! TYPES: a comma-separated subset by candle's names (e.g. `Q4K,Q5K,Q6K`); all by default.
 
 use std::time::Instant;
 
@@ -39,6 +41,11 @@ fn main() -> candle_core::Result<()> {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(15);
+    let only: Option<Vec<String>> = std::env::args().nth(2).map(|a| {
+        a.split(',')
+            .map(|t| t.trim().to_ascii_uppercase())
+            .collect()
+    });
     let dev = Device::Cpu;
     let one = |n: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)| work(0..n);
     println!("detected: {:?}; best of {rounds} rounds", Isa::detected());
@@ -64,6 +71,13 @@ fn main() -> candle_core::Result<()> {
         GgmlDType::Q6K,
     ];
     for dtype in types {
+        let name = format!("{dtype:?}");
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.contains(&name.to_ascii_uppercase()))
+        {
+            continue;
+        }
         let wt = WeightType::from_ggml(dtype).expect("a q8 type");
         for &(n, k) in &shapes {
             // The output layer only in the types SmolLM2's files store it in.
@@ -94,7 +108,7 @@ fn main() -> candle_core::Result<()> {
                 let blocks = (n * k / wt.block() * m) as f64;
                 println!(
                     "{:<5} {n:>5} {k:>5} {m:>3} | {a:>9.1} {b:>9.1} {c:>9.1} | {:>7.2}× {:>8.2}× | {:>8.2}",
-                    format!("{dtype:?}"),
+                    name,
                     b / a,
                     c / a,
                     a * 1e3 / blocks

@@ -12,6 +12,13 @@
 //! Weights enter `vpdpbusd` as unsigned bytes: the signed types' offsets (Q4_0's 8, Q5_0's
 //! 16, Q8_0's 128 after flipping the sign bit, Q6_K's 32) come back as `offset·Σx` from the
 //! activations' block sums, so every integer sum is exact and equal to `reference`'s.
+//!
+//! The float sums keep the row kernels' order (llama.cpp's AVX2 one): eight per row, one
+//! per four-value group of every 32 values, added at the end in `hsum`'s order, so a tile's
+//! result equals the row kernel's to the bit and greedy output keeps llama.cpp's agreement.
+//! That costs the K-quants one `vpdpwssd` per group and sub-block to apply the sub-block's
+//! scale (after `vpmaddubsw`, as the row kernel), where one `vpmulld` per sub-block would
+//! do for a single sum per row.
 
 use std::arch::x86_64::*;
 
@@ -123,6 +130,17 @@ unsafe fn f16_lanes(v: __m512i) -> __m512 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn bcast(p: *const i8) -> __m512i {
     _mm512_set1_epi32((p as *const i32).read_unaligned())
+}
+
+/// A row's eight group sums (lane `c` of the row kernels' 256-bit accumulator: values
+/// `4c..4c + 4` of every 32) added in `hsum`'s order, ((0 + 4) + (2 + 6)) + ((1 + 5) +
+/// (3 + 7)), so the tile's result equals the row kernel's (and llama.cpp's AVX2) to the bit.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn group_sums_in_hsum_order(v: &[__m512; 8]) -> __m512 {
+    let even = _mm512_add_ps(_mm512_add_ps(v[0], v[4]), _mm512_add_ps(v[2], v[6]));
+    let odd = _mm512_add_ps(_mm512_add_ps(v[1], v[5]), _mm512_add_ps(v[3], v[7]));
+    _mm512_add_ps(even, odd)
 }
 
 /// Sixteen weight rows (`rp[r]` is row `r`'s first block; rows may repeat) against
@@ -275,16 +293,19 @@ unsafe fn tile_32<const T: usize, const N: usize>(
         }
     }
     for t in 0..N {
-        // hsum's order: ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)), then the offsets.
-        let v = &acc[t];
-        let even = _mm512_add_ps(_mm512_add_ps(v[0], v[4]), _mm512_add_ps(v[2], v[6]));
-        let odd = _mm512_add_ps(_mm512_add_ps(v[1], v[5]), _mm512_add_ps(v[3], v[7]));
-        let sum = _mm512_add_ps(_mm512_add_ps(even, odd), offs[t]);
+        let sum = _mm512_add_ps(group_sums_in_hsum_order(&acc[t]), offs[t]);
         _mm512_storeu_ps(out[t].as_mut_ptr(), sum);
     }
 }
 
 /// Q4_K and Q5_K (`FIVE`): eight sub-blocks of 32 with 6-bit scales and mins.
+///
+/// Float order, as the row kernel (`avx2::tile_q45k`, llama.cpp's AVX2 `vec_dot`): per
+/// row eight sums, one per four-value group `c` (`wq[8j + c]` for every sub-block `j`),
+/// each taking `d·dx·(its integer block sum)` by FMA per block; the mins' `dmin·dx·Σ`
+/// subtracted from a ninth sum per block; at the end the eight in `hsum`'s order, then the
+/// ninth. The group sums come from `vpmaddubsw` + `vpdpwssd` (scale in both 16-bit halves)
+/// as the row kernel's `vpmaddubsw` + `vpmaddwd`: the same 16-bit pairs, the same integers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
     rp: &[*const u8; ROWS],
@@ -298,13 +319,7 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
     let low6 = _mm512_set1_epi8(0x3F);
     let bits45 = _mm512_set1_epi8(0x30);
     let sixteen = _mm512_set1_epi8(16);
-    // Byte j of each dword zero-extended to 32 bits; to both 16-bit halves.
-    let zext: [__m512i; 4] = [
-        within_dwords([0, -1, -1, -1]),
-        within_dwords([1, -1, -1, -1]),
-        within_dwords([2, -1, -1, -1]),
-        within_dwords([3, -1, -1, -1]),
-    ];
+    // Byte j of each dword to both 16-bit halves, zero-extended.
     let dup: [__m512i; 4] = [
         within_dwords([0, -1, 0, -1]),
         within_dwords([1, -1, 1, -1]),
@@ -312,7 +327,8 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
         within_dwords([3, -1, 3, -1]),
     ];
     let xq = a.qs.as_ptr();
-    let mut acc = [_mm512_setzero_ps(); N];
+    let mut acc = [[_mm512_setzero_ps(); 8]; N];
+    let mut offs = [_mm512_setzero_ps(); N];
     // The block's 256 values as 64 registers of four per row: sub-block j is 8j..8j + 8.
     let mut wq = [_mm512_setzero_si512(); 64];
     for i in 0..nb {
@@ -333,11 +349,12 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
             _mm512_and_si512(_mm512_srli_epi32::<4>(s2), low4),
             _mm512_and_si512(_mm512_srli_epi32::<2>(s1), bits45),
         );
+        // Scales and mins in both 16-bit halves of each lane (`vpdpwssd`'s other operand).
         let mut sc = [_mm512_setzero_si512(); 8];
         let mut mn = [_mm512_setzero_si512(); 8];
         for j in 0..4 {
-            sc[j] = _mm512_shuffle_epi8(sc_lo, zext[j]);
-            sc[j + 4] = _mm512_shuffle_epi8(sc_hi, zext[j]);
+            sc[j] = _mm512_shuffle_epi8(sc_lo, dup[j]);
+            sc[j + 4] = _mm512_shuffle_epi8(sc_hi, dup[j]);
             mn[j] = _mm512_shuffle_epi8(mn_lo, dup[j]);
             mn[j + 4] = _mm512_shuffle_epi8(mn_hi, dup[j]);
         }
@@ -366,18 +383,15 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
                 wq[16 * p + 8 + c] = hi;
             }
         }
-        let mut isum = [_mm512_setzero_si512(); N];
-        for j in 0..8 {
-            for t in 0..N {
-                let x = xq.add((t0 + t) * k + i * 256 + 32 * j);
-                let mut s = _mm512_setzero_si512();
-                for c in 0..8 {
-                    s = _mm512_dpbusd_epi32(s, wq[8 * j + c], bcast(x.add(4 * c)));
-                }
-                isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(s, sc[j]));
-            }
-        }
         for t in 0..N {
+            let x = xq.add((t0 + t) * k + i * 256);
+            let mut isum = [_mm512_setzero_si512(); 8];
+            for j in 0..8 {
+                for c in 0..8 {
+                    let p = _mm512_maddubs_epi16(wq[8 * j + c], bcast(x.add(32 * j + 4 * c)));
+                    isum[c] = _mm512_dpwssd_epi32(isum[c], p, sc[j]);
+                }
+            }
             let ab = (t0 + t) * nb + i;
             // Σ mins·(sum of 32 x), the two 16-value sums of a sub-block in one dword.
             let bs = a.bsums.as_ptr().add(ab * 16) as *const i8;
@@ -386,16 +400,25 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
                 summ = _mm512_dpwssd_epi32(summ, *mn, bcast(bs.add(4 * j)));
             }
             let dx = _mm512_set1_ps(*a.d.get_unchecked(ab));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(d, dx), acc[t]);
-            acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dmin, dx), acc[t]);
+            let scale = _mm512_mul_ps(d, dx);
+            for c in 0..8 {
+                acc[t][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]), scale, acc[t][c]);
+            }
+            let mins = _mm512_mul_ps(_mm512_mul_ps(dmin, dx), _mm512_cvtepi32_ps(summ));
+            offs[t] = _mm512_sub_ps(offs[t], mins);
         }
     }
     for t in 0..N {
-        _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+        let sum = _mm512_add_ps(group_sums_in_hsum_order(&acc[t]), offs[t]);
+        _mm512_storeu_ps(out[t].as_mut_ptr(), sum);
     }
 }
 
 /// Q6_K: sixteen signed 8-bit scales per 256, values stored +32.
+///
+/// Float order, as the row kernel (`avx2::tile_q6k`): eight group sums per row as in
+/// `tile_q45k`, the +32 offset's `32·Σ scale·(sum of 16 x)` taken from group 0's integer
+/// sum only, no ninth sum.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_q6k<const N: usize>(
     rp: &[*const u8; ROWS],
@@ -405,17 +428,17 @@ unsafe fn tile_q6k<const N: usize>(
 ) {
     let (k, nb) = (a.k, a.k / 256);
     let low4 = _mm512_set1_epi8(0x0F);
-    // Byte j of a dword to the top byte (then shifted down with its sign); bytes 2h, 2h + 1
-    // to the top of the two 16-bit halves.
+    // Byte j of a dword to the top of both 16-bit halves (then shifted down with its
+    // sign); bytes 2h, 2h + 1 to the tops of the two halves.
     let top: [__m512i; 4] = [
-        within_dwords([-1, -1, -1, 0]),
-        within_dwords([-1, -1, -1, 1]),
-        within_dwords([-1, -1, -1, 2]),
-        within_dwords([-1, -1, -1, 3]),
+        within_dwords([-1, 0, -1, 0]),
+        within_dwords([-1, 1, -1, 1]),
+        within_dwords([-1, 2, -1, 2]),
+        within_dwords([-1, 3, -1, 3]),
     ];
     let pair_top: [__m512i; 2] = [within_dwords([-1, 0, -1, 1]), within_dwords([-1, 2, -1, 3])];
     let xq = a.qs.as_ptr();
-    let mut acc = [_mm512_setzero_ps(); N];
+    let mut acc = [[_mm512_setzero_ps(); 8]; N];
     let mut wq = [_mm512_setzero_si512(); 64];
     for i in 0..nb {
         prefetch_next(rp, nb, 210, i);
@@ -423,10 +446,11 @@ unsafe fn tile_q6k<const N: usize>(
         let scales = load16x4(rp, o + 192);
         // Bytes 206..210: the last two scales, then d.
         let d = f16_lanes(_mm512_srli_epi32::<16>(load16x4(rp, o + 194)[3]));
+        // Scale g of the sixteen, sign-extended into both 16-bit halves of each lane.
         let mut sc = [_mm512_setzero_si512(); 16];
         let mut sc_pairs = [_mm512_setzero_si512(); 8];
-        for j in 0..16 {
-            sc[j] = _mm512_srai_epi32::<24>(_mm512_shuffle_epi8(scales[j / 4], top[j % 4]));
+        for g in 0..16 {
+            sc[g] = _mm512_srai_epi16::<8>(_mm512_shuffle_epi8(scales[g / 4], top[g % 4]));
         }
         for h in 0..8 {
             let v = _mm512_shuffle_epi8(scales[h / 2], pair_top[h % 2]);
@@ -455,23 +479,15 @@ unsafe fn tile_q6k<const N: usize>(
                 );
             }
         }
-        let mut isum = [_mm512_setzero_si512(); N];
-        for j in 0..8 {
-            for t in 0..N {
-                let x = xq.add((t0 + t) * k + i * 256 + 32 * j);
-                let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                for c in 0..4 {
-                    s0 = _mm512_dpbusd_epi32(s0, wq[8 * j + c], bcast(x.add(4 * c)));
-                    s1 = _mm512_dpbusd_epi32(s1, wq[8 * j + 4 + c], bcast(x.add(16 + 4 * c)));
-                }
-                let s = _mm512_add_epi32(
-                    _mm512_mullo_epi32(s0, sc[2 * j]),
-                    _mm512_mullo_epi32(s1, sc[2 * j + 1]),
-                );
-                isum[t] = _mm512_add_epi32(isum[t], s);
-            }
-        }
         for t in 0..N {
+            let x = xq.add((t0 + t) * k + i * 256);
+            let mut isum = [_mm512_setzero_si512(); 8];
+            for j in 0..8 {
+                for c in 0..8 {
+                    let p = _mm512_maddubs_epi16(wq[8 * j + c], bcast(x.add(32 * j + 4 * c)));
+                    isum[c] = _mm512_dpwssd_epi32(isum[c], p, sc[2 * j + c / 4]);
+                }
+            }
             let ab = (t0 + t) * nb + i;
             // The weights are stored +32: subtract 32·Σ scale·(sum of its 16 x).
             let bs = a.bsums.as_ptr().add(ab * 16) as *const i8;
@@ -479,12 +495,14 @@ unsafe fn tile_q6k<const N: usize>(
             for (h, pair) in sc_pairs.iter().enumerate() {
                 off = _mm512_dpwssd_epi32(off, *pair, bcast(bs.add(4 * h)));
             }
-            let total = _mm512_sub_epi32(isum[t], _mm512_slli_epi32::<5>(off));
-            let dx = _mm512_set1_ps(*a.d.get_unchecked(ab));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d, dx), acc[t]);
+            isum[0] = _mm512_sub_epi32(isum[0], _mm512_slli_epi32::<5>(off));
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(ab)));
+            for c in 0..8 {
+                acc[t][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]), scale, acc[t][c]);
+            }
         }
     }
     for t in 0..N {
-        _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+        _mm512_storeu_ps(out[t].as_mut_ptr(), group_sums_in_hsum_order(&acc[t]));
     }
 }

@@ -6,9 +6,9 @@
 //! format for each weight type (`acts`), so products match llama.cpp's on the same file
 //! up to the order of float sums. The integer inner loops run a row at a time on AVX2 (and
 //! 256-bit AVX512-VNNI for blocks of 32) where the CPU has it, on the scalar definition
-//! (`reference`) otherwise; sixteen weight rows at a time on AVX-512 (`avx512`) for the
-//! blocks of 32, and for the K-quants too when `HEARTH_Q8_TILES=1`
-//! (`Isa::default_for_matmul`).
+//! (`reference`) otherwise; sixteen weight rows at a time on AVX-512 (`avx512`, every
+//! type), whose tiles keep the row kernels' order of float sums (llama.cpp's AVX2 lane
+//! order), so they give the same results to the bit.
 
 // Tile loops index several per-row arrays (accumulators, sums, outputs) by the same row.
 #![allow(clippy::needless_range_loop)]
@@ -130,24 +130,6 @@ impl Isa {
         Isa::Scalar
     }
 
-    /// What `matmul` runs for `wt`: the detected set, except that the K-quants' AVX-512
-    /// tiles are opt-in (`HEARTH_Q8_TILES=1`). Those are 1.7-5.3x faster with integer sums
-    /// equal to the reference's, but add each block's float product once per row where
-    /// llama.cpp's AVX2 `vec_dot`s keep eight lane sums, and on SmolLM2 Q4_K_M that moves
-    /// near-ties enough to fail llama_cpp_goldens.rs's agreement bounds. The blocks of 32
-    /// keep the row kernels' lane order in the tiles (equal to the bit), so they are on.
-    pub fn default_for_matmul(wt: WeightType) -> Self {
-        use std::sync::OnceLock;
-        static TILES: OnceLock<bool> = OnceLock::new();
-        let tiles = *TILES.get_or_init(|| {
-            std::env::var("HEARTH_Q8_TILES").is_ok_and(|v| v == "1" || v == "true")
-        });
-        match Self::detected() {
-            Isa::Avx512 if wt.block() == 256 && !tiles => Isa::Avx512Vnni,
-            isa => isa,
-        }
-    }
-
     /// Every set this CPU runs, the scalar one first.
     pub fn available() -> Vec<Self> {
         [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Avx512]
@@ -206,8 +188,8 @@ pub fn check(
 }
 
 /// `dst[m×n] = x[m×k] · Wᵀ` where `w` holds `n` rows of `k/block` blocks of `wt`, weight
-/// rows split over `parallel`, on the best instruction set the CPU has. Panics when
-/// `check` fails.
+/// rows split over `parallel`, on the best instruction set the CPU has (the AVX-512
+/// tiles give the row kernels' results to the bit). Panics when `check` fails.
 pub fn matmul(
     wt: WeightType,
     w: &[u8],
@@ -216,7 +198,7 @@ pub fn matmul(
     x: &[f32],
     parallel: Parallel<'_>,
 ) -> Vec<f32> {
-    matmul_on_isa(Isa::default_for_matmul(wt), wt, w, n, k, x, parallel)
+    matmul_on_isa(Isa::detected(), wt, w, n, k, x, parallel)
 }
 
 /// `matmul` on a chosen instruction set (tests and benchmarks compare them), lowered to

@@ -72,11 +72,15 @@ stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/
 trap 'stop; rm -rf "$tmp"' EXIT
 : >"$tmp/rows"; : >"$tmp/memory"; : >"$tmp/greedy"
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+# hearth's KV cache, the same for every model and the demo baseline (it is resident from
+# the start): room for 16 of the ~2k-token prompts of SmolLM2 in the default f16 cache.
+kv=1GiB
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 # The baseline for resident memory: the same server on the built-in demo model (a few
 # MB), idle after one short prediction, as each format's server is after the greedy check.
 mport=$((hport + 2))
-"$bin" serve --model demo --port "$mport" --data-dir "$tmp/demo" --no-prefix-caching --max-num-seqs 16 >/dev/null 2>&1 &
+"$bin" serve --model demo --port "$mport" --data-dir "$tmp/demo" --no-prefix-caching --max-num-seqs 16 \
+  --kv-cache-memory "$kv" >/dev/null 2>&1 &
 demo=$!
 for _ in $(seq 300); do curl -sf "http://127.0.0.1:$mport/health-check" | grep -q '"READY"' && break; sleep 0.2; done
 curl -sf -H 'Content-Type: application/json' -H 'Prefer: wait=60' \
@@ -87,7 +91,8 @@ kill "$demo"; wait "$demo" 2>/dev/null || true
 
 start() { # gguf threads
   HEARTH_LOG=info RAYON_NUM_THREADS=$2 CANDLE_NUM_THREADS=$2 "$bin" serve --model "$1" \
-    --port "$hport" --data-dir "$tmp/data" --no-prefix-caching --max-num-seqs 16 >"$tmp/hearth.log" 2>&1 &
+    --port "$hport" --data-dir "$tmp/data" --no-prefix-caching --max-num-seqs 16 --kv-cache-memory "$kv" \
+    >"$tmp/hearth.log" 2>&1 &
   hpid=$!
   pids+=($hpid)
   # 16 slots of 2,304 tokens: room for the ~2k-token prompts plus their output.
@@ -220,7 +225,7 @@ out = [f"\n## hearth vs llama.cpp, every format, same file ({datetime.date.today
        f"{open('/proc/loadavg').read().split()[0]} at the end). Both servers load the same GGUF "
        "(scripts/bench-gguf.sh: SmolLM2-135M-Instruct, and `small-*`: dummy:bench-small's shape with "
        "random weights and SmolLM2's vocabulary, every width a multiple of 256); llama-server `-t T -np 16`, "
-       "hearth `serve --no-prefix-caching --max-num-seqs 16` with T threads; same prompts over HTTP, greedy, "
+       "hearth `serve --no-prefix-caching --max-num-seqs 16 --kv-cache-memory 1GiB` with T threads; same prompts over HTTP, greedy, "
        "EOS ignored; hearth and llama-server alternated, each round swapping who goes first; each figure "
        "the median of the rounds, with the range of the 1-minute load average before the runs.\n"]
 head = "| format | load |"

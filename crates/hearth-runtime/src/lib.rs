@@ -56,6 +56,7 @@ pub mod tool_syntax;
 mod chat_template_tests;
 #[cfg(test)]
 mod constraint_tests;
+pub mod weight_loader;
 pub mod weights;
 
 pub use constraint::{Constraint, ConstraintCompiler, ConstraintSpec};

@@ -13,9 +13,9 @@ use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::error::{Result, RuntimeError};
 use crate::gguf::{GgufFile, GgufTensors};
 use crate::gguf_tokenizer::GgufTokenizer;
-use crate::linear::WeightLoader;
 use crate::model::Transformer;
 use crate::tokenizer::TextTokenizer;
+use crate::weight_loader::WeightLoader;
 use crate::weights::{var_builder, WeightSource};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -13,10 +13,11 @@ use crate::cpu_ops::{self, Rope};
 use crate::fused::FusedLinear;
 use crate::gemv;
 use crate::kv_cache::KvCacheTensors;
-use crate::linear::{Embedding, Linear, WeightLoader};
+use crate::linear::{Embedding, Linear};
 use crate::norm_project::{gemv_weights, norm_project, project, LayerInput};
 use crate::paged_attention::{paged_attention, AttentionMetadata};
 use crate::rope::RotaryTables;
+use crate::weight_loader::WeightLoader;
 
 /// One step's input: the scheduled sequences' new tokens flattened in order, each
 /// token's position (for RoPE), which rows to return logits for, and the attention

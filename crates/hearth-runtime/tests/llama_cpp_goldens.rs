@@ -4,7 +4,11 @@
 //! - SmolLM2-135M-Instruct Q4_K_M, made from the Q4_1 wheel file by llama.cpp's
 //!   `llama-quantize` (scripts/make-smollm2-q4km.sh): Q4_K/Q6_K/Q5_0/Q8_0 layers;
 //! - the Q4_1 file itself (scripts/fetch-smollm2.sh), the demo model: Q4_1 with a Q8_0
-//!   output layer, plus a chat turn through the file's template.
+//!   output layer, plus a chat turn through the file's template;
+//! - SmolLM2 Q8_0 (scripts/bench-gguf.sh q8_0, llama-quantize's);
+//! - a random-weight Llama of dummy:bench-small's shape, every width a multiple of 256,
+//!   as Q4_K_M and Q6_K (scripts/bench-gguf.sh small-q4_k_m / small-q6_k): the K-quant
+//!   blocks with no legacy fallbacks.
 //!
 //! Both engines quantize activations to 8 bits the same way for every layer, so their
 //! integer products agree; what still differs is attention — llama.cpp keeps its KV
@@ -39,19 +43,40 @@ use sha2::{Digest, Sha256};
 /// is an f16 cache; `f16_kv_cache_against_llama_cpp` checks that one).
 const F32_CACHE: Option<DType> = Some(DType::F32);
 
+/// SmolLM2 Q8_0, measured on main at 35c0cad (this CPU, AVX-512 VNNI; the K-quant tiles opt-in there): teacher-forced 148 of 157
+/// positions (94%), free-running equal on 2 of 5 prompts, the others parting at tokens
+/// 1, 11 and 23. Lower than Q4_K_M's 137/139 on weights of twice the bits: hearth's Q8_0
+/// arithmetic is not yet llama.cpp's (issue 22's goal is 5 of 5); these bounds hold what
+/// is measured so that a regression fails.
+const Q8_0_FORCED_PERCENT: usize = 94;
+const Q8_0_EQUAL: usize = 2;
+const Q8_0_PREFIX: usize = 1;
+
+/// bench-small (random weights) Q4_K_M and Q6_K, measured likewise: teacher-forced 142 and
+/// 143 of 160 (89%); free-running 2 of 5 and 0 of 5 equal (first departures at tokens 0
+/// and 0: a random model's top two logits are close, but a wrong block decode or scale
+/// drops agreement to a few percent).
+const SMALL_FORCED_PERCENT: usize = 88;
+
 fn q4_k_m() -> PathBuf {
-    if let Some(p) = std::env::var_os("HEARTH_SMOLLM2_Q4KM_GGUF") {
+    bench_gguf("q4_k_m", "HEARTH_SMOLLM2_Q4KM_GGUF")
+}
+
+/// A GGUF file of scripts/bench-gguf.sh (made once into the cache by llama.cpp's
+/// `llama-quantize`), or the path in `env` when that is set.
+fn bench_gguf(format: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-smollm2-q4km.sh");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench-gguf.sh");
     let out = std::process::Command::new("bash")
         .arg(&script)
+        .arg(format)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     assert!(
         out.status.success(),
-        "SmolLM2 Q4_K_M cannot be made (needed by this test): {}\n{}",
+        "the {format} GGUF cannot be made (needed by this test): {} {format}\n{}",
         script.display(),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -162,9 +187,14 @@ fn departure(
 /// logits move by 2e-5) into logit moves of up to 0.54, measured over a 150-token prompt.
 const NEAR_TIE_NATS: f32 = 0.25;
 
-/// The five continuations, free-running: at least 3 equal to llama.cpp's to the last
-/// token, every one equal for its first 16.
-fn check_cases(engine: &hearth_runtime::EngineHandle, golden: &serde_json::Value) {
+/// The five continuations, free-running: at least `min_equal` equal to llama.cpp's to the
+/// last token, every one equal for its first `min_prefix`.
+fn check_cases(
+    engine: &hearth_runtime::EngineHandle,
+    golden: &serde_json::Value,
+    min_equal: usize,
+    min_prefix: usize,
+) {
     let (mut failures, mut equal, mut earliest) = (Vec::new(), 0, usize::MAX);
     let cases = golden["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 5);
@@ -188,12 +218,12 @@ fn check_cases(engine: &hearth_runtime::EngineHandle, golden: &serde_json::Value
         golden["file"]
     );
     assert!(
-        equal >= 3,
+        equal >= min_equal,
         "only {equal} of 5 continuations equal:\n{report}"
     );
     assert!(
-        earliest >= 16,
-        "a continuation differs at token {earliest}, within its first 16:\n{report}"
+        earliest >= min_prefix,
+        "a continuation differs at token {earliest}, within its first {min_prefix}:\n{report}"
     );
 }
 
@@ -281,7 +311,55 @@ fn q4_k_m_teacher_forced_agrees_with_llama_cpp() {
 fn q4_k_m_greedy_equals_llama_cpp() {
     let golden: serde_json::Value =
         serde_json::from_str(include_str!("goldens/llama_cpp_smollm2_q4_k_m.json")).unwrap();
-    check_cases(&engine(&q4_k_m(), &golden, F32_CACHE), &golden);
+    check_cases(&engine(&q4_k_m(), &golden, F32_CACHE), &golden, 3, 16);
+}
+
+/// SmolLM2 Q8_0 (llama-quantize's, every projection Q8_0: scripts/bench-gguf.sh q8_0),
+/// through the engine with its default (f16, llama.cpp's) KV cache and teacher-forced
+/// with an f32 one.
+#[test]
+fn q8_0_agrees_with_llama_cpp() {
+    let golden: serde_json::Value =
+        serde_json::from_str(include_str!("goldens/llama_cpp_smollm2_q8_0.json")).unwrap();
+    let path = bench_gguf("q8_0", "HEARTH_SMOLLM2_Q8_0_GGUF");
+    let (agree, total) = forced_agreement(&path, &golden, F32_CACHE);
+    assert!(
+        agree * 100 >= total * Q8_0_FORCED_PERCENT,
+        "{agree} of {total}"
+    );
+    check_cases(
+        &engine(&path, &golden, None),
+        &golden,
+        Q8_0_EQUAL,
+        Q8_0_PREFIX,
+    );
+}
+
+/// dummy:bench-small's shape with random weights (every width a multiple of 256, so
+/// llama-quantize makes real K-quant files with no legacy fallbacks: Q4_K_M is Q4_K and
+/// Q6_K, Q6_K all Q6_K): the K-quant kernels themselves against llama.cpp's.
+#[test]
+fn bench_small_k_quants_agree_with_llama_cpp() {
+    for (format, env, golden) in [
+        (
+            "small-q4_k_m",
+            "HEARTH_BENCH_SMALL_Q4KM_GGUF",
+            include_str!("goldens/llama_cpp_bench_small_q4_k_m.json"),
+        ),
+        (
+            "small-q6_k",
+            "HEARTH_BENCH_SMALL_Q6K_GGUF",
+            include_str!("goldens/llama_cpp_bench_small_q6_k.json"),
+        ),
+    ] {
+        let golden: serde_json::Value = serde_json::from_str(golden).unwrap();
+        let path = bench_gguf(format, env);
+        let (agree, total) = forced_agreement(&path, &golden, F32_CACHE);
+        assert!(
+            agree * 100 >= total * SMALL_FORCED_PERCENT,
+            "{format}: {agree} of {total}"
+        );
+    }
 }
 
 /// A chat turn end to end: hearth's rendering of the file's chat template (with its

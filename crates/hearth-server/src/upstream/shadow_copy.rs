@@ -167,8 +167,8 @@ pub(super) async fn run_copy(
     let mut first_seen = None;
     let mut interval = POLL_MIN;
     let mut done_seen = false;
-    // Only a stream on the upstream's own origin is followed (`own_url`).
-    if let Some(url) = stream.filter(|u| c.own_url(u).is_ok()) {
+    // Only a stream where `stream_target` allows is followed.
+    if let Some(url) = stream.filter(|u| c.stream_target(u).is_ok()) {
         match follow_stream(state, c, &url, deadline, sent, &mut first_seen).await {
             Streamed::Done => {
                 done_seen = true;

@@ -24,6 +24,7 @@ pub mod files;
 pub mod follow;
 pub mod input_check;
 pub mod intake;
+pub mod levenshtein;
 pub mod models;
 pub mod normalize;
 pub mod poller;

@@ -354,6 +354,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     for u in &mut cfg.upstreams {
         u.mirror = mirror.clone();
         u.intake = a.upstream.intake();
+        u.allow_private_streams = a.webhook_allow_private;
     }
     cfg.shadow_limits = a.shadow.limits();
     // Before loading models (minutes for big ones): a refused configuration says so now.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use hearth_server::upstream::card::CardConfig;
+use hearth_server::upstream::stream_origin::{parse_origin, Origin};
 use hearth_server::upstream::{self, BreakerConfig, ModelRoute, Secret, UpstreamSpec};
 
 #[derive(Args, Debug)]
@@ -23,6 +24,12 @@ pub struct UpstreamArgs {
     /// NAME=PATH: the file holding the upstream's API token (repeatable).
     #[arg(long = "upstream-token-file", value_parser = parse_token_file)]
     pub token_files: Vec<(String, PathBuf)>,
+    /// NAME=ORIGIN (repeatable): another origin (scheme://host[:port]) where the
+    /// upstream's prediction streams may be followed, beyond its own origin and its
+    /// sibling https hosts (stream.example.com beside api.example.com). The token is
+    /// never sent there.
+    #[arg(long = "upstream-stream-origin", env = "HEARTH_UPSTREAM_STREAM_ORIGIN", value_delimiter = ',', value_parser = parse_stream_origin)]
+    pub stream_origins: Vec<(String, Origin)>,
     /// Where a model's predictions run, OWNER/NAME=ROUTE (repeatable): local,
     /// upstream:UP (only there; no local weights needed), fallback:UP (here first;
     /// there when the engine is not running, its queue is full or the local create
@@ -79,6 +86,14 @@ fn parse_token_file(s: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_string(), PathBuf::from(path)))
 }
 
+fn parse_stream_origin(s: &str) -> Result<(String, Origin), String> {
+    let (name, origin) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=ORIGIN"))?;
+    upstream::check_name(name)?;
+    Ok((name.to_string(), parse_origin(origin)?))
+}
+
 impl UpstreamArgs {
     /// The upstreams with their tokens (a file's first non-blank line, else the
     /// env), the routes and the breaker settings: the flags', then the cards' that no
@@ -104,9 +119,19 @@ impl UpstreamArgs {
                 bail!("--upstream-token-file: two files for upstream {name}");
             }
         }
+        for (name, _) in &self.stream_origins {
+            if !upstreams.iter().any(|(u, _)| &u.name == name) {
+                bail!("--upstream-stream-origin {name}=...: no --upstream called {name}");
+            }
+        }
         let mut out = Vec::new();
         for (u, card_file) in upstreams {
             let mut u = u.clone();
+            for (name, origin) in &self.stream_origins {
+                if *name == u.name && !u.stream_origins.contains(origin) {
+                    u.stream_origins.push(origin.clone());
+                }
+            }
             let token = match files.get(u.name.as_str()).copied().or(card_file) {
                 Some(path) => {
                     let text = std::fs::read_to_string(path).with_context(|| {
@@ -244,7 +269,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("tok"), "r8_cardfile\n").unwrap();
-        std::fs::write(dir.join("a.toml"), "name = \"hearth/demo\"\nmodel = \"demo\"\nroute = \"fallback:hosted\"\n[upstream.hosted]\nurl = \"https://api.example.com\"\ntoken_file = \"tok\"\n[upstream.box]\nurl = \"cog+http://127.0.0.1:5000\"\n").unwrap();
+        std::fs::write(dir.join("a.toml"), "name = \"hearth/demo\"\nmodel = \"demo\"\nroute = \"fallback:hosted\"\n[upstream.hosted]\nurl = \"https://api.example.com\"\ntoken_file = \"tok\"\nstream_origins = [\"https://events.example.net\"]\n[upstream.box]\nurl = \"cog+http://127.0.0.1:5000\"\n").unwrap();
         std::fs::write(
             dir.join("b.toml"),
             "name = \"acme/image\"\nroute = \"upstream:box\"\n",
@@ -266,6 +291,49 @@ mod tests {
         let hosted = ups.iter().find(|u| u.name == "hosted").unwrap();
         assert_eq!(hosted.url, "https://api.example.com");
         assert!(hosted.token.is_some());
+        let origins = |u: &hearth_server::upstream::UpstreamSpec| {
+            u.stream_origins
+                .iter()
+                .map(|o| o.ascii_serialization())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(origins(hosted), ["https://events.example.net"]);
+
+        // --upstream-stream-origin adds to a card's upstream; it must name one, and
+        // take an origin only.
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "--upstream-stream-origin",
+            "hosted=https://s2.example.net",
+            "--upstream-stream-origin",
+            "box=http://127.0.0.1:7000",
+        ])
+        .unwrap();
+        let (added, _, _) = cli.up.resolve(|_| None, &cards).unwrap();
+        let with = |name: &str| added.iter().find(|u| u.name == name).unwrap();
+        assert_eq!(
+            origins(with("hosted")),
+            ["https://events.example.net", "https://s2.example.net"]
+        );
+        assert_eq!(origins(with("box")), ["http://127.0.0.1:7000"]);
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "--upstream-stream-origin",
+            "nope=https://s.example",
+        ])
+        .unwrap();
+        let e = cli.up.resolve(|_| None, &cards).unwrap_err().to_string();
+        assert!(e.contains("no --upstream called nope"), "{e}");
+        for bad in [
+            "hosted",
+            "hosted=https://s.example/path",
+            "bad name=https://s",
+        ] {
+            assert!(
+                Cli::try_parse_from(["hearth", "--upstream-stream-origin", bad]).is_err(),
+                "{bad}"
+            );
+        }
         let boxed = ups.iter().find(|u| u.name == "box").unwrap();
         assert!(boxed.cog && boxed.token.is_some());
         assert!(routes
@@ -287,6 +355,10 @@ mod tests {
         assert!(
             hosted.token.is_none(),
             "the card's token file is the card's upstream's"
+        );
+        assert!(
+            hosted.stream_origins.is_empty(),
+            "and so are its stream origins"
         );
         let demo: Vec<_> = routes.iter().filter(|r| r.model == "hearth/demo").collect();
         assert_eq!(demo.len(), 1);

@@ -5,7 +5,8 @@
 //! making it, and the upstream is not polled while its stream flows; a stream cut
 //! again and again mid-prediction still ends with the whole output, each chunk once
 //! (reconnects resume after the last event, then polling); a stream that cannot be
-//! opened, one named on another origin, and an upstream whose records name no
+//! opened, one named on another origin (unless `--upstream-stream-origin` names it:
+//! then followed there, without the token), and an upstream whose records name no
 //! stream, are polled. What an upstream may send is capped; shadow copies follow the
 //! stream too; a graceful shutdown ends upstream work in flight within its bound.
 
@@ -254,8 +255,52 @@ async fn an_upstream_route_relays_the_upstreams_stream_and_falls_back_to_polling
     assert!(elsewhere.gets.lock().unwrap().is_empty());
     let logs = done["logs"].as_str().unwrap();
     assert!(
-        logs.contains("was not followed") && logs.contains("not on upstream up's own origin"),
+        logs.contains("was not followed") && logs.contains("not upstream up's own origin"),
         "{logs}"
+    );
+    assert!(
+        proxy.streams_with_token.load(Ordering::SeqCst) >= 1,
+        "a stream on the upstream's own origin goes with its token"
+    );
+
+    // The same upstream behind a front told --upstream-stream-origin up=<that origin>
+    // (as for a hosted API whose streams live on a host that is no sibling of its
+    // API's): the stream there is followed to its end, not polled, without the token.
+    let allowed = dir.join("allowed");
+    std::fs::create_dir_all(&allowed).unwrap();
+    let f2 = front_with(
+        &allowed,
+        &proxy.url,
+        &[
+            "--route",
+            &format!("{MODEL}=upstream:up"),
+            "--upstream-stream-origin",
+            &format!("up={}", elsewhere.url),
+        ],
+    )
+    .await;
+    let api2 = Api::new(&f2.base, FRONT_TOKEN);
+    let (_, done, _) = run_one(&api2, &up, &input("allowed", 40)).await;
+    assert_eq!(elsewhere.streams.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        elsewhere.streams_with_token.load(Ordering::SeqCst),
+        0,
+        "the upstream's token went to another origin"
+    );
+    let uid = done["hearth"]["upstream_id"].as_str().unwrap();
+    assert_eq!(
+        proxy.gets_of(&format!("/v1/predictions/{uid}")),
+        1,
+        "polled, not followed: {}",
+        done["logs"]
+    );
+    assert!(
+        !done["logs"]
+            .as_str()
+            .unwrap_or("")
+            .contains("polling it instead"),
+        "{}",
+        done["logs"]
     );
 }
 

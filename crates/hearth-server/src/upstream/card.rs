@@ -4,7 +4,8 @@
 //! a card names a `token_file`, or the token comes from `HEARTH_UPSTREAM_TOKEN_<NAME>`.
 //! A flag wins over a card: `--upstream NAME=...` over a card's upstream of that name,
 //! `--route MODEL=...` over that model's card `route`, `--upstream-token-file` over a
-//! card's `token_file`.
+//! card's `token_file`; a card's `stream_origins` go with its upstream (dropped when
+//! a flag overrides it), and `--upstream-stream-origin` adds to either.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +23,10 @@ pub struct CardUpstream {
     /// The file holding the token, relative to the card's folder.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Other origins its `urls.stream` may be on, as `--upstream-stream-origin`
+    /// takes them (`super::stream_origin`).
+    #[serde(default)]
+    pub stream_origins: Vec<String>,
 }
 
 /// An upstream a card declares, with where its token may come from.
@@ -90,7 +95,12 @@ pub fn from_cards(cards: &[(PathBuf, ModelCard)]) -> Result<CardConfig, String> 
             });
         }
         for (name, up) in &card.upstream {
-            let spec = UpstreamSpec::parse(&format!("{name}={}", up.url)).map_err(at)?;
+            let mut spec = UpstreamSpec::parse(&format!("{name}={}", up.url)).map_err(at)?;
+            for o in &up.stream_origins {
+                let origin = super::stream_origin::parse_origin(o)
+                    .map_err(|e| at(format!("upstream.{name}.stream_origins: {e}")))?;
+                spec.stream_origins.push(origin);
+            }
             if let Some(other) = out.upstreams.iter().find(|u| u.spec.name == *name) {
                 return Err(at(format!(
                     "upstream.{name}: also declared in {}; declare each upstream once",

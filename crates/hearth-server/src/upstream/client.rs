@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::breaker::Breaker;
 use super::intake::{read_body, IntakeLimits};
+use super::stream_origin::{self, Reach};
 use super::Secret;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -85,6 +86,11 @@ pub struct UpstreamClient {
     base: String,
     token: Option<Secret>,
     http: reqwest::Client,
+    /// Sibling hosts' streams (`stream_origin`): public addresses only, unless
+    /// `--webhook-allow-private`.
+    sibling_http: reqwest::Client,
+    /// `--upstream-stream-origin`s: other origins its streams may be on.
+    stream_origins: Vec<url::Origin>,
     pub breaker: Breaker,
     pub counts: CallCounts,
     /// A plain Cog container (`cog+URL`) rather than a Replicate-compatible API.
@@ -119,12 +125,22 @@ impl UpstreamClient {
         token: Option<Secret>,
         breaker: Breaker,
     ) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            // Redirects could carry the token elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("hearth/", env!("CARGO_PKG_VERSION")))
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(REQUEST_TIMEOUT)
+                // Redirects could carry the token elsewhere.
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("hearth/", env!("CARGO_PKG_VERSION")))
+        };
+        let http = builder()
+            .build()
+            .map_err(|e| format!("upstream {name}: {e}"))?;
+        // The addresses connected to are the ones checked (no DNS rebinding).
+        let sibling_http = builder()
+            .dns_resolver(std::sync::Arc::new(
+                crate::webhook::guard::PublicOnlyResolver,
+            ))
             .build()
             .map_err(|e| format!("upstream {name}: {e}"))?;
         Ok(Self {
@@ -132,6 +148,8 @@ impl UpstreamClient {
             base: base.trim_end_matches('/').to_string(),
             token,
             http,
+            sibling_http,
+            stream_origins: Vec::new(),
             breaker,
             counts: CallCounts::default(),
             cog: false,
@@ -146,24 +164,29 @@ impl UpstreamClient {
         self
     }
 
-    /// `url` (as an upstream's record names it, absolute or relative) resolved against
-    /// the base, when it is on the upstream's own origin (scheme, host and port): the
-    /// only place hearth follows a URL an upstream hands it, so a record cannot send
-    /// hearth (and the token) to another host or to an address inside the network.
-    pub fn own_url(&self, url: &str) -> Result<url::Url, String> {
+    /// Other origins its streams may be on (`--upstream-stream-origin`), and whether
+    /// sibling hosts' streams may be at private addresses (`--webhook-allow-private`).
+    pub fn with_stream_origins(mut self, origins: Vec<url::Origin>, allow_private: bool) -> Self {
+        self.stream_origins = origins;
+        if allow_private {
+            self.sibling_http = self.http.clone();
+        }
+        self
+    }
+
+    /// `url` (an upstream's `urls.stream`, absolute or relative) resolved against the
+    /// base, when it may be followed (`stream_origin`: its own origin, a sibling host,
+    /// a configured origin), and where it is: the only URLs an upstream hands hearth
+    /// that hearth follows, so a record cannot send hearth (or the token) to any host
+    /// or address it names.
+    pub fn stream_target(&self, url: &str) -> Result<(url::Url, Reach), String> {
         let base = url::Url::parse(&self.base).map_err(|e| format!("the base URL: {e}"))?;
         // The URL itself stays out of messages: it may be a capability.
         let target = base
             .join(url)
             .map_err(|e| format!("its URL does not parse: {e}"))?;
-        if target.origin() != base.origin() {
-            return Err(format!(
-                "its URL is on {}, not on upstream {}'s own origin",
-                target.origin().ascii_serialization(),
-                self.name
-            ));
-        }
-        Ok(target)
+        let reach = stream_origin::reach(&base, &self.stream_origins, &target, &self.name)?;
+        Ok((target, reach))
     }
 
     pub fn with_mirror(mut self, mirror: Option<super::files::Mirror>) -> Self {
@@ -334,24 +357,28 @@ impl UpstreamClient {
     }
 
     /// Opens a prediction's event stream (`urls.stream`, resolved against the base),
-    /// resuming after `last_id`. Only on the upstream's own origin (`own_url`): a
-    /// stream elsewhere is not opened, and the caller polls instead.
+    /// resuming after `last_id`. Only where `stream_target` allows: a stream elsewhere
+    /// is not opened, and the caller polls instead. The token goes only to the
+    /// upstream's own origin.
     pub(super) async fn open_stream(
         &self,
         url: &str,
         last_id: Option<&str>,
         max_open: Duration,
     ) -> Result<reqwest::Response, String> {
-        let target = self.own_url(url)?;
-        let mut req = self
-            .http
+        let (target, reach) = self.stream_target(url)?;
+        let http = match reach {
+            Reach::Sibling => &self.sibling_http,
+            Reach::Own | Reach::Configured => &self.http,
+        };
+        let mut req = http
             .get(target)
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .timeout(max_open);
         if let Some(id) = last_id {
             req = req.header("Last-Event-ID", id);
         }
-        if let Some(t) = &self.token {
+        if let (Some(t), Reach::Own) = (&self.token, reach) {
             req = req.bearer_auth(t.expose());
         }
         let resp = req.send().await.map_err(|e| {
@@ -393,20 +420,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_urls_on_the_upstreams_own_origin_are_followed() {
+    fn streams_are_followed_on_the_own_origin_a_sibling_or_a_configured_origin_only() {
         let c = UpstreamClient::new(
             "up".into(),
             "http://127.0.0.1:8000/",
             None,
             Breaker::new(Default::default()),
         )
-        .unwrap();
-        let ok = |u: &str| c.own_url(u).map(|u| u.to_string());
+        .unwrap()
+        .with_stream_origins(
+            vec![stream_origin::parse_origin("http://127.0.0.1:9000").unwrap()],
+            false,
+        );
+        let ok = |u: &str| c.stream_target(u).map(|(u, r)| (u.to_string(), r));
         assert_eq!(
             ok("/v1/predictions/x/stream").unwrap(),
-            "http://127.0.0.1:8000/v1/predictions/x/stream"
+            (
+                "http://127.0.0.1:8000/v1/predictions/x/stream".into(),
+                Reach::Own
+            )
         );
-        assert!(ok("http://127.0.0.1:8000/s?token=abc").is_ok());
+        assert_eq!(
+            ok("http://127.0.0.1:8000/s?token=abc").unwrap().1,
+            Reach::Own
+        );
+        assert_eq!(
+            ok("http://127.0.0.1:9000/s?token=abc").unwrap().1,
+            Reach::Configured
+        );
         for elsewhere in [
             "http://127.0.0.1:8001/s",
             "https://127.0.0.1:8000/s",
@@ -416,10 +457,25 @@ mod tests {
         ] {
             let e = ok(elsewhere).unwrap_err();
             assert!(
-                e.contains("not on upstream up's own origin"),
+                e.contains("not upstream up's own origin"),
                 "{elsewhere}: {e}"
             );
             assert!(!e.contains("token"), "{e}");
         }
+        let hosted = UpstreamClient::new(
+            "hosted".into(),
+            "https://api.replicate.com",
+            None,
+            Breaker::new(Default::default()),
+        )
+        .unwrap();
+        let (u, r) = hosted
+            .stream_target("https://stream.replicate.com/v1/streams/abc")
+            .unwrap();
+        assert_eq!(
+            (u.host_str(), r),
+            (Some("stream.replicate.com"), Reach::Sibling)
+        );
+        assert!(hosted.stream_target("https://evil.com/x").is_err());
     }
 }

@@ -69,7 +69,7 @@ pub(super) async fn follow(
     loop {
         if let Some(url) = stream_url.take() {
             p.stream_tried = true;
-            if let Err(why) = job.client.own_url(&url) {
+            if let Err(why) = job.client.stream_target(&url) {
                 tracing::warn!(upstream = %job.client.name, reason = %why, "not following an upstream's stream elsewhere; polling");
                 p.note(
                     job,

@@ -24,6 +24,7 @@ pub mod files;
 pub mod follow;
 pub mod input_check;
 pub mod intake;
+pub mod levenshtein;
 pub mod models;
 pub mod normalize;
 pub mod poller;
@@ -35,6 +36,7 @@ pub mod shadow_local;
 pub mod sse_reader;
 pub mod stats;
 pub mod stream_follower;
+pub mod stream_origin;
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -79,6 +81,10 @@ pub struct UpstreamSpec {
     pub mirror: Option<files::Mirror>,
     /// What one prediction may bring back from it.
     pub intake: intake::IntakeLimits,
+    /// Other origins its `urls.stream` may be on (`--upstream-stream-origin`).
+    pub stream_origins: Vec<url::Origin>,
+    /// `--webhook-allow-private`: a sibling host's stream may be at a private address.
+    pub allow_private_streams: bool,
 }
 
 /// Upstream names: what routes, env variables and metrics labels use.
@@ -129,6 +135,8 @@ impl UpstreamSpec {
             cog,
             mirror: None,
             intake: intake::IntakeLimits::default(),
+            stream_origins: Vec::new(),
+            allow_private_streams: false,
         })
     }
 }
@@ -165,7 +173,8 @@ impl Hybrid {
             )?
             .with_cog(s.cog)
             .with_mirror(s.mirror.clone())
-            .with_intake(s.intake);
+            .with_intake(s.intake)
+            .with_stream_origins(s.stream_origins.clone(), s.allow_private_streams);
             if upstreams.insert(s.name.clone(), Arc::new(c)).is_some() {
                 return Err(format!("--upstream: two upstreams are called {}", s.name));
             }

@@ -23,6 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::compare::{FailKind, Observation, Outcome, Pair, Side, Skip};
 use super::create::{Created, Routed};
+use super::intake::output_bytes;
 use super::route::{canary_goes_upstream, Route};
 use super::stats;
 use crate::error::ApiError;
@@ -37,6 +38,14 @@ use crate::AppState;
 pub(super) const COPY_LIMIT: Duration = Duration::from_secs(600);
 /// A caller's prediction is watched this long at most.
 const WATCH_LIMIT: Duration = Duration::from_secs(86400 + 3600);
+/// Two outputs whose lengths (bytes) multiply to at most this are compared on the
+/// async worker (tens of µs: `levenshtein`), longer ones on the blocking pool (a hand-off
+/// costs more than comparing two short texts).
+const INLINE_AGREEMENT: usize = 1 << 18;
+/// Once its output began, how often a watched prediction is looked at for its end:
+/// its pair is recorded at most this late, and the watch costs a few wake-ups per
+/// prediction instead of one per token.
+const WATCH_EVERY: Duration = Duration::from_millis(25);
 
 /// `--shadow-max-concurrent` and `--shadow-max-per-minute`, per route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,12 +255,17 @@ pub async fn create(
                     if local_status == Status::Succeeded
                         && copy.observation.outcome == Outcome::Succeeded =>
                 {
-                    let ours = w.record.prediction.output.clone().unwrap_or_default();
-                    let theirs = theirs.clone();
-                    // The edit distance is quadratic: off the async workers.
-                    tokio::task::spawn_blocking(move || stats::agreement(&ours, &theirs))
-                        .await
-                        .ok()
+                    let ours = w.record.prediction.output.as_deref().unwrap_or_default();
+                    let work = output_bytes(ours).saturating_mul(output_bytes(theirs));
+                    if work <= INLINE_AGREEMENT {
+                        Some(stats::agreement(ours, theirs))
+                    } else {
+                        // Long texts' edit distance: off the async workers.
+                        let (ours, theirs) = (ours.to_vec(), theirs.clone());
+                        tokio::task::spawn_blocking(move || stats::agreement(&ours, &theirs))
+                            .await
+                            .ok()
+                    }
                 }
                 _ => None,
             };
@@ -291,12 +305,13 @@ impl Watched {
 }
 
 /// Waits for a prediction to end (None past `WATCH_LIMIT`), noting when its first
-/// output was seen. Each change is looked at in place; the record is copied once, at
-/// its end.
+/// output was seen. Each change is looked at in place until the first output; from
+/// then on only the end is awaited, looked for every `WATCH_EVERY` rather than at
+/// every token (its times are the record's). The record is copied once, at its end.
 pub(super) async fn watch(live: &Live, created: Instant) -> Option<Watched> {
     let mut first_seen = None;
     loop {
-        let changed = live.subscribe();
+        let changed = first_seen.is_none().then(|| live.subscribe());
         let (has_output, terminal) = live.read(|r| {
             (
                 r.prediction.output.as_ref().is_some_and(|o| !o.is_empty()),
@@ -317,8 +332,13 @@ pub(super) async fn watch(live: &Live, created: Instant) -> Option<Watched> {
         if created.elapsed() > WATCH_LIMIT {
             return None;
         }
-        // A change wakes this at once; the timeout only bounds a missed one.
-        let _ = tokio::time::timeout(Duration::from_secs(2), changed).await;
+        match changed {
+            // A change wakes this at once; the timeout only bounds a missed one.
+            Some(changed) => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), changed).await;
+            }
+            None => tokio::time::sleep(WATCH_EVERY).await,
+        }
     }
 }
 

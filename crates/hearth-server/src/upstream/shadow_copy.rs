@@ -1,9 +1,11 @@
 //! One shadow copy on an upstream (`shadow`): sent once, then followed along the
 //! upstream's event stream like a primary prediction (`stream_follower`) — its first
 //! output's time and its `done` as they happen, no `GET` while it runs — and read
-//! once at its end; polled only when the create names no stream on the upstream's
-//! own origin, or the stream breaks. The copy relays nothing: from the stream it
-//! takes only when output began, how much came (within `intake`'s caps) and the end.
+//! once at its end; polled only when the create names no stream hearth may follow
+//! (`stream_origin`), or the stream breaks. The copy relays nothing: from the stream it
+//! takes only when output began, how much came (within `intake`'s caps) and the end,
+//! so once output began the stream is read in batches (`READ_EVERY`): a few wake-ups
+//! of the primary's core per copy rather than one per token.
 
 use std::time::{Duration, Instant};
 
@@ -30,6 +32,10 @@ const OPEN_WAIT: Duration = Duration::from_secs(10);
 const STREAM_IDLE: Duration = Duration::from_secs(45);
 /// One event of a copy's stream carries at most this much.
 const EVENT_MAX: usize = 16 << 20;
+/// Once a copy's output began, its stream is read at most this often: what came
+/// meanwhile in one wake-up, not one per token (the copy's times are its record's;
+/// its end is seen at most this late).
+const READ_EVERY: Duration = Duration::from_millis(25);
 
 /// A copy's end.
 pub(super) struct Copy {
@@ -95,13 +101,16 @@ async fn follow_stream(
     };
     let mut reader = SseReader::new(resp, EVENT_MAX.min(c.intake.event_max()));
     let mut out_bytes = 0usize;
-    let until = tokio::time::Instant::from_std(deadline);
+    // One timer for the limit, armed once; an event already read costs no timer.
+    let past_limit = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+    tokio::pin!(past_limit);
     loop {
         let block = tokio::select! {
+            biased;
             b = tokio::time::timeout(STREAM_IDLE, reader.next()) => b,
             _ = state.stop.cancelled() => return Streamed::Stopped,
             // Past its limit the poll loop cancels it and waits out the grace.
-            _ = tokio::time::sleep_until(until) => return Streamed::Broken("its time limit passed".into()),
+            _ = &mut past_limit => return Streamed::Broken("its time limit passed".into()),
         };
         let ev = match block {
             Ok(Ok(Some(Block::Event(ev)))) => ev,
@@ -112,7 +121,12 @@ async fn follow_stream(
         };
         match ev.event.as_str() {
             "output" => {
-                first_seen.get_or_insert_with(|| sent.elapsed().as_secs_f64());
+                if first_seen.is_none() {
+                    *first_seen = Some(sent.elapsed().as_secs_f64());
+                    // From here only the end matters, and its time is the upstream's
+                    // record's: the rest is read in batches.
+                    reader.pace(READ_EVERY);
+                }
                 out_bytes += ev.data.len();
                 if let Err(why) = c.intake.check(&c.name, out_bytes, 0) {
                     return Streamed::Over(why);
@@ -167,8 +181,8 @@ pub(super) async fn run_copy(
     let mut first_seen = None;
     let mut interval = POLL_MIN;
     let mut done_seen = false;
-    // Only a stream on the upstream's own origin is followed (`own_url`).
-    if let Some(url) = stream.filter(|u| c.own_url(u).is_ok()) {
+    // Only a stream where `stream_target` allows is followed.
+    if let Some(url) = stream.filter(|u| c.stream_target(u).is_ok()) {
         match follow_stream(state, c, &url, deadline, sent, &mut first_seen).await {
             Streamed::Done => {
                 done_seen = true;

@@ -28,6 +28,9 @@ pub struct SseReader {
     /// How much of `buf` is known to hold no block end.
     scanned: usize,
     max_event: usize,
+    /// At most one read from the connection this often (`pace`), and the last one.
+    pace: Option<std::time::Duration>,
+    last_read: Option<tokio::time::Instant>,
 }
 
 impl SseReader {
@@ -38,7 +41,17 @@ impl SseReader {
             buf: Vec::new(),
             scanned: 0,
             max_event,
+            pace: None,
+            last_read: None,
         }
+    }
+
+    /// From now on, reads from the connection at most once every `every`: a reader
+    /// that needs no event the moment it is sent (a shadow copy's, once its output
+    /// began) then takes what arrived meanwhile in one wake-up and one read, rather
+    /// than one per event.
+    pub fn pace(&mut self, every: std::time::Duration) {
+        self.pace = Some(every);
     }
 
     /// The next block; `None` when the stream ended. Cancel-safe: bytes are taken from
@@ -63,7 +76,17 @@ impl SseReader {
                     self.max_event >> 10
                 ));
             }
-            match self.resp.chunk().await {
+            if let (Some(every), Some(last)) = (self.pace, self.last_read) {
+                // Only a wait still ahead: a timer rounds up to the driver's next tick.
+                if last + every > tokio::time::Instant::now() {
+                    tokio::time::sleep_until(last + every).await;
+                }
+            }
+            let read = self.resp.chunk().await;
+            if self.pace.is_some() {
+                self.last_read = Some(tokio::time::Instant::now());
+            }
+            match read {
                 Ok(Some(bytes)) => self.buf.extend_from_slice(&bytes),
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(e.to_string()),

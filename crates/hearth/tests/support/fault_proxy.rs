@@ -38,6 +38,8 @@ pub struct FaultProxy {
     /// Event streams opened through the proxy, and those it cut.
     pub streams: Arc<AtomicUsize>,
     pub streams_cut: Arc<AtomicUsize>,
+    /// Event streams whose request carried an `Authorization` header.
+    pub streams_with_token: Arc<AtomicUsize>,
     /// The path of every plain `GET` (not a stream) forwarded, in order.
     pub gets: Arc<Mutex<Vec<String>>>,
 }
@@ -47,6 +49,7 @@ struct Counts {
     creates: Arc<AtomicUsize>,
     streams: Arc<AtomicUsize>,
     streams_cut: Arc<AtomicUsize>,
+    streams_with_token: Arc<AtomicUsize>,
     gets: Arc<Mutex<Vec<String>>>,
 }
 
@@ -71,11 +74,13 @@ impl FaultProxy {
         let creates = Arc::new(AtomicUsize::new(0));
         let streams = Arc::new(AtomicUsize::new(0));
         let streams_cut = Arc::new(AtomicUsize::new(0));
+        let streams_with_token = Arc::new(AtomicUsize::new(0));
         let gets: Arc<Mutex<Vec<String>>> = Default::default();
         let counts = Counts {
             creates: creates.clone(),
             streams: streams.clone(),
             streams_cut: streams_cut.clone(),
+            streams_with_token: streams_with_token.clone(),
             gets: gets.clone(),
         };
         let (p, up, me) = (plan.clone(), upstream.to_string(), url.clone());
@@ -98,6 +103,7 @@ impl FaultProxy {
             creates,
             streams,
             streams_cut,
+            streams_with_token,
             gets,
         }
     }
@@ -303,6 +309,9 @@ async fn serve(
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if is_stream {
             counts.streams.fetch_add(1, Ordering::SeqCst);
+            if req.headers.iter().any(|(k, _)| k == "authorization") {
+                counts.streams_with_token.fetch_add(1, Ordering::SeqCst);
+            }
             let cut_after = plan.lock().unwrap().cut_streams_after;
             relay_stream(&mut sock, resp, cut_after, &counts).await;
             return;

@@ -180,12 +180,12 @@ async fn an_upstream_route_relays_the_upstreams_stream_and_falls_back_to_polling
         "no stream followed"
     );
     // Followed along its stream from the create on: the upstream's record was read
-    // once, at the end, and never polled while events flowed (no event gap here
-    // comes near the 1 s after which a quiet stream is checked).
+    // at the end, and not polled while events flowed. One check GET is allowed: a
+    // loaded CI machine can stall the upstream past the 1 s after which a quiet
+    // stream is checked; polling would have read it every 200 ms.
     let uid = done["hearth"]["upstream_id"].as_str().unwrap();
-    assert_eq!(
-        proxy.gets_of(&format!("/v1/predictions/{uid}")),
-        1,
+    assert!(
+        proxy.gets_of(&format!("/v1/predictions/{uid}")) <= 2,
         "the upstream was polled while its stream was followed: {:?}",
         proxy.gets.lock().unwrap()
     );
@@ -288,9 +288,8 @@ async fn an_upstream_route_relays_the_upstreams_stream_and_falls_back_to_polling
         "the upstream's token went to another origin"
     );
     let uid = done["hearth"]["upstream_id"].as_str().unwrap();
-    assert_eq!(
-        proxy.gets_of(&format!("/v1/predictions/{uid}")),
-        1,
+    assert!(
+        proxy.gets_of(&format!("/v1/predictions/{uid}")) <= 2,
         "polled, not followed: {}",
         done["logs"]
     );
@@ -423,9 +422,8 @@ async fn shadow_copies_follow_the_stream_and_a_shutdown_ends_upstream_work_in_bo
     assert_eq!(pair["upstream"], "succeeded", "{m}");
     let uid = pair["upstream_id"].as_str().unwrap();
     assert_eq!(proxy.streams.load(Ordering::SeqCst), 1, "the copy's stream");
-    assert_eq!(
-        proxy.gets_of(&format!("/v1/predictions/{uid}")),
-        1,
+    assert!(
+        proxy.gets_of(&format!("/v1/predictions/{uid}")) <= 2,
         "the copy was polled: {:?}",
         proxy.gets.lock().unwrap()
     );

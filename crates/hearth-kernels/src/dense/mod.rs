@@ -256,7 +256,8 @@ impl PackedWeight {
         let out_ptr = out.as_mut_ptr() as usize;
         let panels = n.div_ceil(PANEL);
         let work = |range: Range<usize>| {
-            for panel in range {
+            // Clipped: the panel kernels read whole panels without bounds checks.
+            for panel in range.start.min(panels)..range.end.min(panels) {
                 let j0 = panel * PANEL;
                 let cols = PANEL.min(n - j0);
                 // SAFETY: this panel's output columns j0..j0+cols of every row are

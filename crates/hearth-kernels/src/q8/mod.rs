@@ -240,6 +240,20 @@ pub fn matmul_quantized(
     let k = acts.k;
     let row_bytes = k / wt.block() * wt.block_bytes();
     assert!(w.len() == n * row_bytes && acts.qs.len() == m * k && dst.len() == m * n);
+    // The kernels read these without bounds checks: activations built by hand (the
+    // fields are public) must have the shape `acts::quantize` gives them.
+    let blocks = m * k / acts.format.block().max(1);
+    let q8_32 = matches!(acts.format, ActFormat::Q8_0 | ActFormat::Q8_1);
+    assert!(
+        acts.format == wt.act_format()
+            && k.is_multiple_of(wt.block())
+            && acts.d.len() == blocks
+            && (!q8_32 || acts.sums.len() == blocks)
+            && (acts.format != ActFormat::Q8_1 || acts.s.len() == blocks)
+            && (acts.format != ActFormat::Q8K || acts.bsums.len() == m * k / 16),
+        "q8::matmul_quantized: {:?} activations of {k} do not fit {wt:?} weights",
+        acts.format
+    );
     let dst_ptr = dst.as_mut_ptr() as usize;
     // The pool splits whole tiles of weight rows (a range of single rows would leave a
     // partial tile at each split).

@@ -381,9 +381,11 @@ impl UpstreamClient {
         if let (Some(t), Reach::Own) = (&self.token, reach) {
             req = req.bearer_auth(t.expose());
         }
+        // Without the URL: a stream URL is a capability, and this text reaches the
+        // prediction's logs.
         let resp = req.send().await.map_err(|e| {
             self.counts.network.fetch_add(1, Ordering::Relaxed);
-            e.to_string()
+            e.without_url().to_string()
         })?;
         let status = resp.status().as_u16();
         let is_stream = resp

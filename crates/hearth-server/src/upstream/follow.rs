@@ -255,6 +255,24 @@ impl Progress {
         Ok(())
     }
 
+    /// `new` appended to the upstream's logs; past the logs' cap, the end. In place:
+    /// rebuilding the whole text per event made a stream of many small `logs` events
+    /// quadratic in the logs' size.
+    pub async fn append_logs(&mut self, job: &Job, new: &str) -> Result<(), End> {
+        let total = self.upstream_logs.len() + new.len();
+        if let Err(why) = job.client.intake.check(&job.client.name, 0, total) {
+            return Err(self.over_limit(job, why).await);
+        }
+        self.upstream_logs.push_str(new);
+        let push = |r: &mut Record| r.prediction.logs.push_str(new);
+        if job.ctx.webhook.is_none() {
+            job.live.apply(push);
+        } else if let Some(r) = job.live.update(push) {
+            job.ctx.notify(WebhookEvent::Logs, &r).await;
+        }
+        Ok(())
+    }
+
     /// The upstream's logs so far are `logs`; past the logs' cap, the end.
     pub async fn set_logs(&mut self, job: &Job, logs: String) -> Result<(), End> {
         if let Err(why) = job.client.intake.check(&job.client.name, 0, logs.len()) {

@@ -148,6 +148,11 @@ pub(super) async fn run_copy(
     input: &Value,
     limit: Duration,
 ) -> Option<Copy> {
+    // A copy admitted just before shutdown is not created: the drain would not wait
+    // for its cancel, and it would run (and bill) upstream unwatched.
+    if state.stop.is_cancelled() {
+        return None;
+    }
     let sent = Instant::now();
     let (uid, stream) = match c.create(model, version, input, Some(limit)).await {
         CreateOutcome::Created(v) => {

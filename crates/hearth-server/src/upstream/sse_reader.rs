@@ -89,7 +89,7 @@ impl SseReader {
             match read {
                 Ok(Some(bytes)) => self.buf.extend_from_slice(&bytes),
                 Ok(None) => return Ok(None),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.without_url().to_string()),
             }
         }
     }

@@ -152,12 +152,11 @@ pub(super) async fn follow(job: &Job, url: &str, p: &mut Progress) -> Result<Str
                         "logs" => {
                             relayed = true;
                             p.mark_started(job, None).await?;
-                            let mut logs = std::mem::take(&mut p.upstream_logs);
-                            logs.push_str(&ev.data);
-                            if !logs.ends_with('\n') {
-                                logs.push('\n');
+                            let mut line = ev.data;
+                            if !line.ends_with('\n') {
+                                line.push('\n');
                             }
-                            p.set_logs(job, logs).await?;
+                            p.append_logs(job, &line).await?;
                             p.flush(job, false).await?;
                         }
                         // The final record carries the error and how it ended.

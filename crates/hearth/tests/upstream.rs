@@ -653,8 +653,11 @@ async fn a_cog_container_upstream_serves_every_verb_and_reattaches_after_a_resta
         .await;
     assert_eq!(v["id"], version.as_str());
 
-    // Create and wait: the container runs it under hearth's id, once.
-    let inp = input("cog", 12);
+    // Create and wait: the container runs it under hearth's id, once. Long enough to
+    // outlast the gap between the async create and the attach on a loaded machine: a
+    // prediction that ends inside that gap cannot be read back from Cog (the trade-off
+    // in cog_runner.rs), which is not what these checks are about.
+    let inp = input("cog", 200);
     let (code, p) = api
         .create("acme/cogged", json!({"input": inp}), Some("wait=60"))
         .await;
@@ -748,7 +751,7 @@ async fn a_cog_container_upstream_serves_every_verb_and_reattaches_after_a_resta
     let (code, p) = api
         .create(
             "hearth/demo",
-            json!({"input": input("cogcanary", 8)}),
+            json!({"input": input("cogcanary", 200)}),
             Some("wait=60"),
         )
         .await;

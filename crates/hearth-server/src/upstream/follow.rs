@@ -102,6 +102,16 @@ pub(super) async fn follow(
     }
 }
 
+/// Applies `change` to the prediction and feeds `event`'s webhook. With no webhook to
+/// feed, without a copy of the record: a stream's events come one by one.
+pub(super) async fn relay(job: &Job, event: WebhookEvent, change: impl FnOnce(&mut Record)) {
+    if job.ctx.webhook.is_none() {
+        job.live.apply(change);
+    } else if let Some(r) = job.live.update(change) {
+        job.ctx.notify(event, &r).await;
+    }
+}
+
 /// The output already here (one resumed after a restart), in bytes.
 fn snapshot_output_bytes(job: &Job) -> usize {
     job.live
@@ -231,14 +241,10 @@ impl Progress {
             return Err(self.over_limit(job, why).await);
         }
         for chunk in chunks {
-            let push =
-                |r: &mut Record| r.prediction.output.get_or_insert_with(Vec::new).push(chunk);
-            // No webhook to feed: the chunk goes in without a copy of the record.
-            if job.ctx.webhook.is_none() {
-                job.live.apply(push);
-            } else if let Some(r) = job.live.update(push) {
-                job.ctx.notify(WebhookEvent::Output, &r).await;
-            }
+            relay(job, WebhookEvent::Output, |r| {
+                r.prediction.output.get_or_insert_with(Vec::new).push(chunk)
+            })
+            .await;
         }
         Ok(())
     }
@@ -264,12 +270,7 @@ impl Progress {
             return Err(self.over_limit(job, why).await);
         }
         self.upstream_logs.push_str(new);
-        let push = |r: &mut Record| r.prediction.logs.push_str(new);
-        if job.ctx.webhook.is_none() {
-            job.live.apply(push);
-        } else if let Some(r) = job.live.update(push) {
-            job.ctx.notify(WebhookEvent::Logs, &r).await;
-        }
+        relay(job, WebhookEvent::Logs, |r| r.prediction.logs.push_str(new)).await;
         Ok(())
     }
 

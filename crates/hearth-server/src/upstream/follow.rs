@@ -164,9 +164,11 @@ impl Progress {
         job.live.update(|r| r.prediction.logs = all);
     }
 
-    /// Sends the cancel the caller asked for upstream (once); the upstream ends it.
+    /// Sends the cancel the caller asked for upstream (once), kept in the store first
+    /// (`Job::keep_cancel`); the upstream ends it.
     pub async fn forward_cancel(&mut self, job: &Job) {
         self.cancel_sent = Some(Instant::now());
+        job.keep_cancel().await;
         if let Err(e) = job.client.cancel(&self.uid).await {
             tracing::warn!(upstream = %job.client.name, error = %e, "forwarding a cancel failed; following on");
         }
@@ -311,9 +313,9 @@ impl Progress {
     /// ends as the poller ends it; other failures count against the upstream's
     /// breaker and are left to the stream (and then the poller's limits).
     pub async fn check(&mut self, job: &Job) -> Result<Option<Value>, End> {
-        let u = match job.client.get_prediction(&self.uid).await {
+        let u = match job.client.get_prediction(&self.uid, job.input_bytes).await {
             Ok(u) => u,
-            Err(CallError::Throttled(_)) => return Ok(None),
+            Err(CallError::Throttled(_) | CallError::Budget(_)) => return Ok(None),
             Err(CallError::Status { status, body }) if status < 500 => {
                 return Err(refused(&job.client.name, &self.uid, status, &body))
             }

@@ -46,7 +46,7 @@ pub enum CogEvent {
 pub enum CogOpen {
     /// The create was taken (202) without a stream: attach with the next `PUT`.
     Taken,
-    Stream(CogStream),
+    Stream(Box<CogStream>),
     /// 409 "at capacity", 503 "not ready", 429: nothing was taken; ask again later.
     Busy(Duration),
     /// A 4xx (422 validation, or a 409 for an id Cog will not take): its answer.
@@ -198,9 +198,9 @@ impl UpstreamClient {
             // A `completed` event carries the whole record, the input echoed back
             // included: no more than a body about this input.
             let max = self.intake.body_max(super::intake::json_len(input));
-            return CogOpen::Stream(CogStream {
+            return CogOpen::Stream(Box::new(CogStream {
                 reader: SseReader::new(resp, max, &self.budget),
-            });
+            }));
         }
         if (200..300).contains(&status) && !created {
             // A Cog that streams no create: its 202 took it.

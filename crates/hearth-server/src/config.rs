@@ -64,6 +64,9 @@ pub struct ServerConfig {
     pub upstream_breaker: upstream::BreakerConfig,
     /// Shadow routes' bounds on copies sent upstream.
     pub shadow_limits: upstream::shadow::ShadowLimits,
+    /// The bytes all upstream answers being read may hold together
+    /// (`--upstream-memory-budget`).
+    pub upstream_memory_budget: usize,
 }
 
 impl ServerConfig {
@@ -95,6 +98,7 @@ impl ServerConfig {
             routes: Vec::new(),
             upstream_breaker: upstream::BreakerConfig::default(),
             shadow_limits: upstream::shadow::ShadowLimits::default(),
+            upstream_memory_budget: upstream::budget::DEFAULT_BUDGET_BYTES,
         }
     }
 
@@ -159,8 +163,13 @@ impl ServerConfig {
                 "--upstream-failures and --upstream-cooldown: must be at least 1".into(),
             ));
         }
-        upstream::Hybrid::new(&self.upstreams, &self.routes, self.upstream_breaker)
-            .map_err(ServerError::Config)?;
+        upstream::Hybrid::new(
+            &self.upstreams,
+            &self.routes,
+            self.upstream_breaker,
+            upstream::budget::ByteBudget::new(self.upstream_memory_budget),
+        )
+        .map_err(ServerError::Config)?;
         Ok(())
     }
 }

@@ -231,9 +231,14 @@ pub async fn build_state_on(
                 )));
             }
         }
-        let hybrid = upstream::Hybrid::new(&cfg.upstreams, &cfg.routes, cfg.upstream_breaker)
-            .map_err(ServerError::Config)?
-            .with_shadow_limits(cfg.shadow_limits);
+        let hybrid = upstream::Hybrid::new(
+            &cfg.upstreams,
+            &cfg.routes,
+            cfg.upstream_breaker,
+            upstream::budget::ByteBudget::new(cfg.upstream_memory_budget),
+        )
+        .map_err(ServerError::Config)?
+        .with_shadow_limits(cfg.shadow_limits);
         Ok((registry, hybrid))
     }
     .await;
@@ -433,11 +438,42 @@ async fn drain(state: &AppState) {
             "cancelling predictions still running at shutdown"
         );
         for l in &left {
+            // Kept in the store first, whatever its runner is waiting on: one still
+            // running upstream at exit is resumed by the next start with this cancel.
+            if let Some(id) = l.read(|r| r.prediction.id.clone()) {
+                if let Err(e) = state.store.request_cancel(&id).await {
+                    tracing::warn!(prediction = %id, error = %e, "could not store a cancel at shutdown");
+                }
+            }
             l.request_cancel();
         }
         let deadline = tokio::time::Instant::now() + CANCEL_GRACE;
         while !state.hub.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // An upstream may take longer to confirm a cancel than this grace (its runner
+        // waits up to 30 s): such a prediction stays in the store as it was, with its
+        // cancel recorded there before it was forwarded, and the next start sends the
+        // cancel again and follows it to the end the upstream reports.
+        let waiting = state
+            .hub
+            .all()
+            .iter()
+            .filter(|l| {
+                l.read(|r| {
+                    r.prediction
+                        .hearth
+                        .as_ref()
+                        .is_some_and(|h| h["side"] == "upstream")
+                })
+                .unwrap_or(false)
+            })
+            .count();
+        if waiting > 0 {
+            tracing::warn!(
+                n = waiting,
+                "predictions whose upstream has not confirmed their cancel are left to the next start, their cancel recorded"
+            );
         }
     }
     // Shadow copies cancel themselves upstream at the stop (a copy left running there

@@ -357,6 +357,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         u.allow_private_streams = a.webhook_allow_private;
     }
     cfg.shadow_limits = a.shadow.limits();
+    cfg.upstream_memory_budget = a.upstream.upstream_memory_budget as usize;
     // Before loading models (minutes for big ones): a refused configuration says so now.
     cfg.check()?;
     let exit_on_failure = a.exit_on_setup_failure;

@@ -59,6 +59,21 @@ pub struct UpstreamArgs {
     /// The same for its logs.
     #[arg(long, env = "HEARTH_UPSTREAM_MAX_LOG_BYTES", default_value = "8MiB", value_parser = parse_intake_bytes)]
     pub upstream_max_log_bytes: u64,
+    /// The most memory all upstream answers being read may hold together (polls,
+    /// creates, event streams, of every upstream): a read waits up to 10 s for its
+    /// bytes, then fails (a poll is tried again; an answer larger than this always
+    /// fails). 1MiB to 4GiB.
+    #[arg(long, env = "HEARTH_UPSTREAM_MEMORY_BUDGET", default_value = "512MiB", value_parser = parse_budget_bytes)]
+    pub upstream_memory_budget: u64,
+}
+
+/// A byte count from 1 MiB to 4 GiB - 1.
+fn parse_budget_bytes(s: &str) -> Result<u64, String> {
+    let n = hearth_runtime::device::parse_bytes(s)?;
+    if !((1 << 20)..(1 << 32)).contains(&n) {
+        return Err(format!("{s:?}: expected 1MiB to 4GiB"));
+    }
+    Ok(n)
 }
 
 /// A byte count from 1 to 1 GiB.

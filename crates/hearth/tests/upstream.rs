@@ -653,10 +653,8 @@ async fn a_cog_container_upstream_serves_every_verb_and_reattaches_after_a_resta
         .await;
     assert_eq!(v["id"], version.as_str());
 
-    // Create and wait: the container runs it under hearth's id, once. Long enough to
-    // outlast the gap between the async create and the attach on a loaded machine: a
-    // prediction that ends inside that gap cannot be read back from Cog (the trade-off
-    // in cog_runner.rs), which is not what these checks are about.
+    // Create and wait: the container runs it under hearth's id, once (short ones:
+    // tests/upstream_robust.rs).
     let inp = input("cog", 200);
     let (code, p) = api
         .create("acme/cogged", json!({"input": inp}), Some("wait=60"))

@@ -1,8 +1,10 @@
 //! Cog's container API on the same port, as Cog 0.23.1 serves it: synchronous
 //! predictions by default, `Prefer: respond-async` (exactly) for a 202, an SSE stream
-//! for `Accept: text/event-stream` (`cog_stream`); `PUT` with an id in flight attaches
-//! to it; every invalid field in one 422; a 409 when all `--cog-max-concurrency` slots
-//! are busy; Cog's response shapes (`crate::cog_shape`) and Cog-style webhooks.
+//! for `Accept: text/event-stream` (`cog_stream`; with `respond-async` too, the
+//! prediction is not tied to the stream's connection: how a front hearth creates and
+//! follows one in a single request); `PUT` with an id in flight attaches to it; every
+//! invalid field in one 422; a 409 when all `--cog-max-concurrency` slots are busy;
+//! Cog's response shapes (`crate::cog_shape`) and Cog-style webhooks.
 //! Where hearth deliberately differs, crates/hearth-server/README.md says why.
 
 use std::sync::Arc;
@@ -216,8 +218,11 @@ enum Reply {
     Sync,
     /// `Prefer: respond-async`: 202 `{id, status}` at once.
     Async,
-    /// `Accept: text/event-stream`: the prediction's events as they happen.
-    Stream,
+    /// `Accept: text/event-stream`: the prediction's events as they happen. A caller
+    /// who hangs up cancels the prediction it created, unless `detached` (it also
+    /// said `Prefer: respond-async`: the prediction runs on, and a `PUT` with its id
+    /// attaches to it again).
+    Stream { detached: bool },
 }
 
 fn reply(headers: &HeaderMap) -> Reply {
@@ -230,7 +235,9 @@ fn reply(headers: &HeaderMap) -> Reply {
         .get("prefer")
         .is_some_and(|v| v.as_bytes() == b"respond-async");
     if accepts_sse {
-        Reply::Stream
+        Reply::Stream {
+            detached: respond_async,
+        }
     } else if respond_async {
         Reply::Async
     } else {
@@ -302,9 +309,9 @@ async fn run(
         until_terminal(&held).await;
     });
     match reply(&headers) {
-        Reply::Stream => {
+        Reply::Stream { detached } => {
             let id = live.snapshot().map(|r| r.prediction.id).unwrap_or_default();
-            cog_stream::sse(state, id, Some(live))
+            cog_stream::sse(state, id, (!detached).then_some(live))
         }
         Reply::Async => match live.snapshot() {
             Some(r) => json_response(
@@ -402,7 +409,7 @@ pub async fn put(
     };
     if let Some(r) = in_flight.filter(|r| r.prediction.source == "cog") {
         return match reply(&headers) {
-            Reply::Stream => cog_stream::sse(state, id, None),
+            Reply::Stream { .. } => cog_stream::sse(state, id, None),
             _ => json_response(StatusCode::ACCEPTED, &cog_shape::in_flight(&r)),
         };
     }
@@ -460,7 +467,11 @@ mod tests {
         assert!(matches!(reply(&h("prefer", "Respond-Async")), Reply::Sync));
         assert!(matches!(
             reply(&h("accept", "application/json, text/event-stream")),
-            Reply::Stream
+            Reply::Stream { detached: false }
         ));
+        // Both: a stream whose prediction outlives its connection.
+        let mut both = h("accept", "text/event-stream");
+        both.insert("prefer", "respond-async".parse().unwrap());
+        assert!(matches!(reply(&both), Reply::Stream { detached: true }));
     }
 }

@@ -2,7 +2,8 @@
 //! `PUT` that attaches to a prediction in flight, replayed from the start): `start`
 //! `{id, status}`, one `output` `{chunk, index}` per chunk, `log` `{data, source}` per
 //! new log text, then `completed` with the finished prediction; a comment every 15 s
-//! keeps the connection open. The caller who created it and hangs up cancels it.
+//! keeps the connection open. The caller who created it and hangs up cancels it,
+//! unless it asked `Prefer: respond-async` too (the prediction then runs on).
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::breaker::Breaker;
-use super::intake::{read_body, IntakeLimits};
+use super::budget::ByteBudget;
+use super::intake::{json_len, read_body, IntakeLimits, ReadError};
 use super::stream_origin::{self, Reach};
 use super::Secret;
 
@@ -20,6 +21,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DETAIL_MAX: usize = 2000;
 /// A `Retry-After` longer than this is taken as this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+/// A page of the upstream's predictions may carry their inputs: this much beyond one
+/// record's room.
+const PAGE_EXTRA: usize = 32 << 20;
 
 /// Why a call did not return what was asked.
 #[derive(Debug)]
@@ -35,6 +39,9 @@ pub enum CallError {
     /// The answer was larger than the prediction's output and logs may take
     /// (`intake`): this message says so.
     TooLarge(String),
+    /// The process-wide memory budget for upstream answers stayed spent (`budget`):
+    /// hearth's limit, not the upstream's fault; try again later.
+    Budget(String),
 }
 
 impl std::fmt::Display for CallError {
@@ -42,7 +49,9 @@ impl std::fmt::Display for CallError {
         match self {
             CallError::Throttled(d) => write!(f, "throttled (retry after {}s)", d.as_secs()),
             CallError::Status { status, body } => write!(f, "HTTP {status}: {body}"),
-            CallError::Network(e) | CallError::TooLarge(e) => write!(f, "{e}"),
+            CallError::Network(e) | CallError::TooLarge(e) | CallError::Budget(e) => {
+                write!(f, "{e}")
+            }
         }
     }
 }
@@ -99,6 +108,8 @@ pub struct UpstreamClient {
     pub mirror: Option<super::files::Mirror>,
     /// What one prediction may bring back from it (`super::intake`).
     pub intake: IntakeLimits,
+    /// The bytes all upstream answers being read may hold, shared by every client.
+    pub budget: ByteBudget,
 }
 
 fn retry_after(h: &reqwest::header::HeaderMap) -> Duration {
@@ -155,7 +166,14 @@ impl UpstreamClient {
             cog: false,
             mirror: None,
             intake: IntakeLimits::default(),
+            budget: ByteBudget::default(),
         })
+    }
+
+    /// The process's `--upstream-memory-budget` (one for every upstream).
+    pub fn with_budget(mut self, budget: ByteBudget) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// `--upstream-max-output-bytes` and `--upstream-max-log-bytes`.
@@ -253,18 +271,24 @@ impl UpstreamClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("application/json")
             .to_string();
-        let bytes = match read_body(resp, self.intake.body_max()).await {
+        let max = self.intake.body_max(json_len(input));
+        let (bytes, _held) = match read_body(resp, max, &self.budget).await {
             Ok(b) => b,
-            Err(Some(e)) => {
+            Err(ReadError::Failed(e)) => {
                 // The status line came back, the body did not: it was received.
                 self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);
                 return CreateOutcome::Ambiguous(format!("reading the answer: {e}"));
             }
-            Err(None) => {
+            Err(ReadError::Budget(e)) => {
+                // Received, its answer unread: found again in the upstream's list.
+                self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);
+                return CreateOutcome::Ambiguous(format!("reading the answer: {e}"));
+            }
+            Err(ReadError::TooLarge) => {
                 self.counts.server_error.fetch_add(1, Ordering::Relaxed);
                 return CreateOutcome::ServerError {
                     status,
-                    detail: self.intake.body_error(&self.name),
+                    detail: self.intake.body_error(&self.name, max),
                 };
             }
         };
@@ -297,10 +321,12 @@ impl UpstreamClient {
         }
     }
 
+    /// A call whose answer is JSON of at most `max` bytes.
     pub(super) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
+        max: usize,
     ) -> Result<Value, CallError> {
         let resp = match self.request(method, path).send().await {
             Ok(r) => r,
@@ -314,15 +340,16 @@ impl UpstreamClient {
             self.counts.throttled.fetch_add(1, Ordering::Relaxed);
             return Err(CallError::Throttled(retry_after(resp.headers())));
         }
-        let bytes = match read_body(resp, self.intake.body_max()).await {
+        let (bytes, _held) = match read_body(resp, max, &self.budget).await {
             Ok(b) => b,
-            Err(Some(e)) => {
+            Err(ReadError::Failed(e)) => {
                 self.counts.network.fetch_add(1, Ordering::Relaxed);
                 return Err(CallError::Network(e.to_string()));
             }
-            Err(None) => {
+            Err(ReadError::Budget(e)) => return Err(CallError::Budget(e)),
+            Err(ReadError::TooLarge) => {
                 self.counts.server_error.fetch_add(1, Ordering::Relaxed);
-                return Err(CallError::TooLarge(self.intake.body_error(&self.name)));
+                return Err(CallError::TooLarge(self.intake.body_error(&self.name, max)));
             }
         };
         if !(200..300).contains(&status) {
@@ -343,17 +370,55 @@ impl UpstreamClient {
         })
     }
 
-    pub async fn get_prediction(&self, id: &str) -> Result<Value, CallError> {
-        self.call(reqwest::Method::GET, &format!("/v1/predictions/{id}"))
+    /// A prediction whose input was `sent_input` bytes of JSON (`json_len`): the
+    /// upstream echoes it back.
+    pub async fn get_prediction(&self, id: &str, sent_input: usize) -> Result<Value, CallError> {
+        let max = self.intake.body_max(sent_input);
+        self.call(reqwest::Method::GET, &format!("/v1/predictions/{id}"), max)
             .await
     }
 
-    pub async fn cancel(&self, id: &str) -> Result<Value, CallError> {
-        self.call(
+    pub async fn cancel(&self, id: &str) -> Result<(), CallError> {
+        self.send_only(
             reqwest::Method::POST,
             &format!("/v1/predictions/{id}/cancel"),
         )
         .await
+    }
+
+    /// A call whose answer only matters by its status (a cancel: the prediction it
+    /// returns is read when it ends): the body is not kept, beyond an error's start.
+    pub(super) async fn send_only(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<(), CallError> {
+        let resp = match self.request(method, path).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.counts.network.fetch_add(1, Ordering::Relaxed);
+                return Err(CallError::Network(e.to_string()));
+            }
+        };
+        let status = resp.status().as_u16();
+        if status == 429 {
+            self.counts.throttled.fetch_add(1, Ordering::Relaxed);
+            return Err(CallError::Throttled(retry_after(resp.headers())));
+        }
+        if (200..300).contains(&status) {
+            self.counts.ok.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        if status >= 500 {
+            self.counts.server_error.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counts.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        let body = match read_body(resp, DETAIL_MAX, &self.budget).await {
+            Ok((b, _held)) => truncate(&String::from_utf8_lossy(&b)),
+            Err(_) => String::new(),
+        };
+        Err(CallError::Status { status, body })
     }
 
     /// Opens a prediction's event stream (`urls.stream`, resolved against the base),
@@ -403,17 +468,24 @@ impl UpstreamClient {
 
     /// The newest page of the upstream's predictions.
     pub async fn recent_predictions(&self) -> Result<Vec<Value>, CallError> {
-        let page = self.call(reqwest::Method::GET, "/v1/predictions").await?;
+        // Other predictions' inputs come back too, whatever their size.
+        let max = self.intake.body_max(0).saturating_add(PAGE_EXTRA);
+        let page = self
+            .call(reqwest::Method::GET, "/v1/predictions", max)
+            .await?;
         Ok(page["results"].as_array().cloned().unwrap_or_default())
     }
 
     /// A model or version document (`/v1/models/...`).
     pub async fn get_path(&self, path: &str) -> Result<Value, CallError> {
+        let max = self.intake.body_max(0);
         if self.cog {
-            let openapi = self.call(reqwest::Method::GET, "/openapi.json").await?;
+            let openapi = self
+                .call(reqwest::Method::GET, "/openapi.json", max)
+                .await?;
             return super::cog::document(path, &openapi);
         }
-        self.call(reqwest::Method::GET, path).await
+        self.call(reqwest::Method::GET, path, max).await
     }
 }
 

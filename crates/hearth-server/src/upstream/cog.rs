@@ -1,13 +1,16 @@
 //! A plain Cog container's `/predictions` API as an upstream (`--upstream NAME=cog+URL`).
 //! Cog has no `GET` for a prediction and forgets one once it ends, so hearth gives it
-//! hearth's own prediction id: `PUT /predictions/{id}` with `Prefer: respond-async`
-//! creates it (not tied to a connection, so it runs on if hearth dies), then the same
-//! `PUT` with `Accept: text/event-stream` attaches to it and reads its events to
-//! `completed`. The id is known before anything is sent, so a create whose answer was
-//! lost is simply sent again: Cog's `PUT` attaches to a prediction in flight with that
-//! id instead of running a second one. Cancel is `POST /predictions/{id}/cancel`; the
-//! model's document and version come from `GET /openapi.json` (the version id is a
-//! hash of that schema).
+//! hearth's own prediction id and reads it along its events: one `PUT
+//! /predictions/{id}` with `Accept: text/event-stream` and `Prefer: respond-async`
+//! creates it and streams its events to `completed` in the same answer, so no event
+//! can end between a create and an attach; `respond-async` keeps it from being tied
+//! to that connection (it runs on if hearth dies). The same `PUT` again attaches to
+//! a prediction in flight with that id and replays its events from the start (a
+//! broken stream, a restart of hearth, a create whose answer was lost: never a second
+//! run while the first is in flight). A container that answers the create with a 202
+//! and no stream is attached to with the next `PUT`. Cancel is `POST
+//! /predictions/{id}/cancel`; the model's document and version come from `GET
+//! /openapi.json` (the version id is a hash of that schema).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -18,8 +21,6 @@ use sha2::{Digest, Sha256};
 use super::client::{CallError, UpstreamClient};
 use super::sse_reader::{Block, SseEvent, SseReader};
 
-/// One event is at most this large (a `completed` event carries the whole output).
-const EVENT_MAX: usize = 64 << 20;
 /// Cog sends a comment every 15 s: this long with nothing read, the stream is dead.
 pub const STREAM_IDLE: Duration = Duration::from_secs(60);
 /// The longest one stream is held open.
@@ -43,9 +44,9 @@ pub enum CogEvent {
 
 /// What became of a `PUT /predictions/{id}`.
 pub enum CogOpen {
-    /// The async create was taken (202).
+    /// The create was taken (202) without a stream: attach with the next `PUT`.
     Taken,
-    Stream(CogStream),
+    Stream(Box<CogStream>),
     /// 409 "at capacity", 503 "not ready", 429: nothing was taken; ask again later.
     Busy(Duration),
     /// A 4xx (422 validation, or a 409 for an id Cog will not take): its answer.
@@ -164,18 +165,17 @@ pub fn document(path: &str, openapi: &Value) -> Result<Value, CallError> {
 }
 
 impl UpstreamClient {
-    /// `PUT /predictions/{id}`: with `stream`, asking for its events (attaching to the
-    /// prediction in flight with this id, or creating it); without, an async create.
-    pub async fn cog_put(&self, id: &str, input: &Value, stream: bool) -> CogOpen {
+    /// `PUT /predictions/{id}` asking for its events: creates it (not tied to this
+    /// connection) and streams it, or attaches to the prediction in flight with this
+    /// id. `created`: it was created before (a 2xx without a stream is then no
+    /// answer).
+    pub async fn cog_put(&self, id: &str, input: &Value, created: bool) -> CogOpen {
         let req = self
             .request(reqwest::Method::PUT, &format!("/predictions/{id}"))
-            .json(&json!({"id": id, "input": input}));
-        let req = if stream {
-            req.header(reqwest::header::ACCEPT, "text/event-stream")
-                .timeout(STREAM_MAX)
-        } else {
-            req.header("Prefer", "respond-async")
-        };
+            .json(&json!({"id": id, "input": input}))
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .header("Prefer", "respond-async")
+            .timeout(STREAM_MAX);
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) if e.is_connect() => {
@@ -193,16 +193,19 @@ impl UpstreamClient {
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        if (200..300).contains(&status) && !stream {
-            self.counts.ok.fetch_add(1, Ordering::Relaxed);
-            return CogOpen::Taken;
-        }
         if (200..300).contains(&status) && is_stream {
             self.counts.ok.fetch_add(1, Ordering::Relaxed);
-            return CogOpen::Stream(CogStream {
-                // A `completed` event carries the whole record: no more than a body.
-                reader: SseReader::new(resp, EVENT_MAX.min(self.intake.body_max())),
-            });
+            // A `completed` event carries the whole record, the input echoed back
+            // included: no more than a body about this input.
+            let max = self.intake.body_max(super::intake::json_len(input));
+            return CogOpen::Stream(Box::new(CogStream {
+                reader: SseReader::new(resp, max, &self.budget),
+            }));
+        }
+        if (200..300).contains(&status) && !created {
+            // A Cog that streams no create: its 202 took it.
+            self.counts.ok.fetch_add(1, Ordering::Relaxed);
+            return CogOpen::Taken;
         }
         let content_type = resp
             .headers()
@@ -213,11 +216,11 @@ impl UpstreamClient {
         // An error's body: only the start of it is ever shown.
         let body = match tokio::time::timeout(
             Duration::from_secs(30),
-            super::intake::read_body(resp, 64 << 10),
+            super::intake::read_body(resp, 64 << 10, &self.budget),
         )
         .await
         {
-            Ok(Ok(b)) => b,
+            Ok(Ok((b, _held))) => b,
             _ => Vec::new(),
         };
         let text = String::from_utf8_lossy(&body);
@@ -254,8 +257,8 @@ impl UpstreamClient {
     }
 
     /// `POST /predictions/{id}/cancel`.
-    pub async fn cog_cancel(&self, id: &str) -> Result<Value, CallError> {
-        self.call(reqwest::Method::POST, &format!("/predictions/{id}/cancel"))
+    pub async fn cog_cancel(&self, id: &str) -> Result<(), CallError> {
+        self.send_only(reqwest::Method::POST, &format!("/predictions/{id}/cancel"))
             .await
     }
 }

@@ -1,6 +1,7 @@
-//! Follows one prediction on a Cog container (`cog+URL`) to its end: an async
-//! `PUT /predictions/{id}` (hearth's id, stored before it is sent) creates it, then
-//! the same `PUT` asking for events attaches to it; its `start`, `output` and `log`
+//! Follows one prediction on a Cog container (`cog+URL`) to its end: one `PUT
+//! /predictions/{id}` (hearth's id, stored before it is sent) creates it and streams
+//! its events in the same answer (`cog::cog_put`), so even a one-token prediction
+//! cannot end unseen between a create and an attach; its `start`, `output` and `log`
 //! events become hearth's events and webhooks, its `completed` event the final
 //! record. A busy container (409 at capacity, 503 not ready) is asked again after a
 //! pause, within the prediction's deadline; a create whose answer was lost, a stream
@@ -8,12 +9,13 @@
 //! prediction while it is in flight there and replays its events from the start
 //! (chunks already here are skipped by index).
 //!
-//! The trade-off (crates/hearth-server/README.md, "Cog containers as upstreams"): Cog
-//! keeps no record of a prediction once it ends. A prediction that ends there while
-//! hearth is not attached (hearth killed and restarted after it finished, or one that
-//! finishes between its create and the attach) cannot be read back: hearth as the
-//! container answers 409 and the prediction ends `failed` saying its result is lost;
-//! Cog itself, which forgets ids, runs it again under the same id.
+//! The trade-off (README.md, "A plain Cog container"): Cog keeps no record of a
+//! prediction once it ends. One that ends there while hearth is not attached (hearth
+//! down longer than it took, a broken stream not reattached in time) cannot be read
+//! back: hearth as the container answers 409 and the prediction ends `failed` saying
+//! its result is lost; Cog itself, which forgets ids, runs it again under the same id.
+//! So a prediction whose cancel was asked before a restart is not attached to again
+//! (that could run it again): the cancel is sent again and it ends `canceled` here.
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,7 @@ use tokio::sync::oneshot;
 
 use super::attempts;
 use super::cog::{CogEvent, CogOpen, STREAM_IDLE};
+use super::follow::relay;
 use super::intake::output_bytes;
 use super::normalize;
 use super::runner::{final_record, End, First, Job};
@@ -51,6 +54,16 @@ pub(super) async fn follow(
             h["upstream_id"] = json!(id);
         }
     });
+    if resumed && job.cancel_asked {
+        // Its cancel was asked before the restart: attaching again could run it again
+        // (Cog forgets a prediction that ended), so the cancel is sent again instead.
+        if let Err(e) = job.client.cog_cancel(id).await {
+            tracing::warn!(upstream = %name, error = %e, "forwarding a cancel again failed");
+        }
+        return Err(End::Canceled(format!(
+            "Resumed after a restart with its cancel asked: the cancel was sent to Cog upstream {name} again; Cog keeps no record of it, so its output from there ends here."
+        )));
+    }
     if resumed {
         job.note(format!(
             "Resumed after a restart: attaching to it on Cog upstream {name} again."
@@ -69,7 +82,7 @@ pub(super) async fn follow(
     let deadline = job.ctx.deadline.unwrap_or(far);
     let mut deadline_passed = false;
     let mut cancel_sent: Option<Instant> = None;
-    let mut upstream_logs = String::new();
+    let mut upstream_logs_len = 0usize;
     let mut out_bytes = live
         .read(|r| r.prediction.output.as_deref().map_or(0, output_bytes))
         .unwrap_or(0);
@@ -77,6 +90,8 @@ pub(super) async fn follow(
     let mut attached = false;
     // After a restart it was created before: attach only.
     let mut created = resumed;
+    // A create was sent whose answer was lost: it may run there.
+    let mut maybe_created = false;
     let mut reattaches = 0u32;
     let mut retry = attempts::ConnectRetry::default();
     loop {
@@ -94,8 +109,8 @@ pub(super) async fn follow(
             }
         }
         let (opened, canceled) =
-            super::runner::uninterrupted(live, job.client.cog_put(id, &job.input, created)).await;
-        if canceled {
+            super::runner::uninterrupted(job, job.client.cog_put(id, &job.input, created)).await;
+        if canceled && cancel_sent.is_none() {
             cancel_sent = Some(Instant::now());
             let _ = job.client.cog_cancel(id).await;
         }
@@ -114,6 +129,7 @@ pub(super) async fn follow(
                     let _ = tx.send(First::Accepted);
                 }
                 attached = true;
+                created = true;
                 s
             }
             CogOpen::Busy(wait) => {
@@ -147,7 +163,8 @@ pub(super) async fn follow(
                 body,
                 content_type,
             } => {
-                if created {
+                // A 409 for an id sent before: it ended there unseen.
+                if created || (maybe_created && status == 409) {
                     let detail: String =
                         String::from_utf8_lossy(&body).chars().take(2000).collect();
                     return Err(End::Failed(format!(
@@ -170,6 +187,7 @@ pub(super) async fn follow(
             }
             CogOpen::Lost(e) => {
                 job.client.breaker.failure();
+                maybe_created = true;
                 reattaches += 1;
                 if reattaches > REATTACH_MAX {
                     return Err(End::Failed(format!(
@@ -199,6 +217,7 @@ pub(super) async fn follow(
                 ev = tokio::time::timeout(STREAM_IDLE, stream.next()) => ev,
                 _ = live.cancel_requested(), if cancel_sent.is_none() => {
                     cancel_sent = Some(Instant::now());
+                    job.keep_cancel().await;
                     if let Err(e) = job.client.cog_cancel(id).await {
                         tracing::warn!(upstream = %name, error = %e, "forwarding a cancel failed");
                     }
@@ -208,6 +227,7 @@ pub(super) async fn follow(
                     deadline_passed = true;
                     if job.ctx.deadline.is_some() && cancel_sent.is_none() {
                         cancel_sent = Some(Instant::now());
+                        job.keep_cancel().await;
                         let _ = job.client.cog_cancel(id).await;
                         continue;
                     }
@@ -253,27 +273,24 @@ pub(super) async fn follow(
                         if let Err(why) = limits.check(name, out_bytes, 0) {
                             return Err(over_limit(job, id, why).await);
                         }
-                        if let Some(r) = live.update(|r| {
+                        relay(job, WebhookEvent::Output, |r| {
                             r.prediction.output.get_or_insert_with(Vec::new).push(chunk)
-                        }) {
-                            job.ctx.notify(WebhookEvent::Output, &r).await;
-                        }
+                        })
+                        .await;
                     }
                 }
                 CogEvent::Log(text) => {
                     let end = seen_logs + text.len();
-                    if end > upstream_logs.len() {
-                        let skip = upstream_logs.len().saturating_sub(seen_logs);
+                    if end > upstream_logs_len {
+                        let skip = upstream_logs_len.saturating_sub(seen_logs);
                         if let Some(new) = text.get(skip..) {
-                            if let Err(why) = limits.check(name, 0, upstream_logs.len() + new.len())
-                            {
+                            upstream_logs_len += new.len();
+                            if let Err(why) = limits.check(name, 0, upstream_logs_len) {
                                 return Err(over_limit(job, id, why).await);
                             }
-                            upstream_logs.push_str(new);
-                            let all = format!("{base_logs}{upstream_logs}");
-                            if let Some(r) = live.update(|r| r.prediction.logs = all) {
-                                job.ctx.notify(WebhookEvent::Logs, &r).await;
-                            }
+                            // In place: a replay's logs past what is here, once.
+                            relay(job, WebhookEvent::Logs, |r| r.prediction.logs.push_str(new))
+                                .await;
                         }
                     }
                     seen_logs = end;

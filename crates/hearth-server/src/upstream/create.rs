@@ -327,11 +327,13 @@ pub(super) async fn upstream(
             },
             model,
             version,
+            input_bytes: super::intake::json_len(&sent_input),
             input: sent_input,
             cancel_after: req.cancel_after,
             link,
             quota: Some(quota),
             created: arrived,
+            cancel_asked: false,
         };
         let span =
             tracing::info_span!("prediction", %id, model = %job.model, upstream = %job.client.name);
@@ -418,17 +420,31 @@ pub async fn resume(state: &Arc<AppState>, record: Record, link: UpstreamLink) {
     .await
     .unwrap_or_else(|_| record.prediction.input.clone());
     tracing::info!(prediction = %id, upstream = %c.name, "resuming an upstream prediction after a restart");
+    // A cancel asked before the restart (kept by `Job::keep_cancel`) goes upstream
+    // again: the runner sees it as asked now.
+    let cancel_asked = match state.store.cancel_requests().await {
+        Ok(ids) => ids.contains(&id),
+        Err(e) => {
+            tracing::warn!(prediction = %id, error = %e, "could not read whether its cancel was asked");
+            false
+        }
+    };
+    if cancel_asked {
+        live.request_cancel();
+    }
     let job = Job {
         live,
         client: c,
         ctx,
         model: record.prediction.model.clone(),
         version,
+        input_bytes: super::intake::json_len(&input),
         input,
         cancel_after: None,
         link,
         quota: None,
         created: Instant::now(),
+        cancel_asked,
     };
     let span =
         tracing::info_span!("prediction", %id, model = %job.model, upstream = %job.client.name);

@@ -102,6 +102,16 @@ pub(super) async fn follow(
     }
 }
 
+/// Applies `change` to the prediction and feeds `event`'s webhook. With no webhook to
+/// feed, without a copy of the record: a stream's events come one by one.
+pub(super) async fn relay(job: &Job, event: WebhookEvent, change: impl FnOnce(&mut Record)) {
+    if job.ctx.webhook.is_none() {
+        job.live.apply(change);
+    } else if let Some(r) = job.live.update(change) {
+        job.ctx.notify(event, &r).await;
+    }
+}
+
 /// The output already here (one resumed after a restart), in bytes.
 fn snapshot_output_bytes(job: &Job) -> usize {
     job.live
@@ -154,9 +164,11 @@ impl Progress {
         job.live.update(|r| r.prediction.logs = all);
     }
 
-    /// Sends the cancel the caller asked for upstream (once); the upstream ends it.
+    /// Sends the cancel the caller asked for upstream (once), kept in the store first
+    /// (`Job::keep_cancel`); the upstream ends it.
     pub async fn forward_cancel(&mut self, job: &Job) {
         self.cancel_sent = Some(Instant::now());
+        job.keep_cancel().await;
         if let Err(e) = job.client.cancel(&self.uid).await {
             tracing::warn!(upstream = %job.client.name, error = %e, "forwarding a cancel failed; following on");
         }
@@ -231,14 +243,10 @@ impl Progress {
             return Err(self.over_limit(job, why).await);
         }
         for chunk in chunks {
-            let push =
-                |r: &mut Record| r.prediction.output.get_or_insert_with(Vec::new).push(chunk);
-            // No webhook to feed: the chunk goes in without a copy of the record.
-            if job.ctx.webhook.is_none() {
-                job.live.apply(push);
-            } else if let Some(r) = job.live.update(push) {
-                job.ctx.notify(WebhookEvent::Output, &r).await;
-            }
+            relay(job, WebhookEvent::Output, |r| {
+                r.prediction.output.get_or_insert_with(Vec::new).push(chunk)
+            })
+            .await;
         }
         Ok(())
     }
@@ -264,12 +272,7 @@ impl Progress {
             return Err(self.over_limit(job, why).await);
         }
         self.upstream_logs.push_str(new);
-        let push = |r: &mut Record| r.prediction.logs.push_str(new);
-        if job.ctx.webhook.is_none() {
-            job.live.apply(push);
-        } else if let Some(r) = job.live.update(push) {
-            job.ctx.notify(WebhookEvent::Logs, &r).await;
-        }
+        relay(job, WebhookEvent::Logs, |r| r.prediction.logs.push_str(new)).await;
         Ok(())
     }
 
@@ -310,9 +313,9 @@ impl Progress {
     /// ends as the poller ends it; other failures count against the upstream's
     /// breaker and are left to the stream (and then the poller's limits).
     pub async fn check(&mut self, job: &Job) -> Result<Option<Value>, End> {
-        let u = match job.client.get_prediction(&self.uid).await {
+        let u = match job.client.get_prediction(&self.uid, job.input_bytes).await {
             Ok(u) => u,
-            Err(CallError::Throttled(_)) => return Ok(None),
+            Err(CallError::Throttled(_) | CallError::Budget(_)) => return Ok(None),
             Err(CallError::Status { status, body }) if status < 500 => {
                 return Err(refused(&job.client.name, &self.uid, status, &body))
             }

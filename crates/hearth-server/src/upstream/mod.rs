@@ -13,6 +13,7 @@
 
 pub mod attempts;
 pub mod breaker;
+pub mod budget;
 pub mod card;
 pub mod chat_shape;
 pub mod client;
@@ -158,10 +159,12 @@ pub struct Hybrid {
 }
 
 impl Hybrid {
+    /// `budget`: the bytes all upstream answers being read may hold, one for all.
     pub fn new(
         specs: &[UpstreamSpec],
         routes: &[ModelRoute],
         breaker: BreakerConfig,
+        budget: budget::ByteBudget,
     ) -> Result<Self, String> {
         let mut upstreams = HashMap::new();
         for s in specs {
@@ -174,6 +177,7 @@ impl Hybrid {
             .with_cog(s.cog)
             .with_mirror(s.mirror.clone())
             .with_intake(s.intake)
+            .with_budget(budget.clone())
             .with_stream_origins(s.stream_origins.clone(), s.allow_private_streams);
             if upstreams.insert(s.name.clone(), Arc::new(c)).is_some() {
                 return Err(format!("--upstream: two upstreams are called {}", s.name));
@@ -324,15 +328,22 @@ mod tests {
     fn routes_must_name_a_known_upstream() {
         let ups = vec![UpstreamSpec::parse("h=http://127.0.0.1:1").unwrap()];
         let r = |s| ModelRoute::parse(s).unwrap();
-        assert!(Hybrid::new(&ups, &[r("a/b=upstream:h")], BreakerConfig::default()).is_ok());
-        let e = Hybrid::new(&ups, &[r("a/b=upstream:nope")], BreakerConfig::default())
-            .err()
-            .unwrap();
+        let b = budget::ByteBudget::default;
+        assert!(Hybrid::new(&ups, &[r("a/b=upstream:h")], BreakerConfig::default(), b()).is_ok());
+        let e = Hybrid::new(
+            &ups,
+            &[r("a/b=upstream:nope")],
+            BreakerConfig::default(),
+            b(),
+        )
+        .err()
+        .unwrap();
         assert!(e.contains("no --upstream called nope"), "{e}");
         let e = Hybrid::new(
             &ups,
             &[r("a/b=upstream:h"), r("a/b=local")],
             BreakerConfig::default(),
+            b(),
         )
         .err()
         .unwrap();

@@ -51,7 +51,7 @@ pub(super) async fn poll(job: &Job, p: &mut Progress) -> Result<Polled, End> {
             _ = tokio::time::sleep(grace), if p.cancel_sent.is_some() => {}
         }
         p.grace(job)?;
-        let u = match job.client.get_prediction(&uid).await {
+        let u = match job.client.get_prediction(&uid, job.input_bytes).await {
             Ok(u) => {
                 job.client.breaker.success();
                 last_ok = Instant::now();
@@ -66,7 +66,10 @@ pub(super) async fn poll(job: &Job, p: &mut Progress) -> Result<Polled, End> {
             }
             Err(CallError::TooLarge(why)) => return Err(p.over_limit(job, why).await),
             Err(e) => {
-                job.client.breaker.failure();
+                // Hearth's own memory budget is no fault of the upstream's.
+                if !matches!(e, CallError::Budget(_)) {
+                    job.client.breaker.failure();
+                }
                 if last_ok.elapsed() > UNREACHABLE_LIMIT {
                     return Err(End::Failed(format!(
                         "lost contact with upstream {name} for {} minutes ({e}); prediction {uid} may still be running there",

@@ -52,11 +52,15 @@ pub struct Job {
     pub model: String,
     pub version: Option<String>,
     pub input: Value,
+    /// `input`'s bytes as JSON: the upstream echoes it back (`intake::body_max`).
+    pub input_bytes: usize,
     pub cancel_after: Option<Duration>,
     pub link: UpstreamLink,
     /// Held until the prediction ends (none for one resumed after a restart).
     pub quota: Option<Slot>,
     pub created: Instant,
+    /// Resumed after a restart with its cancel asked before it (`keep_cancel`).
+    pub cancel_asked: bool,
 }
 
 /// How a prediction ended without the upstream's final record.
@@ -90,6 +94,16 @@ fn now_ms() -> i64 {
 impl Job {
     pub(super) fn id(&self) -> String {
         self.link.prediction_id.clone()
+    }
+
+    /// A cancel was asked (by the caller, the deadline, the shutdown's drain): kept in
+    /// the store before it goes upstream, so a restart that finds the prediction still
+    /// in flight (the process ended before the upstream confirmed it) sends it again
+    /// instead of following the prediction to an end nobody wants.
+    pub(super) async fn keep_cancel(&self) {
+        if let Err(e) = self.ctx.store.request_cancel(&self.id()).await {
+            tracing::warn!(error = %e, "could not store a prediction's cancel request");
+        }
     }
 
     pub(super) fn note(&self, line: String) {
@@ -195,9 +209,10 @@ fn unreachable_end() -> (Status, Option<String>, bool) {
 }
 
 /// Awaits `fut` to its end even when a cancel is asked meanwhile (dropping a create
-/// in flight would make it ambiguous); says whether one was.
+/// in flight would make it ambiguous); says whether one was, and keeps it in the store
+/// at once (`Job::keep_cancel`).
 pub(super) async fn uninterrupted<T>(
-    live: &Live,
+    job: &Job,
     fut: impl std::future::Future<Output = T>,
 ) -> (T, bool) {
     tokio::pin!(fut);
@@ -205,7 +220,10 @@ pub(super) async fn uninterrupted<T>(
     loop {
         tokio::select! {
             out = &mut fut => return (out, canceled),
-            _ = live.cancel_requested(), if !canceled => canceled = true,
+            _ = job.live.cancel_requested(), if !canceled => {
+                canceled = true;
+                job.keep_cancel().await;
+            }
         }
     }
 }
@@ -235,7 +253,7 @@ async fn create(
             &job.input,
             job.cancel_after,
         );
-        let (outcome, canceled) = uninterrupted(&job.live, sent).await;
+        let (outcome, canceled) = uninterrupted(job, sent).await;
         mark(job, "create answered");
         let (uid, stream) = match outcome {
             CreateOutcome::Created(v) => {

@@ -99,7 +99,7 @@ async fn follow_stream(
         Ok(Err(e)) => return Streamed::Broken(e),
         Err(_) => return Streamed::Broken("no answer to opening it".into()),
     };
-    let mut reader = SseReader::new(resp, EVENT_MAX.min(c.intake.event_max()));
+    let mut reader = SseReader::new(resp, EVENT_MAX.min(c.intake.event_max()), &c.budget);
     let mut out_bytes = 0usize;
     // One timer for the limit, armed once; an event already read costs no timer.
     let past_limit = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
@@ -182,6 +182,7 @@ pub(super) async fn run_copy(
         }
     };
     let some_uid = Some(uid.clone());
+    let sent_input = super::intake::json_len(input);
     let deadline = sent + limit + Duration::from_secs(5);
     let mut first_seen = None;
     let mut interval = POLL_MIN;
@@ -230,7 +231,7 @@ pub(super) async fn run_copy(
         if cancel_sent.is_some_and(|t| t.elapsed() > COPY_GRACE) {
             return failed(FailKind::Timeout, some_uid);
         }
-        let u = match c.get_prediction(&uid).await {
+        let u = match c.get_prediction(&uid, sent_input).await {
             Ok(u) => {
                 last_ok = Instant::now();
                 u

@@ -3,7 +3,13 @@
 //! The format is small enough that a crate would add little, and the one thing this
 //! reader needs that the common crates lack is a bound: bytes are buffered only up to
 //! the end of the current event, and an event larger than the reader's cap ends the
-//! stream with an error instead of growing the buffer.
+//! stream with an error instead of growing the buffer. The buffer's bytes come from
+//! the process-wide budget (`budget`) before they are taken in.
+
+use super::budget::{ByteBudget, Held};
+
+/// A buffer holding this much more of the budget than it needs gives it back.
+const GIVE_BACK: usize = 1 << 20;
 
 /// One block of the stream.
 #[derive(Debug, PartialEq, Eq)]
@@ -31,11 +37,16 @@ pub struct SseReader {
     /// At most one read from the connection this often (`pace`), and the last one.
     pace: Option<std::time::Duration>,
     last_read: Option<tokio::time::Instant>,
+    budget: ByteBudget,
+    held: Held,
+    /// Bytes read from the connection and not yet in `buf` (waiting for the budget).
+    pending: Option<axum::body::Bytes>,
 }
 
 impl SseReader {
-    /// Reads `resp`; an event over `max_event` bytes is an error.
-    pub fn new(resp: reqwest::Response, max_event: usize) -> Self {
+    /// Reads `resp`; an event over `max_event` bytes is an error, and so is a buffer
+    /// `budget` cannot cover within its wait.
+    pub fn new(resp: reqwest::Response, max_event: usize, budget: &ByteBudget) -> Self {
         Self {
             resp,
             buf: Vec::new(),
@@ -43,6 +54,9 @@ impl SseReader {
             max_event,
             pace: None,
             last_read: None,
+            budget: budget.clone(),
+            held: Held::default(),
+            pending: None,
         }
     }
 
@@ -67,6 +81,9 @@ impl SseReader {
                     .take(from + end)
                     .collect();
                 self.scanned = 0;
+                if self.held.bytes() > self.buf.len() + GIVE_BACK {
+                    self.held.shrink_to(self.buf.len());
+                }
                 return Ok(Some(parse_block(&String::from_utf8_lossy(&block))));
             }
             self.scanned = self.buf.len();
@@ -75,6 +92,15 @@ impl SseReader {
                     "an event over {} KiB, the most one may carry",
                     self.max_event >> 10
                 ));
+            }
+            // Kept aside while the budget is awaited: a canceled wait loses nothing.
+            if let Some(len) = self.pending.as_ref().map(|b| b.len()) {
+                let need = self.buf.len() + len;
+                self.budget.reserve(&mut self.held, need).await?;
+                if let Some(bytes) = self.pending.take() {
+                    self.buf.extend_from_slice(&bytes);
+                }
+                continue;
             }
             if let (Some(every), Some(last)) = (self.pace, self.last_read) {
                 // Only a wait still ahead: a timer rounds up to the driver's next tick.
@@ -87,7 +113,7 @@ impl SseReader {
                 self.last_read = Some(tokio::time::Instant::now());
             }
             match read {
-                Ok(Some(bytes)) => self.buf.extend_from_slice(&bytes),
+                Ok(Some(bytes)) => self.pending = Some(bytes),
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(e.without_url().to_string()),
             }
@@ -181,7 +207,7 @@ mod tests {
 
     fn reader(body: &str, max: usize) -> SseReader {
         let resp = axum::http::Response::new(body.to_string());
-        SseReader::new(reqwest::Response::from(resp), max)
+        SseReader::new(reqwest::Response::from(resp), max, &ByteBudget::default())
     }
 
     #[tokio::test]

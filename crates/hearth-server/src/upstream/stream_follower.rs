@@ -69,7 +69,7 @@ pub(super) async fn follow(job: &Job, url: &str, p: &mut Progress) -> Result<Str
             Err(e) => format!("opening it again: {e}"),
             Ok(resp) => {
                 mark(job, "stream connected");
-                let mut reader = SseReader::new(resp, event_max);
+                let mut reader = SseReader::new(resp, event_max, &job.client.budget);
                 // The silence bound and the next check are due from the last read and
                 // the last event: each read only notes its time, and one timer, moved
                 // when it fires, looks at both (a timer armed and dropped at every

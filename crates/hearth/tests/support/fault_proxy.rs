@@ -5,7 +5,9 @@
 //! everything with 503. URLs in the upstream's JSON that point at the upstream point
 //! at the proxy instead, so prediction event streams come through it too: relayed as
 //! they arrive, cut after a number of events, refused, or left out of the records (an
-//! upstream that names no stream).
+//! upstream that names no stream). It can also hold back a request that asks for an
+//! event stream (a slow attach) and swallow cancels (an upstream that never confirms
+//! one: held unanswered, never forwarded).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +30,10 @@ pub struct Plan {
     pub refuse_streams: bool,
     /// Records name their `urls.stream` on this origin instead (another host).
     pub stream_origin: Option<String>,
+    /// A request asking for an event stream is forwarded only after this long.
+    pub delay_streams: std::time::Duration,
+    /// `POST .../cancel` is held unanswered for two minutes and never forwarded.
+    pub swallow_cancels: bool,
 }
 
 pub struct FaultProxy {
@@ -244,6 +250,17 @@ async fn serve(
             .headers
             .iter()
             .any(|(k, v)| k == "accept" && v.contains("text/event-stream"));
+        let (delay, swallow) = {
+            let p = plan.lock().unwrap();
+            (p.delay_streams, p.swallow_cancels)
+        };
+        if swallow && req.method == "POST" && req.path.ends_with("/cancel") {
+            tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+            return;
+        }
+        if wants_stream && !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let act = {
             let mut p = plan.lock().unwrap();
             if p.fail_all || (wants_stream && p.refuse_streams) {

@@ -60,6 +60,9 @@ pub struct EngineConfig {
     /// The KV cache's element type; None: the compute dtype. f16/bf16 under f32
     /// activations on the CPU halve the cache's bytes (llama.cpp's default is f16).
     pub kv_cache_dtype: Option<candle_core::DType>,
+    /// Whose attention arithmetic to follow (`--attention-numerics`): llama.cpp's needs
+    /// the CPU, f32 activations and an f16 cache, and is checked against those here.
+    pub attention_numerics: crate::paged_attention::AttentionNumerics,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +78,7 @@ impl Default for EngineConfig {
             max_model_len: None,
             enable_prefix_caching: true,
             kv_cache_dtype: None,
+            attention_numerics: Default::default(),
         }
     }
 }
@@ -165,12 +169,13 @@ pub struct Engine {
     stats: EngineStats,
     sup: Supervision,
     masks: MaskPool,
+    numerics: crate::paged_attention::AttentionNumerics,
 }
 
 impl Engine {
     /// Sizes the KV cache, starts the engine thread and returns its handle.
     pub fn start(
-        model: Transformer,
+        mut model: Transformer,
         tokenizer: Arc<TextTokenizer>,
         eos_ids: Vec<u32>,
         cfg: &EngineConfig,
@@ -184,6 +189,12 @@ impl Engine {
         let kv_dtype =
             crate::kv_cache::resolve_dtype(cfg.kv_cache_dtype, model.dtype(), model.device())
                 .map_err(RuntimeError::Device)?;
+        cfg.attention_numerics
+            .check(model.dtype(), kv_dtype, model.device())
+            .map_err(RuntimeError::Device)?;
+        if cfg.attention_numerics == crate::paged_attention::AttentionNumerics::LlamaCpp {
+            model.use_llama_cpp_rope()?;
+        }
         let per_token = crate::kv_cache::bytes_per_token(&mcfg, kv_dtype);
         let budget = match cfg.kv_cache_memory {
             Some(b) => b,
@@ -286,6 +297,7 @@ impl Engine {
             stats: initial_stats,
             sup: Supervision::new(fault::Faults::new(tokenizer.clone())),
             masks,
+            numerics: cfg.attention_numerics,
         };
         std::thread::Builder::new()
             .name("hearth-engine".into())
@@ -443,6 +455,7 @@ impl Engine {
         }
         self.sup.current = plan.seqs.iter().map(|s| s.id).collect();
         let mut batch = ForwardBatch::new(self.scheduler.block_size());
+        batch.attention.numerics = self.numerics;
         let mut sampled_ids = Vec::new();
         for s in &plan.seqs {
             let Some(state) = self.scheduler.seq(s.id) else {

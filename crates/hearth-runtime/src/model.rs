@@ -229,6 +229,18 @@ impl Transformer {
         })
     }
 
+    /// RoPE tables with llama.cpp's angles (`--attention-numerics llama-cpp`: see
+    /// [`RotaryTables::llama_cpp`]).
+    pub fn use_llama_cpp_rope(&mut self) -> candle_core::Result<()> {
+        self.rotary = RotaryTables::llama_cpp(
+            &self.cfg,
+            self.cfg.max_position_embeddings,
+            self.dtype,
+            &self.device,
+        )?;
+        Ok(())
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }

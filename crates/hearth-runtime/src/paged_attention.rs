@@ -38,6 +38,7 @@ pub(crate) mod emulated;
 mod kernel;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
+mod llama_flash;
 // The launch plans and shape checks are read by the CUDA path and the emulator only;
 // a plain CPU build (e.g. a lone `-p hearth-server` build) compiles them unused.
 #[cfg_attr(not(any(feature = "cuda", hearth_cuda_emulator)), allow(dead_code))]
@@ -73,9 +74,57 @@ const QUERY_TILE: usize = 16;
 #[cfg(target_arch = "x86_64")]
 const TILED_MIN_ROWS: usize = 8;
 
+/// Whose arithmetic the attention op follows (`--attention-numerics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AttentionNumerics {
+    /// hearth's kernels: f32 scores, softmax and sums whatever the cache dtype.
+    #[default]
+    Hearth,
+    /// llama.cpp's CPU flash attention (llama_flash.rs: f16 Q, an f16 running P·V sum):
+    /// f32 activations over an f16 cache on the CPU only. For agreeing with an
+    /// unmodified llama-server to the token, not for accuracy.
+    LlamaCpp,
+}
+
+impl AttentionNumerics {
+    /// `--attention-numerics`: `hearth` or `llama-cpp`.
+    pub fn parse(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "hearth" => Ok(Self::Hearth),
+            "llama-cpp" => Ok(Self::LlamaCpp),
+            other => Err(format!(
+                "attention_numerics {other:?} is not one of hearth, llama-cpp"
+            )),
+        }
+    }
+
+    /// Whether an engine computing in `compute` over a `cache` KV cache on `device` can
+    /// follow these numerics: checked at start-up, so a wrong combination fails to load
+    /// rather than failing every step.
+    pub fn check(
+        self,
+        compute: candle_core::DType,
+        cache: candle_core::DType,
+        device: &Device,
+    ) -> std::result::Result<(), String> {
+        use candle_core::DType;
+        if self == Self::LlamaCpp
+            && (!device.is_cpu() || compute != DType::F32 || cache != DType::F16)
+        {
+            return Err(format!(
+                "attention_numerics llama-cpp needs the CPU, f32 activations and an f16 KV cache (got {}, {compute:?}, kv_cache_dtype {cache:?})",
+                device_name(device)
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The step's layout, shared by every layer's attention call.
 #[derive(Debug, Clone, Default)]
 pub struct AttentionMetadata {
+    /// Whose arithmetic the CPU kernels follow (the same for every step of an engine).
+    pub numerics: AttentionNumerics,
     /// `S + 1` offsets into the flattened tokens: sequence `s` owns queries
     /// `query_start[s]..query_start[s + 1]`.
     pub query_start: Vec<u32>,
@@ -219,6 +268,22 @@ impl CustomOp3 for PagedAttention<'_> {
         let dims = Dims { h, kvh, d, bs };
         let (qo, ko, vo) = (ql.start_offset(), kl.start_offset(), vl.start_offset());
         let cache_len = nb * bs * kvh * d;
+        if self.meta.numerics == AttentionNumerics::LlamaCpp {
+            let (CpuStorage::F32(q), CpuStorage::F16(k), CpuStorage::F16(v)) = (qs, ks, vs) else {
+                candle_core::bail!(
+                    "paged attention: attention_numerics llama-cpp needs f32 queries over an f16 cache"
+                );
+            };
+            let out = llama_flash::attend(
+                &q[qo..qo + t * h * d],
+                &k[ko..ko + cache_len],
+                &v[vo..vo + cache_len],
+                self.meta,
+                dims,
+                self.scale,
+            );
+            return Ok((CpuStorage::F32(out), shape));
+        }
         macro_rules! run {
             ($q:expr, $k:expr, $v:expr, $variant:ident) => {{
                 let out = attend(
@@ -260,6 +325,9 @@ impl CustomOp3 for PagedAttention<'_> {
         vs: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.meta.numerics != AttentionNumerics::Hearth {
+            candle_core::bail!("paged attention: attention_numerics llama-cpp is CPU-only");
+        }
         cuda::forward(self.meta, self.scale, qs, ql, ks, kl, vs, vl)
     }
 }

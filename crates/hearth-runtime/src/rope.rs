@@ -68,6 +68,46 @@ impl RotaryTables {
                 sin.push(angle.sin());
             }
         }
+        Self::from_host(cos, sin, max_positions, half, dtype, device)
+    }
+
+    /// The tables as llama.cpp's CPU RoPE computes them (`ggml_rope_cache_init`, no
+    /// frequency scaling): each pair's angle is the previous one times
+    /// `base^(-2/head_dim)` in f32, starting from the position, so angles drift a few ulp
+    /// from transformers' (`--attention-numerics llama-cpp`; other scalings keep
+    /// [`RotaryTables::new`]'s angles).
+    pub fn llama_cpp(
+        cfg: &ModelConfig,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        if !matches!(cfg.rope_scaling, RopeScaling::None) {
+            return Self::new(cfg, max_positions, dtype, device);
+        }
+        let half = cfg.head_dim / 2;
+        let theta_scale = (cfg.rope_theta as f32).powf(-2.0 / cfg.head_dim as f32);
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            let mut theta = p as f32;
+            for _ in 0..half {
+                cos.push(theta.cos());
+                sin.push(theta.sin());
+                theta *= theta_scale;
+            }
+        }
+        Self::from_host(cos, sin, max_positions, half, dtype, device)
+    }
+
+    fn from_host(
+        cos: Vec<f32>,
+        sin: Vec<f32>,
+        max_positions: usize,
+        half: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
             cos: Tensor::from_slice(&cos, (max_positions, half), device)?.to_dtype(dtype)?,
             sin: Tensor::from_slice(&sin, (max_positions, half), device)?.to_dtype(dtype)?,

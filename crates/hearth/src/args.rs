@@ -82,6 +82,11 @@ pub struct EngineArgs {
     /// the compute dtype elsewhere), f32, f16, bf16. f16/bf16 halve the cache.
     #[arg(long, env = "HEARTH_KV_CACHE_DTYPE", default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
     pub kv_cache_dtype: String,
+    /// Whose attention arithmetic to follow: hearth (f32 scores and sums) or llama-cpp
+    /// (llama.cpp's CPU flash attention: f16 queries, an f16 running sum; needs the CPU,
+    /// f32 activations and an f16 KV cache), to agree with an unmodified llama-server.
+    #[arg(long, env = "HEARTH_ATTENTION_NUMERICS", default_value = "hearth", value_parser = ["hearth", "llama-cpp"])]
+    pub attention_numerics: String,
 }
 
 impl ModelArgs {
@@ -120,6 +125,11 @@ impl EngineArgs {
             // clap admits only the names parse_dtype knows.
             kv_cache_dtype: hearth_runtime::kv_cache::parse_dtype(&self.kv_cache_dtype)
                 .unwrap_or(None),
+            // clap admits only the names parse knows.
+            attention_numerics: hearth_runtime::paged_attention::AttentionNumerics::parse(
+                &self.attention_numerics,
+            )
+            .unwrap_or_default(),
         }
     }
 }

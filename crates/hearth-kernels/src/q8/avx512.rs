@@ -69,7 +69,7 @@ unsafe fn load16(p: *const u8) -> __m128i {
 /// already moved there): ternary logic A | (B & C).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn join6(lo: __m512i, hi: __m512i) -> __m512i {
+pub(super) unsafe fn join6(lo: __m512i, hi: __m512i) -> __m512i {
     _mm512_ternarylogic_epi32::<0xF8>(lo, hi, _mm512_set1_epi8(0x30))
 }
 

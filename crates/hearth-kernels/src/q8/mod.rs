@@ -22,6 +22,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_q4k;
+#[cfg(target_arch = "x86_64")]
+mod avx512_rows;
 pub mod reference;
 
 use candle_core::quantized::GgmlDType;
@@ -303,6 +305,17 @@ pub fn matmul_quantized(
         // SAFETY: each weight row's outputs (column r of every dst row) are written by
         // exactly one work range; dst outlives the pool call.
         let dst = dst_ptr as *mut f32;
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 && m == 1 && wt == WeightType::Q6K {
+            // One activation row: the weight rows in memory order (`avx512_rows`).
+            for r in rows {
+                // SAFETY: the CPU has AVX-512; row `r` is whole (checked above).
+                unsafe {
+                    *dst.add(r) = avx512_rows::dot_q6k(w.as_ptr().add(r * row_bytes), acts, 0)
+                };
+            }
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 {
             let mut out = [[0f32; avx512::ROWS]; avx512::MAX_ACTS];

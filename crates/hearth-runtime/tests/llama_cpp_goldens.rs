@@ -53,7 +53,7 @@ const Q8_0_EQUAL: usize = 2;
 const Q8_0_PREFIX: usize = 1;
 
 /// bench-small (random weights) Q4_K_M and Q6_K, measured likewise: teacher-forced 142 and
-/// 143 of 160 (89%); free-running 2 of 5 and 0 of 5 equal (first departures at tokens 0
+/// 143 of 160 (89%; Q4_K_M 147 since Q4_K follows llama.cpp's repacked order); free-running 2 of 5 and 0 of 5 equal (first departures at tokens 0
 /// and 0: a random model's top two logits are close, but a wrong block decode or scale
 /// drops agreement to a few percent).
 const SMALL_FORCED_PERCENT: usize = 88;
@@ -304,14 +304,19 @@ fn q4_k_m_teacher_forced_agrees_with_llama_cpp() {
     let golden: serde_json::Value =
         serde_json::from_str(include_str!("goldens/llama_cpp_smollm2_q4_k_m.json")).unwrap();
     let (agree, total) = forced_agreement(&q4_k_m(), &golden, F32_CACHE);
-    assert!(agree * 100 >= total * 98, "{agree} of {total}");
+    // 137 of 139 with Q4_K in ggml's vec_dot lane order, 136 since Q4_K follows
+    // llama.cpp's repacked GEMV/GEMM order (q8::SumOrder), which took bench-small's Q4_K_M
+    // from 142 to 147 of 160: one near-tie either way.
+    assert!(agree * 100 >= total * 97, "{agree} of {total}");
 }
 
 #[test]
 fn q4_k_m_greedy_equals_llama_cpp() {
     let golden: serde_json::Value =
         serde_json::from_str(include_str!("goldens/llama_cpp_smollm2_q4_k_m.json")).unwrap();
-    check_cases(&engine(&q4_k_m(), &golden, F32_CACHE), &golden, 3, 16);
+    // 3 of 5 (first departure at token 20) in the lane order, 2 of 5 in llama.cpp's
+    // repacked order (the third flips a near-tie at token 1): see the test above.
+    check_cases(&engine(&q4_k_m(), &golden, F32_CACHE), &golden, 2, 1);
 }
 
 /// SmolLM2 Q8_0 (llama-quantize's, every projection Q8_0: scripts/bench-gguf.sh q8_0),
@@ -415,7 +420,8 @@ fn f16_kv_cache_against_llama_cpp() {
         (
             include_str!("goldens/llama_cpp_smollm2_q4_k_m.json"),
             q4_k_m(),
-            98,
+            // 134 of 139 since Q4_K follows llama.cpp's repacked order (q8::SumOrder).
+            96,
         ),
         (
             include_str!("goldens/llama_cpp_smollm2_q4_1.json"),

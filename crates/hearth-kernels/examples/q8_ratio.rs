@@ -53,13 +53,18 @@ fn main() -> candle_core::Result<()> {
         "{:<5} {:>5} {:>5} {:>3} | {:>9} {:>9} {:>9} | {:>8} {:>9} | {:>8}",
         "type", "n", "k", "m", "tile µs", "row µs", "avx2 µs", "row/tile", "avx2/tile", "ns/blk·m"
     );
-    // SmolLM2-135M: gate/up, down, the tied output layer; bench-small: gate/up, down.
-    let shapes: [(usize, usize); 5] = [
+    // SmolLM2-135M: gate/up, down, the tied output layer; bench-small: gate/up, down, its
+    // Q6_K output layer; then bench-small's gate/up and down with 4 rows fewer, where Q4_K
+    // keeps ggml's lane order (`SumOrder::Lanes`) instead of llama.cpp's repacked one.
+    let shapes: [(usize, usize); 8] = [
         (1536, 576),
         (576, 1536),
         (49152, 576),
         (2048, 768),
         (768, 2048),
+        (49152, 768),
+        (2044, 768),
+        (764, 2048),
     ];
     let types = [
         GgmlDType::Q4_0,
@@ -81,8 +86,13 @@ fn main() -> candle_core::Result<()> {
         let wt = WeightType::from_ggml(dtype).expect("a q8 type");
         for &(n, k) in &shapes {
             // The output layer only in the types SmolLM2's files store it in.
+            let output_layer = match k {
+                576 => matches!(wt, WeightType::Q8_0 | WeightType::Q4_1),
+                _ => wt == WeightType::Q6K,
+            };
             if !k.is_multiple_of(wt.block())
-                || (n == 49152 && !matches!(wt, WeightType::Q8_0 | WeightType::Q4_1))
+                || (n == 49152 && !output_layer)
+                || (n % 8 == 4 && wt != WeightType::Q4K)
             {
                 continue;
             }

@@ -4,7 +4,7 @@
 //! whole and partial tiles of weight rows and of activation rows.
 
 use half::f16;
-use hearth_kernels::q8::{self, acts, reference, Isa, WeightType};
+use hearth_kernels::q8::{self, acts, reference, Isa, SumOrder, WeightType};
 
 const TYPES: [WeightType; 8] = [
     WeightType::Q4_0,
@@ -89,9 +89,15 @@ fn reference_products(wt: WeightType, w: &[u8], n: usize, a: &acts::QuantizedAct
 #[test]
 fn integer_sums_are_exact_on_every_isa() {
     let mut rng = Rng(41);
-    let (n, k) = (35, 512);
+    let k = 512;
     let mut wrong = Vec::new();
-    for wt in TYPES {
+    // 35 weight rows: every type in ggml's lane order; 40: Q4_K in llama.cpp's repacked
+    // orders (`SumOrder`).
+    for (wt, n) in TYPES
+        .into_iter()
+        .map(|wt| (wt, 35))
+        .chain([(WeightType::Q4K, 40)])
+    {
         // Two exponents and both signs: every product a multiple of 2^-8, every sum well
         // inside f32's 24 bits.
         let w = random_blocks(wt, n, k, &mut rng, &mut |r| {
@@ -201,7 +207,7 @@ fn tiles_equal_the_row_kernels_to_the_bit() {
     let mut wrong = Vec::new();
     let mut compared = 0usize;
     for wt in TYPES {
-        for (n, k) in [(37, 512), (5, 768), (16, 256), (50, 1536)] {
+        for (n, k) in [(37, 512), (5, 768), (16, 256), (50, 1536), (40, 512)] {
             let k = if wt.block() == 32 { k + 96 } else { k };
             let w = random_blocks(wt, n, k, &mut rng, &mut |r| {
                 r.f() * [0.001, 0.05, 3.0][(r.next() % 3) as usize]
@@ -223,6 +229,72 @@ fn tiles_equal_the_row_kernels_to_the_bit() {
             }
         }
     }
+    assert!(
+        wrong.is_empty(),
+        "{} of {compared} differ:\n{}",
+        wrong.len(),
+        wrong[..wrong.len().min(30)].join("\n")
+    );
+}
+
+/// Q4_K weights of a multiple of 8 rows are repacked by llama.cpp, whose GEMM (activation
+/// rows in whole fours) and GEMV (the rest) add the float terms in their own orders
+/// (`SumOrder::Pair`, `Block`); every instruction set follows them to the bit, as the
+/// reference computes them, on random scales where another order rounds differently. Row
+/// counts not a multiple of 8 keep ggml's lane order (`SumOrder::Lanes`).
+#[test]
+fn q4_k_follows_llama_cpp_repacked_order_to_the_bit() {
+    let mut rng = Rng(71);
+    let k = 768;
+    assert_eq!(SumOrder::of(WeightType::Q4K, 37, 8, 0), SumOrder::Lanes);
+    assert_eq!(SumOrder::of(WeightType::Q6K, 48, 8, 0), SumOrder::Lanes);
+    let split = |n: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)| {
+        work(0..n / 3);
+        work(n / 3..n);
+    };
+    let (mut wrong, mut compared) = (Vec::new(), 0usize);
+    // Element counts where the two repacked orders (and ggml's generic one) round apart:
+    // the test tells the orders apart.
+    let (mut pair_vs_block, mut block_vs_generic) = (0usize, 0usize);
+    for n in [8, 48, 40] {
+        let w = random_blocks(WeightType::Q4K, n, k, &mut rng, &mut |r| {
+            r.f() * [0.001, 0.05, 3.0][(r.next() % 3) as usize]
+        });
+        let row_bytes = w.len() / n;
+        for m in (1..=10).chain([13, 16, 19]) {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
+            let a = acts::quantize(WeightType::Q4K.act_format(), &x, k);
+            for isa in Isa::available() {
+                let got = q8::matmul_on_isa(isa, WeightType::Q4K, &w, n, k, &x, &split);
+                for t in 0..m {
+                    let order = SumOrder::of(WeightType::Q4K, n, m, t);
+                    assert_eq!(order == SumOrder::Pair, t < m - m % 4);
+                    for r in 0..n {
+                        let wr = &w[r * row_bytes..(r + 1) * row_bytes];
+                        let want = reference::dot_ordered(order, WeightType::Q4K, wr, &a, t);
+                        compared += 1;
+                        if got[t * n + r].to_bits() != want.to_bits() {
+                            wrong.push(format!(
+                                "{isa:?} {n}x{k} m={m} act {t} row {r} ({order:?}): {} vs {want}",
+                                got[t * n + r]
+                            ));
+                        }
+                        if isa == Isa::Scalar {
+                            let block = reference::dot_q4k_repacked(wr, &a, t, false);
+                            let pair = reference::dot_q4k_repacked(wr, &a, t, true);
+                            let generic = reference::dot(WeightType::Q4K, wr, &a, t);
+                            pair_vs_block += usize::from(pair.to_bits() != block.to_bits());
+                            block_vs_generic += usize::from(block.to_bits() != generic.to_bits());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        pair_vs_block > 0 && block_vs_generic > 0,
+        "the orders never round apart ({pair_vs_block}, {block_vs_generic}): the test cannot tell them apart"
+    );
     assert!(
         wrong.is_empty(),
         "{} of {compared} differ:\n{}",

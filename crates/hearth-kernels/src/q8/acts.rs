@@ -77,13 +77,15 @@ pub fn quantize(format: ActFormat, x: &[f32], k: usize) -> QuantizedActs {
         ActFormat::Q8_0 | ActFormat::Q8_1 => {
             for (xb, qb) in x.chunks_exact(32).zip(out.qs.chunks_exact_mut(32)) {
                 // quantize_row_q8_0/q8_1 in ggml-cpu/arch/x86/quants.c (AVX2): multiply by
-                // 127/amax, round half to even, d = amax/127 stored as f16.
+                // 127/amax, round half to even, d = amax/127 stored as f16. The rounding
+                // through the float adder (|v·id| <= 127), not `round_ties_even`: without
+                // SSE4.1 in the build target that is a libm call per value.
                 let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let d = amax / 127.0;
                 let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
                 let mut sum = 0i32;
                 for (q, v) in qb.iter_mut().zip(xb) {
-                    let r = (v * id).round_ties_even() as i32;
+                    let r = nearest_int(v * id);
                     sum += r;
                     *q = r as i8;
                 }
@@ -135,6 +137,15 @@ mod tests {
         assert_eq!(nearest_int(3.5), 4);
         assert_eq!(nearest_int(-2.5), -2);
         assert_eq!(nearest_int(-126.6), -127);
+        // Every float step in [-128, 128] around the halves rounds as `round_ties_even`
+        // (the Q8_0/Q8_1 quantizer's definition before it took `nearest_int`).
+        for i in -128 * 1024..=128 * 1024 {
+            let x = i as f32 / 1024.0;
+            let around = [x.next_down(), x, x.next_up()];
+            for x in around {
+                assert_eq!(nearest_int(x), x.round_ties_even() as i32, "{x}");
+            }
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 
 use super::acts::QuantizedActs;
 use super::reference::k4_scales;
-use super::{WeightType, TILE};
+use super::{SumOrder, WeightType, TILE};
 // The 16-bit kernel's helpers: the same f16 read and horizontal sum.
 use crate::quant_matmul::avx2::{f16, hsum};
 
@@ -59,15 +59,17 @@ unsafe fn high2(v: __m256i) -> __m256i {
     _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi8(3)), 4)
 }
 
-/// Dot products of weight row `w` (`nb` blocks) with activation rows `t0..t0 + tn`; with
-/// `vnni`, the blocks of 32 take `vpdpbusd`.
+/// Dot products of weight row `w` (`nb` blocks) with activation rows `t0..t0 + tn`, their
+/// float terms added in `order`; with `vnni`, the blocks of 32 take `vpdpbusd`.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C (and AVX512-VNNI with AVX512VL when `vnni`); `w` holds
 /// `nb` blocks of `wt`; the rows exist in `a`.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn row_tile(
     vnni: bool,
+    order: SumOrder,
     wt: WeightType,
     w: &[u8],
     a: &QuantizedActs,
@@ -91,6 +93,9 @@ pub unsafe fn row_tile(
         WeightType::Q5_0 => t32!(2),
         WeightType::Q5_1 => t32!(3),
         WeightType::Q8_0 => t32!(4),
+        WeightType::Q4K if order != SumOrder::Lanes => {
+            tile_q4k_repacked(order == SumOrder::Pair, w, a, t0, tn, out)
+        }
         WeightType::Q4K | WeightType::Q5K => tile_q45k(wt, w, a, t0, tn, out),
         WeightType::Q6K => tile_q6k(w, a, t0, tn, out),
     }
@@ -258,6 +263,73 @@ unsafe fn tile_q45k(
     }
     for t in 0..tn {
         out[t] = hsum(acc[t]) + offs[t];
+    }
+}
+
+/// The eight i32 lanes' sum.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<1>(s)))
+}
+
+/// Q4_K in llama.cpp's repacked order (`SumOrder::Block`, or `Pair` when `pairs`; see
+/// `reference::dot_q4k_repacked`): `tile_q45k`'s exact integer sums, added across the
+/// lanes per block (per 64 values) before their one FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q4k_repacked(
+    pairs: bool,
+    w: &[u8],
+    a: &QuantizedActs,
+    t0: usize,
+    tn: usize,
+    out: &mut [f32; TILE],
+) {
+    let k = a.k;
+    let nb = k / 256;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let (mut acc, mut acc_min) = ([0f32; TILE], [0f32; TILE]);
+    let xq = a.qs.as_ptr() as *const u8;
+    for i in 0..nb {
+        let b = w.as_ptr().add(i * 144);
+        let (d, dmin) = (f16(b), f16(b.add(2)));
+        let (sc, mn) = k4_scales(std::slice::from_raw_parts(b.add(4), 12));
+        let (mut isum, mut imin) = ([0i32; TILE], [0i32; TILE]);
+        for p in 0..4 {
+            let q = load(b.add(16 + 32 * p));
+            let lo = _mm256_and_si256(q, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            let s_lo = _mm256_set1_epi16(sc[2 * p] as i16);
+            let s_hi = _mm256_set1_epi16(sc[2 * p + 1] as i16);
+            for t in 0..tn {
+                let ab = (t0 + t) * nb + i;
+                let x = xq.add((t0 + t) * k + i * 256 + 64 * p);
+                let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(x)), s_lo);
+                let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(x.add(32))), s_hi);
+                isum[t] += hsum_i32(_mm256_add_epi32(p_lo, p_hi));
+                let bs = a.bsums.get_unchecked(ab * 16 + 4 * p..ab * 16 + 4 * p + 4);
+                imin[t] += mn[2 * p] as i32 * (bs[0] as i32 + bs[1] as i32)
+                    + mn[2 * p + 1] as i32 * (bs[2] as i32 + bs[3] as i32);
+                if pairs {
+                    let dx = *a.d.get_unchecked(ab);
+                    acc[t] = (isum[t] as f32).mul_add(d * dx, acc[t]);
+                    acc_min[t] = (imin[t] as f32).mul_add(dmin * dx, acc_min[t]);
+                    (isum[t], imin[t]) = (0, 0);
+                }
+            }
+        }
+        if !pairs {
+            for t in 0..tn {
+                let dx = *a.d.get_unchecked((t0 + t) * nb + i);
+                acc[t] = (isum[t] as f32).mul_add(d * dx, acc[t]);
+                acc_min[t] = (imin[t] as f32).mul_add(dmin * dx, acc_min[t]);
+            }
+        }
+    }
+    for t in 0..tn {
+        out[t] = acc[t] - acc_min[t];
     }
 }
 

@@ -23,7 +23,7 @@
 use std::arch::x86_64::*;
 
 use super::acts::QuantizedActs;
-use super::WeightType;
+use super::{avx512_q4k, SumOrder, WeightType};
 
 /// Weight rows per tile: the sixteen 32-bit lanes of a register.
 pub(crate) const ROWS: usize = 16;
@@ -37,7 +37,7 @@ pub(crate) type TileOut = [[f32; ROWS]; MAX_ACTS];
 /// `4c..4c + 4` of row `r` in lane `r`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn load16x4(rp: &[*const u8; ROWS], o: usize) -> [__m512i; 4] {
+pub(super) unsafe fn load16x4(rp: &[*const u8; ROWS], o: usize) -> [__m512i; 4] {
     // z[s] holds rows s, s + 4, s + 8, s + 12 in its four 128-bit lanes, so the 4×4
     // transpose inside each 128-bit lane lands row 4L + s in lane 4L + s.
     let mut z = [_mm512_setzero_si512(); 4];
@@ -69,7 +69,7 @@ unsafe fn load16(p: *const u8) -> __m128i {
 /// already moved there): ternary logic A | (B & C).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn join6(lo: __m512i, hi: __m512i) -> __m512i {
+pub(super) unsafe fn join6(lo: __m512i, hi: __m512i) -> __m512i {
     _mm512_ternarylogic_epi32::<0xF8>(lo, hi, _mm512_set1_epi8(0x30))
 }
 
@@ -79,7 +79,7 @@ unsafe fn join6(lo: __m512i, hi: __m512i) -> __m512i {
 /// Past the last row the addresses are never read (a prefetch does not fault).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn prefetch_next(rp: &[*const u8; ROWS], nb: usize, bb: usize, i: usize) {
+pub(super) unsafe fn prefetch_next(rp: &[*const u8; ROWS], nb: usize, bb: usize, i: usize) {
     let base = rp[0].wrapping_add(ROWS * nb * bb + i * ROWS * bb);
     for line in (0..ROWS * bb).step_by(64) {
         _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(line) as *const i8);
@@ -90,7 +90,7 @@ unsafe fn prefetch_next(rp: &[*const u8; ROWS], nb: usize, bb: usize, i: usize) 
 /// `sel[b]` of the same dword, or zero where `sel[b]` is negative.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn within_dwords(sel: [i8; 4]) -> __m512i {
+pub(super) unsafe fn within_dwords(sel: [i8; 4]) -> __m512i {
     let mut v = 0u32;
     for (b, &s) in sel.iter().enumerate() {
         let byte = if s < 0 { 0x80 } else { s as u32 };
@@ -121,14 +121,14 @@ unsafe fn within_dwords(sel: [i8; 4]) -> __m512i {
 /// Sixteen f16 values, one in the low half of each lane, as f32.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn f16_lanes(v: __m512i) -> __m512 {
+pub(super) unsafe fn f16_lanes(v: __m512i) -> __m512 {
     _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v))
 }
 
 /// Four activation bytes at `p`, in every lane.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn bcast(p: *const i8) -> __m512i {
+pub(super) unsafe fn bcast(p: *const i8) -> __m512i {
     _mm512_set1_epi32((p as *const i32).read_unaligned())
 }
 
@@ -144,7 +144,8 @@ unsafe fn group_sums_in_hsum_order(v: &[__m512; 8]) -> __m512 {
 }
 
 /// Sixteen weight rows (`rp[r]` is row `r`'s first block; rows may repeat) against
-/// activation rows `t0..t0 + tn` (`tn` is 1, 2, 4 or 8), into `out[t][r]`.
+/// activation rows `t0..t0 + tn` (`tn` is 1, 2, 4 or 8), into `out[t][r]`, the float terms
+/// added in `order`.
 ///
 /// # Safety
 /// The CPU has AVX512F/BW/VL/VNNI, AVX2, FMA and F16C; each `rp[r]` points at `a.k /
@@ -152,6 +153,7 @@ unsafe fn group_sums_in_hsum_order(v: &[__m512; 8]) -> __m512 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn tile(
     wt: WeightType,
+    order: SumOrder,
     rp: &[*const u8; ROWS],
     a: &QuantizedActs,
     t0: usize,
@@ -159,10 +161,10 @@ pub(crate) unsafe fn tile(
     out: &mut TileOut,
 ) {
     match tn {
-        8 => tile_n::<8>(wt, rp, a, t0, out),
-        4 => tile_n::<4>(wt, rp, a, t0, out),
-        2 => tile_n::<2>(wt, rp, a, t0, out),
-        _ => tile_n::<1>(wt, rp, a, t0, out),
+        8 => tile_n::<8>(wt, order, rp, a, t0, out),
+        4 => tile_n::<4>(wt, order, rp, a, t0, out),
+        2 => tile_n::<2>(wt, order, rp, a, t0, out),
+        _ => tile_n::<1>(wt, order, rp, a, t0, out),
     }
 }
 
@@ -170,20 +172,27 @@ pub(crate) unsafe fn tile(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_n<const N: usize>(
     wt: WeightType,
+    order: SumOrder,
     rp: &[*const u8; ROWS],
     a: &QuantizedActs,
     t0: usize,
     out: &mut TileOut,
 ) {
-    match wt {
-        WeightType::Q4_0 => tile_32::<0, N>(rp, a, t0, out),
-        WeightType::Q4_1 => tile_32::<1, N>(rp, a, t0, out),
-        WeightType::Q5_0 => tile_32::<2, N>(rp, a, t0, out),
-        WeightType::Q5_1 => tile_32::<3, N>(rp, a, t0, out),
-        WeightType::Q8_0 => tile_32::<4, N>(rp, a, t0, out),
-        WeightType::Q4K => tile_q45k::<false, N>(rp, a, t0, out),
-        WeightType::Q5K => tile_q45k::<true, N>(rp, a, t0, out),
-        WeightType::Q6K => tile_q6k::<N>(rp, a, t0, out),
+    match (wt, order) {
+        (WeightType::Q4K, SumOrder::Block) => {
+            avx512_q4k::tile_q4k_repacked::<false, N>(rp, a, t0, out)
+        }
+        (WeightType::Q4K, SumOrder::Pair) => {
+            avx512_q4k::tile_q4k_repacked::<true, N>(rp, a, t0, out)
+        }
+        (WeightType::Q4_0, _) => tile_32::<0, N>(rp, a, t0, out),
+        (WeightType::Q4_1, _) => tile_32::<1, N>(rp, a, t0, out),
+        (WeightType::Q5_0, _) => tile_32::<2, N>(rp, a, t0, out),
+        (WeightType::Q5_1, _) => tile_32::<3, N>(rp, a, t0, out),
+        (WeightType::Q8_0, _) => tile_32::<4, N>(rp, a, t0, out),
+        (WeightType::Q4K, SumOrder::Lanes) => tile_q45k::<false, N>(rp, a, t0, out),
+        (WeightType::Q5K, _) => tile_q45k::<true, N>(rp, a, t0, out),
+        (WeightType::Q6K, _) => tile_q6k::<N>(rp, a, t0, out),
     }
 }
 

@@ -7,8 +7,10 @@
 //! up to the order of float sums. The integer inner loops run a row at a time on AVX2 (and
 //! 256-bit AVX512-VNNI for blocks of 32) where the CPU has it, on the scalar definition
 //! (`reference`) otherwise; sixteen weight rows at a time on AVX-512 (`avx512`, every
-//! type), whose tiles keep the row kernels' order of float sums (llama.cpp's AVX2 lane
-//! order), so they give the same results to the bit.
+//! type), whose tiles keep the row kernels' order of float sums, so they give the same
+//! results to the bit. That order is llama.cpp's for the same product (`SumOrder`): its
+//! AVX2 lane order, or for Q4_K weights, which llama.cpp repacks at load, its repacked
+//! GEMV/GEMM's one sum per row, which also lets the Q4_K tile skip the lane bookkeeping.
 
 // Tile loops index several per-row arrays (accumulators, sums, outputs) by the same row.
 #![allow(clippy::needless_range_loop)]
@@ -18,6 +20,10 @@ pub mod acts;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_q4k;
+#[cfg(target_arch = "x86_64")]
+mod avx512_rows;
 pub mod reference;
 
 use candle_core::quantized::GgmlDType;
@@ -89,6 +95,39 @@ impl WeightType {
 /// many times.
 pub(crate) const TILE: usize = 4;
 
+/// The order in which llama.cpp's CPU backend adds a product's float terms, which hearth
+/// follows to the bit so that greedy tokens agree on the same file. The integer block sums
+/// are exact on both sides; only this order is left to match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SumOrder {
+    /// ggml's AVX2 `vec_dot_*` (every type but repacked Q4_K): per row eight lane sums, one
+    /// per four-value group of every 32, each taking its block's scaled sum by FMA, added
+    /// in `hsum` order at the end.
+    Lanes,
+    /// Q4_K repacked at load (`ggml_gemv_q4_K_8x8_q8_K`, for activation rows that are not
+    /// part of a whole four): one integer sum per block, taken by FMA with `d·dx` into one
+    /// running sum; the mins likewise with `dmin·dx` into a second; their difference.
+    Block,
+    /// The same in llama.cpp's repacked GEMM (`ggml_gemm_q4_K_8x8_q8_K`, the activation
+    /// rows in whole fours): one FMA per 64 values (two sub-blocks) instead of per block.
+    Pair,
+}
+
+impl SumOrder {
+    /// llama.cpp's order for activation row `t` of `m` against `n` weight rows of `wt`:
+    /// it repacks Q4_K weights of a multiple of 8 rows (on AVX2 and up) and runs the GEMM
+    /// over the first `m - m % 4` activation rows, the GEMV over the rest.
+    pub fn of(wt: WeightType, n: usize, m: usize, t: usize) -> Self {
+        if wt != WeightType::Q4K || !n.is_multiple_of(8) {
+            Self::Lanes
+        } else if t < m - m % 4 {
+            Self::Pair
+        } else {
+            Self::Block
+        }
+    }
+}
+
 /// The instruction sets the kernels come in, each a superset of the one before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
@@ -139,9 +178,12 @@ impl Isa {
     }
 }
 
-/// One weight row against activation rows `t0..t0 + tn`, on `isa` (which the CPU has).
+/// One weight row against activation rows `t0..t0 + tn` (all in `order`), on `isa`
+/// (which the CPU has).
+#[allow(clippy::too_many_arguments)]
 fn row_tile(
     isa: Isa,
+    order: SumOrder,
     wt: WeightType,
     w: &[u8],
     a: &QuantizedActs,
@@ -152,12 +194,12 @@ fn row_tile(
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: `isa` is at most what was detected; the caller checked the lengths.
-        unsafe { avx2::row_tile(isa >= Isa::Avx512Vnni, wt, w, a, t0, tn, out) };
+        unsafe { avx2::row_tile(isa >= Isa::Avx512Vnni, order, wt, w, a, t0, tn, out) };
         return;
     }
     let _ = isa;
     for t in 0..tn {
-        out[t] = reference::dot(wt, w, a, t0 + t);
+        out[t] = reference::dot_ordered(order, wt, w, a, t0 + t);
     }
 }
 
@@ -264,6 +306,17 @@ pub fn matmul_quantized(
         // exactly one work range; dst outlives the pool call.
         let dst = dst_ptr as *mut f32;
         #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 && m == 1 && wt == WeightType::Q6K {
+            // One activation row: the weight rows in memory order (`avx512_rows`).
+            for r in rows {
+                // SAFETY: the CPU has AVX-512; row `r` is whole (checked above).
+                unsafe {
+                    *dst.add(r) = avx512_rows::dot_q6k(w.as_ptr().add(r * row_bytes), acts, 0)
+                };
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 {
             let mut out = [[0f32; avx512::ROWS]; avx512::MAX_ACTS];
             for r0 in rows.clone().step_by(avx512::ROWS) {
@@ -279,9 +332,12 @@ pub fn matmul_quantized(
                         2 | 3 => 2,
                         _ => 1,
                     };
+                    // Tiles of 8 and 4 lie inside the whole fours, 2 and 1 after them: one
+                    // order for the tile.
+                    let order = SumOrder::of(wt, n, m, t0);
                     // SAFETY: the CPU has AVX-512 (`isa` is at most what was detected);
                     // every row pointer starts a whole weight row of `k` values.
-                    unsafe { avx512::tile(wt, &rp, acts, t0, tn, &mut out) };
+                    unsafe { avx512::tile(wt, order, &rp, acts, t0, tn, &mut out) };
                     for t in 0..tn {
                         for r in 0..valid {
                             unsafe { *dst.add((t0 + t) * n + r0 + r) = out[t][r] };
@@ -294,10 +350,13 @@ pub fn matmul_quantized(
         }
         for t0 in (0..m).step_by(TILE) {
             let tn = TILE.min(m - t0);
+            // A whole tile of four lies inside the whole fours, a short one after them.
+            let order = SumOrder::of(wt, n, m, t0);
             for r in rows.clone() {
                 let mut out = [0f32; TILE];
                 row_tile(
                     isa,
+                    order,
                     wt,
                     &w[r * row_bytes..(r + 1) * row_bytes],
                     acts,

@@ -6,7 +6,7 @@
 use half::f16;
 
 use super::acts::QuantizedActs;
-use super::WeightType;
+use super::{SumOrder, WeightType};
 
 #[inline]
 pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -49,6 +49,70 @@ fn q5_values(qh: u32, qs: &[u8]) -> [i32; 32] {
         v[j + 16] = (qs[j] >> 4) as i32 | ((((qh >> (j + 16)) & 1) as i32) << 4);
     }
     v
+}
+
+/// `dot` with the float terms added in `order` where that is not `Lanes` (repacked
+/// Q4_K: `dot_q4k_repacked`); `Lanes` is ggml's generic order, equal to the SIMD lane
+/// order only up to float rounding.
+pub fn dot_ordered(
+    order: SumOrder,
+    wt: WeightType,
+    w: &[u8],
+    a: &QuantizedActs,
+    row: usize,
+) -> f32 {
+    match order {
+        SumOrder::Lanes => dot(wt, w, a, row),
+        SumOrder::Block | SumOrder::Pair => {
+            assert_eq!(wt, WeightType::Q4K, "{order:?} is Q4_K's order");
+            dot_q4k_repacked(w, a, row, order == SumOrder::Pair)
+        }
+    }
+}
+
+/// Q4_K in llama.cpp's repacked order (`SumOrder::Block`, or `Pair` when `pairs`): per
+/// block (per 64 values) the integer `Σ scale·Σ q·x` taken by one FMA with `d·dx` into a
+/// running sum, the mins' `Σ min·(sum of 32 x)` by one FMA with `dmin·dx` into a second,
+/// the second subtracted at the end. Exactly what the SIMD kernels give, to the bit.
+pub fn dot_q4k_repacked(w: &[u8], a: &QuantizedActs, row: usize, pairs: bool) -> f32 {
+    let nb = a.k / 256;
+    let xq = &a.qs[row * a.k..(row + 1) * a.k];
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for i in 0..nb {
+        let b = &w[i * 144..(i + 1) * 144];
+        let x = &xq[i * 256..(i + 1) * 256];
+        let ab = row * nb + i;
+        let bs = &a.bsums[ab * 16..ab * 16 + 16];
+        let (sc, mn) = k4_scales(&b[4..16]);
+        let d = f16_at(b, 0) * a.d[ab];
+        let dmin = f16_at(b, 2) * a.d[ab];
+        let (mut isum, mut imin) = (0i32, 0i32);
+        for p in 0..4 {
+            // Sub-block 2p is the low nibbles of qs[32p..32p + 32], 2p + 1 the high ones.
+            for h in 0..2 {
+                let j = 2 * p + h;
+                let s: i32 = (0..32)
+                    .map(|l| {
+                        let q = b[16 + 32 * p + l];
+                        let v = if h == 0 { q & 0xF } else { q >> 4 };
+                        v as i32 * x[32 * j + l] as i32
+                    })
+                    .sum();
+                isum += sc[j] as i32 * s;
+                imin += mn[j] as i32 * (bs[2 * j] as i32 + bs[2 * j + 1] as i32);
+            }
+            if pairs {
+                acc = (isum as f32).mul_add(d, acc);
+                acc_min = (imin as f32).mul_add(dmin, acc_min);
+                (isum, imin) = (0, 0);
+            }
+        }
+        if !pairs {
+            acc = (isum as f32).mul_add(d, acc);
+            acc_min = (imin as f32).mul_add(dmin, acc_min);
+        }
+    }
+    acc - acc_min
 }
 
 /// The dot product of weight row `w` (`a.k` values) with activation row `row` of `a`.

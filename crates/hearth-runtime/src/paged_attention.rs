@@ -45,6 +45,8 @@ mod llama_flash;
 pub(crate) mod launch;
 #[cfg_attr(not(any(feature = "cuda", hearth_cuda_emulator)), allow(dead_code))]
 mod rope_cache;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod stream_tests;
 #[cfg(target_arch = "x86_64")]
 mod tiled;
 #[cfg(all(test, target_arch = "x86_64"))]

@@ -29,6 +29,28 @@ pub(crate) trait Element: Copy + Send + Sync + 'static {
     unsafe fn widen_avx2(src: &[Self], dst: *mut f32) {
         Self::load(src, std::slice::from_raw_parts_mut(dst, src.len()))
     }
+    /// One value as f32 (exact for every cache type).
+    fn widen(self) -> f32;
+    /// Eight values from `p` as f32 lanes, for the streaming decode kernel, which reads
+    /// half-precision caches in place. Only inlined into functions that enable AVX2 and
+    /// F16C (kernel.rs's `Avx2`), whose callers check the CPU has them.
+    ///
+    /// # Safety
+    /// `p` points to 8 readable values; the CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen values from `p` as f32 lanes (AVX-512F enabled by the caller).
+    ///
+    /// # Safety
+    /// `p` points to 16 readable values; the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// Eight values from `lo` in lanes 0–7 and eight from `hi` in lanes 8–15.
+    ///
+    /// # Safety
+    /// Both point to 8 readable values; the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8x2(lo: *const Self, hi: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Element for f32 {
@@ -43,6 +65,29 @@ impl Element for f32 {
     }
     fn as_f32_mut(src: &mut [f32]) -> Option<&mut [f32]> {
         Some(src)
+    }
+    fn widen(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8x2(lo: *const f32, hi: *const f32) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let lo = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(lo)));
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            lo,
+            _mm256_castps_pd(_mm256_loadu_ps(hi)),
+        ))
     }
 }
 
@@ -59,6 +104,29 @@ impl Element for f16 {
         use half::slice::HalfFloatSliceExt;
         dst.convert_from_f32_slice(src)
     }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // vcvtph2ps: exact, as every f16 is an f32.
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8x2(lo: *const f16, hi: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let lo = _mm256_castsi128_si256(_mm_loadu_si128(lo.cast()));
+        _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(lo, _mm_loadu_si128(hi.cast())))
+    }
 }
 
 impl Element for bf16 {
@@ -73,6 +141,32 @@ impl Element for bf16 {
     fn store(src: &[f32], dst: &mut [bf16]) {
         use half::slice::HalfFloatSliceExt;
         dst.convert_from_f32_slice(src)
+    }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // A bf16's bits are the top half of its f32's.
+        let w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())), 16);
+        _mm256_castsi256_ps(w)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let w = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())));
+        _mm512_castsi512_ps(w)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8x2(lo: *const bf16, hi: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let lo = _mm256_castsi128_si256(_mm_loadu_si128(lo.cast()));
+        let h = _mm256_inserti128_si256::<1>(lo, _mm_loadu_si128(hi.cast()));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
     }
 }
 
@@ -97,6 +191,14 @@ pub(super) enum CpuKernel {
     Auto,
     #[cfg_attr(not(test), allow(dead_code))]
     Scalar,
+    /// kernel.rs's streaming AVX2 kernel (decode items' path) for every item.
+    #[cfg(target_arch = "x86_64")]
+    #[cfg_attr(not(test), allow(dead_code))]
+    StreamAvx2,
+    /// Its AVX-512 twin, bit-identical.
+    #[cfg(target_arch = "x86_64")]
+    #[cfg_attr(not(test), allow(dead_code))]
+    StreamAvx512,
     #[cfg(target_arch = "x86_64")]
     #[cfg_attr(not(test), allow(dead_code))]
     TiledAvx2,
@@ -180,6 +282,14 @@ unsafe fn run_item<Q: Element, T: Element>(
                 return item_kernel::<Q, T, kernel::Scalar>(q, k, v, meta, dims, scale, it, out, s)
             }
             #[cfg(target_arch = "x86_64")]
+            CpuKernel::StreamAvx2 => {
+                return item_kernel::<Q, T, kernel::Avx2>(q, k, v, meta, dims, scale, it, out, s)
+            }
+            #[cfg(target_arch = "x86_64")]
+            CpuKernel::StreamAvx512 => {
+                return item_kernel::<Q, T, kernel::Avx512>(q, k, v, meta, dims, scale, it, out, s)
+            }
+            #[cfg(target_arch = "x86_64")]
             CpuKernel::TiledAvx2 => {
                 return tiled::item_kernel_avx2::<Q, T>(q, k, v, meta, dims, scale, it, out, s)
             }
@@ -199,9 +309,14 @@ unsafe fn run_item<Q: Element, T: Element>(
                 tiled::item_kernel_avx2::<Q, T>(q, k, v, meta, dims, scale, it, out, s)
             };
         }
+        // F16C too: the streaming kernel widens half-precision caches as it reads them.
         #[cfg(target_arch = "x86_64")]
-        if threads::has_avx2_fma() && dims.d.is_multiple_of(8) {
-            return item_kernel::<Q, T, kernel::Avx2>(q, k, v, meta, dims, scale, it, out, s);
+        if tiled::available() && dims.d.is_multiple_of(8) {
+            return if tiled::available_avx512() {
+                item_kernel::<Q, T, kernel::Avx512>(q, k, v, meta, dims, scale, it, out, s)
+            } else {
+                item_kernel::<Q, T, kernel::Avx2>(q, k, v, meta, dims, scale, it, out, s)
+            };
         }
         item_kernel::<Q, T, kernel::Scalar>(q, k, v, meta, dims, scale, it, out, s)
     })
@@ -262,7 +377,7 @@ unsafe fn item_kernel<Q: Element, T: Element, M: BlockMath>(
     let kv_end = pos(rows - 1) + 1;
     let table = &meta.block_tables[s * meta.max_blocks..(s + 1) * meta.max_blocks];
 
-    let need = rows * d * 2 + rows * bs + rows * 2 + bs * d * 2 + d;
+    let need = rows * d * 2 + rows * bs + rows * 2 + d;
     if scratch.len() < need {
         scratch.resize(need, 0.0);
     }
@@ -271,8 +386,6 @@ unsafe fn item_kernel<Q: Element, T: Element, M: BlockMath>(
     let (scores, rest) = rest.split_at_mut(rows * bs);
     let (mstat, rest) = rest.split_at_mut(rows);
     let (lstat, rest) = rest.split_at_mut(rows);
-    let (kbuf, rest) = rest.split_at_mut(bs * d);
-    let (vbuf, rest) = rest.split_at_mut(bs * d);
     let tmp = &mut rest[..d];
 
     for r in 0..rows {
@@ -287,8 +400,8 @@ unsafe fn item_kernel<Q: Element, T: Element, M: BlockMath>(
     lstat.fill(0.0);
 
     let row_stride = kvh * d;
-    let mut kp = [std::ptr::null::<f32>(); MAX_BLOCK_SIZE];
-    let mut vp = [std::ptr::null::<f32>(); MAX_BLOCK_SIZE];
+    let mut kp = [std::ptr::null::<T>(); MAX_BLOCK_SIZE];
+    let mut vp = [std::ptr::null::<T>(); MAX_BLOCK_SIZE];
     let n_blocks = kv_end.div_ceil(bs);
     for (b, &block) in table.iter().enumerate().take(n_blocks) {
         let key0 = b * bs;
@@ -299,28 +412,14 @@ unsafe fn item_kernel<Q: Element, T: Element, M: BlockMath>(
             let base = (ahead as usize * bs * kvh + kv_head) * d;
             prefetch_rows(k, v, base, row_stride, d, bs.min(kv_end - (b + 2) * bs));
         }
-        // This kv head's rows of the block, kv_heads · head_dim apart; f32 caches are
-        // read in place, half-precision ones converted once per block.
+        // This kv head's rows of the block, kv_heads · head_dim apart, read in place
+        // in the cache's own type: the block math widens half-precision values in
+        // registers as it loads them, where a copy of each row to f32 went through
+        // `half`'s slice converter (an indirect call per 8 values).
         let base = (block as usize * bs * kvh + kv_head) * d;
         for j in 0..nk {
-            let (kr, vr) = (
-                &k[base + j * row_stride..][..d],
-                &v[base + j * row_stride..][..d],
-            );
-            kp[j] = match T::as_f32(kr) {
-                Some(f) => f.as_ptr(),
-                None => {
-                    T::load(kr, &mut kbuf[j * d..(j + 1) * d]);
-                    kbuf[j * d..].as_ptr()
-                }
-            };
-            vp[j] = match T::as_f32(vr) {
-                Some(f) => f.as_ptr(),
-                None => {
-                    T::load(vr, &mut vbuf[j * d..(j + 1) * d]);
-                    vbuf[j * d..].as_ptr()
-                }
-            };
+            kp[j] = k[base + j * row_stride..][..d].as_ptr();
+            vp[j] = v[base + j * row_stride..][..d].as_ptr();
         }
         M::scores(qbuf, rows, d, &kp[..nk], scores, bs);
         for r in 0..rows {

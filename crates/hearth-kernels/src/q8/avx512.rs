@@ -9,9 +9,10 @@
 //! rows. The GGUF bytes are read in place: llama.cpp reaches the same lane layout by
 //! repacking Q4_0/Q4_K weights at load, which this does per tile instead, for every type.
 //!
-//! Weights enter `vpdpbusd` as unsigned bytes: the signed types' offsets (Q4_0's 8, Q5_0's
-//! 16, Q8_0's 128 after flipping the sign bit, Q6_K's 32) come back as `offset·Σx` from the
-//! activations' block sums, so every integer sum is exact and equal to `reference`'s.
+//! `vpdpbusd` takes one side as unsigned bytes: the K-quants' weights are (Q6_K's offset of
+//! 32 comes back as `32·Σx` from the activations' sums); the blocks of 32 with signed values
+//! (Q4_0, Q5_0, Q8_0) take the activations + 128 instead and subtract `128·Σv`, a sum of
+//! the weights (`tile_32`). Every integer sum is exact and equal to `reference`'s.
 //!
 //! The float sums keep the row kernels' order (llama.cpp's AVX2 one): eight per row, one
 //! per four-value group of every 32 values, added at the end in `hsum`'s order, so a tile's
@@ -148,7 +149,8 @@ unsafe fn group_sums_in_hsum_order(v: &[__m512; 8]) -> __m512 {
 ///
 /// # Safety
 /// The CPU has AVX512F/BW/VL/VNNI, AVX2, FMA and F16C; each `rp[r]` points at `a.k /
-/// wt.block()` blocks of `wt`; the activation rows exist in `a`, quantized for `wt`.
+/// wt.block()` blocks of `wt`; the activation rows exist in `a`, quantized for `wt`, and
+/// for Q4_0/Q5_0/Q8_0 as `acts::unsigned_copy` gives them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn tile(
     wt: WeightType,
@@ -188,6 +190,12 @@ unsafe fn tile_n<const N: usize>(
 }
 
 /// The blocks of 32, by position in `avx2::TYPES_32` (`T`), each its own loop.
+///
+/// The signed types (Q4_0, Q5_0, Q8_0: `offset` ≠ 0) take their activations as unsigned
+/// bytes, `x + 128` (`super::acts::unsigned_copy`), and their weights as signed values, so
+/// `Σ v·x = Σ v·(x + 128) − 128·Σ v`: the correction depends on the weights only and is
+/// paid once per block for all `N` activation rows, where `offset·Σx` cost two more
+/// instructions per group and activation row. The integer sums are the same, exactly.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_32<const T: usize, const N: usize>(
     rp: &[*const u8; ROWS],
@@ -209,7 +217,6 @@ unsafe fn tile_32<const T: usize, const N: usize>(
     };
     let low4 = _mm512_set1_epi8(0x0F);
     let sixteen = _mm512_set1_epi8(16);
-    let flip = _mm512_set1_epi8(-128);
     // Value 4c + b's fifth bit is bit 4c + b of qh: byte c/2, bit 4(c%2) + b.
     let rep = [
         within_dwords([0; 4]),
@@ -222,7 +229,8 @@ unsafe fn tile_32<const T: usize, const N: usize>(
         _mm512_set1_epi32(0x8040_2010u32 as i32),
     ];
     let xq = a.qs.as_ptr();
-    let ones = _mm512_set1_epi8(1);
+    let k128 = _mm512_set1_epi8(-128);
+    let zero = _mm512_setzero_si512();
     // Eight float sums per row, one per four-value group of a block (`q[c]`), and the
     // offsets' sum apart: the row kernels' (and llama.cpp's) order of float additions,
     // so results equal theirs to the bit.
@@ -241,11 +249,12 @@ unsafe fn tile_32<const T: usize, const N: usize>(
         // q[c] holds values 4c..4c + 4 of every row, as unsigned bytes.
         let mut q = [_mm512_setzero_si512(); 8];
         if wt == WeightType::Q8_0 {
+            // Signed values as they are (see the correction below).
             let lo = load16x4(rp, o + 2);
             let hi = load16x4(rp, o + 18);
             for c in 0..4 {
-                q[c] = _mm512_xor_si512(lo[c], flip);
-                q[c + 4] = _mm512_xor_si512(hi[c], flip);
+                q[c] = lo[c];
+                q[c + 4] = hi[c];
             }
         } else {
             let raw = load16x4(rp, o + qs_at);
@@ -270,6 +279,17 @@ unsafe fn tile_32<const T: usize, const N: usize>(
                 }
             }
         }
+        // The signed types: q[c] becomes the signed value, corr[c] its −128·Σ (the
+        // integer sums' starting point); zero for Q4_1/Q5_1.
+        let mut corr = [zero; 8];
+        if offset != 0 {
+            for c in 0..8 {
+                if wt != WeightType::Q8_0 {
+                    q[c] = _mm512_sub_epi8(q[c], _mm512_set1_epi8(offset as i8));
+                }
+                corr[c] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, k128, q[c]));
+            }
+        }
         for t in 0..N {
             let row = t0 + t;
             let ab = row * nb + i;
@@ -277,13 +297,12 @@ unsafe fn tile_32<const T: usize, const N: usize>(
             let scale = _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(ab)));
             for (c, q) in q.iter().enumerate() {
                 let xc = bcast(x.add(4 * c));
-                // Σ (value)·x over the group: Σ (value + offset)·x − offset·Σx.
-                let mut s = _mm512_setzero_si512();
-                if offset != 0 {
-                    let xsum = _mm512_dpbusd_epi32(s, ones, xc);
-                    s = _mm512_mullo_epi32(xsum, _mm512_set1_epi32(-offset));
-                }
-                s = _mm512_dpbusd_epi32(s, *q, xc);
+                // Signed types: Σ v·(x + 128) − 128·Σv; the others: Σ q·x.
+                let s = if offset != 0 {
+                    _mm512_dpbusd_epi32(corr[c], xc, *q)
+                } else {
+                    _mm512_dpbusd_epi32(zero, *q, xc)
+                };
                 acc[t][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t][c]);
             }
             if has_m {

@@ -187,7 +187,7 @@ fn matmul_matches_reference_on_random_blocks() {
 /// group 0), so on any scales and any shape the two agree to the bit: this is what keeps
 /// greedy output equal to llama.cpp's with the tiles on. Every type; weight rows that are
 /// not whole tiles of 16 (the last tile repeats a row), activation rows 1..=19 (tiles of 8,
-/// 4, 2 and 1 in every mix), rows of 16k values (chunks of 8 activation rows, so a prompt's
+/// 4, 2 and 1 in every mix) and 33, 40 (a prompt's tiles decoded once), rows of 16k values (chunks of 8 activation rows, so a prompt's
 /// chunks and their tail are crossed), split work, f16 scales from tiny to large.
 #[test]
 fn tiles_equal_the_row_kernels_to_the_bit() {
@@ -207,7 +207,7 @@ fn tiles_equal_the_row_kernels_to_the_bit() {
             let w = random_blocks(wt, n, k, &mut rng, &mut |r| {
                 r.f() * [0.001, 0.05, 3.0][(r.next() % 3) as usize]
             });
-            for m in (1..=10).chain([13, 16, 19]) {
+            for m in (1..=10).chain([13, 16, 19, 33, 40]) {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
                 let tile = q8::matmul_on_isa(Isa::Avx512, wt, &w, n, k, &x, &split);
                 let row = q8::matmul_on_isa(Isa::Avx512Vnni, wt, &w, n, k, &x, &split);

@@ -18,6 +18,8 @@ pub mod acts;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_decoded;
 pub mod reference;
 
 use candle_core::quantized::GgmlDType;
@@ -88,6 +90,10 @@ impl WeightType {
 /// Activation rows per pass over a weight row: each decoded weight block is reused this
 /// many times.
 pub(crate) const TILE: usize = 4;
+
+/// Activation rows from which the AVX-512 path decodes a tile of 32-value blocks once for
+/// all of them (`avx512_decoded`) rather than once per eight rows (`avx512::tile`).
+const DECODED_MIN_ROWS: usize = 32;
 
 /// The instruction sets the kernels come in, each a superset of the one before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -281,6 +287,10 @@ pub fn matmul_quantized(
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 {
             let mut out = [[0f32; avx512::ROWS]; avx512::MAX_ACTS];
+            // Prompts of 32-value blocks: each tile decoded once per chunk, then two
+            // activation rows at a time with their sums in registers (`avx512_decoded`).
+            let mut decoded = (wt.block() == 32 && m >= DECODED_MIN_ROWS)
+                .then(|| avx512_decoded::Decoded32::new(wt));
             for c0 in (0..m).step_by(chunk) {
                 let c1 = m.min(c0 + chunk);
                 for r0 in rows.clone().step_by(avx512::ROWS) {
@@ -288,18 +298,25 @@ pub fn matmul_quantized(
                     let valid = avx512::ROWS.min(rows.end - r0);
                     let rp: [*const u8; avx512::ROWS] =
                         std::array::from_fn(|r| w[(r0 + r.min(valid - 1)) * row_bytes..].as_ptr());
+                    // SAFETY (the kernels below): the CPU has AVX-512 (`isa` is at most what
+                    // was detected); every row pointer starts a whole weight row of `k`
+                    // values; the signed 32-value types get the unsigned copy they ask for.
+                    if let Some(dec) = decoded.as_mut() {
+                        unsafe { dec.decode(&rp, k / 32) };
+                    }
                     let mut t0 = c0;
                     while t0 < c1 {
-                        let tn = match c1 - t0 {
-                            8.. => 8,
-                            4..=7 => 4,
-                            2 | 3 => 2,
+                        let tn = match (c1 - t0, &decoded) {
+                            (2.., Some(_)) => 2,
+                            (8.., None) => 8,
+                            (4..=7, None) => 4,
+                            (2 | 3, None) => 2,
                             _ => 1,
                         };
-                        // SAFETY: the CPU has AVX-512 (`isa` is at most what was detected);
-                        // every row pointer starts a whole weight row of `k` values; the
-                        // signed 32-value types get the unsigned copy `tile` asks for.
-                        unsafe { avx512::tile(wt, &rp, tile_acts, t0, tn, &mut out) };
+                        match &decoded {
+                            Some(dec) => unsafe { dec.rows(tile_acts, t0, tn, &mut out) },
+                            None => unsafe { avx512::tile(wt, &rp, tile_acts, t0, tn, &mut out) },
+                        }
                         for t in 0..tn {
                             for r in 0..valid {
                                 unsafe { *dst.add((t0 + t) * n + r0 + r) = out[t][r] };

@@ -193,7 +193,8 @@ fn matmul_matches_reference_on_random_blocks() {
 /// group 0), so on any scales and any shape the two agree to the bit: this is what keeps
 /// greedy output equal to llama.cpp's with the tiles on. Every type; weight rows that are
 /// not whole tiles of 16 (the last tile repeats a row), activation rows 1..=19 (tiles of 8,
-/// 4, 2 and 1 in every mix), split work, f16 scales from tiny to large.
+/// 4, 2 and 1 in every mix) and 33, 40 (a prompt's tiles decoded once), rows of 16k values (chunks of 8 activation rows, so a prompt's
+/// chunks and their tail are crossed), split work, f16 scales from tiny to large.
 #[test]
 fn tiles_equal_the_row_kernels_to_the_bit() {
     if !Isa::available().contains(&Isa::Avx512) {
@@ -207,12 +208,19 @@ fn tiles_equal_the_row_kernels_to_the_bit() {
     let mut wrong = Vec::new();
     let mut compared = 0usize;
     for wt in TYPES {
-        for (n, k) in [(37, 512), (5, 768), (16, 256), (50, 1536), (40, 512)] {
+        for (n, k) in [
+            (37, 512),
+            (5, 768),
+            (16, 256),
+            (50, 1536),
+            (40, 512),
+            (19, 16384),
+        ] {
             let k = if wt.block() == 32 { k + 96 } else { k };
             let w = random_blocks(wt, n, k, &mut rng, &mut |r| {
                 r.f() * [0.001, 0.05, 3.0][(r.next() % 3) as usize]
             });
-            for m in (1..=10).chain([13, 16, 19]) {
+            for m in (1..=10).chain([13, 16, 19, 33, 40]) {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
                 let tile = q8::matmul_on_isa(Isa::Avx512, wt, &w, n, k, &x, &split);
                 let row = q8::matmul_on_isa(Isa::Avx512Vnni, wt, &w, n, k, &x, &split);

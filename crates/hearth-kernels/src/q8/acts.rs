@@ -127,6 +127,22 @@ pub fn quantize(format: ActFormat, x: &[f32], k: usize) -> QuantizedActs {
     out
 }
 
+/// The same activations with every quantized value + 128 as an unsigned byte (the sign
+/// bit flipped), the other fields as they are: the AVX-512 tiles of the signed 32-value
+/// types (Q4_0, Q5_0, Q8_0) take them so that the `vpdpbusd` correction is a sum of the
+/// weights, once per block, rather than of the activations, once per row.
+pub(crate) fn unsigned_copy(a: &QuantizedActs) -> QuantizedActs {
+    QuantizedActs {
+        format: a.format,
+        k: a.k,
+        qs: a.qs.iter().map(|&q| q ^ i8::MIN).collect(),
+        d: a.d.clone(),
+        s: a.s.clone(),
+        sums: a.sums.clone(),
+        bsums: a.bsums.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

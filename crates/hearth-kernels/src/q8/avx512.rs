@@ -9,9 +9,10 @@
 //! rows. The GGUF bytes are read in place: llama.cpp reaches the same lane layout by
 //! repacking Q4_0/Q4_K weights at load, which this does per tile instead, for every type.
 //!
-//! Weights enter `vpdpbusd` as unsigned bytes: the signed types' offsets (Q4_0's 8, Q5_0's
-//! 16, Q8_0's 128 after flipping the sign bit, Q6_K's 32) come back as `offset·Σx` from the
-//! activations' block sums, so every integer sum is exact and equal to `reference`'s.
+//! `vpdpbusd` takes one side as unsigned bytes: the K-quants' weights are (Q6_K's offset of
+//! 32 comes back as `32·Σx` from the activations' sums); the blocks of 32 with signed values
+//! (Q4_0, Q5_0, Q8_0) take the activations + 128 instead and subtract `128·Σv`, a sum of
+//! the weights (`tile_32`). Every integer sum is exact and equal to `reference`'s.
 //!
 //! The float sums keep the row kernels' order (llama.cpp's AVX2 one): eight per row, one
 //! per four-value group of every 32 values, added at the end in `hsum`'s order, so a tile's
@@ -23,6 +24,7 @@
 use std::arch::x86_64::*;
 
 use super::acts::QuantizedActs;
+use super::avx2::TYPES_32;
 use super::{avx512_q4k, SumOrder, WeightType};
 
 /// Weight rows per tile: the sixteen 32-bit lanes of a register.
@@ -137,7 +139,7 @@ pub(super) unsafe fn bcast(p: *const i8) -> __m512i {
 /// (3 + 7)), so the tile's result equals the row kernel's (and llama.cpp's AVX2) to the bit.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn group_sums_in_hsum_order(v: &[__m512; 8]) -> __m512 {
+pub(super) unsafe fn group_sums_in_hsum_order(v: &[__m512; 8]) -> __m512 {
     let even = _mm512_add_ps(_mm512_add_ps(v[0], v[4]), _mm512_add_ps(v[2], v[6]));
     let odd = _mm512_add_ps(_mm512_add_ps(v[1], v[5]), _mm512_add_ps(v[3], v[7]));
     _mm512_add_ps(even, odd)
@@ -149,7 +151,8 @@ unsafe fn group_sums_in_hsum_order(v: &[__m512; 8]) -> __m512 {
 ///
 /// # Safety
 /// The CPU has AVX512F/BW/VL/VNNI, AVX2, FMA and F16C; each `rp[r]` points at `a.k /
-/// wt.block()` blocks of `wt`; the activation rows exist in `a`, quantized for `wt`.
+/// wt.block()` blocks of `wt`; the activation rows exist in `a`, quantized for `wt`, and
+/// for Q4_0/Q5_0/Q8_0 as `acts::unsigned_copy` gives them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn tile(
     wt: WeightType,
@@ -197,6 +200,12 @@ unsafe fn tile_n<const N: usize>(
 }
 
 /// The blocks of 32, by position in `avx2::TYPES_32` (`T`), each its own loop.
+///
+/// The signed types (Q4_0, Q5_0, Q8_0: `offset` ≠ 0) take their activations as unsigned
+/// bytes, `x + 128` (`super::acts::unsigned_copy`), and their weights as signed values, so
+/// `Σ v·x = Σ v·(x + 128) − 128·Σ v`: the correction depends on the weights only and is
+/// paid once per block for all `N` activation rows, where `offset·Σx` cost two more
+/// instructions per group and activation row. The integer sums are the same, exactly.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_32<const T: usize, const N: usize>(
     rp: &[*const u8; ROWS],
@@ -204,106 +213,158 @@ unsafe fn tile_32<const T: usize, const N: usize>(
     t0: usize,
     out: &mut TileOut,
 ) {
-    let wt = super::avx2::TYPES_32[T];
-    let bb = wt.block_bytes();
-    let (k, nb) = (a.k, a.k / 32);
-    // The unsigned weight is the value plus `offset`; where the quants start; whether the
-    // block has Q4_1/Q5_1's offset `m`; whether it has Q5's fifth bits.
-    let (offset, qs_at, has_m, five) = match wt {
-        WeightType::Q4_0 => (8, 2, false, false),
-        WeightType::Q4_1 => (0, 4, true, false),
-        WeightType::Q5_0 => (16, 6, false, true),
-        WeightType::Q5_1 => (0, 8, true, true),
-        _ => (128, 2, false, false),
-    };
-    let low4 = _mm512_set1_epi8(0x0F);
-    let sixteen = _mm512_set1_epi8(16);
-    let flip = _mm512_set1_epi8(-128);
-    // Value 4c + b's fifth bit is bit 4c + b of qh: byte c/2, bit 4(c%2) + b.
-    let rep = [
-        within_dwords([0; 4]),
-        within_dwords([1; 4]),
-        within_dwords([2; 4]),
-        within_dwords([3; 4]),
-    ];
-    let bit = [
-        _mm512_set1_epi32(0x0804_0201),
-        _mm512_set1_epi32(0x8040_2010u32 as i32),
-    ];
-    let xq = a.qs.as_ptr();
-    let ones = _mm512_set1_epi8(1);
+    let nb = a.k / 32;
     // Eight float sums per row, one per four-value group of a block (`q[c]`), and the
     // offsets' sum apart: the row kernels' (and llama.cpp's) order of float additions,
     // so results equal theirs to the bit.
     let mut acc = [[_mm512_setzero_ps(); 8]; N];
     let mut offs = [_mm512_setzero_ps(); N];
     for i in 0..nb {
-        prefetch_next(rp, nb, bb, i);
-        let o = i * bb;
-        let hdr = load16x4(rp, o);
-        let d = f16_lanes(hdr[0]);
-        let m = if has_m {
-            f16_lanes(_mm512_srli_epi32::<16>(hdr[0]))
-        } else {
-            _mm512_setzero_ps()
-        };
-        // q[c] holds values 4c..4c + 4 of every row, as unsigned bytes.
-        let mut q = [_mm512_setzero_si512(); 8];
-        if wt == WeightType::Q8_0 {
-            let lo = load16x4(rp, o + 2);
-            let hi = load16x4(rp, o + 18);
-            for c in 0..4 {
-                q[c] = _mm512_xor_si512(lo[c], flip);
-                q[c + 4] = _mm512_xor_si512(hi[c], flip);
-            }
-        } else {
-            let raw = load16x4(rp, o + qs_at);
-            for c in 0..4 {
-                q[c] = _mm512_and_si512(raw[c], low4);
-                q[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw[c]), low4);
-            }
-            if five {
-                let qh = if wt == WeightType::Q5_0 {
-                    // d | qh[0..2], qh[2..4] | qs[0..2]
-                    _mm512_or_si512(
-                        _mm512_srli_epi32::<16>(hdr[0]),
-                        _mm512_slli_epi32::<16>(hdr[1]),
-                    )
-                } else {
-                    hdr[1]
-                };
-                for c in 0..8 {
-                    let bits = _mm512_shuffle_epi8(qh, rep[c / 2]);
-                    let set = _mm512_test_epi8_mask(bits, bit[c % 2]);
-                    q[c] = _mm512_mask_add_epi8(q[c], set, q[c], sixteen);
-                }
-            }
-        }
+        prefetch_next(rp, nb, TYPES_32[T].block_bytes(), i);
+        let b = decode_32::<T>(rp, i);
         for t in 0..N {
-            let row = t0 + t;
-            let ab = row * nb + i;
-            let x = xq.add(row * k + i * 32);
-            let scale = _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(ab)));
-            for (c, q) in q.iter().enumerate() {
-                let xc = bcast(x.add(4 * c));
-                // Σ (value)·x over the group: Σ (value + offset)·x − offset·Σx.
-                let mut s = _mm512_setzero_si512();
-                if offset != 0 {
-                    let xsum = _mm512_dpbusd_epi32(s, ones, xc);
-                    s = _mm512_mullo_epi32(xsum, _mm512_set1_epi32(-offset));
-                }
-                s = _mm512_dpbusd_epi32(s, *q, xc);
-                acc[t][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t][c]);
-            }
-            if has_m {
-                let ms = _mm512_mul_ps(m, _mm512_set1_ps(*a.s.get_unchecked(ab)));
-                offs[t] = _mm512_add_ps(offs[t], ms);
-            }
+            block_32::<T>(&b, a, t0 + t, i, &mut acc[t], &mut offs[t]);
         }
     }
     for t in 0..N {
         let sum = _mm512_add_ps(group_sums_in_hsum_order(&acc[t]), offs[t]);
         _mm512_storeu_ps(out[t].as_mut_ptr(), sum);
+    }
+}
+
+/// Block `i` of sixteen rows of a 32-value type, decoded and transposed for `vpdpbusd`.
+#[derive(Clone, Copy)]
+pub(crate) struct Block32 {
+    /// Values `4c..4c + 4` of every row: signed for Q4_0/Q5_0/Q8_0, unsigned otherwise.
+    q: [__m512i; 8],
+    /// The signed types' `−128·Σ` of each `q[c]` (the integer sums' starting point).
+    corr: [__m512i; 8],
+    d: __m512,
+    /// Q4_1/Q5_1's offset `m`; zero otherwise.
+    m: __m512,
+}
+
+/// The unsigned weight is the value plus `offset`; where the quants start; whether the
+/// block has Q4_1/Q5_1's offset `m`; whether it has Q5's fifth bits.
+const fn layout_32(wt: WeightType) -> (i32, usize, bool, bool) {
+    match wt {
+        WeightType::Q4_0 => (8, 2, false, false),
+        WeightType::Q4_1 => (0, 4, true, false),
+        WeightType::Q5_0 => (16, 6, false, true),
+        WeightType::Q5_1 => (0, 8, true, true),
+        _ => (128, 2, false, false),
+    }
+}
+
+/// Decodes block `i` of the sixteen rows of `TYPES_32[T]`.
+///
+/// # Safety
+/// As `tile`'s; `i` is a block of the rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn decode_32<const T: usize>(rp: &[*const u8; ROWS], i: usize) -> Block32 {
+    let wt = TYPES_32[T];
+    let (offset, qs_at, has_m, five) = layout_32(wt);
+    let low4 = _mm512_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(16);
+    let zero = _mm512_setzero_si512();
+    let o = i * wt.block_bytes();
+    let hdr = load16x4(rp, o);
+    let d = f16_lanes(hdr[0]);
+    let m = if has_m {
+        f16_lanes(_mm512_srli_epi32::<16>(hdr[0]))
+    } else {
+        _mm512_setzero_ps()
+    };
+    let mut q = [zero; 8];
+    if wt == WeightType::Q8_0 {
+        // Signed values as they are (see the correction below).
+        let lo = load16x4(rp, o + 2);
+        let hi = load16x4(rp, o + 18);
+        q[..4].copy_from_slice(&lo);
+        q[4..].copy_from_slice(&hi);
+    } else {
+        let raw = load16x4(rp, o + qs_at);
+        for c in 0..4 {
+            q[c] = _mm512_and_si512(raw[c], low4);
+            q[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw[c]), low4);
+        }
+        if five {
+            // Value 4c + b's fifth bit is bit 4c + b of qh: byte c/2, bit 4(c%2) + b.
+            let rep = [
+                within_dwords([0; 4]),
+                within_dwords([1; 4]),
+                within_dwords([2; 4]),
+                within_dwords([3; 4]),
+            ];
+            let bit = [
+                _mm512_set1_epi32(0x0804_0201),
+                _mm512_set1_epi32(0x8040_2010u32 as i32),
+            ];
+            let qh = if wt == WeightType::Q5_0 {
+                // d | qh[0..2], qh[2..4] | qs[0..2]
+                _mm512_or_si512(
+                    _mm512_srli_epi32::<16>(hdr[0]),
+                    _mm512_slli_epi32::<16>(hdr[1]),
+                )
+            } else {
+                hdr[1]
+            };
+            for c in 0..8 {
+                let bits = _mm512_shuffle_epi8(qh, rep[c / 2]);
+                let set = _mm512_test_epi8_mask(bits, bit[c % 2]);
+                q[c] = _mm512_mask_add_epi8(q[c], set, q[c], sixteen);
+            }
+        }
+    }
+    // The signed types: q[c] becomes the signed value, corr[c] its −128·Σ.
+    let mut corr = [zero; 8];
+    if offset != 0 {
+        let k128 = _mm512_set1_epi8(-128);
+        for c in 0..8 {
+            if wt != WeightType::Q8_0 {
+                q[c] = _mm512_sub_epi8(q[c], _mm512_set1_epi8(offset as i8));
+            }
+            corr[c] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, k128, q[c]));
+        }
+    }
+    Block32 { q, corr, d, m }
+}
+
+/// Block `i` of activation row `row` against a decoded block, into that row's eight group
+/// sums `acc` and offset sum `offs`.
+///
+/// # Safety
+/// As `tile`'s; `b` is block `i` of `TYPES_32[T]`. Only for callers with `tile`'s target
+/// features: without its own (`#[inline(always)]` cannot have them) it is inlined into
+/// theirs, where a call would pass the sums through memory.
+#[inline(always)]
+pub(crate) unsafe fn block_32<const T: usize>(
+    b: &Block32,
+    a: &QuantizedActs,
+    row: usize,
+    i: usize,
+    acc: &mut [__m512; 8],
+    offs: &mut __m512,
+) {
+    let (offset, _, has_m, _) = layout_32(TYPES_32[T]);
+    let nb = a.k / 32;
+    let ab = row * nb + i;
+    let x = a.qs.as_ptr().add(row * a.k + i * 32);
+    let scale = _mm512_mul_ps(b.d, _mm512_set1_ps(*a.d.get_unchecked(ab)));
+    for c in 0..8 {
+        let xc = bcast(x.add(4 * c));
+        // Signed types: Σ v·(x + 128) − 128·Σv; the others: Σ q·x.
+        let s = if offset != 0 {
+            _mm512_dpbusd_epi32(b.corr[c], xc, b.q[c])
+        } else {
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), b.q[c], xc)
+        };
+        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[c]);
+    }
+    if has_m {
+        let ms = _mm512_mul_ps(b.m, _mm512_set1_ps(*a.s.get_unchecked(ab)));
+        *offs = _mm512_add_ps(*offs, ms);
     }
 }
 

@@ -122,7 +122,7 @@ async fn copies_of_an_upstream_s_traffic_run_here_behind_local_callers() {
         .filter(|p| canary_goes_upstream(p["id"].as_str().unwrap(), 50))
         .count();
     assert!(shadowed > 0 && shadowed < N, "{shadowed}");
-    let m = api.settled_compare(MODEL, 180).await;
+    let m = api.settled_compare(MODEL, N, 180).await;
     assert_eq!(m["route"], "shadow-local:up:50", "{m}");
     let (primary, copies) = (&m["sides"]["upstream"], &m["sides"]["local"]);
     assert_eq!(primary["role"], "primary", "{m}");
@@ -186,7 +186,7 @@ async fn copies_of_an_upstream_s_traffic_run_here_behind_local_callers() {
     assert_eq!(code, 200, "{cog}");
     assert_eq!(cog["status"], "succeeded", "{cog}");
     let caller = api.wait_terminal(&caller_id, 60).await;
-    let m = api.settled_compare(MODEL, 300).await;
+    let m = api.settled_compare(MODEL, COPIES, 300).await;
     let pairs = m["shadow"]["recent_pairs"].as_array().unwrap().clone();
     assert_eq!(pairs.len(), COPIES, "{m}");
     let at = |v: &Value| v.as_str().unwrap().to_string();

@@ -1131,8 +1131,8 @@ async fn listed_with_tag(api: &Api, tag: &str) -> Vec<Value> {
     out
 }
 
-/// The comparison once no shadow copy is in flight.
-async fn settled_compare(api: &Api, model: &str) -> Value {
+/// The comparison once no shadow copy is in flight and `primaries` are counted.
+async fn settled_compare(api: &Api, model: &str, primaries: usize) -> Value {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let c = api.get("/v1/hearth/compare").await;
@@ -1143,10 +1143,13 @@ async fn settled_compare(api: &Api, model: &str) -> Value {
             .find(|m| m["model"] == model)
             .cloned()
             .unwrap_or_else(|| panic!("{model} not compared: {c}"));
-        if m["shadow"]["in_flight"] == 0 {
+        if support::procs::is_settled(&m, primaries) {
             return m;
         }
-        assert!(Instant::now() < deadline, "copies still in flight: {m}");
+        assert!(
+            Instant::now() < deadline,
+            "the comparison never settled: {m}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -1231,7 +1234,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
         .count();
     assert!(shadowed > N / 4 && shadowed < 3 * N / 4, "{shadowed}");
 
-    let m = settled_compare(&api, "hearth/demo").await;
+    let m = settled_compare(&api, "hearth/demo", N).await;
     let local = &m["sides"]["local"];
     let shadow_side = &m["sides"]["upstream"];
     let sh = &m["shadow"];
@@ -1424,7 +1427,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
         api.wait_terminal(p["id"].as_str().unwrap(), 120).await;
     }
     let minutes = started.elapsed().as_secs() / 60 + 1;
-    let m = settled_compare(&api, "hearth/demo").await;
+    let m = settled_compare(&api, "hearth/demo", 20).await;
     let sh = &m["shadow"];
     assert_eq!(n(&sh["eligible"]), 20, "{m}");
     assert_eq!(n(&sh["copies"]) + n(&sh["skipped"]["rate"]), 20, "{m}");

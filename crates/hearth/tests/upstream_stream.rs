@@ -417,7 +417,7 @@ async fn shadow_copies_follow_the_stream_and_a_shutdown_ends_upstream_work_in_bo
         .await;
     assert_eq!(code, 201, "{p}");
     api.wait_terminal(p["id"].as_str().unwrap(), 60).await;
-    let m = api.settled_compare(MODEL, 60).await;
+    let m = api.settled_compare(MODEL, 1, 60).await;
     let pair = &m["shadow"]["recent_pairs"][0];
     assert_eq!(pair["upstream"], "succeeded", "{m}");
     let uid = pair["upstream_id"].as_str().unwrap();

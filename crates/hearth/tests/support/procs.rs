@@ -190,8 +190,10 @@ impl Api {
         out
     }
 
-    /// `/v1/hearth/compare`'s entry for `model` once no shadow copy is in flight.
-    pub async fn settled_compare(&self, model: &str, secs: u64) -> Value {
+    /// `/v1/hearth/compare`'s entry for `model` once no shadow copy is in flight and
+    /// the primary side has counted `primaries` predictions. A primary is counted by a
+    /// watcher a moment after it ends, so a caller can see it ended before then.
+    pub async fn settled_compare(&self, model: &str, primaries: usize, secs: u64) -> Value {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let c = self.get("/v1/hearth/compare").await;
@@ -202,13 +204,29 @@ impl Api {
                 .find(|m| m["model"] == model)
                 .cloned()
                 .unwrap_or_else(|| panic!("{model} not compared: {c}"));
-            if m["shadow"]["in_flight"] == 0 {
+            if is_settled(&m, primaries) {
                 return m;
             }
-            assert!(Instant::now() < deadline, "copies still in flight: {m}");
+            assert!(
+                Instant::now() < deadline,
+                "the comparison never settled: {m}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// Whether a `/v1/hearth/compare` model entry has no copy in flight and at least
+/// `primaries` predictions counted on its primary side (more is the caller's to catch).
+pub fn is_settled(m: &Value, primaries: usize) -> bool {
+    let counted = m["sides"]
+        .as_object()
+        .into_iter()
+        .flat_map(|s| s.values())
+        .filter(|s| s["role"] == "primary")
+        .filter_map(|s| s["count"].as_u64())
+        .sum::<u64>();
+    m["shadow"]["in_flight"] == 0 && counted >= primaries as u64
 }
 
 /// A Prometheus sample's value: the line that starts with `name{` and holds every

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::fault_proxy::FaultProxy;
-use support::procs::{free_port, spawn, spawn_upstream, temp, Proc};
+use support::procs::{spawn, spawn_upstream, temp, Proc};
 
 const UP_TOKEN: &str = "upstream-secret-7f3a";
 const FRONT_TOKEN: &str = "front-token";
@@ -175,7 +175,7 @@ async fn an_upstream_route_serves_every_verb_and_survives_faults() {
     let u = upstream(&dir).await;
     let proxy = FaultProxy::start(&u.base).await;
     let f = front(
-        free_port(),
+        0,
         &dir,
         &proxy.url,
         &[
@@ -491,7 +491,7 @@ async fn fallback_goes_upstream_when_local_cannot_take_work_until_the_breaker_op
     let proxy = FaultProxy::start(&u.base).await;
     // No waiting room: every local create finds the engine's queue full.
     let f = front(
-        free_port(),
+        0,
         &dir,
         &proxy.url,
         &[
@@ -558,9 +558,9 @@ async fn fallback_goes_upstream_when_local_cannot_take_work_until_the_breaker_op
 async fn a_front_killed_mid_prediction_resumes_polling_after_restart() {
     let dir = temp("restart");
     let u = upstream(&dir).await;
-    let port = free_port();
     let route = ["--route", "acme/remote=upstream:up"];
-    let mut f = front(port, &dir, &u.base, &route).await;
+    let mut f = front(0, &dir, &u.base, &route).await;
+    let port = f.port();
     let api = Api::new(&f.base, FRONT_TOKEN);
     let (hook, calls) = receiver().await;
     let long = json!({"prompt": format!("restart {}", rand::random::<u64>()), "max_tokens": 3000, "ignore_eos": true});
@@ -622,7 +622,6 @@ async fn a_cog_container_upstream_serves_every_verb_and_reattaches_after_a_resta
     let u = upstream(&dir).await;
     let token_file = dir.join("cog-token");
     std::fs::write(&token_file, format!("{UP_TOKEN}\n")).unwrap();
-    let port = free_port();
     let cog_up = format!("cogup=cog+{}", u.base);
     let token_arg = format!("cogup={}", token_file.display());
     let extra = [
@@ -635,7 +634,8 @@ async fn a_cog_container_upstream_serves_every_verb_and_reattaches_after_a_resta
         "--route",
         "hearth/demo=canary:cogup:100",
     ];
-    let mut f = front(port, &dir, &u.base, &extra).await;
+    let mut f = front(0, &dir, &u.base, &extra).await;
+    let port = f.port();
     let api = Api::new(&f.base, FRONT_TOKEN);
     let up = Api::new(&u.base, UP_TOKEN);
 
@@ -855,7 +855,7 @@ async fn model_cards_declare_upstreams_and_routes() {
         "--api-token".into(),
         FRONT_TOKEN.into(),
     ];
-    let f = spawn(free_port(), &args, &[], &dir.join("front.log")).await;
+    let f = spawn(0, &args, &[], &dir.join("front.log")).await;
     let api = Api::new(&f.base, FRONT_TOKEN);
     let (code, p) = api
         .create(
@@ -966,7 +966,7 @@ async fn file_inputs_are_inlined_and_file_outputs_mirrored() {
         "--mirror-upstream-max-bytes",
         "200KB",
     ];
-    let f = front(free_port(), &dir, &up_base, &route).await;
+    let f = front(0, &dir, &up_base, &route).await;
     let api = Api::new(&f.base, FRONT_TOKEN);
     let form = reqwest::multipart::Form::new().part(
         "content",
@@ -1083,7 +1083,7 @@ async fn file_inputs_are_inlined_and_file_outputs_mirrored() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let f = spawn(free_port(), &args, &[], &dir.join("front2.log")).await;
+    let f = spawn(0, &args, &[], &dir.join("front2.log")).await;
     let api = Api::new(&f.base, FRONT_TOKEN);
     let (_, p) = api
         .create("acme/files", json!({"input": {"n": 1}}), Some("wait=60"))
@@ -1166,7 +1166,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
     let u = upstream(&dir).await;
     let proxy = FaultProxy::start(&u.base).await;
     let f = front(
-        free_port(),
+        0,
         &dir,
         &proxy.url,
         &[
@@ -1400,7 +1400,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
 
     // A per-minute cap: at 100% and 5 a minute, the 6th copy of a minute is skipped.
     let f = front(
-        free_port(),
+        0,
         &dir,
         &proxy.url,
         &[
@@ -1437,7 +1437,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
 
     // A canary route is compared too: each create counted once, on the side that ran it.
     let f = front(
-        free_port(),
+        0,
         &dir,
         &proxy.url,
         &["--route", "hearth/demo=canary:up:50"],

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use support::fault_proxy::FaultProxy;
-use support::procs::{free_port, spawn, spawn_upstream, temp, Api, Proc};
+use support::procs::{spawn, spawn_upstream, temp, Api, Proc};
 
 const UP_TOKEN: &str = "upstream-secret-9d41";
 const FRONT_TOKEN: &str = "front-token";
@@ -51,7 +51,7 @@ async fn front_with(dir: &Path, up: &str, extra: &[&str]) -> Proc {
     .to_vec();
     args.extend(extra.iter().map(|s| s.to_string()));
     spawn(
-        free_port(),
+        0,
         &args,
         &[("HEARTH_UPSTREAM_TOKEN_UP", UP_TOKEN)],
         &dir.join("front.log"),

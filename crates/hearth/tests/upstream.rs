@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::fault_proxy::FaultProxy;
-use support::procs::{spawn, spawn_upstream, temp, Proc};
+use support::procs::{spawn, spawn_upstream, temp, Api, Proc};
 
 const UP_TOKEN: &str = "upstream-secret-7f3a";
 const FRONT_TOKEN: &str = "front-token";
@@ -53,79 +53,6 @@ async fn front(port: u16, data: &Path, upstream_url: &str, extra: &[&str]) -> Pr
         &data.join("front.log"),
     )
     .await
-}
-
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: &'static str,
-}
-
-impl Api {
-    fn new(base: &str, token: &'static str) -> Self {
-        Api {
-            http: reqwest::Client::new(),
-            base: base.into(),
-            token,
-        }
-    }
-    async fn create(&self, model: &str, body: Value, prefer: Option<&str>) -> (u16, Value) {
-        let mut r = self
-            .http
-            .post(format!("{}/v1/models/{model}/predictions", self.base))
-            .bearer_auth(self.token)
-            .json(&body);
-        if let Some(p) = prefer {
-            r = r.header("Prefer", p);
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-    async fn get(&self, path: &str) -> Value {
-        self.http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(self.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-    async fn text(&self, path: &str) -> String {
-        self.http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(self.token)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-    async fn wait_terminal(&self, id: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let p = self.get(&format!("/v1/predictions/{id}")).await;
-            if ["succeeded", "failed", "canceled"].contains(&p["status"].as_str().unwrap_or("")) {
-                return p;
-            }
-            assert!(Instant::now() < deadline, "not terminal: {p}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    async fn wait_status(&self, id: &str, status: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let p = self.get(&format!("/v1/predictions/{id}")).await;
-            if p["status"] == status {
-                return p;
-            }
-            assert!(Instant::now() < deadline, "never {status}: {p}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
 }
 
 /// A webhook receiver recording bodies.
@@ -1095,65 +1022,6 @@ async fn file_inputs_are_inlined_and_file_outputs_mirrored() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Every prediction of the front's list (following `next`) whose input's prompt starts
-/// with `tag`.
-async fn listed_with_tag(api: &Api, tag: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut url = format!("{}/v1/predictions", api.base);
-    for _ in 0..100 {
-        let page: Value = api
-            .http
-            .get(&url)
-            .bearer_auth(api.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        out.extend(
-            page["results"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|p| {
-                    p["input"]["prompt"]
-                        .as_str()
-                        .is_some_and(|s| s.starts_with(tag))
-                })
-                .cloned(),
-        );
-        match page["next"].as_str() {
-            Some(n) => url = n.to_string(),
-            None => break,
-        }
-    }
-    out
-}
-
-/// The comparison once no shadow copy is in flight and `primaries` are counted.
-async fn settled_compare(api: &Api, model: &str, primaries: usize) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let c = api.get("/v1/hearth/compare").await;
-        let m = c["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["model"] == model)
-            .cloned()
-            .unwrap_or_else(|| panic!("{model} not compared: {c}"));
-        if support::procs::is_settled(&m, primaries) {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the comparison never settled: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
     use hearth_server::upstream::route::canary_goes_upstream;
@@ -1234,7 +1102,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
         .count();
     assert!(shadowed > N / 4 && shadowed < 3 * N / 4, "{shadowed}");
 
-    let m = settled_compare(&api, "hearth/demo", N).await;
+    let m = api.settled_compare("hearth/demo", N, 180).await;
     let local = &m["sides"]["local"];
     let shadow_side = &m["sides"]["upstream"];
     let sh = &m["shadow"];
@@ -1341,7 +1209,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
 
     // Only the callers' predictions are listed, and each caller's webhook came once,
     // for its own prediction.
-    let listed = listed_with_tag(&api, &tag).await;
+    let listed = api.listed_with_tag(&tag).await;
     assert_eq!(listed.len(), N);
     assert!(listed.iter().all(|p| p["hearth"]["side"] == "local"));
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1427,7 +1295,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
         api.wait_terminal(p["id"].as_str().unwrap(), 120).await;
     }
     let minutes = started.elapsed().as_secs() / 60 + 1;
-    let m = settled_compare(&api, "hearth/demo", 20).await;
+    let m = api.settled_compare("hearth/demo", 20, 180).await;
     let sh = &m["shadow"];
     assert_eq!(n(&sh["eligible"]), 20, "{m}");
     assert_eq!(n(&sh["copies"]) + n(&sh["skipped"]["rate"]), 20, "{m}");

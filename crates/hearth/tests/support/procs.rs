@@ -251,6 +251,26 @@ impl Api {
     }
 }
 
+impl Api {
+    /// A create of `model`'s (`Prefer: wait=N` with `prefer`): the status and the body.
+    pub async fn create(&self, model: &str, body: Value, prefer: Option<&str>) -> (u16, Value) {
+        self.post(&format!("/v1/models/{model}/predictions"), &body, prefer)
+            .await
+    }
+
+    pub async fn wait_status(&self, id: &str, status: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let p = self.get(&format!("/v1/predictions/{id}")).await;
+            if p["status"] == status {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "never {status}: {p}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// Whether a `/v1/hearth/compare` model entry has no copy in flight and at least
 /// `primaries` predictions counted on its primary side (more is the caller's to catch).
 pub fn is_settled(m: &Value, primaries: usize) -> bool {

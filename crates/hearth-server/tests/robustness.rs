@@ -135,7 +135,31 @@ async fn logs_events_fire_throttled_output_coalesces_and_completed_is_last() {
     for id in &ids {
         finals.push(s.wait_terminal(id).await);
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Until every delivery is made (the outbox is empty) and each subscriber has its
+    // last one; a fixed 1.5 s pause raced a loaded machine's last deliveries.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ended = all
+            .bodies()
+            .last()
+            .is_some_and(|b| b["status"] == "succeeded")
+            && output_only
+                .bodies()
+                .last()
+                .is_some_and(|b| text(&b["output"]) == text(&finals[1]["output"]))
+            && !logs_only.bodies().is_empty();
+        if ended && s.state.store.outbox_len().await.unwrap() == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the webhooks never all arrived: {} / {} / {}",
+            all.bodies().len(),
+            output_only.bodies().len(),
+            logs_only.bodies().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let bodies = all.bodies();
     assert!(bodies.len() >= 3, "{} calls", bodies.len());
     assert_eq!(bodies[0]["status"], "processing", "start comes first");

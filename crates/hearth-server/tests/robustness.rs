@@ -56,12 +56,11 @@ async fn webhooks_to_the_host_or_its_network_are_refused() {
 #[tokio::test]
 async fn webhooks_wait_out_a_restart_and_keep_their_id_across_retries() {
     let data = TempDir::new("outbox");
-    // A receiver address with nothing listening yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A receiver address with nothing listening yet: bound here (connections to it are
+    // refused until it listens), so that no other socket can take the port meanwhile.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
     let hook = format!("http://127.0.0.1:{port}/hook");
     let dir = data.0.clone();
     let s = start_in(data, engine_default(), |_| {}).await;
@@ -87,9 +86,7 @@ async fn webhooks_wait_out_a_restart_and_keep_their_id_across_retries() {
     let support::Server { task, data, .. } = s;
     task.await.unwrap().unwrap();
     // The receiver comes up (failing its first call) and the server restarts.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let listener = socket.listen(1024).unwrap();
     let rx = receiver_on(listener, 1, 503).await;
     let s2 = start_in(data, engine_default(), |_| {}).await;
     assert_eq!(s2.data.0, dir);

@@ -110,7 +110,9 @@ async fn put_attaches_to_a_prediction_in_flight_and_replays_its_stream() {
     let canceler = {
         let (c, base) = (s.client.clone(), s.base.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            // Once it has output to replay (a fixed 400 ms raced a loaded machine's
+            // first token: no output event before the cancel).
+            support::wait_for_output(&c, &base, "job.2", 30).await;
             c.post(format!("{base}/predictions/job.2/cancel"))
                 .bearer_auth(TOKEN)
                 .send()

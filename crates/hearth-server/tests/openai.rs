@@ -244,6 +244,20 @@ async fn wait_idle(s: &Server, what: &str) {
     }
 }
 
+/// Until the engine runs a request. The first chunk can reach the client before the
+/// engine admits the request (a fixed pause raced a loaded machine; and a fast one
+/// could finish the generation within it).
+async fn wait_running(s: &Server, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running(s).await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the engine never ran the request"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_goes_away_cancels_its_generation() {
     let s = start(1 << 20).await;
@@ -258,8 +272,7 @@ async fn a_client_that_goes_away_cancels_its_generation() {
         .await
         .unwrap();
     let _ = r.chunk().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(running(&s).await >= 1.0);
+    wait_running(&s, "streaming").await;
     drop(r);
     wait_idle(&s, "streaming").await;
     // Whole: give up before the answer.

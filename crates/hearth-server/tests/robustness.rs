@@ -56,12 +56,11 @@ async fn webhooks_to_the_host_or_its_network_are_refused() {
 #[tokio::test]
 async fn webhooks_wait_out_a_restart_and_keep_their_id_across_retries() {
     let data = TempDir::new("outbox");
-    // A receiver address with nothing listening yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A receiver address with nothing listening yet: bound here (connections to it are
+    // refused until it listens), so that no other socket can take the port meanwhile.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
     let hook = format!("http://127.0.0.1:{port}/hook");
     let dir = data.0.clone();
     let s = start_in(data, engine_default(), |_| {}).await;
@@ -87,9 +86,7 @@ async fn webhooks_wait_out_a_restart_and_keep_their_id_across_retries() {
     let support::Server { task, data, .. } = s;
     task.await.unwrap().unwrap();
     // The receiver comes up (failing its first call) and the server restarts.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let listener = socket.listen(1024).unwrap();
     let rx = receiver_on(listener, 1, 503).await;
     let s2 = start_in(data, engine_default(), |_| {}).await;
     assert_eq!(s2.data.0, dir);
@@ -135,7 +132,31 @@ async fn logs_events_fire_throttled_output_coalesces_and_completed_is_last() {
     for id in &ids {
         finals.push(s.wait_terminal(id).await);
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Until every delivery is made (the outbox is empty) and each subscriber has its
+    // last one; a fixed 1.5 s pause raced a loaded machine's last deliveries.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ended = all
+            .bodies()
+            .last()
+            .is_some_and(|b| b["status"] == "succeeded")
+            && output_only
+                .bodies()
+                .last()
+                .is_some_and(|b| text(&b["output"]) == text(&finals[1]["output"]))
+            && !logs_only.bodies().is_empty();
+        if ended && s.state.store.outbox_len().await.unwrap() == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the webhooks never all arrived: {} / {} / {}",
+            all.bodies().len(),
+            output_only.bodies().len(),
+            logs_only.bodies().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let bodies = all.bodies();
     assert!(bodies.len() >= 3, "{} calls", bodies.len());
     assert_eq!(bodies[0]["status"], "processing", "start comes first");

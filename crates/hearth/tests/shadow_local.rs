@@ -49,7 +49,7 @@ async fn front(dir: &Path, up: &str, percent: u8, max_concurrent: usize) -> Proc
     .map(String::from)
     .to_vec();
     spawn(
-        free_port(),
+        0,
         &args,
         &[("HEARTH_UPSTREAM_TOKEN_UP", UP_TOKEN)],
         &dir.join("front.log"),

@@ -83,14 +83,26 @@ async fn sigterm_ends_streams_and_sync_requests_and_exits_within_the_timeout() {
     };
     let running = create().await;
     let queued = create().await;
-    let read = |p: &Value| {
+    // Each stream's headers are in before the SIGTERM (the server holds the stream
+    // open); its body is read to the end meanwhile.
+    let open = |p: &Value| {
         let url = p["urls"]["stream"].as_str().unwrap().to_string();
         let c = client.clone();
-        tokio::spawn(async move { c.get(url).send().await.unwrap().text().await.unwrap() })
+        async move {
+            let resp = c.get(url).send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+            resp
+        }
     };
-    let (stream_running, stream_queued) = (read(&running), read(&queued));
+    let (running_resp, queued_resp) = (open(&running).await, open(&queued).await);
+    let read = |resp: reqwest::Response| tokio::spawn(async move { resp.text().await.unwrap() });
+    let (stream_running, stream_queued) = (read(running_resp), read(queued_resp));
+    // Accepted before the Cog request's own connection (a fresh one, accepted after it).
+    let _idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     let cog_sync = {
-        let c = client.clone();
+        let c = reqwest::Client::new();
         let url = format!("{base}/predictions");
         tokio::spawn(async move {
             let r = c
@@ -103,10 +115,34 @@ async fn sigterm_ends_streams_and_sync_requests_and_exits_within_the_timeout() {
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         })
     };
-    let _idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The Cog request is in the engine's queue (behind the two others) before the
+    // SIGTERM: a fixed pause let a loaded machine send the signal first.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let gauge = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name}{{")))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(-1.0)
+        };
+        if gauge("vllm:num_requests_running") == 1.0 && gauge("vllm:num_requests_waiting") == 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the three requests never reached the engine: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let t = Instant::now();
     let killed = Command::new("kill")

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::fault_proxy::FaultProxy;
-use support::procs::{free_port, spawn, spawn_upstream, temp, Proc};
+use support::procs::{spawn, spawn_upstream, temp, Api, Proc};
 
 const UP_TOKEN: &str = "upstream-secret-7f3a";
 const FRONT_TOKEN: &str = "front-token";
@@ -53,79 +53,6 @@ async fn front(port: u16, data: &Path, upstream_url: &str, extra: &[&str]) -> Pr
         &data.join("front.log"),
     )
     .await
-}
-
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: &'static str,
-}
-
-impl Api {
-    fn new(base: &str, token: &'static str) -> Self {
-        Api {
-            http: reqwest::Client::new(),
-            base: base.into(),
-            token,
-        }
-    }
-    async fn create(&self, model: &str, body: Value, prefer: Option<&str>) -> (u16, Value) {
-        let mut r = self
-            .http
-            .post(format!("{}/v1/models/{model}/predictions", self.base))
-            .bearer_auth(self.token)
-            .json(&body);
-        if let Some(p) = prefer {
-            r = r.header("Prefer", p);
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-    async fn get(&self, path: &str) -> Value {
-        self.http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(self.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-    async fn text(&self, path: &str) -> String {
-        self.http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(self.token)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-    async fn wait_terminal(&self, id: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let p = self.get(&format!("/v1/predictions/{id}")).await;
-            if ["succeeded", "failed", "canceled"].contains(&p["status"].as_str().unwrap_or("")) {
-                return p;
-            }
-            assert!(Instant::now() < deadline, "not terminal: {p}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    async fn wait_status(&self, id: &str, status: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let p = self.get(&format!("/v1/predictions/{id}")).await;
-            if p["status"] == status {
-                return p;
-            }
-            assert!(Instant::now() < deadline, "never {status}: {p}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
 }
 
 /// A webhook receiver recording bodies.
@@ -175,7 +102,7 @@ async fn an_upstream_route_serves_every_verb_and_survives_faults() {
     let u = upstream(&dir).await;
     let proxy = FaultProxy::start(&u.base).await;
     let f = front(
-        free_port(),
+        0,
         &dir,
         &proxy.url,
         &[
@@ -491,7 +418,7 @@ async fn fallback_goes_upstream_when_local_cannot_take_work_until_the_breaker_op
     let proxy = FaultProxy::start(&u.base).await;
     // No waiting room: every local create finds the engine's queue full.
     let f = front(
-        free_port(),
+        0,
         &dir,
         &proxy.url,
         &[
@@ -558,9 +485,9 @@ async fn fallback_goes_upstream_when_local_cannot_take_work_until_the_breaker_op
 async fn a_front_killed_mid_prediction_resumes_polling_after_restart() {
     let dir = temp("restart");
     let u = upstream(&dir).await;
-    let port = free_port();
     let route = ["--route", "acme/remote=upstream:up"];
-    let mut f = front(port, &dir, &u.base, &route).await;
+    let mut f = front(0, &dir, &u.base, &route).await;
+    let port = f.port();
     let api = Api::new(&f.base, FRONT_TOKEN);
     let (hook, calls) = receiver().await;
     let long = json!({"prompt": format!("restart {}", rand::random::<u64>()), "max_tokens": 3000, "ignore_eos": true});
@@ -622,7 +549,6 @@ async fn a_cog_container_upstream_serves_every_verb_and_reattaches_after_a_resta
     let u = upstream(&dir).await;
     let token_file = dir.join("cog-token");
     std::fs::write(&token_file, format!("{UP_TOKEN}\n")).unwrap();
-    let port = free_port();
     let cog_up = format!("cogup=cog+{}", u.base);
     let token_arg = format!("cogup={}", token_file.display());
     let extra = [
@@ -635,7 +561,8 @@ async fn a_cog_container_upstream_serves_every_verb_and_reattaches_after_a_resta
         "--route",
         "hearth/demo=canary:cogup:100",
     ];
-    let mut f = front(port, &dir, &u.base, &extra).await;
+    let mut f = front(0, &dir, &u.base, &extra).await;
+    let port = f.port();
     let api = Api::new(&f.base, FRONT_TOKEN);
     let up = Api::new(&u.base, UP_TOKEN);
 
@@ -855,7 +782,7 @@ async fn model_cards_declare_upstreams_and_routes() {
         "--api-token".into(),
         FRONT_TOKEN.into(),
     ];
-    let f = spawn(free_port(), &args, &[], &dir.join("front.log")).await;
+    let f = spawn(0, &args, &[], &dir.join("front.log")).await;
     let api = Api::new(&f.base, FRONT_TOKEN);
     let (code, p) = api
         .create(
@@ -966,7 +893,7 @@ async fn file_inputs_are_inlined_and_file_outputs_mirrored() {
         "--mirror-upstream-max-bytes",
         "200KB",
     ];
-    let f = front(free_port(), &dir, &up_base, &route).await;
+    let f = front(0, &dir, &up_base, &route).await;
     let api = Api::new(&f.base, FRONT_TOKEN);
     let form = reqwest::multipart::Form::new().part(
         "content",
@@ -1083,7 +1010,7 @@ async fn file_inputs_are_inlined_and_file_outputs_mirrored() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let f = spawn(free_port(), &args, &[], &dir.join("front2.log")).await;
+    let f = spawn(0, &args, &[], &dir.join("front2.log")).await;
     let api = Api::new(&f.base, FRONT_TOKEN);
     let (_, p) = api
         .create("acme/files", json!({"input": {"n": 1}}), Some("wait=60"))
@@ -1093,65 +1020,6 @@ async fn file_inputs_are_inlined_and_file_outputs_mirrored() {
     assert!(p["logs"].as_str().unwrap().contains("non-public"), "{p}");
     drop(f);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Every prediction of the front's list (following `next`) whose input's prompt starts
-/// with `tag`.
-async fn listed_with_tag(api: &Api, tag: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut url = format!("{}/v1/predictions", api.base);
-    for _ in 0..100 {
-        let page: Value = api
-            .http
-            .get(&url)
-            .bearer_auth(api.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        out.extend(
-            page["results"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|p| {
-                    p["input"]["prompt"]
-                        .as_str()
-                        .is_some_and(|s| s.starts_with(tag))
-                })
-                .cloned(),
-        );
-        match page["next"].as_str() {
-            Some(n) => url = n.to_string(),
-            None => break,
-        }
-    }
-    out
-}
-
-/// The comparison once no shadow copy is in flight and `primaries` are counted.
-async fn settled_compare(api: &Api, model: &str, primaries: usize) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let c = api.get("/v1/hearth/compare").await;
-        let m = c["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["model"] == model)
-            .cloned()
-            .unwrap_or_else(|| panic!("{model} not compared: {c}"));
-        if support::procs::is_settled(&m, primaries) {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the comparison never settled: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1166,7 +1034,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
     let u = upstream(&dir).await;
     let proxy = FaultProxy::start(&u.base).await;
     let f = front(
-        free_port(),
+        0,
         &dir,
         &proxy.url,
         &[
@@ -1234,7 +1102,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
         .count();
     assert!(shadowed > N / 4 && shadowed < 3 * N / 4, "{shadowed}");
 
-    let m = settled_compare(&api, "hearth/demo", N).await;
+    let m = api.settled_compare("hearth/demo", N, 180).await;
     let local = &m["sides"]["local"];
     let shadow_side = &m["sides"]["upstream"];
     let sh = &m["shadow"];
@@ -1341,7 +1209,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
 
     // Only the callers' predictions are listed, and each caller's webhook came once,
     // for its own prediction.
-    let listed = listed_with_tag(&api, &tag).await;
+    let listed = api.listed_with_tag(&tag).await;
     assert_eq!(listed.len(), N);
     assert!(listed.iter().all(|p| p["hearth"]["side"] == "local"));
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1400,7 +1268,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
 
     // A per-minute cap: at 100% and 5 a minute, the 6th copy of a minute is skipped.
     let f = front(
-        free_port(),
+        0,
         &dir,
         &proxy.url,
         &[
@@ -1427,7 +1295,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
         api.wait_terminal(p["id"].as_str().unwrap(), 120).await;
     }
     let minutes = started.elapsed().as_secs() / 60 + 1;
-    let m = settled_compare(&api, "hearth/demo", 20).await;
+    let m = api.settled_compare("hearth/demo", 20, 180).await;
     let sh = &m["shadow"];
     assert_eq!(n(&sh["eligible"]), 20, "{m}");
     assert_eq!(n(&sh["copies"]) + n(&sh["skipped"]["rate"]), 20, "{m}");
@@ -1437,7 +1305,7 @@ async fn a_shadow_route_serves_callers_locally_and_its_comparison_adds_up() {
 
     // A canary route is compared too: each create counted once, on the side that ran it.
     let f = front(
-        free_port(),
+        0,
         &dir,
         &proxy.url,
         &["--route", "hearth/demo=canary:up:50"],

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::fault_proxy::FaultProxy;
-use support::procs::{free_port, spawn, spawn_upstream, temp, Api, Proc};
+use support::procs::{spawn, spawn_upstream, temp, Api, Proc};
 
 const UP_TOKEN: &str = "upstream-secret-91c2";
 const FRONT_TOKEN: &str = "front-token";
@@ -100,7 +100,7 @@ async fn short_cog_predictions_are_created_and_streamed_in_one_request() {
     let dir = temp("cog-short");
     let u = upstream(&dir).await;
     let proxy = FaultProxy::start(&u.base).await;
-    let f = front(free_port(), &dir, &proxy.url).await;
+    let f = front(0, &dir, &proxy.url).await;
     let api = Api::new(&f.base, FRONT_TOKEN);
     let up = Api::new(&u.base, UP_TOKEN);
     for i in 0..8u32 {
@@ -136,8 +136,8 @@ async fn a_cancel_the_upstream_has_not_confirmed_at_shutdown_is_sent_again_after
     let dir = temp("drain-cancel");
     let u = upstream(&dir).await;
     let proxy = FaultProxy::start(&u.base).await;
-    let port = free_port();
-    let mut f = front(port, &dir, &proxy.url).await;
+    let mut f = front(0, &dir, &proxy.url).await;
+    let port = f.port();
     let api = Api::new(&f.base, FRONT_TOKEN);
     let up = Api::new(&u.base, UP_TOKEN);
 

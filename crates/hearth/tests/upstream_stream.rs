@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use support::fault_proxy::FaultProxy;
-use support::procs::{free_port, spawn, spawn_upstream, temp, Api, Proc};
+use support::procs::{spawn, spawn_upstream, temp, Api, Proc};
 
 const UP_TOKEN: &str = "upstream-secret-9d41";
 const FRONT_TOKEN: &str = "front-token";
@@ -51,7 +51,7 @@ async fn front_with(dir: &Path, up: &str, extra: &[&str]) -> Proc {
     .to_vec();
     args.extend(extra.iter().map(|s| s.to_string()));
     spawn(
-        free_port(),
+        0,
         &args,
         &[("HEARTH_UPSTREAM_TOKEN_UP", UP_TOKEN)],
         &dir.join("front.log"),
@@ -75,7 +75,9 @@ struct Got {
 async fn read_stream(http: &reqwest::Client, url: &str) -> Vec<Got> {
     let mut resp = http.get(url).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
-    let mut buf = String::new();
+    // Bytes until a whole event is in: a network chunk can end inside a character
+    // (decoded chunk by chunk, its halves became two U+FFFDs).
+    let mut buf: Vec<u8> = Vec::new();
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while let Some(chunk) = tokio::time::timeout_at(deadline.into(), resp.chunk())
@@ -83,9 +85,10 @@ async fn read_stream(http: &reqwest::Client, url: &str) -> Vec<Got> {
         .expect("the stream did not end in 120 s")
         .unwrap()
     {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let block =
+                String::from_utf8(buf.drain(..end + 2).collect()).expect("an event is UTF-8");
             let Some(event) = block.lines().find_map(|l| l.strip_prefix("event:")) else {
                 continue;
             };

@@ -326,3 +326,24 @@ pub fn record(
         created_unix: 0,
     }
 }
+
+/// Polls `base`'s prediction `id` until it has output (at most `secs`); the record.
+pub async fn wait_for_output(client: &reqwest::Client, base: &str, id: &str, secs: u64) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let p: Value = client
+            .get(format!("{base}/v1/predictions/{id}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if p["output"].as_array().is_some_and(|o| !o.is_empty()) {
+            return p;
+        }
+        assert!(std::time::Instant::now() < deadline, "no output: {p}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

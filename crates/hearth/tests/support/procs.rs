@@ -13,6 +13,13 @@ pub struct Proc {
     pub log: PathBuf,
 }
 
+impl Proc {
+    /// The port it serves on (to start it again on the same one).
+    pub fn port(&self) -> u16 {
+        self.base.rsplit(':').next().unwrap().parse().unwrap()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -55,11 +62,16 @@ pub async fn spawn_upstream(dir: &Path, cards: &[&str], token: &str) -> Proc {
         "--api-token".into(),
         token.into(),
     ];
-    spawn(free_port(), &args, &[], &dir.join("upstream.log")).await
+    spawn(0, &args, &[], &dir.join("upstream.log")).await
 }
 
-/// Starts `hearth serve` on `port` and waits until it is READY.
+/// Starts `hearth serve` on `port` and waits until it is READY. Port 0: the server
+/// binds a free port itself, read back from the line it writes to `log` when it
+/// listens (a port picked here and bound there later can be taken meanwhile, by any
+/// process's outgoing connection).
 pub async fn spawn(port: u16, args: &[String], env: &[(&str, &str)], log: &Path) -> Proc {
+    // The log is appended to across restarts: the announcement is after this offset.
+    let from = std::fs::metadata(log).map_or(0, |m| m.len() as usize);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
     cmd.args(["serve", "--port", &port.to_string()])
         .args(args)
@@ -75,12 +87,35 @@ pub async fn spawn(port: u16, args: &[String], env: &[(&str, &str)], log: &Path)
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let p = Proc {
+    let mut p = Proc {
         child: cmd.spawn().unwrap(),
         base: format!("http://127.0.0.1:{port}"),
         log: log.to_path_buf(),
     };
     let deadline = Instant::now() + Duration::from_secs(120);
+    if port == 0 {
+        let port = loop {
+            let text = std::fs::read(log).unwrap_or_default();
+            let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
+            if let Some(port) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("hearth listening on http://"))
+                .and_then(|a| a.trim().rsplit(':').next()?.parse::<u16>().ok())
+            {
+                break port;
+            }
+            if let Some(status) = p.child.try_wait().unwrap() {
+                panic!("hearth serve exited ({status}) before it listened:\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hearth serve never listened:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        p.base = format!("http://127.0.0.1:{port}");
+    }
+    let port = p.port();
     loop {
         if let Ok(r) = reqwest::get(format!("{}/health-check", p.base)).await {
             if r.json::<Value>()
@@ -212,6 +247,26 @@ impl Api {
                 "the comparison never settled: {m}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Api {
+    /// A create of `model`'s (`Prefer: wait=N` with `prefer`): the status and the body.
+    pub async fn create(&self, model: &str, body: Value, prefer: Option<&str>) -> (u16, Value) {
+        self.post(&format!("/v1/models/{model}/predictions"), &body, prefer)
+            .await
+    }
+
+    pub async fn wait_status(&self, id: &str, status: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let p = self.get(&format!("/v1/predictions/{id}")).await;
+            if p["status"] == status {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "never {status}: {p}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

@@ -9,88 +9,22 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::RmsNorm;
 
 use crate::config::ModelConfig;
-use crate::cpu_ops::{self, Rope};
+use crate::cpu_ops::Rope;
 use crate::fused::FusedLinear;
 use crate::gemv;
 use crate::kv_cache::KvCacheTensors;
 use crate::linear::{Embedding, Linear};
-use crate::norm_project::{gemv_weights, norm_project, project, LayerInput};
-use crate::paged_attention::{paged_attention, AttentionMetadata};
+use crate::norm_project::{gemv_weights, norm_project, LayerInput};
+use crate::paged_attention::AttentionMetadata;
 use crate::rope::RotaryTables;
 use crate::weight_loader::WeightLoader;
 
-/// One step's input: the scheduled sequences' new tokens flattened in order, each
-/// token's position (for RoPE), which rows to return logits for, and the attention
-/// metadata (query offsets, sequence lengths, block tables, cache slots) that one
-/// paged-attention call per layer reads.
-#[derive(Debug, Clone)]
-pub struct ForwardBatch {
-    pub token_ids: Vec<u32>,
-    pub positions: Vec<u32>,
-    /// Flattened index of the last token of each sequence that wants logits.
-    pub logits_rows: Vec<u32>,
-    pub attention: AttentionMetadata,
-}
+mod batch;
+mod layer;
 
-impl ForwardBatch {
-    pub fn new(block_size: usize) -> Self {
-        Self {
-            token_ids: Vec::new(),
-            positions: Vec::new(),
-            logits_rows: Vec::new(),
-            attention: AttentionMetadata::new(block_size),
-        }
-    }
-
-    /// Adds a sequence's chunk: `tokens` at positions `first_position..`, its KV
-    /// blocks covering them (and everything before), and whether the step returns
-    /// logits for the chunk's last token (false for a prefill chunk that does not
-    /// reach the end of the prompt).
-    pub fn push(
-        &mut self,
-        tokens: &[u32],
-        first_position: usize,
-        block_table: &[u32],
-        wants_logits: bool,
-    ) {
-        let n = tokens.len();
-        self.token_ids.extend_from_slice(tokens);
-        self.positions
-            .extend((first_position..first_position + n).map(|p| p as u32));
-        if wants_logits {
-            self.logits_rows.push((self.token_ids.len() - 1) as u32);
-        }
-        self.attention.push(n, first_position + n, block_table);
-    }
-
-    pub fn num_tokens(&self) -> usize {
-        self.token_ids.len()
-    }
-}
-
-struct Attention {
-    /// Q, K and V in that order, one matmul where the weights allow (fused.rs).
-    qkv_proj: FusedLinear,
-    o_proj: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-}
-
-struct Mlp {
-    /// Gate and up, one matmul where the weights allow.
-    gate_up_proj: FusedLinear,
-    down_proj: Linear,
-}
-
-struct Layer {
-    input_layernorm: RmsNorm,
-    attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
-}
+pub use batch::ForwardBatch;
+use layer::Layer;
+pub(crate) use layer::{add_norm, norm};
 
 pub struct Transformer {
     cfg: ModelConfig,
@@ -113,15 +47,6 @@ use candle_core::cuda_backend::cudarc::driver::PinnedHostSlice;
 /// The smallest pinned buffer (words): a decode step of a few dozen sequences fits.
 #[cfg(feature = "cuda")]
 const PINNED_MIN_WORDS: usize = 16 * 1024;
-
-fn linear(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    vb: WeightLoader,
-) -> candle_core::Result<Linear> {
-    vb.linear(in_dim, out_dim, bias)
-}
 
 /// Per-step inputs shared by every layer.
 struct StepTensors<'a> {
@@ -158,54 +83,9 @@ impl Transformer {
             .pp("embed_tokens")
             .embedding(cfg.vocab_size, cfg.hidden_size)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let h = cfg.hidden_size;
         for i in 0..cfg.num_hidden_layers {
-            let vb_l = vb_m.pp(format!("layers.{i}"));
-            let vb_a = vb_l.pp("self_attn");
-            let bias = cfg.attention_bias;
-            let (q_width, kv_width) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
-            let qkv = vec![
-                vb_a.pp("q_proj").fusion_part(h, q_width, bias)?,
-                vb_a.pp("k_proj").fusion_part(h, kv_width, bias)?,
-                vb_a.pp("v_proj").fusion_part(h, kv_width, bias)?,
-            ];
-            let attn = Attention {
-                qkv_proj: vb.fused(qkv)?,
-                o_proj: linear(cfg.num_attention_heads * d, h, false, vb_a.pp("o_proj"))?,
-                q_norm: if cfg.qk_norm {
-                    Some(vb_a.pp("q_norm").rms_norm(d, cfg.rms_norm_eps)?)
-                } else {
-                    None
-                },
-                k_norm: if cfg.qk_norm {
-                    Some(vb_a.pp("k_norm").rms_norm(d, cfg.rms_norm_eps)?)
-                } else {
-                    None
-                },
-                num_heads: cfg.num_attention_heads,
-                num_kv_heads: cfg.num_key_value_heads,
-                head_dim: d,
-            };
-            let vb_mlp = vb_l.pp("mlp");
-            let mlp = Mlp {
-                gate_up_proj: vb.fused(vec![
-                    vb_mlp
-                        .pp("gate_proj")
-                        .fusion_part(h, cfg.intermediate_size, false)?,
-                    vb_mlp
-                        .pp("up_proj")
-                        .fusion_part(h, cfg.intermediate_size, false)?,
-                ])?,
-                down_proj: linear(cfg.intermediate_size, h, false, vb_mlp.pp("down_proj"))?,
-            };
-            layers.push(Layer {
-                input_layernorm: vb_l.pp("input_layernorm").rms_norm(h, cfg.rms_norm_eps)?,
-                attn,
-                post_attention_layernorm: vb_l
-                    .pp("post_attention_layernorm")
-                    .rms_norm(h, cfg.rms_norm_eps)?,
-                mlp,
-            });
+            layers.push(Layer::load(cfg, &vb, vb_m.pp(format!("layers.{i}")))?);
         }
         let norm = vb_m.pp("norm").rms_norm(h, cfg.rms_norm_eps)?;
         let lm_head = vb.lm_head(
@@ -455,154 +335,4 @@ impl Transformer {
         );
         Ok((packed, layout))
     }
-}
-
-pub(crate) fn norm(n: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
-    cpu_ops::rms_norm(x, n.weight(), n.eps())
-}
-
-/// The residual add and the next norm: one fused kernel on CUDA (layer_kernels.rs),
-/// cpu_ops' elsewhere.
-pub(crate) fn add_norm(
-    x: &Tensor,
-    delta: &Tensor,
-    n: &RmsNorm,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    crate::layer_kernels::add_rms_norm(x, delta, n.weight(), n.eps())
-}
-
-impl Mlp {
-    fn forward(&self, input: LayerInput) -> candle_core::Result<Tensor> {
-        let x = match input {
-            // gate and up from the GEMV, each contiguous: SiLU·mul fused into down_proj's
-            // GEMV where it takes the weight.
-            LayerInput::Projected(parts) => {
-                let [gate, up]: [Tensor; 2] = parts
-                    .try_into()
-                    .map_err(|_| candle_core::Error::Msg("mlp: gate/up split".into()))?;
-                let rows = gate.dim(0)?;
-                if let Some((weight, bias)) = gemv::dense(&self.down_proj, rows, gate.dtype()) {
-                    let parts = [weight.dim(0)?];
-                    let mut out = gemv::gemv(
-                        &gemv::GemvWeights {
-                            weight,
-                            bias,
-                            parts: &parts,
-                        },
-                        &gemv::GemvInput::Silu {
-                            gate: &gate.contiguous()?,
-                            up: &up.contiguous()?,
-                        },
-                    )?;
-                    return out
-                        .parts
-                        .pop()
-                        .ok_or_else(|| candle_core::Error::Msg("gemv: no output".into()));
-                }
-                return self.down_proj.forward(&cpu_ops::silu_mul(&gate, &up)?);
-            }
-            LayerInput::Normed(x) => x,
-        };
-        // CUDA with gate and up as one matmul: SiLU·mul in one kernel on its output,
-        // where candle's two ops would each read a strided half.
-        if let (true, FusedLinear::One { linear, widths }) =
-            (x.device().is_cuda(), &self.gate_up_proj)
-        {
-            if let [g, u] = widths[..] {
-                if g == u {
-                    let act = crate::layer_kernels::silu_mul_joined(&linear.forward(&x)?, g)?;
-                    return self.down_proj.forward(&act);
-                }
-            }
-        }
-        let [gate, up]: [Tensor; 2] = self
-            .gate_up_proj
-            .forward(&x)?
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("mlp: gate/up split".into()))?;
-        self.down_proj.forward(&cpu_ops::silu_mul(&gate, &up)?)
-    }
-}
-
-impl Attention {
-    fn forward(
-        &self,
-        input: LayerInput,
-        step: &StepTensors,
-        cache: &KvCacheTensors,
-        layer: usize,
-    ) -> candle_core::Result<Tensor> {
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let qkv = match input {
-            LayerInput::Normed(x) => self.qkv_proj.forward(&x)?,
-            LayerInput::Projected(parts) => parts,
-        };
-        let [q, k, v]: [Tensor; 3] = qkv
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("attention: q/k/v split".into()))?;
-        let t = q.dim(0)?;
-        let mut q = q.reshape((t, h, d))?;
-        let mut k = k.reshape((t, kvh, d))?;
-        let v = v.reshape((t, kvh, d))?;
-        let (k_cache, v_cache) = cache.layer(layer);
-        let scale = 1.0 / (d as f32).sqrt();
-        #[cfg(feature = "cuda")]
-        if let Some(f) = &step.fused {
-            let norms = match (&self.q_norm, &self.k_norm) {
-                (Some(qn), Some(kn)) => Some((qn.weight(), kn.weight(), qn.eps())),
-                _ => None,
-            };
-            let inputs = crate::paged_attention::RopeCacheInputs {
-                q: &q,
-                k: &k,
-                v: &v,
-                cos: f.cos,
-                sin: f.sin,
-                norms,
-                positions: step.rope.positions,
-                slots: &step.attention.slots,
-            };
-            let q = crate::paged_attention::rope_cache(
-                &inputs,
-                &f.positions,
-                &f.slots,
-                k_cache,
-                v_cache,
-            )?;
-            let o = paged_attention(&q, k_cache, v_cache, step.attention, scale)?;
-            return project(&self.o_proj, &o.reshape((t, h * d))?);
-        }
-        if let Some(n) = &self.q_norm {
-            q = norm(n, &q)?;
-        }
-        if let Some(n) = &self.k_norm {
-            k = norm(n, &k)?;
-        }
-        // New keys and values go straight into their slots of the paged cache (keys
-        // rotated on the way); the attention op then reads every key where it lies.
-        let slots = &step.attention.slots;
-        let q = match &step.generic {
-            None => {
-                cpu_ops::write_cache(k_cache, &k, slots, Some(step.rope), unreachable_index)?;
-                cpu_ops::write_cache(v_cache, &v, slots, None, unreachable_index)?;
-                cpu_ops::rope(&q, step.rope)?
-            }
-            Some((cos, sin, slot_index)) => {
-                let rope = |x: &Tensor| {
-                    candle_nn::rotary_emb::rope_thd(&x.contiguous()?.unsqueeze(0)?, cos, sin)?
-                        .squeeze(0)
-                };
-                cpu_ops::write_cache(k_cache, &rope(&k)?, slots, None, || Ok(slot_index.clone()))?;
-                cpu_ops::write_cache(v_cache, &v, slots, None, || Ok(slot_index.clone()))?;
-                rope(&q)?
-            }
-        };
-        let o = paged_attention(&q, k_cache, v_cache, step.attention, scale)?;
-        project(&self.o_proj, &o.reshape((t, h * d))?)
-    }
-}
-
-/// The CPU f32 path never builds a slot-index tensor.
-fn unreachable_index() -> candle_core::Result<Tensor> {
-    candle_core::bail!("slot index requested on the CPU f32 path")
 }

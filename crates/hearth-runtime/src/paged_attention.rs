@@ -47,6 +47,8 @@ pub(crate) mod launch;
 mod rope_cache;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod stream_tests;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod test_support;
 #[cfg(target_arch = "x86_64")]
 mod tiled;
 #[cfg(all(test, target_arch = "x86_64"))]

@@ -34,6 +34,57 @@ pub struct CreateRequest {
     pub side: Option<Value>,
 }
 
+/// What a new prediction's record says beyond its request: which prediction and model it
+/// is, the input as kept (a routed one's as sent on), and the record's `hearth` key.
+pub struct Starting {
+    pub id: String,
+    pub model: String,
+    pub version: String,
+    pub input: Value,
+    pub hearth: Option<Value>,
+}
+
+impl CreateRequest {
+    /// The new prediction's record, `starting` at `now`, with this request's deadline
+    /// and webhook and `origin`'s URLs.
+    pub fn record(
+        &self,
+        p: Starting,
+        origin: &Origin,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Record {
+        let deadline = self.cancel_after.map(|d| {
+            let at = now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+            at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        });
+        Record {
+            prediction: Prediction {
+                id: p.id,
+                model: p.model,
+                version: p.version,
+                input: p.input,
+                logs: String::new(),
+                output: None,
+                error: None,
+                status: Status::Starting,
+                created_at: now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                started_at: None,
+                completed_at: None,
+                deadline,
+                data_removed: false,
+                source: origin.source.into(),
+                metrics: None,
+                hearth: p.hearth,
+            },
+            base_url: origin.base_url.clone(),
+            stream_token: new_token(),
+            webhook: self.webhook.clone(),
+            webhook_events_filter: self.webhook_events_filter.clone(),
+            created_unix: now.timestamp(),
+        }
+    }
+}
+
 /// Where a create came from.
 #[derive(Clone)]
 pub struct Origin {
@@ -116,7 +167,7 @@ fn conflict(id: &str) -> ApiError {
 pub async fn create(
     state: &Arc<AppState>,
     model: &Arc<ServedModel>,
-    req: CreateRequest,
+    mut req: CreateRequest,
     origin: Origin,
 ) -> ServiceResult<Arc<Live>> {
     if state.is_draining() {
@@ -148,35 +199,14 @@ pub async fn create(
     // below leaves nothing running.
     let stream = model.engine.submit(GenerationRequest { prompt, params })?;
     let now = chrono::Utc::now();
-    let deadline = req.cancel_after.map(|d| {
-        let at = now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
-        at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    });
-    let record = Record {
-        prediction: Prediction {
-            id: origin.id.unwrap_or_else(new_id),
-            model: model.full_name(),
-            version: model.version.clone(),
-            input: req.input,
-            logs: String::new(),
-            output: None,
-            error: None,
-            status: Status::Starting,
-            created_at: now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            started_at: None,
-            completed_at: None,
-            deadline,
-            data_removed: false,
-            source: origin.source.into(),
-            metrics: None,
-            hearth: req.side,
-        },
-        base_url: origin.base_url,
-        stream_token: new_token(),
-        webhook: req.webhook.clone(),
-        webhook_events_filter: req.webhook_events_filter.clone(),
-        created_unix: now.timestamp(),
+    let starting = Starting {
+        id: origin.id.clone().unwrap_or_else(new_id),
+        model: model.full_name(),
+        version: model.version.clone(),
+        input: std::mem::take(&mut req.input),
+        hearth: req.side.take(),
     };
+    let record = req.record(starting, &origin, now);
     // From the store write on, the rest runs as its own task: a client that hangs up
     // while the write is awaited drops this handler, never a stored row without its
     // runner (which would stay `starting` with no `completed` webhook).

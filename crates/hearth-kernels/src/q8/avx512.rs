@@ -25,7 +25,8 @@ use std::arch::x86_64::*;
 
 use super::acts::QuantizedActs;
 use super::avx2::TYPES_32;
-use super::{avx512_q4k, SumOrder, WeightType};
+use super::avx512_q4k::{self, k_header, KHeader};
+use super::{SumOrder, WeightType};
 
 /// Weight rows per tile: the sixteen 32-bit lanes of a register.
 pub(crate) const ROWS: usize = 16;
@@ -386,8 +387,6 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
     let (bb, qs_at) = if FIVE { (176, 48) } else { (144, 16) };
     let (k, nb) = (a.k, a.k / 256);
     let low4 = _mm512_set1_epi8(0x0F);
-    let low6 = _mm512_set1_epi8(0x3F);
-    let bits45 = _mm512_set1_epi8(0x30);
     let sixteen = _mm512_set1_epi8(16);
     // Byte j of each dword to both 16-bit halves, zero-extended.
     let dup: [__m512i; 4] = [
@@ -404,21 +403,12 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
     for i in 0..nb {
         prefetch_next(rp, nb, bb, i);
         let o = i * bb;
-        let hdr = load16x4(rp, o);
-        let d = f16_lanes(hdr[0]);
-        let dmin = f16_lanes(_mm512_srli_epi32::<16>(hdr[0]));
-        // ggml's get_scale_min_k4, four bytes (scales or mins 0..4, 4..8) per dword.
-        let (s0, s1, s2) = (hdr[1], hdr[2], hdr[3]);
-        let sc_lo = _mm512_and_si512(s0, low6);
-        let mn_lo = _mm512_and_si512(s1, low6);
-        let sc_hi = _mm512_or_si512(
-            _mm512_and_si512(s2, low4),
-            _mm512_and_si512(_mm512_srli_epi32::<2>(s0), bits45),
-        );
-        let mn_hi = _mm512_or_si512(
-            _mm512_and_si512(_mm512_srli_epi32::<4>(s2), low4),
-            _mm512_and_si512(_mm512_srli_epi32::<2>(s1), bits45),
-        );
+        let KHeader {
+            d,
+            dmin,
+            scales: [sc_lo, sc_hi],
+            mins: [mn_lo, mn_hi],
+        } = k_header(rp, o);
         // Scales and mins in both 16-bit halves of each lane (`vpdpwssd`'s other operand).
         let mut sc = [_mm512_setzero_si512(); 8];
         let mut mn = [_mm512_setzero_si512(); 8];

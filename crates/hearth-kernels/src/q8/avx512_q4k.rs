@@ -26,8 +26,6 @@ pub(super) unsafe fn tile_q4k_repacked<const PAIRS: bool, const N: usize>(
 ) {
     let (k, nb) = (a.k, a.k / 256);
     let low4 = _mm512_set1_epi8(0x0F);
-    let low6 = _mm512_set1_epi8(0x3F);
-    let bits45 = _mm512_set1_epi8(0x30);
     // Byte j of each dword, zero-extended to the dword (`vpmulld`'s operand).
     let byte: [__m512i; 4] = [
         within_dwords([0, -1, -1, -1]),
@@ -48,21 +46,12 @@ pub(super) unsafe fn tile_q4k_repacked<const PAIRS: bool, const N: usize>(
     for i in 0..nb {
         prefetch_next(rp, nb, 144, i);
         let o = i * 144;
-        let hdr = load16x4(rp, o);
-        let d = f16_lanes(hdr[0]);
-        let dmin = f16_lanes(_mm512_srli_epi32::<16>(hdr[0]));
-        // ggml's get_scale_min_k4, four bytes (scales or mins 0..4, 4..8) per dword.
-        let (s0, s1, s2) = (hdr[1], hdr[2], hdr[3]);
-        let sc_lo = _mm512_and_si512(s0, low6);
-        let mn_lo = _mm512_and_si512(s1, low6);
-        let sc_hi = _mm512_or_si512(
-            _mm512_and_si512(s2, low4),
-            _mm512_and_si512(_mm512_srli_epi32::<2>(s0), bits45),
-        );
-        let mn_hi = _mm512_or_si512(
-            _mm512_and_si512(_mm512_srli_epi32::<4>(s2), low4),
-            _mm512_and_si512(_mm512_srli_epi32::<2>(s1), bits45),
-        );
+        let KHeader {
+            d,
+            dmin,
+            scales: [sc_lo, sc_hi],
+            mins: [mn_lo, mn_hi],
+        } = k_header(rp, o);
         let mut isum = [_mm512_setzero_si512(); N];
         let mut imin = [_mm512_setzero_si512(); N];
         for p in 0..4 {
@@ -122,5 +111,41 @@ pub(super) unsafe fn tile_q4k_repacked<const PAIRS: bool, const N: usize>(
     }
     for t in 0..N {
         _mm512_storeu_ps(out[t].as_mut_ptr(), _mm512_sub_ps(acc[t], acc_min[t]));
+    }
+}
+
+/// A Q4_K/Q5_K block's 16-byte header for sixteen rows (this tile's and
+/// `avx512::tile_q45k`'s): `d` and `dmin` as f32 lanes, and
+/// the eight 6-bit scales and mins unpacked as ggml's get_scale_min_k4, one byte each:
+/// `scales[0]`/`mins[0]` hold sub-blocks 0..4 and `[1]` 4..8, four bytes per dword.
+pub(super) struct KHeader {
+    pub(super) d: __m512,
+    pub(super) dmin: __m512,
+    pub(super) scales: [__m512i; 2],
+    pub(super) mins: [__m512i; 2],
+}
+
+/// The header of the block at byte `o` of each row.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn k_header(rp: &[*const u8; ROWS], o: usize) -> KHeader {
+    let low4 = _mm512_set1_epi8(0x0F);
+    let low6 = _mm512_set1_epi8(0x3F);
+    let bits45 = _mm512_set1_epi8(0x30);
+    let hdr = load16x4(rp, o);
+    let (s0, s1, s2) = (hdr[1], hdr[2], hdr[3]);
+    let sc_hi = _mm512_or_si512(
+        _mm512_and_si512(s2, low4),
+        _mm512_and_si512(_mm512_srli_epi32::<2>(s0), bits45),
+    );
+    let mn_hi = _mm512_or_si512(
+        _mm512_and_si512(_mm512_srli_epi32::<4>(s2), low4),
+        _mm512_and_si512(_mm512_srli_epi32::<2>(s1), bits45),
+    );
+    KHeader {
+        d: f16_lanes(hdr[0]),
+        dmin: f16_lanes(_mm512_srli_epi32::<16>(hdr[0])),
+        scales: [_mm512_and_si512(s0, low6), sc_hi],
+        mins: [_mm512_and_si512(s1, low6), mn_hi],
     }
 }

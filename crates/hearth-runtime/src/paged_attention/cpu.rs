@@ -184,6 +184,79 @@ pub(super) struct Item {
     pub(super) q_end: u32,
 }
 
+/// An item's rows and the keys they see: row r is query token `t0 + r / g` and head
+/// `kv_head · g + r % g` (a GQA group's heads side by side), at position `pos(r)`.
+pub(super) struct ItemRows<'a> {
+    g: usize,
+    pub(super) kv_head: usize,
+    t0: usize,
+    pub(super) rows: usize,
+    /// Row 0's position.
+    first: usize,
+    /// One past the last key any row sees.
+    pub(super) kv_end: usize,
+    /// The sequence's block table.
+    pub(super) table: &'a [u32],
+}
+
+impl<'a> ItemRows<'a> {
+    pub(super) fn new(meta: &'a AttentionMetadata, dims: Dims, it: Item) -> Self {
+        let g = dims.h / dims.kvh;
+        let s = it.seq as usize;
+        let (qs0, qs1) = (
+            meta.query_start[s] as usize,
+            meta.query_start[s + 1] as usize,
+        );
+        let first_pos = meta.seq_lens[s] as usize - (qs1 - qs0);
+        let (t0, t1) = (it.q_begin as usize, it.q_end as usize);
+        let rows = (t1 - t0) * g;
+        let first = first_pos + (t0 - qs0);
+        ItemRows {
+            g,
+            kv_head: it.kv_head as usize,
+            t0,
+            rows,
+            first,
+            kv_end: first + (rows - 1) / g + 1,
+            table: &meta.block_tables[s * meta.max_blocks..(s + 1) * meta.max_blocks],
+        }
+    }
+
+    pub(super) fn pos(&self, r: usize) -> usize {
+        self.first + r / self.g
+    }
+
+    /// Where row r's `d` values are in the step's `[T, heads, d]` queries and output.
+    pub(super) fn offset(&self, r: usize, dims: Dims) -> usize {
+        let (tok, head) = (self.t0 + r / self.g, self.kv_head * self.g + r % self.g);
+        (tok * dims.h + head) * dims.d
+    }
+
+    /// Each row's accumulator (`acc`, rows `d` apart) over its softmax sum, into `out`
+    /// through `tmp` (`d` values).
+    ///
+    /// # Safety
+    /// `out` has room for every (token, head) row and no other thread writes these.
+    pub(super) unsafe fn store<Q: Element>(
+        &self,
+        dims: Dims,
+        acc: &[f32],
+        lstat: &[f32],
+        tmp: &mut [f32],
+        out: *mut Q,
+    ) {
+        let d = dims.d;
+        for r in 0..self.rows {
+            let inv = 1.0 / lstat[r];
+            for (x, a) in tmp.iter_mut().zip(&acc[r * d..(r + 1) * d]) {
+                *x = a * inv;
+            }
+            let dst = std::slice::from_raw_parts_mut(out.add(self.offset(r, dims)), d);
+            Q::store(tmp, dst);
+        }
+    }
+}
+
 /// Which CPU kernel runs the items: the fastest this CPU has for each (`Auto`), or one
 /// forced for every item, so tests compare each SIMD path with the scalar one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,23 +432,16 @@ unsafe fn item_kernel<Q: Element, T: Element, M: BlockMath>(
     out: *mut Q,
     scratch: &mut Vec<f32>,
 ) {
-    let Dims { h, kvh, d, bs } = dims;
-    let g = h / kvh;
-    let s = it.seq as usize;
-    let kv_head = it.kv_head as usize;
-    let (qs0, qs1) = (
-        meta.query_start[s] as usize,
-        meta.query_start[s + 1] as usize,
-    );
-    let seq_len = meta.seq_lens[s] as usize;
-    let first_pos = seq_len - (qs1 - qs0);
-    let (t0, t1) = (it.q_begin as usize, it.q_end as usize);
-    let rows = (t1 - t0) * g;
-    // Row r is query token t0 + r / g, head kv_head * g + r % g; its position decides
-    // which keys it sees.
-    let pos = |r: usize| first_pos + (t0 - qs0) + r / g;
-    let kv_end = pos(rows - 1) + 1;
-    let table = &meta.block_tables[s * meta.max_blocks..(s + 1) * meta.max_blocks];
+    let Dims { kvh, d, bs, .. } = dims;
+    let item = ItemRows::new(meta, dims, it);
+    let ItemRows {
+        kv_head,
+        rows,
+        kv_end,
+        table,
+        ..
+    } = item;
+    let pos = |r: usize| item.pos(r);
 
     let need = rows * d * 2 + rows * bs + rows * 2 + d;
     if scratch.len() < need {
@@ -389,10 +455,8 @@ unsafe fn item_kernel<Q: Element, T: Element, M: BlockMath>(
     let tmp = &mut rest[..d];
 
     for r in 0..rows {
-        let tok = t0 + r / g;
-        let head = kv_head * g + r % g;
         let dst = &mut qbuf[r * d..(r + 1) * d];
-        Q::load(&q[(tok * h + head) * d..][..d], dst);
+        Q::load(&q[item.offset(r, dims)..][..d], dst);
         dst.iter_mut().for_each(|x| *x *= scale);
     }
     acc.fill(0.0);
@@ -445,14 +509,5 @@ unsafe fn item_kernel<Q: Element, T: Element, M: BlockMath>(
         }
         M::pv(acc, scores, rows, bs, &vp[..nk], d);
     }
-    for r in 0..rows {
-        let tok = t0 + r / g;
-        let head = kv_head * g + r % g;
-        let inv = 1.0 / lstat[r];
-        for (x, a) in tmp.iter_mut().zip(&acc[r * d..(r + 1) * d]) {
-            *x = a * inv;
-        }
-        let dst = std::slice::from_raw_parts_mut(out.add((tok * h + head) * d), d);
-        Q::store(tmp, dst);
-    }
+    item.store(dims, acc, lstat, tmp, out);
 }

@@ -1,6 +1,6 @@
 //! kernel.rs's streaming AVX2 and AVX-512 kernels (the decode rows' path) against the
 //! scalar one on ragged shapes, every item forced onto the path under test: head dims 16
-//! to 128 (multiples of 16 and not), GQA 1 to 8, decodes and short chunks, contexts on
+//! to 128 (multiples of 16 and 16k + 8), GQA 1 to 8, decodes and short chunks, contexts on
 //! and across cache block edges, f32/f16/bf16 caches and f16 queries. The kernels read
 //! half-precision caches in place and widen them in registers; since widening is exact,
 //! the output over an f16 or bf16 cache must equal, to the bit, the output over an f32
@@ -9,18 +9,10 @@
 
 use half::{bf16, f16};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use super::{attend, tiled, AttentionMetadata, CpuKernel, Dims, Element};
-
-struct Case {
-    dims: Dims,
-    meta: AttentionMetadata,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
+use super::test_support::{convert, max_diff, same_bits, widen, Case};
+use super::{attend, tiled, CpuKernel, Dims, Element};
 
 fn random_case(rng: &mut StdRng, d: usize) -> Case {
     let (h, kvh) =
@@ -42,62 +34,17 @@ fn random_case(rng: &mut StdRng, d: usize) -> Case {
         };
         seqs.push((q, l));
     }
-    let need: usize = seqs.iter().map(|&(_, l)| l.div_ceil(bs)).sum();
-    let num_blocks = need + 3;
-    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-    ids.shuffle(rng);
-    let mut meta = AttentionMetadata::new(bs);
-    let mut next = 0;
-    for &(ql, l) in &seqs {
-        let nb = l.div_ceil(bs);
-        meta.push(ql, l, &ids[next..next + nb]);
-        next += nb;
-    }
-    let mut vals = |n: usize, amp: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| amp * rng.random_range(-1.0f32..1.0))
-            .collect()
-    };
-    let cache = num_blocks * bs * kvh * d;
-    // Larger queries make the softmax peaky, so errors in the weighting show.
-    let q = vals(meta.num_tokens() * h * d, 3.0);
-    let (k, v) = (vals(cache, 1.0), vals(cache, 1.0));
-    Case {
-        dims: Dims { h, kvh, d, bs },
-        meta,
-        q,
-        k,
-        v,
-    }
-}
-
-fn convert<E: Element + Default>(x: &[f32]) -> Vec<E> {
-    let mut out = vec![E::default(); x.len()];
-    E::store(x, &mut out);
-    out
-}
-
-fn widen<E: Element>(x: &[E]) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
-    E::load(x, &mut out);
-    out
+    Case::random(rng, Dims { h, kvh, d, bs }, &seqs, 3)
 }
 
 fn check<Q: Element + Default, T: Element + Default>(c: &Case, tol: f32, what: &str) {
     let (q, k, v) = (convert::<Q>(&c.q), convert::<T>(&c.k), convert::<T>(&c.v));
     let scale = 1.0 / (c.dims.d as f32).sqrt();
-    let shape = format!(
-        "{what}: heads {}/{} d {} bs {} seqs {:?} queries {:?}",
-        c.dims.h, c.dims.kvh, c.dims.d, c.dims.bs, c.meta.seq_lens, c.meta.query_start
-    );
+    let shape = c.describe(what);
     let run = |kernel| widen(&attend(&q, &k, &v, &c.meta, c.dims, scale, kernel));
     let want = run(CpuKernel::Scalar);
     let got = run(CpuKernel::StreamAvx2);
-    let diff = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let diff = max_diff(&got, &want);
     assert!(
         diff < tol,
         "{shape}: max diff {diff} from the scalar kernel"
@@ -113,21 +60,16 @@ fn check<Q: Element + Default, T: Element + Default>(c: &Case, tol: f32, what: &
         scale,
         CpuKernel::StreamAvx2,
     ));
-    let same = got
-        .iter()
-        .zip(&copied)
-        .all(|(a, b)| a.to_bits() == b.to_bits());
     assert!(
-        same,
+        same_bits(&got, &copied),
         "{shape}: reading the cache in place changed the output"
     );
     if tiled::available_avx512() {
         let wide = run(CpuKernel::StreamAvx512);
-        let same = got
-            .iter()
-            .zip(&wide)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "AVX-512 {shape}: not bit-identical to AVX2");
+        assert!(
+            same_bits(&got, &wide),
+            "AVX-512 {shape}: not bit-identical to AVX2"
+        );
     }
 }
 
@@ -141,10 +83,11 @@ fn streaming_kernel_matches_the_scalar_one_on_ragged_decodes_and_caches() {
         eprintln!("no AVX-512F here: only the AVX2 streaming kernel is checked");
     }
     let mut rng = StdRng::seed_from_u64(7);
-    for (n, d) in [16, 32, 64, 80, 96, 128]
+    // Head dims of 16k + 8 take each width's 8-lane P·V tail.
+    for (n, d) in [16, 24, 32, 40, 64, 72, 80, 96, 128]
         .into_iter()
         .cycle()
-        .take(30)
+        .take(36)
         .enumerate()
     {
         let c = random_case(&mut rng, d);

@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use super::lanes::{Avx2, Avx512, Lanes};
-use super::{AttentionMetadata, Dims, Element, Item, MAX_HEAD_DIM};
+use super::{AttentionMetadata, Dims, Element, Item, ItemRows, MAX_HEAD_DIM};
 
 /// Keys per tile: a 48-row item's packed keys, values, scores and accumulators (~60 KB
 /// at head_dim 64) stay in L1/L2 while the tile is used three times.
@@ -120,23 +120,18 @@ unsafe fn item<L: Lanes, Q: Element, T: Element>(
     out: *mut Q,
     scratch: &mut Vec<f32>,
 ) {
-    let Dims { h, kvh, d, bs } = dims;
-    let g = h / kvh;
-    let s = it.seq as usize;
-    let kv_head = it.kv_head as usize;
-    let (qs0, qs1) = (
-        meta.query_start[s] as usize,
-        meta.query_start[s + 1] as usize,
-    );
-    let first_pos = meta.seq_lens[s] as usize - (qs1 - qs0);
-    let (t0, t1) = (it.q_begin as usize, it.q_end as usize);
-    let rows = (t1 - t0) * g;
+    let Dims { kvh, d, bs, .. } = dims;
+    let item = ItemRows::new(meta, dims, it);
+    let ItemRows {
+        kv_head,
+        rows,
+        kv_end,
+        table,
+        ..
+    } = item;
     // Rows padded to whole vectors; padded rows have zero queries and are never output.
     let rp = rows.next_multiple_of(L::W);
-    // Row r is query token t0 + r / g, head kv_head · g + r % g.
-    let pos = |r: usize| first_pos + (t0 - qs0) + r / g;
-    let kv_end = pos(rows - 1) + 1;
-    let table = &meta.block_tables[s * meta.max_blocks..(s + 1) * meta.max_blocks];
+    let pos = |r: usize| item.pos(r);
 
     let kt = KEY_TILE;
     let need = 2 * rp * d + kt * rp + 3 * rp + 2 * kt * d;
@@ -157,8 +152,7 @@ unsafe fn item<L: Lanes, Q: Element, T: Element>(
     let q_scale = scale * std::f32::consts::LOG2_E;
     qt.fill(0.0);
     for r in 0..rows {
-        let (tok, head) = (t0 + r / g, kv_head * g + r % g);
-        Q::load(&q[(tok * h + head) * d..][..d], row);
+        Q::load(&q[item.offset(r, dims)..][..d], row);
         for (c, x) in row.iter().enumerate() {
             qt[c * rp + r] = x * q_scale;
         }
@@ -198,15 +192,7 @@ unsafe fn item<L: Lanes, Q: Element, T: Element>(
         pv::<L>(acc.as_mut_ptr(), st.as_ptr(), rp, rows, &vp[..nk], d);
         k0 += nk;
     }
-    for r in 0..rows {
-        let (tok, head) = (t0 + r / g, kv_head * g + r % g);
-        let inv = 1.0 / lstat[r];
-        for (x, a) in row.iter_mut().zip(&acc[r * d..(r + 1) * d]) {
-            *x = a * inv;
-        }
-        let dst = std::slice::from_raw_parts_mut(out.add((tok * h + head) * d), d);
-        Q::store(row, dst);
-    }
+    item.store(dims, acc, lstat, row, out);
 }
 
 /// A cache row as f32: in place for f32 caches, else widened into `buf`.

@@ -8,18 +8,10 @@
 
 use half::{bf16, f16};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use super::{attend, tiled, AttentionMetadata, CpuKernel, Dims, Element};
-
-struct Case {
-    dims: Dims,
-    meta: AttentionMetadata,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
+use super::test_support::{convert, max_diff, same_bits, widen, Case};
+use super::{attend, tiled, CpuKernel, Dims, Element};
 
 fn random_case(rng: &mut StdRng) -> Case {
     let (h, kvh) = [(9, 3), (8, 1), (4, 4), (16, 2), (6, 2), (12, 4)][rng.random_range(0..6)];
@@ -41,45 +33,7 @@ fn random_case(rng: &mut StdRng) -> Case {
         };
         seqs.push((q, l));
     }
-    let need: usize = seqs.iter().map(|&(_, l)| l.div_ceil(bs)).sum();
-    let num_blocks = need + 5;
-    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-    ids.shuffle(rng);
-    let mut meta = AttentionMetadata::new(bs);
-    let mut next = 0;
-    for &(ql, l) in &seqs {
-        let nb = l.div_ceil(bs);
-        meta.push(ql, l, &ids[next..next + nb]);
-        next += nb;
-    }
-    let mut vals = |n: usize, amp: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| amp * rng.random_range(-1.0f32..1.0))
-            .collect()
-    };
-    let cache = num_blocks * bs * kvh * d;
-    // Larger queries make the softmax peaky, so errors in the weighting show.
-    let q = vals(meta.num_tokens() * h * d, 3.0);
-    let (k, v) = (vals(cache, 1.0), vals(cache, 1.0));
-    Case {
-        dims: Dims { h, kvh, d, bs },
-        meta,
-        q,
-        k,
-        v,
-    }
-}
-
-fn convert<E: Element + Default>(x: &[f32]) -> Vec<E> {
-    let mut out = vec![E::default(); x.len()];
-    E::store(x, &mut out);
-    out
-}
-
-fn widen<E: Element>(x: &[E]) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
-    E::load(x, &mut out);
-    out
+    Case::random(rng, Dims { h, kvh, d, bs }, &seqs, 5)
 }
 
 /// The case's output on every path; the scalar one is the reference.
@@ -88,16 +42,9 @@ fn check<Q: Element + Default, T: Element + Default>(c: &Case, tol: f32, what: &
     let scale = 1.0 / (c.dims.d as f32).sqrt();
     let run = |kernel| widen(&attend(&q, &k, &v, &c.meta, c.dims, scale, kernel));
     let want = run(CpuKernel::Scalar);
-    let shape = format!(
-        "{what}: heads {}/{} d {} bs {} seqs {:?}",
-        c.dims.h, c.dims.kvh, c.dims.d, c.dims.bs, c.meta.seq_lens
-    );
+    let shape = c.describe(what);
     let close = |got: &[f32], path: &str| {
-        let diff = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let diff = max_diff(got, &want);
         assert!(
             diff < tol,
             "{path} {shape}: max diff {diff} from the scalar kernel"
@@ -108,11 +55,10 @@ fn check<Q: Element + Default, T: Element + Default>(c: &Case, tol: f32, what: &
     if tiled::available_avx512() {
         let avx512 = run(CpuKernel::TiledAvx512);
         close(&avx512, "AVX-512");
-        let same = avx2
-            .iter()
-            .zip(&avx512)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "AVX-512 {shape}: not bit-identical to AVX2");
+        assert!(
+            same_bits(&avx2, &avx512),
+            "AVX-512 {shape}: not bit-identical to AVX2"
+        );
     }
 }
 

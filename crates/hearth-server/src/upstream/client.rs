@@ -328,18 +328,8 @@ impl UpstreamClient {
         path: &str,
         max: usize,
     ) -> Result<Value, CallError> {
-        let resp = match self.request(method, path).send().await {
-            Ok(r) => r,
-            Err(e) => {
-                self.counts.network.fetch_add(1, Ordering::Relaxed);
-                return Err(CallError::Network(e.to_string()));
-            }
-        };
+        let resp = self.send(method, path).await?;
         let status = resp.status().as_u16();
-        if status == 429 {
-            self.counts.throttled.fetch_add(1, Ordering::Relaxed);
-            return Err(CallError::Throttled(retry_after(resp.headers())));
-        }
         let (bytes, _held) = match read_body(resp, max, &self.budget).await {
             Ok(b) => b,
             Err(ReadError::Failed(e)) => {
@@ -353,15 +343,7 @@ impl UpstreamClient {
             }
         };
         if !(200..300).contains(&status) {
-            if status >= 500 {
-                self.counts.server_error.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.counts.rejected.fetch_add(1, Ordering::Relaxed);
-            }
-            return Err(CallError::Status {
-                status,
-                body: truncate(&String::from_utf8_lossy(&bytes)),
-            });
+            return Err(self.refused(status, &bytes));
         }
         self.counts.ok.fetch_add(1, Ordering::Relaxed);
         serde_json::from_slice(&bytes).map_err(|e| CallError::Status {
@@ -393,6 +375,27 @@ impl UpstreamClient {
         method: reqwest::Method,
         path: &str,
     ) -> Result<(), CallError> {
+        let resp = self.send(method, path).await?;
+        let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            self.counts.ok.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        // An error's start, for its message: one that cannot be read is left out.
+        let body = match read_body(resp, DETAIL_MAX, &self.budget).await {
+            Ok((b, _held)) => b,
+            Err(_) => Vec::new(),
+        };
+        Err(self.refused(status, &body))
+    }
+
+    /// Sends a call's request: a network failure and a 429 (with its delay) are the
+    /// same for every call; any other answer is the caller's to read.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<reqwest::Response, CallError> {
         let resp = match self.request(method, path).send().await {
             Ok(r) => r,
             Err(e) => {
@@ -400,25 +403,25 @@ impl UpstreamClient {
                 return Err(CallError::Network(e.to_string()));
             }
         };
-        let status = resp.status().as_u16();
-        if status == 429 {
+        if resp.status().as_u16() == 429 {
             self.counts.throttled.fetch_add(1, Ordering::Relaxed);
             return Err(CallError::Throttled(retry_after(resp.headers())));
         }
-        if (200..300).contains(&status) {
-            self.counts.ok.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
+        Ok(resp)
+    }
+
+    /// A non-success status other than 429, counted as a server fault (5xx) or a
+    /// refusal, with the start of its body.
+    fn refused(&self, status: u16, body: &[u8]) -> CallError {
         if status >= 500 {
             self.counts.server_error.fetch_add(1, Ordering::Relaxed);
         } else {
             self.counts.rejected.fetch_add(1, Ordering::Relaxed);
         }
-        let body = match read_body(resp, DETAIL_MAX, &self.budget).await {
-            Ok((b, _held)) => truncate(&String::from_utf8_lossy(&b)),
-            Err(_) => String::new(),
-        };
-        Err(CallError::Status { status, body })
+        CallError::Status {
+            status,
+            body: truncate(&String::from_utf8_lossy(body)),
+        }
     }
 
     /// Opens a prediction's event stream (`urls.stream`, resolved against the base),

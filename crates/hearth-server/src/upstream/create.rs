@@ -16,8 +16,8 @@ use super::UpstreamClient;
 use crate::error::ApiError;
 use crate::models::ServedModel;
 use crate::prediction::{Live, RunContext};
-use crate::record::{new_id, new_token, Prediction, Record, Status};
-use crate::service::{self, CreateRequest, Origin, ServiceResult};
+use crate::record::{new_id, Record, Status};
+use crate::service::{self, CreateRequest, Origin, ServiceResult, Starting};
 use crate::store::{StoreError, UpstreamLink};
 use crate::webhook::{guard, WebhookStyle};
 use crate::AppState;
@@ -248,36 +248,15 @@ pub(super) async fn upstream(
     let sent_input = super::files::inline_inputs(&state.store, &req.input, &bases).await?;
     let quota = state.quotas.take(&origin.client)?;
     let now = chrono::Utc::now();
-    let deadline = req.cancel_after.map(|d| {
-        let at = now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
-        at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    });
-    let id = origin.id.unwrap_or_else(new_id);
-    let record = Record {
-        prediction: Prediction {
-            id: id.clone(),
-            model: routed.model.clone(),
-            version: version.unwrap_or_default(),
-            input: req.input.clone(),
-            logs: String::new(),
-            output: None,
-            error: None,
-            status: Status::Starting,
-            created_at: now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            started_at: None,
-            completed_at: None,
-            deadline,
-            data_removed: false,
-            source: origin.source.into(),
-            metrics: None,
-            hearth: Some(side("upstream", Some(up), why)),
-        },
-        base_url: origin.base_url,
-        stream_token: new_token(),
-        webhook: req.webhook.clone(),
-        webhook_events_filter: req.webhook_events_filter.clone(),
-        created_unix: now.timestamp(),
+    let id = origin.id.clone().unwrap_or_else(new_id);
+    let starting = Starting {
+        id: id.clone(),
+        model: routed.model.clone(),
+        version: version.unwrap_or_default(),
+        input: req.input.clone(),
+        hearth: Some(side("upstream", Some(up), why)),
     };
+    let record = req.record(starting, &origin, now);
     let link = UpstreamLink {
         prediction_id: id.clone(),
         upstream: up.to_string(),

@@ -289,6 +289,13 @@ impl UpstreamClient {
         }
         let start = || text.chars().take(500).collect::<String>();
         match (status, put) {
+            // Cog answers 406 also while it starts (it learns from its schema, loaded
+            // at the end of setup, whether the model streams): only a ready one means
+            // it.
+            (406, Put::Create(_) | Put::Attach) if !self.cog_ready().await => {
+                self.counts.throttled.fetch_add(1, Ordering::Relaxed);
+                CogOpen::Busy(BUSY_WAIT)
+            }
             (406, Put::Create(_) | Put::Attach) => {
                 self.counts.rejected.fetch_add(1, Ordering::Relaxed);
                 CogOpen::NoStreams
@@ -330,6 +337,14 @@ impl UpstreamClient {
                 }
             }
         }
+    }
+
+    /// Whether Cog's `/health-check` says its setup is done (`READY`, or `BUSY`: every
+    /// slot taken).
+    async fn cog_ready(&self) -> bool {
+        self.call(reqwest::Method::GET, "/health-check", 1 << 20)
+            .await
+            .is_ok_and(|h| matches!(h["status"].as_str(), Some("READY" | "BUSY")))
     }
 
     /// `POST /predictions/{id}/cancel`.

@@ -118,6 +118,7 @@ pub(super) async fn follow(
     // canceled it for that.
     let mut detached = resumed;
     let mut reattaches = 0u32;
+    let mut busy_noted = false;
     let mut retry = attempts::ConnectRetry::default();
     loop {
         if f.cancel_sent.is_none() && !created && !maybe_created {
@@ -186,23 +187,35 @@ pub(super) async fn follow(
                 if let Some(tx) = first.take() {
                     let _ = tx.send(First::Accepted);
                 }
+                // Created before: Cog is not ready to attach to it (restarting).
+                let ran = created || maybe_created;
                 let canceled = f.cancel_sent.is_some();
                 if canceled || Instant::now() + wait > busy_until {
-                    return Err(if canceled {
-                        End::Canceled(format!(
+                    return Err(match (canceled, ran) {
+                        (true, false) => End::Canceled(format!(
                             "Canceled while Cog upstream {name} was busy (never run there)."
-                        ))
-                    } else {
-                        End::Failed(format!("Cog upstream {name} stayed busy (at capacity or not ready) past this prediction's deadline; it never ran there"))
+                        )),
+                        (true, true) => End::Canceled(format!(
+                            "Canceled while Cog upstream {name} was not ready to attach to prediction {id} again."
+                        )),
+                        (false, false) => End::Failed(format!("Cog upstream {name} stayed busy (at capacity or not ready) past this prediction's deadline; it never ran there")),
+                        (false, true) => End::Failed(format!("Cog upstream {name} stayed not ready past this prediction's deadline, so prediction {id} could not be attached to again (a restarted Cog has forgotten it): its result is lost; create it again")),
                     });
                 }
-                job.note(format!(
-                    "Cog upstream {name} is busy: asking again in {:.1}s.",
-                    wait.as_secs_f64()
-                ));
+                if !busy_noted {
+                    busy_noted = true;
+                    job.note(format!(
+                        "Cog upstream {name} is busy or not ready: asking again every {:.1}s.",
+                        wait.as_secs_f64()
+                    ));
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => continue,
-                    _ = live.cancel_requested() => return Err(End::Canceled(format!(
+                    _ = live.cancel_requested(), if ran => {
+                        send_cancel(job, id, &mut f).await;
+                        continue;
+                    }
+                    _ = live.cancel_requested(), if !ran => return Err(End::Canceled(format!(
                         "Canceled while Cog upstream {name} was busy (never run there)."
                     ))),
                 }

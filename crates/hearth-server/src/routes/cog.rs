@@ -116,6 +116,10 @@ struct CogRequest {
     input: Value,
     webhook: Option<String>,
     filter: Vec<String>,
+    /// An input that is not an object: refused after a `PUT` looked for its id in
+    /// flight, as Cog does (a front hearth attaches with such an input: it can never
+    /// create a prediction).
+    input_error: Option<FieldError>,
 }
 
 /// Why a body was refused: not JSON (400), or fields of the wrong shape (422).
@@ -142,6 +146,7 @@ fn parse_request(body: &[u8]) -> Result<CogRequest, Refused> {
         )]));
     };
     let mut errors = Vec::new();
+    let mut input_error = None;
     let id = match obj.get("id") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
@@ -154,7 +159,7 @@ fn parse_request(body: &[u8]) -> Result<CogRequest, Refused> {
         None | Some(Value::Null) => json!({}),
         Some(v @ Value::Object(_)) => v.clone(),
         Some(other) => {
-            errors.push(FieldError::new(
+            input_error = Some(FieldError::new(
                 &["input", "__root__"],
                 format!("{other} is not of type \"object\""),
             ));
@@ -189,6 +194,7 @@ fn parse_request(body: &[u8]) -> Result<CogRequest, Refused> {
         }
     };
     if !errors.is_empty() {
+        errors.extend(input_error);
         return Err(Refused::Invalid(errors));
     }
     Ok(CogRequest {
@@ -196,6 +202,7 @@ fn parse_request(body: &[u8]) -> Result<CogRequest, Refused> {
         input,
         webhook,
         filter,
+        input_error,
     })
 }
 
@@ -361,6 +368,9 @@ pub async fn create(
         Ok(r) => r,
         Err(refused) => return refused.into_response(),
     };
+    if let Some(e) = req.input_error {
+        return invalid(&[e]);
+    }
     if let Some(id) = &req.id {
         if !valid_id(id) {
             return invalid(&[FieldError::new(&["id"], ID_RULE)]);
@@ -412,6 +422,9 @@ pub async fn put(
             Reply::Stream { .. } => cog_stream::sse(state, id, None),
             _ => json_response(StatusCode::ACCEPTED, &cog_shape::in_flight(&r)),
         };
+    }
+    if let Some(e) = req.input_error.take() {
+        return invalid(&[e]);
     }
     req.id = Some(id);
     run(state, client, headers, req).await

@@ -40,13 +40,42 @@ pub enum CogEvent {
     Log(String),
     /// The finished prediction in Cog's shape (`{id, status, output, logs, metrics, error}`).
     Completed(Value),
+    /// Cog ends a stream it cannot continue with an `error` event: a replay past its
+    /// history (`COG_STREAM_HISTORY_CAPACITY`, 1024 events by default), a reader
+    /// that fell behind.
+    Error(String),
 }
+
+/// What one `PUT /predictions/{id}` asks for (`UpstreamClient::cog_put`).
+#[derive(Clone, Copy)]
+pub enum Put<'a> {
+    /// Creates it with this input and streams its events in the same answer.
+    Create(&'a Value),
+    /// Streams the events of the prediction in flight with this id, replayed from the
+    /// start, and never creates one: its input (`ATTACH_ONLY`) is not an object, which
+    /// Cog checks only after it looked for the id in flight, so an id that is not in
+    /// flight (ended, canceled, never received, a restarted container) is a 422.
+    Attach,
+    /// Creates it with this input and waits for its end (a model whose Cog does not
+    /// stream: 406 to an event stream).
+    Sync(&'a Value),
+}
+
+/// The input of an attach (`Put::Attach`): anything but an object.
+const ATTACH_ONLY: &str = "attach to the prediction in flight with this id; never create one";
 
 /// What became of a `PUT /predictions/{id}`.
 pub enum CogOpen {
     /// The create was taken (202) without a stream: attach with the next `PUT`.
     Taken,
     Stream(Box<CogStream>),
+    /// The finished prediction (`Put::Sync`), in Cog's shape.
+    Finished(Value),
+    /// 406: this model's Cog serves no event streams (`@cog.streaming` is opt-in).
+    NoStreams,
+    /// An attach found no prediction in flight with this id (a 422 or 409): it ended
+    /// while nobody followed it, or never ran there. The start of the answer.
+    Gone(String),
     /// 409 "at capacity", 503 "not ready", 429: nothing was taken; ask again later.
     Busy(Duration),
     /// A 4xx (422 validation, or a 409 for an id Cog will not take): its answer.
@@ -61,7 +90,7 @@ pub enum CogOpen {
     },
     /// No connection was made.
     NotSent(String),
-    /// Sent, answer lost: sending the same `PUT` again attaches to it if it runs.
+    /// Sent, answer lost: it may run there (an attach finds it).
     Lost(String),
 }
 
@@ -120,6 +149,10 @@ fn cog_event(ev: SseEvent) -> Result<Option<CogEvent>, String> {
             data["data"].as_str().unwrap_or_default().to_string(),
         )),
         "completed" => Some(CogEvent::Completed(data)),
+        "error" => Some(CogEvent::Error(match &data["error"] {
+            Value::String(s) => s.clone(),
+            _ => data.to_string(),
+        })),
         _ => None,
     })
 }
@@ -165,17 +198,24 @@ pub fn document(path: &str, openapi: &Value) -> Result<Value, CallError> {
 }
 
 impl UpstreamClient {
-    /// `PUT /predictions/{id}` asking for its events: creates it (not tied to this
-    /// connection) and streams it, or attaches to the prediction in flight with this
-    /// id. `created`: it was created before (a 2xx without a stream is then no
-    /// answer).
-    pub async fn cog_put(&self, id: &str, input: &Value, created: bool) -> CogOpen {
-        let req = self
+    /// `PUT /predictions/{id}` as `put` says. A create asks for its events with
+    /// `Prefer: respond-async` too: hearth's own Cog API then keeps the prediction
+    /// running when the stream drops; Cog 0.23.1 ignores it and cancels a prediction
+    /// created over a stream once no stream follows it.
+    pub async fn cog_put(&self, id: &str, put: Put<'_>) -> CogOpen {
+        let input = match put {
+            Put::Create(input) | Put::Sync(input) => input.clone(),
+            Put::Attach => json!(ATTACH_ONLY),
+        };
+        let mut req = self
             .request(reqwest::Method::PUT, &format!("/predictions/{id}"))
             .json(&json!({"id": id, "input": input}))
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .header("Prefer", "respond-async")
             .timeout(STREAM_MAX);
+        if !matches!(put, Put::Sync(_)) {
+            req = req
+                .header(reqwest::header::ACCEPT, "text/event-stream")
+                .header("Prefer", "respond-async");
+        }
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) if e.is_connect() => {
@@ -193,16 +233,16 @@ impl UpstreamClient {
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        // A `completed` event carries the whole record, the input echoed back
+        // included: no more than a body about this input.
+        let max = self.intake.body_max(super::intake::json_len(&input));
         if (200..300).contains(&status) && is_stream {
             self.counts.ok.fetch_add(1, Ordering::Relaxed);
-            // A `completed` event carries the whole record, the input echoed back
-            // included: no more than a body about this input.
-            let max = self.intake.body_max(super::intake::json_len(input));
             return CogOpen::Stream(Box::new(CogStream {
                 reader: SseReader::new(resp, max, &self.budget),
             }));
         }
-        if (200..300).contains(&status) && !created {
+        if (200..300).contains(&status) && matches!(put, Put::Create(_)) {
             // A Cog that streams no create: its 202 took it.
             self.counts.ok.fetch_add(1, Ordering::Relaxed);
             return CogOpen::Taken;
@@ -213,16 +253,33 @@ impl UpstreamClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("application/json")
             .to_string();
-        // An error's body: only the start of it is ever shown.
-        let body = match tokio::time::timeout(
-            Duration::from_secs(30),
-            super::intake::read_body(resp, 64 << 10, &self.budget),
-        )
-        .await
-        {
-            Ok(Ok((b, _held))) => b,
-            _ => Vec::new(),
+        // A sync answer is the record; an error's body: only its start is shown.
+        let (limit, wait) = match put {
+            Put::Sync(_) => (max, STREAM_IDLE),
+            _ => (64 << 10, Duration::from_secs(30)),
         };
+        let sync_ok = matches!(put, Put::Sync(_)) && (200..300).contains(&status);
+        let body =
+            match tokio::time::timeout(wait, super::intake::read_body(resp, limit, &self.budget))
+                .await
+            {
+                Ok(Ok((b, _held))) => b,
+                Ok(Err(super::intake::ReadError::TooLarge)) if sync_ok => {
+                    self.counts.server_error.fetch_add(1, Ordering::Relaxed);
+                    return CogOpen::ServerError {
+                        status,
+                        detail: self.intake.body_error(&self.name, limit),
+                    };
+                }
+                Ok(Err(_)) | Err(_) if sync_ok => {
+                    self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);
+                    return CogOpen::Lost(format!(
+                        "its answer ({status}) could not be read within {}s",
+                        wait.as_secs()
+                    ));
+                }
+                _ => Vec::new(),
+            };
         let text = String::from_utf8_lossy(&body);
         let busy =
             status == 429 || status == 503 || (status == 409 && text.contains("At capacity"));
@@ -230,15 +287,41 @@ impl UpstreamClient {
             self.counts.throttled.fetch_add(1, Ordering::Relaxed);
             return CogOpen::Busy(BUSY_WAIT);
         }
-        match status {
-            200..=299 => {
+        let start = || text.chars().take(500).collect::<String>();
+        match (status, put) {
+            // Cog answers 406 also while it starts (it learns from its schema, loaded
+            // at the end of setup, whether the model streams): only a ready one means
+            // it.
+            (406, Put::Create(_) | Put::Attach) if !self.cog_ready().await => {
+                self.counts.throttled.fetch_add(1, Ordering::Relaxed);
+                CogOpen::Busy(BUSY_WAIT)
+            }
+            (406, Put::Create(_) | Put::Attach) => {
+                self.counts.rejected.fetch_add(1, Ordering::Relaxed);
+                CogOpen::NoStreams
+            }
+            (422 | 409, Put::Attach) => {
+                self.counts.rejected.fetch_add(1, Ordering::Relaxed);
+                CogOpen::Gone(format!("{status}: {}", start()))
+            }
+            (200..=299, Put::Sync(_)) => match serde_json::from_slice::<Value>(&body) {
+                Ok(v) => {
+                    self.counts.ok.fetch_add(1, Ordering::Relaxed);
+                    CogOpen::Finished(v)
+                }
+                Err(e) => {
+                    self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);
+                    CogOpen::Lost(format!("its answer ({status}) is not JSON: {e}"))
+                }
+            },
+            (200..=299, _) => {
                 self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);
                 CogOpen::Lost(format!(
                     "answered {status} without an event stream: {}",
-                    text.chars().take(500).collect::<String>()
+                    start()
                 ))
             }
-            400..=499 => {
+            (400..=499, _) => {
                 self.counts.rejected.fetch_add(1, Ordering::Relaxed);
                 CogOpen::Refused {
                     status,
@@ -254,6 +337,14 @@ impl UpstreamClient {
                 }
             }
         }
+    }
+
+    /// Whether Cog's `/health-check` says its setup is done (`READY`, or `BUSY`: every
+    /// slot taken).
+    async fn cog_ready(&self) -> bool {
+        self.call(reqwest::Method::GET, "/health-check", 1 << 20)
+            .await
+            .is_ok_and(|h| matches!(h["status"].as_str(), Some("READY" | "BUSY")))
     }
 
     /// `POST /predictions/{id}/cancel`.
@@ -283,6 +374,10 @@ mod tests {
         assert_eq!(
             parse_block("event: log\ndata: {\"data\":\"x\\n\",\"source\":\"stdout\"}").unwrap(),
             Some(CogEvent::Log("x\n".into()))
+        );
+        assert_eq!(
+            parse_block("event: error\ndata: {\"error\":\"SSE stream replay truncated; events were dropped\",\"skipped\":3}").unwrap(),
+            Some(CogEvent::Error("SSE stream replay truncated; events were dropped".into()))
         );
         assert_eq!(parse_block(": keep-alive").unwrap(), None);
         assert!(parse_block("event: output\ndata: {\"chunk\":\"a\"}").is_err());

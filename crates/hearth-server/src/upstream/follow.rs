@@ -192,6 +192,37 @@ impl Progress {
         Ok(())
     }
 
+    /// `read` (a call upstream that is safe to drop: a `GET`, opening a stream) raced
+    /// with what must not wait for it: a cancel asked meanwhile is forwarded at once,
+    /// not after the read's timeout (an upstream that hangs holds a `GET` 30 s), and
+    /// so is the deadline's; a forwarded cancel's grace running out ends the wait.
+    /// `None`: the read was dropped for one of those (the caller reads again, and its
+    /// next `grace` check ends it when the grace is spent).
+    pub async fn read_or_cancel<T>(
+        &mut self,
+        job: &Job,
+        read: impl std::future::Future<Output = T>,
+    ) -> Result<Option<T>, End> {
+        let grace = self.grace_left();
+        tokio::select! {
+            out = read => Ok(Some(out)),
+            _ = job.live.cancel_requested(), if self.cancel_sent.is_none() => {
+                self.forward_cancel(job).await;
+                Ok(None)
+            }
+            _ = tokio::time::sleep_until(self.deadline), if !self.deadline_passed => {
+                self.deadline_hit(job).await?;
+                Ok(None)
+            }
+            _ = async {
+                match grace {
+                    Some(g) => tokio::time::sleep(g).await,
+                    None => std::future::pending().await,
+                }
+            } => Ok(None),
+        }
+    }
+
     /// A forwarded cancel the upstream has not confirmed in time ends it here.
     pub fn grace(&self, job: &Job) -> Result<(), End> {
         match self.cancel_sent {
@@ -313,7 +344,12 @@ impl Progress {
     /// ends as the poller ends it; other failures count against the upstream's
     /// breaker and are left to the stream (and then the poller's limits).
     pub async fn check(&mut self, job: &Job) -> Result<Option<Value>, End> {
-        let u = match job.client.get_prediction(&self.uid, job.input_bytes).await {
+        let uid = self.uid.clone();
+        let read = job.client.get_prediction(&uid, job.input_bytes);
+        let Some(got) = self.read_or_cancel(job, read).await? else {
+            return Ok(None);
+        };
+        let u = match got {
             Ok(u) => u,
             Err(CallError::Throttled(_) | CallError::Budget(_)) => return Ok(None),
             Err(CallError::Status { status, body }) if status < 500 => {

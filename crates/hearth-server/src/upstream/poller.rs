@@ -51,7 +51,13 @@ pub(super) async fn poll(job: &Job, p: &mut Progress) -> Result<Polled, End> {
             _ = tokio::time::sleep(grace), if p.cancel_sent.is_some() => {}
         }
         p.grace(job)?;
-        let u = match job.client.get_prediction(&uid, job.input_bytes).await {
+        let read = job.client.get_prediction(&uid, job.input_bytes);
+        let Some(got) = p.read_or_cancel(job, read).await? else {
+            // Dropped for a cancel (now forwarded) or its grace: read again at once.
+            interval = Duration::ZERO;
+            continue;
+        };
+        let u = match got {
             Ok(u) => {
                 job.client.breaker.success();
                 last_ok = Instant::now();

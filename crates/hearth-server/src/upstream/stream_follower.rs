@@ -58,12 +58,17 @@ pub(super) async fn follow(job: &Job, url: &str, p: &mut Progress) -> Result<Str
     let event_max = EVENT_MAX.min(job.client.intake.event_max());
     let mut check_every = CHECK_FIRST;
     loop {
-        let opened = tokio::time::timeout(
+        let open = tokio::time::timeout(
             OPEN_WAIT,
             job.client.open_stream(url, last_id.as_deref(), MAX_RUN),
-        )
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {}s", OPEN_WAIT.as_secs())));
+        );
+        let Some(opened) = p.read_or_cancel(job, open).await? else {
+            // A cancel went out meanwhile: opened again, its grace checked first.
+            p.grace(job)?;
+            continue;
+        };
+        let opened =
+            opened.unwrap_or_else(|_| Err(format!("no answer within {}s", OPEN_WAIT.as_secs())));
         let why = match opened {
             Err(e) if drops == 0 => return Ok(Streamed::Broken(format!("opening it: {e}"))),
             Err(e) => format!("opening it again: {e}"),

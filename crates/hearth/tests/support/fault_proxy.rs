@@ -34,6 +34,9 @@ pub struct Plan {
     pub delay_streams: std::time::Duration,
     /// `POST .../cancel` is held unanswered for two minutes and never forwarded.
     pub swallow_cancels: bool,
+    /// Plain `GET`s (not streams) are held unanswered for two minutes and never
+    /// forwarded: an upstream that hangs.
+    pub hang_gets: bool,
 }
 
 pub struct FaultProxy {
@@ -255,6 +258,10 @@ async fn serve(
             (p.delay_streams, p.swallow_cancels)
         };
         if swallow && req.method == "POST" && req.path.ends_with("/cancel") {
+            tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+            return;
+        }
+        if req.method == "GET" && !wants_stream && plan.lock().unwrap().hang_gets {
             tokio::time::sleep(std::time::Duration::from_secs(120)).await;
             return;
         }

@@ -163,7 +163,7 @@ pub fn add_rms_norm(
 }
 
 /// `silu(gate) · up` for the fused gate/up output `[.., 2 * width]` (gate first), in
-/// one launch on CUDA (other devices: cpu_ops' on the two halves).
+/// one launch on CUDA, in one pass over the halves in place on the CPU (cpu_ops).
 pub fn silu_mul_joined(gate_up: &candle_core::Tensor, width: usize) -> Result<candle_core::Tensor> {
     #[cfg(feature = "cuda")]
     if gate_up.device().is_cuda() {
@@ -171,10 +171,7 @@ pub fn silu_mul_joined(gate_up: &candle_core::Tensor, width: usize) -> Result<ca
             .contiguous()?
             .apply_op1_no_bwd(&cuda::SiluMulOp { width });
     }
-    let last = gate_up.rank().saturating_sub(1);
-    let gate = gate_up.narrow(last, 0, width)?;
-    let up = gate_up.narrow(last, width, width)?;
-    crate::cpu_ops::silu_mul(&gate, &up)
+    crate::cpu_ops::silu_mul_joined(gate_up, width)
 }
 
 #[cfg(hearth_cuda_emulator)]

@@ -21,6 +21,7 @@ pub mod fused;
 pub mod gemv;
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod heap;
 pub mod hub;
 pub mod json_bounds;
 pub mod kv_cache;

@@ -40,6 +40,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread or buffer exists: prefill chunks free and re-allocate tens of MB
+    // per layer, which glibc's defaults would return to the kernel and fault in again.
+    hearth_runtime::heap::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")

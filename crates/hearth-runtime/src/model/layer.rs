@@ -145,11 +145,9 @@ impl Mlp {
             }
             LayerInput::Normed(x) => x,
         };
-        // CUDA with gate and up as one matmul: SiLU·mul in one kernel on its output,
-        // where candle's two ops would each read a strided half.
-        if let (true, FusedLinear::One { linear, widths }) =
-            (x.device().is_cuda(), &self.gate_up_proj)
-        {
+        // Gate and up as one matmul: SiLU·mul in one pass over its output (one kernel on
+        // CUDA), where narrowing would copy each strided half first.
+        if let FusedLinear::One { linear, widths } = &self.gate_up_proj {
             if let [g, u] = widths[..] {
                 if g == u {
                     let act = crate::layer_kernels::silu_mul_joined(&linear.forward(&x)?, g)?;

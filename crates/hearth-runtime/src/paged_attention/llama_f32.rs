@@ -71,7 +71,7 @@ pub(super) fn attend(
 
 /// hearth's dim of GGUF's dim `g` (see the module comment).
 fn hearth_dim(g: usize, half: usize) -> usize {
-    if g % 2 == 0 {
+    if g.is_multiple_of(2) {
         g / 2
     } else {
         half + g / 2

@@ -285,7 +285,7 @@ fn silu_mul_body(g: &[f32], u: &[f32], o: &mut [f32]) {
 /// e^x as ggml's vectorized `ggml_v_expf` computes it (ggml-cpu/vec.h, after ARM's
 /// optimized routine; ≤ 1.46 ulp): `n = round(x·log2 e)` by the 1.5·2^23 trick with an
 /// FMA, `b = x − n·ln2` in two FMA steps, a degree-5 polynomial in FMAs and `b²`, scaled
-/// by 2^n in one rounding (`vscalefps`; here an exact f64 product rounded once), and
+/// by 2^n in one rounding (`vscalefps`; here two multiplies by powers of two), and
 /// |n| > 192 flushed to 0 or ∞ as ggml does. Plain scalar code that vectorizes where the
 /// caller enables FMA; `mul_add` is exact either way, so the bits are ggml's.
 #[inline(always)]
@@ -306,11 +306,28 @@ pub(crate) fn ggml_expf(x: f32) -> f32 {
             f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)), // 0x1.555e66p-3, 0x1.fffdb6p-2
         )
         .mul_add(u, f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0)); // 0x1.ffffecp-1
+                                                                  // j·2^n in one rounding, as two exact-or-final multiplies by normal powers of two
+                                                                  // (selects, no branches, so loops over it vectorize): 2^n itself below n = -126
+                                                                  // would be subnormal, above 127 infinite.
+    let ni = n as i32;
+    let (a, b) = if ni < -126 {
+        (ni + 100, -100)
+    } else if ni > 127 {
+        (127, ni - 127)
+    } else {
+        (ni, 0)
+    };
+    let pow2 = |e: i32| f32::from_bits(((e.clamp(-126, 127) + 127) as u32) << 23);
+    let r = j * pow2(a) * pow2(b);
     if n.abs() > 192.0 {
-        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+        if n <= 0.0 {
+            0.0
+        } else {
+            f32::INFINITY
+        }
+    } else {
+        r
     }
-    let scale = f64::from_bits(((n as i64 + 1023) as u64) << 52);
-    (j as f64 * scale) as f32
 }
 
 // ---------------------------------------------------------------- RoPE (+ cache write)

@@ -104,18 +104,26 @@ pub fn add_rms_norm(x: &Tensor, delta: &Tensor, w: &Tensor, eps: f64) -> Result<
     Ok((both.get(0)?, both.get(1)?))
 }
 
+/// `x · w / rms(x)` with llama.cpp's arithmetic (ggml's `rms_norm`): the squares
+/// (rounded to f32) summed in f64, the mean rounded to f32, `1 / sqrtf(mean + eps)`,
+/// then `(x · scale) · w`. An f64 sum of 24-bit squares is exact but for rounding far
+/// below f32's last bit, so its order (eight lanes here, one running sum in ggml) leaves
+/// the f32 mean the same; an f32 sum would move the scale's last bit on a third of the
+/// rows, and each quantized projection after the norm rounds its input to 8 bits, where
+/// a last bit decides a step.
 #[inline(always)]
 fn norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let mut acc = [0f32; 16];
-    let whole = x.len() / 16 * 16;
-    for c in x[..whole].chunks_exact(16) {
-        for i in 0..16 {
-            acc[i] += c[i] * c[i];
+    let mut acc = [0f64; 8];
+    let whole = x.len() / 8 * 8;
+    for c in x[..whole].chunks_exact(8) {
+        for i in 0..8 {
+            acc[i] += (c[i] * c[i]) as f64;
         }
     }
-    let mut sum: f32 = x[whole..].iter().map(|v| v * v).sum();
-    sum += acc.iter().sum::<f32>();
-    let r = 1.0 / (sum / x.len() as f32 + eps).sqrt();
+    let mut sum: f64 = x[whole..].iter().map(|v| (v * v) as f64).sum();
+    sum += acc.iter().sum::<f64>();
+    let mean = (sum / x.len() as f64) as f32;
+    let r = 1.0 / (mean + eps).sqrt();
     for ((o, v), g) in out.iter_mut().zip(x).zip(w) {
         *o = v * r * g;
     }
@@ -312,10 +320,60 @@ unsafe fn silu_mul_avx2(g: &[f32], u: &[f32], o: &mut [f32]) {
     silu_mul_body(g, u, o)
 }
 
+/// `g / (1 + e^-g) · u` as ggml_vec_swiglu_f32 computes it (its `ggml_v_silu`, with
+/// [`ggml_expf`]), so the down projection quantizes the same activations as llama.cpp.
 #[inline(always)]
 fn silu_mul_body(g: &[f32], u: &[f32], o: &mut [f32]) {
     for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-        *o = g / (1.0 + exp(-g)) * u;
+        *o = g / (1.0 + ggml_expf(-g)) * u;
+    }
+}
+
+/// e^x as ggml's vectorized `ggml_v_expf` computes it (ggml-cpu/vec.h, after ARM's
+/// optimized routine; ≤ 1.46 ulp): `n = round(x·log2 e)` by the 1.5·2^23 trick with an
+/// FMA, `b = x − n·ln2` in two FMA steps, a degree-5 polynomial in FMAs and `b²`, scaled
+/// by 2^n in one rounding (`vscalefps`; here two multiplies by powers of two), and
+/// |n| > 192 flushed to 0 or ∞ as ggml does. Plain scalar code that vectorizes where the
+/// caller enables FMA; `mul_add` is exact either way, so the bits are ggml's.
+#[inline(always)]
+pub(crate) fn ggml_expf(x: f32) -> f32 {
+    const R: f32 = 12_582_912.0; // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), R); // log2 e, 0x1.715476p+0
+    let n = z - R;
+    // fnmadd(a, b, c) = c − a·b, fused.
+    let b = (-n).mul_add(
+        f32::from_bits(0x35bf_be8e),                  // 0x1.7f7d1cp-20
+        (-n).mul_add(f32::from_bits(0x3f31_7200), x), // 0x1.62e4p-1
+    );
+    let u = b * b;
+    let j = f32::from_bits(0x3c07_2010) // 0x1.0e4020p-7
+        .mul_add(b, f32::from_bits(0x3d2b_9f17)) // 0x1.573e2ep-5
+        .mul_add(
+            u,
+            f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)), // 0x1.555e66p-3, 0x1.fffdb6p-2
+        )
+        .mul_add(u, f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0)); // 0x1.ffffecp-1
+                                                                  // j·2^n in one rounding, as two exact-or-final multiplies by normal powers of two
+                                                                  // (selects, no branches, so loops over it vectorize): 2^n itself below n = -126
+                                                                  // would be subnormal, above 127 infinite.
+    let ni = n as i32;
+    let (a, b) = if ni < -126 {
+        (ni + 100, -100)
+    } else if ni > 127 {
+        (127, ni - 127)
+    } else {
+        (ni, 0)
+    };
+    let pow2 = |e: i32| f32::from_bits(((e.clamp(-126, 127) + 127) as u32) << 23);
+    let r = j * pow2(a) * pow2(b);
+    if n.abs() > 192.0 {
+        if n <= 0.0 {
+            0.0
+        } else {
+            f32::INFINITY
+        }
+    } else {
+        r
     }
 }
 
@@ -341,6 +399,11 @@ impl Rope<'_> {
         );
         let (x1, x2) = src.split_at(half);
         let (o1, o2) = out.split_at_mut(half);
+        #[cfg(target_arch = "x86_64")]
+        if threads::has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { rotate_fma(x1, x2, c, s, o1, o2) };
+        }
         for i in 0..half {
             o1[i] = x1[i] * c[i] - x2[i] * s[i];
             o2[i] = x1[i] * s[i] + x2[i] * c[i];
@@ -358,6 +421,19 @@ impl Rope<'_> {
             );
         }
         Ok(())
+    }
+}
+
+/// The rotation as llama.cpp's `rotate_pairs` computes it when GCC contracts it for an
+/// FMA machine (-ffp-contract=fast): `fma(x1, c, −(x2·s))` and `fma(x1, s, x2·c)`, the
+/// first product of each kept exact. Measured against llama.cpp's own RoPE output on
+/// SmolLM2: bit-identical this way, a tenth of the values a last bit off unfused.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rotate_fma(x1: &[f32], x2: &[f32], c: &[f32], s: &[f32], o1: &mut [f32], o2: &mut [f32]) {
+    for i in 0..o1.len() {
+        o1[i] = x1[i].mul_add(c[i], -(x2[i] * s[i]));
+        o2[i] = x1[i].mul_add(s[i], x2[i] * c[i]);
     }
 }
 

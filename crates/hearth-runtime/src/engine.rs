@@ -61,7 +61,7 @@ pub struct EngineConfig {
     /// activations on the CPU halve the cache's bytes (llama.cpp's default is f16).
     pub kv_cache_dtype: Option<candle_core::DType>,
     /// Whose attention arithmetic to follow (`--attention-numerics`): llama.cpp's needs
-    /// the CPU, f32 activations and an f16 cache, and is checked against those here.
+    /// the CPU, f32 activations and an f16 or f32 cache, and is checked against those here.
     pub attention_numerics: crate::paged_attention::AttentionNumerics,
 }
 

@@ -537,7 +537,14 @@ pub fn load_model_fused(spec: &ModelSpec, fuse: bool) -> Result<(ModelFiles, Tra
     if !fuse {
         weights = weights.without_fusion();
     }
-    let model = Transformer::load(&files.config, weights)
+    let mut model = Transformer::load(&files.config, weights)
         .map_err(|e| RuntimeError::Weights(e.to_string()))?;
+    // A GGUF file is llama.cpp's format: its RoPE angles too (a table, no cost), so the
+    // quantized layers after attention see llama.cpp's inputs to the bit.
+    if matches!(files.weights, WeightSource::Gguf(_)) {
+        model
+            .use_llama_cpp_rope()
+            .map_err(|e| RuntimeError::Weights(e.to_string()))?;
+    }
     Ok((files, model))
 }

@@ -109,8 +109,8 @@ impl Transformer {
         })
     }
 
-    /// RoPE tables with llama.cpp's angles (`--attention-numerics llama-cpp`: see
-    /// [`RotaryTables::llama_cpp`]).
+    /// RoPE tables with llama.cpp's angles (every GGUF file, and `--attention-numerics
+    /// llama-cpp`: see [`RotaryTables::llama_cpp`]).
     pub fn use_llama_cpp_rope(&mut self) -> candle_core::Result<()> {
         self.rotary = RotaryTables::llama_cpp(
             &self.cfg,

@@ -38,6 +38,7 @@ pub(crate) mod emulated;
 mod kernel;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
+mod llama_f32;
 mod llama_flash;
 // The launch plans and shape checks are read by the CUDA path and the emulator only;
 // a plain CPU build (e.g. a lone `-p hearth-server` build) compiles them unused.
@@ -84,9 +85,11 @@ pub enum AttentionNumerics {
     /// hearth's kernels: f32 scores, softmax and sums whatever the cache dtype.
     #[default]
     Hearth,
-    /// llama.cpp's CPU flash attention (llama_flash.rs: f16 Q, an f16 running P·V sum):
-    /// f32 activations over an f16 cache on the CPU only. For agreeing with an
-    /// unmodified llama-server to the token, not for accuracy.
+    /// llama.cpp's CPU attention to the bit, f32 activations on the CPU only: over an f16
+    /// cache its flash attention (llama_flash.rs: f16 Q, an f16 running P·V sum, what
+    /// an unmodified llama-server runs), over an f32 cache its attention without flash
+    /// attention (llama_f32.rs: `llama-server -fa off -ctk f32 -ctv f32`). For agreeing
+    /// with llama.cpp to the token, not for speed.
     LlamaCpp,
 }
 
@@ -113,10 +116,12 @@ impl AttentionNumerics {
     ) -> std::result::Result<(), String> {
         use candle_core::DType;
         if self == Self::LlamaCpp
-            && (!device.is_cpu() || compute != DType::F32 || cache != DType::F16)
+            && (!device.is_cpu()
+                || compute != DType::F32
+                || !matches!(cache, DType::F16 | DType::F32))
         {
             return Err(format!(
-                "attention_numerics llama-cpp needs the CPU, f32 activations and an f16 KV cache (got {}, {compute:?}, kv_cache_dtype {cache:?})",
+                "attention_numerics llama-cpp needs the CPU, f32 activations and an f16 or f32 KV cache (got {}, {compute:?}, kv_cache_dtype {cache:?})",
                 device_name(device)
             ));
         }
@@ -273,19 +278,27 @@ impl CustomOp3 for PagedAttention<'_> {
         let (qo, ko, vo) = (ql.start_offset(), kl.start_offset(), vl.start_offset());
         let cache_len = nb * bs * kvh * d;
         if self.meta.numerics == AttentionNumerics::LlamaCpp {
-            let (CpuStorage::F32(q), CpuStorage::F16(k), CpuStorage::F16(v)) = (qs, ks, vs) else {
-                candle_core::bail!(
-                    "paged attention: attention_numerics llama-cpp needs f32 queries over an f16 cache"
-                );
+            let out = match (qs, ks, vs) {
+                (CpuStorage::F32(q), CpuStorage::F16(k), CpuStorage::F16(v)) => llama_flash::attend(
+                    &q[qo..qo + t * h * d],
+                    &k[ko..ko + cache_len],
+                    &v[vo..vo + cache_len],
+                    self.meta,
+                    dims,
+                    self.scale,
+                ),
+                (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => llama_f32::attend(
+                    &q[qo..qo + t * h * d],
+                    &k[ko..ko + cache_len],
+                    &v[vo..vo + cache_len],
+                    self.meta,
+                    dims,
+                    self.scale,
+                ),
+                _ => candle_core::bail!(
+                    "paged attention: attention_numerics llama-cpp needs f32 queries over an f16 or f32 cache"
+                ),
             };
-            let out = llama_flash::attend(
-                &q[qo..qo + t * h * d],
-                &k[ko..ko + cache_len],
-                &v[vo..vo + cache_len],
-                self.meta,
-                dims,
-                self.scale,
-            );
             return Ok((CpuStorage::F32(out), shape));
         }
         macro_rules! run {

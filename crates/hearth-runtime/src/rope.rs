@@ -74,7 +74,7 @@ impl RotaryTables {
     /// The tables as llama.cpp's CPU RoPE computes them (`ggml_rope_cache_init`, no
     /// frequency scaling): each pair's angle is the previous one times
     /// `base^(-2/head_dim)` in f32, starting from the position, so angles drift a few ulp
-    /// from transformers' (`--attention-numerics llama-cpp`; other scalings keep
+    /// from transformers' (GGUF files and `--attention-numerics llama-cpp`; other scalings keep
     /// [`RotaryTables::new`]'s angles).
     pub fn llama_cpp(
         cfg: &ModelConfig,

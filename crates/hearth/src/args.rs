@@ -83,8 +83,9 @@ pub struct EngineArgs {
     #[arg(long, env = "HEARTH_KV_CACHE_DTYPE", default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
     pub kv_cache_dtype: String,
     /// Whose attention arithmetic to follow: hearth (f32 scores and sums) or llama-cpp
-    /// (llama.cpp's CPU flash attention: f16 queries, an f16 running sum; needs the CPU,
-    /// f32 activations and an f16 KV cache), to agree with an unmodified llama-server.
+    /// (llama.cpp's CPU attention to the bit; needs the CPU and f32 activations): over an
+    /// f16 KV cache its flash attention (an unmodified llama-server), over an f32 cache
+    /// its attention without it (`llama-server -fa off -ctk f32 -ctv f32`). Slower.
     #[arg(long, env = "HEARTH_ATTENTION_NUMERICS", default_value = "hearth", value_parser = ["hearth", "llama-cpp"])]
     pub attention_numerics: String,
 }

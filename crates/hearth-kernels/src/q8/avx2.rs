@@ -382,9 +382,14 @@ unsafe fn tile_q6k(w: &[u8], a: &QuantizedActs, t0: usize, tn: usize, out: &mut 
             let ab = (t0 + t) * nb + i;
             let d8 = *a.d.get_unchecked(ab);
             let bs = a.bsums.get_unchecked(ab * 16..ab * 16 + 16);
-            // The weights are stored +32: subtract 32·Σ scale·(sum of x) per 16 values.
-            let off: i32 = (0..16).map(|g| sc[g] as i32 * bs[g] as i32).sum();
-            let total = _mm256_sub_epi32(sumi[t], _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0));
+            // The weights are stored +32: subtract 32·scale·(sum of x) per 16 values, lane c
+            // paying for sub-blocks 2c and 2c + 1 as in ggml_vec_dot_q6_K_q8_K.
+            let off: [i32; 8] = std::array::from_fn(|c| {
+                32 * (sc[2 * c] as i32 * bs[2 * c] as i32
+                    + sc[2 * c + 1] as i32 * bs[2 * c + 1] as i32)
+            });
+            let total =
+                _mm256_sub_epi32(sumi[t], _mm256_loadu_si256(off.as_ptr() as *const __m256i));
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(total), acc[t]);
         }
     }

@@ -477,8 +477,8 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
 /// Q6_K: sixteen signed 8-bit scales per 256, values stored +32.
 ///
 /// Float order, as the row kernel (`avx2::tile_q6k`): eight group sums per row as in
-/// `tile_q45k`, the +32 offset's `32·Σ scale·(sum of 16 x)` taken from group 0's integer
-/// sum only, no ninth sum.
+/// `tile_q45k`, the +32 offset's `32·scale·(sum of 16 x)` of sub-blocks 2c and 2c + 1
+/// taken from group c's integer sum (ggml_vec_dot_q6_K_q8_K's lanes), no ninth sum.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_q6k<const N: usize>(
     rp: &[*const u8; ROWS],
@@ -551,11 +551,11 @@ unsafe fn tile_q6k<const N: usize>(
             let ab = (t0 + t) * nb + i;
             // The weights are stored +32: subtract 32·Σ scale·(sum of its 16 x).
             let bs = a.bsums.as_ptr().add(ab * 16) as *const i8;
-            let mut off = _mm512_setzero_si512();
+            // Group c pays for sub-blocks 2c and 2c + 1, as ggml_vec_dot_q6_K_q8_K's lanes.
             for (h, pair) in sc_pairs.iter().enumerate() {
-                off = _mm512_dpwssd_epi32(off, *pair, bcast(bs.add(4 * h)));
+                let off = _mm512_dpwssd_epi32(_mm512_setzero_si512(), *pair, bcast(bs.add(4 * h)));
+                isum[h] = _mm512_sub_epi32(isum[h], _mm512_slli_epi32::<5>(off));
             }
-            isum[0] = _mm512_sub_epi32(isum[0], _mm512_slli_epi32::<5>(off));
             let scale = _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(ab)));
             for c in 0..8 {
                 acc[t][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]), scale, acc[t][c]);

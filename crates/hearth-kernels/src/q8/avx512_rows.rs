@@ -20,7 +20,7 @@ const PREFETCH_AHEAD: usize = 16 * 1024;
 /// The dot product of one Q6_K weight row at `w` (`a.k / 256` blocks) with activation
 /// row `t` of `a`: per block, 64 values per register (two of the row kernel's 32-value
 /// groups, whose i32 lanes `c` and `c + 8` then add into its lane `c`), the +32 offset
-/// in lane 0, one FMA per block into eight lane sums, `hsum` at the end.
+/// per lane as ggml's, one FMA per block into eight lane sums, `hsum` at the end.
 ///
 /// # Safety
 /// The CPU has AVX512F/BW/VL, AVX2, FMA and F16C; `w` holds `a.k / 256` Q6_K blocks;
@@ -81,16 +81,11 @@ pub(super) unsafe fn dot_q6k(w: *const u8, a: &QuantizedActs, t: usize) -> f32 {
             _mm512_castsi512_si256(sumi),
             _mm512_extracti64x4_epi64::<1>(sumi),
         );
-        // The weights are stored +32: subtract 32·Σ scale·(sum of its 16 x), in lane 0.
+        // The weights are stored +32: subtract 32·scale·(sum of its 16 x), lane c paying
+        // for sub-blocks 2c and 2c + 1 as in ggml_vec_dot_q6_K_q8_K.
         let bs = _mm256_loadu_si256(a.bsums.as_ptr().add(ab * 16) as *const _);
         let off = _mm256_madd_epi16(bs, sc16);
-        let off = _mm_add_epi32(
-            _mm256_castsi256_si128(off),
-            _mm256_extracti128_si256::<1>(off),
-        );
-        let off = _mm_add_epi32(off, _mm_unpackhi_epi64(off, off));
-        let off = _mm_cvtsi128_si32(_mm_add_epi32(off, _mm_shuffle_epi32::<1>(off)));
-        let total = _mm256_sub_epi32(lanes, _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0));
+        let total = _mm256_sub_epi32(lanes, _mm256_slli_epi32::<5>(off));
         let d = f16(b.add(208)) * *a.d.get_unchecked(ab);
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(total), acc);
     }

@@ -97,19 +97,25 @@ fn attend_row(
         let at = ((table[key / bs] as usize * bs + key % bs) * kvh + kv_head) * d;
         let (kr, vr) = (&k[at..at + d], &v[at..at + d]);
         let s = dot_f16(kr, q16) * scale;
-        let (mut ms, mut vs) = (1f32, 1f32);
-        if s > m {
+        // A new maximum rescales the sum (ms = e^(M_old − M), vs = e^0 = 1); otherwise
+        // ms = 1 and vs = e^(s − M).
+        let (ms, vs) = if s > m {
             let m_old = m;
             m = s;
-            ms = (m_old - m).exp();
-            for a in acc.iter_mut() {
-                *a = f16::from_f32(a.to_f32() * ms);
-            }
+            ((m_old - m).exp(), 1f32)
         } else {
-            vs = (s - m).exp();
-        }
+            (1f32, (s - m).exp())
+        };
+        let rescale = ms != 1.0;
         for (a, x) in acc.iter_mut().zip(vr) {
-            *a = f16::from_f32(x.to_f32().mul_add(vs, a.to_f32()));
+            // ggml_vec_scale_f16 (rounded to f16) when the max grew, then
+            // ggml_vec_mad_f16 (one FMA, rounded to f16): two passes there, one here.
+            let kept = if rescale {
+                f16::from_f32(a.to_f32() * ms).to_f32()
+            } else {
+                a.to_f32()
+            };
+            *a = f16::from_f32(x.to_f32().mul_add(vs, kept));
         }
         // GCC contracts llama.cpp's `S = S*ms + vs` (-ffp-contract=fast under gnu++17).
         sum = sum.mul_add(ms, vs);
@@ -118,6 +124,30 @@ fn attend_row(
     for (o, a) in out.iter_mut().zip(acc.iter()) {
         *o = a.to_f32() * inv;
     }
+}
+
+/// ggml's `GGML_F32_VEC_REDUCE` of four 16-lane accumulators on an AVX-512 build:
+/// (0 + 2) + (1 + 3) lane by lane, then [`reduce_add_16`].
+pub(super) fn reduce_f32x16x4(acc: &[[f32; 16]; 4]) -> f32 {
+    let mut r = [0f32; 16];
+    for (l, x) in r.iter_mut().enumerate() {
+        *x = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    }
+    reduce_add_16(&r)
+}
+
+/// `_mm512_reduce_add_ps` as GCC expands it: lane i + i+8, then + i+4, then
+/// (0 + 2) + (1 + 3).
+pub(super) fn reduce_add_16(r: &[f32; 16]) -> f32 {
+    let mut r8 = [0f32; 8];
+    for (l, x) in r8.iter_mut().enumerate() {
+        *x = r[l + 8] + r[l];
+    }
+    let mut r4 = [0f32; 4];
+    for (l, x) in r4.iter_mut().enumerate() {
+        *x = r8[l + 4] + r8[l];
+    }
+    (r4[0] + r4[2]) + (r4[1] + r4[3])
 }
 
 /// `Σ x·y` of two f16 rows as ggml_vec_dot_f16 sums it on an AVX-512 build: four 16-lane
@@ -137,19 +167,7 @@ pub(super) fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
             }
         }
     }
-    let mut r = [0f32; 16];
-    for (l, x) in r.iter_mut().enumerate() {
-        *x = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
-    }
-    let mut r8 = [0f32; 8];
-    for (l, x) in r8.iter_mut().enumerate() {
-        *x = r[l + 8] + r[l];
-    }
-    let mut r4 = [0f32; 4];
-    for (l, x) in r4.iter_mut().enumerate() {
-        *x = r8[l + 4] + r8[l];
-    }
-    let mut sum = ((r4[0] + r4[2]) + (r4[1] + r4[3])) as f64;
+    let mut sum = reduce_f32x16x4(&acc) as f64;
     for i in np..n {
         sum += (x[i].to_f32() * y[i].to_f32()) as f64;
     }
@@ -159,6 +177,186 @@ pub(super) fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::paged_attention::{paged_attention, AttentionNumerics};
+    use candle_core::{Device, Tensor};
+    use rand::rngs::StdRng;
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+
+    /// One (token, head) row as ggml_compute_forward_flash_attn_ext_f16_one_chunk computes
+    /// it over an f16 V, written out from its loop on a dense cache (`k`, `v`: `[key][kvh][d]`
+    /// of one sequence, keys `0..=pos`): Q to f16; `s = dot·scale`; on a new maximum
+    /// `ggml_vec_scale_f16` (a pass rounding to f16), otherwise `vs = expf(s − M)`; then
+    /// `ggml_vec_mad_f16` (a second pass, FMA rounded to f16); `S = S·ms + vs`; at the end
+    /// the f16 row widened and scaled by `1/S`.
+    fn ggml_one_chunk_row(
+        q: &[f32],
+        k: &[f16],
+        v: &[f16],
+        (kvh, kv_head, pos): (usize, usize, usize),
+        scale: f32,
+    ) -> Vec<f32> {
+        let d = q.len();
+        let q_q: Vec<f16> = q.iter().map(|&x| f16::from_f32(x)).collect();
+        let mut vkq16 = vec![f16::ZERO; d];
+        let (mut s_sum, mut m) = (0f32, f32::NEG_INFINITY);
+        for ic in 0..=pos {
+            let at = (ic * kvh + kv_head) * d;
+            let mut s = dot_f16(&k[at..at + d], &q_q);
+            s *= scale;
+            let m_old = m;
+            let (mut ms, mut vs) = (1f32, 1f32);
+            if s > m {
+                m = s;
+                ms = (m_old - m).exp();
+                for y in vkq16.iter_mut() {
+                    *y = f16::from_f32(y.to_f32() * ms);
+                }
+            } else {
+                vs = (s - m).exp();
+            }
+            for (y, x) in vkq16.iter_mut().zip(&v[at..at + d]) {
+                *y = f16::from_f32(x.to_f32().mul_add(vs, y.to_f32()));
+            }
+            s_sum = s_sum.mul_add(ms, vs);
+        }
+        let s_inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
+        vkq16.iter().map(|y| y.to_f32() * s_inv).collect()
+    }
+
+    /// The same row in f64 throughout: the attention the f16 arithmetic approximates.
+    fn exact_row(
+        q: &[f32],
+        k: &[f16],
+        v: &[f16],
+        (kvh, kv_head, pos): (usize, usize, usize),
+        scale: f32,
+    ) -> Vec<f64> {
+        let d = q.len();
+        let scores: Vec<f64> = (0..=pos)
+            .map(|ic| {
+                let at = (ic * kvh + kv_head) * d;
+                let dot: f64 = (0..d).map(|i| q[i] as f64 * k[at + i].to_f64()).sum();
+                dot * scale as f64
+            })
+            .collect();
+        let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+        let z: f64 = w.iter().sum();
+        (0..d)
+            .map(|i| {
+                (0..=pos)
+                    .map(|ic| w[ic] * v[(ic * kvh + kv_head) * d + i].to_f64())
+                    .sum::<f64>()
+                    / z
+            })
+            .collect()
+    }
+
+    /// The public op with `AttentionNumerics::LlamaCpp` on ragged batches (several
+    /// sequences, prefill chunks and one-token decodes, GQA, shuffled cache blocks, head
+    /// dims with and without a tail past 64) equals, to the bit, ggml's loop run on each
+    /// sequence's keys laid out densely. The inputs make the f16 arithmetic visible: the
+    /// rows differ from exact attention by far more than f32 rounding, so a kernel with
+    /// f32 sums, another key order or a block-max softmax fails here (checked by mutation:
+    /// dropping the rescale's f16 rounding, or summing the keys in reverse, fails it).
+    #[test]
+    fn equals_ggml_flash_attention_on_ragged_batches() {
+        let mut rng = StdRng::seed_from_u64(22);
+        let mut f16_visible = 0f64;
+        for (h, kvh, d, bs) in [
+            (6, 2, 64, 16),
+            (9, 3, 80, 4),
+            (4, 4, 32, 8),
+            (8, 1, 128, 16),
+        ] {
+            // (query tokens, keys): decodes, a whole prompt, a chunk after cached keys.
+            let seqs = [
+                (1usize, 1usize),
+                (5, 5),
+                (1, 37),
+                (3, 70),
+                (1, 129),
+                (17, 40),
+            ];
+            let need: usize = seqs.iter().map(|&(_, l)| l.div_ceil(bs)).sum();
+            let num_blocks = need + 2;
+            let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+            ids.shuffle(&mut rng);
+            let mut meta = AttentionMetadata::new(bs);
+            meta.numerics = AttentionNumerics::LlamaCpp;
+            let (mut kc, mut vc) = (
+                vec![f16::ZERO; num_blocks * bs * kvh * d],
+                vec![f16::ZERO; num_blocks * bs * kvh * d],
+            );
+            let (mut q, mut dense) = (Vec::new(), Vec::new());
+            let mut next = 0;
+            for &(ql, l) in &seqs {
+                let blocks = &ids[next..next + l.div_ceil(bs)];
+                next += blocks.len();
+                meta.push(ql, l, blocks);
+                // Large, varied scores (a max that keeps growing) and values of mixed
+                // magnitude, so the f16 running sum rounds at every key.
+                let mut dk = vec![f16::ZERO; l * kvh * d];
+                let mut dv = vec![f16::ZERO; l * kvh * d];
+                for key in 0..l {
+                    let slot = blocks[key / bs] as usize * bs + key % bs;
+                    for j in 0..kvh * d {
+                        let kx = f16::from_f32(
+                            rng.random_range(-2.0f32..2.0) * (1.0 + key as f32 / 16.0),
+                        );
+                        let vx = f16::from_f32(
+                            rng.random_range(-1.0f32..1.0) * [1.0, 30.0, 0.01][j % 3],
+                        );
+                        dk[key * kvh * d + j] = kx;
+                        dv[key * kvh * d + j] = vx;
+                        kc[slot * kvh * d + j] = kx;
+                        vc[slot * kvh * d + j] = vx;
+                    }
+                }
+                for i in 0..ql {
+                    q.extend((0..h * d).map(|_| rng.random_range(-1.5f32..1.5)));
+                    dense.push((l - ql + i, dk.clone(), dv.clone()));
+                }
+            }
+            let t = q.len() / (h * d);
+            let scale = 1.0 / (d as f32).sqrt();
+            let dev = Device::Cpu;
+            let qt = Tensor::from_vec(q.clone(), (t, h, d), &dev).unwrap();
+            let kt = Tensor::from_vec(kc, (num_blocks, bs, kvh, d), &dev).unwrap();
+            let vt = Tensor::from_vec(vc, (num_blocks, bs, kvh, d), &dev).unwrap();
+            let got: Vec<f32> = paged_attention(&qt, &kt, &vt, &meta, scale)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (tok, (pos, dk, dv)) in dense.iter().enumerate() {
+                for head in 0..h {
+                    let row = tok * h + head;
+                    let qr = &q[row * d..(row + 1) * d];
+                    let at = (kvh, head / (h / kvh), *pos);
+                    let want = ggml_one_chunk_row(qr, dk, dv, at, scale);
+                    let out = &got[row * d..(row + 1) * d];
+                    let same = out
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "h {h} kvh {kvh} d {d}: token {tok} (position {pos}) head {head}:\n got {out:?}\nwant {want:?}");
+                    let exact = exact_row(qr, dk, dv, at, scale);
+                    for (a, e) in out.iter().zip(&exact) {
+                        f16_visible = f16_visible.max((*a as f64 - e).abs() / e.abs().max(1.0));
+                    }
+                }
+            }
+        }
+        // f32 arithmetic stays within ~1e-5 of exact here; the f16 running sum does not.
+        assert!(
+            f16_visible > 1e-4,
+            "f16 rounding not visible: {f16_visible}"
+        );
+        assert!(f16_visible < 0.2, "far from attention: {f16_visible}");
+    }
 
     /// The reduction order, on products whose f32 sum depends on it: 2^24 at index 0,
     /// 1 at indices 8, 24, 32 and 48. ggml folds the accumulators first: lane 0 becomes

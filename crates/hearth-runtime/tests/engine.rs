@@ -43,7 +43,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -166,8 +166,10 @@ fn cancel_and_drop_return_blocks_whether_queued_prefilling_or_decoding() {
     let total = e.stats().kv_blocks_total;
     assert!(total > 0);
     let long: Vec<u32> = (0..60).map(|i| (i * 7 % 390) as u32).collect();
-    // Decoding: wait for a token, then cancel.
-    let mut decoding = e.submit(greedy(&long[..5], 200)).unwrap();
+    // Decoding: wait for a token, then cancel. It may run to the fixture's whole context
+    // (512): a step takes well under a millisecond, and 200 tokens ran out on a loaded
+    // machine before the others were admitted.
+    let mut decoding = e.submit(greedy(&long[..5], 500)).unwrap();
     while !matches!(
         decoding.blocking_next(),
         Some(GenerationEvent::Token { .. })

@@ -189,8 +189,9 @@ fn matmul_matches_reference_on_random_blocks() {
 }
 
 /// The AVX-512 tiles add their float products in the row kernels' order (eight group sums
-/// per row, llama.cpp's AVX2 lane order; the K-quants' mins in a ninth, Q6_K's offset in
-/// group 0), so on any scales and any shape the two agree to the bit: this is what keeps
+/// per row, llama.cpp's AVX2 lane order; the K-quants' mins in a ninth, Q6_K's offset per
+/// group; from 8 activation rows the K-quants in llama.cpp's tiled order, `SumOrder`, on
+/// both sides), so on any scales and any shape the two agree to the bit: this is what keeps
 /// greedy output equal to llama.cpp's with the tiles on. Every type; weight rows that are
 /// not whole tiles of 16 (the last tile repeats a row), activation rows 1..=19 (tiles of 8,
 /// 4, 2 and 1 in every mix) and 33, 40 (a prompt's tiles decoded once), rows of 16k values (chunks of 8 activation rows, so a prompt's
@@ -249,13 +250,15 @@ fn tiles_equal_the_row_kernels_to_the_bit() {
 /// rows in whole fours) and GEMV (the rest) add the float terms in their own orders
 /// (`SumOrder::Pair`, `Block`); every instruction set follows them to the bit, as the
 /// reference computes them, on random scales where another order rounds differently. Row
-/// counts not a multiple of 8 keep ggml's lane order (`SumOrder::Lanes`).
+/// counts not a multiple of 8 are not repacked (`SumOrder::Lanes` below 8 activation rows,
+/// `Tiled` from there: `k_quants_follow_llama_cpp_tiled_order_to_the_bit`).
 #[test]
 fn q4_k_follows_llama_cpp_repacked_order_to_the_bit() {
     let mut rng = Rng(71);
     let k = 768;
-    assert_eq!(SumOrder::of(WeightType::Q4K, 37, 8, 0), SumOrder::Lanes);
-    assert_eq!(SumOrder::of(WeightType::Q6K, 48, 8, 0), SumOrder::Lanes);
+    assert_eq!(SumOrder::of(WeightType::Q4K, 37, 7, 0), SumOrder::Lanes);
+    assert_eq!(SumOrder::of(WeightType::Q4K, 37, 8, 0), SumOrder::Tiled);
+    assert_eq!(SumOrder::of(WeightType::Q4K, 40, 8, 0), SumOrder::Pair);
     let split = |n: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)| {
         work(0..n / 3);
         work(n / 3..n);
@@ -302,6 +305,84 @@ fn q4_k_follows_llama_cpp_repacked_order_to_the_bit() {
     assert!(
         pair_vs_block > 0 && block_vs_generic > 0,
         "the orders never round apart ({pair_vs_block}, {block_vs_generic}): the test cannot tell them apart"
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} of {compared} differ:\n{}",
+        wrong.len(),
+        wrong[..wrong.len().min(30)].join("\n")
+    );
+}
+
+/// llama.cpp's tiled K-quant matmul (ggml-cpu/tiled) takes Q5_K, Q6_K and the Q4_K it does
+/// not repack from 8 activation rows (a prompt), `vec_dot` below: the K-quants follow it
+/// (`SumOrder::Tiled`) on every instruction set to the bit, as the scalar
+/// `reference::dot_tiled` states its order, on random blocks and scales from tiny to
+/// large (where another order rounds differently: counted, so the test can tell them
+/// apart), weight rows in whole and partial tiles, activation rows in tiles of 8, 4, 2, 1.
+#[test]
+fn k_quants_follow_llama_cpp_tiled_order_to_the_bit() {
+    let mut rng = Rng(97);
+    for wt in [WeightType::Q4K, WeightType::Q5K, WeightType::Q6K] {
+        assert_eq!(SumOrder::of(wt, 37, 1, 0), SumOrder::Lanes);
+        assert_eq!(SumOrder::of(wt, 37, 7, 6), SumOrder::Lanes);
+        assert_eq!(SumOrder::of(wt, 37, 8, 7), SumOrder::Tiled);
+        assert_eq!(SumOrder::of(wt, 37, 300, 0), SumOrder::Tiled);
+    }
+    assert_eq!(SumOrder::of(WeightType::Q6K, 48, 8, 0), SumOrder::Tiled);
+    assert_eq!(SumOrder::of(WeightType::Q8_0, 48, 8, 0), SumOrder::Lanes);
+    let split = |n: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)| {
+        work(0..n / 3);
+        work(n / 3..n);
+    };
+    let (mut wrong, mut compared, mut apart) = (Vec::new(), 0usize, 0usize);
+    // Q4_K at 37 rows (not a multiple of 8: not repacked); 576 x 1536 is SmolLM2's
+    // ffn_down.
+    for (wt, n, k) in [
+        (WeightType::Q4K, 37, 768),
+        (WeightType::Q5K, 37, 768),
+        (WeightType::Q6K, 37, 768),
+        (WeightType::Q6K, 576, 1536),
+    ] {
+        let w = random_blocks(wt, n, k, &mut rng, &mut |r| {
+            r.f() * [0.001, 0.05, 3.0][(r.next() % 3) as usize]
+        });
+        let row_bytes = w.len() / n;
+        let ms: &[usize] = if n > 100 {
+            &[8, 17]
+        } else {
+            &[8, 9, 10, 13, 16, 17, 19, 33]
+        };
+        for &m in ms {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.f() * 3.0).collect();
+            let a = acts::quantize(wt.act_format(), &x, k);
+            let want: Vec<f32> = (0..m * n)
+                .map(|i| {
+                    let wr = &w[(i % n) * row_bytes..(i % n + 1) * row_bytes];
+                    let tiled = reference::dot_tiled(wt, wr, &a, i / n);
+                    let lanes = reference::dot(wt, wr, &a, i / n);
+                    apart += usize::from(tiled.to_bits() != lanes.to_bits());
+                    tiled
+                })
+                .collect();
+            for isa in Isa::available() {
+                let got = q8::matmul_on_isa(isa, wt, &w, n, k, &x, &split);
+                compared += got.len();
+                for (i, (g, v)) in got.iter().zip(&want).enumerate() {
+                    if g.to_bits() != v.to_bits() {
+                        wrong.push(format!(
+                            "{wt:?} {isa:?} {n}x{k} m={m} act {} row {}: {g} vs {v}",
+                            i / n,
+                            i % n
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        apart > 0,
+        "the tiled and generic orders never round apart: the test cannot tell them apart"
     );
     assert!(
         wrong.is_empty(),

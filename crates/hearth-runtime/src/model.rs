@@ -189,6 +189,14 @@ impl Transformer {
             Some(r) => x.index_select(r, 0),
             None => Ok(x),
         };
+        // On the CPU the last layer's MLP runs on the sampled rows only, as in llama.cpp's
+        // graph (`inp_out_ids`): what follows attention there is row by row, so the rows
+        // kept are unchanged, a prefill chunk skips the MLP of rows nobody reads, and the
+        // quantized products whose float order depends on their row count (llama.cpp's
+        // tiled K-quant matmul from 8 rows: q8::SumOrder::Tiled) see llama.cpp's count.
+        // CUDA keeps the launch plan its counter checks (select after the layers).
+        let early = dev.is_cpu();
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let (x1, qkv) = norm_project(
                 &x,
@@ -197,11 +205,16 @@ impl Transformer {
                 gemv_weights(&layer.attn.qkv_proj, t, self.dtype),
             )?;
             let a = layer.attn.forward(qkv, &step, cache, i)?;
+            let (x1, a, m) = match (early && i == last, n) {
+                (true, 0) => break,
+                (true, _) => (select(x1)?, select(a)?, n),
+                (false, _) => (x1, a, t),
+            };
             let (x2, gate_up) = norm_project(
                 &x1,
                 Some(&a),
                 &layer.post_attention_layernorm,
-                gemv_weights(&layer.mlp.gate_up_proj, t, self.dtype),
+                gemv_weights(&layer.mlp.gate_up_proj, m, self.dtype),
             )?;
             delta = Some(layer.mlp.forward(gate_up)?);
             x = x2;
@@ -211,8 +224,11 @@ impl Transformer {
         if n == 0 {
             return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev);
         }
-        let x = select(x)?;
-        let delta = delta.map(select).transpose()?;
+        let (x, delta) = if early {
+            (x, delta)
+        } else {
+            (select(x)?, delta.map(select).transpose()?)
+        };
         let head = gemv::dense(&self.lm_head, n, x.dtype())
             .and_then(|(weight, bias)| Some((weight, bias, vec![weight.dim(0).ok()?])));
         let logits = match norm_project(&x, delta.as_ref(), &self.norm, head)? {

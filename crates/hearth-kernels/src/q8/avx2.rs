@@ -93,11 +93,13 @@ pub unsafe fn row_tile(
         WeightType::Q5_0 => t32!(2),
         WeightType::Q5_1 => t32!(3),
         WeightType::Q8_0 => t32!(4),
-        WeightType::Q4K if order != SumOrder::Lanes => {
+        WeightType::Q4K if matches!(order, SumOrder::Block | SumOrder::Pair) => {
             tile_q4k_repacked(order == SumOrder::Pair, w, a, t0, tn, out)
         }
-        WeightType::Q4K | WeightType::Q5K => tile_q45k(wt, w, a, t0, tn, out),
-        WeightType::Q6K => tile_q6k(w, a, t0, tn, out),
+        WeightType::Q4K | WeightType::Q5K => {
+            tile_q45k(order == SumOrder::Tiled, wt, w, a, t0, tn, out)
+        }
+        WeightType::Q6K => tile_q6k(order == SumOrder::Tiled, w, a, t0, tn, out),
     }
 }
 
@@ -200,8 +202,11 @@ unsafe fn dot_us_vnni(u: __m256i, s: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
 }
 
+/// Q4_K/Q5_K in ggml's lane order, or with `tiled` in llama.cpp's tiled one
+/// (`SumOrder::Tiled`): the same exact integers, the lanes added up per block first.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_q45k(
+    tiled: bool,
     wt: WeightType,
     w: &[u8],
     a: &QuantizedActs,
@@ -257,12 +262,22 @@ unsafe fn tile_q45k(
             let summ: i32 = (0..8)
                 .map(|j| mn[j] as i32 * (bs[2 * j] as i32 + bs[2 * j + 1] as i32))
                 .sum();
+            if tiled {
+                let r = (-dmin).mul_add(summ as f32, hsum_i32(sumi[t]) as f32 * d);
+                offs[t] = r.mul_add(d8, offs[t]);
+                continue;
+            }
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
             offs[t] -= dmin * d8 * summ as f32;
         }
     }
     for t in 0..tn {
-        out[t] = hsum(acc[t]) + offs[t];
+        // Tiled: the one running sum is `offs` (`acc` stayed zero).
+        out[t] = if tiled {
+            offs[t]
+        } else {
+            hsum(acc[t]) + offs[t]
+        };
     }
 }
 
@@ -333,12 +348,22 @@ unsafe fn tile_q4k_repacked(
     }
 }
 
+/// Q6_K in ggml's lane order, or with `tiled` in llama.cpp's tiled one
+/// (`SumOrder::Tiled`): the same exact integers, the lanes added up per block first.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q6k(w: &[u8], a: &QuantizedActs, t0: usize, tn: usize, out: &mut [f32; TILE]) {
+unsafe fn tile_q6k(
+    tiled: bool,
+    w: &[u8],
+    a: &QuantizedActs,
+    t0: usize,
+    tn: usize,
+    out: &mut [f32; TILE],
+) {
     let k = a.k;
     let nb = k / 256;
     let m4 = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); TILE];
+    let mut one = [0f32; TILE];
     let xq = a.qs.as_ptr() as *const u8;
     for i in 0..nb {
         let b = w.as_ptr().add(i * 210);
@@ -390,10 +415,14 @@ unsafe fn tile_q6k(w: &[u8], a: &QuantizedActs, t0: usize, tn: usize, out: &mut 
             });
             let total =
                 _mm256_sub_epi32(sumi[t], _mm256_loadu_si256(off.as_ptr() as *const __m256i));
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(total), acc[t]);
+            if tiled {
+                one[t] = (hsum_i32(total) as f32 * d).mul_add(d8, one[t]);
+            } else {
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(total), acc[t]);
+            }
         }
     }
     for t in 0..tn {
-        out[t] = hsum(acc[t]);
+        out[t] = if tiled { one[t] } else { hsum(acc[t]) };
     }
 }

@@ -16,7 +16,8 @@
 //!
 //! The float sums keep the row kernels' order (llama.cpp's AVX2 one): eight per row, one
 //! per four-value group of every 32 values, added at the end in `hsum`'s order, so a tile's
-//! result equals the row kernel's to the bit and greedy output keeps llama.cpp's agreement.
+//! result equals the row kernel's to the bit and greedy output keeps llama.cpp's agreement
+//! (from 8 activation rows the K-quants take llama.cpp's tiled order instead, `SumOrder`).
 //! That costs the K-quants one `vpdpwssd` per group and sub-block to apply the sub-block's
 //! scale (after `vpmaddubsw`, as the row kernel), where one `vpmulld` per sub-block would
 //! do for a single sum per row.
@@ -194,9 +195,12 @@ unsafe fn tile_n<const N: usize>(
         (WeightType::Q5_0, _) => tile_32::<2, N>(rp, a, t0, out),
         (WeightType::Q5_1, _) => tile_32::<3, N>(rp, a, t0, out),
         (WeightType::Q8_0, _) => tile_32::<4, N>(rp, a, t0, out),
-        (WeightType::Q4K, SumOrder::Lanes) => tile_q45k::<false, N>(rp, a, t0, out),
-        (WeightType::Q5K, _) => tile_q45k::<true, N>(rp, a, t0, out),
-        (WeightType::Q6K, _) => tile_q6k::<N>(rp, a, t0, out),
+        (WeightType::Q4K, SumOrder::Tiled) => tile_q45k::<false, true, N>(rp, a, t0, out),
+        (WeightType::Q4K, SumOrder::Lanes) => tile_q45k::<false, false, N>(rp, a, t0, out),
+        (WeightType::Q5K, SumOrder::Tiled) => tile_q45k::<true, true, N>(rp, a, t0, out),
+        (WeightType::Q5K, _) => tile_q45k::<true, false, N>(rp, a, t0, out),
+        (WeightType::Q6K, SumOrder::Tiled) => tile_q6k::<true, N>(rp, a, t0, out),
+        (WeightType::Q6K, _) => tile_q6k::<false, N>(rp, a, t0, out),
     }
 }
 
@@ -377,8 +381,11 @@ pub(crate) unsafe fn block_32<const T: usize>(
 /// subtracted from a ninth sum per block; at the end the eight in `hsum`'s order, then the
 /// ninth. The group sums come from `vpmaddubsw` + `vpdpwssd` (scale in both 16-bit halves)
 /// as the row kernel's `vpmaddubsw` + `vpmaddwd`: the same 16-bit pairs, the same integers.
+/// With `TILED`, llama.cpp's tiled order (`SumOrder::Tiled`): the eight group sums added
+/// as integers per block, `fma(−dmin, Σmins, f32(Σ)·d)` taken by one FMA with `dx` into
+/// one running sum per row.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
+unsafe fn tile_q45k<const FIVE: bool, const TILED: bool, const N: usize>(
     rp: &[*const u8; ROWS],
     a: &QuantizedActs,
     t0: usize,
@@ -460,6 +467,13 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
                 summ = _mm512_dpwssd_epi32(summ, *mn, bcast(bs.add(4 * j)));
             }
             let dx = _mm512_set1_ps(*a.d.get_unchecked(ab));
+            if TILED {
+                let s1 = sum8(&isum);
+                let r = _mm512_mul_ps(_mm512_cvtepi32_ps(s1), d);
+                let r = _mm512_fnmadd_ps(dmin, _mm512_cvtepi32_ps(summ), r);
+                acc[t][0] = _mm512_fmadd_ps(r, dx, acc[t][0]);
+                continue;
+            }
             let scale = _mm512_mul_ps(d, dx);
             for c in 0..8 {
                 acc[t][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]), scale, acc[t][c]);
@@ -469,9 +483,23 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
         }
     }
     for t in 0..N {
-        let sum = _mm512_add_ps(group_sums_in_hsum_order(&acc[t]), offs[t]);
+        let sum = if TILED {
+            acc[t][0]
+        } else {
+            _mm512_add_ps(group_sums_in_hsum_order(&acc[t]), offs[t])
+        };
         _mm512_storeu_ps(out[t].as_mut_ptr(), sum);
     }
+}
+
+/// The eight group sums of a block added as integers (exact): llama.cpp's tiled order
+/// takes a block's sum whole.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn sum8(v: &[__m512i; 8]) -> __m512i {
+    let a = _mm512_add_epi32(_mm512_add_epi32(v[0], v[1]), _mm512_add_epi32(v[2], v[3]));
+    let b = _mm512_add_epi32(_mm512_add_epi32(v[4], v[5]), _mm512_add_epi32(v[6], v[7]));
+    _mm512_add_epi32(a, b)
 }
 
 /// Q6_K: sixteen signed 8-bit scales per 256, values stored +32.
@@ -479,8 +507,10 @@ unsafe fn tile_q45k<const FIVE: bool, const N: usize>(
 /// Float order, as the row kernel (`avx2::tile_q6k`): eight group sums per row as in
 /// `tile_q45k`, the +32 offset's `32·scale·(sum of 16 x)` of sub-blocks 2c and 2c + 1
 /// taken from group c's integer sum (ggml_vec_dot_q6_K_q8_K's lanes), no ninth sum.
+/// With `TILED`, llama.cpp's tiled order (`SumOrder::Tiled`): the group sums added as
+/// integers per block, `f32(Σ)·d` taken by one FMA with `dx` into one running sum per row.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_q6k<const N: usize>(
+unsafe fn tile_q6k<const TILED: bool, const N: usize>(
     rp: &[*const u8; ROWS],
     a: &QuantizedActs,
     t0: usize,
@@ -556,13 +586,24 @@ unsafe fn tile_q6k<const N: usize>(
                 let off = _mm512_dpwssd_epi32(_mm512_setzero_si512(), *pair, bcast(bs.add(4 * h)));
                 isum[h] = _mm512_sub_epi32(isum[h], _mm512_slli_epi32::<5>(off));
             }
-            let scale = _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(ab)));
+            let dx = _mm512_set1_ps(*a.d.get_unchecked(ab));
+            if TILED {
+                let r = _mm512_mul_ps(_mm512_cvtepi32_ps(sum8(&isum)), d);
+                acc[t][0] = _mm512_fmadd_ps(r, dx, acc[t][0]);
+                continue;
+            }
+            let scale = _mm512_mul_ps(d, dx);
             for c in 0..8 {
                 acc[t][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]), scale, acc[t][c]);
             }
         }
     }
     for t in 0..N {
-        _mm512_storeu_ps(out[t].as_mut_ptr(), group_sums_in_hsum_order(&acc[t]));
+        let sum = if TILED {
+            acc[t][0]
+        } else {
+            group_sums_in_hsum_order(&acc[t])
+        };
+        _mm512_storeu_ps(out[t].as_mut_ptr(), sum);
     }
 }

@@ -10,7 +10,9 @@
 //! type), whose tiles keep the row kernels' order of float sums, so they give the same
 //! results to the bit. That order is llama.cpp's for the same product (`SumOrder`): its
 //! AVX2 lane order, or for Q4_K weights, which llama.cpp repacks at load, its repacked
-//! GEMV/GEMM's one sum per row, which also lets the Q4_K tile skip the lane bookkeeping.
+//! GEMV/GEMM's one sum per row, which also lets the Q4_K tile skip the lane bookkeeping,
+//! or for the other K-quants at 8 activation rows and more (a prompt) its tiled matmul's
+//! one exact integer per block and one float sum per row.
 
 // Tile loops index several per-row arrays (accumulators, sums, outputs) by the same row.
 #![allow(clippy::needless_range_loop)]
@@ -113,19 +115,40 @@ pub enum SumOrder {
     /// The same in llama.cpp's repacked GEMM (`ggml_gemm_q4_K_8x8_q8_K`, the activation
     /// rows in whole fours): one FMA per 64 values (two sub-blocks) instead of per block.
     Pair,
+    /// llama.cpp's tiled K-quant matmul (`ggml-cpu/tiled`, taken for Q4_K, Q5_K and Q6_K
+    /// weights that are not repacked once a product has `TILED_MIN_ROWS` activation rows):
+    /// per block one exact integer, `Σ scale·Σ q·x` (Q6_K's +32 taken off through the
+    /// activations' 16-value sums), converted to f32 and multiplied by the weight's `d`
+    /// (Q4_K/Q5_K: minus `dmin·Σ min·bsum` in one FMA), then taken by one FMA with the
+    /// activation block's `d` into a single running sum. Its VNNI and AVX2+FMA microtiles
+    /// (`tiled_run_micro_vnni_8x16`, `tiled_run_microtile_avx2`, as GCC compiles them)
+    /// both do exactly this.
+    Tiled,
 }
+
+/// Activation rows from which llama.cpp takes its tiled K-quant matmul
+/// (`ggml_tiled_min_batch`); below them, `vec_dot` a row at a time (`SumOrder::Lanes`).
+pub const TILED_MIN_ROWS: usize = 8;
 
 impl SumOrder {
     /// llama.cpp's order for activation row `t` of `m` against `n` weight rows of `wt`:
     /// it repacks Q4_K weights of a multiple of 8 rows (on AVX2 and up) and runs the GEMM
-    /// over the first `m - m % 4` activation rows, the GEMV over the rest.
+    /// over the first `m - m % 4` activation rows, the GEMV over the rest; the other
+    /// K-quants (and Q4_K it does not repack) go to its tiled matmul from
+    /// `TILED_MIN_ROWS` activation rows, to `vec_dot` below.
     pub fn of(wt: WeightType, n: usize, m: usize, t: usize) -> Self {
-        if wt != WeightType::Q4K || !n.is_multiple_of(8) {
-            Self::Lanes
-        } else if t < m - m % 4 {
-            Self::Pair
-        } else {
-            Self::Block
+        match wt {
+            WeightType::Q4K if n.is_multiple_of(8) => {
+                if t < m - m % 4 {
+                    Self::Pair
+                } else {
+                    Self::Block
+                }
+            }
+            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K if m >= TILED_MIN_ROWS => {
+                Self::Tiled
+            }
+            _ => Self::Lanes,
         }
     }
 }

@@ -67,7 +67,74 @@ pub fn dot_ordered(
             assert_eq!(wt, WeightType::Q4K, "{order:?} is Q4_K's order");
             dot_q4k_repacked(w, a, row, order == SumOrder::Pair)
         }
+        SumOrder::Tiled => dot_tiled(wt, w, a, row),
     }
+}
+
+/// A K-quant row in llama.cpp's tiled order (`SumOrder::Tiled`, ggml-cpu/tiled's
+/// microtiles): per block the exact integer `s1 = Σ scale·Σ q·x` (Q6_K: the values
+/// stored +32, so `Σ scale·(Σ q·x − 32·bsum)` per 16) and for Q4_K/Q5_K `s2 = Σ min·(sum
+/// of its 32 x)`; then `r = f32(s1)·d`, Q4_K/Q5_K `r = fma(−dmin, f32(s2), r)`, and
+/// `acc = fma(r, dx, acc)` from 0, block by block. Exactly what the SIMD kernels give.
+pub fn dot_tiled(wt: WeightType, w: &[u8], a: &QuantizedActs, row: usize) -> f32 {
+    let nb = a.k / 256;
+    let bb = wt.block_bytes();
+    let xq = &a.qs[row * a.k..(row + 1) * a.k];
+    let mut acc = 0f32;
+    for i in 0..nb {
+        let b = &w[i * bb..(i + 1) * bb];
+        let x = &xq[i * 256..(i + 1) * 256];
+        let ab = row * nb + i;
+        let bs = &a.bsums[ab * 16..ab * 16 + 16];
+        let r = match wt {
+            WeightType::Q6K => {
+                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+                // Value e of the block: its nibble and two high bits, as ggml's dequantize.
+                let q = |e: usize| -> i32 {
+                    let (n, e) = (e / 128, e % 128);
+                    let (g, l) = (e / 32, e % 32);
+                    let lo = (ql[64 * n + l + 32 * (g % 2)] >> (4 * (g / 2))) & 0xF;
+                    let hi = (qh[32 * n + l] >> (2 * g)) & 3;
+                    (lo | (hi << 4)) as i32
+                };
+                let s1: i32 = (0..16)
+                    .map(|s| {
+                        let raw: i32 = (16 * s..16 * s + 16).map(|e| q(e) * x[e] as i32).sum();
+                        sc[s] as i8 as i32 * (raw - 32 * bs[s] as i32)
+                    })
+                    .sum();
+                s1 as f32 * f16_at(b, 208)
+            }
+            WeightType::Q4K | WeightType::Q5K => {
+                let (sc, mn) = k4_scales(&b[4..16]);
+                let (qh, qs) = if wt == WeightType::Q5K {
+                    (Some(&b[16..48]), &b[48..176])
+                } else {
+                    (None, &b[16..144])
+                };
+                let (mut s1, mut s2) = (0i32, 0i32);
+                for j in 0..8 {
+                    // Sub-block j: the low (even j) or high nibbles of qs[32(j/2)..], the
+                    // fifth bit j of qh[l].
+                    let raw: i32 = (0..32)
+                        .map(|l| {
+                            let mut v = ((qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0xF) as i32;
+                            if let Some(qh) = qh {
+                                v |= (((qh[l] >> j) & 1) as i32) << 4;
+                            }
+                            v * x[32 * j + l] as i32
+                        })
+                        .sum();
+                    s1 += sc[j] as i32 * raw;
+                    s2 += mn[j] as i32 * (bs[2 * j] as i32 + bs[2 * j + 1] as i32);
+                }
+                (-f16_at(b, 2)).mul_add(s2 as f32, s1 as f32 * f16_at(b, 0))
+            }
+            _ => panic!("{wt:?} has no tiled order"),
+        };
+        acc = r.mul_add(a.d[ab], acc);
+    }
+    acc
 }
 
 /// Q4_K in llama.cpp's repacked order (`SumOrder::Block`, or `Pair` when `pairs`): per

@@ -21,7 +21,11 @@
 //! 64-key tile), reproduced in llama_flash_tiled.rs; the choice is by the step's token
 //! count, as llama.cpp's is by the ubatch's. Not reproduced: a one-token step over ≥ 512
 //! cache cells, where llama.cpp splits the keys across its threads and merges the
-//! partial sums in f32 (the result depends on llama-server's thread count).
+//! partial sums in f32 (the result depends on llama-server's thread count); head dims of
+//! ≥ 128 on a build with AVX512-FP16, where ggml_vec_mad_f16 runs in native f16 with the
+//! weight rounded to f16 (under 128 it takes the scalar loop reproduced here); and models
+//! whose GGUF rows are not interleaved (not `llama`), whose dims this still reads in the
+//! interleaved order (as llama_f32.rs does).
 
 use half::f16;
 

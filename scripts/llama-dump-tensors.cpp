@@ -28,7 +28,10 @@ static bool cb(struct ggml_tensor * t, bool ask, void *) {
 int main(int argc, char ** argv) {
     // dump MODEL OUT FA(0|1) NPROMPT tok... (first NPROMPT tokens are the prompt, the rest decoded one by one)
     if (argc < 6) { fprintf(stderr, "usage: %s FILE.gguf OUT FA N_PROMPT ID...\n", argv[0]); return 1; }
-    const char * model_path = argv[1]; std::string out = argv[2]; int fa = atoi(argv[3]); int np = atoi(argv[4]);
+    // FA: 0 = `-fa off -ctk f32 -ctv f32`; 1 = flash attention on an f16 cache; auto = llama-server's defaults
+    // (`-fa auto`, which a CPU build resolves to flash attention, f16 cache).
+    const char * model_path = argv[1]; std::string out = argv[2]; std::string fa_arg = argv[3]; int np = atoi(argv[4]);
+    const int fa = fa_arg == "auto" ? -1 : atoi(fa_arg.c_str());
     std::vector<llama_token> toks; for (int i = 5; i < argc; i++) toks.push_back(atoi(argv[i]));
     llama_backend_init();
     auto mp = llama_model_default_params();
@@ -36,8 +39,8 @@ int main(int argc, char ** argv) {
     if (!model) { fprintf(stderr, "cannot load %s\n", model_path); return 1; }
     auto cp = llama_context_default_params();
     cp.n_ctx = 512; cp.n_threads = 2; cp.n_threads_batch = 2; cp.cb_eval = cb; cp.cb_eval_user_data = nullptr;
-    cp.flash_attn_type = fa ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
-    if (!fa) { cp.type_k = GGML_TYPE_F32; cp.type_v = GGML_TYPE_F32; }
+    cp.flash_attn_type = fa < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO : fa ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    if (fa == 0) { cp.type_k = GGML_TYPE_F32; cp.type_v = GGML_TYPE_F32; }
     llama_context * ctx = llama_init_from_model(model, cp);
     mkdir(out.c_str(), 0755);
     int pos = 0; int step = 0;

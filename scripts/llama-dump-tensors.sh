@@ -4,11 +4,13 @@
 # llama.cpp the benches build (static libraries, the same arithmetic as its
 # llama-server), runs the prompt's ids in one batch and each further id as a one-token
 # step (`-t 2`, `-c 512`; FA=0: `-fa off -ctk f32 -ctv f32`, FA=1: flash attention, f16
-# cache), and writes OUT/<step>/. Then compare op by op:
-#   LLAMA_DUMP=OUT/0 HEARTH_GGUF=FILE HEARTH_LAYERS=30 cargo test --workspace \
+# cache, FA=auto: llama-server's defaults, `-fa auto` over an f16 cache, which a CPU build
+# resolves to flash attention), and writes OUT/<step>/. Then compare op by op (a decode
+# step's attention reads the keys of steps 0..step from the sibling folders):
+#   LLAMA_DUMP=OUT/<step> HEARTH_GGUF=FILE HEARTH_LAYERS=30 cargo test --workspace \
 #     --test llama_cpp_goldens llama_cpp_ops_report -- --ignored --nocapture
 #
-#   [FA=0|1] bash scripts/llama-dump-tensors.sh FILE.gguf OUT N_PROMPT ID...
+#   [FA=0|1|auto] bash scripts/llama-dump-tensors.sh FILE.gguf OUT N_PROMPT ID...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 4 ] || { echo "usage: $0 FILE.gguf OUT N_PROMPT ID..." >&2; exit 1; }

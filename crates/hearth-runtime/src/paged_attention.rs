@@ -40,6 +40,9 @@ mod kernel;
 mod lanes;
 mod llama_f32;
 mod llama_flash;
+#[cfg(test)]
+mod llama_flash_tests;
+mod llama_flash_tiled;
 // The launch plans and shape checks are read by the CUDA path and the emulator only;
 // a plain CPU build (e.g. a lone `-p hearth-server` build) compiles them unused.
 #[cfg_attr(not(any(feature = "cuda", hearth_cuda_emulator)), allow(dead_code))]

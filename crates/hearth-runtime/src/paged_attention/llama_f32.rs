@@ -16,7 +16,7 @@
 //! time: slower than the default kernels, for agreeing with llama.cpp to the bit.
 
 use super::cpu::{Dims, OutPtr};
-use super::llama_flash::{reduce_add_16, reduce_f32x16x4};
+use super::llama_flash::{gguf_dim, reduce_add_16, reduce_f32x16x4};
 use super::AttentionMetadata;
 use crate::cpu_ops::ggml_expf;
 use crate::threads;
@@ -69,15 +69,6 @@ pub(super) fn attend(
     out
 }
 
-/// hearth's dim of GGUF's dim `g` (see the module comment).
-fn hearth_dim(g: usize, half: usize) -> usize {
-    if g.is_multiple_of(2) {
-        g / 2
-    } else {
-        half + g / 2
-    }
-}
-
 /// ggml_vec_dot_f32 of a query and a key row, both read in GGUF's dim order: four
 /// 16-lane FMA accumulators over steps of 64, the reduction, then the tail in f32.
 fn dot_gguf_order(q: &[f32], k: &[f32]) -> f32 {
@@ -85,13 +76,13 @@ fn dot_gguf_order(q: &[f32], k: &[f32]) -> f32 {
     let np = n & !63;
     let mut acc = [[0f32; 16]; 4];
     for g in 0..np {
-        let i = hearth_dim(g, half);
+        let i = gguf_dim(g, half);
         let a = &mut acc[(g % 64) / 16][g % 16];
         *a = q[i].mul_add(k[i], *a);
     }
     let mut sum = reduce_f32x16x4(&acc);
     for g in np..n {
-        let i = hearth_dim(g, half);
+        let i = gguf_dim(g, half);
         sum = q[i].mul_add(k[i], sum);
     }
     sum

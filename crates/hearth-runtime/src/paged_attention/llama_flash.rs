@@ -4,7 +4,10 @@
 //! (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`, ggml-cpu/ops.cpp). Per query
 //! row (token, head):
 //! - Q rounded to f16 (unscaled), the score `s = dot_f16(k, q) · scale` summed in
-//!   ggml_vec_dot_f16's order on an AVX-512 build ([`dot_f16`]);
+//!   ggml_vec_dot_f16's order on an AVX-512 build ([`dot_f16`]) over the head dims in
+//!   GGUF's order: llama.cpp's Q/K rows of `llama` models interleave the two RoPE halves
+//!   that hearth un-permutes at load (dim `2i` is hearth's `i`, `2i + 1` its `i + d/2`),
+//!   and which products share an accumulator lane decides the sum's rounding;
 //! - the online softmax updated at every key, in cache order, with libm's `expf`
 //!   (Rust's `f32::exp` calls the same function);
 //! - the running P·V sum held in f16 and rounded after every key: `acc = f16(v·w + acc)`
@@ -12,17 +15,28 @@
 //! - the row widened to f32 and multiplied by `1 / Σw` at the end.
 //!
 //! Its rounding to f16 moves scores and outputs by about 1e-4 relative, far more than the
-//! default kernels' f32 arithmetic (which stays the default); this mode exists to agree
-//! with llama.cpp, not to be more accurate. llama.cpp takes two other paths this does not
-//! reproduce: a ubatch of ≥ 64 query tokens (its tiled f32 kernel, block-max softmax) and
-//! a one-token step over ≥ 512 cache cells (keys split across its threads, merged in f32).
-//! One key at a time, no SIMD: slower than the default kernels.
+//! default kernels' f32 arithmetic; this mode exists to agree with llama.cpp, not to be
+//! more accurate. A ubatch of ≥ 64 query tokens takes llama.cpp's tiled prompt kernel
+//! instead (`ggml_compute_forward_flash_attn_ext_tiled`: f32 Q, f32 sums, a softmax per
+//! 64-key tile), reproduced in llama_flash_tiled.rs; the choice is by the step's token
+//! count, as llama.cpp's is by the ubatch's. Not reproduced: a one-token step over ≥ 512
+//! cache cells, where llama.cpp splits the keys across its threads and merges the
+//! partial sums in f32 (the result depends on llama-server's thread count); head dims of
+//! ≥ 128 on a build with AVX512-FP16, where ggml_vec_mad_f16 runs in native f16 with the
+//! weight rounded to f16 (under 128 it takes the scalar loop reproduced here); and models
+//! whose GGUF rows are not interleaved (not `llama`), whose dims this still reads in the
+//! interleaved order (as llama_f32.rs does).
 
 use half::f16;
 
 use super::cpu::{Dims, OutPtr};
+use super::llama_flash_tiled::{self, KV_TILE};
 use super::AttentionMetadata;
 use crate::threads;
+
+/// llama.cpp's `GGML_FA_TILE_Q`: a ubatch of at least this many tokens takes its tiled
+/// kernel.
+pub(super) const Q_TILE: usize = 64;
 
 /// `softmax(q·kᵀ·scale)·v` for every (token, head) row with llama.cpp's arithmetic;
 /// `q` and the result `[T, heads, head_dim]` f32, the caches f16.
@@ -44,59 +58,108 @@ pub(super) fn attend(
         let first = meta.seq_lens[s] - (b - a);
         token_at.extend((0..b - a).map(|i| (s, (first + i) as usize)));
     }
+    let tiled = t >= Q_TILE;
     let ptr = OutPtr(out.as_mut_ptr());
+    // GGUF's dim `g` is hearth's `gguf[g]`.
+    let gguf: Vec<usize> = (0..d).map(|g| gguf_dim(g, d / 2)).collect();
     threads::parallel_chunks(t * h, 4, |range| {
         let p = ptr;
-        let (mut q16, mut acc) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
+        let mut bufs = Scratch::new(d);
         for row in range {
             let (tok, head) = (row / h, row % h);
             let (seq, pos) = token_at[tok];
             // SAFETY: row `row` of `out` (d values) is written by this call alone.
             let dst = unsafe { std::slice::from_raw_parts_mut(p.0.add(row * d), d) };
             let q_row = &q[row * d..(row + 1) * d];
-            attend_row(
-                q_row,
+            let row = Row {
+                q: q_row,
                 k,
                 v,
                 meta,
                 dims,
                 scale,
-                (seq, pos, head),
-                &mut q16,
-                &mut acc,
-                dst,
-            );
+                at: (seq, pos, head),
+                gguf: &gguf,
+            };
+            if tiled {
+                llama_flash_tiled::attend_row(&row, &mut bufs, dst);
+            } else {
+                attend_row(&row, &mut bufs, dst);
+            }
         }
     });
     out
 }
 
-/// One query row over keys `0..=pos` of its sequence.
-#[allow(clippy::too_many_arguments)]
-fn attend_row(
-    q: &[f32],
-    k: &[f16],
-    v: &[f16],
-    meta: &AttentionMetadata,
-    dims: Dims,
-    scale: f32,
-    (seq, pos, head): (usize, usize, usize),
-    q16: &mut [f16],
-    acc: &mut [f16],
-    out: &mut [f32],
-) {
-    let Dims { h, kvh, d, bs } = dims;
-    let kv_head = head / (h / kvh);
-    let table = &meta.block_tables[seq * meta.max_blocks..(seq + 1) * meta.max_blocks];
-    for (x, &y) in q16.iter_mut().zip(q) {
-        *x = f16::from_f32(y);
+/// One query row's inputs: `q` in hearth's dim order, the paged caches, and the
+/// (sequence, position, head) it attends from.
+pub(super) struct Row<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f16],
+    pub v: &'a [f16],
+    pub meta: &'a AttentionMetadata,
+    pub dims: Dims,
+    pub scale: f32,
+    pub at: (usize, usize, usize),
+    /// GGUF's dim `g` is hearth's `gguf[g]`.
+    pub gguf: &'a [usize],
+}
+
+impl Row<'_> {
+    /// Where `key`'s row of this row's KV head starts in the caches.
+    pub fn key_at(&self, key: usize) -> usize {
+        let Dims { h, kvh, d, bs } = self.dims;
+        let (seq, _, head) = self.at;
+        let kv_head = head / (h / kvh);
+        let m = self.meta.max_blocks;
+        let block = self.meta.block_tables[seq * m + key / bs] as usize;
+        ((block * bs + key % bs) * kvh + kv_head) * d
     }
-    acc.fill(f16::ZERO);
+}
+
+/// Per-thread buffers, reused across rows.
+pub(super) struct Scratch {
+    pub q16: Vec<f16>,
+    pub k16: Vec<f16>,
+    pub acc16: Vec<f16>,
+    pub q32: Vec<f32>,
+    pub acc32: Vec<f32>,
+    pub scores: [f32; KV_TILE],
+}
+
+impl Scratch {
+    fn new(d: usize) -> Self {
+        Self {
+            q16: vec![f16::ZERO; d],
+            k16: vec![f16::ZERO; d],
+            acc16: vec![f16::ZERO; d],
+            q32: vec![0.0; d],
+            acc32: vec![0.0; d],
+            scores: [0.0; KV_TILE],
+        }
+    }
+}
+
+/// One query row over keys `0..=pos` of its sequence, as
+/// `ggml_compute_forward_flash_attn_ext_f16_one_chunk` computes it.
+fn attend_row(row: &Row, bufs: &mut Scratch, out: &mut [f32]) {
+    let (_, pos, _) = row.at;
+    let d = row.dims.d;
+    let Scratch {
+        q16, k16, acc16, ..
+    } = bufs;
+    for (x, &i) in q16.iter_mut().zip(row.gguf) {
+        *x = f16::from_f32(row.q[i]);
+    }
+    acc16.fill(f16::ZERO);
     let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
     for key in 0..=pos {
-        let at = ((table[key / bs] as usize * bs + key % bs) * kvh + kv_head) * d;
-        let (kr, vr) = (&k[at..at + d], &v[at..at + d]);
-        let s = dot_f16(kr, q16) * scale;
+        let at = row.key_at(key);
+        let (kr, vr) = (&row.k[at..at + d], &row.v[at..at + d]);
+        for (x, &i) in k16.iter_mut().zip(row.gguf) {
+            *x = kr[i];
+        }
+        let s = dot_f16(k16, q16) * row.scale;
         // A new maximum rescales the sum (ms = e^(M_old − M), vs = e^0 = 1); otherwise
         // ms = 1 and vs = e^(s − M).
         let (ms, vs) = if s > m {
@@ -107,7 +170,7 @@ fn attend_row(
             (1f32, (s - m).exp())
         };
         let rescale = ms != 1.0;
-        for (a, x) in acc.iter_mut().zip(vr) {
+        for (a, x) in acc16.iter_mut().zip(vr) {
             // ggml_vec_scale_f16 (rounded to f16) when the max grew, then
             // ggml_vec_mad_f16 (one FMA, rounded to f16): two passes there, one here.
             let kept = if rescale {
@@ -121,8 +184,17 @@ fn attend_row(
         sum = sum.mul_add(ms, vs);
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    for (o, a) in out.iter_mut().zip(acc.iter()) {
+    for (o, a) in out.iter_mut().zip(acc16.iter()) {
         *o = a.to_f32() * inv;
+    }
+}
+
+/// hearth's dim of GGUF's dim `g` in a head of `2·half` dims (see the module comment).
+pub(super) fn gguf_dim(g: usize, half: usize) -> usize {
+    if g.is_multiple_of(2) {
+        g / 2
+    } else {
+        half + g / 2
     }
 }
 
@@ -172,219 +244,4 @@ pub(super) fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
         sum += (x[i].to_f32() * y[i].to_f32()) as f64;
     }
     sum as f32
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::paged_attention::{paged_attention, AttentionNumerics};
-    use candle_core::{Device, Tensor};
-    use rand::rngs::StdRng;
-    use rand::seq::SliceRandom;
-    use rand::{Rng, SeedableRng};
-
-    /// One (token, head) row as ggml_compute_forward_flash_attn_ext_f16_one_chunk computes
-    /// it over an f16 V, written out from its loop on a dense cache (`k`, `v`: `[key][kvh][d]`
-    /// of one sequence, keys `0..=pos`): Q to f16; `s = dot·scale`; on a new maximum
-    /// `ggml_vec_scale_f16` (a pass rounding to f16), otherwise `vs = expf(s − M)`; then
-    /// `ggml_vec_mad_f16` (a second pass, FMA rounded to f16); `S = S·ms + vs`; at the end
-    /// the f16 row widened and scaled by `1/S`.
-    fn ggml_one_chunk_row(
-        q: &[f32],
-        k: &[f16],
-        v: &[f16],
-        (kvh, kv_head, pos): (usize, usize, usize),
-        scale: f32,
-    ) -> Vec<f32> {
-        let d = q.len();
-        let q_q: Vec<f16> = q.iter().map(|&x| f16::from_f32(x)).collect();
-        let mut vkq16 = vec![f16::ZERO; d];
-        let (mut s_sum, mut m) = (0f32, f32::NEG_INFINITY);
-        for ic in 0..=pos {
-            let at = (ic * kvh + kv_head) * d;
-            let mut s = dot_f16(&k[at..at + d], &q_q);
-            s *= scale;
-            let m_old = m;
-            let (mut ms, mut vs) = (1f32, 1f32);
-            if s > m {
-                m = s;
-                ms = (m_old - m).exp();
-                for y in vkq16.iter_mut() {
-                    *y = f16::from_f32(y.to_f32() * ms);
-                }
-            } else {
-                vs = (s - m).exp();
-            }
-            for (y, x) in vkq16.iter_mut().zip(&v[at..at + d]) {
-                *y = f16::from_f32(x.to_f32().mul_add(vs, y.to_f32()));
-            }
-            s_sum = s_sum.mul_add(ms, vs);
-        }
-        let s_inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
-        vkq16.iter().map(|y| y.to_f32() * s_inv).collect()
-    }
-
-    /// The same row in f64 throughout: the attention the f16 arithmetic approximates.
-    fn exact_row(
-        q: &[f32],
-        k: &[f16],
-        v: &[f16],
-        (kvh, kv_head, pos): (usize, usize, usize),
-        scale: f32,
-    ) -> Vec<f64> {
-        let d = q.len();
-        let scores: Vec<f64> = (0..=pos)
-            .map(|ic| {
-                let at = (ic * kvh + kv_head) * d;
-                let dot: f64 = (0..d).map(|i| q[i] as f64 * k[at + i].to_f64()).sum();
-                dot * scale as f64
-            })
-            .collect();
-        let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-        let z: f64 = w.iter().sum();
-        (0..d)
-            .map(|i| {
-                (0..=pos)
-                    .map(|ic| w[ic] * v[(ic * kvh + kv_head) * d + i].to_f64())
-                    .sum::<f64>()
-                    / z
-            })
-            .collect()
-    }
-
-    /// The public op with `AttentionNumerics::LlamaCpp` on ragged batches (several
-    /// sequences, prefill chunks and one-token decodes, GQA, shuffled cache blocks, head
-    /// dims with and without a tail past 64) equals, to the bit, ggml's loop run on each
-    /// sequence's keys laid out densely. The inputs make the f16 arithmetic visible: the
-    /// rows differ from exact attention by far more than f32 rounding, so a kernel with
-    /// f32 sums, another key order or a block-max softmax fails here (checked by mutation:
-    /// dropping the rescale's f16 rounding, or summing the keys in reverse, fails it).
-    #[test]
-    fn equals_ggml_flash_attention_on_ragged_batches() {
-        let mut rng = StdRng::seed_from_u64(22);
-        let mut f16_visible = 0f64;
-        for (h, kvh, d, bs) in [
-            (6, 2, 64, 16),
-            (9, 3, 80, 4),
-            (4, 4, 32, 8),
-            (8, 1, 128, 16),
-        ] {
-            // (query tokens, keys): decodes, a whole prompt, a chunk after cached keys.
-            let seqs = [
-                (1usize, 1usize),
-                (5, 5),
-                (1, 37),
-                (3, 70),
-                (1, 129),
-                (17, 40),
-            ];
-            let need: usize = seqs.iter().map(|&(_, l)| l.div_ceil(bs)).sum();
-            let num_blocks = need + 2;
-            let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-            ids.shuffle(&mut rng);
-            let mut meta = AttentionMetadata::new(bs);
-            meta.numerics = AttentionNumerics::LlamaCpp;
-            let (mut kc, mut vc) = (
-                vec![f16::ZERO; num_blocks * bs * kvh * d],
-                vec![f16::ZERO; num_blocks * bs * kvh * d],
-            );
-            let (mut q, mut dense) = (Vec::new(), Vec::new());
-            let mut next = 0;
-            for &(ql, l) in &seqs {
-                let blocks = &ids[next..next + l.div_ceil(bs)];
-                next += blocks.len();
-                meta.push(ql, l, blocks);
-                // Large, varied scores (a max that keeps growing) and values of mixed
-                // magnitude, so the f16 running sum rounds at every key.
-                let mut dk = vec![f16::ZERO; l * kvh * d];
-                let mut dv = vec![f16::ZERO; l * kvh * d];
-                for key in 0..l {
-                    let slot = blocks[key / bs] as usize * bs + key % bs;
-                    for j in 0..kvh * d {
-                        let kx = f16::from_f32(
-                            rng.random_range(-2.0f32..2.0) * (1.0 + key as f32 / 16.0),
-                        );
-                        let vx = f16::from_f32(
-                            rng.random_range(-1.0f32..1.0) * [1.0, 30.0, 0.01][j % 3],
-                        );
-                        dk[key * kvh * d + j] = kx;
-                        dv[key * kvh * d + j] = vx;
-                        kc[slot * kvh * d + j] = kx;
-                        vc[slot * kvh * d + j] = vx;
-                    }
-                }
-                for i in 0..ql {
-                    q.extend((0..h * d).map(|_| rng.random_range(-1.5f32..1.5)));
-                    dense.push((l - ql + i, dk.clone(), dv.clone()));
-                }
-            }
-            let t = q.len() / (h * d);
-            let scale = 1.0 / (d as f32).sqrt();
-            let dev = Device::Cpu;
-            let qt = Tensor::from_vec(q.clone(), (t, h, d), &dev).unwrap();
-            let kt = Tensor::from_vec(kc, (num_blocks, bs, kvh, d), &dev).unwrap();
-            let vt = Tensor::from_vec(vc, (num_blocks, bs, kvh, d), &dev).unwrap();
-            let got: Vec<f32> = paged_attention(&qt, &kt, &vt, &meta, scale)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for (tok, (pos, dk, dv)) in dense.iter().enumerate() {
-                for head in 0..h {
-                    let row = tok * h + head;
-                    let qr = &q[row * d..(row + 1) * d];
-                    let at = (kvh, head / (h / kvh), *pos);
-                    let want = ggml_one_chunk_row(qr, dk, dv, at, scale);
-                    let out = &got[row * d..(row + 1) * d];
-                    let same = out
-                        .iter()
-                        .zip(&want)
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "h {h} kvh {kvh} d {d}: token {tok} (position {pos}) head {head}:\n got {out:?}\nwant {want:?}");
-                    let exact = exact_row(qr, dk, dv, at, scale);
-                    for (a, e) in out.iter().zip(&exact) {
-                        f16_visible = f16_visible.max((*a as f64 - e).abs() / e.abs().max(1.0));
-                    }
-                }
-            }
-        }
-        // f32 arithmetic stays within ~1e-5 of exact here; the f16 running sum does not.
-        assert!(
-            f16_visible > 1e-4,
-            "f16 rounding not visible: {f16_visible}"
-        );
-        assert!(f16_visible < 0.2, "far from attention: {f16_visible}");
-    }
-
-    /// The reduction order, on products whose f32 sum depends on it: 2^24 at index 0,
-    /// 1 at indices 8, 24, 32 and 48. ggml folds the accumulators first: lane 0 becomes
-    /// (2^24 + 1) + (0 + 1) = 2^24 (each 1 alone is lost to rounding), lane 8 becomes
-    /// (1 + 0) + (1 + 0) = 2, and lane 0 + lane 8 = 2^24 + 2. A sum in index order loses
-    /// every 1 (2^24); the exact sum is 2^24 + 4.
-    #[test]
-    fn dot_f16_sums_in_ggml_order() {
-        let mut x = vec![f16::ZERO; 64];
-        let y = vec![f16::ONE; 64];
-        x[0] = f16::from_f32(2048.0);
-        let mut y0 = y.clone();
-        y0[0] = f16::from_f32(8192.0);
-        for i in [8, 24, 32, 48] {
-            x[i] = f16::ONE;
-        }
-        assert_eq!(dot_f16(&x, &y0), 16_777_218.0);
-        let in_order: f32 = x
-            .iter()
-            .zip(&y0)
-            .map(|(a, b)| a.to_f32() * b.to_f32())
-            .sum();
-        assert_eq!(in_order, 16_777_216.0);
-        // A tail past the 64-element steps is added after the reduction (2^24 + 3,
-        // rounded to f32 at the end: 2^24 + 4).
-        let (mut x2, mut y2) = (x.clone(), y0.clone());
-        x2.push(f16::ONE);
-        y2.push(f16::ONE);
-        assert_eq!(dot_f16(&x2, &y2), 16_777_220.0);
-    }
 }

@@ -5,6 +5,9 @@
 //! ended `failed` by the survivor once its lease runs out, and every prediction's
 //! `completed` webhook arrives exactly once, in the style of the API that created it.
 
+// postgres.rs and support/ both bring the one ports.rs (each of its users needs it).
+#![allow(clippy::duplicate_mod)]
+
 #[path = "../../hearth-server/tests/support/postgres.rs"]
 mod postgres;
 mod support;

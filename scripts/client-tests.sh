@@ -16,6 +16,7 @@
 #      local models. Fails unless the upstream ran predictions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/ports.sh
 
 bin=${HEARTH_BIN:-target/debug/hearth}
 if [ ! -x "$bin" ]; then
@@ -71,9 +72,6 @@ base=${HEARTH_BASE_URL%/}
 token=${HEARTH_TOKEN:?HEARTH_TOKEN must be set with HEARTH_BASE_URL}
 echo "" >"$data/server.err"
 else
-free_port() {
-  "$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 route_args=()
 route=${CLIENT_ROUTE:-}
 if [ -n "$route" ]; then
@@ -82,23 +80,21 @@ if [ -n "$route" ]; then
     fallback) route_args=(--route hearth/demo=fallback:up --max-waiting 0) ;;
     *) echo "CLIENT_ROUTE=$route: expected upstream or fallback" >&2; exit 1 ;;
   esac
-  up_port=$(free_port)
   up_token=client-upstream-$RANDOM$RANDOM
-  up_base="http://127.0.0.1:$up_port"
-  HEARTH_LOG=${HEARTH_LOG:-warn} "$bin" serve --port "$up_port" --data-dir "$data/upstream" \
+  HEARTH_LOG=${HEARTH_LOG:-warn} "$bin" serve --port 0 --data-dir "$data/upstream" \
     --api-token "$up_token" >"$data/upstream.out" 2>"$data/upstream.err" &
   upstream_pid=$!
+  up_base="http://127.0.0.1:$(hearth_port "$data/upstream.err" "$upstream_pid")"
   route_args+=(--upstream "up=$up_base")
   export HEARTH_UPSTREAM_TOKEN_UP=$up_token
   echo "== route $route: hearth/demo runs on a second hearth at $up_base"
 fi
-port=$(free_port)
 token=client-test-$RANDOM$RANDOM
-base="http://127.0.0.1:$port"
-HEARTH_LOG=${HEARTH_LOG:-warn} "$bin" serve --port "$port" --data-dir "$data/data" --api-token "$token" --webhook-allow-private \
+HEARTH_LOG=${HEARTH_LOG:-warn} "$bin" serve --port 0 --data-dir "$data/data" --api-token "$token" --webhook-allow-private \
   "${route_args[@]}" >"$data/server.out" 2>"$data/server.err" &
 server=$!
 unset HEARTH_UPSTREAM_TOKEN_UP
+base="http://127.0.0.1:$(hearth_port "$data/server.err" "$server")"
 
 # Ready when /health-check answers 200 with a status other than STARTING; 60 s at most.
 started=$SECONDS

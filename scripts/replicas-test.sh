@@ -17,6 +17,7 @@
 #      arguments for scripts/replicas_load.py (e.g. "--long-tokens 6000").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/ports.sh
 
 replicas=3 load=60 clients=1
 while [ $# -gt 0 ]; do
@@ -52,7 +53,6 @@ venv=${CLIENT_VENV:-.venv-clients}
 "$venv/bin/python" -c 'import httpx' 2>/dev/null \
   || "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/clients/python/requirements.txt
 py="$venv/bin/python"
-free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/hearth-replicas.XXXXXX")
 chmod 755 "$work"
@@ -69,12 +69,22 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 echo "== PostgreSQL ($pgbin)"
-pgport=$(free_port)
 mkdir -p "$work/pg"
 [ "$(id -u)" = 0 ] && chown postgres "$work/pg"
 as_pg "$pgbin/initdb" -D "$work/pg/data" -A trust -U postgres -E UTF8 --no-sync >"$work/pg/initdb.log"
-as_pg "$pgbin/pg_ctl" -D "$work/pg/data" -l "$work/pg/server.log" -w -t 60 \
-  -o "-p $pgport -k $work/pg -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null
+# pg_ctl -w waits for this server's own "ready" (its postmaster.pid), never another's.
+start_pg() {
+  local log="$work/pg/server-$1.log"
+  if as_pg "$pgbin/pg_ctl" -D "$work/pg/data" -l "$log" -w -t 60 \
+    -o "-p $1 -k $work/pg -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null; then
+    return 0
+  fi
+  port_taken "$log" && return 98
+  cat "$log"
+  return 1
+}
+on_free_port start_pg
+pgport=$FREE_PORT
 pg_started=1
 as_pg "$pgbin/createdb" -h 127.0.0.1 -p "$pgport" -U postgres hearth
 store="postgres://postgres@127.0.0.1:$pgport/hearth"
@@ -83,12 +93,14 @@ token=replicas-$RANDOM$RANDOM
 echo "== $replicas replicas"
 ports=()
 for i in $(seq "$replicas"); do
-  port=$(free_port)
-  ports+=("$port")
-  HEARTH_LOG=${HEARTH_LOG:-warn} "$bin" serve --port "$port" --data-dir "$work/r$i" \
+  HEARTH_LOG=${HEARTH_LOG:-warn} "$bin" serve --port 0 --data-dir "$work/r$i" \
     --store "$store" --api-token "$token" --webhook-allow-private --replica-lease 5 \
     --kv-cache-memory 64MiB >"$work/r$i.out" 2>"$work/r$i.err" &
   pids+=($!)
+done
+# Each binds a port of its own and says which.
+for i in $(seq "$replicas"); do
+  ports+=("$(hearth_port "$work/r$i.err" "${pids[$((i - 1))]}")")
 done
 # Up when /health answers 200: the models serve (the server listens before they load,
 # answering 503 meanwhile).
@@ -104,9 +116,10 @@ for i in $(seq "$replicas"); do
 done
 
 echo "== HAProxy, round-robin"
-lbport=$(free_port)
-{
-  cat <<EOF
+# Up when a request through it reaches a replica (its checks found them up).
+start_lb() {
+  {
+    cat <<EOF
 global
   maxconn 4096
 defaults
@@ -117,18 +130,36 @@ defaults
   timeout tunnel 120s
   retries 0
 frontend hearth
-  bind 127.0.0.1:$lbport
+  bind 127.0.0.1:$1
   default_backend replicas
 backend replicas
   balance roundrobin
   option httpchk GET /health
   default-server inter 1s fall 2 rise 2
 EOF
-  for i in $(seq "$replicas"); do echo "  server r$i 127.0.0.1:${ports[$((i - 1))]} check"; done
-} >"$work/haproxy.cfg"
-haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
-haproxy_pid=$!
-for _ in $(seq 100); do curl -sf -m 2 "http://127.0.0.1:$lbport/health" >/dev/null 2>&1 && break; sleep 0.1; done
+    for i in $(seq "$replicas"); do echo "  server r$i 127.0.0.1:${ports[$((i - 1))]} check"; done
+  } >"$work/haproxy.cfg"
+  haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy-$1.log" 2>&1 &
+  haproxy_pid=$!
+  local started=$SECONDS
+  until curl -sf -m 2 "http://127.0.0.1:$1/health" >/dev/null 2>&1; do
+    if ! kill -0 "$haproxy_pid" 2>/dev/null; then
+      wait "$haproxy_pid" 2>/dev/null || true
+      haproxy_pid=
+      port_taken "$work/haproxy-$1.log" && return 98
+      cat "$work/haproxy-$1.log"
+      return 1
+    fi
+    if [ $((SECONDS - started)) -ge 60 ]; then
+      echo "HAProxy did not reach a replica within 60 s:"
+      cat "$work/haproxy-$1.log"
+      return 1
+    fi
+    sleep 0.1
+  done
+}
+on_free_port start_lb
+lbport=$FREE_PORT
 lb="http://127.0.0.1:$lbport"
 
 status=0 passed=0 failed=0

@@ -17,6 +17,7 @@
 # Env: HEARTH_BIN (default target/debug/hearth, built if missing), OUT_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/ports.sh
 
 if ! command -v chromium >/dev/null; then
   echo "== installing Debian's chromium"
@@ -43,16 +44,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 token=web-check-$RANDOM$RANDOM
-base="http://127.0.0.1:$port"
 # Two model cards: the demo (it has a chat template) and a base model without one.
 mkdir -p "$work/models"
 printf 'name = "hearth/demo"\nmodel = "demo"\ndescription = "The built-in demo (a chat model)."\n' >"$work/models/demo.toml"
 printf 'name = "hearth/base"\nmodel = "dummy:demo"\ndescription = "The demo shape, no chat template."\n' >"$work/models/base.toml"
-HEARTH_LOG=warn "$bin" serve --port "$port" --data-dir "$work/data" --api-token "$token" \
+HEARTH_LOG=warn "$bin" serve --port 0 --data-dir "$work/data" --api-token "$token" \
   --models "$work/models" --max-num-seqs 4 >"$work/server.log" 2>&1 &
 server=$!
+base="http://127.0.0.1:$(hearth_port "$work/server.log" "$server")"
 for _ in $(seq 300); do
   curl -sf "$base/health-check" | grep -q '"READY"' && break
   kill -0 "$server" 2>/dev/null || { cat "$work/server.log"; exit 1; }
@@ -63,13 +63,12 @@ done
 # predictions run there), and hearth/demo on the first server only.
 mkdir -p "$work/front-models"
 printf 'name = "hearth/base"\nmodel = "dummy:demo"\n' >"$work/front-models/base.toml"
-fport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-fbase="http://127.0.0.1:$fport"
-HEARTH_LOG=warn HEARTH_UPSTREAM_TOKEN_UP="$token" "$bin" serve --port "$fport" --data-dir "$work/front" \
+HEARTH_LOG=warn HEARTH_UPSTREAM_TOKEN_UP="$token" "$bin" serve --port 0 --data-dir "$work/front" \
   --api-token "$token" --models "$work/front-models" --upstream "up=$base" --route "hearth/demo=upstream:up" \
   --route "hearth/base=canary:up:50" \
   >"$work/front.log" 2>&1 &
 front=$!
+fbase="http://127.0.0.1:$(hearth_port "$work/front.log" "$front")"
 for _ in $(seq 300); do
   curl -sf "$fbase/health-check" | grep -q '"READY"' && break
   kill -0 "$front" 2>/dev/null || { cat "$work/front.log"; exit 1; }

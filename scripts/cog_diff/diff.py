@@ -52,12 +52,19 @@ ALLOWED = [
 ]
 
 
-def free_port():
+def pick_port():
+    """A port nothing listens on now, for a server that must be told its port (Cog).
+    It can be taken before the server binds it: Server.wait_listening then starts the
+    server again on another. hearth binds port 0 and says which port it got."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     p = s.getsockname()[1]
     s.close()
     return p
+
+
+IN_USE = re.compile(r"address already in use|os error 98|EADDRINUSE", re.I)
+PORT_TRIES = 8
 
 
 # ---------------------------------------------------------------- the two servers
@@ -67,11 +74,26 @@ class ServerDown(Exception):
 
 
 class Server:
-    def __init__(self, name, cmd, env, cwd, port, log):
-        self.name, self.port = name, port
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
+    """A server started by `make(port)` -> (cmd, env): on a picked port when `picked`
+    (again on another while the port was taken), else on port 0, the port read back
+    from the line hearth writes when it listens."""
+
+    def __init__(self, name, make, cwd, log, picked):
+        self.name, self.make, self.cwd, self.log_path, self.picked = name, make, cwd, log, picked
+        self.tries = 0
+        self.start()
+
+    def start(self):
+        self.tries += 1
+        self.port = pick_port() if self.picked else 0
+        self.base = f"http://127.0.0.1:{self.port}" if self.picked else None
+        cmd, env = self.make(self.port)
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=self.cwd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def output(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
 
     def url(self, path):
         return self.base + path
@@ -79,12 +101,23 @@ class Server:
     def wait_listening(self):
         deadline = time.time() + TIMEOUT
         while time.time() < deadline:
-            try:
-                return requests.get(self.url("/health-check"), timeout=2)
-            except requests.ConnectionError:
-                if self.proc.poll() is not None:
-                    raise ServerDown(f"{self.name} exited (exit status {self.proc.returncode})")
-                time.sleep(0.02)
+            if self.base is None:
+                m = re.search(r"hearth listening on (http://\S+)", self.output())
+                if m:
+                    self.base = m.group(1)
+            if self.base is not None:
+                try:
+                    r = requests.get(self.url("/health-check"), timeout=2)
+                    if self.proc.poll() is None:  # ours, not another server on the port
+                        return r
+                except requests.ConnectionError:
+                    pass
+            if self.proc.poll() is not None:
+                if self.picked and self.tries < PORT_TRIES and IN_USE.search(self.output()):
+                    self.start()
+                    continue
+                raise ServerDown(f"{self.name} exited (exit status {self.proc.returncode})")
+            time.sleep(0.02)
         raise ServerDown(f"{self.name} did not listen within {TIMEOUT}s")
 
     def wait_status(self, *want, setup_done=False):
@@ -109,20 +142,20 @@ class Server:
 
 
 def cog(tag, **env):
-    port = free_port()
-    e = dict(os.environ, PORT=str(port), COG_PREDICT_TYPE_STUB="predict.py:Predictor",
-             MIRROR_TOKEN_SECONDS="0.01", **env)
-    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
-    return Server("cog", [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], e, COG_DIR,
-                  port, f"{WORK}/cog-{tag}.log")
+    def make(port):
+        e = dict(os.environ, PORT=str(port), COG_PREDICT_TYPE_STUB="predict.py:Predictor",
+                 MIRROR_TOKEN_SECONDS="0.01", **env)
+        e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
+        return [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], e
+    return Server("cog", make, COG_DIR, f"{WORK}/cog-{tag}.log", picked=True)
 
 
 def hearth(tag, *args):
-    port = free_port()
     data = f"{WORK}/hearth-{tag}-data"
-    cmd = [HEARTH_BIN, "serve", "--port", str(port), "--data-dir", data, "--cog-max-concurrency", "1",
+    cmd = [HEARTH_BIN, "serve", "--port", "0", "--data-dir", data, "--cog-max-concurrency", "1",
            "--webhook-allow-private", *args]
-    return Server("hearth", cmd, dict(os.environ, HEARTH_LOG="warn"), None, port, f"{WORK}/hearth-{tag}.log")
+    return Server("hearth", lambda _port: (cmd, dict(os.environ, HEARTH_LOG="warn")), None,
+                  f"{WORK}/hearth-{tag}.log", picked=False)
 
 
 # ---------------------------------------------------------------- shapes and diffs
@@ -531,8 +564,8 @@ def main_phase(servers, hook_base):
 
 
 def main():
-    hook_port = free_port()
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", hook_port), Hook)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    hook_port = srv.server_address[1]
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     t0 = time.time()
     phase("startup", startup_phase)

@@ -25,6 +25,9 @@ pub struct ServerConfig {
     pub max_file_bytes: u64,
     /// How long SIGTERM waits for predictions in flight before cancelling them.
     pub shutdown_timeout: Duration,
+    /// How long a server whose engine went DEFUNCT keeps answering (503, DEFUNCT)
+    /// before it shuts down, so probes and load balancers see why.
+    pub defunct_hold: Duration,
     /// Serve Cog's container API (`/predictions`, `/shutdown`, ...) on the same port.
     pub cog_api: bool,
     /// `/metrics` without a token, for scrapers.
@@ -82,6 +85,7 @@ impl ServerConfig {
             max_body_bytes: 1 << 20,
             max_file_bytes: 100 << 20,
             shutdown_timeout: Duration::from_secs(30),
+            defunct_hold: crate::engine_watch::DEFUNCT_HOLD,
             cog_api: true,
             metrics_public: false,
             webhook_allow_private: false,

@@ -1,7 +1,8 @@
 //! A DEFUNCT engine ends the process. hearth-runtime's supervisor makes an engine
 //! DEFUNCT when it cannot recover from its faults (a CUDA error, a failed rebuild,
 //! faults that keep coming) and fails everything it was running. The server then keeps
-//! answering for `DEFUNCT_HOLD` (`/health` 503 with DEFUNCT in its detail,
+//! answering for `defunct_hold` (`--defunct-hold`, default `DEFUNCT_HOLD`; `/health`
+//! 503 with DEFUNCT in its detail,
 //! `/health-check` DEFUNCT, new predictions 503) so probes and load balancers see it,
 //! shuts down as on SIGTERM (the failed predictions' rows and webhooks go out), and
 //! `serve` returns `ServerError::EngineDefunct`: the process exits non-zero and its
@@ -12,7 +13,9 @@ use std::time::Duration;
 
 use crate::AppState;
 
-/// How long a server with a DEFUNCT engine keeps answering before it shuts down.
+/// How long a server with a DEFUNCT engine keeps answering before it shuts down,
+/// unless `ServerConfig::defunct_hold` says otherwise: long enough for a load
+/// balancer's health check every second or two to see it.
 pub const DEFUNCT_HOLD: Duration = Duration::from_secs(3);
 
 /// Waits for any engine to become DEFUNCT, then stops the server after the hold.
@@ -30,8 +33,9 @@ pub(crate) async fn stop_when_defunct(state: Arc<AppState>) {
         return;
     }
     let (reason, _, _) = futures_util::future::select_all(waits).await;
-    tracing::error!(%reason, hold_s = DEFUNCT_HOLD.as_secs(), "an engine is DEFUNCT: shutting down so the process is restarted");
-    tokio::time::sleep(DEFUNCT_HOLD).await;
+    let hold = state.cfg.defunct_hold;
+    tracing::error!(%reason, hold_s = hold.as_secs_f64(), "an engine is DEFUNCT: shutting down so the process is restarted");
+    tokio::time::sleep(hold).await;
     state.stop.cancel();
 }
 

@@ -5,7 +5,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::Method;
 use hearth_server::routes::{route_table, Access};
@@ -342,12 +342,12 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
     slow.write_all(b"GET /health-check HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    let t = Instant::now();
+    // Cut off by the 1 s header timeout: nothing else would close it within this
+    // bound (the idle timeout is 120 s), however slow the machine.
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf))
+    let _ = tokio::time::timeout(Duration::from_secs(60), slow.read_to_end(&mut buf))
         .await
         .expect("a client that never finishes its headers is disconnected");
-    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // Two idle connections hold both slots; a third is refused with a 503.
     let _a = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let _b = tokio::net::TcpStream::connect(&addr).await.unwrap();

@@ -76,12 +76,17 @@ async fn webhooks_wait_out_a_restart_and_keep_their_id_across_retries() {
         .unwrap()
         .to_string();
     let done = s.wait_terminal(&id).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        s.state.store.outbox_len().await.unwrap(),
-        1,
-        "the delivery waits in the outbox"
-    );
+    // The delivery waits in the outbox (its row is written as the prediction ends,
+    // not necessarily before a reader sees it ended), kept there while the receiver
+    // refuses it, and made after the restart below.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.state.store.outbox_len().await.unwrap() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delivery never waited in the outbox"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     s.state.stop.cancel();
     let support::Server { task, data, .. } = s;
     task.await.unwrap().unwrap();

@@ -73,6 +73,11 @@ pub struct ServeArgs {
     /// Seconds SIGTERM waits for predictions in flight before cancelling them.
     #[arg(long, env = "HEARTH_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Seconds a server whose engine went DEFUNCT keeps answering 503 (DEFUNCT on
+    /// /health and /health-check) before it shuts down and exits non-zero: at least
+    /// one period of the health checks that should see it.
+    #[arg(long, env = "HEARTH_DEFUNCT_HOLD", default_value_t = 3)]
+    pub defunct_hold: u64,
     /// Serve without --api-token on a non-loopback --host (e.g. behind an
     /// authenticating proxy). Without it such a server refuses to start.
     #[arg(long, env = "HEARTH_ALLOW_UNAUTHENTICATED")]
@@ -328,6 +333,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     cfg.max_body_bytes = a.max_body_bytes;
     cfg.max_file_bytes = a.max_file_size;
     cfg.shutdown_timeout = Duration::from_secs(a.shutdown_timeout);
+    cfg.defunct_hold = Duration::from_secs(a.defunct_hold);
     cfg.cog_api = a.cog_api == "on";
     cfg.metrics_public = a.metrics_public;
     cfg.webhook_allow_private = a.webhook_allow_private;

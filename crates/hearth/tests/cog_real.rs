@@ -12,11 +12,12 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::procs::{free_port, spawn, temp, Api, Proc};
+use support::ports;
+use support::procs::{spawn, temp, Api, Proc};
 
 const FRONT_TOKEN: &str = "front-token";
 
@@ -36,6 +37,12 @@ fn venv() -> Option<PathBuf> {
 struct Cog {
     child: Child,
     base: String,
+}
+
+impl Cog {
+    fn port(&self) -> u16 {
+        self.base.rsplit(':').next().unwrap().parse().unwrap()
+    }
 }
 
 impl Drop for Cog {
@@ -74,17 +81,50 @@ fn model_dir(venv: &Path, dir: &Path, streaming: bool) -> PathBuf {
     m
 }
 
+/// A Cog server on a port picked for it: another while the one picked was taken
+/// before Cog bound it (Cog must be told its port; hearth's route names it).
+async fn start_cog_anywhere(venv: &Path, model: &Path, runs: &Path, log: &Path) -> Cog {
+    ports::with_free_port_async(|port| try_start_cog(venv, model, port, runs, log))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Cog again on `port` (a restart: hearth's route names the port), tried again while
+/// whatever took the port meanwhile holds it.
 async fn start_cog(venv: &Path, model: &Path, port: u16, runs: &Path, log: &Path) -> Cog {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match try_start_cog(venv, model, port, runs, log).await {
+            Ok(cog) => return cog,
+            Err(e) if ports::in_use(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Cog on `port` once it is READY, or what it wrote to `log` if it exited first.
+async fn try_start_cog(
+    venv: &Path,
+    model: &Path,
+    port: u16,
+    runs: &Path,
+    log: &Path,
+) -> Result<Cog, String> {
     let path = format!(
         "{}:{}",
         venv.join("bin").display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
+    let from = std::fs::metadata(log).map_or(0, |m| m.len() as usize);
+    let append = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap()
+    };
     let child = Command::new(venv.join("bin/python"))
         .args(["-m", "cog.server.http", "--host", "127.0.0.1"])
         .current_dir(model)
@@ -92,22 +132,29 @@ async fn start_cog(venv: &Path, model: &Path, port: u16, runs: &Path, log: &Path
         .env("PORT", port.to_string())
         .env("COG_PREDICT_TYPE_STUB", "predict.py:Predictor")
         .env("COG_REAL_RUNS", runs)
-        .stdout(Stdio::null())
-        .stderr(log)
+        .stdout(append())
+        .stderr(append())
         .spawn()
         .unwrap();
-    let cog = Cog {
+    let mut cog = Cog {
         child,
         base: format!("http://127.0.0.1:{port}"),
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
+        if let Some(status) = cog.child.try_wait().unwrap() {
+            let text = std::fs::read(log).unwrap_or_default();
+            let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
+            return Err(format!("Cog on {port} exited ({status}):\n{text}"));
+        }
         if let Ok(r) = reqwest::get(format!("{}/health-check", cog.base)).await {
+            // READY from our Cog, still running (not another server on the port).
             if r.json::<Value>()
                 .await
                 .is_ok_and(|h| h["status"] == "READY")
+                && cog.child.try_wait().unwrap().is_none()
             {
-                return cog;
+                return Ok(cog);
             }
         }
         assert!(Instant::now() < deadline, "Cog on {port} never READY");
@@ -176,6 +223,25 @@ async fn processing(api: &Api, id: &str) {
     }
 }
 
+/// Waits (`secs` at most) until `cog` runs nothing: its `/health-check` says READY,
+/// not BUSY.
+async fn idle(cog: &Cog, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let h: Value = reqwest::get(format!("{}/health-check", cog.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["status"] == "READY" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "Cog still running: {h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn expected(prompt: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prompt}{i} ")).collect()
 }
@@ -190,20 +256,13 @@ async fn hearth_in_front_of_a_real_cog_server() {
     };
     let dir = temp("cog-real");
     let runs = dir.join("runs.txt");
-    let (sse_port, json_port) = (free_port(), free_port());
     let sse_model = model_dir(&venv, &dir, true);
     let json_model = model_dir(&venv, &dir, false);
-    let mut cog = start_cog(&venv, &sse_model, sse_port, &runs, &dir.join("cog-sse.log")).await;
-    let plain = start_cog(
-        &venv,
-        &json_model,
-        json_port,
-        &runs,
-        &dir.join("cog-json.log"),
-    )
-    .await;
-    let port = free_port();
-    let mut f = front(port, &dir, &cog.base, &plain.base).await;
+    let mut cog = start_cog_anywhere(&venv, &sse_model, &runs, &dir.join("cog-sse.log")).await;
+    let sse_port = cog.port();
+    let plain = start_cog_anywhere(&venv, &json_model, &runs, &dir.join("cog-json.log")).await;
+    let mut f = front(0, &dir, &cog.base, &plain.base).await;
+    let port = f.port();
     let api = Api::new(&f.base, FRONT_TOKEN);
 
     // 1. A create and its SSE stream: Cog's chunks as `output` events, then `done`;
@@ -278,31 +337,27 @@ async fn hearth_in_front_of_a_real_cog_server() {
         "{x}"
     );
 
-    // 4. A cancel mid-run reaches Cog: canceled here, ended there at once.
+    // 4. A cancel mid-run reaches Cog: canceled here, ended there (Cog idle again
+    // long before the 500 s run could have ended by itself).
     let p = tag("cancel");
     let c = create(
         &api,
         "acme/cogged",
-        json!({"prompt": p, "tokens": 600, "delay": 0.05}),
+        json!({"prompt": p, "tokens": 1000, "delay": 0.5}),
         None,
     )
     .await;
     let id = c["id"].as_str().unwrap().to_string();
     processing(&api, &id).await;
-    let asked = Instant::now();
     let (code, _) = api
         .post(&format!("/v1/predictions/{id}/cancel"), &json!({}), None)
         .await;
     assert_eq!(code, 200);
-    let c = api.wait_terminal(&id, 30).await;
+    let c = api.wait_terminal(&id, 60).await;
     assert_eq!(c["status"], "canceled", "{c}");
-    assert!(
-        asked.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        asked.elapsed()
-    );
+    idle(&cog, 60).await;
     let n = c["output"].as_array().unwrap().len();
-    assert!(n > 0 && n < 600, "{c}");
+    assert!(n > 0 && n < 1000, "{c}");
     assert_eq!(runs_of(&runs, &p), 1);
 
     // 5. hearth killed (-9) mid-prediction, then restarted: Cog canceled the
@@ -394,7 +449,12 @@ async fn hearth_in_front_of_a_real_cog_server() {
     )
     .await;
     let id = s["id"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Running on Cog (it counts a run as it starts) before the cancel is asked.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while runs_of(&runs, &p) == 0 {
+        assert!(Instant::now() < deadline, "Cog never started {p}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (code, _) = api
         .post(&format!("/v1/predictions/{id}/cancel"), &json!({}), None)
         .await;

@@ -7,56 +7,37 @@
 //! flight fails with its `completed` webhook sent and its row saved, and the process
 //! exits non-zero.
 
+mod support;
+
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::procs::{spawn, Proc};
 
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+/// How long the server answers DEFUNCT before it exits (`--defunct-hold`): what is
+/// checked in that state must be asked within it, so it is far longer than the few
+/// requests take even on a loaded machine (the default's 3 s is not).
+const HOLD_S: u64 = 20;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start(data: &std::path::Path, log: &std::path::Path) -> (Server, String) {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["serve", "--port", &port.to_string()])
-        .args(["--max-num-seqs", "1", "--kv-cache-memory", "16MiB"])
-        .arg("--webhook-allow-private")
-        .arg("--data-dir")
-        .arg(data)
-        .env("HEARTH_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let health = match reqwest::get(format!("{base}/health-check")).await {
-            Ok(r) => r.json::<Value>().await.ok(),
-            Err(_) => None,
-        };
-        if health.is_some_and(|h| h["status"] == "READY") {
-            return (server, base);
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn start(data: &std::path::Path, log: &std::path::Path) -> (Proc, String) {
+    let args: Vec<String> = [
+        "--max-num-seqs",
+        "1",
+        "--kv-cache-memory",
+        "16MiB",
+        "--webhook-allow-private",
+        "--defunct-hold",
+        &HOLD_S.to_string(),
+        "--data-dir",
+        &data.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let server = spawn(0, &args, &[], log).await;
+    let base = server.base.clone();
+    (server, base)
 }
 
 /// A prediction, waited for (`Prefer: wait`).
@@ -171,7 +152,7 @@ async fn a_faulty_prediction_fails_alone_and_persistent_faults_exit_the_process(
     );
 
     // The engine was marked DEFUNCT before the prediction failed, and the server
-    // answers for a few seconds more before it exits.
+    // answers for `HOLD_S` more before it exits.
     let h = client.get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(h.status(), 503);
     let body: Value = h.json().await.unwrap();
@@ -201,9 +182,9 @@ async fn a_faulty_prediction_fails_alone_and_persistent_faults_exit_the_process(
         "{body}"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(HOLD_S + 60);
     let status = loop {
-        if let Some(s) = server.0.try_wait().unwrap() {
+        if let Some(s) = server.child.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "a DEFUNCT server did not exit");

@@ -5,54 +5,42 @@
 //! ended `failed` by the survivor once its lease runs out, and every prediction's
 //! `completed` webhook arrives exactly once, in the style of the API that created it.
 
+// postgres.rs and support/ both bring the one ports.rs (each of its users needs it).
+#![allow(clippy::duplicate_mod)]
+
 #[path = "../../hearth-server/tests/support/postgres.rs"]
 mod postgres;
+mod support;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::procs::{launch, Proc as Replica};
 
 const TOKEN: &str = "replica-token";
 
-struct Replica {
-    child: Child,
-    base: String,
-}
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// A replica on a port of its own choosing, its log beside its data dir.
 async fn start(store: &str, data: &std::path::Path) -> Replica {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["serve", "--port", &port.to_string(), "--api-token", TOKEN])
-        .args(["--store", store, "--replica-lease", "3"])
-        .args(["--webhook-allow-private", "--kv-cache-memory", "64MiB"])
-        .arg("--data-dir")
-        .arg(data)
-        .env("HEARTH_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let r = Replica {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
+    let args: Vec<String> = [
+        "--api-token",
+        TOKEN,
+        "--store",
+        store,
+        "--replica-lease",
+        "3",
+        "--webhook-allow-private",
+        "--kv-cache-memory",
+        "64MiB",
+        "--data-dir",
+        &data.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    std::fs::create_dir_all(data.parent().unwrap()).unwrap();
+    let log = data.with_extension("log");
+    let r = launch(0, &args, &[("HEARTH_LOG", "warn")], &log).await;
     // The server listens before its model loads: `/health` says 200 once it serves.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -61,7 +49,11 @@ async fn start(store: &str, data: &std::path::Path) -> Replica {
                 return r;
             }
         }
-        assert!(Instant::now() < deadline, "replica did not come up");
+        assert!(
+            Instant::now() < deadline,
+            "replica did not come up: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -1,55 +1,25 @@
 //! `hearth serve` killed with SIGKILL loses no finished prediction, and what was in
 //! flight is failed (not left `processing`) when it comes back.
 
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::procs::{spawn, temp, Proc};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A server in `dir` on a port of its own choosing (the restart too: they share the
+/// data dir, not the port), its log `dir/LOG`.
+async fn start(dir: &std::path::Path, log: &str) -> Proc {
+    let args = [
+        "--data-dir".to_string(),
+        dir.join("d").display().to_string(),
+    ];
+    spawn(0, &args, &[("HEARTH_LOG", "warn")], &dir.join(log)).await
 }
 
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn start(port: u16, data: &std::path::Path) -> Server {
-    let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["serve", "--port", &port.to_string(), "--data-dir"])
-        .arg(data)
-        .env("HEARTH_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        // The server listens at once and says READY once its model is loaded.
-        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/health-check")).await {
-            if r.json::<Value>()
-                .await
-                .is_ok_and(|h| h["status"] == "READY")
-            {
-                return server;
-            }
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn get(port: u16, id: &str) -> Value {
-    reqwest::get(format!("http://127.0.0.1:{port}/v1/predictions/{id}"))
+async fn get(base: &str, id: &str) -> Value {
+    reqwest::get(format!("{base}/v1/predictions/{id}"))
         .await
         .unwrap()
         .json()
@@ -59,12 +29,10 @@ async fn get(port: u16, id: &str) -> Value {
 
 #[tokio::test]
 async fn kill_dash_nine_keeps_finished_predictions_and_fails_the_interrupted_ones() {
-    let data = std::env::temp_dir().join(format!("hearth-restart-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let port = free_port();
-    let mut server = start(port, &data).await;
+    let dir = temp("restart");
+    let mut server = start(&dir, "first.log").await;
     let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/v1/models/hearth/demo/predictions");
+    let url = format!("{}/v1/models/hearth/demo/predictions", server.base);
     let done: Value = client
         .post(&url)
         .header("Prefer", "wait")
@@ -87,20 +55,20 @@ async fn kill_dash_nine_keeps_finished_predictions_and_fails_the_interrupted_one
         .unwrap();
     let rid = running["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while get(port, &rid).await["status"] != "processing" {
+    while get(&server.base, &rid).await["status"] != "processing" {
         assert!(Instant::now() < deadline, "never started processing");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    server.0.kill().unwrap(); // SIGKILL
-    server.0.wait().unwrap();
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
     drop(server);
 
-    let _server = start(port, &data).await;
-    let kept = get(port, done["id"].as_str().unwrap()).await;
+    let server = start(&dir, "second.log").await;
+    let kept = get(&server.base, done["id"].as_str().unwrap()).await;
     assert_eq!(kept["status"], "succeeded");
     assert_eq!(kept["output"], done["output"]);
     assert_eq!(kept["metrics"], done["metrics"]);
-    let failed = get(port, &rid).await;
+    let failed = get(&server.base, &rid).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     assert!(
         failed["error"].as_str().unwrap().contains("stopped"),
@@ -111,5 +79,6 @@ async fn kill_dash_nine_keeps_finished_predictions_and_fails_the_interrupted_one
         "{failed}"
     );
     assert_eq!(failed["output"], json!([]), "{failed}");
-    let _ = std::fs::remove_dir_all(&data);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
 }

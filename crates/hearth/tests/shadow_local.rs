@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::procs::{free_port, metric, spawn, spawn_upstream, temp, Api, Proc};
+use support::procs::{launch, metric, spawn, spawn_upstream, temp, Api, Proc};
 
 const UP_TOKEN: &str = "upstream-secret-51c2";
 const FRONT_TOKEN: &str = "front-token";
@@ -223,31 +223,20 @@ async fn copies_of_an_upstream_s_traffic_run_here_behind_local_callers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_local_route_without_local_weights_fails_setup() {
     let dir = temp("shadow-local-refused");
-    let port = free_port();
-    let log = dir.join("serve.log");
-    let _p = Proc {
-        child: std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
-            .args([
-                "serve",
-                "--port",
-                &port.to_string(),
-                "--data-dir",
-                &dir.join("d").display().to_string(),
-                "--upstream",
-                "up=http://127.0.0.1:9",
-                "--route",
-                "acme/elsewhere=shadow-local:up:10",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-        base: format!("http://127.0.0.1:{port}"),
-        log,
-    };
+    let args: Vec<String> = [
+        "--data-dir",
+        &dir.join("d").display().to_string(),
+        "--upstream",
+        "up=http://127.0.0.1:9",
+        "--route",
+        "acme/elsewhere=shadow-local:up:10",
+    ]
+    .map(String::from)
+    .to_vec();
+    let p = launch(0, &args, &[], &dir.join("serve.log")).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     let health = loop {
-        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/health-check")).await {
+        if let Ok(r) = reqwest::get(format!("{}/health-check", p.base)).await {
             let h: Value = r.json().await.unwrap_or(Value::Null);
             if h["status"] == "SETUP_FAILED" {
                 break h;

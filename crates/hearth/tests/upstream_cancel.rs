@@ -9,11 +9,12 @@
 mod support;
 
 use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::fault_proxy::FaultProxy;
-use support::procs::{free_port, spawn, spawn_upstream, temp, Api, Proc};
+use support::procs::{spawn, spawn_upstream, temp, Api, Proc};
 
 const UP_TOKEN: &str = "upstream-secret-7d1e";
 const FRONT_TOKEN: &str = "front-token";
@@ -51,7 +52,7 @@ async fn a_cancel_is_forwarded_at_once_while_a_poll_hangs_on_the_upstream() {
     .map(|s| s.to_string())
     .collect();
     let f = spawn(
-        free_port(),
+        0,
         &args,
         &[("HEARTH_UPSTREAM_TOKEN_UP", UP_TOKEN)],
         &dir.join("front.log"),
@@ -79,28 +80,44 @@ async fn a_cancel_is_forwarded_at_once_while_a_poll_hangs_on_the_upstream() {
 
     // The upstream hangs every GET, and is held still (SIGSTOP) so the prediction
     // cannot end on its own meanwhile. While output flows the front polls every
-    // 200 ms: a second on, its poll is stuck in a GET.
+    // 200 ms: its next poll is stuck in a GET.
     proxy.set(|p| p.hang_gets = true);
     signal(&u, "-STOP");
-    let polls = proxy.gets_of(&format!("/v1/predictions/{uid}"));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        proxy.gets_of(&format!("/v1/predictions/{uid}")),
-        polls,
-        "a GET went through a hung upstream"
-    );
-
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.hung.open.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no poll hung");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hung = proxy.hung.started.load(Ordering::SeqCst);
     let asked = Instant::now();
     let (code, p) = api
         .post(&format!("/v1/predictions/{id}/cancel"), &json!({}), None)
         .await;
     assert_eq!(code, 200, "{p}");
-    // The cancel waits in the held upstream's socket when it was forwarded at once;
-    // the poll's GET would have held it back ~30 s. Let go, the upstream reads it
-    // before it could finish 8000 tokens. Read straight from the upstream.
-    tokio::time::sleep_until((asked + Duration::from_secs(3)).into()).await;
+    // The cancel was forwarded at once: it reached the upstream's side before any
+    // later poll, and long before the hung GET's 30 s timeout would have let it go
+    // (the front drops that GET as the cancel is asked). The bound is that timeout,
+    // far from what the forward takes even on a loaded machine (3 s was not).
+    let deadline = asked + Duration::from_secs(20);
+    let at_cancel = loop {
+        if let Some(&at) = proxy.hung.at_cancels.lock().unwrap().first() {
+            break at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cancel had not reached the upstream 20 s after it was asked: held behind the hung poll"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        at_cancel.0, hung,
+        "a poll came before the cancel ({hung} GETs hung before it was asked; (hung, still open) as it came: {at_cancel:?})"
+    );
+    // Let go, the upstream reads the cancel waiting in its socket and ends the
+    // prediction, long before it could finish 8000 tokens. Read straight from the
+    // upstream.
     signal(&u, "-CONT");
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let theirs = up.get(&format!("/v1/predictions/{uid}")).await;
         if theirs["status"] == "canceled" {
@@ -108,7 +125,7 @@ async fn a_cancel_is_forwarded_at_once_while_a_poll_hangs_on_the_upstream() {
         }
         assert!(
             Instant::now() < deadline && theirs["status"] == "processing",
-            "the cancel had not reached the upstream 3 s after it was asked (the poll's hung GET held it): {theirs}"
+            "the upstream did not end the prediction canceled: {theirs}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

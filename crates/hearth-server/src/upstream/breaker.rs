@@ -134,11 +134,19 @@ impl Breaker {
 mod tests {
     use super::*;
 
+    /// The cool-down over, as if `cooldown` had passed. A real wait would need a
+    /// short cool-down, which a loaded machine can pass between two lines that
+    /// expect the circuit still open.
+    fn cool_down(b: &Breaker) {
+        b.state.lock().unwrap().open_until = Some(Instant::now());
+    }
+
     #[test]
     fn opens_after_consecutive_failures_and_a_probe_closes_it() {
+        let cooldown = Duration::from_secs(3600);
         let b = Breaker::new(BreakerConfig {
             failures: 3,
-            cooldown: Duration::from_millis(50),
+            cooldown,
         });
         b.failure();
         b.failure();
@@ -149,14 +157,19 @@ mod tests {
         assert!(b.allow().is_ok());
         b.failure();
         assert_eq!(b.circuit(), Circuit::Open);
-        assert!(b.allow().is_err());
-        std::thread::sleep(Duration::from_millis(60));
+        let wait = b.allow().unwrap_err();
+        assert!(
+            wait <= cooldown && wait > cooldown - Duration::from_secs(60),
+            "{wait:?}"
+        );
+        cool_down(&b);
         assert_eq!(b.circuit(), Circuit::HalfOpen);
         assert!(b.allow().is_ok(), "the probe");
         assert!(b.allow().is_err(), "one probe at a time");
         b.failure();
         assert_eq!(b.circuit(), Circuit::Open, "a failed probe opens it again");
-        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.allow().unwrap_err() > cooldown - Duration::from_secs(60));
+        cool_down(&b);
         assert!(b.allow().is_ok());
         b.success();
         assert_eq!(b.circuit(), Circuit::Closed);

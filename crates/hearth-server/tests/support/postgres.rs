@@ -1,5 +1,5 @@
 //! A real PostgreSQL for the tests: Debian's binaries, `initdb` in a temp dir, a free
-//! port on loopback, run as an unprivileged user (`postgres` when the tests run as
+//! port on loopback (another if it was taken before PostgreSQL bound it), run as an unprivileged user (`postgres` when the tests run as
 //! root, since PostgreSQL refuses root). One server per test binary, a fresh database
 //! per test. The server lives as long as the test process: a shell between them stops
 //! it and removes its folder when the test process's end closes its stdin, however
@@ -13,6 +13,9 @@
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+
+#[path = "ports.rs"]
+pub mod ports;
 
 pub struct Postgres {
     /// `postgres://postgres@127.0.0.1:PORT` (add `/DB`).
@@ -34,7 +37,9 @@ trap 'rm -rf "$dir"' EXIT
   >"$dir/server.log" 2>&1 &
 pid=$!
 i=0
-until "$bin/pg_isready" -q -h 127.0.0.1 -p "$port"; do
+# Asked on its socket in our own folder, made after its TCP port is bound: never
+# another server that holds the port.
+until "$bin/pg_isready" -q -h "$dir" -p "$port"; do
   i=$((i + 1))
   if [ $i -gt 300 ] || ! kill -0 $pid 2>/dev/null; then cat "$dir/server.log" >&2; exit 1; fi
   sleep 0.1
@@ -78,14 +83,6 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start() -> Result<Postgres, String> {
     if let Ok(url) = std::env::var("HEARTH_TEST_POSTGRES") {
         return Ok(Postgres {
@@ -97,7 +94,11 @@ fn start() -> Result<Postgres, String> {
         "PostgreSQL's server binaries were not found (install Debian's postgresql package: \
          apt-get install -y postgresql; or set HEARTH_PG_BINDIR or HEARTH_TEST_POSTGRES)",
     )?;
-    let port = free_port();
+    ports::with_free_port(|port| start_on(&bin, port))
+}
+
+/// The server on `port`, or what it said when it did not start.
+fn start_on(bin: &std::path::Path, port: u16) -> Result<Postgres, String> {
     let mut cmd = if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--", "sh", "-c", SCRIPT, "sh"]);
@@ -107,7 +108,7 @@ fn start() -> Result<Postgres, String> {
         c.args(["-c", SCRIPT, "sh"]);
         c
     };
-    cmd.arg(&bin)
+    cmd.arg(bin)
         .arg(port.to_string())
         .env("TMPDIR", "/tmp")
         .stdin(Stdio::piped())

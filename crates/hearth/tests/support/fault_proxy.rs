@@ -7,7 +7,9 @@
 //! they arrive, cut after a number of events, refused, or left out of the records (an
 //! upstream that names no stream). It can also hold back a request that asks for an
 //! event stream (a slow attach) and swallow cancels (an upstream that never confirms
-//! one: held unanswered, never forwarded).
+//! one: held unanswered, never forwarded), and gate an event stream: relay its first
+//! output events, then hold it and every plain `GET` until the test lets go (what
+//! the caller has by then came from those events alone).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,9 +36,13 @@ pub struct Plan {
     pub delay_streams: std::time::Duration,
     /// `POST .../cancel` is held unanswered for two minutes and never forwarded.
     pub swallow_cancels: bool,
-    /// Plain `GET`s (not streams) are held unanswered for two minutes and never
-    /// forwarded: an upstream that hangs.
+    /// Plain `GET`s (not streams) are held unanswered, never forwarded, until their
+    /// caller hangs up (two minutes at most): an upstream that hangs.
     pub hang_gets: bool,
+    /// An event stream opened while this is N > 0 relays its first N `output` events,
+    /// then holds the rest, and plain `GET`s wait before they are forwarded, until it
+    /// is set back to 0 (two minutes at most).
+    pub gate_after: usize,
 }
 
 pub struct FaultProxy {
@@ -51,6 +57,21 @@ pub struct FaultProxy {
     pub streams_with_token: Arc<AtomicUsize>,
     /// The path of every plain `GET` (not a stream) forwarded, in order.
     pub gets: Arc<Mutex<Vec<String>>>,
+    pub hung: Arc<Hung>,
+    /// Event streams held by `gate_after`.
+    pub gated: Arc<AtomicUsize>,
+}
+
+/// The plain `GET`s `hang_gets` held, and what they were when each cancel came.
+#[derive(Default)]
+pub struct Hung {
+    /// Held so far.
+    pub started: AtomicUsize,
+    /// Held now: their callers have not hung up.
+    pub open: AtomicUsize,
+    /// For each `POST .../cancel` that reached the proxy (forwarded or swallowed), in
+    /// order: (`started`, `open`) as it came.
+    pub at_cancels: Mutex<Vec<(usize, usize)>>,
 }
 
 #[derive(Clone)]
@@ -60,6 +81,8 @@ struct Counts {
     streams_cut: Arc<AtomicUsize>,
     streams_with_token: Arc<AtomicUsize>,
     gets: Arc<Mutex<Vec<String>>>,
+    hung: Arc<Hung>,
+    gated: Arc<AtomicUsize>,
 }
 
 /// The upstream's base URL and the proxy's own.
@@ -85,12 +108,16 @@ impl FaultProxy {
         let streams_cut = Arc::new(AtomicUsize::new(0));
         let streams_with_token = Arc::new(AtomicUsize::new(0));
         let gets: Arc<Mutex<Vec<String>>> = Default::default();
+        let hung: Arc<Hung> = Default::default();
+        let gated = Arc::new(AtomicUsize::new(0));
         let counts = Counts {
             creates: creates.clone(),
             streams: streams.clone(),
             streams_cut: streams_cut.clone(),
             streams_with_token: streams_with_token.clone(),
             gets: gets.clone(),
+            hung: hung.clone(),
+            gated: gated.clone(),
         };
         let (p, up, me) = (plan.clone(), upstream.to_string(), url.clone());
         tokio::spawn(async move {
@@ -114,6 +141,8 @@ impl FaultProxy {
             streams_cut,
             streams_with_token,
             gets,
+            hung,
+            gated,
         }
     }
 
@@ -189,11 +218,21 @@ async fn respond(
     sock.write_all(out.as_bytes()).await.is_ok() && sock.write_all(body).await.is_ok()
 }
 
-/// Relays an event stream as it comes, cut after `cut_after` events (0: never).
+/// Until `gate_after` is 0 again (two minutes at most).
+async fn gate_open(plan: &Mutex<Plan>) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while plan.lock().unwrap().gate_after != 0 && std::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Relays an event stream as it comes, cut after `cut_after` events (0: never), held
+/// after `gate_after` output events (0: never) until the gate opens.
 async fn relay_stream(
     sock: &mut TcpStream,
     mut resp: reqwest::Response,
-    cut_after: usize,
+    (cut_after, gate_after): (usize, usize),
+    plan: &Mutex<Plan>,
     counts: &Counts,
 ) {
     let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
@@ -201,8 +240,42 @@ async fn relay_stream(
         return;
     }
     let mut events = 0usize;
+    // The gate: output events seen, and the unfinished event the last chunk ended in.
+    let (mut outputs, mut partial) = (0usize, Vec::new());
     while let Ok(Some(chunk)) = resp.chunk().await {
         let mut out = chunk.to_vec();
+        if gate_after > 0 && outputs < gate_after {
+            let mut scan = std::mem::take(&mut partial);
+            let carried = scan.len();
+            scan.extend_from_slice(&out);
+            let (mut start, mut at) = (0, None);
+            for i in 0..scan.len().saturating_sub(1) {
+                if &scan[i..i + 2] != b"\n\n" || i < start {
+                    continue;
+                }
+                let event = String::from_utf8_lossy(&scan[start..i]);
+                start = i + 2;
+                let named = |l: &str| l.strip_prefix("event:").map(str::trim) == Some("output");
+                if event.lines().any(named) {
+                    outputs += 1;
+                    if outputs == gate_after {
+                        at = Some(i + 2 - carried);
+                        break;
+                    }
+                }
+            }
+            match at {
+                Some(end) => {
+                    if sock.write_all(&out[..end]).await.is_err() {
+                        return;
+                    }
+                    counts.gated.fetch_add(1, Ordering::SeqCst);
+                    gate_open(plan).await;
+                    out.drain(..end);
+                }
+                None => partial = scan[start..].to_vec(),
+            }
+        }
         if cut_after > 0 {
             // Cut right after the event that reaches the count.
             let mut at = None;
@@ -257,16 +330,35 @@ async fn serve(
             let p = plan.lock().unwrap();
             (p.delay_streams, p.swallow_cancels)
         };
-        if swallow && req.method == "POST" && req.path.ends_with("/cancel") {
+        let is_cancel = req.method == "POST" && req.path.ends_with("/cancel");
+        if is_cancel {
+            let h = &counts.hung;
+            let now = (
+                h.started.load(Ordering::SeqCst),
+                h.open.load(Ordering::SeqCst),
+            );
+            h.at_cancels.lock().unwrap().push(now);
+        }
+        if swallow && is_cancel {
             tokio::time::sleep(std::time::Duration::from_secs(120)).await;
             return;
         }
         if req.method == "GET" && !wants_stream && plan.lock().unwrap().hang_gets {
-            tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+            let h = &counts.hung;
+            h.started.fetch_add(1, Ordering::SeqCst);
+            h.open.fetch_add(1, Ordering::SeqCst);
+            // Until the caller hangs up (its read ends) or sends anything more.
+            let mut byte = [0u8; 1];
+            let wait = std::time::Duration::from_secs(120);
+            let _ = tokio::time::timeout(wait, sock.read(&mut byte)).await;
+            h.open.fetch_sub(1, Ordering::SeqCst);
             return;
         }
         if wants_stream && !delay.is_zero() {
             tokio::time::sleep(delay).await;
+        }
+        if req.method == "GET" && !wants_stream && plan.lock().unwrap().gate_after != 0 {
+            gate_open(&plan).await;
         }
         let act = {
             let mut p = plan.lock().unwrap();
@@ -336,8 +428,11 @@ async fn serve(
             if req.headers.iter().any(|(k, _)| k == "authorization") {
                 counts.streams_with_token.fetch_add(1, Ordering::SeqCst);
             }
-            let cut_after = plan.lock().unwrap().cut_streams_after;
-            relay_stream(&mut sock, resp, cut_after, &counts).await;
+            let limits = {
+                let p = plan.lock().unwrap();
+                (p.cut_streams_after, p.gate_after)
+            };
+            relay_stream(&mut sock, resp, limits, &plan, &counts).await;
             return;
         }
         let mut headers = Vec::new();

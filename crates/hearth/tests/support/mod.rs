@@ -2,4 +2,6 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+#[path = "../../../hearth-server/tests/support/ports.rs"]
+pub mod ports;
 pub mod procs;

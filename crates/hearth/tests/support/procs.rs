@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::ports;
+
 pub struct Proc {
     pub child: Child,
     pub base: String,
@@ -25,14 +27,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 pub fn temp(tag: &str) -> PathBuf {
@@ -65,57 +59,14 @@ pub async fn spawn_upstream(dir: &Path, cards: &[&str], token: &str) -> Proc {
     spawn(0, &args, &[], &dir.join("upstream.log")).await
 }
 
-/// Starts `hearth serve` on `port` and waits until it is READY. Port 0: the server
-/// binds a free port itself, read back from the line it writes to `log` when it
-/// listens (a port picked here and bound there later can be taken meanwhile, by any
-/// process's outgoing connection).
+/// Starts `hearth serve` on `port` and waits until it is READY. Port 0 (every first
+/// start): the server binds a free port itself, read back from the line it writes to
+/// `log` when it listens (a port picked here and bound there later can be taken
+/// meanwhile, by another test's server binding port 0). A given port is a restart on
+/// the port its clients already hold: see `launch`.
 pub async fn spawn(port: u16, args: &[String], env: &[(&str, &str)], log: &Path) -> Proc {
-    // The log is appended to across restarts: the announcement is after this offset.
-    let from = std::fs::metadata(log).map_or(0, |m| m.len() as usize);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
-    cmd.args(["serve", "--port", &port.to_string()])
-        .args(args)
-        .env("HEARTH_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap(),
-        );
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut p = Proc {
-        child: cmd.spawn().unwrap(),
-        base: format!("http://127.0.0.1:{port}"),
-        log: log.to_path_buf(),
-    };
+    let p = launch(port, args, env, log).await;
     let deadline = Instant::now() + Duration::from_secs(120);
-    if port == 0 {
-        let port = loop {
-            let text = std::fs::read(log).unwrap_or_default();
-            let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
-            if let Some(port) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("hearth listening on http://"))
-                .and_then(|a| a.trim().rsplit(':').next()?.parse::<u16>().ok())
-            {
-                break port;
-            }
-            if let Some(status) = p.child.try_wait().unwrap() {
-                panic!("hearth serve exited ({status}) before it listened:\n{text}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hearth serve never listened:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        p.base = format!("http://127.0.0.1:{port}");
-    }
-    let port = p.port();
     loop {
         if let Ok(r) = reqwest::get(format!("{}/health-check", p.base)).await {
             if r.json::<Value>()
@@ -127,9 +78,78 @@ pub async fn spawn(port: u16, args: &[String], env: &[(&str, &str)], log: &Path)
         }
         assert!(
             Instant::now() < deadline,
-            "server on {port} did not come up"
+            "server on {} did not come up",
+            p.base
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts `hearth serve --port PORT ARGS` (its stderr appended to `log`) and returns
+/// once it listens, on the port it announced. Its own announcement, never a probe: a
+/// probe of a fixed port can be answered by whatever else listens there. A fixed port
+/// taken while the server was down (its bind fails) is tried again until it is free.
+pub async fn launch(port: u16, args: &[String], env: &[(&str, &str)], log: &Path) -> Proc {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        // The log is appended to across restarts: the announcement is after this offset.
+        let from = std::fs::metadata(log).map_or(0, |m| m.len() as usize);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+        cmd.args(["serve", "--port", &port.to_string()])
+            .args(args)
+            .env("HEARTH_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            );
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut p = Proc {
+            child: cmd.spawn().unwrap(),
+            base: String::new(),
+            log: log.to_path_buf(),
+        };
+        match announced(&mut p, from, deadline).await {
+            Ok(bound) => {
+                p.base = format!("http://127.0.0.1:{bound}");
+                return p;
+            }
+            Err(text) if port != 0 && ports::in_use(&text) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(text) => panic!("hearth serve exited before it listened:\n{text}"),
+        }
+    }
+}
+
+/// The port `p` announced in its log after byte `from`, or its log if it exited first.
+async fn announced(p: &mut Proc, from: usize, deadline: Instant) -> Result<u16, String> {
+    loop {
+        let text = std::fs::read(&p.log).unwrap_or_default();
+        let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
+        if let Some(port) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("hearth listening on http://"))
+            .and_then(|a| a.trim().rsplit(':').next()?.parse::<u16>().ok())
+        {
+            return Ok(port);
+        }
+        if let Some(status) = p.child.try_wait().unwrap() {
+            // What it wrote before it exited is all in the log now.
+            let text = std::fs::read(&p.log).unwrap_or_default();
+            let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
+            return Err(format!("({status})\n{text}"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hearth serve never listened:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

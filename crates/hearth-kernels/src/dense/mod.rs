@@ -13,6 +13,7 @@
 //! Memory: the packed weight is W's size plus the last panel's padding (< 32 rows) and,
 //! for bf16 with an odd k, one padding column.
 
+mod lines;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -20,6 +21,8 @@ mod tests;
 mod x86;
 
 use std::ops::Range;
+
+use lines::Lines;
 
 /// Weight rows per panel: two AVX-512 registers (or four AVX2 ones) of f32 outputs.
 pub const PANEL: usize = 32;
@@ -127,7 +130,7 @@ pub struct PackedWeight {
     n: usize,
     k: usize,
     dtype: WeightDtype,
-    lines: Vec<Line>,
+    lines: Lines,
 }
 
 impl std::fmt::Debug for PackedWeight {
@@ -156,8 +159,8 @@ impl PackedWeight {
         match dtype {
             WeightDtype::F32 => {
                 // Each step of k is 32 f32 = two lines.
-                let mut lines = vec![Line([0; 64]); panels * k * 2];
-                let f = slice_mut::<f32>(&mut lines);
+                let mut lines = Lines::zeroed(panels * k * 2);
+                let f = slice_mut::<f32>(lines.as_mut_slice());
                 for r in 0..n {
                     let (panel, j) = (r / PANEL, r % PANEL);
                     let base = panel * k * PANEL + j;
@@ -170,8 +173,8 @@ impl PackedWeight {
             WeightDtype::Bf16 => {
                 // Each pair of k steps is 32 rows × 2 bf16 = two lines.
                 let k2 = k.div_ceil(2);
-                let mut lines = vec![Line([0; 64]); panels * k2 * 2];
-                let h = slice_mut::<u16>(&mut lines);
+                let mut lines = Lines::zeroed(panels * k2 * 2);
+                let h = slice_mut::<u16>(lines.as_mut_slice());
                 for r in 0..n {
                     let (panel, j) = (r / PANEL, r % PANEL);
                     let base = panel * k2 * 2 * PANEL + 2 * j;
@@ -210,14 +213,14 @@ impl PackedWeight {
         let k = self.k;
         match self.dtype {
             WeightDtype::F32 => {
-                let f = slice::<f32>(&self.lines);
+                let f = slice::<f32>(self.lines.as_slice());
                 let base = panel * k * PANEL + j;
                 for (p, o) in out[..k].iter_mut().enumerate() {
                     *o = f[base + p * PANEL];
                 }
             }
             WeightDtype::Bf16 => {
-                let h = slice::<u16>(&self.lines);
+                let h = slice::<u16>(self.lines.as_slice());
                 let base = panel * k.div_ceil(2) * 2 * PANEL + 2 * j;
                 for (p, o) in out[..k].iter_mut().enumerate() {
                     *o = bf16_value(h[base + (p / 2) * 2 * PANEL + p % 2]);
@@ -292,7 +295,7 @@ impl PackedWeight {
         let k2 = k.div_ceil(2);
         match (self.dtype, acts) {
             (WeightDtype::F32, Acts::F32(x)) => {
-                let w = slice::<f32>(&self.lines)[panel * k * PANEL..].as_ptr();
+                let w = slice::<f32>(self.lines.as_slice())[panel * k * PANEL..].as_ptr();
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx512 => x86::panel_f32_avx512(x.as_ptr(), m, k, w, out, n, cols),
@@ -302,14 +305,14 @@ impl PackedWeight {
                 }
             }
             (WeightDtype::Bf16, Acts::Pairs(x)) => {
-                let w = slice::<u16>(&self.lines)[panel * k2 * 2 * PANEL..].as_ptr();
+                let w = slice::<u16>(self.lines.as_slice())[panel * k2 * 2 * PANEL..].as_ptr();
                 #[cfg(target_arch = "x86_64")]
                 x86::panel_bf16_avx512(x.as_ptr(), m, k2, w, out, n, cols);
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = (x, w);
             }
             (WeightDtype::Bf16, Acts::F32(x)) => {
-                let w = slice::<u16>(&self.lines)[panel * k2 * 2 * PANEL..].as_ptr();
+                let w = slice::<u16>(self.lines.as_slice())[panel * k2 * 2 * PANEL..].as_ptr();
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 | Isa::Avx512 => {

@@ -85,8 +85,12 @@ pub(super) fn attend_with(
     // GGUF's dim `g` is hearth's `gguf[g]`.
     let gguf: Vec<usize> = (0..d).map(|g| gguf_dim(g, d / 2)).collect();
     #[cfg(target_arch = "x86_64")]
-    if simd && tiled {
-        tiled_simd(q, k, v, meta, dims, scale, &gguf, &mut out);
+    if simd {
+        if tiled {
+            tiled_simd(q, k, v, meta, dims, scale, &gguf, &mut out);
+        } else {
+            one_key_simd(q, k, v, meta, dims, scale, &gguf, &mut out);
+        }
         return out;
     }
     // Each token's sequence and its position (the last key it sees).
@@ -118,19 +122,77 @@ pub(super) fn attend_with(
             };
             if tiled {
                 llama_flash_tiled::attend_row(&row, &mut bufs, dst);
-            } else if simd {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the caller checked `simd_fits(d)`, and the metadata was
-                // validated against the caches.
-                unsafe {
-                    llama_flash_simd::one_key_row(&row, &mut bufs.q32, &mut bufs.acc32, dst);
-                }
             } else {
                 attend_row(&row, &mut bufs, dst);
             }
         }
     });
     out
+}
+
+/// The one-key kernel on llama_flash_simd.rs: a work item per token and KV head (its
+/// query heads together, at most [`llama_flash_simd::GROUP_MAX`] at a time).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn one_key_simd(
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    meta: &AttentionMetadata,
+    dims: Dims,
+    scale: f32,
+    gguf: &[usize],
+    out: &mut [f32],
+) {
+    use llama_flash_simd::GROUP_MAX;
+    let Dims { h, kvh, d, .. } = dims;
+    let group = h / kvh;
+    let splits = group.div_ceil(GROUP_MAX);
+    let per = group.div_ceil(splits);
+    // (token, first head, heads) per item, with the token's sequence and position.
+    let mut items = Vec::new();
+    for s in 0..meta.num_seqs() {
+        let (a, b) = (
+            meta.query_start[s] as usize,
+            meta.query_start[s + 1] as usize,
+        );
+        let first = meta.seq_lens[s] as usize - (b - a);
+        for tok in a..b {
+            for kv_head in 0..kvh {
+                for h0 in (kv_head * group..(kv_head + 1) * group).step_by(per) {
+                    let n = per.min((kv_head + 1) * group - h0);
+                    items.push((s, first + tok - a, kv_head, tok * h + h0, n));
+                }
+            }
+        }
+    }
+    let ptr = OutPtr(out.as_mut_ptr());
+    threads::parallel_chunks(items.len(), 1, |range| {
+        let p = ptr;
+        let (mut qh, mut acc) = (vec![0f32; GROUP_MAX * d], vec![0f32; GROUP_MAX * d]);
+        for &(seq, pos, kv_head, row0, n) in &items[range] {
+            // SAFETY: rows `row0..row0 + n` of `out` are this item's alone.
+            let dst = unsafe { std::slice::from_raw_parts_mut(p.0.add(row0 * d), n * d) };
+            let q_rows = &q[row0 * d..(row0 + n) * d];
+            // SAFETY: the caller checked `simd_fits(d)`; the metadata was validated
+            // against the caches.
+            unsafe {
+                llama_flash_simd::one_key_group(
+                    q_rows,
+                    k,
+                    v,
+                    meta,
+                    dims,
+                    scale,
+                    gguf,
+                    (seq, pos, kv_head),
+                    &mut qh,
+                    &mut acc,
+                    dst,
+                );
+            }
+        }
+    });
 }
 
 /// The tiled kernel on llama_flash_simd.rs: work items of up to

@@ -2,8 +2,9 @@
 //! scalar code there (which stays the fallback and the reference; llama_flash_tests.rs
 //! compares the two to the bit).
 //!
-//! One key at a time ([`one_key_row`]): SIMD across the head dims, with the same
-//! operations per element as the scalar kernel. ggml_vec_dot_f16 puts GGUF dim
+//! One key at a time ([`one_key_group`]): SIMD across the head dims, with the same
+//! operations per element as the scalar kernel, the query heads of one KV head together
+//! (each key widened once, their running sums independent chains). ggml_vec_dot_f16 puts GGUF dim
 //! `64·b + 16·j + l` in lane `l` of accumulator `j`; GGUF's even dims are hearth's first
 //! half and its odd dims the second (llama_flash.rs's module comment), so hearth's dims
 //! `32·b..32·b + 32` hold the even lanes of accumulators 0..3 (lanes `2m` of accumulator
@@ -29,7 +30,7 @@ use std::sync::OnceLock;
 use half::f16;
 
 use super::cpu::Dims;
-use super::llama_flash::{reduce_add_16, Row};
+use super::llama_flash::reduce_add_16;
 use super::llama_flash_tiled::KV_TILE;
 use super::AttentionMetadata;
 use crate::cpu_ops::ggml_expf;
@@ -100,53 +101,84 @@ unsafe fn dot_row(q: *const f32, k: *const f16, d: usize, gguf: &[usize]) -> f32
     sum as f32
 }
 
-/// llama_flash.rs's `attend_row` (one key at a time): needs [`available`] and
-/// [`fits`]`(d)`; `qh` and `acc` hold `d` values each.
+/// Query heads run together by [`one_key_group`] (a GQA group larger than this is split).
+pub(super) const GROUP_MAX: usize = 8;
+
+/// One query token's rows `heads` (at most [`GROUP_MAX`], all reading KV head
+/// `kv_head`) over keys `0..=pos` of sequence `seq`: llama_flash.rs's `attend_row` for
+/// each row, every key's K and V widened once for all of them, their independent
+/// running sums interleaved. `q` and `out` hold the rows, contiguous (`heads.len() · d`);
+/// `qh` and `acc` as much room. Needs [`available`] and [`fits`]`(d)`.
 ///
 /// # Safety
 /// The metadata was validated against the caches (every key's row is in bounds).
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) unsafe fn one_key_row(row: &Row, qh: &mut [f32], acc: &mut [f32], out: &mut [f32]) {
-    let Dims { h, kvh, d, bs } = row.dims;
-    let (seq, pos, head) = row.at;
-    let kv_head = head / (h / kvh);
-    for (x, &y) in qh.iter_mut().zip(row.q) {
+pub(super) unsafe fn one_key_group(
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    meta: &AttentionMetadata,
+    dims: Dims,
+    scale: f32,
+    gguf: &[usize],
+    (seq, pos, kv_head): (usize, usize, usize),
+    qh: &mut [f32],
+    acc: &mut [f32],
+    out: &mut [f32],
+) {
+    let Dims { kvh, d, bs, .. } = dims;
+    let g = q.len() / d;
+    debug_assert!(g <= GROUP_MAX && out.len() == g * d);
+    for (x, &y) in qh[..g * d].iter_mut().zip(q) {
         *x = f16::from_f32(y).to_f32();
     }
-    acc.fill(0.0);
+    acc[..g * d].fill(0.0);
     let (qp, ap) = (qh.as_ptr(), acc.as_mut_ptr());
-    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
-    let table = &row.meta.block_tables[seq * row.meta.max_blocks..];
+    let mut m = [f32::NEG_INFINITY; GROUP_MAX];
+    let mut sum = [0f32; GROUP_MAX];
+    let (mut ms, mut vs) = ([1f32; GROUP_MAX], [1f32; GROUP_MAX]);
+    let table = &meta.block_tables[seq * meta.max_blocks..];
     for (blk, &block) in table[..=pos / bs].iter().enumerate() {
         let first = blk * bs;
         let base = (block as usize * bs * kvh + kv_head) * d;
         for cell in 0..bs.min(pos + 1 - first) {
             let at = base + cell * kvh * d;
             // SAFETY: `at..at + d` is a row of the validated caches.
-            let (kr, vr) = (row.k.as_ptr().add(at), row.v.as_ptr().add(at));
-            let s = dot_row(qp, kr, d, row.gguf) * row.scale;
-            let (ms, vs) = if s > m {
-                let m_old = m;
-                m = s;
-                ((m_old - m).exp(), 1f32)
-            } else {
-                (1f32, (s - m).exp())
-            };
-            let (msv, vsv) = (_mm512_set1_ps(ms), _mm512_set1_ps(vs));
-            for c in (0..d).step_by(16) {
-                let mut a = _mm512_loadu_ps(ap.add(c));
-                if ms != 1.0 {
-                    a = round_f16(_mm512_mul_ps(a, msv));
-                }
-                a = round_f16(_mm512_fmadd_ps(load_f16(vr.add(c)), vsv, a));
-                _mm512_storeu_ps(ap.add(c), a);
+            let (kr, vr) = (k.as_ptr().add(at), v.as_ptr().add(at));
+            for r in 0..g {
+                let s = dot_row(qp.add(r * d), kr, d, gguf) * scale;
+                (ms[r], vs[r]) = if s > m[r] {
+                    let m_old = m[r];
+                    m[r] = s;
+                    ((m_old - s).exp(), 1f32)
+                } else {
+                    (1f32, (s - m[r]).exp())
+                };
+                sum[r] = sum[r].mul_add(ms[r], vs[r]);
             }
-            sum = sum.mul_add(ms, vs);
+            for c in (0..d).step_by(16) {
+                let x = load_f16(vr.add(c));
+                for r in 0..g {
+                    let p = ap.add(r * d + c);
+                    let mut a = _mm512_loadu_ps(p);
+                    if ms[r] != 1.0 {
+                        a = round_f16(_mm512_mul_ps(a, _mm512_set1_ps(ms[r])));
+                    }
+                    a = round_f16(_mm512_fmadd_ps(x, _mm512_set1_ps(vs[r]), a));
+                    _mm512_storeu_ps(p, a);
+                }
+            }
         }
     }
-    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    for (o, a) in out.iter_mut().zip(acc.iter()) {
-        *o = a * inv;
+    for r in 0..g {
+        let inv = if sum[r] == 0.0 { 0.0 } else { 1.0 / sum[r] };
+        for (o, a) in out[r * d..(r + 1) * d]
+            .iter_mut()
+            .zip(&acc[r * d..(r + 1) * d])
+        {
+            *o = a * inv;
+        }
     }
 }
 
@@ -216,7 +248,6 @@ pub(super) unsafe fn tiled_item(
     }
     let table = &meta.block_tables[it.seq * meta.max_blocks..];
     let last = it.pos0 + it.n_tok - 1;
-    let mut scores = [0f32; KV_TILE];
     for tile in (0..=last).step_by(KV_TILE) {
         let n_tile = (last + 1 - tile).min(KV_TILE);
         // Widen the tile: K to [GGUF dim][key], V to [key][dim].
@@ -240,37 +271,25 @@ pub(super) unsafe fn tiled_item(
                 s.kt[g * KV_TILE + n_tile..(g + 1) * KV_TILE].fill(0.0);
             }
         }
-        for r in 0..rows {
-            let pos = it.pos0 + r / group;
+        // A token's query heads have the same keys: up to ROWS of them at a time share
+        // every load of the tile, their sums independent chains.
+        for tok in 0..it.n_tok {
+            let pos = it.pos0 + tok;
             if pos < tile {
                 continue;
             }
             let n = (pos + 1 - tile).min(KV_TILE);
-            tile_scores(&s.kt, &s.q[r * d..(r + 1) * d], n, scale, &mut scores);
-            let acc = &mut s.acc[r * d..(r + 1) * d];
-            let (m, sum) = &mut s.state[r];
-            // From here the scalar kernel's operations, in its order.
-            let tile_max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let m_new = m.max(tile_max);
-            if m_new > *m {
-                let ms = (*m - m_new).exp();
-                for a in acc.iter_mut() {
-                    *a *= ms;
+            let mut r0 = tok * group;
+            while r0 < (tok + 1) * group {
+                let nr = ((tok + 1) * group - r0).min(ROWS);
+                match nr {
+                    1 => rows_tile::<1>(s, r0, d, n, scale),
+                    2 => rows_tile::<2>(s, r0, d, n, scale),
+                    3 => rows_tile::<3>(s, r0, d, n, scale),
+                    _ => rows_tile::<4>(s, r0, d, n, scale),
                 }
-                *sum *= ms;
+                r0 += nr;
             }
-            *m = m_new;
-            let mut tile_sum = 0f64;
-            for chunk in scores.chunks_mut(16) {
-                let mut lanes = [0f32; 16];
-                for (x, lane) in chunk.iter_mut().zip(&mut lanes) {
-                    *x = ggml_expf(*x - *m);
-                    *lane = *x;
-                }
-                tile_sum += reduce_add_16(&lanes) as f64;
-            }
-            *sum = (*sum as f64 + tile_sum) as f32;
-            accumulate_values(&s.vt, &scores[..n], acc);
         }
     }
     for r in 0..rows {
@@ -283,42 +302,119 @@ pub(super) unsafe fn tiled_item(
     }
 }
 
-/// A tile's scores for one row: cell `c < n` gets `(Σ_g q[g]·k[g][c]) · scale`, one FMA
-/// chain in GGUF order from 0, the rest −∞.
+/// Rows of one token processed together by [`rows_tile`].
+const ROWS: usize = 4;
+
+/// One tile for rows `r0..r0 + R` (one token's heads, keys `0..n` of the tile): the
+/// scalar kernel's operations per row. Each score `(Σ_g q[g]·k[g][c]) · scale` is one
+/// FMA chain in GGUF order from 0 (cells past `n`: −∞); the softmax is the scalar code;
+/// the value row `acc[j] = fma(v[c][j], p[c], acc[j])` over the cells in order.
 #[inline(always)]
-unsafe fn tile_scores(kt: &[f32], q: &[f32], n: usize, scale: f32, out: &mut [f32; KV_TILE]) {
-    let vecs = n.div_ceil(16);
-    let mut acc = [_mm512_setzero_ps(); KV_TILE / 16];
-    let kp = kt.as_ptr();
-    for (g, &qg) in q.iter().enumerate() {
-        let qv = _mm512_set1_ps(qg);
-        for (i, a) in acc.iter_mut().enumerate().take(vecs) {
-            *a = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kp.add(g * KV_TILE + 16 * i)), *a);
+unsafe fn rows_tile<const R: usize>(
+    s: &mut TiledScratch,
+    r0: usize,
+    d: usize,
+    n: usize,
+    scale: f32,
+) {
+    let mut scores = [[0f32; KV_TILE]; R];
+    let mut acc = [[_mm512_setzero_ps(); KV_TILE / 16]; R];
+    let (kp, qp) = (s.kt.as_ptr(), s.q.as_ptr().add(r0 * d));
+    for g in 0..d {
+        let mut kv = [_mm512_setzero_ps(); KV_TILE / 16];
+        for (i, x) in kv.iter_mut().enumerate() {
+            *x = _mm512_loadu_ps(kp.add(g * KV_TILE + 16 * i));
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let qv = _mm512_set1_ps(*qp.add(r * d + g));
+            for (x, &k) in a.iter_mut().zip(&kv) {
+                *x = _mm512_fmadd_ps(qv, k, *x);
+            }
         }
     }
     let sv = _mm512_set1_ps(scale);
-    for (i, a) in acc.iter().enumerate() {
-        let keep: u32 = if 16 * i >= n {
-            0
-        } else {
-            (1u32 << (n - 16 * i).min(16)) - 1
-        };
-        let x = _mm512_mask_mul_ps(_mm512_set1_ps(f32::NEG_INFINITY), keep as u16, *a, sv);
-        _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), x);
+    for (a, out) in acc.iter().zip(scores.iter_mut()) {
+        for (i, x) in a.iter().enumerate() {
+            let keep = if 16 * i >= n {
+                0
+            } else {
+                ((1u32 << (n - 16 * i).min(16)) - 1) as u16
+            };
+            let y = _mm512_mask_mul_ps(_mm512_set1_ps(f32::NEG_INFINITY), keep, *x, sv);
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), y);
+        }
+    }
+    for (r, scores) in scores.iter_mut().enumerate() {
+        let row = &mut s.acc[(r0 + r) * d..(r0 + r + 1) * d];
+        let (m, sum) = &mut s.state[r0 + r];
+        // From here the scalar kernel's operations, in its order.
+        let tile_max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let m_new = m.max(tile_max);
+        if m_new > *m {
+            let ms = (*m - m_new).exp();
+            for a in row.iter_mut() {
+                *a *= ms;
+            }
+            *sum *= ms;
+        }
+        *m = m_new;
+        let mut tile_sum = 0f64;
+        for chunk in scores.chunks_mut(16) {
+            let mut lanes = [0f32; 16];
+            for (x, lane) in chunk.iter_mut().zip(&mut lanes) {
+                *x = ggml_expf(*x - *m);
+                *lane = *x;
+            }
+            tile_sum += reduce_add_16(&lanes) as f64;
+        }
+        *sum = (*sum as f64 + tile_sum) as f32;
+    }
+    // P·V, 64 dims (4 vectors) per pass with every row's accumulators in registers,
+    // then any 16-dim rest.
+    let (vp, ap) = (s.vt.as_ptr(), s.acc.as_mut_ptr().add(r0 * d));
+    let mut j = 0;
+    while j + 64 <= d {
+        pv_block::<R, 4>(vp.add(j), ap.add(j), d, &scores, n);
+        j += 64;
+    }
+    while j < d {
+        pv_block::<R, 1>(vp.add(j), ap.add(j), d, &scores, n);
+        j += 16;
     }
 }
 
-/// `acc[j] = fma(v[c][j], p[c], acc[j])` for every cell `c` in order, 16 dims at a time.
+/// `acc[r][i] = fma(v[c][i], p[r][c], acc[r][i])` for cells `c < n` in order, on `W`
+/// vectors from `ap` (rows `d` apart) and `vp` (cells `d` apart).
 #[inline(always)]
-unsafe fn accumulate_values(vt: &[f32], p: &[f32], acc: &mut [f32]) {
-    let d = acc.len();
-    let (vp, ap) = (vt.as_ptr(), acc.as_mut_ptr());
-    for j in (0..d).step_by(16) {
-        let mut a = _mm512_loadu_ps(ap.add(j));
-        for (c, &pc) in p.iter().enumerate() {
-            a = _mm512_fmadd_ps(_mm512_loadu_ps(vp.add(c * d + j)), _mm512_set1_ps(pc), a);
+unsafe fn pv_block<const R: usize, const W: usize>(
+    vp: *const f32,
+    ap: *mut f32,
+    d: usize,
+    p: &[[f32; KV_TILE]; R],
+    n: usize,
+) {
+    let mut a = [[_mm512_setzero_ps(); W]; R];
+    for (r, a) in a.iter_mut().enumerate() {
+        for (i, x) in a.iter_mut().enumerate() {
+            *x = _mm512_loadu_ps(ap.add(r * d + 16 * i));
         }
-        _mm512_storeu_ps(ap.add(j), a);
+    }
+    for c in 0..n {
+        let mut v = [_mm512_setzero_ps(); W];
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = _mm512_loadu_ps(vp.add(c * d + 16 * i));
+        }
+        for (a, p) in a.iter_mut().zip(p) {
+            let pc = _mm512_set1_ps(p[c]);
+            for (x, &v) in a.iter_mut().zip(&v) {
+                *x = _mm512_fmadd_ps(v, pc, *x);
+            }
+        }
+    }
+    for (r, a) in a.iter().enumerate() {
+        for (i, x) in a.iter().enumerate() {
+            _mm512_storeu_ps(ap.add(r * d + 16 * i), *x);
+        }
     }
 }
 

@@ -40,6 +40,8 @@ mod kernel;
 mod lanes;
 mod llama_f32;
 mod llama_flash;
+#[cfg(target_arch = "x86_64")]
+mod llama_flash_simd;
 #[cfg(test)]
 mod llama_flash_tests;
 mod llama_flash_tiled;

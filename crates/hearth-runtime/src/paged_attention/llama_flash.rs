@@ -30,6 +30,8 @@
 use half::f16;
 
 use super::cpu::{Dims, OutPtr};
+#[cfg(target_arch = "x86_64")]
+use super::llama_flash_simd;
 use super::llama_flash_tiled::{self, KV_TILE};
 use super::AttentionMetadata;
 use crate::threads;
@@ -39,7 +41,8 @@ use crate::threads;
 pub(super) const Q_TILE: usize = 64;
 
 /// `softmax(q·kᵀ·scale)·v` for every (token, head) row with llama.cpp's arithmetic;
-/// `q` and the result `[T, heads, head_dim]` f32, the caches f16.
+/// `q` and the result `[T, heads, head_dim]` f32, the caches f16. Runs
+/// llama_flash_simd.rs's kernels where the CPU and head dim allow (the same bits).
 pub(super) fn attend(
     q: &[f32],
     k: &[f16],
@@ -48,9 +51,48 @@ pub(super) fn attend(
     dims: Dims,
     scale: f32,
 ) -> Vec<f32> {
+    attend_with(q, k, v, meta, dims, scale, simd_fits(dims.d))
+}
+
+/// Whether llama_flash_simd.rs's kernels run here for head dim `d`.
+pub(super) fn simd_fits(d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        llama_flash_simd::available() && llama_flash_simd::fits(d)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = d;
+        false
+    }
+}
+
+/// [`attend`] with the SIMD kernels (`simd`, which needs [`simd_fits`]) or the scalar
+/// reference.
+pub(super) fn attend_with(
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    meta: &AttentionMetadata,
+    dims: Dims,
+    scale: f32,
+    simd: bool,
+) -> Vec<f32> {
     let Dims { h, d, .. } = dims;
     let t = meta.num_tokens();
     let mut out = vec![0f32; t * h * d];
+    let tiled = t >= Q_TILE;
+    // GGUF's dim `g` is hearth's `gguf[g]`.
+    let gguf: Vec<usize> = (0..d).map(|g| gguf_dim(g, d / 2)).collect();
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        if tiled {
+            tiled_simd(q, k, v, meta, dims, scale, &gguf, &mut out);
+        } else {
+            one_key_simd(q, k, v, meta, dims, scale, &gguf, &mut out);
+        }
+        return out;
+    }
     // Each token's sequence and its position (the last key it sees).
     let mut token_at = Vec::with_capacity(t);
     for s in 0..meta.num_seqs() {
@@ -58,10 +100,7 @@ pub(super) fn attend(
         let first = meta.seq_lens[s] - (b - a);
         token_at.extend((0..b - a).map(|i| (s, (first + i) as usize)));
     }
-    let tiled = t >= Q_TILE;
     let ptr = OutPtr(out.as_mut_ptr());
-    // GGUF's dim `g` is hearth's `gguf[g]`.
-    let gguf: Vec<usize> = (0..d).map(|g| gguf_dim(g, d / 2)).collect();
     threads::parallel_chunks(t * h, 4, |range| {
         let p = ptr;
         let mut bufs = Scratch::new(d);
@@ -89,6 +128,132 @@ pub(super) fn attend(
         }
     });
     out
+}
+
+/// The one-key kernel on llama_flash_simd.rs: a work item per token and KV head (its
+/// query heads together, at most [`llama_flash_simd::GROUP_MAX`] at a time).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn one_key_simd(
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    meta: &AttentionMetadata,
+    dims: Dims,
+    scale: f32,
+    gguf: &[usize],
+    out: &mut [f32],
+) {
+    use llama_flash_simd::GROUP_MAX;
+    let Dims { h, kvh, d, .. } = dims;
+    let group = h / kvh;
+    let splits = group.div_ceil(GROUP_MAX);
+    let per = group.div_ceil(splits);
+    // (token, first head, heads) per item, with the token's sequence and position.
+    let mut items = Vec::new();
+    for s in 0..meta.num_seqs() {
+        let (a, b) = (
+            meta.query_start[s] as usize,
+            meta.query_start[s + 1] as usize,
+        );
+        let first = meta.seq_lens[s] as usize - (b - a);
+        for tok in a..b {
+            for kv_head in 0..kvh {
+                for h0 in (kv_head * group..(kv_head + 1) * group).step_by(per) {
+                    let n = per.min((kv_head + 1) * group - h0);
+                    items.push((s, first + tok - a, kv_head, tok * h + h0, n));
+                }
+            }
+        }
+    }
+    let ptr = OutPtr(out.as_mut_ptr());
+    threads::parallel_chunks(items.len(), 1, |range| {
+        let p = ptr;
+        let (mut qh, mut acc) = (vec![0f32; GROUP_MAX * d], vec![0f32; GROUP_MAX * d]);
+        for &(seq, pos, kv_head, row0, n) in &items[range] {
+            // SAFETY: rows `row0..row0 + n` of `out` are this item's alone.
+            let dst = unsafe { std::slice::from_raw_parts_mut(p.0.add(row0 * d), n * d) };
+            let q_rows = &q[row0 * d..(row0 + n) * d];
+            // SAFETY: the caller checked `simd_fits(d)`; the metadata was validated
+            // against the caches.
+            unsafe {
+                llama_flash_simd::one_key_group(
+                    q_rows,
+                    k,
+                    v,
+                    meta,
+                    dims,
+                    scale,
+                    gguf,
+                    (seq, pos, kv_head),
+                    &mut qh,
+                    &mut acc,
+                    dst,
+                );
+            }
+        }
+    });
+}
+
+/// The tiled kernel on llama_flash_simd.rs: work items of up to
+/// [`llama_flash_simd::TILED_TOKENS`] tokens of one sequence × one KV head's query heads.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn tiled_simd(
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    meta: &AttentionMetadata,
+    dims: Dims,
+    scale: f32,
+    gguf: &[usize],
+    out: &mut [f32],
+) {
+    use llama_flash_simd::{TiledItem, TiledScratch, TILED_TOKENS};
+    let mut items = Vec::new();
+    for seq in 0..meta.num_seqs() {
+        let (a, b) = (
+            meta.query_start[seq] as usize,
+            meta.query_start[seq + 1] as usize,
+        );
+        let first = meta.seq_lens[seq] as usize - (b - a);
+        for kv_head in 0..dims.kvh {
+            for tok0 in (a..b).step_by(TILED_TOKENS) {
+                items.push(TiledItem {
+                    seq,
+                    kv_head,
+                    tok0,
+                    pos0: first + tok0 - a,
+                    n_tok: TILED_TOKENS.min(b - tok0),
+                });
+            }
+        }
+    }
+    // The longest items (most keys) first, so the last ones to finish are short.
+    items.sort_by_key(|it| std::cmp::Reverse(it.pos0));
+    let ptr = OutPtr(out.as_mut_ptr());
+    threads::parallel_chunks(items.len(), 1, |range| {
+        let p = ptr;
+        let mut scratch = TiledScratch::default();
+        for &it in &items[range] {
+            // SAFETY: the caller checked `simd_fits(d)`; the metadata was validated
+            // against the caches; each (token, head) row belongs to one item.
+            unsafe {
+                llama_flash_simd::tiled_item(
+                    q,
+                    k,
+                    v,
+                    meta,
+                    dims,
+                    scale,
+                    gguf,
+                    it,
+                    p.0,
+                    &mut scratch,
+                );
+            }
+        }
+    });
 }
 
 /// One query row's inputs: `q` in hearth's dim order, the paged caches, and the

@@ -4,7 +4,8 @@
 
 use half::f16;
 
-use super::llama_flash::{dot_f16, reduce_add_16, Q_TILE};
+use super::cpu::Dims;
+use super::llama_flash::{attend_with, dot_f16, reduce_add_16, simd_fits, Q_TILE};
 use super::llama_flash_tiled::KV_TILE;
 use super::{paged_attention, AttentionMetadata, AttentionNumerics};
 use crate::cpu_ops::ggml_expf;
@@ -174,23 +175,27 @@ fn exact_row(
         .collect()
 }
 
-/// The public op with `AttentionNumerics::LlamaCpp` on a ragged batch of `seqs` (query
-/// tokens, keys) in shuffled cache blocks, for several (heads, KV heads, head dim, block
-/// size), against `reference` on each sequence's keys laid out densely, to the bit.
-/// Returns the largest relative distance of the outputs from exact attention.
-fn check_ragged(seqs: &[(usize, usize)], reference: Reference, seed: u64) -> f64 {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut distance = 0f64;
-    for (h, kvh, d, bs) in [
-        (6, 2, 64, 16),
-        (9, 3, 80, 4),
-        (4, 4, 32, 8),
-        (8, 1, 128, 16),
-    ] {
+/// A ragged batch in shuffled cache blocks: Q `[T, h, d]`, the paged caches, and each
+/// token's (position, dense K, dense V) of its sequence for the references.
+struct Case {
+    q: Vec<f32>,
+    kc: Vec<f16>,
+    vc: Vec<f16>,
+    meta: AttentionMetadata,
+    dense: Vec<(usize, Vec<f16>, Vec<f16>)>,
+    num_blocks: usize,
+}
+
+impl Case {
+    fn new(
+        seqs: &[(usize, usize)],
+        (h, kvh, d, bs): (usize, usize, usize, usize),
+        rng: &mut StdRng,
+    ) -> Self {
         let need: usize = seqs.iter().map(|&(_, l)| l.div_ceil(bs)).sum();
         let num_blocks = need + 2;
         let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-        ids.shuffle(&mut rng);
+        ids.shuffle(rng);
         let mut meta = AttentionMetadata::new(bs);
         meta.numerics = AttentionNumerics::LlamaCpp;
         let (mut kc, mut vc) = (
@@ -225,6 +230,38 @@ fn check_ragged(seqs: &[(usize, usize)], reference: Reference, seed: u64) -> f64
                 dense.push((l - ql + i, dk.clone(), dv.clone()));
             }
         }
+        Self {
+            q,
+            kc,
+            vc,
+            meta,
+            dense,
+            num_blocks,
+        }
+    }
+}
+
+/// The public op with `AttentionNumerics::LlamaCpp` on a ragged batch of `seqs` (query
+/// tokens, keys) in shuffled cache blocks, for several (heads, KV heads, head dim, block
+/// size), against `reference` on each sequence's keys laid out densely, to the bit.
+/// Returns the largest relative distance of the outputs from exact attention.
+fn check_ragged(seqs: &[(usize, usize)], reference: Reference, seed: u64) -> f64 {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut distance = 0f64;
+    for (h, kvh, d, bs) in [
+        (6, 2, 64, 16),
+        (9, 3, 80, 4),
+        (4, 4, 32, 8),
+        (8, 1, 128, 16),
+    ] {
+        let Case {
+            q,
+            kc,
+            vc,
+            meta,
+            dense,
+            num_blocks,
+        } = Case::new(seqs, (h, kvh, d, bs), &mut rng);
         let t = q.len() / (h * d);
         let scale = 1.0 / (d as f32).sqrt();
         let dev = Device::Cpu;
@@ -316,4 +353,103 @@ fn dot_f16_sums_in_ggml_order() {
     x2.push(f16::ONE);
     y2.push(f16::ONE);
     assert_eq!(dot_f16(&x2, &y2), 16_777_220.0);
+}
+
+/// llama_flash_simd.rs's kernels against the scalar ones, to the bit, on every output
+/// value: head dims 64, 128 and 80 (a tail past the 64-dim steps), GQA groups of 3 and
+/// 1, ragged batches with keys up to 600 across cache blocks and key tiles, chunks that
+/// start mid-block and mid-tile, and growing maxima (the key magnitudes rise with the
+/// position, so the f16 row is rescaled and rounded again and again).
+#[test]
+fn simd_kernels_equal_the_scalar_ones_to_the_bit() {
+    if !simd_fits(64) {
+        eprintln!("skipped: no AVX-512F + F16C on this CPU");
+        return;
+    }
+    let one_key: &[(usize, usize)] = &[(1, 600), (1, 1), (5, 5), (3, 130), (17, 300), (1, 577)];
+    let tiled: &[(usize, usize)] = &[(70, 600), (64, 64), (1, 450), (10, 200), (1, 1)];
+    assert!(one_key.iter().map(|s| s.0).sum::<usize>() < Q_TILE);
+    assert!(tiled.iter().map(|s| s.0).sum::<usize>() >= Q_TILE);
+    let mut rng = StdRng::seed_from_u64(31);
+    let mut rescales = 0;
+    for seqs in [one_key, tiled] {
+        for (h, kvh, d, bs) in [
+            (9, 3, 64, 16),
+            (6, 2, 128, 8),
+            (3, 3, 80, 32),
+            (9, 3, 64, 5),
+        ] {
+            assert!(simd_fits(d));
+            let case = Case::new(seqs, (h, kvh, d, bs), &mut rng);
+            let dims = Dims { h, kvh, d, bs };
+            let scale = 1.0 / (d as f32).sqrt();
+            let run =
+                |simd| attend_with(&case.q, &case.kc, &case.vc, &case.meta, dims, scale, simd);
+            let (scalar, simd) = (run(false), run(true));
+            assert_eq!(scalar.len(), simd.len());
+            let moved = scalar
+                .iter()
+                .zip(&simd)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                moved,
+                0,
+                "h {h} kvh {kvh} d {d} bs {bs}, {} tokens: {moved} of {} values differ",
+                case.dense.len(),
+                scalar.len()
+            );
+            assert!(scalar.iter().all(|x| x.is_finite()));
+            // The maxima really grow along the keys: the last key's score beats the
+            // first's for most rows (checked on the first KV head's dense keys).
+            for (pos, dk, _) in &case.dense {
+                let norm = |key: usize| -> f32 {
+                    let r = &dk[key * kvh * d..key * kvh * d + d];
+                    r.iter().map(|x| x.to_f32().abs()).sum()
+                };
+                rescales += usize::from(*pos > 0 && norm(*pos) > norm(0));
+            }
+        }
+    }
+    assert!(rescales > 100, "keys do not grow: {rescales}");
+}
+
+/// `vcvtps2ph` (round to nearest even) rounds like `half::f16::from_f32`, which the
+/// scalar kernel uses: on a sweep of f32 bit patterns (every sign, exponent and a spread
+/// of mantissas, NaN aside) and on the values halfway between neighbouring f16 values.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn hardware_f16_rounding_equals_half() {
+    if !simd_fits(64) {
+        eprintln!("skipped: no AVX-512F + F16C on this CPU");
+        return;
+    }
+    let mut xs: Vec<f32> = (0..u32::MAX / 4099)
+        .map(|i| f32::from_bits(i.wrapping_mul(4099)))
+        .filter(|x| !x.is_nan())
+        .collect();
+    for bits in 0..0x7bffu16 {
+        let (a, b) = (f16::from_bits(bits), f16::from_bits(bits + 1));
+        let mid = (a.to_f32() + b.to_f32()) / 2.0;
+        xs.extend([
+            mid,
+            -mid,
+            f32::from_bits(mid.to_bits() + 1),
+            f32::from_bits(mid.to_bits() - 1),
+        ]);
+    }
+    xs.resize(xs.len().div_ceil(16) * 16, 0.0);
+    let mut hw = xs.clone();
+    super::llama_flash_simd::round_f16_slice(&mut hw);
+    let differ = xs
+        .iter()
+        .zip(&hw)
+        .filter(|(x, y)| f16::from_f32(**x).to_f32().to_bits() != y.to_bits())
+        .count();
+    assert_eq!(
+        differ,
+        0,
+        "{differ} of {} values round differently",
+        xs.len()
+    );
 }

@@ -202,6 +202,16 @@ impl AttentionMetadata {
         *self.query_start.last().unwrap_or(&0) as usize
     }
 
+    /// Sequence `s`'s queries: their tokens in the step and the first one's position
+    /// (its queries are the sequence's last positions).
+    pub(crate) fn queries(&self, s: usize) -> (std::ops::Range<usize>, usize) {
+        let (a, b) = (
+            self.query_start[s] as usize,
+            self.query_start[s + 1] as usize,
+        );
+        (a..b, self.seq_lens[s] as usize - (b - a))
+    }
+
     /// Checks the metadata against the cache before any kernel trusts it.
     fn validate(&self, t: usize, num_blocks: usize, block_size: usize) -> Result<()> {
         if block_size != self.block_size {

@@ -36,9 +36,8 @@ pub(super) fn attend(
     let mut out = vec![0f32; t * h * d];
     let mut token_at = Vec::with_capacity(t);
     for s in 0..meta.num_seqs() {
-        let (a, b) = (meta.query_start[s], meta.query_start[s + 1]);
-        let first = meta.seq_lens[s] - (b - a);
-        token_at.extend((0..b - a).map(|i| (s, (first + i) as usize)));
+        let (toks, first) = meta.queries(s);
+        token_at.extend((0..toks.len()).map(|i| (s, first + i)));
     }
     // llama.cpp's choice is by the ubatch's token count, not per sequence.
     let gemm = t >= 2;

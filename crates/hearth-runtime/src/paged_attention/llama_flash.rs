@@ -84,21 +84,29 @@ pub(super) fn attend_with(
     let tiled = t >= Q_TILE;
     // GGUF's dim `g` is hearth's `gguf[g]`.
     let gguf: Vec<usize> = (0..d).map(|g| gguf_dim(g, d / 2)).collect();
+    let op = Operands {
+        q,
+        k,
+        v,
+        meta,
+        dims,
+        scale,
+        gguf: &gguf,
+    };
     #[cfg(target_arch = "x86_64")]
     if simd {
         if tiled {
-            tiled_simd(q, k, v, meta, dims, scale, &gguf, &mut out);
+            tiled_simd(&op, &mut out);
         } else {
-            one_key_simd(q, k, v, meta, dims, scale, &gguf, &mut out);
+            one_key_simd(&op, &mut out);
         }
         return out;
     }
     // Each token's sequence and its position (the last key it sees).
     let mut token_at = Vec::with_capacity(t);
     for s in 0..meta.num_seqs() {
-        let (a, b) = (meta.query_start[s], meta.query_start[s + 1]);
-        let first = meta.seq_lens[s] - (b - a);
-        token_at.extend((0..b - a).map(|i| (s, (first + i) as usize)));
+        let (toks, first) = meta.queries(s);
+        token_at.extend((0..toks.len()).map(|i| (s, first + i)));
     }
     let ptr = OutPtr(out.as_mut_ptr());
     threads::parallel_chunks(t * h, 4, |range| {
@@ -111,14 +119,9 @@ pub(super) fn attend_with(
             let dst = unsafe { std::slice::from_raw_parts_mut(p.0.add(row * d), d) };
             let q_row = &q[row * d..(row + 1) * d];
             let row = Row {
+                op,
                 q: q_row,
-                k,
-                v,
-                meta,
-                dims,
-                scale,
                 at: (seq, pos, head),
-                gguf: &gguf,
             };
             if tiled {
                 llama_flash_tiled::attend_row(&row, &mut bufs, dst);
@@ -133,35 +136,21 @@ pub(super) fn attend_with(
 /// The one-key kernel on llama_flash_simd.rs: a work item per token and KV head (its
 /// query heads together, at most [`llama_flash_simd::GROUP_MAX`] at a time).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-fn one_key_simd(
-    q: &[f32],
-    k: &[f16],
-    v: &[f16],
-    meta: &AttentionMetadata,
-    dims: Dims,
-    scale: f32,
-    gguf: &[usize],
-    out: &mut [f32],
-) {
+fn one_key_simd(op: &Operands, out: &mut [f32]) {
     use llama_flash_simd::GROUP_MAX;
-    let Dims { h, kvh, d, .. } = dims;
+    let Dims { h, kvh, d, .. } = op.dims;
     let group = h / kvh;
     let splits = group.div_ceil(GROUP_MAX);
     let per = group.div_ceil(splits);
     // (token, first head, heads) per item, with the token's sequence and position.
     let mut items = Vec::new();
-    for s in 0..meta.num_seqs() {
-        let (a, b) = (
-            meta.query_start[s] as usize,
-            meta.query_start[s + 1] as usize,
-        );
-        let first = meta.seq_lens[s] as usize - (b - a);
-        for tok in a..b {
+    for s in 0..op.meta.num_seqs() {
+        let (toks, first) = op.meta.queries(s);
+        for (i, tok) in toks.enumerate() {
             for kv_head in 0..kvh {
                 for h0 in (kv_head * group..(kv_head + 1) * group).step_by(per) {
                     let n = per.min((kv_head + 1) * group - h0);
-                    items.push((s, first + tok - a, kv_head, tok * h + h0, n));
+                    items.push((s, first + i, kv_head, tok * h + h0, n));
                 }
             }
         }
@@ -173,18 +162,13 @@ fn one_key_simd(
         for &(seq, pos, kv_head, row0, n) in &items[range] {
             // SAFETY: rows `row0..row0 + n` of `out` are this item's alone.
             let dst = unsafe { std::slice::from_raw_parts_mut(p.0.add(row0 * d), n * d) };
-            let q_rows = &q[row0 * d..(row0 + n) * d];
+            let q_rows = &op.q[row0 * d..(row0 + n) * d];
             // SAFETY: the caller checked `simd_fits(d)`; the metadata was validated
             // against the caches.
             unsafe {
                 llama_flash_simd::one_key_group(
+                    op,
                     q_rows,
-                    k,
-                    v,
-                    meta,
-                    dims,
-                    scale,
-                    gguf,
                     (seq, pos, kv_head),
                     &mut qh,
                     &mut acc,
@@ -198,33 +182,19 @@ fn one_key_simd(
 /// The tiled kernel on llama_flash_simd.rs: work items of up to
 /// [`llama_flash_simd::TILED_TOKENS`] tokens of one sequence × one KV head's query heads.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-fn tiled_simd(
-    q: &[f32],
-    k: &[f16],
-    v: &[f16],
-    meta: &AttentionMetadata,
-    dims: Dims,
-    scale: f32,
-    gguf: &[usize],
-    out: &mut [f32],
-) {
+fn tiled_simd(op: &Operands, out: &mut [f32]) {
     use llama_flash_simd::{TiledItem, TiledScratch, TILED_TOKENS};
     let mut items = Vec::new();
-    for seq in 0..meta.num_seqs() {
-        let (a, b) = (
-            meta.query_start[seq] as usize,
-            meta.query_start[seq + 1] as usize,
-        );
-        let first = meta.seq_lens[seq] as usize - (b - a);
-        for kv_head in 0..dims.kvh {
-            for tok0 in (a..b).step_by(TILED_TOKENS) {
+    for seq in 0..op.meta.num_seqs() {
+        let (toks, first) = op.meta.queries(seq);
+        for kv_head in 0..op.dims.kvh {
+            for tok0 in toks.clone().step_by(TILED_TOKENS) {
                 items.push(TiledItem {
                     seq,
                     kv_head,
                     tok0,
-                    pos0: first + tok0 - a,
-                    n_tok: TILED_TOKENS.min(b - tok0),
+                    pos0: first + tok0 - toks.start,
+                    n_tok: TILED_TOKENS.min(toks.end - tok0),
                 });
             }
         }
@@ -239,45 +209,42 @@ fn tiled_simd(
             // SAFETY: the caller checked `simd_fits(d)`; the metadata was validated
             // against the caches; each (token, head) row belongs to one item.
             unsafe {
-                llama_flash_simd::tiled_item(
-                    q,
-                    k,
-                    v,
-                    meta,
-                    dims,
-                    scale,
-                    gguf,
-                    it,
-                    p.0,
-                    &mut scratch,
-                );
+                llama_flash_simd::tiled_item(op, it, p.0, &mut scratch);
             }
         }
     });
 }
 
-/// One query row's inputs: `q` in hearth's dim order, the paged caches, and the
-/// (sequence, position, head) it attends from.
-pub(super) struct Row<'a> {
+/// What every kernel of this mode reads: the step's queries `[T, heads, head_dim]` and
+/// the paged f16 caches, in hearth's dim order, and the map to GGUF's.
+#[derive(Clone, Copy)]
+pub(super) struct Operands<'a> {
     pub q: &'a [f32],
     pub k: &'a [f16],
     pub v: &'a [f16],
     pub meta: &'a AttentionMetadata,
     pub dims: Dims,
     pub scale: f32,
-    pub at: (usize, usize, usize),
     /// GGUF's dim `g` is hearth's `gguf[g]`.
     pub gguf: &'a [usize],
+}
+
+/// One query row: its `q` (hearth's dim order) and the (sequence, position, head) it
+/// attends from.
+pub(super) struct Row<'a> {
+    pub op: Operands<'a>,
+    pub q: &'a [f32],
+    pub at: (usize, usize, usize),
 }
 
 impl Row<'_> {
     /// Where `key`'s row of this row's KV head starts in the caches.
     pub fn key_at(&self, key: usize) -> usize {
-        let Dims { h, kvh, d, bs } = self.dims;
+        let Dims { h, kvh, d, bs } = self.op.dims;
         let (seq, _, head) = self.at;
         let kv_head = head / (h / kvh);
-        let m = self.meta.max_blocks;
-        let block = self.meta.block_tables[seq * m + key / bs] as usize;
+        let m = self.op.meta.max_blocks;
+        let block = self.op.meta.block_tables[seq * m + key / bs] as usize;
         ((block * bs + key % bs) * kvh + kv_head) * d
     }
 }
@@ -309,22 +276,22 @@ impl Scratch {
 /// `ggml_compute_forward_flash_attn_ext_f16_one_chunk` computes it.
 fn attend_row(row: &Row, bufs: &mut Scratch, out: &mut [f32]) {
     let (_, pos, _) = row.at;
-    let d = row.dims.d;
+    let d = row.op.dims.d;
     let Scratch {
         q16, k16, acc16, ..
     } = bufs;
-    for (x, &i) in q16.iter_mut().zip(row.gguf) {
+    for (x, &i) in q16.iter_mut().zip(row.op.gguf) {
         *x = f16::from_f32(row.q[i]);
     }
     acc16.fill(f16::ZERO);
     let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
     for key in 0..=pos {
         let at = row.key_at(key);
-        let (kr, vr) = (&row.k[at..at + d], &row.v[at..at + d]);
-        for (x, &i) in k16.iter_mut().zip(row.gguf) {
+        let (kr, vr) = (&row.op.k[at..at + d], &row.op.v[at..at + d]);
+        for (x, &i) in k16.iter_mut().zip(row.op.gguf) {
             *x = kr[i];
         }
-        let s = dot_f16(k16, q16) * row.scale;
+        let s = dot_f16(k16, q16) * row.op.scale;
         // A new maximum rescales the sum (ms = e^(M_old − M), vs = e^0 = 1); otherwise
         // ms = 1 and vs = e^(s − M).
         let (ms, vs) = if s > m {

@@ -30,9 +30,8 @@ use std::sync::OnceLock;
 use half::f16;
 
 use super::cpu::Dims;
-use super::llama_flash::reduce_add_16;
+use super::llama_flash::{reduce_add_16, Operands};
 use super::llama_flash_tiled::KV_TILE;
-use super::AttentionMetadata;
 use crate::cpu_ops::ggml_expf;
 
 /// Whether the CPU runs these kernels (checked once).
@@ -112,21 +111,24 @@ pub(super) const GROUP_MAX: usize = 8;
 ///
 /// # Safety
 /// The metadata was validated against the caches (every key's row is in bounds).
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 pub(super) unsafe fn one_key_group(
+    op: &Operands,
     q: &[f32],
-    k: &[f16],
-    v: &[f16],
-    meta: &AttentionMetadata,
-    dims: Dims,
-    scale: f32,
-    gguf: &[usize],
     (seq, pos, kv_head): (usize, usize, usize),
     qh: &mut [f32],
     acc: &mut [f32],
     out: &mut [f32],
 ) {
+    let Operands {
+        k,
+        v,
+        meta,
+        dims,
+        scale,
+        gguf,
+        ..
+    } = *op;
     let Dims { kvh, d, bs, .. } = dims;
     let g = q.len() / d;
     debug_assert!(g <= GROUP_MAX && out.len() == g * d);
@@ -215,20 +217,17 @@ pub(super) struct TiledScratch {
 /// # Safety
 /// The metadata was validated against the caches; `out` has room for every (token,
 /// head) row and no other thread writes this item's rows.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) unsafe fn tiled_item(
-    q: &[f32],
-    k: &[f16],
-    v: &[f16],
-    meta: &AttentionMetadata,
-    dims: Dims,
-    scale: f32,
-    gguf: &[usize],
-    it: TiledItem,
-    out: *mut f32,
-    s: &mut TiledScratch,
-) {
+pub(super) unsafe fn tiled_item(op: &Operands, it: TiledItem, out: *mut f32, s: &mut TiledScratch) {
+    let Operands {
+        q,
+        k,
+        v,
+        meta,
+        dims,
+        scale,
+        gguf,
+    } = *op;
     let Dims { h, kvh, d, bs } = dims;
     let group = h / kvh;
     let rows = it.n_tok * group;

@@ -21,11 +21,11 @@ pub(super) const KV_TILE: usize = 64;
 /// One query row over keys `0..=pos` of its sequence.
 pub(super) fn attend_row(row: &Row, bufs: &mut Scratch, out: &mut [f32]) {
     let (_, pos, _) = row.at;
-    let d = row.dims.d;
+    let d = row.op.dims.d;
     let Scratch {
         q32, acc32, scores, ..
     } = bufs;
-    for (x, &i) in q32.iter_mut().zip(row.gguf) {
+    for (x, &i) in q32.iter_mut().zip(row.op.gguf) {
         *x = row.q[i];
     }
     acc32.fill(0.0);
@@ -36,12 +36,12 @@ pub(super) fn attend_row(row: &Row, bufs: &mut Scratch, out: &mut [f32]) {
         for (c, s) in scores.iter_mut().enumerate() {
             *s = if c < n {
                 let at = row.key_at(tile + c);
-                let k = &row.k[at..at + d];
+                let k = &row.op.k[at..at + d];
                 let mut dot = 0f32;
-                for (&qx, &i) in q32.iter().zip(row.gguf) {
+                for (&qx, &i) in q32.iter().zip(row.op.gguf) {
                     dot = qx.mul_add(k[i].to_f32(), dot);
                 }
-                dot * row.scale
+                dot * row.op.scale
             } else {
                 f32::NEG_INFINITY
             };
@@ -69,7 +69,7 @@ pub(super) fn attend_row(row: &Row, bufs: &mut Scratch, out: &mut [f32]) {
         sum = (sum as f64 + tile_sum) as f32;
         for (c, &p) in scores[..n].iter().enumerate() {
             let at = row.key_at(tile + c);
-            for (a, x) in acc32.iter_mut().zip(&row.v[at..at + d]) {
+            for (a, x) in acc32.iter_mut().zip(&row.op.v[at..at + d]) {
                 *a = x.to_f32().mul_add(p, *a);
             }
         }
